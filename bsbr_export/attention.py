@@ -1,0 +1,190 @@
+"""BSBR attention as pure tensor functions (DESIGN.md, "The model, exactly").
+
+Shapes: `B` batch, `H` heads, `L` length, `c` chunk size, `n = ceil(L / c)` chunks,
+`e` head dim, `s` stored state width (`e^2`, or `m` when compressed).
+
+All chunks are computed at once on a `[B, H, n, c, e]` view, so a traced graph has no
+loop and its chunk count follows the input length. The only tensors that grow faster
+than `L` are the `[.., n, c, c]` within-chunk blocks and the `[.., n, n]` chunk-level
+scores (`n = L / c` is small). Nothing of size `L x L` is built.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def num_chunks(length: int, chunk_size: int) -> int:
+    """n = ceil(L / c), in integer math so tracing keeps it symbolic."""
+    return (length + chunk_size - 1) // chunk_size
+
+
+def to_chunks(x: Tensor, chunk_size: int) -> Tensor:
+    """[B, H, L, e] -> [B, H, n, c, e], right-padding the last chunk with zeros."""
+    length = x.shape[-2]
+    padded = num_chunks(length, chunk_size) * chunk_size
+    x = F.pad(x, (0, 0, 0, padded - length))
+    return x.unflatten(-2, (-1, chunk_size))
+
+
+def boundaries(x: Tensor, chunk_size: int) -> Tensor:
+    """The last position of every chunk: [B, H, L, e] -> [B, H, n, e].
+
+    The last chunk's entry is padding when `L % c != 0`; the math never uses it
+    (it would only feed a chunk after the sequence's end).
+    """
+    return to_chunks(x, chunk_size)[..., -1, :]
+
+
+def within_chunk_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention inside each chunk under the causal mask `M_in`.
+
+    q, k, v: [B, H, n, c, e] -> [B, H, n, c, e]. Padded keys sit after every real
+    query of their chunk, so `M_in` already hides them.
+    """
+    c, e = q.shape[-2], q.shape[-1]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(e)  # [B, H, n, c, c]
+    m_in = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~m_in, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def chunk_states(k: Tensor, v: Tensor, compress: Tensor | None = None) -> Tensor:
+    """F_j = K_j^T V_j, flattened: [B, H, n, c, e] -> [B, H, n, s].
+
+    With `compress` ([m, e^2]) each state is mapped to m numbers.
+    """
+    states = (k.transpose(-1, -2) @ v).flatten(-2)  # [B, H, n, e^2]
+    return states if compress is None else states @ compress.T
+
+
+def retrieve(
+    meta_queries: Tensor,
+    meta_keys: Tensor,
+    states: Tensor,
+    past_chunks: int | Tensor = 0,
+    decompress: Tensor | None = None,
+) -> Tensor:
+    """Block retrieval under the strictly causal chunk mask `M_out`.
+
+    meta_queries: [B, H, n, e], row `a` is the query that chunk `a + 1` asks with
+    (from the last token of chunk `a`). meta_keys: [B, H, P + n, e] and states:
+    [B, H, P + n, s] are those of the `P = past_chunks` earlier chunks followed by this
+    block's `n`. Row `a` attends to every past chunk and to this block's chunks
+    `0..a`, i.e. to all chunks before chunk `a + 1`. Returns the retrieved states
+    `S_{a+1}`: [B, H, n, e, e] (decompressed with `decompress` ([e^2, m]) if given).
+    """
+    e = meta_queries.shape[-1]
+    rows = torch.arange(meta_queries.shape[-2], device=meta_queries.device)
+    cols = torch.arange(meta_keys.shape[-2], device=meta_queries.device)
+    m_out = cols[None, :] <= rows[:, None] + past_chunks  # [n, P + n]
+    scores = meta_queries @ meta_keys.transpose(-1, -2) / math.sqrt(e)
+    weights = scores.masked_fill(~m_out, float("-inf")).softmax(dim=-1)
+    retrieved = weights @ states  # [B, H, n, s]
+    if decompress is not None:
+        retrieved = retrieved @ decompress.T
+    return retrieved.unflatten(-1, (e, e))
+
+
+class ChunkedOutput(NamedTuple):
+    """What one pass over chunk-aligned tokens produces."""
+
+    output: Tensor  # [B, H, n, c, e]
+    states: Tensor  # [B, H, n, s] states F_j of this block's chunks
+    retrieved: Tensor  # [B, H, n + 1, e, e] S for each chunk, plus the chunk after the last
+
+
+def chunked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    meta_queries: Tensor,
+    meta_keys: Tensor,
+    first_retrieved: Tensor,
+    past_meta_keys: Tensor | None = None,
+    past_states: Tensor | None = None,
+    compress: Tensor | None = None,
+    decompress: Tensor | None = None,
+) -> ChunkedOutput:
+    """BSBR over a block of whole chunks that starts on a chunk boundary.
+
+    q, k, v: [B, H, n, c, e]; meta_queries, meta_keys: [B, H, n, e] taken at each
+    chunk's last token; first_retrieved: [B, H, e, e] is `S` of the block's first chunk
+    (zeros at the start of a sequence). past_meta_keys / past_states ([B, H, P, e] /
+    [B, H, P, s]) are the earlier chunks a stream has finished; None means P = 0.
+    """
+    local = within_chunk_attention(q, k, v)
+    states = chunk_states(k, v, compress)
+    all_meta_keys, all_states, past_chunks = meta_keys, states, 0
+    if past_meta_keys is not None:
+        all_meta_keys = torch.cat([past_meta_keys, meta_keys], dim=-2)
+        all_states = torch.cat([past_states, states], dim=-2)
+        past_chunks = past_meta_keys.shape[-2]
+    following = retrieve(meta_queries, all_meta_keys, all_states, past_chunks, decompress)
+    retrieved = torch.cat([first_retrieved.unsqueeze(-3), following], dim=-3)
+    output = local + q @ retrieved[..., :-1, :, :]  # o_t = local_t + q_t S_i
+    return ChunkedOutput(output, states, retrieved)
+
+
+def bsbr_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    meta_q: Tensor,
+    meta_k: Tensor,
+    chunk_size: int,
+    compress: Tensor | None = None,
+    decompress: Tensor | None = None,
+) -> Tensor:
+    """Causal BSBR attention over a whole sequence.
+
+    q, k, v, meta_q, meta_k: [B, H, L, e] (meta queries and keys for every position;
+    only chunk-boundary positions are read: `h_j` from the last token of chunk `j`,
+    `r_i` from the last token of chunk `i - 1`). Returns [B, H, L, e].
+    Optional compression: `compress` [m, e^2] and `decompress` [e^2, m].
+    """
+    return bsbr_attention_at_boundaries(
+        q,
+        k,
+        v,
+        boundaries(meta_q, chunk_size),
+        boundaries(meta_k, chunk_size),
+        chunk_size,
+        compress,
+        decompress,
+    )
+
+
+def bsbr_attention_at_boundaries(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    meta_queries: Tensor,
+    meta_keys: Tensor,
+    chunk_size: int,
+    compress: Tensor | None = None,
+    decompress: Tensor | None = None,
+) -> Tensor:
+    """`bsbr_attention` with meta queries/keys already taken at chunk boundaries.
+
+    meta_queries, meta_keys: [B, H, n, e]. The model calls this form so it projects
+    only the `n` boundary tokens, not all `L`.
+    """
+    batch, heads, length, e = q.shape
+    first = q.new_zeros(batch, heads, e, e)  # S_0 = 0
+    out = chunked_attention(
+        to_chunks(q, chunk_size),
+        to_chunks(k, chunk_size),
+        to_chunks(v, chunk_size),
+        meta_queries,
+        meta_keys,
+        first,
+        compress=compress,
+        decompress=decompress,
+    ).output
+    return out.flatten(-3, -2)[..., :length, :]

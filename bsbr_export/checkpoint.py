@@ -1,0 +1,138 @@
+"""Loading and saving models: presets by name, checkpoint directories by path.
+
+A checkpoint directory holds `config.json` (a `BSBRConfig` dict) and
+`model.safetensors`. Pickled state dicts (`.pt`, `.bin`) load only with
+`torch.load(weights_only=True)`; a pickle that needs code to unpickle is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from bsbr_export.config import BSBRConfig
+from bsbr_export.errors import UserError
+from bsbr_export.io import atomic_dir
+from bsbr_export.model import BSBRModel
+from bsbr_export.zoo import get_preset
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def build_model(config: BSBRConfig, seed: int = 0) -> BSBRModel:
+    """A model with random weights drawn from `seed` (the global RNG is left alone)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BSBRModel(config).eval()
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read tensors from a `.safetensors` file, or a `.pt`/`.pth`/`.bin` with weights_only."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{path} is not a readable safetensors file: {exc}") from None
+    if path.suffix in PICKLE_SUFFIXES:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise UserError(
+                f"refusing to load {path}: it needs code execution to unpickle "
+                "(only weights_only=True loading is allowed); re-save it as a plain state_dict "
+                "or as safetensors"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise UserError(f"{path} is not a readable PyTorch checkpoint: {exc}") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise UserError(f"{path} does not hold a state_dict (a dict of name -> tensor)")
+        return state
+    raise UserError(
+        f"unsupported checkpoint file {path.name}: expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}"
+    )
+
+
+def apply_state_dict(model: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Copy `state` into `model`, or raise one UserError listing every mismatch."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k} {list(state[k].shape)} != {list(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if extra:
+        problems.append(f"unexpected {_few(extra)}")
+    if wrong:
+        problems.append(f"wrong shapes {_few(wrong)}")
+    if problems:
+        raise UserError(f"{source} does not match its config: " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def _few(items: list[str], limit: int = 5) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def read_config(directory: str | os.PathLike) -> BSBRConfig:
+    """The `BSBRConfig` stored in a checkpoint directory's config.json."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{directory} is not a checkpoint directory: {CONFIG_FILE} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    return BSBRConfig.from_dict(data)
+
+
+def _weights_file(directory: Path) -> Path:
+    for name in (WEIGHTS_FILE, *(f"model{s}" for s in PICKLE_SUFFIXES), "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return directory / name
+    raise UserError(f"{directory} has no weights: expected {WEIGHTS_FILE}")
+
+
+def load_model(name_or_path: str | os.PathLike) -> BSBRModel:
+    """A preset name (random weights from its seed) or a checkpoint directory -> eval model."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        config = read_config(path)
+        weights = _weights_file(path)
+        model = BSBRModel(config)
+        apply_state_dict(model, load_state_dict(weights), str(weights))
+        return model.eval()
+    if path.exists():
+        raise UserError(f"{path} is a file; pass a checkpoint directory ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    if os.sep in str(name_or_path) or str(name_or_path).startswith("."):
+        raise UserError(f"checkpoint directory {path} does not exist")
+    preset = get_preset(str(name_or_path))
+    return build_model(preset.config, preset.seed)
+
+
+def save_model(model: BSBRModel, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `config.json` + `model.safetensors` to `directory`, atomically."""
+    with atomic_dir(directory, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+    return Path(directory)

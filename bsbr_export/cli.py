@@ -1,0 +1,110 @@
+"""`bsbr-export`: a thin command line over the library.
+
+Each command parses its flags, makes one library call and renders the result.
+Exit status: 0 ok, 1 a check failed, 2 a user error (one line on stderr), 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from bsbr_export.errors import UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bsbr-export")
+def cli() -> None:
+    """Export BSBR attention models to ONNX and TorchScript, and prove them right and fast."""
+
+
+@cli.command()
+@click.argument("name", required=False)
+def models(name: str | None) -> None:
+    """List the model zoo's presets, or show the preset NAME."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bsbr_export.zoo import get_preset, list_presets
+
+    presets = [get_preset(name)] if name else list(list_presets().values())
+    table = Table(title="bsbr-export model zoo" if not name else None)
+    for column in ("name", "params", "hidden", "layers", "heads", "chunk", "compression"):
+        table.add_column(column, justify="left" if column == "name" else "right", no_wrap=True)
+    for preset in presets:
+        cfg = preset.config
+        table.add_row(
+            preset.name,
+            _human(_param_count(cfg)),
+            str(cfg.hidden_size),
+            str(cfg.num_layers),
+            str(cfg.num_heads),
+            str(cfg.chunk_size),
+            str(cfg.compression or "-"),
+        )
+    console = Console()
+    console.print(table)
+    if name:
+        console.print(presets[0].description)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--length", default=None, type=click.IntRange(min=1), help="Tokens per sequence [default: 4c+3].")
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1), help="Sequences per batch.")
+def run(model: str, length: int | None, batch: int) -> None:
+    """Build MODEL (preset name or checkpoint directory), run it, and print a summary.
+
+    Runs one full forward and the same tokens streamed in uneven pieces, and reports
+    how far apart they are (they must agree: streaming equals parallel).
+    """
+    from rich.console import Console
+
+    from bsbr_export.summary import summarize
+
+    summary = summarize(model, length=length, batch=batch)
+    Console().print(summary.to_table())
+    if not summary.passed:
+        raise SystemExit(1)
+
+
+def _param_count(cfg) -> int:
+    import torch
+
+    from bsbr_export.model import BSBRModel
+
+    with torch.device("meta"):  # shapes only: counting bsbr-base allocates nothing
+        return sum(p.numel() for p in BSBRModel(cfg).parameters())
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: one error boundary for every command."""
+    try:
+        cli.main(args=argv, prog_name="bsbr-export", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"bsbr-export: error: {exc}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("bsbr-export: interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"bsbr-export: error: {exc.format_message()}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("bsbr-export: interrupted", err=True)
+        return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

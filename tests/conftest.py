@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny configs and models, seeded random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bsbr_export import BSBRConfig, build_model
+
+# The lengths where chunked code breaks: one token, around one chunk, a ragged tail.
+EDGE_LENGTHS = {
+    "1": lambda c: 1,
+    "c-1": lambda c: max(c - 1, 1),
+    "c": lambda c: c,
+    "c+1": lambda c: c + 1,
+    "3c+5": lambda c: 3 * c + 5,
+}
+
+TINY = dict(vocab_size=61, hidden_size=16, num_layers=2, num_heads=2, chunk_size=4, ff_size=32)
+
+
+def tiny_config(**overrides) -> BSBRConfig:
+    """A config small enough for float64 property tests."""
+    return BSBRConfig(**{**TINY, **overrides})
+
+
+def random_ids(config: BSBRConfig, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Token ids drawn from their own generator, so tests never share RNG state."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch, length), generator=generator)
+
+
+@pytest.fixture(params=[None, 5], ids=["plain", "compressed"])
+def tiny_model(request):
+    """A float64 tiny model, with and without chunk-state compression."""
+    return build_model(tiny_config(compression=request.param), seed=1).double()

@@ -1,0 +1,142 @@
+"""The model keeps DESIGN.md's four properties: causal, any length, linear memory, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bsbr_export import UserError, build_model
+from bsbr_export.model import sinusoidal_positions
+from conftest import random_ids, tiny_config
+from test_attention import _Sizes
+
+
+def test_output_shapes(tiny_model):
+    ids = random_ids(tiny_model.config, 3, 11)
+    assert tiny_model(ids).shape == (3, 11, tiny_model.config.vocab_size)
+    encoder = build_model(tiny_config(lm_head=False)).double()
+    assert encoder(ids).shape == (3, 11, encoder.config.hidden_size)
+
+
+@pytest.mark.parametrize("t", [0, 1, 3, 4, 5, 8, 12, 17])
+def test_causal(tiny_model, t):
+    ids = random_ids(tiny_model.config, 2, 18, seed=t)
+    changed = ids.clone()
+    changed[:, t] = (changed[:, t] + 1) % tiny_model.config.vocab_size
+    base, out = tiny_model(ids), tiny_model(changed)
+    assert torch.equal(out[:, :t], base[:, :t])
+    assert not torch.allclose(out[:, t], base[:, t])
+
+
+def test_length_one(tiny_model):
+    ids = random_ids(tiny_model.config, 2, 1)
+    out = tiny_model(ids)
+    assert out.shape[1] == 1 and torch.isfinite(out).all()
+    # position 0 sees only itself, so it equals the first position of any longer run
+    longer = torch.cat([ids, random_ids(tiny_model.config, 2, 9, seed=1)], dim=1)
+    assert (tiny_model(longer)[:, :1] - out).abs().max() < 1e-12
+
+
+def test_right_padded_batch_matches_each_sequence_alone(tiny_model):
+    cfg = tiny_model.config
+    lengths = [1, 3, 4, 9, 14]
+    seqs = [random_ids(cfg, 1, n, seed=n)[0] for n in lengths]
+    ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+        ids[i, len(s) :] = (7 * i + 3) % cfg.vocab_size  # junk in the padding
+    batched = tiny_model(ids, attention_mask=mask)
+    for i, s in enumerate(seqs):
+        alone = tiny_model(s[None])
+        assert (batched[i, : len(s)] - alone[0]).abs().max() < 1e-12
+
+
+def test_long_input_has_no_maximum_length():
+    model = build_model(tiny_config()).eval()
+    ids = random_ids(model.config, 1, 6001)
+    assert torch.isfinite(model(ids)).all()
+
+
+def test_no_length_squared_tensor_in_model():
+    # LM head off: logits [L, vocab] are a legitimate L x vocab output, not attention.
+    model = build_model(tiny_config(chunk_size=8, lm_head=False))
+    length = 4 * 8 + 3
+    with _Sizes() as sizes:
+        model(random_ids(model.config, 1, length))
+    square = [s for s in sizes.shapes if sum(d >= length for d in s) >= 2]
+    assert not square, f"tensors with two dims >= L: {square}"
+
+
+def test_positions_are_sinusoids():
+    pe = sinusoidal_positions(torch.arange(5), 6, torch.float64)
+    assert torch.allclose(pe[:, 0], torch.sin(torch.arange(5.0, dtype=torch.float64)))
+    assert torch.allclose(pe[:, 1], torch.cos(torch.arange(5.0, dtype=torch.float64)))
+    assert sinusoidal_positions(torch.arange(3), 7, torch.float32).shape == (3, 7)
+
+
+def _stream(model, ids, pieces):
+    state, outputs, at = model.init_state(ids.shape[0]), [], 0
+    for size in pieces:
+        out, state = model.stream(ids[:, at : at + size], state)
+        outputs.append(out)
+        at += size
+    return torch.cat(outputs, dim=1), state
+
+
+@st.composite
+def splits(draw):
+    length = draw(st.integers(1, 30))
+    cuts = sorted(draw(st.sets(st.integers(1, length - 1), max_size=8))) if length > 1 else []
+    bounds = [0, *cuts, length]
+    return length, [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("compression", [None, 5])
+@settings(max_examples=25, deadline=None)
+@given(split=splits(), seed=st.integers(0, 2**16))
+def test_streaming_equals_parallel(compression, split, seed):
+    model = build_model(tiny_config(compression=compression), seed=2).double()
+    length, pieces = split
+    ids = random_ids(model.config, 2, length, seed=seed)
+    streamed, state = _stream(model, ids, pieces)
+    assert (streamed - model(ids)).abs().max() < 1e-10
+    c = model.config.chunk_size
+    assert state[0].meta_keys.shape[2] == length // c
+    assert state[0].keys.shape[2] == length % c
+
+
+def test_stream_one_token_at_a_time_float32():
+    model = build_model(tiny_config(), seed=3)
+    ids = random_ids(model.config, 3, 21)
+    streamed, _ = _stream(model, ids, [1] * 21)
+    assert (streamed - model(ids)).abs().max() < 1e-5
+
+
+def test_state_grows_by_one_state_per_chunk(tiny_model):
+    cfg = tiny_model.config
+    _, state = _stream(tiny_model, random_ids(cfg, 1, 3 * cfg.chunk_size + 1), [5, 8])
+    layer = state[0]
+    assert layer.chunk_states.shape == (1, cfg.num_heads, 3, cfg.state_size)
+    assert layer.retrieved.shape == (1, cfg.num_heads, cfg.head_dim, cfg.head_dim)
+    assert layer.keys.shape[2] == 1
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        (torch.tensor([[0, 61]]), "must be in [0, 61)"),
+        (torch.tensor([[-1, 2]]), "must be in [0, 61)"),
+        (torch.tensor([[0.0, 1.0]]), "must be int64"),
+        (torch.tensor([1, 2]), "shape [batch, length >= 1]"),
+        (torch.zeros(2, 0, dtype=torch.long), "shape [batch, length >= 1]"),
+    ],
+)
+def test_bad_input_ids(ids, message):
+    model = build_model(tiny_config())
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        model(ids)
+    with pytest.raises(UserError):
+        model.stream(ids, model.init_state(1))
