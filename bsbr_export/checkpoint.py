@@ -132,7 +132,13 @@ def load_model(name_or_path: str | os.PathLike) -> BSBRModel:
 def save_model(model: BSBRModel, directory: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write `config.json` + `model.safetensors` to `directory`, atomically."""
     with atomic_dir(directory, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        write_checkpoint(model, tmp)
     return Path(directory)
+
+
+def write_checkpoint(model: BSBRModel, directory: Path) -> list[Path]:
+    """Write the checkpoint files into an existing (staging) directory."""
+    (directory / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    return [directory / CONFIG_FILE, directory / WEIGHTS_FILE]

@@ -69,6 +69,57 @@ def run(model: str, length: int | None, batch: int) -> None:
         raise SystemExit(1)
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--out", "out_dir", type=click.Path(), default=None, help="Export directory [default: ./export/<model>].")
+@click.option("--format", "formats", default="onnx,torchscript", show_default=True,
+              help="Comma-separated formats: " + ", ".join(("onnx", "torchscript")) + ".")
+@click.option("--streaming", is_flag=True, help="Also export streaming-step graphs (past.* -> present.*).")
+@click.option("--static", "static", default=None, metavar="BATCHxLENGTH", help="Fixed-shape ONNX graph instead of dynamic axes.")
+@click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's].")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).")
+@click.option("--force", is_flag=True, help="Replace a non-empty export directory.")
+def export(model, out_dir, formats, streaming, static, opset, tolerance, force) -> None:
+    """Export MODEL (preset name or checkpoint directory) and check every artifact.
+
+    Each artifact is compared with the eager model at lengths 1, c-1, c, c+1, 3c+5 and
+    2048 (batches 1 and 3, plus a right-padded masked batch); any failure exits 1.
+    """
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from bsbr_export.formats import parse_formats
+    from bsbr_export.pipeline import export_model
+    from bsbr_export.render import export_table
+
+    console = Console(stderr=True)
+    chosen = parse_formats(formats)
+    static_shape = _parse_static(static) if static else None
+    out = Path(out_dir) if out_dir else Path("export") / Path(model).name
+    with console.status("exporting") as status:
+        result = export_model(
+            model, out, chosen, streaming=streaming, static_shape=static_shape, opset=opset,
+            overwrite=force, tolerance=tolerance, progress=lambda step: status.update(step),
+        )
+    Console().print(export_table(result))
+    if not result.passed:
+        for artifact in result.artifacts:
+            for failure in artifact.parity.failures[:5]:
+                click.echo(f"FAILED {artifact.name}: {failure}", err=True)
+        raise SystemExit(1)
+
+
+def _parse_static(text: str) -> tuple[int, int]:
+    from bsbr_export.errors import UserError
+
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UserError(f"--static must look like 2x128 (BATCHxLENGTH, both >= 1), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _param_count(cfg) -> int:
     import torch
 

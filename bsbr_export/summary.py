@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from bsbr_export.checkpoint import load_model
+from bsbr_export.graphs import stream_pieces
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def summarize(model_name: str, length: int | None = None, batch: int = 2, seed: 
     length = length or 4 * cfg.chunk_size + 3
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=generator)
-    pieces = _uneven_pieces(length, cfg.chunk_size)
+    pieces = stream_pieces(length, cfg.chunk_size)
     with torch.inference_mode():
         start = time.perf_counter()
         full = model(ids)
@@ -79,15 +80,3 @@ def summarize(model_name: str, length: int | None = None, batch: int = 2, seed: 
         stream_max_abs_diff=diff,
         tolerance=1e-4,
     )
-
-
-def _uneven_pieces(length: int, chunk_size: int) -> list[int]:
-    """Split `length` into pieces that straddle chunk boundaries (1, c+1, c-1, ...)."""
-    sizes, pieces = [1, chunk_size + 1, max(chunk_size - 1, 1), 3], []
-    i = 0
-    while length > 0:
-        size = min(sizes[i % len(sizes)], length)
-        pieces.append(size)
-        length -= size
-        i += 1
-    return pieces

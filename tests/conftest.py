@@ -34,3 +34,25 @@ def random_ids(config: BSBRConfig, batch: int, length: int, seed: int = 0) -> to
 def tiny_model(request):
     """A float64 tiny model, with and without chunk-state compression."""
     return build_model(tiny_config(compression=request.param), seed=1).double()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """bsbr-tiny exported once per session: ONNX + TorchScript, full and streaming."""
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "bsbr-tiny"
+    result = export_model("bsbr-tiny", out, list(FORMATS.values()), streaming=True)
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def compressed_export(tmp_path_factory):
+    """bsbr-tiny-compressed exported once per session (ONNX only, full and streaming)."""
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-compressed"
+    result = export_model("bsbr-tiny-compressed", out, [FORMATS["onnx"]], streaming=True)
+    return out, result

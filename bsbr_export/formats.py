@@ -1,0 +1,49 @@
+"""The one table of export formats: it feeds the CLI's choices, export and checks."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from bsbr_export.errors import UserError
+
+
+@dataclass(frozen=True)
+class Format:
+    """An artifact kind: its file suffix, and whether it has a streaming variant."""
+
+    name: str
+    suffix: str
+    description: str
+    streaming: bool = True
+    needs_gpu: bool = False
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("onnx", ".onnx", "ONNX graph for ONNX Runtime (torch.export-based exporter)"),
+        Format("torchscript", ".pt", "traced TorchScript for torch.jit.load / torch::jit::load"),
+    )
+}
+
+
+def parse_formats(text: str) -> list[Format]:
+    """'onnx,torchscript' -> Formats, or a UserError naming near misses."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserError(f"no format given: choose from {', '.join(FORMATS)}")
+    chosen = []
+    for name in names:
+        if name not in FORMATS:
+            close = difflib.get_close_matches(name, FORMATS, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"choose from {', '.join(FORMATS)}"
+            raise UserError(f"unknown format {name!r}: {hint}")
+        if FORMATS[name] not in chosen:
+            chosen.append(FORMATS[name])
+    return chosen
+
+
+def artifact_name(fmt: Format, streaming: bool) -> str:
+    """File name of an artifact inside an export directory."""
+    return f"model{'.streaming' if streaming else ''}{fmt.suffix}"

@@ -1,0 +1,153 @@
+"""`export_model`: the whole export job (like Optimum's `main_export`).
+
+Writes, into one export directory that appears atomically: the checkpoint the
+artifacts came from (`config.json` + `model.safetensors`), every requested artifact,
+each checked against the eager model, and `manifest.json` (files + sha256, config,
+settings, versions, checks with their figures).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bsbr_export.checkpoint import load_model, write_checkpoint
+from bsbr_export.errors import UserError
+from bsbr_export.export import check_opset, check_static_shape, export_onnx, export_torchscript, state_spec
+from bsbr_export.formats import Format, artifact_name
+from bsbr_export.io import atomic_dir
+from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner
+from bsbr_export.validate import DEFAULT_TOLERANCE, Case, ParityReport, check_parity, default_cases
+from bsbr_export.versions import versions
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ArtifactResult:
+    """One exported artifact and how it fared."""
+
+    name: str
+    format: str
+    streaming: bool
+    files: dict[str, dict]  # file name -> {"sha256", "bytes"}
+    seconds: float
+    parity: ParityReport
+
+    @property
+    def bytes(self) -> int:
+        return sum(f["bytes"] for f in self.files.values())
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    directory: Path
+    artifacts: tuple[ArtifactResult, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(a.parity.passed for a in self.artifacts)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def runner_for(fmt: str, path: Path, model, streaming: bool, attention_mask: bool = True):
+    """A runner over an artifact file (names come from the eager graph it mirrors)."""
+    reference = EagerRunner(model, streaming, attention_mask)
+    if fmt == "onnx":
+        return OnnxRunner(path)
+    return TorchScriptRunner(path, reference.input_names, reference.output_names)
+
+
+def export_model(
+    model_ref: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    formats: list[Format],
+    *,
+    streaming: bool = False,
+    static_shape: tuple[int, int] | None = None,
+    opset: int | None = None,
+    overwrite: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    progress: Callable[[str], None] = lambda step: None,
+) -> ExportResult:
+    """Export MODEL (preset or checkpoint dir) to `out_dir` in `formats`, check each artifact."""
+    check_opset(opset)
+    progress("loading model")
+    model = load_model(model_ref)
+    check_static_shape(model, static_shape, False)
+    if streaming and static_shape is not None:
+        raise UserError("--static applies to the full-sequence graph only: drop --streaming or --static")
+    cfg = model.config
+    jobs = [(fmt, False) for fmt in formats] + [(fmt, True) for fmt in formats if streaming and fmt.streaming]
+    artifacts = []
+    settings = {"static_shape": list(static_shape) if static_shape else None, "opset": opset,
+                "streaming": streaming, "tolerance": tolerance}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        checkpoint = write_checkpoint(model, tmp)
+        for fmt, stream in jobs:
+            name = artifact_name(fmt, stream)
+            progress(f"exporting {name}")
+            start = time.perf_counter()
+            if fmt.name == "onnx":
+                files = export_onnx(
+                    model, tmp / name, streaming=stream, static_shape=static_shape, opset=opset,
+                    metadata={"bsbr.model": str(model_ref)},
+                )
+            else:
+                files = [export_torchscript(model, tmp / name, streaming=stream)]
+            seconds = time.perf_counter() - start
+            progress(f"checking {name} against eager")
+            static = static_shape if fmt.name == "onnx" else None
+            parity = _check(fmt.name, tmp / name, model, stream, static, tolerance)
+            artifacts.append(
+                ArtifactResult(
+                    name=name,
+                    format=fmt.name,
+                    streaming=stream,
+                    files={f.name: {"sha256": sha256(f), "bytes": f.stat().st_size} for f in files},
+                    seconds=seconds,
+                    parity=parity,
+                )
+            )
+        manifest = {
+            "manifest_version": 1,
+            "model": str(model_ref),
+            "config": cfg.to_dict(),
+            "checkpoint": {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size} for f in checkpoint},
+            "settings": settings,
+            "versions": versions(),
+            "state": state_spec(model) if streaming else None,
+            "artifacts": [
+                {
+                    "name": a.name,
+                    "format": a.format,
+                    "kind": "streaming" if a.streaming else "logits",
+                    "files": a.files,
+                    "export_seconds": round(a.seconds, 3),
+                    "checks": a.parity.to_dict(),
+                }
+                for a in artifacts
+            ],
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return ExportResult(Path(out_dir), tuple(artifacts))
+
+
+def _check(fmt: str, path: Path, model, streaming: bool, static_shape, tolerance: float) -> ParityReport:
+    reference = EagerRunner(model, streaming)
+    runner = runner_for(fmt, path, model, streaming)
+    cases = [Case(*static_shape)] if static_shape else default_cases(model.config.chunk_size, streaming)
+    return check_parity(path.name, reference, runner, cases, model.config.vocab_size, tolerance,
+                        state_shapes=state_spec(model)["inputs"])

@@ -1,0 +1,150 @@
+"""Runners own the backends: one object per engine, fed and answered with numpy.
+
+`infer(feeds) -> outputs` (dicts of name -> array) is all a caller uses, so validation
+and benchmarks treat eager PyTorch, TorchScript and ONNX Runtime alike.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bsbr_export.errors import UserError
+from bsbr_export.graphs import LogitsGraph, StreamingGraph
+
+
+class EagerRunner:
+    """The PyTorch model itself, through the same graph wrapper an export uses."""
+
+    name = "eager"
+
+    def __init__(self, model, streaming: bool = False, attention_mask: bool = True) -> None:
+        self.graph = StreamingGraph(model) if streaming else LogitsGraph(model, attention_mask)
+        self.input_names = self.graph.input_names
+        self.output_names = self.graph.output_names
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            outputs = self.graph(*(torch.from_numpy(feeds[n]) for n in self.input_names))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return {n: o.numpy() for n, o in zip(self.output_names, outputs)}
+
+
+class TorchScriptRunner:
+    """A TorchScript file loaded with `torch.jit.load` (or the lite interpreter)."""
+
+    name = "torchscript"
+
+    def __init__(self, path: str | os.PathLike, input_names: list[str], output_names: list[str]) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"TorchScript file {path} does not exist")
+        try:
+            if path.suffix == ".ptl":
+                from torch.jit.mobile import _load_for_lite_interpreter
+
+                self.module = _load_for_lite_interpreter(str(path))
+            else:
+                self.module = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as exc:
+            raise UserError(f"{path} is not a loadable TorchScript file: {str(exc).splitlines()[0]}") from None
+        self.input_names, self.output_names = input_names, output_names
+
+    @classmethod
+    def from_module(cls, module, input_names: list[str], output_names: list[str]) -> TorchScriptRunner:
+        """Wrap an in-memory scripted/traced module (e.g. to check it before saving)."""
+        runner = cls.__new__(cls)
+        runner.module, runner.input_names, runner.output_names = module, input_names, output_names
+        return runner
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            outputs = self.module(*(torch.from_numpy(feeds[n]) for n in self.input_names))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return {n: o.numpy() for n, o in zip(self.output_names, outputs)}
+
+
+def available_providers() -> list[str]:
+    """ONNX Runtime execution providers usable on this machine."""
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+class OnnxRunner:
+    """An ONNX Runtime session on one execution provider.
+
+    Inputs are checked against the graph's declared shapes first, so a static-shape
+    graph fed another shape fails with a clear UserError, not an ORT stack dump.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        provider: str = "CPUExecutionProvider",
+        optimization: str = "all",
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"ONNX file {path} does not exist")
+        if provider not in ort.get_available_providers():
+            raise UserError(
+                f"execution provider {provider} is not available here "
+                f"(available: {', '.join(ort.get_available_providers())})"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = optimization_level(optimization)
+        if threads:
+            options.intra_op_num_threads = threads
+        # Idle ORT threads spinning would steal cores from anything else in the process.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=[provider])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise UserError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
+        self.provider = provider
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = list(self.inputs)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """UserError if a feed's rank or a fixed dim differs from the graph's."""
+        for name, arg in self.inputs.items():
+            if name not in feeds:
+                raise UserError(f"missing input {name!r} (the graph takes {', '.join(self.input_names)})")
+            shape = feeds[name].shape
+            declared = arg.shape
+            if len(shape) != len(declared) or any(
+                isinstance(d, int) and d != s for d, s in zip(declared, shape)
+            ):
+                raise UserError(
+                    f"input {name!r} has shape {list(shape)} but this graph takes {list(declared)}: "
+                    "it was exported with a static shape; re-export with dynamic axes or feed that shape"
+                )
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check_feeds(feeds)
+        outputs = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        return dict(zip(self.output_names, outputs))
+
+
+OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
+
+
+def optimization_level(name: str):
+    """The ORT GraphOptimizationLevel called `name` (one of OPTIMIZATION_LEVELS)."""
+    import onnxruntime as ort
+
+    if name not in OPTIMIZATION_LEVELS:
+        raise UserError(f"unknown optimization level {name!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
+    level = ort.GraphOptimizationLevel
+    return dict(zip(OPTIMIZATION_LEVELS, (level.ORT_DISABLE_ALL, level.ORT_ENABLE_BASIC,
+                                          level.ORT_ENABLE_EXTENDED, level.ORT_ENABLE_ALL)))[name]

@@ -1,0 +1,203 @@
+"""Parity: an artifact's outputs against the eager model's, on inputs it never saw.
+
+Functions return measurements (`ParityReport`); callers decide what a failure means
+(the CLI exits 1). One diff helper, `compare`, owns the edge cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bsbr_export.graphs import stream_pieces
+
+DEFAULT_TOLERANCE = 1e-4  # fp32 max abs error, relative to the logit scale (max |logit|, at least 1)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input shape to check: right-padded with a mask when `masked`, streamed in
+    `pieces` for streaming graphs."""
+
+    batch: int
+    length: int
+    masked: bool = False
+    pieces: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        text = f"batch {self.batch} x length {self.length}"
+        if self.masked:
+            text += " (right-padded, masked)"
+        if self.pieces:
+            text += f" streamed {'+'.join(map(str, self.pieces))}"
+        return text
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """How far one output is from the reference."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    cosine: float
+    top1: float | None  # share of positions whose argmax agrees (logits only)
+    tolerance: float  # the max abs error allowed for this output
+    passed: bool
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: Case
+    diffs: tuple[OutputDiff, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(d.passed for d in self.diffs)
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Every case of one artifact; falsy when any case failed."""
+
+    artifact: str
+    results: tuple[CaseResult, ...] = field(default_factory=tuple)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def max_abs(self) -> float:
+        return max((d.max_abs for r in self.results for d in r.diffs), default=float("nan"))
+
+    @property
+    def failures(self) -> list[str]:
+        return [
+            f"{r.case.label}: {d.name} max abs {d.max_abs:.2e} > {d.tolerance:.2e}"
+            for r in self.results
+            for d in r.diffs
+            if not d.passed
+        ]
+
+    def to_dict(self) -> dict:
+        return {
+            "artifact": self.artifact,
+            "passed": self.passed,
+            "max_abs": self.max_abs,
+            "cases": [
+                {"case": r.case.label, **dataclasses.asdict(r.case), "passed": r.passed,
+                 "outputs": [dataclasses.asdict(d) for d in r.diffs]}
+                for r in self.results
+            ],
+        }
+
+
+def compare(name: str, expected: np.ndarray, actual: np.ndarray, tolerance: float, top1: bool = False) -> OutputDiff:
+    """Diff statistics of `actual` against `expected`; shape mismatch or NaN fails."""
+    expected = np.asarray(expected, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if expected.shape != actual.shape:
+        return OutputDiff(name, float("inf"), float("inf"), float("inf"), float("nan"), None, tolerance, False)
+    if expected.size == 0:
+        return OutputDiff(name, 0.0, 0.0, 0.0, 1.0, None, tolerance, True)
+    diff = np.abs(expected - actual)
+    max_abs = float(diff.max()) if np.isfinite(actual).all() else float("inf")
+    denom = np.linalg.norm(expected) * np.linalg.norm(actual)
+    cosine = float((expected * actual).sum() / denom) if denom > 0 else float(max_abs == 0)
+    agree = None
+    if top1:
+        agree = float((expected.argmax(-1) == actual.argmax(-1)).mean())
+    allowed = tolerance * max(1.0, float(np.abs(expected).max()))
+    return OutputDiff(
+        name=name,
+        max_abs=max_abs,
+        max_rel=float((diff / (np.abs(expected) + 1e-7)).max()),
+        mean_abs=float(diff.mean()),
+        cosine=cosine,
+        top1=agree,
+        tolerance=allowed,
+        passed=max_abs <= allowed,
+    )
+
+
+def default_cases(chunk_size: int, streaming: bool = False, long_length: int = 2048) -> list[Case]:
+    """Lengths 1, c-1, c, c+1, 3c+5 and `long_length`, batches 1 and 3, and a padded batch."""
+    c = chunk_size
+    lengths = sorted({1, max(c - 1, 1), c, c + 1, 3 * c + 5, long_length})
+    cases = [Case(batch, length) for length in lengths for batch in (1, 3)]
+    if streaming:
+        return [dataclasses.replace(k, pieces=tuple(stream_pieces(k.length, c))) for k in cases]
+    return [*cases, Case(3, 3 * c + 5, masked=True)]
+
+
+def make_inputs(case: Case, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
+    """Fresh random ids (and a right-padding mask) for one case."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, size=(case.batch, case.length), dtype=np.int64)
+    mask = np.ones_like(ids)
+    if case.masked:
+        for row in range(case.batch):
+            valid = int(rng.integers(1, case.length + 1))
+            mask[row, valid:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def check_parity(
+    artifact: str,
+    reference,
+    runner,
+    cases: list[Case],
+    vocab_size: int,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 1234,
+    state_shapes: dict[str, list] | None = None,
+) -> ParityReport:
+    """Run `runner` and `reference` (runners over the same graph kind) on every case.
+
+    Streaming cases (with `pieces`) start from the empty state built from
+    `state_shapes` (`state_spec(model)["inputs"]`) and compare the final state too.
+    """
+    results = []
+    for i, case in enumerate(cases):
+        inputs = make_inputs(case, vocab_size, seed + i)
+        if case.pieces:
+            want, want_state = _rollout(reference, inputs["input_ids"], case.pieces, state_shapes)
+            got, got_state = _rollout(runner, inputs["input_ids"], case.pieces, state_shapes)
+            diffs = [compare("logits", want, got, tolerance, top1=True)]
+            diffs += [compare(n, want_state[n], got_state[n], tolerance) for n in want_state]
+        else:
+            feeds = {n: inputs[n] for n in runner.input_names}
+            want = reference.infer({n: inputs[n] for n in reference.input_names})[reference.output_names[0]]
+            got = runner.infer(feeds)[runner.output_names[0]]
+            valid = inputs["attention_mask"].astype(bool)  # padded positions are don't-care
+            diffs = [compare(runner.output_names[0], want[valid], got[valid], tolerance, top1=True)]
+        results.append(CaseResult(case, tuple(diffs)))
+    return ParityReport(artifact, tuple(results))
+
+
+def _rollout(runner, ids: np.ndarray, pieces: tuple[int, ...], state_shapes: dict[str, list]):
+    """Feed `ids` in `pieces` through a streaming runner from the empty state;
+    returns (concatenated logits, final `present.*` state)."""
+    past = [n for n in runner.input_names if n.startswith("past.")]
+    state = {n: empty_state_tensor(state_shapes[n], ids.shape[0]) for n in past}
+    outputs, at = [], 0
+    for size in pieces:
+        out = runner.infer({"input_ids": ids[:, at : at + size], **state})
+        outputs.append(out[runner.output_names[0]])
+        state = {p: out[p.replace("past.", "present.", 1)] for p in past}
+        at += size
+    return np.concatenate(outputs, axis=1), {p.replace("past.", "present.", 1): v for p, v in state.items()}
+
+
+def empty_state_tensor(shape: list, batch: int) -> np.ndarray:
+    """One tensor of the initial (empty) state: its named dims are 0 except `batch`."""
+    dims = [batch if d == "batch" else (d if isinstance(d, int) else 0) for d in shape]
+    return np.zeros(dims, dtype=np.float32)

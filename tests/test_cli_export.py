@@ -1,0 +1,77 @@
+"""`bsbr-export export`: exit codes, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import pytest
+
+from bsbr_export import pipeline
+from bsbr_export.cli import main
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_export_prints_table(capsys, tmp_path):
+    code, out, _ = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript")
+    assert code == 0
+    assert "model.pt" in out and "passed" in out
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
+        "config.json", "manifest.json", "model.pt", "model.safetensors"
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--format", "onx"], "unknown format 'onx': did you mean onnx?"),
+        (["--format", "tflite"], "unknown format 'tflite'"),
+        (["--opset", "7"], "opset 7 is not supported"),
+        (["--static", "2by3"], "--static must look like"),
+        (["--static", "2x12", "--streaming"], "--static applies to the full-sequence graph only"),
+    ],
+)
+def test_bad_options(capsys, tmp_path, extra, message):
+    code, _, err = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", *extra)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "e").exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_out_is_a_file(capsys, tmp_path):
+    (tmp_path / "f").write_text("x")
+    code, _, err = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "f", "--format", "torchscript")
+    assert code == 2 and "a file with that name exists" in err
+    code, _, err = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "f" / "sub", "--format", "torchscript")
+    assert code == 2 and "is a file, not a directory" in err
+
+
+def test_non_empty_out_needs_force(capsys, tmp_path):
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "old").write_text("x")
+    code, _, err = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript")
+    assert code == 2 and "not empty" in err
+    code, _, _ = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript", "--force")
+    assert code == 0 and not (tmp_path / "e" / "old").exists()
+
+
+def test_ctrl_c_leaves_nothing(capsys, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "export_torchscript", interrupted)
+    code, _, err = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript")
+    assert code == 130 and "interrupted" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_parity_exits_1(capsys, tmp_path):
+    # ONNX Runtime's float32 results differ from eager by ~1e-6: a 1e-12 tolerance must fail.
+    code, out, err = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "onnx",
+                         "--tolerance", "1e-12")
+    assert code == 1
+    assert "FAILED model.onnx: batch 1 x length 1" in err
+    assert "FAILED" in out

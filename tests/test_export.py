@@ -1,0 +1,220 @@
+"""Exported graphs against the eager model, computed here independently of validate.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from bsbr_export import BSBRConfig, UserError, build_model, load_model
+from bsbr_export.export import ExportError, _check_trace, export_onnx, export_torchscript
+from bsbr_export.graphs import LogitsGraph, flatten_state, state_names
+from bsbr_export.runners import OnnxRunner
+from conftest import random_ids, tiny_config
+
+C = 8  # bsbr-tiny's chunk size
+LENGTHS = [1, C - 1, C, C + 1, 3 * C + 5, 2048]
+
+
+def ort_session(path, provider="CPUExecutionProvider"):
+    return ort.InferenceSession(str(path), providers=[provider])
+
+
+@pytest.mark.parametrize("provider", ["CPUExecutionProvider", "CUDAExecutionProvider"])
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_matches_eager(tiny_export, length, batch, provider):
+    if provider not in ort.get_available_providers():
+        pytest.skip(f"{provider} not available on this machine")
+    out, _ = tiny_export
+    model = load_model("bsbr-tiny")
+    ids = random_ids(model.config, batch, length, seed=100 + length)
+    got = ort_session(out / "model.onnx", provider).run(
+        None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())}
+    )[0]
+    want = model(ids).detach().numpy()
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_torchscript_matches_eager(tiny_export, length, batch):
+    out, _ = tiny_export
+    model = load_model("bsbr-tiny")
+    traced = torch.jit.load(str(out / "model.pt"))
+    ids = random_ids(model.config, batch, length, seed=200 + length)
+    with torch.no_grad():
+        got = traced(ids, torch.ones_like(ids))
+        want = model(ids)
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_padded_batch_with_mask(tiny_export):
+    out, _ = tiny_export
+    model = load_model("bsbr-tiny")
+    lengths = [3, 17, 29]
+    ids = random_ids(model.config, 3, 29, seed=7)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    got = ort_session(out / "model.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    for row, n in enumerate(lengths):
+        alone = model(ids[row : row + 1, :n]).detach().numpy()[0]
+        assert np.abs(got[row, :n] - alone).max() <= 1e-4
+
+
+def _stream_onnx(path, model, ids, pieces):
+    session = ort_session(path)
+    names = state_names(model.config.num_layers, "past")
+    state = [t.numpy() for t in flatten_state(model.init_state(ids.shape[0]))]
+    outs, at = [], 0
+    for size in pieces:
+        result = session.run(None, {"input_ids": ids[:, at : at + size].numpy(), **dict(zip(names, state))})
+        outs.append(result[0])
+        state = result[1:]
+        at += size
+    return np.concatenate(outs, axis=1), state
+
+
+@pytest.mark.parametrize("which", ["tiny_export", "compressed_export"])
+def test_streaming_onnx_matches_full_forward_and_eager_state(which, request):
+    out, _ = request.getfixturevalue(which)
+    model = load_model(out)
+    pieces = [3, 1, C + 2, 5, 2 * C + 1, C - 2, 5]  # none aligned with C
+    ids = random_ids(model.config, 2, sum(pieces), seed=11)
+    got, state = _stream_onnx(out / "model.streaming.onnx", model, ids, pieces)
+    assert np.abs(got - model(ids).detach().numpy()).max() <= 1e-4
+    eager_state = model.init_state(2)
+    at = 0
+    for size in pieces:
+        _, eager_state = model.stream(ids[:, at : at + size], eager_state)
+        at += size
+    for name, want, have in zip(state_names(2, "present"), flatten_state(eager_state), state):
+        assert have.shape == tuple(want.shape), name
+        assert np.abs(have - want.detach().numpy()).max() <= 1e-4, name
+
+
+def test_streaming_torchscript(tiny_export):
+    out, _ = tiny_export
+    model = load_model("bsbr-tiny")
+    traced = torch.jit.load(str(out / "model.streaming.pt"))
+    ids = random_ids(model.config, 3, 4 * C + 1, seed=12)
+    state, outs, at = flatten_state(model.init_state(3)), [], 0
+    for size in [C + 3, 1, 1, C - 1, 2 * C - 3]:
+        result = traced(ids[:, at : at + size], *state)
+        outs.append(result[0])
+        state = list(result[1:])
+        at += size
+    assert (torch.cat(outs, 1) - model(ids)).abs().max() <= 1e-4
+
+
+def test_compressed_onnx_matches_eager(compressed_export):
+    out, result = compressed_export
+    model = load_model(out)
+    assert model.config.compression == 16
+    ids = random_ids(model.config, 3, 3 * C + 5, seed=13)
+    got = ort_session(out / "model.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})[0]
+    assert np.abs(got - model(ids).detach().numpy()).max() <= 1e-4
+    assert result.passed
+
+
+def test_dims_are_symbolic_and_named(tiny_export):
+    out, _ = tiny_export
+    graph = onnx.load(str(out / "model.onnx")).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
+    assert dims == {
+        "input_ids": ["batch", "sequence"],
+        "attention_mask": ["batch", "sequence"],
+        "logits": ["batch", "sequence", 97],
+    }
+    stream = onnx.load(str(out / "model.streaming.onnx")).graph
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*stream.input, *stream.output]}
+    assert shapes["past.1.chunk_states"] == ["batch", 4, "past_chunks", 64]
+    assert shapes["present.1.keys"] == ["batch", 4, "present_tokens", 8]
+    assert shapes["present.0.meta_keys"] == ["batch", 4, "present_chunks", 8]
+
+
+def test_metadata_round_trips_into_config(tiny_export):
+    out, _ = tiny_export
+    props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert BSBRConfig.from_dict(json.loads(props["bsbr.config"])) == load_model("bsbr-tiny").config
+    assert props["bsbr.chunk_size"] == "8"
+    assert json.loads(props["bsbr.export"])["dynamic"] is True
+    assert "onnxruntime" in json.loads(props["bsbr.versions"])
+    stream_props = {p.key: p.value for p in onnx.load(str(out / "model.streaming.onnx")).metadata_props}
+    spec = json.loads(stream_props["bsbr.state"])
+    assert spec["inputs"]["past.0.retrieved"] == ["batch", 4, 8, 8]
+    assert set(spec["outputs"]) == set(state_names(2, "present"))
+
+
+def test_checker_is_clean(tiny_export):
+    out, _ = tiny_export
+    for name in ("model.onnx", "model.streaming.onnx"):
+        onnx.checker.check_model(str(out / name), full_check=True)
+
+
+def test_manifest_hashes_files(tiny_export):
+    from bsbr_export.pipeline import sha256
+
+    out, result = tiny_export
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [a["name"] for a in manifest["artifacts"]] == [
+        "model.onnx", "model.pt", "model.streaming.onnx", "model.streaming.pt"
+    ]
+    for artifact in manifest["artifacts"]:
+        for name, info in artifact["files"].items():
+            assert info["sha256"] == sha256(out / name)
+        assert artifact["checks"]["passed"] is True
+        assert artifact["checks"]["max_abs"] <= 1e-4
+    assert result.passed
+    assert manifest["config"] == load_model("bsbr-tiny").config.to_dict()
+
+
+def test_static_shape_graph_refuses_other_shapes(tmp_path):
+    model = load_model("bsbr-tiny")
+    (path,) = export_onnx(model, tmp_path / "static.onnx", static_shape=(2, 10))
+    dims = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 10]
+    runner = OnnxRunner(path)
+    ids = random_ids(model.config, 2, 10, seed=3).numpy()
+    got = runner.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
+    assert np.abs(got - model(torch.from_numpy(ids)).detach().numpy()).max() <= 1e-4
+    other = random_ids(model.config, 2, 11).numpy()
+    with pytest.raises(UserError, match=r"shape \[2, 11\] but this graph takes \[2, 10\].*static shape"):
+        runner.infer({"input_ids": other, "attention_mask": np.ones_like(other)})
+
+
+def test_trace_check_catches_a_wrong_trace():
+    model = build_model(tiny_config(), seed=1)
+    other = build_model(tiny_config(), seed=2)  # same graph, different weights
+    ids = random_ids(model.config, 2, 11)
+    wrong = torch.jit.trace(LogitsGraph(other), (ids, torch.ones_like(ids)))
+    with pytest.raises(ExportError, match="disagrees with eager"):
+        _check_trace(model, wrong, streaming=False, attention_mask=True)
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+def test_opsets(tmp_path, opset):
+    model = load_model("bsbr-tiny")
+    (path,) = export_onnx(model, tmp_path / "m.onnx", opset=opset, attention_mask=False)
+    assert {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""] == opset
+    ids = random_ids(model.config, 3, 13, seed=opset).numpy()
+    got = ort_session(path).run(None, {"input_ids": ids})[0]
+    assert np.abs(got - model(torch.from_numpy(ids)).detach().numpy()).max() <= 1e-4
+
+
+def test_unsupported_opset_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="opset 11 is not supported"):
+        export_onnx(load_model("bsbr-tiny"), tmp_path / "m.onnx", opset=11)
+    assert not list(tmp_path.iterdir())
+
+
+def test_torchscript_file_is_loadable_and_atomic(tmp_path):
+    path = export_torchscript(load_model("bsbr-tiny"), tmp_path / "m.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    assert torch.jit.load(str(path)) is not None
