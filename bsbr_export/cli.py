@@ -111,6 +111,57 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force) 
         raise SystemExit(1)
 
 
+@cli.command()
+@click.argument("export_dir", type=click.Path())
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).")
+@click.option("--lengths", default=None, help="Comma-separated lengths [default: 1,c-1,c,c+1,3c+5,2048].")
+@click.option("--batches", default="1,2,3", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--provider", "providers", multiple=True, help="ONNX Runtime provider(s) [default: all available].")
+def validate(export_dir, tolerance, lengths, batches, providers) -> None:
+    """Check every artifact in EXPORT_DIR against the eager model it came from.
+
+    Writes EXPORT_DIR/validation.json. Exits 1 when any case fails, naming the case and,
+    for ONNX graphs, the first block whose output diverges.
+    """
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from bsbr_export.io import atomic_write
+    from bsbr_export.render import validation_table
+    from bsbr_export.validate import validate_export
+
+    with Console(stderr=True).status("validating"):
+        result = validate_export(
+            export_dir, tolerance=tolerance, lengths=_int_list(lengths, "--lengths") if lengths else None,
+            batches=tuple(_int_list(batches, "--batches")), providers=list(providers) or None,
+        )
+    with atomic_write(Path(export_dir) / "validation.json") as tmp:
+        tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    Console().print(validation_table(result))
+    if not result.passed:
+        for check in result.checks:
+            for failure in check.parity.failures[:5]:
+                click.echo(f"FAILED {check.artifact} on {check.engine}: {failure}", err=True)
+            if check.first_bad_layer:
+                click.echo(f"{check.artifact} first diverges at {check.first_bad_layer}", err=True)
+        raise SystemExit(1)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    from bsbr_export.errors import UserError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"{flag} must be integers >= 1, got {text!r}")
+    return values
+
+
 def _parse_static(text: str) -> tuple[int, int]:
     from bsbr_export.errors import UserError
 

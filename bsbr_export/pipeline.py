@@ -8,7 +8,6 @@ settings, versions, checks with their figures).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -21,12 +20,10 @@ from bsbr_export.errors import UserError
 from bsbr_export.export import check_opset, check_static_shape, export_onnx, export_torchscript, state_spec
 from bsbr_export.formats import Format, artifact_name
 from bsbr_export.io import atomic_dir
+from bsbr_export.manifest import MANIFEST, file_record
 from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner
 from bsbr_export.validate import DEFAULT_TOLERANCE, Case, ParityReport, check_parity, default_cases
 from bsbr_export.versions import versions
-
-MANIFEST = "manifest.json"
-
 
 @dataclass(frozen=True)
 class ArtifactResult:
@@ -52,14 +49,6 @@ class ExportResult:
     @property
     def passed(self) -> bool:
         return all(a.parity.passed for a in self.artifacts)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def runner_for(fmt: str, path: Path, model, streaming: bool, attention_mask: bool = True):
@@ -94,6 +83,8 @@ def export_model(
     artifacts = []
     settings = {"static_shape": list(static_shape) if static_shape else None, "opset": opset,
                 "streaming": streaming, "tolerance": tolerance}
+    if any(fmt.name == "torchscript-mobile" for fmt in formats):
+        settings["optimize_for_mobile"] = _mobile_note()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         checkpoint = write_checkpoint(model, tmp)
         for fmt, stream in jobs:
@@ -106,7 +97,7 @@ def export_model(
                     metadata={"bsbr.model": str(model_ref)},
                 )
             else:
-                files = [export_torchscript(model, tmp / name, streaming=stream)]
+                files = [export_torchscript(model, tmp / name, streaming=stream, mobile=fmt.name == "torchscript-mobile")]
             seconds = time.perf_counter() - start
             progress(f"checking {name} against eager")
             static = static_shape if fmt.name == "onnx" else None
@@ -116,7 +107,7 @@ def export_model(
                     name=name,
                     format=fmt.name,
                     streaming=stream,
-                    files={f.name: {"sha256": sha256(f), "bytes": f.stat().st_size} for f in files},
+                    files={f.name: file_record(f) for f in files},
                     seconds=seconds,
                     parity=parity,
                 )
@@ -125,7 +116,7 @@ def export_model(
             "manifest_version": 1,
             "model": str(model_ref),
             "config": cfg.to_dict(),
-            "checkpoint": {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size} for f in checkpoint},
+            "checkpoint": {f.name: file_record(f) for f in checkpoint},
             "settings": settings,
             "versions": versions(),
             "state": state_spec(model) if streaming else None,
@@ -134,6 +125,7 @@ def export_model(
                     "name": a.name,
                     "format": a.format,
                     "kind": "streaming" if a.streaming else "logits",
+                    "settings": {"static_shape": list(static_shape) if static_shape and a.format == "onnx" else None},
                     "files": a.files,
                     "export_seconds": round(a.seconds, 3),
                     "checks": a.parity.to_dict(),
@@ -143,6 +135,16 @@ def export_model(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return ExportResult(Path(out_dir), tuple(artifacts))
+
+
+def _mobile_note() -> str:
+    """What became of `optimize_for_mobile` for the .ptl: the pass is not run, since it
+    needs XNNPACK and the CPU wheels are built without it (it raises there)."""
+    import torch
+
+    if torch._C._is_xnnpack_enabled():
+        return "not applied"
+    return "skipped: this torch build has no XNNPACK, which the pass needs"
 
 
 def _check(fmt: str, path: Path, model, streaming: bool, static_shape, tolerance: float) -> ParityReport:

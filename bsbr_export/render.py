@@ -28,3 +28,26 @@ def export_table(result) -> Table:
             "[green]passed[/]" if a.parity.passed else "[red]FAILED[/]",
         )
     return table
+
+
+def validation_table(result) -> Table:
+    """One row per artifact and engine: cases, worst errors, top-1, verdict."""
+    table = Table(title=f"validation of {result.export_dir} (tolerance {result.tolerance:g} x logit scale)")
+    for column in ("artifact", "engine", "cases", "max abs", "top-1", "status"):
+        table.add_column(column, justify="left" if column in ("artifact", "engine", "status") else "right")
+    for check in result.checks:
+        diffs = [d for r in check.parity.results for d in r.diffs]
+        top1 = [d.top1 for d in diffs if d.top1 is not None]
+        failed = sum(not r.passed for r in check.parity.results)
+        status = "[green]passed[/]" if check.passed else f"[red]FAILED {failed}[/]"
+        if check.first_bad_layer:
+            status += f" (diverges at {check.first_bad_layer})"
+        table.add_row(
+            check.artifact,
+            check.engine,
+            str(len(check.parity.results)),
+            f"{max(d.max_abs for d in diffs):.2e}",
+            f"{min(top1):.3f}" if top1 else "-",
+            status,
+        )
+    return table

@@ -128,14 +128,26 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, tolerance: floa
     )
 
 
-def default_cases(chunk_size: int, streaming: bool = False, long_length: int = 2048) -> list[Case]:
-    """Lengths 1, c-1, c, c+1, 3c+5 and `long_length`, batches 1 and 3, and a padded batch."""
+def default_lengths(chunk_size: int, long_length: int = 2048) -> list[int]:
+    """1, c-1, c, c+1, 3c+5 (k*c + r) and a long one: where chunked code breaks."""
     c = chunk_size
-    lengths = sorted({1, max(c - 1, 1), c, c + 1, 3 * c + 5, long_length})
-    cases = [Case(batch, length) for length in lengths for batch in (1, 3)]
+    return sorted({1, max(c - 1, 1), c, c + 1, 3 * c + 5, long_length})
+
+
+def default_cases(
+    chunk_size: int,
+    streaming: bool = False,
+    long_length: int = 2048,
+    lengths: list[int] | None = None,
+    batches: tuple[int, ...] = (1, 2, 3),
+) -> list[Case]:
+    """Every length x batch, plus a right-padded masked batch (full graphs) or uneven
+    stream splits (streaming graphs)."""
+    lengths = lengths or default_lengths(chunk_size, long_length)
+    cases = [Case(batch, length) for length in lengths for batch in batches]
     if streaming:
-        return [dataclasses.replace(k, pieces=tuple(stream_pieces(k.length, c))) for k in cases]
-    return [*cases, Case(3, 3 * c + 5, masked=True)]
+        return [dataclasses.replace(k, pieces=tuple(stream_pieces(k.length, chunk_size))) for k in cases]
+    return [*cases, Case(max(batches), max(lengths), masked=True)]
 
 
 def make_inputs(case: Case, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
@@ -201,3 +213,116 @@ def empty_state_tensor(shape: list, batch: int) -> np.ndarray:
     """One tensor of the initial (empty) state: its named dims are 0 except `batch`."""
     dims = [batch if d == "batch" else (d if isinstance(d, int) else 0) for d in shape]
     return np.zeros(dims, dtype=np.float32)
+
+
+def engine_name(provider: str) -> str:
+    """Short engine label: CPUExecutionProvider -> ort-cpu."""
+    return "ort-" + provider.removesuffix("ExecutionProvider").lower()
+
+
+@dataclass(frozen=True)
+class ArtifactCheck:
+    """One artifact on one engine: its parity and, on failure, where it diverged."""
+
+    artifact: str
+    engine: str  # "ort-cpu", "ort-cuda", "torchscript", ...
+    parity: ParityReport
+    layers: tuple = ()  # LayerDiff per block, when localized
+    first_bad_layer: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.parity.passed
+
+    def to_dict(self) -> dict:
+        return {
+            "artifact": self.artifact,
+            "engine": self.engine,
+            "parity": self.parity.to_dict(),
+            "layers": [dataclasses.asdict(d) | {"passed": d.passed} for d in self.layers],
+            "first_bad_layer": self.first_bad_layer,
+        }
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """Every artifact of an export directory against its eager model."""
+
+    export_dir: str
+    tolerance: float
+    checks: tuple[ArtifactCheck, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict:
+        return {
+            "export_dir": self.export_dir,
+            "tolerance": self.tolerance,
+            "passed": self.passed,
+            "checks": [c.to_dict() for c in self.checks],
+        }
+
+
+def validate_export(
+    export_dir,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    lengths: list[int] | None = None,
+    batches: tuple[int, ...] = (1, 2, 3),
+    providers: list[str] | None = None,
+    seed: int = 1234,
+) -> ValidationResult:
+    """Check each artifact of `export_dir` (hashes first) against the eager model rebuilt
+    from the directory's own config and weights, on fresh random inputs.
+
+    ONNX artifacts run on every provider in `providers` (default: every one available,
+    CPU and CUDA); a failing full-sequence ONNX graph is localized to its first bad block.
+    """
+    from pathlib import Path
+
+    from bsbr_export.checkpoint import load_model
+    from bsbr_export.errors import UserError
+    from bsbr_export.export import state_spec
+    from bsbr_export.localize import first_divergence, localize
+    from bsbr_export.manifest import read_manifest
+    from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner, available_providers
+
+    if lengths is not None and any(n < 1 for n in lengths):
+        raise UserError(f"lengths must be >= 1, got {lengths}")
+    if any(b < 1 for b in batches):
+        raise UserError(f"batches must be >= 1, got {list(batches)}")
+    directory = Path(export_dir)
+    manifest = read_manifest(directory)
+    model = load_model(directory)
+    cfg = model.config
+    usable = [p for p in available_providers() if p in ("CPUExecutionProvider", "CUDAExecutionProvider")]
+    providers = providers or usable
+    for provider in providers:
+        if provider not in available_providers():
+            raise UserError(f"execution provider {provider} is not installed here (available: {', '.join(usable)})")
+    shapes = state_spec(model)["inputs"]
+    checks = []
+    for artifact in manifest["artifacts"]:
+        path = directory / artifact["name"]
+        streaming = artifact["kind"] == "streaming"
+        reference = EagerRunner(model, streaming)
+        static = artifact.get("settings", {}).get("static_shape")
+        cases = [Case(*static)] if static else default_cases(cfg.chunk_size, streaming, lengths=lengths, batches=batches)
+        if artifact["format"] == "onnx":
+            engines = [(engine_name(p), OnnxRunner(path, provider=p)) for p in providers]
+        else:
+            engines = [(artifact["format"], TorchScriptRunner(path, reference.input_names, reference.output_names))]
+        for engine, runner in engines:
+            report = check_parity(artifact["name"], reference, runner, cases, cfg.vocab_size, tolerance, seed, shapes)
+            layers, first_bad = (), None
+            if not report.passed and artifact["format"] == "onnx" and not streaming:
+                failing = next(r.case for r in report.results if not r.passed)
+                layers = tuple(localize(path, model, make_inputs(failing, cfg.vocab_size, seed), tolerance))
+                first_bad = first_divergence(list(layers))
+            checks.append(ArtifactCheck(artifact["name"], engine, report, layers, first_bad))
+    return ValidationResult(str(directory), tolerance, tuple(checks))

@@ -159,7 +159,7 @@ def test_checker_is_clean(tiny_export):
 
 
 def test_manifest_hashes_files(tiny_export):
-    from bsbr_export.pipeline import sha256
+    from bsbr_export.manifest import sha256
 
     out, result = tiny_export
     manifest = json.loads((out / "manifest.json").read_text())
@@ -218,3 +218,18 @@ def test_torchscript_file_is_loadable_and_atomic(tmp_path):
     path = export_torchscript(load_model("bsbr-tiny"), tmp_path / "m.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
     assert torch.jit.load(str(path)) is not None
+
+
+def test_external_data_above_threshold(tmp_path, monkeypatch):
+    import bsbr_export.export as export_module
+
+    monkeypatch.setattr(export_module, "TWO_GIB", 1)  # treat tiny as "large"
+    model = load_model("bsbr-tiny")
+    files = export_onnx(model, tmp_path / "big.onnx", attention_mask=False)
+    assert [f.name for f in files] == ["big.onnx", "big.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    weight_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert files[1].stat().st_size >= 0.9 * weight_bytes  # the weights live in .data
+    ids = random_ids(model.config, 2, 19, seed=5).numpy()
+    got = ort_session(files[0]).run(None, {"input_ids": ids})[0]
+    assert np.abs(got - model(torch.from_numpy(ids)).detach().numpy()).max() <= 1e-4

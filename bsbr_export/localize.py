@@ -1,0 +1,100 @@
+"""Where an ONNX graph starts to diverge: per-block outputs against eager.
+
+The torch exporter tags every node with the module scope it came from
+(`pkg.torch.onnx.name_scopes`). A block's output is the value made inside the
+`model.blocks.{i}` scope and read outside it (the residual stream), so each block's
+hidden state can be exposed as an extra graph output and compared with the eager
+block's output (captured with forward hooks), like Polygraphy's per-layer comparison.
+"""
+
+from __future__ import annotations
+
+import ast
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class LayerDiff:
+    layer: str  # "blocks.0", ..., "output"
+    max_abs: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs <= self.tolerance
+
+
+def block_scope(node) -> str | None:
+    """'model.blocks.3' for a node exported from inside block 3, else None."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+    return next((s for s in scopes if s.startswith("model.blocks.") and s.count(".") == 2), None)
+
+
+def block_outputs(model_proto, num_layers: int) -> dict[int, str]:
+    """ONNX value name of each block's output, found from the exporter's name scopes."""
+    scope_of: dict[str, str | None] = {}
+    consumers: dict[str, set] = {}
+    for node in model_proto.graph.node:
+        block = block_scope(node)
+        for out in node.output:
+            scope_of[out] = block
+        for name in node.input:
+            consumers.setdefault(name, set()).add(block)
+    found = {}
+    for value, block in scope_of.items():
+        if block is None:
+            continue
+        if any(c != block for c in consumers.get(value, ())):
+            found[int(block.rsplit(".", 1)[1])] = value
+    return {i: found[i] for i in range(num_layers) if i in found}
+
+
+def localize(onnx_path: Path, model, feeds: dict[str, np.ndarray], tolerance: float) -> list[LayerDiff]:
+    """Per-block max abs error of the ONNX graph vs eager on `feeds`, then the output."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(onnx_path))
+    names = block_outputs(proto, model.config.num_layers)
+    for name in names.values():
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe.onnx"
+        onnx.save(proto, str(probe), save_as_external_data=proto.ByteSize() > 1 << 30)
+        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+        wanted = [session.get_outputs()[0].name, *names.values()]
+        results = dict(zip(wanted, session.run(wanted, {i.name: feeds[i.name] for i in session.get_inputs()})))
+
+    captured: dict[int, np.ndarray] = {}
+    hooks = [
+        block.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, out.detach().numpy()))
+        for i, block in enumerate(model.blocks)
+    ]
+    try:
+        with torch.inference_mode():
+            mask = torch.from_numpy(feeds["attention_mask"]) if "attention_mask" in feeds else None
+            expected = model(torch.from_numpy(feeds["input_ids"]), mask).numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    valid = feeds.get("attention_mask", np.ones(feeds["input_ids"].shape, dtype=np.int64)).astype(bool)
+    diffs = []
+    for i, name in names.items():
+        want, got = captured[i][valid], results[name][valid]
+        scale = max(1.0, float(np.abs(want).max()))
+        diffs.append(LayerDiff(f"blocks.{i}", float(np.abs(want - got).max()), tolerance * scale))
+    want, got = expected[valid], results[wanted[0]][valid]
+    diffs.append(LayerDiff("output", float(np.abs(want - got).max()), tolerance * max(1.0, float(np.abs(want).max()))))
+    return diffs
+
+
+def first_divergence(diffs: list[LayerDiff]) -> str | None:
+    """The first layer past its tolerance (None when all pass)."""
+    return next((d.layer for d in diffs if not d.passed), None)

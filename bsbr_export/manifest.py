@@ -1,0 +1,54 @@
+"""`manifest.json`: what an export directory holds, with the sha256 of every file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from bsbr_export.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    """The manifest entry of one file."""
+    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+
+
+def read_manifest(export_dir: str | os.PathLike, verify: bool = True) -> dict:
+    """The manifest of an export directory; with `verify`, every listed file must exist
+    and match its sha256 (a changed file is a UserError that says to re-export)."""
+    directory = Path(export_dir)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not an export directory (run `bsbr-export export` first)")
+    if not path.is_file():
+        raise UserError(f"{directory} has no {MANIFEST}: is it an export directory? (run `bsbr-export export`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or "artifacts" not in manifest:
+        raise UserError(f"{path} is not a bsbr-export manifest (no 'artifacts')")
+    if verify:
+        files = dict(manifest.get("checkpoint", {}))
+        for artifact in manifest["artifacts"]:
+            files.update(artifact["files"])
+        for name, record in files.items():
+            file = directory / name
+            if not file.is_file():
+                raise UserError(f"{file} is listed in {MANIFEST} but missing: re-export")
+            if sha256(file) != record["sha256"]:
+                raise UserError(f"{file} does not match the sha256 in {MANIFEST}: it changed after export; re-export")
+    return manifest
