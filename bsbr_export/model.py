@@ -40,12 +40,18 @@ class LayerState(NamedTuple):
     retrieved: Tensor  # [B, H, e, e]  S_i of the current chunk i
 
 
-def sinusoidal_positions(positions: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
-    """The classic sin/cos table, computed for the given positions: [L] -> [L, dim]."""
-    freqs = torch.exp(
-        torch.arange(0, dim, 2, device=positions.device, dtype=dtype) * (-math.log(10000.0) / dim)
-    )
-    angles = positions.to(dtype)[:, None] * freqs  # [L, ceil(dim / 2)]
+def position_frequencies(dim: int) -> Tensor:
+    """10000^(-2i/dim) for i < ceil(dim / 2), computed in float64.
+
+    Precomputed rather than an `exp` inside the graph: ONNX Runtime's and torch's
+    float32 `exp` differ enough to move encodings at long positions by ~6e-5.
+    """
+    return torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+
+
+def sinusoidal_positions(positions: Tensor, frequencies: Tensor, dim: int) -> Tensor:
+    """The classic sin/cos table at the given positions: [L] -> [L, dim], for any L."""
+    angles = positions.to(frequencies.dtype)[:, None] * frequencies  # [L, ceil(dim / 2)]
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)[:, :dim]
 
 
@@ -186,12 +192,14 @@ class BSBRModel(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # A function of hidden size only (no length limit); not saved in checkpoints.
+        self.register_buffer("position_freqs", position_frequencies(config.hidden_size).float(), persistent=False)
         self.apply(_init_weights)
 
     def _embed(self, input_ids: Tensor, start: int | Tensor) -> Tensor:
         x = self.embedding(input_ids)  # [B, L, hidden]
         positions = torch.arange(input_ids.shape[1], device=input_ids.device) + start
-        return self.dropout(x + sinusoidal_positions(positions, x.shape[-1], x.dtype))
+        return self.dropout(x + sinusoidal_positions(positions, self.position_freqs, x.shape[-1]).to(x.dtype))
 
     def _head(self, x: Tensor) -> Tensor:
         x = self.ln_f(x)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bsbr_export import UserError, build_model
-from bsbr_export.model import sinusoidal_positions
+from bsbr_export.model import position_frequencies, sinusoidal_positions
 from conftest import random_ids, tiny_config
 from test_attention import _Sizes
 
@@ -71,10 +71,13 @@ def test_no_length_squared_tensor_in_model():
 
 
 def test_positions_are_sinusoids():
-    pe = sinusoidal_positions(torch.arange(5), 6, torch.float64)
-    assert torch.allclose(pe[:, 0], torch.sin(torch.arange(5.0, dtype=torch.float64)))
-    assert torch.allclose(pe[:, 1], torch.cos(torch.arange(5.0, dtype=torch.float64)))
-    assert sinusoidal_positions(torch.arange(3), 7, torch.float32).shape == (3, 7)
+    freqs = position_frequencies(6)
+    pe = sinusoidal_positions(torch.arange(5), freqs, 6)
+    positions = torch.arange(5.0, dtype=torch.float64)
+    assert torch.allclose(pe[:, 0], torch.sin(positions))
+    assert torch.allclose(pe[:, 1], torch.cos(positions))
+    assert torch.allclose(pe[:, 2], torch.sin(positions * 10000 ** (-2 / 6)))
+    assert sinusoidal_positions(torch.arange(3), position_frequencies(7), 7).shape == (3, 7)
 
 
 def _stream(model, ids, pieces):
