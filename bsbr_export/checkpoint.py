@@ -32,7 +32,16 @@ def build_model(config: BSBRConfig, seed: int = 0) -> BSBRModel:
     """A model with random weights drawn from `seed` (the global RNG is left alone)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return BSBRModel(config).eval()
+        return model_class(config)(config).eval()
+
+
+def model_class(config: BSBRConfig) -> type[torch.nn.Module]:
+    """The class that implements `config.flavor`: BSBRModel, or bsbr 0.1.1's numerics."""
+    if config.flavor == "native":
+        return BSBRModel
+    from bsbr_export.upstream import UpstreamBSBRModel
+
+    return UpstreamBSBRModel
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -66,29 +75,34 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     )
 
 
+def state_dict_problems(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]]) -> list[str]:
+    """What keeps `state` from matching `expected` (name -> shape): missing keys,
+    unexpected keys, wrong shapes, tensors that are not floating point. Empty if it fits."""
+    shared = sorted(set(state) & set(expected), key=_natural)
+    listed = [
+        ("missing", sorted(set(expected) - set(state), key=_natural)),
+        ("unexpected", sorted(set(state) - set(expected), key=_natural)),
+        ("wrong shapes", [f"{k} {list(state[k].shape)} != {list(expected[k])}" for k in shared
+                          if tuple(state[k].shape) != tuple(expected[k])]),
+        ("not floating point", [k for k in shared if not state[k].is_floating_point()]),
+    ]
+    return [f"{label} {_few(items)}" for label, items in listed if items]
+
+
 def apply_state_dict(model: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Copy `state` into `model`, or raise one UserError listing every mismatch."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k} {list(state[k].shape)} != {list(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {_few(missing)}")
-    if extra:
-        problems.append(f"unexpected {_few(extra)}")
-    if wrong:
-        problems.append(f"wrong shapes {_few(wrong)}")
+    problems = state_dict_problems(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     if problems:
         raise UserError(f"{source} does not match its config: " + "; ".join(problems))
     model.load_state_dict(state)
 
 
-def _few(items: list[str], limit: int = 5) -> str:
+def _natural(key: str) -> list:
+    """Sort key: layers.2 before layers.10."""
+    return [int(p) if p.isdigit() else p for p in key.split(".")]
+
+
+def _few(items: list[str], limit: int = 6) -> str:
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
@@ -118,7 +132,7 @@ def load_model(name_or_path: str | os.PathLike) -> BSBRModel:
     if path.is_dir():
         config = read_config(path)
         weights = _weights_file(path)
-        model = BSBRModel(config)
+        model = model_class(config)(config)
         apply_state_dict(model, load_state_dict(weights), str(weights))
         return model.eval()
     if path.exists():

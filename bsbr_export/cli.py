@@ -11,6 +11,7 @@ import sys
 import click
 
 from bsbr_export.errors import UserError
+from bsbr_export.formats import FORMATS  # light: feeds the --format help
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,18 +74,23 @@ def run(model: str, length: int | None, batch: int) -> None:
 @click.argument("model")
 @click.option("--out", "out_dir", type=click.Path(), default=None, help="Export directory [default: ./export/<model>].")
 @click.option("--format", "formats", default="onnx,torchscript", show_default=True,
-              help="Comma-separated formats: " + ", ".join(("onnx", "torchscript")) + ".")
+              help="Comma-separated formats: " + ", ".join(FORMATS) + ".")
 @click.option("--streaming", is_flag=True, help="Also export streaming-step graphs (past.* -> present.*).")
 @click.option("--static", "static", default=None, metavar="BATCHxLENGTH", help="Fixed-shape ONNX graph instead of dynamic axes.")
 @click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's].")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).")
-@click.option("--force", is_flag=True, help="Replace a non-empty export directory.")
-def export(model, out_dir, formats, streaming, static, opset, tolerance, force) -> None:
+@click.option("--force", is_flag=True,
+              help="Replace a non-empty export directory (and Triton models of the same name).")
+@click.option("--triton-repo", "triton_repo", type=click.Path(), default=None,
+              help="Also write the ONNX graphs as a Triton Inference Server model repository here.")
+def export(model, out_dir, formats, streaming, static, opset, tolerance, force, triton_repo) -> None:
     """Export MODEL (preset name or checkpoint directory) and check every artifact.
 
     Each artifact is compared with the eager model at lengths 1, c-1, c, c+1, 3c+5 and
     2048 (batches 1 and 3, plus a right-padded masked batch); any failure exits 1.
+    With --triton-repo, artifacts that pass are laid out as Triton models
+    (<model>, and <model>_streaming with --streaming).
     """
     from pathlib import Path
 
@@ -96,6 +102,8 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force) 
 
     console = Console(stderr=True)
     chosen = parse_formats(formats)
+    if triton_repo and "onnx" not in [f.name for f in chosen]:
+        raise UserError("--triton-repo serves the ONNX graph: add onnx to --format")
     static_shape = _parse_static(static) if static else None
     out = Path(out_dir) if out_dir else Path("export") / Path(model).name
     with console.status("exporting") as status:
@@ -104,11 +112,18 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force) 
             overwrite=force, tolerance=tolerance, progress=lambda step: status.update(step),
         )
     Console().print(export_table(result))
+    if result.note:
+        click.echo(f"note: {result.note}")
     if not result.passed:
         for artifact in result.artifacts:
             for failure in artifact.parity.failures[:5]:
                 click.echo(f"FAILED {artifact.name}: {failure}", err=True)
         raise SystemExit(1)
+    if triton_repo:
+        from bsbr_export.triton import write_triton_repo
+
+        repo = write_triton_repo(out, triton_repo, overwrite=force)
+        click.echo(f"Triton model repository: {repo} (tritonserver --model-repository {repo})")
 
 
 @cli.command()
@@ -148,6 +163,105 @@ def validate(export_dir, tolerance, lengths, batches, providers) -> None:
             if check.first_bad_layer:
                 click.echo(f"{check.artifact} first diverges at {check.first_bad_layer}", err=True)
         raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--lengths", default="256,1024,4096", show_default=True, help="Comma-separated sequence lengths.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size.")
+@click.option("--engines", default=None, help="Comma-separated engines [default: all available].")
+@click.option("--decode", "decode", default="256,1024,4096", show_default=True,
+              help="Context lengths for streaming decode latency ('' to skip).")
+@click.option("--validation-lengths", default=None, help="Lengths for the validation pass [default: validate's].")
+@click.option("--out", "out_dir", type=click.Path(), default=None,
+              help="Export directory when TARGET is a model [default: ./export/<model>].")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True, help="Threads per engine.")
+@click.option("--budget", type=float, default=1.0, show_default=True, help="Seconds of timing per engine and length.")
+def bench(target, lengths, batch, engines, decode, validation_lengths, out_dir, tolerance, threads, budget) -> None:
+    """Export (if TARGET is a model), validate and benchmark every engine side by side.
+
+    TARGET is an export directory, a preset name or a checkpoint directory. Writes
+    report.json, report.md and plots into the export directory and prints the table.
+    """
+    from rich.console import Console
+
+    from bsbr_export.pipeline import benchmark
+    from bsbr_export.render import bench_table
+
+    with Console(stderr=True).status("benchmarking") as status:
+        run = benchmark(
+            target, out_dir=out_dir, lengths=_int_list(lengths, "--lengths"), batch=batch,
+            engines=[e.strip() for e in engines.split(",")] if engines else None,
+            decode_contexts=_int_list(decode, "--decode") if decode else None,
+            validation_lengths=_int_list(validation_lengths, "--validation-lengths") if validation_lengths else None,
+            tolerance=tolerance, threads=threads, budget_s=budget, progress=lambda step: status.update(step),
+        )
+    Console().print(bench_table(run.bench, tolerance))
+    click.echo(f"reports: {', '.join(str(p) for p in run.reports)}")
+    if not run.validation.passed or any(not e.ok for e in run.bench.engines):
+        raise SystemExit(1)
+
+
+@cli.command("import-upstream")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--heads", type=int, required=True, help="num_heads the model was built with (shapes cannot tell).")
+@click.option("--chunk-size", "chunk_size", type=int, required=True, help="chunk_size it was built with.")
+@click.option("--out", "out_dir", type=click.Path(), default=None,
+              help="Checkpoint directory to write [default: CHECKPOINT without its suffix].")
+@click.option("--max-positions", "max_positions", type=int, default=None,
+              help="Extend the package's 5000-row positional table to this many rows [default: keep 5000].")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force) -> None:
+    """Import a state dict saved from the PyPI package bsbr 0.1.1 (`BSBRModel`).
+
+    Reads CHECKPOINT (.safetensors, or .pt/.bin loaded with weights_only=True), infers
+    vocab, hidden, layers, ff and compression from its shapes, checks every key, and
+    writes a checkpoint directory (flavor bsbr-0.1.1) that `export`, `validate` and
+    `bench` take. The model reproduces the package's numerics, so it is NOT causal and
+    cannot stream.
+    """
+    from pathlib import Path
+
+    from bsbr_export.checkpoint import save_model
+    from bsbr_export.upstream import NOT_CAUSAL, import_upstream as load_upstream
+
+    model = load_upstream(checkpoint, heads, chunk_size, max_positions)
+    out = save_model(model, Path(out_dir) if out_dir else Path(checkpoint).with_suffix(""), overwrite=force)
+    cfg = model.config
+    click.echo(
+        f"imported {checkpoint} -> {out}: vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, layers "
+        f"{cfg.num_layers}, heads {cfg.num_heads}, chunk {cfg.chunk_size}, ff {cfg.ff_size}, compression "
+        f"{cfg.compression or '-'}, max length {model.pos_encoding.rows}"
+    )
+    click.echo(f"note: {NOT_CAUSAL}.")
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path())
+@click.option("--length", type=int, default=1024, show_default=True, help="Sequence length to time levels at.")
+@click.option("--int8/--no-int8", default=True, show_default=True, help="Also write an int8 dynamic-quantized graph.")
+@click.option("--target-top1", type=float, default=0.97, show_default=True,
+              help="int8: keep the most sensitive MatMuls in fp32 until top-1 agreement reaches this.")
+@click.option("--threads", type=int, default=2, show_default=True)
+def optimize(export_dir, length, int8, target_top1, threads) -> None:
+    """Measure ONNX Runtime's optimization levels here and save the fastest that still
+    matches eager (model.optimized.onnx); quantize to int8 keeping sensitive nodes fp32."""
+    from rich.console import Console
+
+    from bsbr_export.optimize import optimize_export
+    from bsbr_export.render import levels_table, quant_table
+
+    with Console(stderr=True).status("optimizing"):
+        choice, quant = optimize_export(export_dir, length=length, int8=int8, target_top1=target_top1,
+                                        threads=threads)
+    console = Console()
+    console.print(levels_table(choice))
+    if quant is not None:
+        console.print(quant_table(quant))
+        if not quant.reached:
+            click.echo(f"int8 never reached top-1 {target_top1} (best {max(s.top1 for s in quant.steps):.3f})", err=True)
+            raise SystemExit(1)
 
 
 def _int_list(text: str, flag: str) -> list[int]:

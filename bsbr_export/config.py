@@ -8,6 +8,9 @@ from typing import Any
 
 from bsbr_export.errors import UserError
 
+FLAVORS = ("native", "bsbr-0.1.1")
+UPSTREAM_POSITIONS = 5000  # rows of bsbr 0.1.1's positional table (`pos_encoding.pe`)
+
 
 @dataclass(frozen=True)
 class BSBRConfig:
@@ -23,6 +26,12 @@ class BSBRConfig:
     lm_head: bool = True  # causal-LM head tied to the embedding; off -> hidden states
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
+    # "native" (DESIGN.md's causal model) or "bsbr-0.1.1" (the PyPI package's numerics,
+    # not causal; see bsbr_export/upstream.py). For bsbr-0.1.1, `compression` is the
+    # compressed width hidden // compression_factor, and max_positions extends its
+    # 5000-row positional table (None keeps the package's limit).
+    flavor: str = "native"
+    max_positions: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -44,8 +53,29 @@ class BSBRConfig:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout!r})")
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             problems.append(f"layer_norm_eps must be > 0 (got {self.layer_norm_eps!r})")
+        problems += self._flavor_problems()
         if problems:
             raise UserError("invalid BSBRConfig: " + "; ".join(problems))
+
+    def _flavor_problems(self) -> list[str]:
+        if self.flavor not in FLAVORS:
+            return [f"flavor must be one of {', '.join(map(repr, FLAVORS))} (got {self.flavor!r})"]
+        if self.flavor == "native":
+            return [] if self.max_positions is None else ["max_positions applies to flavor 'bsbr-0.1.1' only"]
+        problems = []
+        if self.lm_head is not False:
+            problems.append("flavor 'bsbr-0.1.1' has no LM head: set lm_head to false")
+        if isinstance(self.hidden_size, int) and self.hidden_size % 2:
+            problems.append(f"flavor 'bsbr-0.1.1' needs an even hidden_size (got {self.hidden_size})")
+        mp = self.max_positions
+        if mp is not None and (not isinstance(mp, int) or isinstance(mp, bool) or mp < UPSTREAM_POSITIONS):
+            problems.append(f"max_positions must be null or an integer >= {UPSTREAM_POSITIONS} (got {mp!r})")
+        return problems
+
+    @property
+    def causal(self) -> bool:
+        """Whether an output never depends on later tokens (and so the model can stream)."""
+        return self.flavor == "native"
 
     @property
     def head_dim(self) -> int:

@@ -280,7 +280,12 @@ def export_torchscript(
         args = (ids, torch.ones_like(ids)) if attention_mask else (ids,)
     with _staging(path) as tmp, _quiet(), torch.no_grad():
         traced = torch.jit.trace(graph, args, check_trace=False)
-        traced = torch.jit.freeze(traced.eval()) if not mobile else traced
+        if not mobile:
+            traced = torch.jit.freeze(traced.eval())
+        elif torch._C._is_xnnpack_enabled():
+            from torch.utils.mobile_optimizer import optimize_for_mobile
+
+            traced = optimize_for_mobile(traced)  # freezes and folds; raises without XNNPACK
         _check_trace(model, traced, streaming, attention_mask)
         staged = tmp / path.name
         if mobile:

@@ -24,6 +24,7 @@ FORMATS: dict[str, Format] = {
     for f in (
         Format("onnx", ".onnx", "ONNX graph for ONNX Runtime (torch.export-based exporter)"),
         Format("torchscript", ".pt", "traced TorchScript for torch.jit.load / torch::jit::load"),
+        Format("torchscript-mobile", ".ptl", "TorchScript for PyTorch Mobile's lite interpreter"),
     )
 }
 

@@ -52,3 +52,21 @@ def read_manifest(export_dir: str | os.PathLike, verify: bool = True) -> dict:
             if sha256(file) != record["sha256"]:
                 raise UserError(f"{file} does not match the sha256 in {MANIFEST}: it changed after export; re-export")
     return manifest
+
+
+def add_artifacts(export_dir: str | os.PathLike, entries: list[dict]) -> dict:
+    """Record new artifacts (replacing same-named ones) in the manifest, atomically.
+
+    Each entry needs `name`, `format`, `kind` and `settings`; file hashes are computed here.
+    """
+    from bsbr_export.io import atomic_write
+
+    directory = Path(export_dir)
+    manifest = read_manifest(directory)
+    names = {e["name"] for e in entries}
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["name"] not in names]
+    for entry in entries:
+        manifest["artifacts"].append({**entry, "files": {entry["name"]: file_record(directory / entry["name"])}})
+    with atomic_write(directory / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -70,8 +70,9 @@ def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
         )
 
 
-def _eager() -> bool:
-    # Data-dependent checks would be frozen into (or break) a traced/exported graph.
+def is_eager() -> bool:
+    """False while tracing, scripting or compiling: data-dependent checks would be
+    frozen into (or break) the graph, so they run in eager mode only."""
     return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
 
 
@@ -208,7 +209,7 @@ class BSBRModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """input_ids [B, L] (right-padded; `attention_mask` [B, L] 1 = token, 0 = pad)
         -> logits [B, L, vocab] (hidden states [B, L, hidden] without the LM head)."""
-        if _eager():
+        if is_eager():
             check_input_ids(input_ids, self.config.vocab_size)
             if attention_mask is not None and attention_mask.shape != input_ids.shape:
                 raise UserError(
@@ -242,7 +243,7 @@ class BSBRModel(nn.Module):
 
         Any split of a sequence gives the same outputs as one `forward` over it.
         """
-        if _eager():
+        if is_eager():
             check_input_ids(input_ids, self.config.vocab_size)
             if len(state) != self.config.num_layers:
                 raise UserError(f"state has {len(state)} layers, the model has {self.config.num_layers}")

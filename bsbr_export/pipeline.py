@@ -20,7 +20,7 @@ from bsbr_export.errors import UserError
 from bsbr_export.export import check_opset, check_static_shape, export_onnx, export_torchscript, state_spec
 from bsbr_export.formats import Format, artifact_name
 from bsbr_export.io import atomic_dir
-from bsbr_export.manifest import MANIFEST, file_record
+from bsbr_export.manifest import MANIFEST, file_record, read_manifest
 from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner
 from bsbr_export.validate import DEFAULT_TOLERANCE, Case, ParityReport, check_parity, default_cases
 from bsbr_export.versions import versions
@@ -45,6 +45,7 @@ class ArtifactResult:
 class ExportResult:
     directory: Path
     artifacts: tuple[ArtifactResult, ...]
+    note: str | None = None  # what a non-native flavor means (e.g. "not causal")
 
     @property
     def passed(self) -> bool:
@@ -76,6 +77,8 @@ def export_model(
     progress("loading model")
     model = load_model(model_ref)
     check_static_shape(model, static_shape, False)
+    if streaming and not model.config.causal:
+        raise UserError(f"{model.config.flavor} models are not causal, so they cannot stream; drop --streaming")
     if streaming and static_shape is not None:
         raise UserError("--static applies to the full-sequence graph only: drop --streaming or --static")
     cfg = model.config
@@ -97,7 +100,8 @@ def export_model(
                     metadata={"bsbr.model": str(model_ref)},
                 )
             else:
-                files = [export_torchscript(model, tmp / name, streaming=stream, mobile=fmt.name == "torchscript-mobile")]
+                mobile = fmt.name == "torchscript-mobile"
+                files = [export_torchscript(model, tmp / name, streaming=stream, mobile=mobile)]
             seconds = time.perf_counter() - start
             progress(f"checking {name} against eager")
             static = static_shape if fmt.name == "onnx" else None
@@ -116,6 +120,8 @@ def export_model(
             "manifest_version": 1,
             "model": str(model_ref),
             "config": cfg.to_dict(),
+            "causal": cfg.causal,
+            **({"note": _flavor_note(cfg)} if not cfg.causal else {}),
             "checkpoint": {f.name: file_record(f) for f in checkpoint},
             "settings": settings,
             "versions": versions(),
@@ -134,16 +140,23 @@ def export_model(
             ],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return ExportResult(Path(out_dir), tuple(artifacts))
+    return ExportResult(Path(out_dir), tuple(artifacts), None if cfg.causal else _flavor_note(cfg))
+
+
+def _flavor_note(cfg) -> str:
+    """What a non-native flavor means for the artifacts (stored in the manifest)."""
+    from bsbr_export.upstream import NOT_CAUSAL
+
+    return NOT_CAUSAL + "; the masked validation case compares artifact and eager on the same padded batch"
 
 
 def _mobile_note() -> str:
-    """What became of `optimize_for_mobile` for the .ptl: the pass is not run, since it
-    needs XNNPACK and the CPU wheels are built without it (it raises there)."""
+    """What became of `optimize_for_mobile` for the .ptl: it needs XNNPACK, which the
+    CPU wheels are built without (it raises there), so it runs only where available."""
     import torch
 
     if torch._C._is_xnnpack_enabled():
-        return "not applied"
+        return "applied"
     return "skipped: this torch build has no XNNPACK, which the pass needs"
 
 
@@ -153,3 +166,65 @@ def _check(fmt: str, path: Path, model, streaming: bool, static_shape, tolerance
     cases = [Case(*static_shape)] if static_shape else default_cases(model.config.chunk_size, streaming)
     return check_parity(path.name, reference, runner, cases, model.config.vocab_size, tolerance,
                         state_shapes=state_spec(model)["inputs"])
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """What `benchmark` produced: the export dir, its validation, timings, report files."""
+
+    directory: Path
+    validation: object  # ValidationResult
+    bench: object  # BenchResult
+    reports: tuple[Path, ...]
+
+
+def benchmark(
+    model_ref: str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    lengths: list[int],
+    batch: int = 1,
+    engines: list[str] | None = None,
+    decode_contexts: list[int] | None = None,
+    validation_lengths: list[int] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    threads: int = 2,
+    budget_s: float = 1.0,
+    progress: Callable[[str], None] = lambda step: None,
+) -> BenchRun:
+    """Export (when `model_ref` is not an export dir yet), validate, benchmark, report.
+
+    Every engine runs in its own process on the same inputs; reports go into the
+    export dir: report.json, report.md, latency.png, memory.png, decode.png.
+    """
+    from bsbr_export.bench import BenchResult, available_engines, bench_engines, decode_latency, machine_info
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.report import write_report
+    from bsbr_export.validate import validate_export
+
+    if any(n < 1 for n in lengths) or batch < 1:
+        raise UserError(f"lengths and batch must be >= 1, got lengths {lengths}, batch {batch}")
+    directory = Path(model_ref)
+    if not (directory / MANIFEST).is_file():
+        directory = Path(out_dir) if out_dir else Path("export") / Path(model_ref).name
+        progress(f"exporting {model_ref} to {directory}")
+        streams = load_model(model_ref).config.causal  # non-causal flavors have no streaming graphs
+        export_model(model_ref, directory, list(FORMATS.values()), streaming=streams, overwrite=True,
+                     tolerance=tolerance, progress=progress)
+    known = available_engines(directory)
+    engines = engines or known
+    unknown = [e for e in engines if e not in known]
+    if unknown:
+        raise UserError(f"unknown or unavailable engine(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+    progress("validating")
+    validation = validate_export(directory, tolerance=tolerance, lengths=validation_lengths)
+    timings = bench_engines(directory, engines, lengths, batch=batch, threads=threads, budget_s=budget_s,
+                            progress=progress)
+    decode = ()
+    if decode_contexts and (directory / "model.streaming.onnx").is_file():
+        decode = tuple(decode_latency(directory, decode_contexts, threads=threads, progress=progress))
+    result = BenchResult(tuple(timings), tuple(sorted(lengths)), batch, threads, 3, decode, machine_info())
+    progress("writing report")
+    note = read_manifest(directory, verify=False).get("note")
+    reports = write_report(result, directory, tolerance=tolerance, validation=validation.to_dict(), note=note)
+    return BenchRun(directory, validation, result, tuple(reports))

@@ -34,7 +34,8 @@ def validation_table(result) -> Table:
     """One row per artifact and engine: cases, worst errors, top-1, verdict."""
     table = Table(title=f"validation of {result.export_dir} (tolerance {result.tolerance:g} x logit scale)")
     for column in ("artifact", "engine", "cases", "max abs", "top-1", "status"):
-        table.add_column(column, justify="left" if column in ("artifact", "engine", "status") else "right")
+        table.add_column(column, justify="left" if column in ("artifact", "engine", "status") else "right",
+                         no_wrap=column == "artifact")
     for check in result.checks:
         diffs = [d for r in check.parity.results for d in r.diffs]
         top1 = [d.top1 for d in diffs if d.top1 is not None]
@@ -50,4 +51,53 @@ def validation_table(result) -> Table:
             f"{min(top1):.3f}" if top1 else "-",
             status,
         )
+    return table
+
+
+def bench_table(result, tolerance: float) -> Table:
+    """Engine, status, max abs err, median latency and speed-up vs eager per length."""
+    from bsbr_export.report import status
+
+    table = Table(title=f"bench: batch {result.batch}, {result.threads} threads (median ms, x vs eager)")
+    table.add_column("engine")
+    table.add_column("ok")
+    table.add_column("max err", justify="right")
+    for n in result.lengths:
+        table.add_column(f"L={n}", justify="right")
+    eager = result.engine("eager")
+    for engine in result.engines:
+        cells = [engine.engine, status(engine, tolerance), f"{engine.max_abs:.0e}" if engine.max_abs is not None else "-"]
+        for n in result.lengths:
+            timing = engine.at(n)
+            base = eager.at(n) if eager else None
+            if timing is None:
+                cells.append("-")
+            else:
+                speed = f" {base.p50_ms / timing.p50_ms:.1f}x" if base else ""
+                cells.append(f"{timing.p50_ms:.1f}{speed}")
+        table.add_row(*cells)
+    return table
+
+
+def levels_table(choice) -> Table:
+    """ORT optimization levels: latency, parity, the one chosen."""
+    table = Table(title=f"ONNX Runtime optimization levels at L={choice.length} (median ms)")
+    for column in ("level", "ms", "max abs err", "matches eager", "chosen"):
+        table.add_column(column, justify="right" if column in ("ms", "max abs err") else "left")
+    for t in choice.timings:
+        chosen = "<- saved" + (" (this machine only)" if choice.hardware_specific else "") if t.level == choice.chosen else ""
+        table.add_row(t.level, f"{t.p50_ms:.1f}", f"{t.max_abs:.1e}", "yes" if t.passed else "NO", chosen)
+    return table
+
+
+def quant_table(quant) -> Table:
+    """int8: top-1 agreement and speed as the most sensitive MatMuls return to fp32."""
+    table = Table(title=f"int8 dynamic quantization (fp32: {quant.fp32_p50_ms:.1f} ms)")
+    for column in ("fp32 MatMuls", "last kept in fp32", "top-1", "max abs err", "ms", "vs fp32"):
+        table.add_column(column, justify="left" if column == "last kept in fp32" else "right")
+    ranked = sorted(quant.sensitivity, key=quant.sensitivity.get, reverse=True)
+    for step in quant.steps:
+        last = quant.modules[ranked[step.kept_fp32 - 1]] if step.kept_fp32 else "-"
+        table.add_row(str(step.kept_fp32), last, f"{step.top1:.3f}", f"{step.max_abs:.3f}", f"{step.p50_ms:.1f}",
+                      f"{quant.fp32_p50_ms / step.p50_ms:.2f}x")
     return table

@@ -30,6 +30,15 @@ def random_ids(config: BSBRConfig, batch: int, length: int, seed: int = 0) -> to
     return torch.randint(0, config.vocab_size, (batch, length), generator=generator)
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run `bsbr-export ARGS` in-process: (exit status, stdout, stderr)."""
+    from bsbr_export.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture(params=[None, 5], ids=["plain", "compressed"])
 def tiny_model(request):
     """A float64 tiny model, with and without chunk-state compression."""
@@ -56,3 +65,14 @@ def compressed_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-compressed"
     result = export_model("bsbr-tiny-compressed", out, [FORMATS["onnx"]], streaming=True)
     return out, result
+
+
+@pytest.fixture
+def export_copy(tiny_export, tmp_path):
+    """A private copy of the session's bsbr-tiny export, for tests that change it."""
+    import shutil
+
+    out, _ = tiny_export
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    return copy

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from bsbr_export.cli import main
 from bsbr_export.zoo import list_presets
-
-
-def run(capsys, *args):
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import run_cli
 
 
 def test_models_lists_every_preset(capsys):
-    code, out, _ = run(capsys, "models")
+    code, out, _ = run_cli(capsys, "models")
     assert code == 0
     for name in ("bsbr-tiny", "bsbr-small", "bsbr-base", "bsbr-small-compressed"):
         assert name in out
@@ -23,12 +17,12 @@ def test_models_lists_every_preset(capsys):
 
 
 def test_models_shows_one(capsys):
-    code, out, _ = run(capsys, "models", "bsbr-small")
+    code, out, _ = run_cli(capsys, "models", "bsbr-small")
     assert code == 0 and "256" in out and "bsbr-base" not in out
 
 
 def test_run_preset(capsys):
-    code, out, _ = run(capsys, "run", "bsbr-tiny", "--length", "21")
+    code, out, _ = run_cli(capsys, "run", "bsbr-tiny", "--length", "21")
     assert code == 0
     assert "equal" in out and "2 x 21 x 97" in out
 
@@ -44,12 +38,12 @@ def test_run_preset(capsys):
     ],
 )
 def test_user_errors_are_one_line_exit_2(capsys, args):
-    code, _, err = run(capsys, *args)
+    code, _, err = run_cli(capsys, *args)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("bsbr-export: error:")
 
 
 def test_bad_checkpoint_dir(capsys, tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": 30, "num_heads": 4}')
-    code, _, err = run(capsys, "run", str(tmp_path))
+    code, _, err = run_cli(capsys, "run", str(tmp_path))
     assert code == 2 and "not divisible by num_heads" in err

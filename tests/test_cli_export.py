@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 
 from bsbr_export import pipeline
-from bsbr_export.cli import main
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import run_cli
 
 
 def test_export_prints_table(capsys, tmp_path):
-    code, out, _ = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript")
+    code, out, _ = run_cli(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript")
     assert code == 0
     assert "model.pt" in out and "passed" in out
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
@@ -34,7 +28,7 @@ def test_export_prints_table(capsys, tmp_path):
     ],
 )
 def test_bad_options(capsys, tmp_path, extra, message):
-    code, _, err = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", *extra)
+    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", *extra)
     assert code == 2
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "e").exists()
@@ -43,18 +37,18 @@ def test_bad_options(capsys, tmp_path, extra, message):
 
 def test_out_is_a_file(capsys, tmp_path):
     (tmp_path / "f").write_text("x")
-    code, _, err = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "f", "--format", "torchscript")
+    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--out", tmp_path / "f", "--format", "torchscript")
     assert code == 2 and "a file with that name exists" in err
-    code, _, err = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "f" / "sub", "--format", "torchscript")
+    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--out", tmp_path / "f" / "sub", "--format", "torchscript")
     assert code == 2 and "is a file, not a directory" in err
 
 
 def test_non_empty_out_needs_force(capsys, tmp_path):
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "old").write_text("x")
-    code, _, err = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript")
+    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript")
     assert code == 2 and "not empty" in err
-    code, _, _ = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript", "--force")
+    code, _, _ = run_cli(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript", "--force")
     assert code == 0 and not (tmp_path / "e" / "old").exists()
 
 
@@ -63,14 +57,14 @@ def test_ctrl_c_leaves_nothing(capsys, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "export_torchscript", interrupted)
-    code, _, err = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript")
+    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript")
     assert code == 130 and "interrupted" in err
     assert not list(tmp_path.iterdir())
 
 
 def test_failed_parity_exits_1(capsys, tmp_path):
     # ONNX Runtime's float32 results differ from eager by ~1e-6: a 1e-12 tolerance must fail.
-    code, out, err = run(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "onnx",
+    code, out, err = run_cli(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "onnx",
                          "--tolerance", "1e-12")
     assert code == 1
     assert "FAILED model.onnx: batch 1 x length 1" in err

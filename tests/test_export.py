@@ -12,6 +12,7 @@ import torch
 
 from bsbr_export import BSBRConfig, UserError, build_model, load_model
 from bsbr_export.export import ExportError, _check_trace, export_onnx, export_torchscript
+from bsbr_export.formats import FORMATS, artifact_name
 from bsbr_export.graphs import LogitsGraph, flatten_state, state_names
 from bsbr_export.runners import OnnxRunner
 from conftest import random_ids, tiny_config
@@ -163,9 +164,10 @@ def test_manifest_hashes_files(tiny_export):
 
     out, result = tiny_export
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [a["name"] for a in manifest["artifacts"]] == [
-        "model.onnx", "model.pt", "model.streaming.onnx", "model.streaming.pt"
-    ]
+    formats = list(FORMATS.values())
+    expected = [artifact_name(f, False) for f in formats] + [artifact_name(f, True) for f in formats if f.streaming]
+    assert [a["name"] for a in manifest["artifacts"]] == expected
+    assert {"model.onnx", "model.pt", "model.streaming.onnx", "model.streaming.pt"} <= set(expected)
     for artifact in manifest["artifacts"]:
         for name, info in artifact["files"].items():
             assert info["sha256"] == sha256(out / name)

@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
-from bsbr_export.cli import main
 from bsbr_export.manifest import sha256
 from bsbr_export.validate import compare, validate_export
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-@pytest.fixture
-def export_copy(tiny_export, tmp_path):
-    out, _ = tiny_export
-    copy = tmp_path / "export"
-    shutil.copytree(out, copy)
-    return copy
+from conftest import run_cli
 
 
 def _rehash(directory, name):
@@ -52,7 +37,7 @@ def _weight_used_only_in(proto, scope):
 
 
 def test_clean_export_passes(capsys, export_copy):
-    code, out, _ = run(capsys, "validate", export_copy, "--lengths", "1,7,8,9,29", "--batches", "1,3")
+    code, out, _ = run_cli(capsys, "validate", export_copy, "--lengths", "1,7,8,9,29", "--batches", "1,3")
     assert code == 0
     assert "model.streaming.onnx" in out and "ort-cpu" in out and "torchscript" in out
     report = json.loads((export_copy / "validation.json").read_text())
@@ -68,7 +53,7 @@ def test_perturbed_weight_fails_and_names_the_layer(capsys, export_copy):
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 3.0, init.name))
     onnx.save(proto, str(path))
     _rehash(export_copy, "model.onnx")
-    code, out, err = run(capsys, "validate", export_copy, "--lengths", "9,29", "--batches", "2")
+    code, out, err = run_cli(capsys, "validate", export_copy, "--lengths", "9,29", "--batches", "2")
     assert code == 1
     assert "FAILED model.onnx on ort-cpu: batch 2 x length 9" in err
     assert "model.onnx first diverges at blocks.1" in err
@@ -87,21 +72,21 @@ def test_compare_edge_cases():
 
 
 def test_no_manifest(capsys, tmp_path):
-    code, _, err = run(capsys, "validate", tmp_path)
+    code, _, err = run_cli(capsys, "validate", tmp_path)
     assert code == 2 and "has no manifest.json" in err
 
 
 def test_hash_mismatch(capsys, export_copy):
     with open(export_copy / "model.pt", "ab") as f:
         f.write(b"x")
-    code, _, err = run(capsys, "validate", export_copy)
+    code, _, err = run_cli(capsys, "validate", export_copy)
     assert code == 2 and "does not match the sha256" in err and err.count("\n") == 1
 
 
 def test_artifact_not_onnx(capsys, export_copy):
     (export_copy / "model.onnx").write_bytes(b"not a model")
     _rehash(export_copy, "model.onnx")
-    code, _, err = run(capsys, "validate", export_copy, "--lengths", "3")
+    code, _, err = run_cli(capsys, "validate", export_copy, "--lengths", "3")
     assert code == 2 and "is not a loadable ONNX model" in err
 
 
@@ -115,5 +100,5 @@ def test_artifact_not_onnx(capsys, export_copy):
     ],
 )
 def test_bad_options(capsys, export_copy, args, message):
-    code, _, err = run(capsys, "validate", export_copy, *args)
+    code, _, err = run_cli(capsys, "validate", export_copy, *args)
     assert code == 2 and message in err and err.count("\n") == 1

@@ -3,7 +3,8 @@
     python tools/peak_memory.py --model bsbr-small --lengths 1024,4096,16384
 
 Writes tools/results/peak_memory_<model>.json and prints the table. Linear memory in L
-means the peak grows ~4x per 4x length once the weights' fixed cost is subtracted.
+means the forward's own memory (peak minus the RSS before it) grows ~4x per 4x length;
+an L x L score matrix would make it grow ~16x.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -23,15 +23,15 @@ def _child(model_name: str, length: int) -> None:
     import torch
 
     from bsbr_export import load_model
+    from bsbr_export.bench import peak_rss_mib
 
     torch.set_num_threads(2)
     model = load_model(model_name)
     ids = torch.randint(0, model.config.vocab_size, (1, length))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_mib()
     with torch.inference_mode():
         model(ids)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"length": length, "rss_before_kib": base, "peak_rss_kib": peak}))
+    print(json.dumps({"length": length, "rss_before_mib": base, "peak_rss_mib": peak_rss_mib()}))
 
 
 def main() -> None:
@@ -54,12 +54,11 @@ def main() -> None:
             text=True,
         ).stdout
         row = json.loads(out.strip().splitlines()[-1])
-        row["forward_extra_mib"] = (row["peak_rss_kib"] - row["rss_before_kib"]) / 1024
-        row["peak_rss_mib"] = row["peak_rss_kib"] / 1024
+        row["forward_extra_mib"] = row["peak_rss_mib"] - row["rss_before_mib"]
         rows.append(row)
         print(f"L={length:6d}  peak RSS {row['peak_rss_mib']:8.1f} MiB  forward adds {row['forward_extra_mib']:8.1f} MiB")
     for a, b in zip(rows, rows[1:]):
-        ratio = b["peak_rss_kib"] / a["peak_rss_kib"]
+        ratio = b["peak_rss_mib"] / a["peak_rss_mib"]
         extra = b["forward_extra_mib"] / max(a["forward_extra_mib"], 1e-9)
         print(f"L {a['length']} -> {b['length']}: peak RSS x{ratio:.2f}, forward's own memory x{extra:.2f}")
     RESULTS.mkdir(exist_ok=True)

@@ -1,0 +1,372 @@
+"""Latency and memory, side by side: every engine on the same inputs, in the same run.
+
+Each engine runs in its own subprocess (`python -m bsbr_export.bench --worker ...`)
+so one engine's allocator arena or spinning threads never pollute another's figures.
+Lengths run in increasing order, so the process's peak RSS after a length is that
+length's peak. Functions return data; `report.py` writes it out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bsbr_export.errors import UserError
+
+ORT_LEVELS = ("disabled", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One engine at one input shape."""
+
+    length: int
+    batch: int
+    iters: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    tokens_per_s: float
+    peak_rss_mib: float
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """One engine's timings, and its outputs' distance from eager on the same inputs."""
+
+    engine: str
+    ok: bool
+    timings: tuple[Timing, ...] = ()
+    error: str | None = None
+    load_rss_mib: float = 0.0
+    max_abs: float | None = None  # vs eager at the shortest length, after timing
+    top1: float | None = None
+    logit_scale: float = 1.0  # max |eager output| (at least 1): tolerances are relative to it
+
+    def at(self, length: int) -> Timing | None:
+        return next((t for t in self.timings if t.length == length), None)
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """Streaming decode: per-token latency at a context length vs re-running everything."""
+
+    context: int
+    step_p50_ms: float
+    step_p90_ms: float
+    full_forward_p50_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.full_forward_p50_ms / self.step_p50_ms
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    engines: tuple[EngineResult, ...]
+    lengths: tuple[int, ...]
+    batch: int
+    threads: int
+    warmup: int
+    decode: tuple[DecodeResult, ...] = ()
+    machine: dict = field(default_factory=dict)
+
+    def engine(self, name: str) -> EngineResult | None:
+        return next((e for e in self.engines if e.engine == name), None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    from bsbr_export.versions import versions
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "versions": versions(),
+    }
+
+
+def available_engines(export_dir: Path) -> list[str]:
+    """Engines that can run from `export_dir`: eager and torch.compile always, then one
+    per artifact (ONNX at every ORT optimization level and provider)."""
+    from bsbr_export.runners import available_providers
+
+    engines = ["eager", "compile"]
+    if (export_dir / "model.pt").is_file():
+        engines.append("torchscript")
+    if (export_dir / "model.onnx").is_file():
+        engines += [f"ort-cpu-{level}" for level in ORT_LEVELS]
+        if "CUDAExecutionProvider" in available_providers():
+            engines.append("ort-cuda-all")
+    if (export_dir / "model.optimized.onnx").is_file():
+        engines.append("ort-cpu-optimized")
+    if (export_dir / "model.int8.onnx").is_file():
+        engines.append("ort-cpu-int8")
+    return engines
+
+
+def _feeds(vocab_size: int, batch: int, length: int):
+    import numpy as np
+
+    rng = np.random.default_rng(length)  # same inputs for every engine at this length
+    ids = rng.integers(0, vocab_size, size=(batch, length), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def _make_call(engine: str, export_dir: Path, threads: int):
+    """A function feeds -> outputs for `engine`."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if engine in ("eager", "compile"):
+        from bsbr_export.checkpoint import load_model
+
+        model = load_model(export_dir)
+        if engine == "compile":
+            model = torch.compile(model, dynamic=True)
+
+        def call(feeds):
+            with torch.inference_mode():
+                return model(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]))
+
+        return call
+    if engine == "torchscript":
+        module = torch.jit.load(str(export_dir / "model.pt"))
+
+        def call(feeds):
+            with torch.inference_mode():
+                return module(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]))
+
+        return call
+    from bsbr_export.runners import OnnxRunner
+
+    _, device, variant = engine.split("-", 2)
+    provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
+    files = {"int8": "model.int8.onnx", "optimized": "model.optimized.onnx"}
+    path = export_dir / files.get(variant, "model.onnx")
+    level = "all" if variant in files else variant
+    runner = OnnxRunner(path, provider=provider, optimization=level, threads=threads)
+    return lambda feeds: runner.session.run(None, {n: feeds[n] for n in runner.input_names})
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB.
+
+    Linux's VmHWM resets at exec; `ru_maxrss` does not (a child started from a big
+    parent would report the parent's peak), so it is only the fallback.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_lengths(
+    call, vocab_size: int, lengths: list[int], batch: int = 1, warmup: int = 3, min_iters: int = 5,
+    budget_s: float = 1.0,
+) -> list[Timing]:
+    """Time `call(feeds)` at each length, shortest first: warm-up, then at least
+    `min_iters` runs and up to `budget_s` seconds (200 runs at most) per length."""
+    timings = []
+    for length in sorted(lengths):
+        feeds = _feeds(vocab_size, batch, length)
+        for _ in range(warmup):
+            call(feeds)
+        times = []
+        start = time.perf_counter()
+        while len(times) < min_iters or (time.perf_counter() - start < budget_s and len(times) < 200):
+            t0 = time.perf_counter()
+            call(feeds)
+            times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        p50 = statistics.median(times)
+        timings.append(
+            Timing(
+                length=length,
+                batch=batch,
+                iters=len(times),
+                p50_ms=p50,
+                p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
+                p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))],
+                tokens_per_s=batch * length / (p50 / 1e3),
+                peak_rss_mib=peak_rss_mib(),
+            )
+        )
+    return timings
+
+
+def run_engine(
+    engine: str, export_dir: Path, lengths: list[int], batch: int, warmup: int, min_iters: int,
+    budget_s: float, threads: int,
+) -> EngineResult:
+    """Time one engine in this process (use `bench_engines` for isolated processes)."""
+    config = json.loads((export_dir / "config.json").read_text())
+    call = _make_call(engine, export_dir, threads)
+    load_rss = peak_rss_mib()
+    timings = time_lengths(call, config["vocab_size"], lengths, batch, warmup, min_iters, budget_s)
+    # Parity last, so loading the eager reference never shows in the memory figures.
+    max_abs, top1, scale = _parity(call, export_dir, min(lengths), batch, config["vocab_size"])
+    return EngineResult(engine, True, tuple(timings), load_rss_mib=load_rss, max_abs=max_abs, top1=top1,
+                        logit_scale=scale)
+
+
+def model_flops(config, length: int, batch: int = 1) -> float:
+    """Forward FLOPs (2 per multiply-add) of a native BSBR model, counted from the math:
+    projections, feed-forward, within-chunk blocks on the padded length, chunk states,
+    chunk-level retrieval (n^2 terms), q S, meta projections at boundaries, LM head."""
+    h, e, c, heads = config.hidden_size, config.head_dim, config.chunk_size, config.num_heads
+    n = (length + c - 1) // c
+    padded = n * c
+    per_layer = (
+        4 * 2 * length * h * h  # q, k, v, out projections
+        + 2 * 2 * n * h * h  # meta query / key projections, boundary tokens only
+        + 2 * 2 * length * h * config.ff_size  # feed-forward
+        + 2 * 2 * padded * c * e * heads  # within-chunk q k^T and a v
+        + 2 * padded * e * e * heads  # chunk states K^T V
+        + 2 * n * n * e * heads + 2 * n * n * config.state_size * heads  # retrieval scores, mix
+        + 2 * padded * e * e * heads  # q S
+    )
+    if config.compression is not None:
+        per_layer += 2 * 2 * n * e * e * config.compression * heads  # compress + decompress
+    head = 2 * length * h * config.vocab_size if config.lm_head else 0
+    return float(batch * (config.num_layers * per_layer + head))
+
+
+def _parity(call, export_dir: Path, length: int, batch: int, vocab_size: int) -> tuple[float, float, float]:
+    import numpy as np
+    import torch
+
+    from bsbr_export.checkpoint import load_model
+
+    feeds = _feeds(vocab_size, batch, length)
+    got = call(feeds)
+    got = np.asarray(got[0] if isinstance(got, (list, tuple)) else got)
+    with torch.inference_mode():
+        want = load_model(export_dir)(torch.from_numpy(feeds["input_ids"])).numpy()
+    top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+    return float(np.abs(got - want).max()), top1, max(1.0, float(np.abs(want).max()))
+
+
+def bench_engines(
+    export_dir: str | os.PathLike,
+    engines: list[str],
+    lengths: list[int],
+    *,
+    batch: int = 1,
+    warmup: int = 3,
+    min_iters: int = 5,
+    budget_s: float = 1.0,
+    threads: int = 2,
+    progress=lambda step: None,
+) -> list[EngineResult]:
+    """Run each engine in a fresh subprocess; an engine that crashes is reported, not fatal."""
+    export_dir = Path(export_dir)
+    results = []
+    for engine in engines:
+        progress(f"benchmarking {engine}")
+        command = [
+            sys.executable, "-m", "bsbr_export.bench", "--worker", engine, str(export_dir),
+            "--lengths", ",".join(map(str, lengths)), "--batch", str(batch), "--warmup", str(warmup),
+            "--min-iters", str(min_iters), "--budget", str(budget_s), "--threads", str(threads),
+        ]
+        # Threads are set inside the worker; OMP_NUM_THREADS in the environment made
+        # torch's OpenMP pool crawl (50x) whenever another process held a core.
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            results.append(EngineResult(engine, False, error=error[:300]))
+            continue
+        data = json.loads(lines[-1])
+        timings = tuple(Timing(**t) for t in data.pop("timings"))
+        results.append(EngineResult(engine, True, timings, **data))
+    return results
+
+
+def decode_latency(
+    export_dir: str | os.PathLike, contexts: list[int], *, steps: int = 16, threads: int = 2,
+    progress=lambda step: None,
+) -> list[DecodeResult]:
+    """Per-token latency of the streaming ONNX graph at each context length (state carried
+    between calls), against re-running the full ONNX graph over context + 1 tokens."""
+    import numpy as np
+
+    from bsbr_export.export import state_spec
+    from bsbr_export.checkpoint import load_model
+    from bsbr_export.runners import OnnxRunner
+    from bsbr_export.validate import empty_state_tensor
+
+    export_dir = Path(export_dir)
+    if not (export_dir / "model.streaming.onnx").is_file():
+        raise UserError(f"{export_dir} has no model.streaming.onnx: export with --streaming")
+    model = load_model(export_dir)
+    shapes = state_spec(model)["inputs"]
+    stream = OnnxRunner(export_dir / "model.streaming.onnx", threads=threads)
+    full = OnnxRunner(export_dir / "model.onnx", threads=threads)
+    rng = np.random.default_rng(0)
+    results = []
+    for context in sorted(contexts):
+        progress(f"decode at context {context}")
+        ids = rng.integers(0, model.config.vocab_size, size=(1, context + steps), dtype=np.int64)
+        state = {n: empty_state_tensor(shapes[n], 1) for n in shapes}
+        for start in range(0, context, 1024):  # prefill in pieces
+            out = stream.session.run(None, {"input_ids": ids[:, start : min(start + 1024, context)], **state})
+            state = dict(zip(shapes, out[1:]))
+        times = []
+        for step in range(steps):
+            t0 = time.perf_counter()
+            out = stream.session.run(None, {"input_ids": ids[:, context + step : context + step + 1], **state})
+            times.append((time.perf_counter() - t0) * 1e3)
+            state = dict(zip(shapes, out[1:]))
+        feeds = {"input_ids": ids[:, : context + 1], "attention_mask": np.ones((1, context + 1), dtype=np.int64)}
+        full_times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            full.session.run(None, feeds)
+            full_times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        results.append(DecodeResult(context, statistics.median(times), times[int(0.9 * (len(times) - 1))],
+                                    statistics.median(full_times)))
+    return results
+
+
+def _worker(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bsbr_export.bench")
+    parser.add_argument("--worker", required=True)
+    parser.add_argument("export_dir", type=Path)
+    parser.add_argument("--lengths", required=True)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--min-iters", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    result = run_engine(
+        args.worker, args.export_dir, [int(x) for x in args.lengths.split(",")], args.batch, args.warmup,
+        args.min_iters, args.budget, args.threads,
+    )
+    data = asdict(result)
+    for key in ("engine", "ok", "error"):
+        data.pop(key)
+    print(json.dumps(data))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

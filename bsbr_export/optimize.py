@@ -1,0 +1,244 @@
+"""ONNX Runtime graph optimization levels and int8 dynamic quantization, measured.
+
+`choose_level` times every ORT optimization level on this machine, keeps the fastest
+one whose output still matches eager, and saves that optimized graph
+(`optimized_model_filepath`). `quantize_int8` quantizes MatMul weights to int8 but
+keeps in fp32 the nodes that hurt accuracy most, found per node: on BSBR the input of
+the attention output projection is ~100x larger than in standard attention (the
+retrieval term `q S` is unnormalized), so quantizing every MatMul costs top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bsbr_export.bench import ORT_LEVELS
+from bsbr_export.errors import UserError
+
+# Levels whose optimized graph may contain fused ops specific to this CPU / ORT build.
+HARDWARE_SPECIFIC_LEVELS = ("extended", "all")
+
+
+@dataclass(frozen=True)
+class LevelTiming:
+    level: str
+    p50_ms: float
+    max_abs: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """Every level's latency and parity on this machine, and the one chosen."""
+
+    length: int
+    timings: tuple[LevelTiming, ...]
+    chosen: str
+    path: Path
+    hardware_specific: bool
+
+
+@dataclass(frozen=True)
+class QuantStep:
+    """int8 with the `kept_fp32` most sensitive MatMuls left in fp32."""
+
+    kept_fp32: int
+    top1: float
+    max_abs: float
+    p50_ms: float
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    path: Path
+    fp32_nodes: tuple[str, ...]  # MatMuls kept in fp32, most sensitive first
+    modules: dict[str, str]  # node -> module it came from
+    sensitivity: dict[str, float]  # node -> mean abs logit error when only it is int8
+    steps: tuple[QuantStep, ...]  # the speed/accuracy trade, from all-int8 upward
+    fp32_p50_ms: float
+    target_top1: float
+    reached: bool
+
+
+def _session(path: Path, level: str = "all", optimized_path: Path | None = None, threads: int = 2):
+    import onnxruntime as ort
+
+    from bsbr_export.runners import optimization_level
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = optimization_level(level)
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _time(session, feeds: dict, repeats: int = 5) -> float:
+    session.run(None, feeds)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _reference(export_dir: Path, feeds: dict) -> np.ndarray:
+    import torch
+
+    from bsbr_export.checkpoint import load_model
+
+    with torch.inference_mode():
+        return load_model(export_dir)(torch.from_numpy(feeds["input_ids"])).numpy()
+
+
+def _feeds(vocab_size: int, batch: int, length: int, seed: int = 0) -> dict:
+    ids = np.random.default_rng(seed).integers(0, vocab_size, size=(batch, length), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, threads: int = 2) -> LevelChoice:
+    """Time model.onnx at every ORT optimization level; save the fastest passing graph
+    as model.optimized.onnx (tied to this machine when the level is extended/all)."""
+    from bsbr_export.checkpoint import read_config
+
+    directory = Path(export_dir)
+    source = directory / "model.onnx"
+    if not source.is_file():
+        raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
+    feeds = _feeds(read_config(directory).vocab_size, 1, length)
+    want = _reference(directory, feeds)
+    allowed = tolerance * max(1.0, float(np.abs(want).max()))
+    timings = []
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        for level in ORT_LEVELS:
+            session = _session(source, level, Path(tmp) / f"{level}.onnx", threads)
+            max_abs = float(np.abs(session.run(None, feeds)[0] - want).max())
+            timings.append(LevelTiming(level, _time(session, feeds), max_abs, max_abs <= allowed))
+        passing = [t for t in timings if t.passed]
+        if not passing:
+            raise UserError("no ORT optimization level matches eager within tolerance: run `bsbr-export validate`")
+        best = min(passing, key=lambda t: t.p50_ms)
+        target = directory / "model.optimized.onnx"
+        shutil.copyfile(Path(tmp) / f"{best.level}.onnx", target)
+    return LevelChoice(length, tuple(timings), best.level, target, best.level in HARDWARE_SPECIFIC_LEVELS)
+
+
+def weight_matmuls(path: Path) -> dict[str, str]:
+    """MatMul nodes that multiply by a stored weight (what int8 can quantize), each with
+    the module it came from (e.g. `blocks.0.attn.out_proj`, from the exporter's scopes)."""
+    import ast
+
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    found = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and any(i in weights for i in node.input):
+            meta = {p.key: p.value for p in node.metadata_props}
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+            modules = [s for s in scopes[:-1] if s and s != "model"]  # the last entry is the op itself
+            # The one weight MatMul outside every submodule is the tied LM head.
+            found[node.name] = modules[-1].removeprefix("model.") if modules else "lm_head"
+    return found
+
+
+def _quantize(source: Path, target: Path, include: list[str] | None = None, exclude: list[str] | None = None) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" on every call
+    # MatMul only: by default ORT would also quantize the embedding Gather, whose table
+    # is the tied LM head, and no node list could keep that in fp32.
+    quantize_dynamic(
+        str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=include or [], nodes_to_exclude=exclude or [],
+    )
+
+
+def quantize_int8(
+    export_dir, *, target_top1: float = 0.97, length: int = 256, batch: int = 4, threads: int = 2
+) -> QuantResult:
+    """Write model.int8.onnx: every weight MatMul int8 except the fewest most-sensitive
+    ones needed to keep top-1 agreement with eager >= `target_top1`.
+
+    Sensitivity of a node = mean abs logit error when only that node is int8.
+    """
+    from bsbr_export.checkpoint import read_config
+
+    directory = Path(export_dir)
+    source = directory / "model.onnx"
+    if not source.is_file():
+        raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
+    if not 0 < target_top1 <= 1:
+        raise UserError(f"target top-1 agreement must be in (0, 1], got {target_top1}")
+    feeds = _feeds(read_config(directory).vocab_size, batch, length, seed=7)
+    want = _reference(directory, feeds)
+    fp32_ms = _time(_session(source, threads=threads), feeds)
+    nodes = weight_matmuls(source)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        probe = Path(tmp) / "probe.onnx"
+        sensitivity = {}
+        for node in nodes:  # dict: node name -> module
+            _quantize(source, probe, include=[node])
+            got = _session(probe, threads=threads).run(None, feeds)[0]
+            sensitivity[node] = float(np.abs(got - want).mean())
+        ranked = sorted(nodes, key=sensitivity.get, reverse=True)
+        steps, kept = [], len(ranked)
+        for count in range(len(ranked) + 1):
+            _quantize(source, probe, exclude=ranked[:count])
+            session = _session(probe, threads=threads)
+            got = session.run(None, feeds)[0]
+            top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+            steps.append(QuantStep(count, top1, float(np.abs(got - want).max()), _time(session, feeds)))
+            if top1 >= target_top1:
+                kept = count
+                break
+        target = directory / "model.int8.onnx"
+        shutil.move(str(probe), target)
+    return QuantResult(
+        path=target,
+        fp32_nodes=tuple(ranked[:kept]),
+        modules=nodes,
+        sensitivity=sensitivity,
+        steps=tuple(steps),
+        fp32_p50_ms=fp32_ms,
+        target_top1=target_top1,
+        reached=steps[-1].top1 >= target_top1,
+    )
+
+
+def optimize_export(
+    export_dir, *, length: int = 1024, int8: bool = True, target_top1: float = 0.97, threads: int = 2
+) -> tuple[LevelChoice, QuantResult | None]:
+    """Choose the ORT level and (optionally) quantize; record both artifacts in the manifest."""
+    from bsbr_export.manifest import add_artifacts, read_manifest
+
+    read_manifest(export_dir)  # a real, unchanged export dir before anything is written
+    if length < 1:
+        raise UserError(f"--length must be >= 1, got {length}")
+    choice = choose_level(export_dir, length=length, threads=threads)
+    entries = [{
+        "name": choice.path.name, "format": "onnx", "kind": "logits",
+        "settings": {"precision": "fp32", "ort_level": choice.chosen, "hardware_specific": choice.hardware_specific,
+                     "static_shape": None},
+    }]
+    quant = None
+    if int8:
+        quant = quantize_int8(export_dir, target_top1=target_top1, threads=threads)
+        entries.append({
+            "name": quant.path.name, "format": "onnx", "kind": "logits",
+            "settings": {"precision": "int8", "quantization": "dynamic, per-tensor, MatMul weights",
+                         "fp32_modules": [quant.modules[n] for n in quant.fp32_nodes], "static_shape": None},
+        })
+    add_artifacts(export_dir, entries)
+    return choice, quant

@@ -1,0 +1,198 @@
+"""Reports: `report.json` for machines, `report.md` + PNG plots for people.
+
+One table of every engine: status (✅ passed, ❎ ran but failed parity, ❌ failed to
+export or run), artifact size, max abs error vs eager, latency and speed-up vs eager.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from bsbr_export.io import atomic_write
+from bsbr_export.render import human_bytes
+
+ARTIFACT_OF = {  # else ort-* -> model.onnx
+    "torchscript": "model.pt",
+    "ort-cpu-int8": "model.int8.onnx",
+    "ort-cpu-optimized": "model.optimized.onnx",
+}
+
+
+def artifact_for(engine: str) -> str | None:
+    """The file an engine runs (None for eager / torch.compile, which run the model)."""
+    if engine in ARTIFACT_OF:
+        return ARTIFACT_OF[engine]
+    return "model.onnx" if engine.startswith("ort-") else None
+
+
+def status(engine, tolerance: float) -> str:
+    """✅ / ❎ / ❌ for one EngineResult (parity relative to the logit scale, as validate;
+    int8 gets its own tolerance)."""
+    from bsbr_export.validate import PRECISION_TOLERANCES
+
+    if not engine.ok:
+        return "❌"
+    allowed = PRECISION_TOLERANCES["int8"] if engine.engine.endswith("int8") else tolerance
+    return "✅" if engine.max_abs is not None and engine.max_abs <= allowed * engine.logit_scale else "❎"
+
+
+def engine_rows(result, export_dir: Path, tolerance: float) -> list[dict]:
+    """The report table as data: one dict per engine."""
+    eager = result.engine("eager")
+    rows = []
+    for engine in result.engines:
+        artifact = artifact_for(engine.engine)
+        size = (export_dir / artifact).stat().st_size if artifact and (export_dir / artifact).is_file() else None
+        row = {
+            "engine": engine.engine,
+            "status": status(engine, tolerance),
+            "artifact": artifact,
+            "bytes": size,
+            "max_abs": engine.max_abs,
+            "top1": engine.top1,
+            "error": engine.error,
+            "latency_ms": {},
+            "speedup_vs_eager": {},
+            "peak_rss_mib": {},
+            "tokens_per_s": {},
+        }
+        for timing in engine.timings:
+            row["latency_ms"][timing.length] = {"p50": timing.p50_ms, "p90": timing.p90_ms, "p99": timing.p99_ms}
+            row["peak_rss_mib"][timing.length] = timing.peak_rss_mib
+            row["tokens_per_s"][timing.length] = timing.tokens_per_s
+            base = eager.at(timing.length) if eager and eager.ok else None
+            row["speedup_vs_eager"][timing.length] = base.p50_ms / timing.p50_ms if base else None
+        rows.append(row)
+    return rows
+
+
+def markdown(result, rows: list[dict], validation: dict | None, title: str, note: str | None = None) -> str:
+    """report.md: the engine table, decode latency, validation summary, plots."""
+    lengths = list(result.lengths)
+    lines = [f"# {title}", ""]
+    if note:
+        lines += [f"> **Note:** {note}", ""]
+    lines.append(
+        f"batch {result.batch}, {result.threads} threads, warm-up {result.warmup}; latency = median (p90) in ms; "
+        f"machine: {result.machine.get('processor')} x{result.machine.get('cpu_count')}, "
+        f"{result.machine.get('platform')}."
+    )
+    lines.append("Status: ✅ passed, ❎ ran but failed parity vs eager, ❌ failed to export or run.")
+    lines.append("")
+    header = ["engine", "status", "size", "max abs err", "top-1"]
+    header += [f"L={n} ms" for n in lengths] + [f"L={n} vs eager" for n in lengths]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for row in rows:
+        cells = [
+            row["engine"],
+            row["status"],
+            human_bytes(row["bytes"]) if row["bytes"] else "-",
+            f"{row['max_abs']:.1e}" if row["max_abs"] is not None else "-",
+            f"{row['top1']:.3f}" if row["top1"] is not None else "-",
+        ]
+        for n in lengths:
+            lat = row["latency_ms"].get(n)
+            cells.append(f"{lat['p50']:.2f} ({lat['p90']:.2f})" if lat else "-")
+        for n in lengths:
+            speed = row["speedup_vs_eager"].get(n)
+            cells.append(f"{speed:.2f}x" if speed else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+        if row["error"]:
+            lines.append(f"|  ↳ {row['engine']} failed: {row['error']} |" + " |" * (len(header) - 1))
+    lines.append("")
+    lines.append("Peak RSS (MiB, each engine in its own process):")
+    lines.append("")
+    lines.append("| engine | " + " | ".join(f"L={n}" for n in lengths) + " |")
+    lines.append("|---|" + "---|" * len(lengths))
+    for row in rows:
+        mem = [f"{row['peak_rss_mib'][n]:.0f}" if n in row["peak_rss_mib"] else "-" for n in lengths]
+        lines.append(f"| {row['engine']} | " + " | ".join(mem) + " |")
+    if result.decode:
+        lines += ["", "## Streaming decode (ONNX Runtime, batch 1)", ""]
+        lines.append("| context | per-token ms (p90) | full forward ms | streaming speed-up |")
+        lines.append("|---|---|---|---|")
+        for d in result.decode:
+            lines.append(
+                f"| {d.context} | {d.step_p50_ms:.2f} ({d.step_p90_ms:.2f}) | {d.full_forward_p50_ms:.1f} | {d.speedup:.0f}x |"
+            )
+    if validation is not None:
+        lines += ["", "## Validation", ""]
+        lines.append(f"Tolerance {validation['tolerance']:g} x logit scale; passed: {validation['passed']}.")
+        lines.append("")
+        lines.append("| artifact | engine | cases | max abs err | status |")
+        lines.append("|---|---|---|---|---|")
+        for check in validation["checks"]:
+            parity = check["parity"]
+            verdict = "✅" if parity["passed"] else f"❎ (diverges at {check['first_bad_layer']})"
+            lines.append(
+                f"| {check['artifact']} | {check['engine']} | {len(parity['cases'])} | {parity['max_abs']:.1e} | {verdict} |"
+            )
+    lines += ["", "![latency](latency.png)", "", "![memory](memory.png)"]
+    if result.decode:
+        lines += ["", "![decode](decode.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, directory: Path) -> list[Path]:
+    """latency.png and memory.png (log-log vs length), decode.png (vs context)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, ylabel, value in (
+        ("latency", "median latency (ms)", lambda t: t.p50_ms),
+        ("memory", "peak RSS (MiB)", lambda t: t.peak_rss_mib),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for engine in result.engines:
+            if engine.timings:
+                ax.plot([t.length for t in engine.timings], [value(t) for t in engine.timings], marker="o",
+                        label=engine.engine)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel=ylabel, title=f"{ylabel} vs length")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, directory / f"{name}.png"))
+    if result.decode:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        contexts = [d.context for d in result.decode]
+        ax.plot(contexts, [d.step_p50_ms for d in result.decode], marker="o", label="streaming step (1 token)")
+        ax.plot(contexts, [d.full_forward_p50_ms for d in result.decode], marker="o", label="full forward")
+        ax.set(xscale="log", yscale="log", xlabel="context length", ylabel="ms per new token",
+               title="decode latency vs context")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        written.append(_save(fig, directory / "decode.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    result, export_dir: str | os.PathLike, *, tolerance: float, validation: dict | None = None, title: str = "",
+    note: str | None = None,
+) -> list[Path]:
+    """Write report.json, report.md and the plots into `export_dir`; returns the paths."""
+    directory = Path(export_dir)
+    rows = engine_rows(result, directory, tolerance)
+    data = {"bench": result.to_dict(), "table": rows, "validation": validation, "tolerance": tolerance, "note": note}
+    written = []
+    with atomic_write(directory / "report.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    written.append(directory / "report.json")
+    written += plot(result, directory)
+    with atomic_write(directory / "report.md") as tmp:
+        tmp.write_text(markdown(result, rows, validation, title or f"bsbr-export report: {directory.name}", note))
+    written.append(directory / "report.md")
+    return written

@@ -1,0 +1,51 @@
+"""`bench`: a tiny run writes every report file, complete and parseable (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bsbr_export.bench import peak_rss_mib
+from conftest import run_cli
+
+
+def test_tiny_bench_writes_complete_reports(capsys, export_copy):
+    code, out, err = run_cli(
+        capsys, "bench", export_copy, "--lengths", "8,19", "--engines", "eager,torchscript,ort-cpu-all,ort-cpu-disabled",
+        "--decode", "8,20", "--validation-lengths", "3", "--budget", "0.05",
+    )
+    assert code == 0, err
+    assert "ort-cpu-all" in out
+    for name in ("report.json", "report.md", "latency.png", "memory.png", "decode.png"):
+        assert (export_copy / name).stat().st_size > 0, name
+    report = json.loads((export_copy / "report.json").read_text())
+    engines = {row["engine"]: row for row in report["table"]}
+    assert set(engines) == {"eager", "torchscript", "ort-cpu-all", "ort-cpu-disabled"}
+    for row in engines.values():
+        assert row["status"] == "✅"
+        assert set(row["latency_ms"]) == {"8", "19"}  # JSON keys
+        assert row["peak_rss_mib"]["19"] > 0
+        assert row["max_abs"] <= 1e-4
+    assert engines["ort-cpu-all"]["bytes"] > 0 and engines["eager"]["bytes"] is None
+    assert [d["context"] for d in report["bench"]["decode"]] == [8, 20]
+    assert report["validation"]["passed"] is True
+    assert "versions" in report["bench"]["machine"]
+    md = (export_copy / "report.md").read_text()
+    assert "| ort-cpu-all | ✅ |" in md and "## Streaming decode" in md and "## Validation" in md
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lengths", "0"], "--lengths must be integers >= 1"),
+        (["--engines", "tensorrt"], "unknown or unavailable engine(s) tensorrt"),
+    ],
+)
+def test_bad_bench_options(capsys, export_copy, args, message):
+    code, _, err = run_cli(capsys, "bench", export_copy, "--validation-lengths", "3", "--decode", "", *args)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_peak_rss_is_positive():
+    assert peak_rss_mib() > 10

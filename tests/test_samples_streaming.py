@@ -1,0 +1,117 @@
+"""samples/streaming: generate.py (onnxruntime only, state carried in ORT-owned OrtValues)
+generates exactly the ids that greedy decoding with the full eager model does, and rejects
+bad input with one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bsbr_export.checkpoint import load_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "samples" / "streaming" / "generate.py"
+NEW_TOKENS = 30  # with c = 8: crosses 3-4 chunk boundaries after any of the prompts below
+
+# Calls generate.py's main() in this interpreter, then reports which heavy modules got imported.
+WRAPPER = """
+import json, runpy, sys
+main = runpy.run_path(sys.argv[1])["main"]
+status = main(sys.argv[2:])
+print(json.dumps({"status": status, "imported": sorted(m for m in ("torch", "bsbr_export") if m in sys.modules)}))
+"""
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def eager_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding the slow, obviously right way: the whole sequence, every step."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def prompt_of(length: int, vocab_size: int) -> list[int]:
+    return [(11 * i + 5) % vocab_size for i in range(length)]
+
+
+@pytest.mark.parametrize("which", ["tiny_export", "compressed_export"])
+@pytest.mark.parametrize("length", [1, 8, 13])  # c = 8: one token, exactly one chunk, a ragged tail
+def test_matches_eager_greedy(request, which, length, tmp_path):
+    out, _ = request.getfixturevalue(which)
+    model = load_model(out)
+    prompt = prompt_of(length, model.config.vocab_size)
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(" ".join(map(str, prompt)) + "\n")
+    done = run(out, "--prompt-file", prompt_file, "--max-new-tokens", NEW_TOKENS, "--out", tmp_path / "out.json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "out.json").read_text())
+    expected = eager_greedy(model, prompt, NEW_TOKENS)
+    assert result["prompt"] == prompt
+    assert result["generated"] == expected
+    assert len(result["token_ms"]) == NEW_TOKENS - 1  # one call per token after the prompt's
+    # Tokens are printed as they come, on one line, before the latency summary.
+    assert done.stdout.splitlines()[0].split() == [str(t) for t in expected]
+    assert "per-token latency median" in done.stdout
+
+
+def test_imports_neither_torch_nor_bsbr_export(tiny_export):
+    out, _ = tiny_export
+    done = subprocess.run(
+        [sys.executable, "-c", WRAPPER, str(SCRIPT), str(out), "1", "2", "3", "--max-new-tokens", "3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"status": 0, "imported": []}
+
+
+def _without_streaming(out: Path, tmp_path: Path) -> tuple[Path, str]:
+    """An export made without --streaming: its manifest lists no streaming graph."""
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["name"] != "model.streaming.onnx"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy, "lists no model.streaming.onnx"
+
+
+def _changed_model(out: Path, tmp_path: Path) -> tuple[Path, str]:
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    with open(copy / "model.streaming.onnx", "ab") as f:
+        f.write(b"\0")
+    return copy, "does not match its sha256"
+
+
+def _missing_dir(out: Path, tmp_path: Path) -> tuple[Path, str]:
+    return tmp_path / "nowhere", "is not a directory"
+
+
+@pytest.mark.parametrize("make", [_missing_dir, _without_streaming, _changed_model])
+def test_bad_artifact_is_one_line_and_exit_2(tiny_export, tmp_path, make):
+    out, _ = tiny_export
+    export_dir, message = make(out, tmp_path)
+    done = run(export_dir, 1, 2, 3)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["1", "97"], "out of range"),  # bsbr-tiny's vocabulary is [0, 97)
+    ([], "no prompt"),
+    (["1", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_export, args, message):
+    out, _ = tiny_export
+    done = run(out, *args)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
