@@ -22,7 +22,7 @@ from torch import Tensor
 
 from bsbr_export.errors import UserError
 from bsbr_export.graphs import LogitsGraph, StreamingGraph, flatten_state, state_dims
-from bsbr_export.io import _check_parent
+from bsbr_export.io import check_parent_dir
 from bsbr_export.model import BSBRModel
 from bsbr_export.versions import versions
 
@@ -80,7 +80,7 @@ def check_static_shape(model: BSBRModel, static_shape: tuple[int, int] | None, s
 @contextlib.contextmanager
 def _staging(path: Path) -> Iterator[Path]:
     """A temp dir beside `path`: files staged there are moved into place on success."""
-    _check_parent(path)
+    check_parent_dir(path)
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -286,7 +286,7 @@ def export_torchscript(
             from torch.utils.mobile_optimizer import optimize_for_mobile
 
             traced = optimize_for_mobile(traced)  # freezes and folds; raises without XNNPACK
-        _check_trace(model, traced, streaming, attention_mask)
+        check_trace(model, traced, streaming, attention_mask)
         staged = tmp / path.name
         if mobile:
             traced._save_for_lite_interpreter(str(staged))
@@ -296,7 +296,7 @@ def export_torchscript(
     return path
 
 
-def _check_trace(model: BSBRModel, traced, streaming: bool, attention_mask: bool) -> None:
+def check_trace(model: BSBRModel, traced, streaming: bool, attention_mask: bool) -> None:
     """Compare the trace with eager at shapes it never saw (a frozen chunk count fails)."""
     from bsbr_export.runners import EagerRunner, TorchScriptRunner
     from bsbr_export.validate import check_parity, default_cases

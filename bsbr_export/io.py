@@ -12,7 +12,8 @@ from pathlib import Path
 from bsbr_export.errors import UserError
 
 
-def _check_parent(path: Path) -> None:
+def check_parent_dir(path: Path) -> None:
+    """Create `path`'s directory if needed; UserError if it is a file or not writable."""
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise UserError(f"cannot write {path}: {parent} is a file, not a directory")
@@ -48,7 +49,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     On any error (Ctrl-C included) the temp file is removed and `path` is untouched.
     """
     path = Path(path)
-    _check_parent(path)
+    check_parent_dir(path)
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a directory")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -70,7 +71,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     An existing non-empty `path` is a UserError unless `overwrite` is set.
     """
     path = Path(path)
-    _check_parent(path)
+    check_parent_dir(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"cannot write directory {path}: a file with that name exists")
     if path.is_dir() and any(path.iterdir()) and not overwrite:

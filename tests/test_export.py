@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bsbr_export import BSBRConfig, UserError, build_model, load_model
-from bsbr_export.export import ExportError, _check_trace, export_onnx, export_torchscript
+from bsbr_export.export import ExportError, check_trace, export_onnx, export_torchscript
 from bsbr_export.formats import FORMATS, artifact_name
 from bsbr_export.graphs import LogitsGraph, flatten_state, state_names
 from bsbr_export.runners import OnnxRunner
@@ -197,7 +197,7 @@ def test_trace_check_catches_a_wrong_trace():
     ids = random_ids(model.config, 2, 11)
     wrong = torch.jit.trace(LogitsGraph(other), (ids, torch.ones_like(ids)))
     with pytest.raises(ExportError, match="disagrees with eager"):
-        _check_trace(model, wrong, streaming=False, attention_mask=True)
+        check_trace(model, wrong, streaming=False, attention_mask=True)
 
 
 @pytest.mark.parametrize("opset", [18, 23])
