@@ -67,25 +67,35 @@ def retrieve(
     meta_queries: Tensor,
     meta_keys: Tensor,
     states: Tensor,
-    past_chunks: int | Tensor = 0,
+    past_meta_keys: Tensor | None = None,
+    past_states: Tensor | None = None,
     decompress: Tensor | None = None,
 ) -> Tensor:
     """Block retrieval under the strictly causal chunk mask `M_out`.
 
     meta_queries: [B, H, n, e], row `a` is the query that chunk `a + 1` asks with
-    (from the last token of chunk `a`). meta_keys: [B, H, P + n, e] and states:
-    [B, H, P + n, s] are those of the `P = past_chunks` earlier chunks followed by this
-    block's `n`. Row `a` attends to every past chunk and to this block's chunks
-    `0..a`, i.e. to all chunks before chunk `a + 1`. Returns the retrieved states
-    `S_{a+1}`: [B, H, n, e, e] (decompressed with `decompress` ([e^2, m]) if given).
+    (from the last token of chunk `a`); meta_keys: [B, H, n, e] and states: [B, H, n, s]
+    are this block's chunks. A stream's `P` earlier chunks come as past_meta_keys
+    [B, H, P, e] and past_states [B, H, P, s]. Row `a` attends to every past chunk and
+    to this block's chunks `0..a`: all chunks before chunk `a + 1`. Returns the
+    retrieved states `S_{a+1}`: [B, H, n, e, e] (decompressed with `decompress`
+    ([e^2, m]) if given).
+
+    Past and new parts are weighted separately (one softmax over their joined scores),
+    so a streaming step reads the past states without copying them.
     """
     e = meta_queries.shape[-1]
-    rows = torch.arange(meta_queries.shape[-2], device=meta_queries.device)
-    cols = torch.arange(meta_keys.shape[-2], device=meta_queries.device)
-    m_out = cols[None, :] <= rows[:, None] + past_chunks  # [n, P + n]
-    scores = meta_queries @ meta_keys.transpose(-1, -2) / math.sqrt(e)
-    weights = scores.masked_fill(~m_out, float("-inf")).softmax(dim=-1)
-    retrieved = weights @ states  # [B, H, n, s]
+    n = meta_queries.shape[-2]
+    rows = torch.arange(n, device=meta_queries.device)
+    m_out = rows[None, :] <= rows[:, None]  # [n, n]: this block's chunks 0..a
+    scores = (meta_queries @ meta_keys.transpose(-1, -2) / math.sqrt(e)).masked_fill(~m_out, float("-inf"))
+    if past_meta_keys is None:
+        retrieved = scores.softmax(dim=-1) @ states  # [B, H, n, s]
+    else:
+        past_scores = meta_queries @ past_meta_keys.transpose(-1, -2) / math.sqrt(e)  # [B, H, n, P]
+        weights = torch.cat([past_scores, scores], dim=-1).softmax(dim=-1)
+        past = past_meta_keys.shape[-2]
+        retrieved = weights[..., :past] @ past_states + weights[..., past:] @ states
     if decompress is not None:
         retrieved = retrieved @ decompress.T
     return retrieved.unflatten(-1, (e, e))
@@ -120,12 +130,7 @@ def chunked_attention(
     """
     local = within_chunk_attention(q, k, v)
     states = chunk_states(k, v, compress)
-    all_meta_keys, all_states, past_chunks = meta_keys, states, 0
-    if past_meta_keys is not None:
-        all_meta_keys = torch.cat([past_meta_keys, meta_keys], dim=-2)
-        all_states = torch.cat([past_states, states], dim=-2)
-        past_chunks = past_meta_keys.shape[-2]
-    following = retrieve(meta_queries, all_meta_keys, all_states, past_chunks, decompress)
+    following = retrieve(meta_queries, meta_keys, states, past_meta_keys, past_states, decompress)
     retrieved = torch.cat([first_retrieved.unsqueeze(-3), following], dim=-3)
     output = local + q @ retrieved[..., :-1, :, :]  # o_t = local_t + q_t S_i
     return ChunkedOutput(output, states, retrieved)
