@@ -73,21 +73,21 @@ def retrieve(
 ) -> Tensor:
     """Block retrieval under the strictly causal chunk mask `M_out`.
 
-    meta_queries: [B, H, n, e], row `a` is the query that chunk `a + 1` asks with
-    (from the last token of chunk `a`); meta_keys: [B, H, n, e] and states: [B, H, n, s]
-    are this block's chunks. A stream's `P` earlier chunks come as past_meta_keys
+    meta_queries: [B, H, r, e] (r <= n), row `a` is the query that chunk `a + 1` asks
+    with (from the last token of chunk `a`); meta_keys: [B, H, n, e] and states:
+    [B, H, n, s] are this block's chunks. A stream's `P` earlier chunks come as past_meta_keys
     [B, H, P, e] and past_states [B, H, P, s]. Row `a` attends to every past chunk and
     to this block's chunks `0..a`: all chunks before chunk `a + 1`. Returns the
-    retrieved states `S_{a+1}`: [B, H, n, e, e] (decompressed with `decompress`
+    retrieved states `S_{a+1}`: [B, H, r, e, e] (decompressed with `decompress`
     ([e^2, m]) if given).
 
     Past and new parts are weighted separately (one softmax over their joined scores),
     so a streaming step reads the past states without copying them.
     """
     e = meta_queries.shape[-1]
-    n = meta_queries.shape[-2]
-    rows = torch.arange(n, device=meta_queries.device)
-    m_out = rows[None, :] <= rows[:, None]  # [n, n]: this block's chunks 0..a
+    rows = torch.arange(meta_queries.shape[-2], device=meta_queries.device)
+    cols = torch.arange(meta_keys.shape[-2], device=meta_queries.device)
+    m_out = cols[None, :] <= rows[:, None]  # [rows, n]: this block's chunks 0..a
     scores = (meta_queries @ meta_keys.transpose(-1, -2) / math.sqrt(e)).masked_fill(~m_out, float("-inf"))
     if past_meta_keys is None:
         retrieved = scores.softmax(dim=-1) @ states  # [B, H, n, s]
@@ -106,7 +106,7 @@ class ChunkedOutput(NamedTuple):
 
     output: Tensor  # [B, H, n, c, e]
     states: Tensor  # [B, H, n, s] states F_j of this block's chunks
-    retrieved: Tensor  # [B, H, n + 1, e, e] S for each chunk, plus the chunk after the last
+    retrieved: Tensor  # [B, H, r + 1, e, e] S of chunks 0..r (r = rows retrieved for)
 
 
 def chunked_attention(
@@ -120,6 +120,7 @@ def chunked_attention(
     past_states: Tensor | None = None,
     compress: Tensor | None = None,
     decompress: Tensor | None = None,
+    finished: int | Tensor | None = None,
 ) -> ChunkedOutput:
     """BSBR over a block of whole chunks that starts on a chunk boundary.
 
@@ -127,12 +128,17 @@ def chunked_attention(
     chunk's last token; first_retrieved: [B, H, e, e] is `S` of the block's first chunk
     (zeros at the start of a sequence). past_meta_keys / past_states ([B, H, P, e] /
     [B, H, P, s]) are the earlier chunks a stream has finished; None means P = 0.
+    finished: how many of the block's chunks are complete (default all `n`). Retrieval
+    runs only for their boundary rows, the only ones any output or the next state needs,
+    so a streaming step that completes no chunk never reads the past chunk states.
     """
     local = within_chunk_attention(q, k, v)
     states = chunk_states(k, v, compress)
-    following = retrieve(meta_queries, meta_keys, states, past_meta_keys, past_states, decompress)
+    n = q.shape[-3]
+    rows = meta_queries if finished is None else meta_queries[..., :finished, :]
+    following = retrieve(rows, meta_keys, states, past_meta_keys, past_states, decompress)
     retrieved = torch.cat([first_retrieved.unsqueeze(-3), following], dim=-3)
-    output = local + q @ retrieved[..., :-1, :, :]  # o_t = local_t + q_t S_i
+    output = local + q @ retrieved[..., :n, :, :]  # o_t = local_t + q_t S_i
     return ChunkedOutput(output, states, retrieved)
 
 

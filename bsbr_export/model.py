@@ -134,6 +134,8 @@ class BSBRAttention(nn.Module):
         k = torch.cat([state.keys, self._heads(self.k_proj(x))], dim=-2)
         v = torch.cat([state.values, self._heads(self.v_proj(x))], dim=-2)
         meta_queries, meta_keys = self._meta(F.pad(x, (0, 0, t, 0)))
+        total = k.shape[-2]
+        finished = total // c  # chunks this block completes; the last may be partial
         out = chunked_attention(
             to_chunks(q, c),
             to_chunks(k, c),
@@ -144,9 +146,8 @@ class BSBRAttention(nn.Module):
             state.meta_keys,
             state.chunk_states,
             *self._compression(),
+            finished=finished,
         )
-        total = k.shape[-2]
-        finished = total // c
         o = out.output.flatten(-3, -2)[..., t:total, :]
         new_state = LayerState(
             meta_keys=torch.cat([state.meta_keys, meta_keys[..., :finished, :]], dim=-2),
