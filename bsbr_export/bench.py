@@ -64,6 +64,7 @@ class DecodeResult:
     step_p50_ms: float
     step_p90_ms: float
     full_forward_p50_ms: float
+    graph: str = ""  # which streaming graph was timed
 
     @property
     def speedup(self) -> float:
@@ -301,25 +302,39 @@ def bench_engines(
 
 
 def decode_latency(
-    export_dir: str | os.PathLike, contexts: list[int], *, steps: int = 16, threads: int = 2,
+    export_dir: str | os.PathLike, contexts: list[int], *, steps: int | None = None, threads: int = 2,
     progress=lambda step: None,
 ) -> list[DecodeResult]:
-    """Per-token latency of the streaming ONNX graph at each context length (state carried
-    between calls), against re-running the full ONNX graph over context + 1 tokens."""
+    """Per-token latency of streaming decode at each context length, against re-running
+    the full ONNX graph over context + 1 tokens.
+
+    Uses the decode graph (model.decode.onnx: finished chunks appended by the caller)
+    when the export has one, else the full-state streaming graph. Each timed step
+    includes the caller's state update; `steps` defaults to two chunks, so the chunk
+    closings (and their appends) are among the timed steps.
+    """
     import numpy as np
 
-    from bsbr_export.export import state_spec
     from bsbr_export.checkpoint import load_model
+    from bsbr_export.export import state_spec
     from bsbr_export.runners import OnnxRunner
-    from bsbr_export.validate import empty_state_tensor
+    from bsbr_export.validate import advance_state, empty_state_tensor
 
     export_dir = Path(export_dir)
-    if not (export_dir / "model.streaming.onnx").is_file():
-        raise UserError(f"{export_dir} has no model.streaming.onnx: export with --streaming")
+    graph = next((export_dir / n for n in ("model.decode.onnx", "model.streaming.onnx") if (export_dir / n).is_file()),
+                 None)
+    if graph is None:
+        raise UserError(f"{export_dir} has no streaming graph: export with --streaming")
     model = load_model(export_dir)
+    steps = steps or 2 * model.config.chunk_size
     shapes = state_spec(model)["inputs"]
-    stream = OnnxRunner(export_dir / "model.streaming.onnx", threads=threads)
+    stream = OnnxRunner(graph, threads=threads)
     full = OnnxRunner(export_dir / "model.onnx", threads=threads)
+
+    def step(ids_piece, state):
+        out = stream.session.run(None, {"input_ids": ids_piece, **state})
+        return advance_state(state, dict(zip(stream.output_names, out)))
+
     rng = np.random.default_rng(0)
     results = []
     for context in sorted(contexts):
@@ -327,14 +342,12 @@ def decode_latency(
         ids = rng.integers(0, model.config.vocab_size, size=(1, context + steps), dtype=np.int64)
         state = {n: empty_state_tensor(shapes[n], 1) for n in shapes}
         for start in range(0, context, 1024):  # prefill in pieces
-            out = stream.session.run(None, {"input_ids": ids[:, start : min(start + 1024, context)], **state})
-            state = dict(zip(shapes, out[1:]))
+            state = step(ids[:, start : min(start + 1024, context)], state)
         times = []
-        for step in range(steps):
+        for i in range(steps):
             t0 = time.perf_counter()
-            out = stream.session.run(None, {"input_ids": ids[:, context + step : context + step + 1], **state})
+            state = step(ids[:, context + i : context + i + 1], state)
             times.append((time.perf_counter() - t0) * 1e3)
-            state = dict(zip(shapes, out[1:]))
         feeds = {"input_ids": ids[:, : context + 1], "attention_mask": np.ones((1, context + 1), dtype=np.int64)}
         full_times = []
         for _ in range(3):
@@ -343,7 +356,7 @@ def decode_latency(
             full_times.append((time.perf_counter() - t0) * 1e3)
         times.sort()
         results.append(DecodeResult(context, statistics.median(times), times[int(0.9 * (len(times) - 1))],
-                                    statistics.median(full_times)))
+                                    statistics.median(full_times), graph.name))
     return results
 
 

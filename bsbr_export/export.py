@@ -21,7 +21,14 @@ import torch
 from torch import Tensor
 
 from bsbr_export.errors import UserError
-from bsbr_export.graphs import LogitsGraph, StreamingGraph, flatten_state, state_dims
+from bsbr_export.graphs import (
+    DecodeGraph,
+    LogitsGraph,
+    StreamingGraph,
+    flatten_state,
+    state_dims,
+    update_dims,
+)
 from bsbr_export.io import check_parent_dir
 from bsbr_export.model import BSBRModel
 from bsbr_export.versions import versions
@@ -112,6 +119,7 @@ def export_onnx(
     opset: int | None = None,
     example_length: int | None = None,
     streaming: bool = False,
+    decode: bool = False,
     attention_mask: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> list[Path]:
@@ -120,16 +128,21 @@ def export_onnx(
     dynamic: batch and sequence axes symbolic (named `batch`, `sequence`); a
     `static_shape=(batch, length)` fixes them instead. streaming: export one streaming
     step (`input_ids` + `past.*` -> `logits` + `present.*`) instead of the full forward.
-    The model config, export settings and library versions go into `metadata_props`.
+    decode: a streaming step that returns only what changed (`new.*` finished chunks to
+    append, `present.*` for the current chunk; see `DecodeGraph`). The model config, export settings and library versions go into `metadata_props`.
     Returns the files written (the .onnx first).
     """
     path = Path(path)
+    streaming = streaming or decode
     check_opset(opset)
     check_static_shape(model, static_shape, streaming)
     model = model.eval()
     cfg = model.config
     dynamic = dynamic and static_shape is None
-    graph = StreamingGraph(model) if streaming else LogitsGraph(model, attention_mask)
+    if decode:
+        graph = DecodeGraph(model)
+    else:
+        graph = StreamingGraph(model) if streaming else LogitsGraph(model, attention_mask)
     batch, length = static_shape or (EXAMPLE_BATCH, example_length or globals()["example_length"](cfg.chunk_size))
     ids = example_ids(model, batch, length)
     if streaming:
@@ -141,7 +154,7 @@ def export_onnx(
     dynamic_shapes = _dynamic_shapes(graph, axes, streaming) if dynamic else None
 
     settings = {
-        "kind": "streaming" if streaming else "logits",
+        "kind": "decode" if decode else "streaming" if streaming else "logits",
         "dynamic": dynamic,
         "static_shape": list(static_shape) if static_shape else None,
         "opset": opset,
@@ -172,7 +185,8 @@ def export_onnx(
                 verbose=False,
             )
         if streaming and dynamic:
-            _rename_output_dims(program.model, state_dims(cfg.num_layers, "present"))
+            outputs = update_dims(cfg.num_layers) if decode else state_dims(cfg.num_layers, "present")
+            _rename_output_dims(program.model, outputs)
         program.model.metadata_props.update(props)
         staged = tmp / path.name
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -301,7 +315,7 @@ def check_trace(model: BSBRModel, traced, streaming: bool, attention_mask: bool)
     from bsbr_export.runners import EagerRunner, TorchScriptRunner
     from bsbr_export.validate import check_parity, default_cases
 
-    reference = EagerRunner(model, streaming, attention_mask)
+    reference = EagerRunner(model, "streaming" if streaming else "logits", attention_mask)
     runner = TorchScriptRunner.from_module(traced, reference.input_names, reference.output_names)
     cases = default_cases(model.config.chunk_size, streaming, long_length=4 * model.config.chunk_size + 3)
     report = check_parity("torchscript", reference, runner, cases, model.config.vocab_size,

@@ -45,6 +45,21 @@ def parse_formats(text: str) -> list[Format]:
     return chosen
 
 
-def artifact_name(fmt: Format, streaming: bool) -> str:
-    """File name of an artifact inside an export directory."""
-    return f"model{'.streaming' if streaming else ''}{fmt.suffix}"
+# What an artifact computes: the full forward, one streaming step returning the whole
+# state (Triton's implicit state needs that), or one step returning only what changed.
+KINDS = ("logits", "streaming", "decode")
+
+
+def artifact_name(fmt: Format, kind: str) -> str:
+    """File name of an artifact inside an export directory: model[.streaming|.decode].suffix."""
+    return f"model{'' if kind == 'logits' else '.' + kind}{fmt.suffix}"
+
+
+def export_jobs(formats: list[Format], streaming: bool) -> list[tuple[Format, str]]:
+    """(format, kind) pairs to export: full graphs, then with `streaming` the streaming
+    steps, and the decode step for ONNX (the runtime that appends state itself)."""
+    jobs = [(fmt, "logits") for fmt in formats]
+    if streaming:
+        jobs += [(fmt, "streaming") for fmt in formats if fmt.streaming]
+        jobs += [(fmt, "decode") for fmt in formats if fmt.name == "onnx"]
+    return jobs

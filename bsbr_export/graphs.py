@@ -12,6 +12,9 @@ from torch import Tensor, nn
 from bsbr_export.model import BSBRModel, LayerState
 
 STATE_FIELDS = LayerState._fields  # meta_keys, chunk_states, keys, values, retrieved
+# A decode step's outputs per layer: the finished chunks to append, the current chunk.
+UPDATE_NAMES = ("new.{}.meta_keys", "new.{}.chunk_states", "present.{}.keys", "present.{}.values",
+                "present.{}.retrieved")
 
 
 def state_names(num_layers: int, prefix: str) -> list[str]:
@@ -30,6 +33,18 @@ def state_dims(num_layers: int, prefix: str) -> dict[str, dict[int, str]]:
         "retrieved": {0: "batch"},
     }
     return {f"{prefix}.{layer}.{field}": axes[field] for layer in range(num_layers) for field in STATE_FIELDS}
+
+
+def update_names(num_layers: int) -> list[str]:
+    """Flat names of a decode step's state outputs, layer-major."""
+    return [name.format(layer) for layer in range(num_layers) for name in UPDATE_NAMES]
+
+
+def update_dims(num_layers: int) -> dict[str, dict[int, str]]:
+    """Dynamic axes of a decode step's state outputs."""
+    axes = ({0: "batch", 2: "new_chunks"}, {0: "batch", 2: "new_chunks"}, {0: "batch", 2: "present_tokens"},
+            {0: "batch", 2: "present_tokens"}, {0: "batch"})
+    return {name.format(layer): axis for layer in range(num_layers) for name, axis in zip(UPDATE_NAMES, axes)}
 
 
 def flatten_state(state: list[LayerState]) -> list[Tensor]:
@@ -92,3 +107,31 @@ class StreamingGraph(nn.Module):
     def forward(self, input_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         out, present = self.model.stream(input_ids, unflatten_state(past))
         return (out, *flatten_state(present))
+
+
+class DecodeGraph(nn.Module):
+    """A streaming step that returns only what changed: (input_ids, *past) ->
+    (logits, per layer new.{i}.meta_keys, new.{i}.chunk_states, present.{i}.keys,
+    present.{i}.values, present.{i}.retrieved).
+
+    The caller appends the `new.*` rows (chunks this step finished, usually none) to its
+    past_meta_keys / past_chunk_states and replaces the rest, so no call copies the
+    finished chunks: per-token cost stays flat as the context grows.
+    """
+
+    def __init__(self, model: BSBRModel) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", *state_names(self.model.config.num_layers, "past")]
+
+    @property
+    def output_names(self) -> list[str]:
+        first = "logits" if self.model.config.lm_head else "hidden_states"
+        return [first, *update_names(self.model.config.num_layers)]
+
+    def forward(self, input_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        out, updates = self.model.stream_update(input_ids, unflatten_state(past))
+        return (out, *[tensor for update in updates for tensor in update])

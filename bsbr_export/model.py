@@ -39,6 +39,28 @@ class LayerState(NamedTuple):
     values: Tensor  # [B, H, t, e]  and values
     retrieved: Tensor  # [B, H, e, e]  S_i of the current chunk i
 
+    def advance(self, update: LayerUpdate) -> LayerState:
+        """The state after a step: finished chunks appended, current chunk replaced."""
+        return LayerState(
+            meta_keys=torch.cat([self.meta_keys, update.new_meta_keys], dim=-2),
+            chunk_states=torch.cat([self.chunk_states, update.new_chunk_states], dim=-2),
+            keys=update.keys,
+            values=update.values,
+            retrieved=update.retrieved,
+        )
+
+
+class LayerUpdate(NamedTuple):
+    """What one streaming step changes in a layer's state: the `k` chunks it finished
+    (to append) and the whole, small, current-chunk part. Returning this instead of the
+    grown state lets a runtime keep the finished chunks where they are."""
+
+    new_meta_keys: Tensor  # [B, H, k, e]
+    new_chunk_states: Tensor  # [B, H, k, s]
+    keys: Tensor  # [B, H, t', e]
+    values: Tensor  # [B, H, t', e]
+    retrieved: Tensor  # [B, H, e, e]
+
 
 def position_frequencies(dim: int) -> Tensor:
     """10000^(-2i/dim) for i < ceil(dim / 2), computed in float64.
@@ -121,12 +143,12 @@ class BSBRAttention(nn.Module):
         )
         return self.out_proj(o.transpose(1, 2).flatten(-2))
 
-    def step(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+    def step(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerUpdate]:
         """Streaming: x [B, T, hidden] continues the sequence that `state` summarizes.
 
         The current chunk's `t` cached tokens and the `T` new ones form a block that
         starts on a chunk boundary; cached positions get zero queries and their outputs
-        are dropped. Chunks the block finishes move into the state.
+        are dropped. Chunks the block finishes are returned for the state to append.
         """
         c = self.config.chunk_size
         t = state.keys.shape[-2]
@@ -149,14 +171,14 @@ class BSBRAttention(nn.Module):
             finished=finished,
         )
         o = out.output.flatten(-3, -2)[..., t:total, :]
-        new_state = LayerState(
-            meta_keys=torch.cat([state.meta_keys, meta_keys[..., :finished, :]], dim=-2),
-            chunk_states=torch.cat([state.chunk_states, out.states[..., :finished, :]], dim=-2),
+        update = LayerUpdate(
+            new_meta_keys=meta_keys[..., :finished, :],
+            new_chunk_states=out.states[..., :finished, :],
             keys=k[..., finished * c :, :],
             values=v[..., finished * c :, :],
             retrieved=out.retrieved[:, :, finished],
         )
-        return self.out_proj(o.transpose(1, 2).flatten(-2)), new_state
+        return self.out_proj(o.transpose(1, 2).flatten(-2)), update
 
 
 class Block(nn.Module):
@@ -178,10 +200,10 @@ class Block(nn.Module):
         x = x + self.dropout(self.attn(self.ln_1(x), attention_mask))
         return x + self.dropout(self.ff(self.ln_2(x)))
 
-    def step(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
-        a, state = self.attn.step(self.ln_1(x), state)
+    def step(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerUpdate]:
+        a, update = self.attn.step(self.ln_1(x), state)
         x = x + self.dropout(a)
-        return x + self.dropout(self.ff(self.ln_2(x))), state
+        return x + self.dropout(self.ff(self.ln_2(x))), update
 
 
 class BSBRModel(nn.Module):
@@ -244,6 +266,12 @@ class BSBRModel(nn.Module):
 
         Any split of a sequence gives the same outputs as one `forward` over it.
         """
+        out, updates = self.stream_update(input_ids, state)
+        return out, [layer.advance(update) for layer, update in zip(state, updates)]
+
+    def stream_update(self, input_ids: Tensor, state: list[LayerState]) -> tuple[Tensor, list[LayerUpdate]]:
+        """`stream`, returning per layer only what changed (`LayerUpdate`): a runtime
+        that appends the finished chunks itself never copies the whole state per token."""
         if is_eager():
             check_input_ids(input_ids, self.config.vocab_size)
             if len(state) != self.config.num_layers:
@@ -251,11 +279,11 @@ class BSBRModel(nn.Module):
         first = state[0]
         seen = first.meta_keys.shape[-2] * self.config.chunk_size + first.keys.shape[-2]
         x = self._embed(input_ids, seen)
-        new_state = []
+        updates = []
         for block, layer_state in zip(self.blocks, state):
-            x, layer_state = block.step(x, layer_state)
-            new_state.append(layer_state)
-        return self._head(x), new_state
+            x, update = block.step(x, layer_state)
+            updates.append(update)
+        return self._head(x), updates
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from bsbr_export.checkpoint import load_model, write_checkpoint
 from bsbr_export.errors import UserError
 from bsbr_export.export import check_opset, check_static_shape, export_onnx, export_torchscript, state_spec
-from bsbr_export.formats import Format, artifact_name
+from bsbr_export.formats import Format, artifact_name, export_jobs
 from bsbr_export.io import atomic_dir
 from bsbr_export.manifest import MANIFEST, file_record, read_manifest
 from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner
@@ -31,7 +31,7 @@ class ArtifactResult:
 
     name: str
     format: str
-    streaming: bool
+    kind: str  # logits, streaming or decode (formats.KINDS)
     files: dict[str, dict]  # file name -> {"sha256", "bytes"}
     seconds: float
     parity: ParityReport
@@ -52,9 +52,9 @@ class ExportResult:
         return all(a.parity.passed for a in self.artifacts)
 
 
-def runner_for(fmt: str, path: Path, model, streaming: bool, attention_mask: bool = True):
+def runner_for(fmt: str, path: Path, model, kind: str, attention_mask: bool = True):
     """A runner over an artifact file (names come from the eager graph it mirrors)."""
-    reference = EagerRunner(model, streaming, attention_mask)
+    reference = EagerRunner(model, kind, attention_mask)
     if fmt == "onnx":
         return OnnxRunner(path)
     return TorchScriptRunner(path, reference.input_names, reference.output_names)
@@ -82,7 +82,7 @@ def export_model(
     if streaming and static_shape is not None:
         raise UserError("--static applies to the full-sequence graph only: drop --streaming or --static")
     cfg = model.config
-    jobs = [(fmt, False) for fmt in formats] + [(fmt, True) for fmt in formats if streaming and fmt.streaming]
+    jobs = export_jobs(formats, streaming)
     artifacts = []
     settings = {"static_shape": list(static_shape) if static_shape else None, "opset": opset,
                 "streaming": streaming, "tolerance": tolerance}
@@ -90,27 +90,28 @@ def export_model(
         settings["optimize_for_mobile"] = _mobile_note()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         checkpoint = write_checkpoint(model, tmp)
-        for fmt, stream in jobs:
-            name = artifact_name(fmt, stream)
+        for fmt, kind in jobs:
+            name = artifact_name(fmt, kind)
             progress(f"exporting {name}")
             start = time.perf_counter()
             if fmt.name == "onnx":
                 files = export_onnx(
-                    model, tmp / name, streaming=stream, static_shape=static_shape, opset=opset,
+                    model, tmp / name, streaming=kind == "streaming", decode=kind == "decode",
+                    static_shape=static_shape, opset=opset,
                     metadata={"bsbr.model": str(model_ref)},
                 )
             else:
                 mobile = fmt.name == "torchscript-mobile"
-                files = [export_torchscript(model, tmp / name, streaming=stream, mobile=mobile)]
+                files = [export_torchscript(model, tmp / name, streaming=kind == "streaming", mobile=mobile)]
             seconds = time.perf_counter() - start
             progress(f"checking {name} against eager")
             static = static_shape if fmt.name == "onnx" else None
-            parity = _check(fmt.name, tmp / name, model, stream, static, tolerance)
+            parity = _check(fmt.name, tmp / name, model, kind, static, tolerance)
             artifacts.append(
                 ArtifactResult(
                     name=name,
                     format=fmt.name,
-                    streaming=stream,
+                    kind=kind,
                     files={f.name: file_record(f) for f in files},
                     seconds=seconds,
                     parity=parity,
@@ -130,7 +131,7 @@ def export_model(
                 {
                     "name": a.name,
                     "format": a.format,
-                    "kind": "streaming" if a.streaming else "logits",
+                    "kind": a.kind,
                     "settings": {"static_shape": list(static_shape) if static_shape and a.format == "onnx" else None},
                     "files": a.files,
                     "export_seconds": round(a.seconds, 3),
@@ -160,9 +161,10 @@ def _mobile_note() -> str:
     return "skipped: this torch build has no XNNPACK, which the pass needs"
 
 
-def _check(fmt: str, path: Path, model, streaming: bool, static_shape, tolerance: float) -> ParityReport:
-    reference = EagerRunner(model, streaming)
-    runner = runner_for(fmt, path, model, streaming)
+def _check(fmt: str, path: Path, model, kind: str, static_shape, tolerance: float) -> ParityReport:
+    reference = EagerRunner(model, kind)
+    runner = runner_for(fmt, path, model, kind)
+    streaming = kind != "logits"
     cases = [Case(*static_shape)] if static_shape else default_cases(model.config.chunk_size, streaming)
     return check_parity(path.name, reference, runner, cases, model.config.vocab_size, tolerance,
                         state_shapes=state_spec(model)["inputs"])
@@ -221,7 +223,7 @@ def benchmark(
     timings = bench_engines(directory, engines, lengths, batch=batch, threads=threads, budget_s=budget_s,
                             progress=progress)
     decode = ()
-    if decode_contexts and (directory / "model.streaming.onnx").is_file():
+    if decode_contexts and any((directory / n).is_file() for n in ("model.decode.onnx", "model.streaming.onnx")):
         decode = tuple(decode_latency(directory, decode_contexts, threads=threads, progress=progress))
     result = BenchResult(tuple(timings), tuple(sorted(lengths)), batch, threads, 3, decode, machine_info())
     progress("writing report")

@@ -111,7 +111,7 @@ def markdown(result, rows: list[dict], validation: dict | None, title: str, note
         mem = [f"{row['peak_rss_mib'][n]:.0f}" if n in row["peak_rss_mib"] else "-" for n in lengths]
         lines.append(f"| {row['engine']} | " + " | ".join(mem) + " |")
     if result.decode:
-        lines += ["", "## Streaming decode (ONNX Runtime, batch 1)", ""]
+        lines += ["", f"## Streaming decode (ONNX Runtime, batch 1, {result.decode[0].graph})", ""]
         lines.append("| context | per-token ms (p90) | full forward ms | streaming speed-up |")
         lines.append("|---|---|---|---|")
         for d in result.decode:

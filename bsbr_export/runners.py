@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bsbr_export.errors import UserError
-from bsbr_export.graphs import LogitsGraph, StreamingGraph
+from bsbr_export.graphs import DecodeGraph, LogitsGraph, StreamingGraph
 
 
 class EagerRunner:
@@ -21,8 +21,10 @@ class EagerRunner:
 
     name = "eager"
 
-    def __init__(self, model, streaming: bool = False, attention_mask: bool = True) -> None:
-        self.graph = StreamingGraph(model) if streaming else LogitsGraph(model, attention_mask)
+    def __init__(self, model, kind: str = "logits", attention_mask: bool = True) -> None:
+        graphs = {"logits": lambda: LogitsGraph(model, attention_mask), "streaming": lambda: StreamingGraph(model),
+                  "decode": lambda: DecodeGraph(model)}
+        self.graph = graphs[kind]()
         self.input_names = self.graph.input_names
         self.output_names = self.graph.output_names
 

@@ -207,9 +207,23 @@ def _rollout(runner, ids: np.ndarray, pieces: tuple[int, ...], state_shapes: dic
     for size in pieces:
         out = runner.infer({"input_ids": ids[:, at : at + size], **state})
         outputs.append(out[runner.output_names[0]])
-        state = {p: out[p.replace("past.", "present.", 1)] for p in past}
+        state = advance_state(state, out)
         at += size
     return np.concatenate(outputs, axis=1), {p.replace("past.", "present.", 1): v for p, v in state.items()}
+
+
+def advance_state(state: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The `past.*` feeds for the next step: `present.*` outputs replace their entry; a
+    decode graph's `new.*` rows (chunks it finished) are appended, and only when there
+    are any, so a step that finishes no chunk copies nothing."""
+    advanced = {}
+    for name, value in state.items():
+        appended = outputs.get(name.replace("past.", "new.", 1))
+        if appended is None:
+            advanced[name] = outputs[name.replace("past.", "present.", 1)]
+        else:
+            advanced[name] = np.concatenate([value, appended], axis=2) if appended.shape[2] else value
+    return advanced
 
 
 def empty_state_tensor(shape: list, batch: int) -> np.ndarray:
@@ -312,8 +326,9 @@ def validate_export(
     checks = []
     for artifact in manifest["artifacts"]:
         path = directory / artifact["name"]
-        streaming = artifact["kind"] == "streaming"
-        reference = EagerRunner(model, streaming)
+        kind = artifact["kind"]
+        streaming = kind != "logits"
+        reference = EagerRunner(model, kind)
         settings = artifact.get("settings", {})
         static = settings.get("static_shape")
         allowed = PRECISION_TOLERANCES.get(settings.get("precision", "fp32"), tolerance)

@@ -12,7 +12,7 @@ import torch
 
 from bsbr_export import BSBRConfig, UserError, build_model, load_model
 from bsbr_export.export import ExportError, check_trace, export_onnx, export_torchscript
-from bsbr_export.formats import FORMATS, artifact_name
+from bsbr_export.formats import FORMATS, artifact_name, export_jobs
 from bsbr_export.graphs import LogitsGraph, flatten_state, state_names
 from bsbr_export.runners import OnnxRunner
 from conftest import random_ids, tiny_config
@@ -164,10 +164,9 @@ def test_manifest_hashes_files(tiny_export):
 
     out, result = tiny_export
     manifest = json.loads((out / "manifest.json").read_text())
-    formats = list(FORMATS.values())
-    expected = [artifact_name(f, False) for f in formats] + [artifact_name(f, True) for f in formats if f.streaming]
+    expected = [artifact_name(f, kind) for f, kind in export_jobs(list(FORMATS.values()), streaming=True)]
     assert [a["name"] for a in manifest["artifacts"]] == expected
-    assert {"model.onnx", "model.pt", "model.streaming.onnx", "model.streaming.pt"} <= set(expected)
+    assert {"model.onnx", "model.pt", "model.streaming.onnx", "model.streaming.pt", "model.decode.onnx"} <= set(expected)
     for artifact in manifest["artifacts"]:
         for name, info in artifact["files"].items():
             assert info["sha256"] == sha256(out / name)
@@ -235,3 +234,33 @@ def test_external_data_above_threshold(tmp_path, monkeypatch):
     ids = random_ids(model.config, 2, 19, seed=5).numpy()
     got = ort_session(files[0]).run(None, {"input_ids": ids})[0]
     assert np.abs(got - model(torch.from_numpy(ids)).detach().numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("which", ["tiny_export", "compressed_export"])
+def test_decode_graph_returns_only_what_changed(which, request):
+    """model.decode.onnx: the caller appends new.* rows; logits and the accumulated state
+    equal the full forward and eager streaming."""
+    from bsbr_export.graphs import update_names
+    from bsbr_export.validate import advance_state
+
+    out, _ = request.getfixturevalue(which)
+    model = load_model(out)
+    session = ort_session(out / "model.decode.onnx")
+    assert [o.name for o in session.get_outputs()] == ["logits", *update_names(2)]
+    pieces = [1, 1, C - 1, 3, 2 * C + 2, 1, C]
+    ids = random_ids(model.config, 2, sum(pieces), seed=21)
+    names = state_names(model.config.num_layers, "past")
+    state = dict(zip(names, [t.numpy() for t in flatten_state(model.init_state(2))]))
+    logits, at, eager_state = [], 0, model.init_state(2)
+    for size in pieces:
+        result = dict(zip([o.name for o in session.get_outputs()],
+                          session.run(None, {"input_ids": ids[:, at : at + size].numpy(), **state})))
+        finished = (at % C + size) // C
+        assert result["new.0.chunk_states"].shape[2] == finished  # only the chunks this step closed
+        state = advance_state(state, result)
+        logits.append(result["logits"])
+        _, eager_state = model.stream(ids[:, at : at + size], eager_state)
+        at += size
+    assert np.abs(np.concatenate(logits, axis=1) - model(ids).detach().numpy()).max() <= 1e-4
+    for name, want in zip(names, flatten_state(eager_state)):
+        assert np.abs(state[name] - want.detach().numpy()).max() <= 1e-4, name
