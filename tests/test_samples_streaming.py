@@ -79,7 +79,8 @@ def _without_streaming(out: Path, tmp_path: Path) -> tuple[Path, str]:
     copy = tmp_path / "export"
     shutil.copytree(out, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["name"] != "model.streaming.onnx"]
+    streaming = ("model.streaming.onnx", "model.decode.onnx")
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["name"] not in streaming]
     (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy, "lists no model.streaming.onnx"
 
@@ -87,7 +88,7 @@ def _without_streaming(out: Path, tmp_path: Path) -> tuple[Path, str]:
 def _changed_model(out: Path, tmp_path: Path) -> tuple[Path, str]:
     copy = tmp_path / "export"
     shutil.copytree(out, copy)
-    with open(copy / "model.streaming.onnx", "ab") as f:
+    with open(copy / "model.decode.onnx", "ab") as f:  # the graph the sample prefers
         f.write(b"\0")
     return copy, "does not match its sha256"
 
@@ -115,3 +116,19 @@ def test_bad_input_is_one_line_and_exit_2(tiny_export, args, message):
     done = run(out, *args)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+def test_full_state_streaming_graph_when_no_decode_graph(tiny_export, tmp_path):
+    """An export listing only model.streaming.onnx: the sample falls back to it."""
+    out, _ = tiny_export
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["name"] != "model.decode.onnx"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "model.decode.onnx").unlink()
+    model = load_model(copy)
+    prompt = prompt_of(13, model.config.vocab_size)
+    done = run(copy, *prompt, "--max-new-tokens", NEW_TOKENS, "--out", tmp_path / "out.json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["generated"] == eager_greedy(model, prompt, NEW_TOKENS)

@@ -1,13 +1,16 @@
-"""Greedy generation with an exported streaming BSBR graph (model.streaming.onnx), ONNX Runtime only.
+"""Greedy generation with an exported streaming BSBR graph, ONNX Runtime only.
 
     python generate.py EXPORT_DIR ID [ID ...] --max-new-tokens 32
     python generate.py EXPORT_DIR --prompt-file PROMPT.txt --out result.json
 
 EXPORT_DIR is what `bsbr-export export MODEL --format onnx --streaming` wrote. The prompt
 goes in with one call; then each call feeds one token and the state the previous call
-returned. The state never leaves ONNX Runtime: every `present.*` output is an OrtValue
-that ORT allocated, bound (IOBinding) as the matching `past.*` input of the next call,
-so nothing is copied through numpy between calls. Only the logits of the last position
+returned. It runs model.decode.onnx when the export has it (else model.streaming.onnx):
+that graph returns only what a step changed, the current chunk's `present.*` state and
+the `new.*` rows of chunks it finished (usually none), which are appended here, so a
+token costs the same at any context length. The state stays in ORT-owned OrtValues,
+bound (IOBinding) as the next call's `past.*` inputs; only an append, once per chunk,
+goes through numpy. Only the logits of the last position
 come back to pick the next token (argmax).
 
 Tokens are printed as they come, then the prefill time and the per-token latency (one
@@ -33,7 +36,7 @@ import numpy as np
 import onnxruntime as ort
 
 MANIFEST = "manifest.json"
-ARTIFACT = "model.streaming.onnx"
+ARTIFACTS = ("model.decode.onnx", "model.streaming.onnx")  # preferred first
 
 
 class SampleError(Exception):
@@ -94,7 +97,7 @@ def verified_artifact(export_dir: Path, manifest: dict, name: str) -> Path:
 
 
 class StreamingSession:
-    """model.streaming.onnx for one sequence, its state held in ORT-owned OrtValues.
+    """A streaming graph for one sequence, its state held in ORT-owned OrtValues.
 
     `step(ids)` feeds the next tokens and returns the logits of the last one. Outputs are
     bound to CPU memory that ORT allocates at run time (the state grows, so no buffer can
@@ -116,10 +119,13 @@ class StreamingSession:
                 f"{path} outputs {self.output_names[0]}, not logits: generation needs a model with its LM head"
             )
         self.binding = self.session.io_binding()
-        # The empty state: zeros with batch 1 and no past chunks or tokens.
+        # The empty state: zeros with batch 1 and no past chunks or tokens. `past` keeps
+        # the arrays that decode-graph appends grow (finished chunks' keys and states).
+        self.past = {}
         for name in (i.name for i in self.session.get_inputs() if i.name != "input_ids"):
             shape = [1 if dim == "batch" else 0 if isinstance(dim, str) else dim for dim in state_shapes[name]]
-            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)))
+            self.past[name] = np.zeros(shape, np.float32)
+            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(self.past[name]))
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         """ids int64 [1, new_tokens] -> the logits [vocab] at the last new token."""
@@ -128,9 +134,14 @@ class StreamingSession:
         for name in self.output_names:
             self.binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(self.binding)
-        logits, *present = self.binding.get_outputs()
-        for name, value in zip(self.output_names[1:], present):
-            self.binding.bind_ortvalue_input(name.replace("present.", "past.", 1), value)
+        logits, *outputs = self.binding.get_outputs()
+        for name, value in zip(self.output_names[1:], outputs):
+            if name.startswith("present."):
+                self.binding.bind_ortvalue_input(name.replace("present.", "past.", 1), value)
+            elif value.shape()[2]:  # new.*: chunks this step finished, appended to the past
+                past = name.replace("new.", "past.", 1)
+                self.past[past] = np.concatenate([self.past[past], value.numpy()], axis=2)
+                self.binding.bind_ortvalue_input(past, ort.OrtValue.ortvalue_from_numpy(self.past[past]))
         return logits.numpy()[0, -1]
 
 
@@ -207,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 1:
             raise SampleError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         manifest = load_manifest(args.export_dir)
-        model_path = verified_artifact(args.export_dir, manifest, ARTIFACT)
+        listed = {a.get("name") for a in manifest["artifacts"]}
+        name = next((n for n in ARTIFACTS if n in listed), ARTIFACTS[-1])
+        model_path = verified_artifact(args.export_dir, manifest, name)
         prompt = read_prompt(args.ids, args.prompt_file, manifest["config"]["vocab_size"])
         session = StreamingSession(model_path, manifest["state"]["inputs"], args.threads)
         tokens, prefill, latencies = generate(session, prompt, args.max_new_tokens)
