@@ -21,14 +21,7 @@ import torch
 from torch import Tensor
 
 from bsbr_export.errors import UserError
-from bsbr_export.graphs import (
-    DecodeGraph,
-    LogitsGraph,
-    StreamingGraph,
-    flatten_state,
-    state_dims,
-    update_dims,
-)
+from bsbr_export.graphs import export_graph, flatten_state, state_dims, update_dims
 from bsbr_export.io import check_parent_dir
 from bsbr_export.model import BSBRModel
 from bsbr_export.versions import versions
@@ -43,7 +36,7 @@ class ExportError(RuntimeError):
     """An export produced something wrong (a bug on our side, not a user mistake)."""
 
 
-def example_length(chunk_size: int) -> int:
+def default_example_length(chunk_size: int) -> int:
     """A length `k*c + r` with `k >= 2` and `0 < r < c`: neither 1 nor a multiple of c,
     so tracing cannot specialize the sequence dim or the padding."""
     return 2 * chunk_size + max(1, chunk_size // 2)
@@ -129,7 +122,8 @@ def export_onnx(
     `static_shape=(batch, length)` fixes them instead. streaming: export one streaming
     step (`input_ids` + `past.*` -> `logits` + `present.*`) instead of the full forward.
     decode: a streaming step that returns only what changed (`new.*` finished chunks to
-    append, `present.*` for the current chunk; see `DecodeGraph`). The model config, export settings and library versions go into `metadata_props`.
+    append, `present.*` for the current chunk; see `DecodeGraph`). The model config,
+    export settings and library versions go into `metadata_props`.
     Returns the files written (the .onnx first).
     """
     path = Path(path)
@@ -139,11 +133,8 @@ def export_onnx(
     model = model.eval()
     cfg = model.config
     dynamic = dynamic and static_shape is None
-    if decode:
-        graph = DecodeGraph(model)
-    else:
-        graph = StreamingGraph(model) if streaming else LogitsGraph(model, attention_mask)
-    batch, length = static_shape or (EXAMPLE_BATCH, example_length or globals()["example_length"](cfg.chunk_size))
+    graph = export_graph(model, kind_of(streaming, decode), attention_mask)
+    batch, length = static_shape or (EXAMPLE_BATCH, example_length or default_example_length(cfg.chunk_size))
     ids = example_ids(model, batch, length)
     if streaming:
         args = (ids, *example_state(model, batch))
@@ -154,7 +145,7 @@ def export_onnx(
     dynamic_shapes = _dynamic_shapes(graph, axes, streaming) if dynamic else None
 
     settings = {
-        "kind": "decode" if decode else "streaming" if streaming else "logits",
+        "kind": kind_of(streaming, decode),
         "dynamic": dynamic,
         "static_shape": list(static_shape) if static_shape else None,
         "opset": opset,
@@ -270,24 +261,33 @@ def state_spec(model: BSBRModel) -> dict:
     }
 
 
+def kind_of(streaming: bool, decode: bool) -> str:
+    """The artifact kind (formats.KINDS) for export flags: decode implies streaming."""
+    return "decode" if decode else "streaming" if streaming else "logits"
+
+
 def export_torchscript(
     model: BSBRModel,
     path: str | os.PathLike,
     *,
     streaming: bool = False,
+    decode: bool = False,
     attention_mask: bool = True,
     mobile: bool = False,
 ) -> Path:
     """Trace `model` to TorchScript at `path`; refuses to write a trace that disagrees
     with eager at lengths and batch sizes it was not traced with.
 
+    streaming / decode: trace one streaming step, as in `export_onnx`.
     mobile: save for PyTorch Mobile's lite interpreter (`.ptl`) instead.
     """
     path = Path(path)
     model = model.eval()
     c = model.config.chunk_size
-    graph = StreamingGraph(model) if streaming else LogitsGraph(model, attention_mask)
-    ids = example_ids(model, EXAMPLE_BATCH, example_length(c))
+    kind = kind_of(streaming, decode)
+    streaming = kind != "logits"
+    graph = export_graph(model, kind, attention_mask)
+    ids = example_ids(model, EXAMPLE_BATCH, default_example_length(c))
     if streaming:
         args = (ids, *example_state(model, EXAMPLE_BATCH))
     else:
@@ -300,7 +300,7 @@ def export_torchscript(
             from torch.utils.mobile_optimizer import optimize_for_mobile
 
             traced = optimize_for_mobile(traced)  # freezes and folds; raises without XNNPACK
-        check_trace(model, traced, streaming, attention_mask)
+        check_trace(model, traced, kind, attention_mask)
         staged = tmp / path.name
         if mobile:
             traced._save_for_lite_interpreter(str(staged))
@@ -310,14 +310,14 @@ def export_torchscript(
     return path
 
 
-def check_trace(model: BSBRModel, traced, streaming: bool, attention_mask: bool) -> None:
+def check_trace(model: BSBRModel, traced, kind: str, attention_mask: bool) -> None:
     """Compare the trace with eager at shapes it never saw (a frozen chunk count fails)."""
     from bsbr_export.runners import EagerRunner, TorchScriptRunner
     from bsbr_export.validate import check_parity, default_cases
 
-    reference = EagerRunner(model, "streaming" if streaming else "logits", attention_mask)
+    reference = EagerRunner(model, kind, attention_mask)
     runner = TorchScriptRunner.from_module(traced, reference.input_names, reference.output_names)
-    cases = default_cases(model.config.chunk_size, streaming, long_length=4 * model.config.chunk_size + 3)
+    cases = default_cases(model.config.chunk_size, kind != "logits", long_length=4 * model.config.chunk_size + 3)
     report = check_parity("torchscript", reference, runner, cases, model.config.vocab_size,
                           state_shapes=state_spec(model)["inputs"])
     if not report:

@@ -56,10 +56,9 @@ def artifact_name(fmt: Format, kind: str) -> str:
 
 
 def export_jobs(formats: list[Format], streaming: bool) -> list[tuple[Format, str]]:
-    """(format, kind) pairs to export: full graphs, then with `streaming` the streaming
-    steps, and the decode step for ONNX (the runtime that appends state itself)."""
+    """(format, kind) pairs to export: full graphs, then with `streaming` the full-state
+    streaming steps and the decode steps (whose caller appends finished chunks itself)."""
     jobs = [(fmt, "logits") for fmt in formats]
     if streaming:
-        jobs += [(fmt, "streaming") for fmt in formats if fmt.streaming]
-        jobs += [(fmt, "decode") for fmt in formats if fmt.name == "onnx"]
+        jobs += [(fmt, kind) for kind in ("streaming", "decode") for fmt in formats if fmt.streaming]
     return jobs

@@ -135,3 +135,10 @@ class DecodeGraph(nn.Module):
     def forward(self, input_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         out, updates = self.model.stream_update(input_ids, unflatten_state(past))
         return (out, *[tensor for update in updates for tensor in update])
+
+
+def export_graph(model: BSBRModel, kind: str, attention_mask: bool = True) -> nn.Module:
+    """The module exported for an artifact kind: logits, streaming or decode."""
+    if kind == "decode":
+        return DecodeGraph(model)
+    return StreamingGraph(model) if kind == "streaming" else LogitsGraph(model, attention_mask)

@@ -102,7 +102,8 @@ def export_model(
                 )
             else:
                 mobile = fmt.name == "torchscript-mobile"
-                files = [export_torchscript(model, tmp / name, streaming=kind == "streaming", mobile=mobile)]
+                files = [export_torchscript(model, tmp / name, streaming=kind == "streaming",
+                                            decode=kind == "decode", mobile=mobile)]
             seconds = time.perf_counter() - start
             progress(f"checking {name} against eager")
             static = static_shape if fmt.name == "onnx" else None

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bsbr_export.errors import UserError
-from bsbr_export.graphs import DecodeGraph, LogitsGraph, StreamingGraph
+from bsbr_export.graphs import export_graph
 
 
 class EagerRunner:
@@ -22,9 +22,7 @@ class EagerRunner:
     name = "eager"
 
     def __init__(self, model, kind: str = "logits", attention_mask: bool = True) -> None:
-        graphs = {"logits": lambda: LogitsGraph(model, attention_mask), "streaming": lambda: StreamingGraph(model),
-                  "decode": lambda: DecodeGraph(model)}
-        self.graph = graphs[kind]()
+        self.graph = export_graph(model, kind, attention_mask)
         self.input_names = self.graph.input_names
         self.output_names = self.graph.output_names
 

@@ -196,7 +196,7 @@ def test_trace_check_catches_a_wrong_trace():
     ids = random_ids(model.config, 2, 11)
     wrong = torch.jit.trace(LogitsGraph(other), (ids, torch.ones_like(ids)))
     with pytest.raises(ExportError, match="disagrees with eager"):
-        check_trace(model, wrong, streaming=False, attention_mask=True)
+        check_trace(model, wrong, kind="logits", attention_mask=True)
 
 
 @pytest.mark.parametrize("opset", [18, 23])
@@ -264,3 +264,24 @@ def test_decode_graph_returns_only_what_changed(which, request):
     assert np.abs(np.concatenate(logits, axis=1) - model(ids).detach().numpy()).max() <= 1e-4
     for name, want in zip(names, flatten_state(eager_state)):
         assert np.abs(state[name] - want.detach().numpy()).max() <= 1e-4, name
+
+
+def test_decode_torchscript_rollout(tiny_export):
+    from bsbr_export.graphs import update_names
+    from bsbr_export.validate import advance_state
+
+    out, _ = tiny_export
+    model = load_model(out)
+    traced = torch.jit.load(str(out / "model.decode.pt"))
+    names = state_names(model.config.num_layers, "past")
+    ids = random_ids(model.config, 2, 3 * C + 3, seed=31)
+    state = dict(zip(names, [t.numpy() for t in flatten_state(model.init_state(2))]))
+    logits, at = [], 0
+    for size in [2, C, 1, C + 4]:
+        with torch.no_grad():
+            result = traced(ids[:, at : at + size], *(torch.from_numpy(state[n]) for n in names))
+        result = dict(zip(["logits", *update_names(2)], (r.numpy() for r in result)))
+        state = advance_state(state, result)
+        logits.append(result["logits"])
+        at += size
+    assert np.abs(np.concatenate(logits, axis=1) - model(ids).detach().numpy()).max() <= 1e-4
