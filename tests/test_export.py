@@ -277,7 +277,7 @@ def test_decode_torchscript_rollout(tiny_export):
     ids = random_ids(model.config, 2, 3 * C + 3, seed=31)
     state = dict(zip(names, [t.numpy() for t in flatten_state(model.init_state(2))]))
     logits, at = [], 0
-    for size in [2, C, 1, C + 4]:
+    for size in [2, C, 1, C + 4, 4]:  # 27 = 3C + 3 tokens, crossing every boundary off-step
         with torch.no_grad():
             result = traced(ids[:, at : at + size], *(torch.from_numpy(state[n]) for n in names))
         result = dict(zip(["logits", *update_names(2)], (r.numpy() for r in result)))
