@@ -109,7 +109,7 @@ class StreamingGraph(nn.Module):
         return (out, *flatten_state(present))
 
 
-class DecodeGraph(nn.Module):
+class DecodeGraph(StreamingGraph):
     """A streaming step that returns only what changed: (input_ids, *past) ->
     (logits, per layer new.{i}.meta_keys, new.{i}.chunk_states, present.{i}.keys,
     present.{i}.values, present.{i}.retrieved).
@@ -118,14 +118,6 @@ class DecodeGraph(nn.Module):
     past_meta_keys / past_chunk_states and replaces the rest, so no call copies the
     finished chunks: per-token cost stays flat as the context grows.
     """
-
-    def __init__(self, model: BSBRModel) -> None:
-        super().__init__()
-        self.model = model
-
-    @property
-    def input_names(self) -> list[str]:
-        return ["input_ids", *state_names(self.model.config.num_layers, "past")]
 
     @property
     def output_names(self) -> list[str]:
