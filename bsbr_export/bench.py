@@ -23,6 +23,7 @@ from pathlib import Path
 from bsbr_export.errors import UserError
 
 ORT_LEVELS = ("disabled", "basic", "extended", "all")
+WARMUP = 3  # untimed runs per engine and length (TorchScript's profiling executor needs ~2)
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,24 @@ def available_engines(export_dir: Path) -> list[str]:
     return engines
 
 
-def _feeds(vocab_size: int, batch: int, length: int):
+def random_feeds(vocab_size: int, batch: int, length: int, seed: int | None = None) -> dict:
+    """Random ids and an all-ones mask; seeded by the length unless `seed` is given, so
+    every engine (each in its own process) gets the same inputs at a length."""
     import numpy as np
 
-    rng = np.random.default_rng(length)  # same inputs for every engine at this length
+    rng = np.random.default_rng(length if seed is None else seed)
     ids = rng.integers(0, vocab_size, size=(batch, length), dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def eager_output(export_dir: Path, feeds: dict):
+    """The eager model's output (rebuilt from the export dir) on `feeds["input_ids"]`."""
+    import torch
+
+    from bsbr_export.checkpoint import load_model
+
+    with torch.inference_mode():
+        return load_model(export_dir)(torch.from_numpy(feeds["input_ids"])).numpy()
 
 
 def _make_call(engine: str, export_dir: Path, threads: int):
@@ -180,14 +193,14 @@ def peak_rss_mib() -> float:
 
 
 def time_lengths(
-    call, vocab_size: int, lengths: list[int], batch: int = 1, warmup: int = 3, min_iters: int = 5,
+    call, vocab_size: int, lengths: list[int], batch: int = 1, warmup: int = WARMUP, min_iters: int = 5,
     budget_s: float = 1.0,
 ) -> list[Timing]:
     """Time `call(feeds)` at each length, shortest first: warm-up, then at least
     `min_iters` runs and up to `budget_s` seconds (200 runs at most) per length."""
     timings = []
     for length in sorted(lengths):
-        feeds = _feeds(vocab_size, batch, length)
+        feeds = random_feeds(vocab_size, batch, length)
         for _ in range(warmup):
             call(feeds)
         times = []
@@ -252,15 +265,11 @@ def model_flops(config, length: int, batch: int = 1) -> float:
 
 def _parity(call, export_dir: Path, length: int, batch: int, vocab_size: int) -> tuple[float, float, float]:
     import numpy as np
-    import torch
 
-    from bsbr_export.checkpoint import load_model
-
-    feeds = _feeds(vocab_size, batch, length)
+    feeds = random_feeds(vocab_size, batch, length)
     got = call(feeds)
     got = np.asarray(got[0] if isinstance(got, (list, tuple)) else got)
-    with torch.inference_mode():
-        want = load_model(export_dir)(torch.from_numpy(feeds["input_ids"])).numpy()
+    want = eager_output(export_dir, feeds)
     top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
     return float(np.abs(got - want).max()), top1, max(1.0, float(np.abs(want).max()))
 
@@ -271,7 +280,7 @@ def bench_engines(
     lengths: list[int],
     *,
     batch: int = 1,
-    warmup: int = 3,
+    warmup: int = WARMUP,
     min_iters: int = 5,
     budget_s: float = 1.0,
     threads: int = 2,
@@ -366,7 +375,7 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("export_dir", type=Path)
     parser.add_argument("--lengths", required=True)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=WARMUP)
     parser.add_argument("--min-iters", type=int, default=5)
     parser.add_argument("--budget", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bsbr_export.bench import ORT_LEVELS
+from bsbr_export.bench import ORT_LEVELS, eager_output, random_feeds
 from bsbr_export.errors import UserError
 
 # Levels whose optimized graph may contain fused ops specific to this CPU / ORT build.
@@ -69,17 +69,9 @@ class QuantResult:
 
 
 def _session(path: Path, level: str = "all", optimized_path: Path | None = None, threads: int = 2):
-    import onnxruntime as ort
+    from bsbr_export.runners import OnnxRunner
 
-    from bsbr_export.runners import optimization_level
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = optimization_level(level)
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return OnnxRunner(path, optimization=level, threads=threads, optimized_path=optimized_path).session
 
 
 def _time(session, feeds: dict, repeats: int = 5) -> float:
@@ -92,20 +84,6 @@ def _time(session, feeds: dict, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def _reference(export_dir: Path, feeds: dict) -> np.ndarray:
-    import torch
-
-    from bsbr_export.checkpoint import load_model
-
-    with torch.inference_mode():
-        return load_model(export_dir)(torch.from_numpy(feeds["input_ids"])).numpy()
-
-
-def _feeds(vocab_size: int, batch: int, length: int, seed: int = 0) -> dict:
-    ids = np.random.default_rng(seed).integers(0, vocab_size, size=(batch, length), dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-
-
 def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, threads: int = 2) -> LevelChoice:
     """Time model.onnx at every ORT optimization level; save the fastest passing graph
     as model.optimized.onnx (tied to this machine when the level is extended/all)."""
@@ -115,8 +93,8 @@ def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, thr
     source = directory / "model.onnx"
     if not source.is_file():
         raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
-    feeds = _feeds(read_config(directory).vocab_size, 1, length)
-    want = _reference(directory, feeds)
+    feeds = random_feeds(read_config(directory).vocab_size, 1, length, seed=0)
+    want = eager_output(directory, feeds)
     allowed = tolerance * max(1.0, float(np.abs(want).max()))
     timings = []
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
@@ -181,8 +159,8 @@ def quantize_int8(
         raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
     if not 0 < target_top1 <= 1:
         raise UserError(f"target top-1 agreement must be in (0, 1], got {target_top1}")
-    feeds = _feeds(read_config(directory).vocab_size, batch, length, seed=7)
-    want = _reference(directory, feeds)
+    feeds = random_feeds(read_config(directory).vocab_size, batch, length, seed=7)
+    want = eager_output(directory, feeds)
     fp32_ms = _time(_session(source, threads=threads), feeds)
     nodes = weight_matmuls(source)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:

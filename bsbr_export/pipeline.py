@@ -200,7 +200,14 @@ def benchmark(
     Every engine runs in its own process on the same inputs; reports go into the
     export dir: report.json, report.md, latency.png, memory.png, decode.png.
     """
-    from bsbr_export.bench import BenchResult, available_engines, bench_engines, decode_latency, machine_info
+    from bsbr_export.bench import (
+        WARMUP,
+        BenchResult,
+        available_engines,
+        bench_engines,
+        decode_latency,
+        machine_info,
+    )
     from bsbr_export.formats import FORMATS
     from bsbr_export.report import write_report
     from bsbr_export.validate import validate_export
@@ -226,7 +233,7 @@ def benchmark(
     decode = ()
     if decode_contexts and any((directory / n).is_file() for n in ("model.decode.onnx", "model.streaming.onnx")):
         decode = tuple(decode_latency(directory, decode_contexts, threads=threads, progress=progress))
-    result = BenchResult(tuple(timings), tuple(sorted(lengths)), batch, threads, 3, decode, machine_info())
+    result = BenchResult(tuple(timings), tuple(sorted(lengths)), batch, threads, WARMUP, decode, machine_info())
     progress("writing report")
     note = read_manifest(directory, verify=False).get("note")
     reports = write_report(result, directory, tolerance=tolerance, validation=validation.to_dict(), note=note)

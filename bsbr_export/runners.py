@@ -89,7 +89,9 @@ class OnnxRunner:
         provider: str = "CPUExecutionProvider",
         optimization: str = "all",
         threads: int | None = None,
+        optimized_path: str | os.PathLike | None = None,
     ) -> None:
+        """optimized_path: also save the graph as ORT optimized it (optimized_model_filepath)."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -106,6 +108,8 @@ class OnnxRunner:
             options.intra_op_num_threads = threads
         # Idle ORT threads spinning would steal cores from anything else in the process.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if optimized_path is not None:
+            options.optimized_model_filepath = str(optimized_path)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=[provider])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
