@@ -24,19 +24,24 @@ def num_chunks(length: int, chunk_size: int) -> int:
     return (length + chunk_size - 1) // chunk_size
 
 
-def to_chunks(x: Tensor, chunk_size: int) -> Tensor:
-    """[B, H, L, e] -> [B, H, n, c, e], right-padding the last chunk with zeros."""
+def pad_to_chunks(x: Tensor, chunk_size: int) -> Tensor:
+    """[.., L, e] -> [.., n*c, e]: right-pad the length with zeros to whole chunks."""
     length = x.shape[-2]
-    padded = num_chunks(length, chunk_size) * chunk_size
-    x = F.pad(x, (0, 0, 0, padded - length))
+    return F.pad(x, (0, 0, 0, num_chunks(length, chunk_size) * chunk_size - length))
+
+
+def to_chunks(x: Tensor, chunk_size: int) -> Tensor:
+    """[.., n*c, e] -> [.., n, c, e], a view. The length must be whole chunks (see
+    `pad_to_chunks`): a model pads once and keeps that length through its blocks, so
+    its graph has no per-layer pad or slice copies."""
     return x.unflatten(-2, (-1, chunk_size))
 
 
 def boundaries(x: Tensor, chunk_size: int) -> Tensor:
-    """The last position of every chunk: [B, H, L, e] -> [B, H, n, e].
+    """The last position of every chunk: [.., n*c, e] -> [.., n, e].
 
-    The last chunk's entry is padding when `L % c != 0`; the math never uses it
-    (it would only feed a chunk after the sequence's end).
+    The last chunk's entry is padding when the real length is not whole chunks; the
+    math never uses it (it would only feed a chunk after the sequence's end).
     """
     return to_chunks(x, chunk_size)[..., -1, :]
 
@@ -47,11 +52,11 @@ def within_chunk_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     q, k, v: [B, H, n, c, e] -> [B, H, n, c, e]. Padded keys sit after every real
     query of their chunk, so `M_in` already hides them.
     """
-    c, e = q.shape[-2], q.shape[-1]
-    scores = q @ k.transpose(-1, -2) / math.sqrt(e)  # [B, H, n, c, c]
-    m_in = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~m_in, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    # Chunks become extra heads of one causal SDPA: its mask is M_in exactly, and
+    # ONNX opset 23 exports it as a single fused Attention node.
+    heads, n = q.shape[1], q.shape[2]
+    out = F.scaled_dot_product_attention(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2), is_causal=True)
+    return out.unflatten(1, (heads, n))
 
 
 def chunk_states(k: Tensor, v: Tensor, compress: Tensor | None = None) -> Tensor:
@@ -128,17 +133,21 @@ def chunked_attention(
     chunk's last token; first_retrieved: [B, H, e, e] is `S` of the block's first chunk
     (zeros at the start of a sequence). past_meta_keys / past_states ([B, H, P, e] /
     [B, H, P, s]) are the earlier chunks a stream has finished; None means P = 0.
-    finished: how many of the block's chunks are complete (default all `n`). Retrieval
-    runs only for their boundary rows, the only ones any output or the next state needs,
-    so a streaming step that completes no chunk never reads the past chunk states.
+
+    finished (a streaming step): how many of the block's chunks are complete. Retrieval
+    runs for their boundary rows, which include `S` of the chunk after the block when
+    its last chunk completes (the next step needs it); a step that completes no chunk
+    never reads the past chunk states. Without it (a whole sequence), retrieval runs
+    for the `n - 1` rows the block's own chunks read, and no more.
     """
     local = within_chunk_attention(q, k, v)
     states = chunk_states(k, v, compress)
     n = q.shape[-3]
-    rows = meta_queries if finished is None else meta_queries[..., :finished, :]
+    rows = meta_queries[..., : n - 1 if finished is None else finished, :]
     following = retrieve(rows, meta_keys, states, past_meta_keys, past_states, decompress)
     retrieved = torch.cat([first_retrieved.unsqueeze(-3), following], dim=-3)
-    output = local + q @ retrieved[..., :n, :, :]  # o_t = local_t + q_t S_i
+    per_chunk = retrieved if finished is None else retrieved[..., :n, :, :]  # S_i of each chunk
+    output = local + q @ per_chunk  # o_t = local_t + q_t S_i
     return ChunkedOutput(output, states, retrieved)
 
 
@@ -152,13 +161,15 @@ def bsbr_attention(
     compress: Tensor | None = None,
     decompress: Tensor | None = None,
 ) -> Tensor:
-    """Causal BSBR attention over a whole sequence.
+    """Causal BSBR attention over a whole sequence of any length.
 
     q, k, v, meta_q, meta_k: [B, H, L, e] (meta queries and keys for every position;
     only chunk-boundary positions are read: `h_j` from the last token of chunk `j`,
     `r_i` from the last token of chunk `i - 1`). Returns [B, H, L, e].
     Optional compression: `compress` [m, e^2] and `decompress` [e^2, m].
     """
+    length = q.shape[-2]
+    q, k, v, meta_q, meta_k = (pad_to_chunks(t, chunk_size) for t in (q, k, v, meta_q, meta_k))
     return bsbr_attention_at_boundaries(
         q,
         k,
@@ -168,7 +179,7 @@ def bsbr_attention(
         chunk_size,
         compress,
         decompress,
-    )
+    )[..., :length, :]
 
 
 def bsbr_attention_at_boundaries(
@@ -181,12 +192,13 @@ def bsbr_attention_at_boundaries(
     compress: Tensor | None = None,
     decompress: Tensor | None = None,
 ) -> Tensor:
-    """`bsbr_attention` with meta queries/keys already taken at chunk boundaries.
+    """`bsbr_attention` on whole chunks, with meta queries/keys already taken at chunk
+    boundaries.
 
-    meta_queries, meta_keys: [B, H, n, e]. The model calls this form so it projects
-    only the `n` boundary tokens, not all `L`.
+    q, k, v: [B, H, n*c, e]; meta_queries, meta_keys: [B, H, n, e]. The model calls this
+    form so it projects only the `n` boundary tokens, not all `L`. Returns [B, H, n*c, e].
     """
-    batch, heads, length, e = q.shape
+    batch, heads, _, e = q.shape
     first = q.new_zeros(batch, heads, e, e)  # S_0 = 0
     out = chunked_attention(
         to_chunks(q, chunk_size),
@@ -198,4 +210,4 @@ def bsbr_attention_at_boundaries(
         compress=compress,
         decompress=decompress,
     ).output
-    return out.flatten(-3, -2)[..., :length, :]
+    return out.flatten(-3, -2)

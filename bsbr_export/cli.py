@@ -11,7 +11,7 @@ import sys
 import click
 
 from bsbr_export.errors import UserError
-from bsbr_export.formats import FORMATS  # light: feeds the --format help
+from bsbr_export.formats import DEFAULT_OPSET, FORMATS  # light: feeds the --format help
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,7 +77,7 @@ def run(model: str, length: int | None, batch: int) -> None:
               help="Comma-separated formats: " + ", ".join(FORMATS) + ".")
 @click.option("--streaming", is_flag=True, help="Also export streaming-step graphs (past.* -> present.*).")
 @click.option("--static", "static", default=None, metavar="BATCHxLENGTH", help="Fixed-shape ONNX graph instead of dynamic axes.")
-@click.option("--opset", type=int, default=None, help="ONNX opset [default: the exporter's].")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).")
 @click.option("--force", is_flag=True,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from bsbr_export.errors import UserError
+from bsbr_export.formats import DEFAULT_OPSET
 from bsbr_export.graphs import export_graph, flatten_state, state_dims, update_dims
 from bsbr_export.io import check_parent_dir
 from bsbr_export.model import BSBRModel
@@ -58,9 +59,9 @@ def example_state(model: BSBRModel, batch: int, seed: int = 0) -> list[Tensor]:
     return flatten_state(state)
 
 
-def check_opset(opset: int | None) -> None:
+def check_opset(opset: int) -> None:
     """UserError unless `opset` is one the exporter and ONNX Runtime both support."""
-    if opset is not None and opset not in SUPPORTED_OPSETS:
+    if opset not in SUPPORTED_OPSETS:
         raise UserError(
             f"opset {opset} is not supported: pass --opset between {SUPPORTED_OPSETS.start} "
             f"and {SUPPORTED_OPSETS.stop - 1}"
@@ -109,7 +110,7 @@ def export_onnx(
     *,
     dynamic: bool = True,
     static_shape: tuple[int, int] | None = None,
-    opset: int | None = None,
+    opset: int = DEFAULT_OPSET,
     example_length: int | None = None,
     streaming: bool = False,
     decode: bool = False,
@@ -178,6 +179,8 @@ def export_onnx(
         if streaming and dynamic:
             outputs = update_dims(cfg.num_layers) if decode else state_dims(cfg.num_layers, "present")
             _rename_output_dims(program.model, outputs)
+        elif dynamic:  # the output is sliced back from whole chunks: Min(sequence, ...)
+            _rename_output_dims(program.model, {name: {0: "batch", 1: "sequence"} for name in graph.output_names})
         program.model.metadata_props.update(props)
         staged = tmp / path.name
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -19,6 +19,7 @@ from bsbr_export.attention import (
     bsbr_attention_at_boundaries,
     boundaries,
     chunked_attention,
+    pad_to_chunks,
     to_chunks,
 )
 from bsbr_export.config import BSBRConfig
@@ -125,18 +126,14 @@ class BSBRAttention(nn.Module):
         return self.compress.weight, self.decompress.weight
 
     def _meta(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Meta queries r and keys h from each chunk's last token: [B, H, n, e] each."""
+        """Meta queries r and keys h from each chunk's last token: [B, H, n, e] each.
+        x: [B, n*c, hidden]."""
         last = boundaries(x, self.config.chunk_size)  # [B, n, hidden]
         return self._heads(self.meta_query_proj(last)), self._heads(self.meta_key_proj(last))
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """x: [B, L, hidden] (pre-normed) -> [B, L, hidden]."""
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, n*c, hidden] (pre-normed, whole chunks) -> [B, n*c, hidden]."""
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        if attention_mask is not None:
-            # Causality already keeps right padding out of valid positions; zeroing the
-            # padded keys/values also keeps it out of every chunk state.
-            keep = attention_mask[:, None, :, None].to(k.dtype)
-            k, v = k * keep, v * keep
         meta_queries, meta_keys = self._meta(x)
         o = bsbr_attention_at_boundaries(
             q, k, v, meta_queries, meta_keys, self.config.chunk_size, *self._compression()
@@ -155,13 +152,13 @@ class BSBRAttention(nn.Module):
         q = F.pad(self._heads(self.q_proj(x)), (0, 0, t, 0))
         k = torch.cat([state.keys, self._heads(self.k_proj(x))], dim=-2)
         v = torch.cat([state.values, self._heads(self.v_proj(x))], dim=-2)
-        meta_queries, meta_keys = self._meta(F.pad(x, (0, 0, t, 0)))
+        meta_queries, meta_keys = self._meta(pad_to_chunks(F.pad(x, (0, 0, t, 0)), c))
         total = k.shape[-2]
         finished = total // c  # chunks this block completes; the last may be partial
         out = chunked_attention(
-            to_chunks(q, c),
-            to_chunks(k, c),
-            to_chunks(v, c),
+            to_chunks(pad_to_chunks(q, c), c),
+            to_chunks(pad_to_chunks(k, c), c),
+            to_chunks(pad_to_chunks(v, c), c),
             meta_queries,
             meta_keys,
             state.retrieved,
@@ -196,8 +193,8 @@ class Block(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        x = x + self.dropout(self.attn(self.ln_1(x), attention_mask))
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.dropout(self.attn(self.ln_1(x)))
         return x + self.dropout(self.ff(self.ln_2(x)))
 
     def step(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerUpdate]:
@@ -240,9 +237,16 @@ class BSBRModel(nn.Module):
                     f"{list(input_ids.shape)}"
                 )
         x = self._embed(input_ids, 0)
+        if attention_mask is not None:
+            # Causality already keeps right padding out of every valid position; zeroing
+            # the padded inputs also makes the outputs there independent of the pad ids.
+            x = x * attention_mask[..., None].to(x.dtype)
+        # Pad once to whole chunks and keep that length through the blocks: padding sits
+        # after every real position, so causality keeps it out of their outputs.
+        x = pad_to_chunks(x, self.config.chunk_size)
         for block in self.blocks:
-            x = block(x, attention_mask)
-        return self._head(x)
+            x = block(x)
+        return self._head(x[:, : input_ids.shape[1]])
 
     def init_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

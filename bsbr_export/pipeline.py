@@ -18,7 +18,7 @@ from pathlib import Path
 from bsbr_export.checkpoint import load_model, write_checkpoint
 from bsbr_export.errors import UserError
 from bsbr_export.export import check_opset, check_static_shape, export_onnx, export_torchscript, state_spec
-from bsbr_export.formats import Format, artifact_name, export_jobs
+from bsbr_export.formats import DEFAULT_OPSET, Format, artifact_name, export_jobs
 from bsbr_export.io import atomic_dir
 from bsbr_export.manifest import MANIFEST, file_record, read_manifest
 from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner
@@ -67,7 +67,7 @@ def export_model(
     *,
     streaming: bool = False,
     static_shape: tuple[int, int] | None = None,
-    opset: int | None = None,
+    opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
     progress: Callable[[str], None] = lambda step: None,

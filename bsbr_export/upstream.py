@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bsbr_export.attention import num_chunks, to_chunks
+from bsbr_export.attention import num_chunks, pad_to_chunks, to_chunks
 from bsbr_export.checkpoint import state_dict_problems
 from bsbr_export.config import UPSTREAM_POSITIONS, BSBRConfig
 from bsbr_export.errors import UserError
@@ -130,9 +130,9 @@ class UpstreamAttention(nn.Module):
         """x: [B, L, hidden] (after layer_norm1) -> [B, L, hidden]."""
         c, e = self.config.chunk_size, self.config.head_dim
         length = x.shape[1]
-        q = to_chunks(self._heads(self.q_proj(x)), c)  # [B, H, n, c, e], zero rows past L
-        k = to_chunks(self._heads(self.k_proj(x)), c)
-        v = to_chunks(self._heads(self.v_proj(x)), c)
+        q = to_chunks(pad_to_chunks(self._heads(self.q_proj(x)), c), c)  # [B, H, n, c, e], zero rows past L
+        k = to_chunks(pad_to_chunks(self._heads(self.k_proj(x)), c), c)
+        v = to_chunks(pad_to_chunks(self._heads(self.v_proj(x)), c), c)
 
         # Within-chunk attention: M_in keeps s >= t (upper triangle, diagonal included).
         # Padded keys stay in: score exactly 0, value 0, as in the package.
