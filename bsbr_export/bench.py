@@ -117,6 +117,8 @@ def available_engines(export_dir: Path) -> list[str]:
         engines.append("ort-cpu-optimized")
     if (export_dir / "model.int8.onnx").is_file():
         engines.append("ort-cpu-int8")
+    if (export_dir / "model.fp16.onnx").is_file() and "CUDAExecutionProvider" in available_providers():
+        engines.append("ort-cuda-fp16")
     return engines
 
 
@@ -169,7 +171,7 @@ def _make_call(engine: str, export_dir: Path, threads: int):
 
     _, device, variant = engine.split("-", 2)
     provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
-    files = {"int8": "model.int8.onnx", "optimized": "model.optimized.onnx"}
+    files = {"int8": "model.int8.onnx", "optimized": "model.optimized.onnx", "fp16": "model.fp16.onnx"}
     path = export_dir / files.get(variant, "model.onnx")
     level = "all" if variant in files else variant
     runner = OnnxRunner(path, provider=provider, optimization=level, threads=threads)

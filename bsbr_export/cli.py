@@ -243,20 +243,27 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
 @click.option("--int8/--no-int8", default=True, show_default=True, help="Also write an int8 dynamic-quantized graph.")
 @click.option("--target-top1", type=float, default=0.97, show_default=True,
               help="int8: keep the most sensitive MatMuls in fp32 until top-1 agreement reaches this.")
+@click.option("--fp16/--no-fp16", default=None,
+              help="Also write an fp16 graph for ONNX Runtime's CUDA provider [default: when it is available].")
 @click.option("--threads", type=int, default=2, show_default=True)
-def optimize(export_dir, length, int8, target_top1, threads) -> None:
+def optimize(export_dir, length, int8, target_top1, fp16, threads) -> None:
     """Measure ONNX Runtime's optimization levels here and save the fastest that still
-    matches eager (model.optimized.onnx); quantize to int8 keeping sensitive nodes fp32."""
+    matches eager (model.optimized.onnx); quantize to int8 keeping sensitive nodes fp32;
+    convert to fp16 for the CUDA provider (model.fp16.onnx; check it with `validate`)."""
     from rich.console import Console
 
     from bsbr_export.optimize import optimize_export
     from bsbr_export.render import levels_table, quant_table
 
     with Console(stderr=True).status("optimizing"):
-        choice, quant = optimize_export(export_dir, length=length, int8=int8, target_top1=target_top1,
-                                        threads=threads)
+        choice, quant, fp16_path = optimize_export(export_dir, length=length, int8=int8, target_top1=target_top1,
+                                                   threads=threads, fp16=fp16)
     console = Console()
     console.print(levels_table(choice))
+    if fp16_path is not None:
+        click.echo(f"fp16: wrote {fp16_path.name} for the CUDA provider; `bsbr-export validate` checks it")
+    elif fp16 is None:
+        click.echo("fp16: skipped, ONNX Runtime's CUDA provider is not available here (--fp16 forces it)")
     if quant is not None:
         console.print(quant_table(quant))
         if not quant.reached:

@@ -1,4 +1,4 @@
-"""ONNX Runtime graph optimization levels and int8 dynamic quantization, measured.
+"""ONNX Runtime graph optimization levels, int8 dynamic quantization and fp16, measured.
 
 `choose_level` times every ORT optimization level on this machine, keeps the fastest
 one whose output still matches eager, and saves that optimized graph
@@ -6,6 +6,7 @@ one whose output still matches eager, and saves that optimized graph
 keeps in fp32 the nodes that hurt accuracy most, found per node: on BSBR the input of
 the attention output projection is ~100x larger than in standard attention (the
 retrieval term `q S` is unnormalized), so quantizing every MatMul costs top-1 agreement.
+`convert_fp16` writes an fp16 graph for the CUDA provider (fp32 inputs and outputs).
 """
 
 from __future__ import annotations
@@ -195,11 +196,75 @@ def quantize_int8(
     )
 
 
+def position_nodes(model_proto) -> list[str]:
+    """The nodes that compute the sinusoid's angles, and the Sin/Cos themselves.
+
+    They stay fp32 in an fp16 graph: an angle is `position * frequency`, and fp16's
+    11-bit mantissa would move position 2048 by a whole radian.
+    """
+    producers = {out: node for node in model_proto.graph.node for out in node.output}
+    kept, todo = {}, [n for n in model_proto.graph.node if n.op_type in ("Sin", "Cos")]
+    while todo:
+        node = todo.pop()
+        if node.name not in kept:
+            kept[node.name] = node
+            todo += [producers[i] for i in node.input if i in producers]
+    return sorted(kept)
+
+
+def convert_fp16(export_dir) -> tuple[Path, list[str]]:
+    """Write model.fp16.onnx: weights and math in fp16 for the CUDA provider, inputs and
+    outputs still fp32 (a drop-in for model.onnx), the position angles kept fp32.
+    Returns the path and the nodes kept in fp32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    directory = Path(export_dir)
+    source = directory / "model.onnx"
+    if not source.is_file():
+        raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(source)))
+    kept = position_nodes(model)
+    # The converter casts every float tensor it has a type for to fp16, even between two
+    # fp32 nodes (angles rounded to fp16 moved logits by 5e-2 at L=2048): drop the types
+    # of tensors that only kept nodes read, so those stay fp32.
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.name)
+    internal = {out for node in model.graph.node if node.name in kept for out in node.output
+                if readers.get(out) and readers[out] <= set(kept)}
+    types = [v for v in model.graph.value_info if v.name not in internal]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(types)
+    logging.getLogger().setLevel(logging.ERROR)  # per-initializer "values truncated" warnings
+    converted = OnnxModel(convert_float_to_float16(model, keep_io_types=True, node_block_list=kept,
+                                                   disable_shape_infer=True))
+    converted.topological_sort()  # the converter appends the Casts it inserts at the end
+    # It also leaves some intermediate types stale; they are inferred again on load.
+    del converted.model.graph.value_info[:]
+    target = directory / "model.fp16.onnx"
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        staged = Path(tmp) / target.name
+        onnx.save(converted.model, str(staged))
+        onnx.checker.check_model(str(staged), full_check=True)
+        shutil.move(str(staged), target)
+    return target, kept
+
+
 def optimize_export(
-    export_dir, *, length: int = 1024, int8: bool = True, target_top1: float = 0.97, threads: int = 2
-) -> tuple[LevelChoice, QuantResult | None]:
-    """Choose the ORT level and (optionally) quantize; record both artifacts in the manifest."""
+    export_dir, *, length: int = 1024, int8: bool = True, target_top1: float = 0.97, threads: int = 2,
+    fp16: bool | None = None,
+) -> tuple[LevelChoice, QuantResult | None, Path | None]:
+    """Choose the ORT level and (optionally) quantize; record the artifacts in the manifest.
+
+    fp16: also write model.fp16.onnx, meant for the CUDA provider; None means "when that
+    provider is installed here". `validate` checks it on every provider (ORT's CPU provider
+    runs fp16 graphs too, slowly), `bench` times it on CUDA.
+    Returns the level choice, the int8 result and the fp16 graph (None when not made)."""
     from bsbr_export.manifest import add_artifacts, read_manifest
+    from bsbr_export.runners import available_providers
 
     read_manifest(export_dir)  # a real, unchanged export dir before anything is written
     if length < 1:
@@ -218,5 +283,13 @@ def optimize_export(
             "settings": {"precision": "int8", "quantization": "dynamic, per-tensor, MatMul weights",
                          "fp32_modules": [quant.modules[n] for n in quant.fp32_nodes], "static_shape": None},
         })
+    fp16_path = None
+    if fp16 or (fp16 is None and "CUDAExecutionProvider" in available_providers()):
+        fp16_path, kept = convert_fp16(export_dir)
+        entries.append({
+            "name": fp16_path.name, "format": "onnx", "kind": "logits",
+            "settings": {"precision": "fp16", "target_provider": "CUDAExecutionProvider", "fp32_nodes": kept,
+                         "static_shape": None},
+        })
     add_artifacts(export_dir, entries)
-    return choice, quant
+    return choice, quant, fp16_path

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
+import onnx
+import pytest
 
 from bsbr_export.optimize import weight_matmuls
+from bsbr_export.runners import available_providers
 from bsbr_export.validate import validate_export
 from conftest import run_cli
 
@@ -43,3 +46,38 @@ def test_optimize_writes_and_records_both_graphs(capsys, export_copy):
 def test_optimize_needs_an_export_dir(capsys, tmp_path):
     code, _, err = run_cli(capsys, "optimize", tmp_path)
     assert code == 2 and "no manifest.json" in err
+
+
+def test_fp16_graph_keeps_positions_fp32_and_validates(capsys, export_copy):
+    code, out, err = run_cli(capsys, "optimize", export_copy, "--length", "40", "--no-int8", "--fp16")
+    assert code == 0, err
+    assert "fp16: wrote model.fp16.onnx" in out
+    settings = {a["name"]: a for a in json.loads((export_copy / "manifest.json").read_text())["artifacts"]}[
+        "model.fp16.onnx"]["settings"]
+    assert settings["precision"] == "fp16" and settings["target_provider"] == "CUDAExecutionProvider"
+    graph = onnx.load(str(export_copy / "model.fp16.onnx")).graph
+    kept = {n.name: n.op_type for n in graph.node if n.name in settings["fp32_nodes"]}
+    assert {"Sin", "Cos", "Mul"} <= set(kept.values())
+    float16 = onnx.TensorProto.FLOAT16
+    assert all(w.data_type == float16 for w in graph.initializer if w.name.endswith("weight"))
+    assert all(v.type.tensor_type.elem_type != float16 for v in [*graph.input, *graph.output])
+    # ORT's CPU provider runs fp16 graphs too: long lengths catch angles rounded to fp16
+    # (that moved logits by 5e-2 at L=2048, five times the fp16 tolerance).
+    result = validate_export(export_copy, lengths=[5, 17, 2048], batches=(1,), providers=["CPUExecutionProvider"])
+    fp16 = next(c for c in result.checks if c.artifact == "model.fp16.onnx")
+    assert fp16.passed and fp16.parity.max_abs > 0
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in available_providers(), reason="this machine has the CUDA provider")
+def test_fp16_is_skipped_without_cuda_unless_asked(capsys, export_copy):
+    code, out, err = run_cli(capsys, "optimize", export_copy, "--length", "40", "--no-int8")
+    assert code == 0, err
+    assert "fp16: skipped" in out and not (export_copy / "model.fp16.onnx").exists()
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in available_providers(), reason="CUDAExecutionProvider not available")
+def test_fp16_on_cuda(capsys, export_copy):
+    code, out, err = run_cli(capsys, "optimize", export_copy, "--length", "40", "--no-int8")
+    assert code == 0 and "fp16: wrote" in out, err
+    result = validate_export(export_copy, lengths=[5, 17, 2048], batches=(1, 2), providers=["CUDAExecutionProvider"])
+    assert result.passed, [c.parity.failures for c in result.checks if not c.passed]
