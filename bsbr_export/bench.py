@@ -174,7 +174,8 @@ def _make_call(engine: str, export_dir: Path, threads: int):
     files = {"int8": "model.int8.onnx", "optimized": "model.optimized.onnx", "fp16": "model.fp16.onnx"}
     path = export_dir / files.get(variant, "model.onnx")
     level = "all" if variant in files else variant
-    runner = OnnxRunner(path, provider=provider, optimization=level, threads=threads)
+    # Alone in this worker process: spinning threads steal from nobody (ORT's default).
+    runner = OnnxRunner(path, provider=provider, optimization=level, threads=threads, spinning=True)
     return lambda feeds: runner.session.run(None, {n: feeds[n] for n in runner.input_names})
 
 

@@ -90,8 +90,12 @@ class OnnxRunner:
         optimization: str = "all",
         threads: int | None = None,
         optimized_path: str | os.PathLike | None = None,
+        spinning: bool = False,
     ) -> None:
-        """optimized_path: also save the graph as ORT optimized it (optimized_model_filepath)."""
+        """optimized_path: also save the graph as ORT optimized it (optimized_model_filepath).
+        spinning: let idle intra-op threads spin for the next op (ORT's default), which
+        saves their wake-up on every node but steals cores from anything else running in
+        the process, so only a session alone in its process (a bench worker) asks for it."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -106,8 +110,7 @@ class OnnxRunner:
         options.graph_optimization_level = optimization_level(optimization)
         if threads:
             options.intra_op_num_threads = threads
-        # Idle ORT threads spinning would steal cores from anything else in the process.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if optimized_path is not None:
             options.optimized_model_filepath = str(optimized_path)
         try:

@@ -75,7 +75,7 @@ def _child_time_onnx(path: str, lengths: list[int], hidden: int | None, vocab: i
     from bsbr_export.bench import peak_rss_mib, time_lengths
     from bsbr_export.runners import OnnxRunner
 
-    runner = OnnxRunner(path, threads=threads)
+    runner = OnnxRunner(path, threads=threads, spinning=True)  # alone in this child process
     if hidden:
         def call(feeds):
             x = np.ones((feeds["input_ids"].shape[1], hidden), dtype=np.float32)
