@@ -2,7 +2,8 @@
 
 The torch exporter tags every node with the module scope it came from
 (`pkg.torch.onnx.name_scopes`). A block's output is the value made inside the
-`model.blocks.{i}` scope and read outside it (the residual stream), so each block's
+`model.blocks.{i}` scope (`model.layers.{i}` for the upstream flavor: the model's
+`block_path`) and read outside it (the residual stream), so each block's
 hidden state can be exposed as an extra graph output and compared with the eager
 block's output (captured with forward hooks), like Polygraphy's per-layer comparison.
 """
@@ -29,19 +30,20 @@ class LayerDiff:
         return self.max_abs <= self.tolerance
 
 
-def block_scope(node) -> str | None:
+def block_scope(node, block_path: str = "blocks") -> str | None:
     """'model.blocks.3' for a node exported from inside block 3, else None."""
     meta = {p.key: p.value for p in node.metadata_props}
     scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
-    return next((s for s in scopes if s.startswith("model.blocks.") and s.count(".") == 2), None)
+    prefix = f"model.{block_path}."
+    return next((s for s in scopes if s.startswith(prefix) and s[len(prefix):].isdigit()), None)
 
 
-def block_outputs(model_proto, num_layers: int) -> dict[int, str]:
+def block_outputs(model_proto, num_layers: int, block_path: str = "blocks") -> dict[int, str]:
     """ONNX value name of each block's output, found from the exporter's name scopes."""
     scope_of: dict[str, str | None] = {}
     consumers: dict[str, set] = {}
     for node in model_proto.graph.node:
-        block = block_scope(node)
+        block = block_scope(node, block_path)
         for out in node.output:
             scope_of[out] = block
         for name in node.input:
@@ -61,7 +63,7 @@ def localize(onnx_path: Path, model, feeds: dict[str, np.ndarray], tolerance: fl
     import onnxruntime as ort
 
     proto = onnx.load(str(onnx_path))
-    names = block_outputs(proto, model.config.num_layers)
+    names = block_outputs(proto, model.config.num_layers, model.block_path)
     for name in names.values():
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +92,7 @@ def localize(onnx_path: Path, model, feeds: dict[str, np.ndarray], tolerance: fl
     for i, name in names.items():
         want, got = captured[i][:, :length][valid], results[name][:, :length][valid]
         scale = max(1.0, float(np.abs(want).max()))
-        diffs.append(LayerDiff(f"blocks.{i}", float(np.abs(want - got).max()), tolerance * scale))
+        diffs.append(LayerDiff(f"{model.block_path}.{i}", float(np.abs(want - got).max()), tolerance * scale))
     want, got = expected[valid], results[wanted[0]][valid]
     diffs.append(LayerDiff("output", float(np.abs(want - got).max()), tolerance * max(1.0, float(np.abs(want).max()))))
     return diffs

@@ -206,6 +206,8 @@ class Block(nn.Module):
 class BSBRModel(nn.Module):
     """A causal BSBR language model (or encoder of hidden states when `lm_head` is off)."""
 
+    block_path = "blocks"  # where the blocks live: module scopes in exported graphs
+
     def __init__(self, config: BSBRConfig) -> None:
         super().__init__()
         self.config = config

@@ -187,6 +187,8 @@ class UpstreamBSBRModel(nn.Module):
     Its `state_dict` has exactly the package's keys. Not causal; see the module docstring.
     """
 
+    block_path = "layers"  # the package's name for its blocks: module scopes in exported graphs
+
     def __init__(self, config: BSBRConfig) -> None:
         super().__init__()
         if config.flavor != FLAVOR:

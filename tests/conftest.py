@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -76,3 +78,27 @@ def export_copy(tiny_export, tmp_path):
     copy = tmp_path / "export"
     shutil.copytree(out, copy)
     return copy
+
+
+def rehash(directory, name):
+    """Record a file's new hash, as a broken exporter would have."""
+    from bsbr_export.manifest import sha256
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for artifact in manifest["artifacts"]:
+        if name in artifact["files"]:
+            artifact["files"][name]["sha256"] = sha256(directory / name)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def weight_used_only_in(proto, scope: str, block_path: str = "blocks"):
+    """An initializer (matrix) that only nodes of `scope` read (equal constants are shared)."""
+    from bsbr_export.localize import block_scope
+
+    readers = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(block_scope(node, block_path))
+    return next(
+        i for i in proto.graph.initializer if len(i.dims) == 2 and readers.get(i.name) == {scope}
+    )

@@ -21,6 +21,7 @@ from bsbr_export.checkpoint import load_model
 from bsbr_export.cli import main
 from bsbr_export.errors import UserError
 from bsbr_export.upstream import UpstreamBSBRModel, sinusoid_table
+from conftest import rehash, weight_used_only_in
 
 FIXTURE = Path(__file__).parent / "fixtures" / "upstream"
 ATOL = 1e-5  # float32 round-off: the package and ours compute the same sums in other orders
@@ -135,6 +136,27 @@ def test_fixture_export_matches_package_outputs(fixture_export):
         for engine, got in outs.items():
             err = np.abs(got - expected[f"hidden.{length}"].numpy()).max()
             assert err <= ATOL, (engine, length, err)
+
+
+def test_validate_names_the_upstream_layer(fixture_export, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from bsbr_export.validate import validate_export
+
+    broken = tmp_path / "broken"
+    shutil.copytree(fixture_export, broken)
+    proto = onnx.load(str(broken / "model.onnx"))
+    init = weight_used_only_in(proto, "model.layers.1", "layers")
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 3.0, init.name))
+    onnx.save(proto, str(broken / "model.onnx"))
+    rehash(broken, "model.onnx")
+    result = validate_export(broken, lengths=[9], batches=(1,))
+    check = next(c for c in result.checks if c.artifact == "model.onnx")
+    assert not check.passed and check.first_bad_layer == "layers.1"
+    assert [d.layer for d in check.layers][:2] == ["layers.0", "layers.1"] and check.layers[0].passed
 
 
 def test_validate_and_no_streaming_on_export(fixture_dir, fixture_export, capsys):

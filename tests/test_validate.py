@@ -9,31 +9,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from bsbr_export.manifest import sha256
 from bsbr_export.validate import compare, validate_export
-from conftest import run_cli
-
-
-def _rehash(directory, name):
-    """Record a file's new hash, as a broken exporter would have."""
-    manifest = json.loads((directory / "manifest.json").read_text())
-    for artifact in manifest["artifacts"]:
-        if name in artifact["files"]:
-            artifact["files"][name]["sha256"] = sha256(directory / name)
-    (directory / "manifest.json").write_text(json.dumps(manifest))
-
-
-def _weight_used_only_in(proto, scope):
-    """An initializer (matrix) that only nodes of `scope` read (equal constants are shared)."""
-    from bsbr_export.localize import block_scope
-
-    readers = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            readers.setdefault(name, set()).add(block_scope(node))
-    return next(
-        i for i in proto.graph.initializer if len(i.dims) == 2 and readers.get(i.name) == {scope}
-    )
+from conftest import rehash, run_cli, weight_used_only_in
 
 
 def test_clean_export_passes(capsys, export_copy):
@@ -49,10 +26,10 @@ def test_clean_export_passes(capsys, export_copy):
 def test_perturbed_weight_fails_and_names_the_layer(capsys, export_copy):
     path = export_copy / "model.onnx"
     proto = onnx.load(str(path))
-    init = _weight_used_only_in(proto, "model.blocks.1")
+    init = weight_used_only_in(proto, "model.blocks.1")
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 3.0, init.name))
     onnx.save(proto, str(path))
-    _rehash(export_copy, "model.onnx")
+    rehash(export_copy, "model.onnx")
     code, out, err = run_cli(capsys, "validate", export_copy, "--lengths", "9,29", "--batches", "2")
     assert code == 1
     assert "FAILED model.onnx on ort-cpu: batch 2 x length 9" in err
@@ -85,7 +62,7 @@ def test_hash_mismatch(capsys, export_copy):
 
 def test_artifact_not_onnx(capsys, export_copy):
     (export_copy / "model.onnx").write_bytes(b"not a model")
-    _rehash(export_copy, "model.onnx")
+    rehash(export_copy, "model.onnx")
     code, _, err = run_cli(capsys, "validate", export_copy, "--lengths", "3")
     assert code == 2 and "is not a loadable ONNX model" in err
 
