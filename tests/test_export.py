@@ -159,6 +159,18 @@ def test_checker_is_clean(tiny_export):
         onnx.checker.check_model(str(out / name), full_check=True)
 
 
+def test_full_graph_pads_once_and_fuses_chunk_attention(tiny_export):
+    # What keeps the graph fast (ORT profile at L=4096): one Pad for the whole model, not
+    # copies per layer, and within-chunk attention as opset 23's fused Attention node.
+    out, _ = tiny_export
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    layers = load_model("bsbr-tiny").config.num_layers
+    assert ops.count("Pad") == 1
+    assert ops.count("Attention") == layers
+    assert ops.count("Softmax") == layers  # the chunk-level retrieval's; within-chunk is fused
+
+
 def test_manifest_hashes_files(tiny_export):
     from bsbr_export.manifest import sha256
 
