@@ -238,6 +238,9 @@ class BSBRModel(nn.Module):
                     f"attention_mask shape {list(attention_mask.shape)} != input_ids shape "
                     f"{list(input_ids.shape)}"
                 )
+            if attention_mask is not None and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+                # Positions count from each row's start, so only right padding keeps them right.
+                raise UserError("attention_mask must be right padding: 1s, then only 0s, in every row")
         x = self._embed(input_ids, 0)
         if attention_mask is not None:
             # Causality already keeps right padding out of every valid position; zeroing

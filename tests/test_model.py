@@ -54,6 +54,25 @@ def test_right_padded_batch_matches_each_sequence_alone(tiny_model):
         assert (batched[i, : len(s)] - alone[0]).abs().max() < 1e-12
 
 
+def test_pad_ids_never_matter(tiny_model):
+    # Even at padded positions: the mask zeroes their inputs before any block.
+    cfg = tiny_model.config
+    ids = random_ids(cfg, 2, 11, seed=3)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    other = ids.clone()
+    other[0, 6:] = (other[0, 6:] + 5) % cfg.vocab_size
+    assert torch.equal(tiny_model(ids, mask), tiny_model(other, mask))
+
+
+def test_mask_must_be_right_padding(tiny_model):
+    ids = random_ids(tiny_model.config, 2, 6)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding: positions would be off by two
+    with pytest.raises(UserError, match="right padding"):
+        tiny_model(ids, mask)
+
+
 def test_long_input_has_no_maximum_length():
     model = build_model(tiny_config()).eval()
     ids = random_ids(model.config, 1, 6001)
