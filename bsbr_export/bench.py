@@ -244,26 +244,36 @@ def run_engine(
                         logit_scale=scale)
 
 
-def model_flops(config, length: int, batch: int = 1) -> float:
-    """Forward FLOPs (2 per multiply-add) of a native BSBR model, counted from the math:
-    projections, feed-forward, within-chunk blocks on the padded length, chunk states,
-    chunk-level retrieval (n^2 terms), q S, meta projections at boundaries, LM head."""
-    h, e, c, heads = config.hidden_size, config.head_dim, config.chunk_size, config.num_heads
-    n = (length + c - 1) // c
-    padded = n * c
+def weight_flops(config, length: int, batch: int = 1) -> float:
+    """FLOPs (2 per multiply-add) of a native BSBR model's weight GEMMs: q, k, v, out
+    projections, meta projections at boundary tokens, feed-forward, LM head."""
+    h = config.hidden_size
+    n = (length + config.chunk_size - 1) // config.chunk_size
     per_layer = (
         4 * 2 * length * h * h  # q, k, v, out projections
         + 2 * 2 * n * h * h  # meta query / key projections, boundary tokens only
         + 2 * 2 * length * h * config.ff_size  # feed-forward
-        + 2 * 2 * padded * c * e * heads  # within-chunk q k^T and a v
+    )
+    head = 2 * length * h * config.vocab_size if config.lm_head else 0
+    return float(batch * (config.num_layers * per_layer + head))
+
+
+def model_flops(config, length: int, batch: int = 1) -> float:
+    """Forward FLOPs (2 per multiply-add) of a native BSBR model, counted from the math:
+    the weight GEMMs (`weight_flops`), then within-chunk blocks on the padded length,
+    chunk states, chunk-level retrieval (n^2 terms) and q S."""
+    e, c, heads = config.head_dim, config.chunk_size, config.num_heads
+    n = (length + c - 1) // c
+    padded = n * c
+    per_layer = (
+        2 * 2 * padded * c * e * heads  # within-chunk q k^T and a v
         + 2 * padded * e * e * heads  # chunk states K^T V
         + 2 * n * n * e * heads + 2 * n * n * config.state_size * heads  # retrieval scores, mix
         + 2 * padded * e * e * heads  # q S
     )
     if config.compression is not None:
         per_layer += 2 * 2 * n * e * e * config.compression * heads  # compress + decompress
-    head = 2 * length * h * config.vocab_size if config.lm_head else 0
-    return float(batch * (config.num_layers * per_layer + head))
+    return weight_flops(config, length, batch) + float(batch * config.num_layers * per_layer)
 
 
 def _parity(call, export_dir: Path, length: int, batch: int, vocab_size: int) -> tuple[float, float, float]:

@@ -220,6 +220,8 @@ def convert_fp16(export_dir) -> tuple[Path, list[str]]:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
+    from bsbr_export.io import atomic_write
+
     directory = Path(export_dir)
     source = directory / "model.onnx"
     if not source.is_file():
@@ -233,8 +235,9 @@ def convert_fp16(export_dir) -> tuple[Path, list[str]]:
     for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, set()).add(node.name)
-    internal = {out for node in model.graph.node if node.name in kept for out in node.output
-                if readers.get(out) and readers[out] <= set(kept)}
+    fp32 = set(kept)
+    internal = {out for node in model.graph.node if node.name in fp32 for out in node.output
+                if readers.get(out) and readers[out] <= fp32}
     types = [v for v in model.graph.value_info if v.name not in internal]
     del model.graph.value_info[:]
     model.graph.value_info.extend(types)
@@ -245,11 +248,9 @@ def convert_fp16(export_dir) -> tuple[Path, list[str]]:
     # It also leaves some intermediate types stale; they are inferred again on load.
     del converted.model.graph.value_info[:]
     target = directory / "model.fp16.onnx"
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        staged = Path(tmp) / target.name
+    with atomic_write(target) as staged:
         onnx.save(converted.model, str(staged))
         onnx.checker.check_model(str(staged), full_check=True)
-        shutil.move(str(staged), target)
     return target, kept
 
 

@@ -91,11 +91,13 @@ class OnnxRunner:
         threads: int | None = None,
         optimized_path: str | os.PathLike | None = None,
         spinning: bool = False,
+        profile_prefix: str | os.PathLike | None = None,
     ) -> None:
         """optimized_path: also save the graph as ORT optimized it (optimized_model_filepath).
         spinning: let idle intra-op threads spin for the next op (ORT's default), which
         saves their wake-up on every node but steals cores from anything else running in
-        the process, so only a session alone in its process (a bench worker) asks for it."""
+        the process, so only a session alone in its process (a bench worker) asks for it.
+        profile_prefix: record ORT's profile (`session.end_profiling()` writes it there)."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -113,6 +115,9 @@ class OnnxRunner:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if optimized_path is not None:
             options.optimized_model_filepath = str(optimized_path)
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(profile_prefix)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=[provider])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types

@@ -47,29 +47,14 @@ def category(op: str, shape: list[int], config) -> str:
     return "other"
 
 
-def dense_flops(config, length: int) -> float:
-    """FLOPs of the weight GEMMs over `length` tokens (meta projections run on n rows only)."""
-    h, ff = config.hidden_size, config.ff_size
-    n = (length + config.chunk_size - 1) // config.chunk_size
-    per_layer = 4 * 2 * length * h * h + 2 * 2 * n * h * h + 2 * 2 * length * h * ff
-    head = 2 * length * h * config.vocab_size if config.lm_head else 0
-    return float(config.num_layers * per_layer + head)
-
-
 def profile(path: Path, config, length: int, threads: int) -> dict:
     """Median latency and steady-state kernel time per category and op type at `length`."""
-    import onnxruntime as ort
-
-    from bsbr_export.bench import model_flops, random_feeds
+    from bsbr_export.bench import model_flops, random_feeds, weight_flops
+    from bsbr_export.runners import OnnxRunner
 
     feeds = random_feeds(config.vocab_size, 1, length)
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = OnnxRunner(path, threads=threads, spinning=True, profile_prefix=Path(tmp) / "ort").session
         feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
         times = []
         for i in range(WARMUP + RUNS):
@@ -97,8 +82,8 @@ def profile(path: Path, config, length: int, threads: int) -> dict:
         "kernel_ms": kernel_ms,
         "categories": dict(by_category.most_common()),
         "op_types": dict(by_op.most_common()),
-        "dense_gemm_gflops": dense_flops(config, length) / (dense_ms / 1e3) / 1e9 if dense_ms else None,
-        "dense_flop_share": dense_flops(config, length) / model_flops(config, length),
+        "dense_gemm_gflops": weight_flops(config, length) / (dense_ms / 1e3) / 1e9 if dense_ms else None,
+        "dense_flop_share": weight_flops(config, length) / model_flops(config, length),
     }
 
 
