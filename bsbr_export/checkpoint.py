@@ -19,7 +19,7 @@ from torch import Tensor
 
 from bsbr_export.config import BSBRConfig
 from bsbr_export.errors import UserError
-from bsbr_export.io import atomic_dir
+from bsbr_export.io import atomic_dir, read_json
 from bsbr_export.model import BSBRModel
 from bsbr_export.zoo import get_preset
 
@@ -112,11 +112,7 @@ def read_config(directory: str | os.PathLike) -> BSBRConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{directory} is not a checkpoint directory: {CONFIG_FILE} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
-    return BSBRConfig.from_dict(data)
+    return BSBRConfig.from_dict(read_json(path))
 
 
 def _weights_file(directory: Path) -> Path:

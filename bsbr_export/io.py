@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -23,6 +24,14 @@ def check_parent_dir(path: Path) -> None:
         raise UserError(f"cannot create directory {parent}: {exc.strerror}") from None
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write to {parent}: permission denied")
+
+
+def read_json(path: Path):
+    """The JSON document in `path`; a UserError naming the file if it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
 
 
 def _umask() -> int:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from bsbr_export.errors import UserError
+from bsbr_export.io import read_json
 
 MANIFEST = "manifest.json"
 
@@ -35,10 +36,7 @@ def read_manifest(export_dir: str | os.PathLike, verify: bool = True) -> dict:
         raise UserError(f"{directory} is not an export directory (run `bsbr-export export` first)")
     if not path.is_file():
         raise UserError(f"{directory} has no {MANIFEST}: is it an export directory? (run `bsbr-export export`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or "artifacts" not in manifest:
         raise UserError(f"{path} is not a bsbr-export manifest (no 'artifacts')")
     if verify:
