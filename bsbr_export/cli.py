@@ -178,7 +178,9 @@ def validate(export_dir, tolerance, lengths, batches, providers) -> None:
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True, help="Threads per engine.")
 @click.option("--budget", type=float, default=1.0, show_default=True, help="Seconds of timing per engine and length.")
-def bench(target, lengths, batch, engines, decode, validation_lengths, out_dir, tolerance, threads, budget) -> None:
+@click.option("--force", is_flag=True, help="Export over a non-empty --out directory (its files are replaced).")
+def bench(target, lengths, batch, engines, decode, validation_lengths, out_dir, tolerance, threads, budget,
+          force) -> None:
     """Export (if TARGET is a model), validate and benchmark every engine side by side.
 
     TARGET is an export directory, a preset name or a checkpoint directory. Writes
@@ -195,7 +197,8 @@ def bench(target, lengths, batch, engines, decode, validation_lengths, out_dir, 
             engines=[e.strip() for e in engines.split(",")] if engines else None,
             decode_contexts=_int_list(decode, "--decode") if decode else None,
             validation_lengths=_int_list(validation_lengths, "--validation-lengths") if validation_lengths else None,
-            tolerance=tolerance, threads=threads, budget_s=budget, progress=lambda step: status.update(step),
+            tolerance=tolerance, threads=threads, budget_s=budget, overwrite=force,
+            progress=lambda step: status.update(step),
         )
     Console().print(bench_table(run.bench, tolerance))
     click.echo(f"reports: {', '.join(str(p) for p in run.reports)}")

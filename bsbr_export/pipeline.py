@@ -171,6 +171,16 @@ def _check(fmt: str, path: Path, model, kind: str, static_shape, tolerance: floa
                         state_shapes=state_spec(model)["inputs"])
 
 
+def _check_bench_out(directory: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to export into a non-empty directory: it may hold the user's files."""
+    if overwrite or not directory.is_dir() or not any(directory.iterdir()):
+        return
+    if (directory / MANIFEST).is_file():
+        raise UserError(f"{directory} already holds an export: bench it with `bsbr-export bench {directory}`, "
+                        "or pass --force to export again over it")
+    raise UserError(f"{directory} already exists and is not empty: choose another --out, or pass --force to replace it")
+
+
 @dataclass(frozen=True)
 class BenchRun:
     """What `benchmark` produced: the export dir, its validation, timings, report files."""
@@ -193,12 +203,14 @@ def benchmark(
     tolerance: float = DEFAULT_TOLERANCE,
     threads: int = 2,
     budget_s: float = 1.0,
+    overwrite: bool = False,
     progress: Callable[[str], None] = lambda step: None,
 ) -> BenchRun:
     """Export (when `model_ref` is not an export dir yet), validate, benchmark, report.
 
     Every engine runs in its own process on the same inputs; reports go into the
-    export dir: report.json, report.md, latency.png, memory.png, decode.png.
+    export dir: report.json, report.md, latency.png, memory.png, decode.png. A model is
+    exported into `out_dir`, which must be new or empty unless `overwrite` is set.
     """
     from bsbr_export.bench import (
         WARMUP,
@@ -217,9 +229,10 @@ def benchmark(
     directory = Path(model_ref)
     if not (directory / MANIFEST).is_file():
         directory = Path(out_dir) if out_dir else Path("export") / Path(model_ref).name
+        _check_bench_out(directory, overwrite)
         progress(f"exporting {model_ref} to {directory}")
         streams = load_model(model_ref).config.causal  # non-causal flavors have no streaming graphs
-        export_model(model_ref, directory, list(FORMATS.values()), streaming=streams, overwrite=True,
+        export_model(model_ref, directory, list(FORMATS.values()), streaming=streams, overwrite=overwrite,
                      tolerance=tolerance, progress=progress)
     known = available_engines(directory)
     engines = engines or known

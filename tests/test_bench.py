@@ -49,3 +49,19 @@ def test_bad_bench_options(capsys, export_copy, args, message):
 
 def test_peak_rss_is_positive():
     assert peak_rss_mib() > 10
+
+
+@pytest.mark.parametrize("existing", ["user-file", "export"])
+def test_bench_refuses_non_empty_out_before_any_work(capsys, tmp_path, export_copy, existing):
+    """`bench MODEL --out DIR` must never delete what it did not create (a user's keep.txt)."""
+    out = export_copy if existing == "export" else tmp_path / "mine"
+    if existing == "user-file":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    code, _, err = run_cli(capsys, "bench", "bsbr-tiny", "--out", out, "--lengths", "8", "--decode", "")
+    assert code == 2 and err.count("\n") == 1
+    assert ("already holds an export" if existing == "export" else "not empty") in err and "--force" in err
+    assert sorted(p.name for p in out.iterdir()) == before
+    if existing == "user-file":
+        assert (out / "keep.txt").read_text() == "mine"
