@@ -5,16 +5,26 @@ from bsbr_export.checkpoint import build_model, load_model, save_model
 from bsbr_export.config import BSBRConfig
 from bsbr_export.errors import UserError
 from bsbr_export.model import BSBRModel, LayerState
+from bsbr_export.pipeline import export_module
+from bsbr_export.spec import InputSpec, ModelSpec, OutputSpec, StateSpec, spec_for
+from bsbr_export.upstream import from_upstream
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BSBRConfig",
     "BSBRModel",
+    "InputSpec",
     "LayerState",
+    "ModelSpec",
+    "OutputSpec",
+    "StateSpec",
     "UserError",
     "bsbr_attention",
     "build_model",
+    "export_module",
+    "from_upstream",
     "load_model",
     "save_model",
+    "spec_for",
 ]

@@ -337,9 +337,9 @@ def decode_latency(
     """
     import numpy as np
 
-    from bsbr_export.checkpoint import load_model
-    from bsbr_export.export import state_spec
+    from bsbr_export.manifest import read_manifest
     from bsbr_export.runners import OnnxRunner
+    from bsbr_export.spec import ModelSpec
     from bsbr_export.validate import advance_state, empty_state_tensor
 
     export_dir = Path(export_dir)
@@ -347,9 +347,9 @@ def decode_latency(
                  None)
     if graph is None:
         raise UserError(f"{export_dir} has no streaming graph: export with --streaming")
-    model = load_model(export_dir)
-    steps = steps or 2 * model.config.chunk_size
-    shapes = state_spec(model)["inputs"]
+    spec = ModelSpec.from_dict(read_manifest(export_dir, verify=False)["spec"])
+    steps = steps or 2 * spec.chunk_size
+    shapes = spec.state.inputs
     # One session at a time, threads spinning (as alone in a process): two live pools
     # on these cores would slow whichever runs while the other's threads spin.
     stream = OnnxRunner(graph, threads=threads, spinning=True)
@@ -362,7 +362,7 @@ def decode_latency(
     sequences, step_times = {}, {}
     for context in sorted(contexts):
         progress(f"decode at context {context}")
-        ids = rng.integers(0, model.config.vocab_size, size=(1, context + steps), dtype=np.int64)
+        ids = rng.integers(0, spec.tokens.high, size=(1, context + steps), dtype=np.int64)
         state = {n: empty_state_tensor(shapes[n], 1) for n in shapes}
         for start in range(0, context, 1024):  # prefill in pieces
             state = step(ids[:, start : min(start + 1024, context)], state)

@@ -7,6 +7,7 @@ Exit status: 0 ok, 1 a check failed, 2 a user error (one line on stderr), 130 Ct
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -84,8 +85,22 @@ def run(model: str, length: int | None, batch: int) -> None:
               help="Replace a non-empty export directory (and Triton models of the same name).")
 @click.option("--triton-repo", "triton_repo", type=click.Path(), default=None,
               help="Also write the ONNX graphs as a Triton Inference Server model repository here.")
-def export(model, out_dir, formats, streaming, static, opset, tolerance, force, triton_repo) -> None:
-    """Export MODEL (preset name or checkpoint directory) and check every artifact.
+@click.option("--trust-code", "trust_code", is_flag=True,
+              help="Allow importing MODEL when it is a module reference (file.py:factory): that runs its code.")
+@click.option("--weights", type=click.Path(), default=None,
+              help="State dict to load into a module reference's module (.safetensors, or .pt with weights_only).")
+@click.option("--spec", "spec_file", type=click.Path(), default=None,
+              help="JSON ModelSpec of a module reference's inputs/outputs [default: inferred].")
+@click.option("--chunk-size", "chunk_size", type=click.IntRange(min=1), default=None,
+              help="Chunk size of a module with no BSBR layer to read it from.")
+def export(model, out_dir, formats, streaming, static, opset, tolerance, force, triton_repo, trust_code, weights,
+           spec_file, chunk_size) -> None:
+    """Export MODEL and check every artifact.
+
+    MODEL is a preset name, a checkpoint directory, or your own module as a reference
+    `path/to/file.py:factory` / `package.module:factory` (a callable returning the
+    nn.Module; needs --trust-code). Graphs that run only at the example's chunk count are
+    refused before anything is written.
 
     Each artifact is compared with the eager model at lengths 1, c-1, c, c+1, 3c+5 and
     2048 (batches 1 and 3, plus a right-padded masked batch); any failure exits 1.
@@ -105,11 +120,17 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
     if triton_repo and "onnx" not in [f.name for f in chosen]:
         raise UserError("--triton-repo serves the ONNX graph: add onnx to --format")
     static_shape = _parse_static(static) if static else None
-    out = Path(out_dir) if out_dir else Path("export") / Path(model).name
+    out = Path(out_dir) if out_dir else Path("export") / _export_name(model)
+    spec = None
+    if spec_file:
+        from bsbr_export.spec import read_spec
+
+        spec = read_spec(spec_file)
     with console.status("exporting") as status:
         result = export_model(
-            model, out, chosen, streaming=streaming, static_shape=static_shape, opset=opset,
-            overwrite=force, tolerance=tolerance, progress=lambda step: status.update(step),
+            model, out, chosen, spec=spec, streaming=streaming, static_shape=static_shape, opset=opset,
+            overwrite=force, tolerance=tolerance, trust_code=trust_code, weights=weights, chunk_size=chunk_size,
+            progress=lambda step: status.update(step),
         )
     Console().print(export_table(result))
     if result.note:
@@ -133,7 +154,9 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
 @click.option("--lengths", default=None, help="Comma-separated lengths [default: 1,c-1,c,c+1,3c+5,2048].")
 @click.option("--batches", default="1,2,3", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime provider(s) [default: all available].")
-def validate(export_dir, tolerance, lengths, batches, providers) -> None:
+@click.option("--trust-code", "trust_code", is_flag=True,
+              help="Allow rebuilding a user's module from the reference its manifest records (runs its code).")
+def validate(export_dir, tolerance, lengths, batches, providers, trust_code) -> None:
     """Check every artifact in EXPORT_DIR against the eager model it came from.
 
     Writes EXPORT_DIR/validation.json. Exits 1 when any case fails, naming the case and,
@@ -152,6 +175,7 @@ def validate(export_dir, tolerance, lengths, batches, providers) -> None:
         result = validate_export(
             export_dir, tolerance=tolerance, lengths=_int_list(lengths, "--lengths") if lengths else None,
             batches=tuple(_int_list(batches, "--batches")), providers=list(providers) or None,
+            trust_code=trust_code,
         )
     with atomic_write(Path(export_dir) / "validation.json") as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -179,8 +203,10 @@ def validate(export_dir, tolerance, lengths, batches, providers) -> None:
 @click.option("--threads", type=int, default=2, show_default=True, help="Threads per engine.")
 @click.option("--budget", type=float, default=1.0, show_default=True, help="Seconds of timing per engine and length.")
 @click.option("--force", is_flag=True, help="Export over a non-empty --out directory (its files are replaced).")
+@click.option("--trust-code", "trust_code", is_flag=True,
+              help="Allow importing a module reference (file.py:factory) or rebuilding one from a manifest.")
 def bench(target, lengths, batch, engines, decode, validation_lengths, out_dir, tolerance, threads, budget,
-          force) -> None:
+          force, trust_code) -> None:
     """Export (if TARGET is a model), validate and benchmark every engine side by side.
 
     TARGET is an export directory, a preset name or a checkpoint directory. Writes
@@ -197,7 +223,7 @@ def bench(target, lengths, batch, engines, decode, validation_lengths, out_dir, 
             engines=[e.strip() for e in engines.split(",")] if engines else None,
             decode_contexts=_int_list(decode, "--decode") if decode else None,
             validation_lengths=_int_list(validation_lengths, "--validation-lengths") if validation_lengths else None,
-            tolerance=tolerance, threads=threads, budget_s=budget, overwrite=force,
+            tolerance=tolerance, threads=threads, budget_s=budget, overwrite=force, trust_code=trust_code,
             progress=lambda step: status.update(step),
         )
     Console().print(bench_table(run.bench, tolerance))
@@ -272,6 +298,13 @@ def optimize(export_dir, length, int8, target_top1, fp16, threads) -> None:
         if not quant.reached:
             click.echo(f"int8 never reached top-1 {target_top1} (best {max(s.top1 for s in quant.steps):.3f})", err=True)
             raise SystemExit(1)
+
+
+def _export_name(model: str) -> str:
+    """The default export directory's name: the preset/dir name, or a reference's factory."""
+    from bsbr_export.usercode import is_module_ref
+
+    return model.rpartition(":")[2] if is_module_ref(model) else Path(model).name
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -1,61 +1,24 @@
 """The exact functions that get exported, as modules with flat tensor signatures.
 
-They call only the model's public API (`forward`, `stream`, `init_state`), so export
-code never touches model internals. Streaming state travels as flat `past.*` inputs
-and `present.*` outputs, named per layer.
+They take any module plus its `ModelSpec` and call only the module's public API
+(`forward`, and for streaming `init_state` / `stream`, plus `stream_update` for a decode
+step), so export code never touches model internals. Outputs come out as a flat tuple in
+the spec's order; a streaming state travels as flat `past.*` inputs and `present.*`
+outputs, named from the state's pytree (`past.0.meta_keys` for a list of `LayerState`).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
-from bsbr_export.model import BSBRModel, LayerState
-
-STATE_FIELDS = LayerState._fields  # meta_keys, chunk_states, keys, values, retrieved
-# A decode step's outputs per layer: the finished chunks to append, the current chunk.
-UPDATE_NAMES = ("new.{}.meta_keys", "new.{}.chunk_states", "present.{}.keys", "present.{}.values",
-                "present.{}.retrieved")
+from bsbr_export.spec import ModelSpec, call_module, output_leaves
 
 
-def state_names(num_layers: int, prefix: str) -> list[str]:
-    """Flat names of a streaming state: `{prefix}.{layer}.{field}`, layer-major."""
-    return [f"{prefix}.{layer}.{field}" for layer in range(num_layers) for field in STATE_FIELDS]
-
-
-def state_dims(num_layers: int, prefix: str) -> dict[str, dict[int, str]]:
-    """Names of the dynamic axes of every state tensor (the rest are fixed by the config)."""
-    chunks, tokens = ("past_chunks", "past_tokens") if prefix == "past" else ("present_chunks", "present_tokens")
-    axes = {
-        "meta_keys": {0: "batch", 2: chunks},
-        "chunk_states": {0: "batch", 2: chunks},
-        "keys": {0: "batch", 2: tokens},
-        "values": {0: "batch", 2: tokens},
-        "retrieved": {0: "batch"},
-    }
-    return {f"{prefix}.{layer}.{field}": axes[field] for layer in range(num_layers) for field in STATE_FIELDS}
-
-
-def update_names(num_layers: int) -> list[str]:
-    """Flat names of a decode step's state outputs, layer-major."""
-    return [name.format(layer) for layer in range(num_layers) for name in UPDATE_NAMES]
-
-
-def update_dims(num_layers: int) -> dict[str, dict[int, str]]:
-    """Dynamic axes of a decode step's state outputs."""
-    axes = ({0: "batch", 2: "new_chunks"}, {0: "batch", 2: "new_chunks"}, {0: "batch", 2: "present_tokens"},
-            {0: "batch", 2: "present_tokens"}, {0: "batch"})
-    return {name.format(layer): axis for layer in range(num_layers) for name, axis in zip(UPDATE_NAMES, axes)}
-
-
-def flatten_state(state: list[LayerState]) -> list[Tensor]:
-    """[LayerState, ...] -> flat list in `state_names` order."""
-    return [tensor for layer in state for tensor in layer]
-
-
-def unflatten_state(flat: list[Tensor] | tuple[Tensor, ...]) -> list[LayerState]:
-    """The inverse of `flatten_state`."""
-    width = len(STATE_FIELDS)
-    return [LayerState(*flat[i : i + width]) for i in range(0, len(flat), width)]
+def flatten_state(state) -> list[Tensor]:
+    """A state pytree -> its tensors, in the order of the spec's `past.*` names."""
+    return pytree.tree_leaves(state)
 
 
 def stream_pieces(length: int, chunk_size: int) -> list[int]:
@@ -68,69 +31,79 @@ def stream_pieces(length: int, chunk_size: int) -> list[int]:
     return out
 
 
-class LogitsGraph(nn.Module):
-    """input_ids [batch, sequence] (+ attention_mask) -> logits (or hidden states)."""
+def _flat_outputs(outputs) -> tuple[Tensor, ...]:
+    return tuple(output_leaves(outputs)[1])
 
-    def __init__(self, model: BSBRModel, with_attention_mask: bool = True) -> None:
+
+class LogitsGraph(nn.Module):
+    """The full forward: the spec's inputs -> its outputs, as a flat tuple (the tensor
+    itself when there is one output, as C++ callers of a traced module expect)."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
         super().__init__()
         self.model = model
-        self.with_attention_mask = with_attention_mask
+        self.spec = spec
+        self.input_names = spec.input_names
+        self.output_names = spec.output_names
 
-    @property
-    def input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask"] if self.with_attention_mask else ["input_ids"]
-
-    @property
-    def output_names(self) -> list[str]:
-        return ["logits" if self.model.config.lm_head else "hidden_states"]
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return self.model(input_ids, attention_mask)
+    def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        outputs = _flat_outputs(call_module(self.model, self.spec.inputs, dict(zip(self.input_names, inputs))))
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 class StreamingGraph(nn.Module):
-    """One streaming step: (input_ids [batch, new_tokens], *past) -> (logits, *present)."""
+    """One streaming step: (tokens [batch, new_tokens], *past) -> (*outputs, *present)."""
 
-    def __init__(self, model: BSBRModel) -> None:
+    def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
         super().__init__()
         self.model = model
+        self.spec = spec
+        self.treespec = pytree.tree_structure(model.init_state(1))
+        self.input_names = [spec.tokens.name, *spec.state.inputs]
+        self.output_names = [*spec.output_names, *self.state_output_names()]
 
-    @property
-    def input_names(self) -> list[str]:
-        return ["input_ids", *state_names(self.model.config.num_layers, "past")]
+    def state_output_names(self) -> list[str]:
+        return list(self.spec.state.outputs)
 
-    @property
-    def output_names(self) -> list[str]:
-        first = "logits" if self.model.config.lm_head else "hidden_states"
-        return [first, *state_names(self.model.config.num_layers, "present")]
+    def step(self, tokens: Tensor, state):
+        return self.model.stream(tokens, state)
 
-    def forward(self, input_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
-        out, present = self.model.stream(input_ids, unflatten_state(past))
-        return (out, *flatten_state(present))
+    def forward(self, tokens: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        out, present = self.step(tokens, pytree.tree_unflatten(list(past), self.treespec))
+        return (*_flat_outputs(out), *pytree.tree_leaves(present))
 
 
 class DecodeGraph(StreamingGraph):
-    """A streaming step that returns only what changed: (input_ids, *past) ->
-    (logits, per layer new.{i}.meta_keys, new.{i}.chunk_states, present.{i}.keys,
-    present.{i}.values, present.{i}.retrieved).
-
-    The caller appends the `new.*` rows (chunks this step finished, usually none) to its
-    past_meta_keys / past_chunk_states and replaces the rest, so no call copies the
-    finished chunks: per-token cost stays flat as the context grows.
+    """A streaming step that returns only what changed: per state entry, `new.*` rows
+    (the chunks this step finished, usually none) for the entries the spec appends, and
+    the small `present.*` rest. The caller appends the `new.*` rows to its past state, so
+    no call copies the finished chunks: per-token cost stays flat as the context grows.
+    Needs the module's `stream_update(tokens, state) -> (outputs, updates)`.
     """
 
-    @property
-    def output_names(self) -> list[str]:
-        first = "logits" if self.model.config.lm_head else "hidden_states"
-        return [first, *update_names(self.model.config.num_layers)]
+    def state_output_names(self) -> list[str]:
+        return self.spec.state.update_names()
 
-    def forward(self, input_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
-        out, updates = self.model.stream_update(input_ids, unflatten_state(past))
-        return (out, *[tensor for update in updates for tensor in update])
+    def step(self, tokens: Tensor, state):
+        return self.model.stream_update(tokens, state)
 
 
-def export_graph(model: BSBRModel, kind: str, attention_mask: bool = True) -> nn.Module:
+class DefaultMask(nn.Module):
+    """A traced full forward whose padding mask may be left out (all ones then): C++ and
+    Python users call `model(input_ids)` first, as the eager model allows."""
+
+    def __init__(self, traced: nn.Module) -> None:
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.traced(input_ids, attention_mask)
+
+
+def export_graph(model: nn.Module, spec: ModelSpec, kind: str) -> nn.Module:
     """The module exported for an artifact kind: logits, streaming or decode."""
     if kind == "decode":
-        return DecodeGraph(model)
-    return StreamingGraph(model) if kind == "streaming" else LogitsGraph(model, attention_mask)
+        return DecodeGraph(model, spec)
+    return StreamingGraph(model, spec) if kind == "streaming" else LogitsGraph(model, spec)

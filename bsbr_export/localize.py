@@ -57,13 +57,17 @@ def block_outputs(model_proto, num_layers: int, block_path: str = "blocks") -> d
     return {i: found[i] for i in range(num_layers) if i in found}
 
 
-def localize(onnx_path: Path, model, feeds: dict[str, np.ndarray], tolerance: float) -> list[LayerDiff]:
-    """Per-block max abs error of the ONNX graph vs eager on `feeds`, then the output."""
+def localize(onnx_path: Path, model, spec, feeds: dict[str, np.ndarray], tolerance: float) -> list[LayerDiff]:
+    """Per-block max abs error of the ONNX graph vs eager on `feeds`, then the first
+    output; blocks are named as in the user's module (`spec.block_path`, e.g. `layers.2`)."""
     import onnx
     import onnxruntime as ort
 
+    from bsbr_export.graphs import LogitsGraph
+    from bsbr_export.spec import output_leaves
+
     proto = onnx.load(str(onnx_path))
-    names = block_outputs(proto, model.config.num_layers, model.block_path)
+    names = block_outputs(proto, spec.num_blocks, spec.block_path)
     for name in names.values():
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,27 +78,33 @@ def localize(onnx_path: Path, model, feeds: dict[str, np.ndarray], tolerance: fl
         results = dict(zip(wanted, session.run(wanted, {i.name: feeds[i.name] for i in session.get_inputs()})))
 
     captured: dict[int, np.ndarray] = {}
-    hooks = [
-        block.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, out.detach().numpy()))
-        for i, block in enumerate(model.blocks)
-    ]
+
+    def keep(i):
+        return lambda mod, args, out: captured.__setitem__(i, output_leaves(out)[1][0].detach().numpy())
+
+    blocks = model.get_submodule(spec.block_path)
+    hooks = [block.register_forward_hook(keep(i)) for i, block in enumerate(blocks)]
+    graph = LogitsGraph(model, spec)
     try:
         with torch.inference_mode():
-            mask = torch.from_numpy(feeds["attention_mask"]) if "attention_mask" in feeds else None
-            expected = model(torch.from_numpy(feeds["input_ids"]), mask).numpy()
+            expected = graph(*(torch.from_numpy(feeds[n]) for n in graph.input_names))[0].numpy()
     finally:
         for hook in hooks:
             hook.remove()
 
-    valid = feeds.get("attention_mask", np.ones(feeds["input_ids"].shape, dtype=np.int64)).astype(bool)
+    tokens = feeds[spec.tokens.name]
+    mask = spec.mask
+    valid = feeds[mask.name].astype(bool) if mask is not None else np.ones(tokens.shape[:2], dtype=bool)
     diffs = []
     length = valid.shape[1]  # blocks may run on a length padded to whole chunks
     for i, name in names.items():
         want, got = captured[i][:, :length][valid], results[name][:, :length][valid]
         scale = max(1.0, float(np.abs(want).max()))
-        diffs.append(LayerDiff(f"{model.block_path}.{i}", float(np.abs(want - got).max()), tolerance * scale))
-    want, got = expected[valid], results[wanted[0]][valid]
-    diffs.append(LayerDiff("output", float(np.abs(want - got).max()), tolerance * max(1.0, float(np.abs(want).max()))))
+        diffs.append(LayerDiff(f"{spec.block_path}.{i}", float(np.abs(want - got).max()), tolerance * scale))
+    got = results[wanted[0]]
+    if spec.outputs[0].per_position:
+        expected, got = expected[valid], got[valid]
+    diffs.append(LayerDiff("output", float(np.abs(expected - got).max()), tolerance * max(1.0, float(np.abs(expected).max()))))
     return diffs
 
 

@@ -15,13 +15,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bsbr_export.checkpoint import load_model, write_checkpoint
+import torch
+
 from bsbr_export.errors import UserError
-from bsbr_export.export import check_opset, check_static_shape, export_onnx, export_torchscript, state_spec
+from bsbr_export.export import (
+    check_kind,
+    check_opset,
+    check_static_shape,
+    export_onnx,
+    export_torchscript,
+    state_manifest,
+)
 from bsbr_export.formats import DEFAULT_OPSET, Format, artifact_name, export_jobs
 from bsbr_export.io import atomic_dir
 from bsbr_export.manifest import MANIFEST, file_record, read_manifest
 from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner
+from bsbr_export.sources import Source, load_source, write_source
+from bsbr_export.spec import ModelSpec
 from bsbr_export.validate import DEFAULT_TOLERANCE, Case, ParityReport, check_parity, default_cases
 from bsbr_export.versions import versions
 
@@ -52,62 +62,69 @@ class ExportResult:
         return all(a.parity.passed for a in self.artifacts)
 
 
-def runner_for(fmt: str, path: Path, model, kind: str, attention_mask: bool = True):
+def runner_for(fmt: str, path: Path, reference: EagerRunner):
     """A runner over an artifact file (names come from the eager graph it mirrors)."""
-    reference = EagerRunner(model, kind, attention_mask)
     if fmt == "onnx":
         return OnnxRunner(path)
     return TorchScriptRunner(path, reference.input_names, reference.output_names)
 
 
 def export_model(
-    model_ref: str | os.PathLike,
+    model_ref,
     out_dir: str | os.PathLike,
     formats: list[Format],
     *,
+    spec: ModelSpec | None = None,
     streaming: bool = False,
     static_shape: tuple[int, int] | None = None,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
+    trust_code: bool = False,
+    weights: str | os.PathLike | None = None,
+    chunk_size: int | None = None,
     progress: Callable[[str], None] = lambda step: None,
 ) -> ExportResult:
-    """Export MODEL (preset or checkpoint dir) to `out_dir` in `formats`, check each artifact."""
+    """Export MODEL to `out_dir` in `formats` and check each artifact against eager.
+
+    `model_ref`: a preset name, a checkpoint directory, a module reference
+    (`file.py:factory`, imported only with `trust_code`; `weights` loaded into it) or an
+    `nn.Module`. Its spec (`spec`, or the defaults) is computed once and passed down.
+    """
     check_opset(opset)
+    check_static_shape(static_shape, streaming)
     progress("loading model")
-    model = load_model(model_ref)
-    check_static_shape(model, static_shape, False)
-    if streaming and not model.config.causal:
-        raise UserError(f"{model.config.flavor} models are not causal, so they cannot stream; drop --streaming")
-    if streaming and static_shape is not None:
-        raise UserError("--static applies to the full-sequence graph only: drop --streaming or --static")
-    cfg = model.config
+    source = model_ref if isinstance(model_ref, Source) else load_source(
+        model_ref, trust_code=trust_code, weights=weights, spec=spec, chunk_size=chunk_size)
+    spec = source.spec
     jobs = export_jobs(formats, streaming)
+    for _, kind in jobs:
+        check_kind(source.module, spec, kind)
     artifacts = []
     settings = {"static_shape": list(static_shape) if static_shape else None, "opset": opset,
                 "streaming": streaming, "tolerance": tolerance}
     if any(fmt.name == "torchscript-mobile" for fmt in formats):
         settings["optimize_for_mobile"] = _mobile_note()
+    label = source.record.get("ref") or source.record.get("class")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        checkpoint = write_checkpoint(model, tmp)
+        checkpoint = write_source(source, tmp)
         for fmt, kind in jobs:
             name = artifact_name(fmt, kind)
             progress(f"exporting {name}")
             start = time.perf_counter()
             if fmt.name == "onnx":
                 files = export_onnx(
-                    model, tmp / name, streaming=kind == "streaming", decode=kind == "decode",
-                    static_shape=static_shape, opset=opset,
-                    metadata={"bsbr.model": str(model_ref)},
+                    source.module, tmp / name, spec=spec, streaming=kind == "streaming", decode=kind == "decode",
+                    static_shape=static_shape, opset=opset, metadata={"bsbr.model": str(label)},
                 )
             else:
                 mobile = fmt.name == "torchscript-mobile"
-                files = [export_torchscript(model, tmp / name, streaming=kind == "streaming",
+                files = [export_torchscript(source.module, tmp / name, spec=spec, streaming=kind == "streaming",
                                             decode=kind == "decode", mobile=mobile)]
             seconds = time.perf_counter() - start
             progress(f"checking {name} against eager")
             static = static_shape if fmt.name == "onnx" else None
-            parity = _check(fmt.name, tmp / name, model, kind, static, tolerance)
+            parity = _check(fmt.name, tmp / name, source, kind, static, tolerance)
             artifacts.append(
                 ArtifactResult(
                     name=name,
@@ -119,15 +136,18 @@ def export_model(
                 )
             )
         manifest = {
-            "manifest_version": 1,
-            "model": str(model_ref),
-            "config": cfg.to_dict(),
-            "causal": cfg.causal,
-            **({"note": _flavor_note(cfg)} if not cfg.causal else {}),
+            "manifest_version": 2,
+            "model": str(label),
+            "source": source.record,
+            "spec": spec.to_dict(),
+            **({"config": source.config.to_dict()} if source.config is not None else {}),
+            "causal": spec.causal,
+            **({"note": spec.note} if spec.note else {}),
+            **({"swapped": list(source.swapped)} if source.swapped else {}),
             "checkpoint": {f.name: file_record(f) for f in checkpoint},
             "settings": settings,
             "versions": versions(),
-            "state": state_spec(model) if streaming else None,
+            "state": state_manifest(spec) if streaming else None,
             "artifacts": [
                 {
                     "name": a.name,
@@ -142,14 +162,29 @@ def export_model(
             ],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return ExportResult(Path(out_dir), tuple(artifacts), None if cfg.causal else _flavor_note(cfg))
+    return ExportResult(Path(out_dir), tuple(artifacts), spec.note)
 
 
-def _flavor_note(cfg) -> str:
-    """What a non-native flavor means for the artifacts (stored in the manifest)."""
-    from bsbr_export.upstream import NOT_CAUSAL
+def export_module(
+    module: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    spec: ModelSpec | None = None,
+    formats: list[str] | tuple[str, ...] = ("onnx", "torchscript"),
+    streaming: bool = False,
+    **options,
+) -> ExportResult:
+    """Export any `nn.Module` built on BSBR attention whose forward takes and returns
+    tensors (a tuple/dict of outputs included): the same export directory as
+    `bsbr-export export` (ONNX, TorchScript, lite interpreter, manifest, checks).
 
-    return NOT_CAUSAL + "; the masked validation case compares artifact and eager on the same padded batch"
+    `spec` describes its inputs and outputs (default: `input_ids` below the first
+    embedding's vocabulary, + `attention_mask` when the forward takes one, chunk size from
+    its BSBR layers). Every graph is run at lengths and batches it was not exported with
+    before it is written. `options` are `export_model`'s (opset, tolerance, overwrite, ...).
+    """
+    from bsbr_export.formats import parse_formats
+
+    return export_model(module, out_dir, parse_formats(",".join(formats)), spec=spec, streaming=streaming, **options)
 
 
 def _mobile_note() -> str:
@@ -162,13 +197,12 @@ def _mobile_note() -> str:
     return "skipped: this torch build has no XNNPACK, which the pass needs"
 
 
-def _check(fmt: str, path: Path, model, kind: str, static_shape, tolerance: float) -> ParityReport:
-    reference = EagerRunner(model, kind)
-    runner = runner_for(fmt, path, model, kind)
+def _check(fmt: str, path: Path, source: Source, kind: str, static_shape, tolerance: float) -> ParityReport:
+    reference = EagerRunner(source.module, source.spec, kind)
+    runner = runner_for(fmt, path, reference)
     streaming = kind != "logits"
-    cases = [Case(*static_shape)] if static_shape else default_cases(model.config.chunk_size, streaming)
-    return check_parity(path.name, reference, runner, cases, model.config.vocab_size, tolerance,
-                        state_shapes=state_spec(model)["inputs"])
+    cases = [Case(*static_shape)] if static_shape else default_cases(source.spec.chunk_size, streaming)
+    return check_parity(path.name, reference, runner, cases, source.spec, tolerance)
 
 
 def _check_bench_out(directory: Path, overwrite: bool) -> None:
@@ -204,6 +238,7 @@ def benchmark(
     threads: int = 2,
     budget_s: float = 1.0,
     overwrite: bool = False,
+    trust_code: bool = False,
     progress: Callable[[str], None] = lambda step: None,
 ) -> BenchRun:
     """Export (when `model_ref` is not an export dir yet), validate, benchmark, report.
@@ -228,11 +263,12 @@ def benchmark(
         raise UserError(f"lengths and batch must be >= 1, got lengths {lengths}, batch {batch}")
     directory = Path(model_ref)
     if not (directory / MANIFEST).is_file():
-        directory = Path(out_dir) if out_dir else Path("export") / Path(model_ref).name
+        directory = Path(out_dir) if out_dir else Path("export") / str(model_ref).rpartition(":")[2].rsplit("/", 1)[-1]
         _check_bench_out(directory, overwrite)
         progress(f"exporting {model_ref} to {directory}")
-        streams = load_model(model_ref).config.causal  # non-causal flavors have no streaming graphs
-        export_model(model_ref, directory, list(FORMATS.values()), streaming=streams, overwrite=overwrite,
+        source = load_source(model_ref, trust_code=trust_code)
+        streams = source.spec.causal and source.spec.state is not None  # others have no streaming graphs
+        export_model(source, directory, list(FORMATS.values()), streaming=streams, overwrite=overwrite,
                      tolerance=tolerance, progress=progress)
     known = available_engines(directory)
     engines = engines or known
@@ -240,7 +276,7 @@ def benchmark(
     if unknown:
         raise UserError(f"unknown or unavailable engine(s) {', '.join(unknown)}: choose from {', '.join(known)}")
     progress("validating")
-    validation = validate_export(directory, tolerance=tolerance, lengths=validation_lengths)
+    validation = validate_export(directory, tolerance=tolerance, lengths=validation_lengths, trust_code=trust_code)
     timings = bench_engines(directory, engines, lengths, batch=batch, threads=threads, budget_s=budget_s,
                             progress=progress)
     decode = ()

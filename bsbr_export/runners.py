@@ -21,8 +21,10 @@ class EagerRunner:
 
     name = "eager"
 
-    def __init__(self, model, kind: str = "logits", attention_mask: bool = True) -> None:
-        self.graph = export_graph(model, kind, attention_mask)
+    def __init__(self, model, spec=None, kind: str = "logits") -> None:
+        from bsbr_export.spec import spec_for
+
+        self.graph = export_graph(model, spec_for(model, spec), kind)
         self.input_names = self.graph.input_names
         self.output_names = self.graph.output_names
 

@@ -126,8 +126,9 @@ class UpstreamAttention(nn.Module):
         """[B, T, hidden] -> [B, H, T, e]"""
         return x.unflatten(-1, (self.config.num_heads, self.config.head_dim)).transpose(1, 2)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, L, hidden] (after layer_norm1) -> [B, L, hidden]."""
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """x: [B, L, hidden] (after layer_norm1) -> [B, L, hidden]. `attention_mask` is
+        accepted and ignored, as the package ignores it."""
         c, e = self.config.chunk_size, self.config.head_dim
         length = x.shape[1]
         q = to_chunks(pad_to_chunks(self._heads(self.q_proj(x)), c), c)  # [B, H, n, c, e], zero rows past L
@@ -176,7 +177,7 @@ class UpstreamLayer(nn.Module):
             nn.Dropout(config.dropout),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         x = x + self.attention(self.layer_norm1(x))
         return x + self.ff(self.layer_norm2(x))
 
@@ -334,3 +335,100 @@ def import_upstream(
     model = UpstreamBSBRModel(config)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     return model.eval()
+
+
+# ---------------------------------------------------------------------------
+# The package's modules in memory: whole models, and its layers inside a user's model
+
+SWAP_LENGTHS = (1, 5, 3)  # in chunks + 2 tokens: a ragged tail, several chunks
+
+
+def _attention_config(attention: nn.Module, **extra) -> BSBRConfig:
+    """A bsbr-0.1.1 config for one of the package's `BSBRAttention` modules."""
+    compress = getattr(attention, "compress_proj", None)
+    return BSBRConfig(
+        vocab_size=1, hidden_size=attention.hidden_dim, num_layers=1, num_heads=attention.num_heads,
+        chunk_size=attention.chunk_size, compression=compress.out_features if compress is not None else None,
+        lm_head=False, dropout=0.0, flavor=FLAVOR, **extra,
+    )
+
+
+def _twin(original: nn.Module) -> nn.Module | None:
+    """Our chunk-wise twin of a package `BSBRAttention` / `BSBRLayer`, weights copied
+    (the twins keep the package's parameter names), or None for any other module."""
+    import bsbr
+
+    if isinstance(original, bsbr.BSBRAttention):
+        twin = UpstreamAttention(_attention_config(original))
+    elif isinstance(original, bsbr.BSBRLayer):
+        attention = original.attention
+        twin = UpstreamLayer(_attention_config(attention, ff_size=original.ff[0].out_features,
+                                               layer_norm_eps=original.layer_norm1.eps))
+    else:
+        return None
+    twin.load_state_dict(original.state_dict())
+    return twin.to(next(original.parameters()).dtype).train(original.training)
+
+
+def _check_twin(name: str, original: nn.Module, twin: nn.Module) -> float:
+    """Max abs difference between the package's module and its twin on random inputs at
+    lengths with a ragged tail (UserError past float32 round-off)."""
+    config = twin.config if isinstance(twin, UpstreamAttention) else twin.attention.config
+    hidden, c = config.hidden_size, config.chunk_size
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    with torch.no_grad():
+        for chunks in SWAP_LENGTHS:
+            x = torch.randn(2, chunks * c + 2, hidden, generator=generator).to(next(original.parameters()).dtype)
+            want, got = original.eval()(x), twin.eval()(x)
+            worst = max(worst, float((want - got).abs().max()))
+    scale = 1e-4 * max(1.0, float(want.abs().max()))
+    if not worst <= scale:
+        raise UserError(f"the chunk-wise twin of {name} ({type(original).__name__}) differs from it by {worst:.2e}: "
+                        "not swapped; please report this")
+    return worst
+
+
+def swap_upstream_layers(module: nn.Module) -> list[dict]:
+    """Replace every bsbr 0.1.1 `BSBRAttention` / `BSBRLayer` inside `module` by its
+    chunk-wise, linear-memory twin with the same numerics, in place: the package's
+    layers build an `L x L` mask in a Python loop over chunks, so their exports run only
+    at the example's chunk count. Each twin is checked against the original before it
+    is accepted. Returns what was swapped (for the manifest); [] without the package.
+    """
+    try:
+        import bsbr  # noqa: F401
+    except ImportError:
+        return []
+    swapped = []
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for child_name, child in list(parent.named_children()):
+            qualified = f"{prefix}{child_name}"
+            twin = _twin(child)
+            if twin is None:
+                walk(child, qualified + ".")
+                continue
+            max_abs = _check_twin(qualified, child, twin)
+            setattr(parent, child_name, twin)
+            swapped.append({"module": qualified, "from": f"bsbr.{type(child).__name__}",
+                            "to": f"bsbr_export.upstream.{type(twin).__name__}", "max_abs": max_abs})
+
+    walk(module, "")
+    return swapped
+
+
+def from_upstream(model: nn.Module) -> UpstreamBSBRModel:
+    """A bsbr 0.1.1 `BSBRModel` object in memory -> an eval-mode `UpstreamBSBRModel`,
+    heads and chunk size read from its layers (nothing to re-enter by hand)."""
+    import bsbr
+
+    if not isinstance(model, bsbr.BSBRModel):
+        raise UserError(f"from_upstream takes a bsbr.BSBRModel, got {type(model).__name__}")
+    attention = model.layers[0].attention
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    config = infer_config(state, attention.num_heads, attention.chunk_size)
+    check_keys(state, config, "the bsbr.BSBRModel")
+    imported = UpstreamBSBRModel(config)
+    imported.load_state_dict(state)
+    return imported.eval()

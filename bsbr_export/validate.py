@@ -153,16 +153,26 @@ def default_cases(
     return [*cases, Case(max(batches), max(lengths), masked=True)]
 
 
-def make_inputs(case: Case, vocab_size: int, seed: int) -> dict[str, np.ndarray]:
-    """Fresh random ids (and a right-padding mask) for one case."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab_size, size=(case.batch, case.length), dtype=np.int64)
-    mask = np.ones_like(ids)
-    if case.masked:
-        for row in range(case.batch):
-            valid = int(rng.integers(1, case.length + 1))
-            mask[row, valid:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+def make_inputs(case: Case, spec, seed: int) -> dict[str, np.ndarray]:
+    """Fresh random inputs for one case, drawn as the spec says (token ids below their
+    vocabulary, floats, and a right-padding mask that pads only `masked` cases)."""
+    from bsbr_export.spec import example_inputs
+
+    inputs = example_inputs(spec, case.batch, case.length, seed=seed, masked=case.masked)
+    return {name: tensor.numpy() for name, tensor in inputs.items()}
+
+
+def compare_outputs(spec, want: dict[str, np.ndarray], got: dict[str, np.ndarray], valid: np.ndarray | None,
+                    tolerance: float) -> list[OutputDiff]:
+    """Every output of the spec: per-position outputs at valid positions only (padding
+    is don't-care), pooled outputs whole; top-1 only for outputs marked as logits."""
+    diffs = []
+    for out in spec.outputs:
+        w, g = want[out.name], got[out.name]
+        if out.per_position and valid is not None and w.shape[:2] == valid.shape == g.shape[:2]:
+            w, g = w[valid], g[valid]
+        diffs.append(compare(out.name, w, g, tolerance, top1=out.logits))
+    return diffs
 
 
 def check_parity(
@@ -170,46 +180,48 @@ def check_parity(
     reference,
     runner,
     cases: list[Case],
-    vocab_size: int,
+    spec,
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 1234,
-    state_shapes: dict[str, list] | None = None,
 ) -> ParityReport:
-    """Run `runner` and `reference` (runners over the same graph kind) on every case.
+    """Run `runner` and `reference` (runners over the same graph kind) on every case and
+    compare every output of `spec` (a `ModelSpec`).
 
-    Streaming cases (with `pieces`) start from the empty state built from
-    `state_shapes` (`state_spec(model)["inputs"]`) and compare the final state too.
+    Streaming cases (with `pieces`) start from the empty state of `spec.state` and
+    compare the final state too.
     """
     results = []
     for i, case in enumerate(cases):
-        inputs = make_inputs(case, vocab_size, seed + i)
+        inputs = make_inputs(case, spec, seed + i)
         if case.pieces:
-            want, want_state = _rollout(reference, inputs["input_ids"], case.pieces, state_shapes)
-            got, got_state = _rollout(runner, inputs["input_ids"], case.pieces, state_shapes)
-            diffs = [compare("logits", want, got, tolerance, top1=True)]
+            tokens = inputs[spec.tokens.name]
+            want, want_state = _rollout(reference, spec, tokens, case.pieces)
+            got, got_state = _rollout(runner, spec, tokens, case.pieces)
+            diffs = compare_outputs(spec, want, got, None, tolerance)
             diffs += [compare(n, want_state[n], got_state[n], tolerance) for n in want_state]
         else:
-            feeds = {n: inputs[n] for n in runner.input_names}
-            want = reference.infer({n: inputs[n] for n in reference.input_names})[reference.output_names[0]]
-            got = runner.infer(feeds)[runner.output_names[0]]
-            valid = inputs["attention_mask"].astype(bool)  # padded positions are don't-care
-            diffs = [compare(runner.output_names[0], want[valid], got[valid], tolerance, top1=True)]
+            want = reference.infer({n: inputs[n] for n in reference.input_names})
+            got = runner.infer({n: inputs[n] for n in runner.input_names})
+            mask = spec.mask
+            valid = inputs[mask.name].astype(bool) if mask is not None else None
+            diffs = compare_outputs(spec, want, got, valid, tolerance)
         results.append(CaseResult(case, tuple(diffs)))
     return ParityReport(artifact, tuple(results))
 
 
-def _rollout(runner, ids: np.ndarray, pieces: tuple[int, ...], state_shapes: dict[str, list]):
-    """Feed `ids` in `pieces` through a streaming runner from the empty state;
-    returns (concatenated logits, final `present.*` state)."""
-    past = [n for n in runner.input_names if n.startswith("past.")]
-    state = {n: empty_state_tensor(state_shapes[n], ids.shape[0]) for n in past}
+def _rollout(runner, spec, ids: np.ndarray, pieces: tuple[int, ...]):
+    """Feed `ids` in `pieces` through a streaming runner from the empty state; returns
+    (outputs concatenated along the sequence, final `present.*` state)."""
+    state = {n: empty_state_tensor(shape, ids.shape[0]) for n, shape in spec.state.inputs.items()}
     outputs, at = [], 0
     for size in pieces:
-        out = runner.infer({"input_ids": ids[:, at : at + size], **state})
-        outputs.append(out[runner.output_names[0]])
+        out = runner.infer({spec.tokens.name: ids[:, at : at + size], **state})
+        outputs.append(out)
         state = advance_state(state, out)
         at += size
-    return np.concatenate(outputs, axis=1), {p.replace("past.", "present.", 1): v for p, v in state.items()}
+    joined = {o.name: np.concatenate([step[o.name] for step in outputs], axis=1) if o.per_position
+              else outputs[-1][o.name] for o in spec.outputs}
+    return joined, {p.replace("past.", "present.", 1): v for p, v in state.items()}
 
 
 def advance_state(state: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -293,21 +305,24 @@ def validate_export(
     batches: tuple[int, ...] = (1, 2, 3),
     providers: list[str] | None = None,
     seed: int = 1234,
+    trust_code: bool = False,
+    module=None,
 ) -> ValidationResult:
     """Check each artifact of `export_dir` (hashes first) against the eager model rebuilt
-    from the directory's own config and weights, on fresh random inputs.
+    from the directory (its config and weights; a user's module from the reference the
+    manifest records, imported only with `trust_code`, or `module` given here), on fresh
+    random inputs, comparing every output of the spec it was exported with.
 
     ONNX artifacts run on every provider in `providers` (default: every one available,
     CPU and CUDA); a failing full-sequence ONNX graph is localized to its first bad block.
     """
     from pathlib import Path
 
-    from bsbr_export.checkpoint import load_model
     from bsbr_export.errors import UserError
-    from bsbr_export.export import state_spec
     from bsbr_export.localize import first_divergence, localize
     from bsbr_export.manifest import read_manifest
     from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner, available_providers
+    from bsbr_export.sources import rebuild
 
     if lengths is not None and any(n < 1 for n in lengths):
         raise UserError(f"lengths must be >= 1, got {lengths}")
@@ -315,34 +330,34 @@ def validate_export(
         raise UserError(f"batches must be >= 1, got {list(batches)}")
     directory = Path(export_dir)
     manifest = read_manifest(directory)
-    model = load_model(directory)
-    cfg = model.config
+    source = rebuild(directory, manifest, trust_code=trust_code, module=module)
+    spec = source.spec
     usable = [p for p in available_providers() if p in ("CPUExecutionProvider", "CUDAExecutionProvider")]
     providers = providers or usable
     for provider in providers:
         if provider not in available_providers():
             raise UserError(f"execution provider {provider} is not installed here (available: {', '.join(usable)})")
-    shapes = state_spec(model)["inputs"]
     checks = []
     for artifact in manifest["artifacts"]:
         path = directory / artifact["name"]
         kind = artifact["kind"]
         streaming = kind != "logits"
-        reference = EagerRunner(model, kind)
+        reference = EagerRunner(source.module, spec, kind)
         settings = artifact.get("settings", {})
         static = settings.get("static_shape")
         allowed = PRECISION_TOLERANCES.get(settings.get("precision", "fp32"), tolerance)
-        cases = [Case(*static)] if static else default_cases(cfg.chunk_size, streaming, lengths=lengths, batches=batches)
+        cases = [Case(*static)] if static else default_cases(spec.chunk_size, streaming, lengths=lengths, batches=batches)
         if artifact["format"] == "onnx":
             engines = [(engine_name(p), OnnxRunner(path, provider=p)) for p in providers]
         else:
             engines = [(artifact["format"], TorchScriptRunner(path, reference.input_names, reference.output_names))]
         for engine, runner in engines:
-            report = check_parity(artifact["name"], reference, runner, cases, cfg.vocab_size, allowed, seed, shapes)
+            report = check_parity(artifact["name"], reference, runner, cases, spec, allowed, seed)
             layers, first_bad = (), None
-            if not report.passed and artifact["format"] == "onnx" and not streaming:
-                failing = next(r.case for r in report.results if not r.passed)
-                layers = tuple(localize(path, model, make_inputs(failing, cfg.vocab_size, seed), allowed))
+            if not report.passed and artifact["format"] == "onnx" and not streaming and spec.block_path:
+                index = next(i for i, r in enumerate(report.results) if not r.passed)
+                feeds = make_inputs(report.results[index].case, spec, seed + index)
+                layers = tuple(localize(path, source.module, spec, feeds, allowed))
                 first_bad = first_divergence(list(layers))
             checks.append(ArtifactCheck(artifact["name"], engine, report, layers, first_bad))
     return ValidationResult(str(directory), tolerance, tuple(checks))

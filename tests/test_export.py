@@ -13,7 +13,8 @@ import torch
 from bsbr_export import BSBRConfig, UserError, build_model, load_model
 from bsbr_export.export import ExportError, check_trace, export_onnx, export_torchscript
 from bsbr_export.formats import FORMATS, artifact_name, export_jobs
-from bsbr_export.graphs import LogitsGraph, flatten_state, state_names
+from bsbr_export.graphs import LogitsGraph, flatten_state
+from bsbr_export.spec import spec_for
 from bsbr_export.runners import OnnxRunner
 from conftest import random_ids, tiny_config
 
@@ -71,7 +72,7 @@ def test_padded_batch_with_mask(tiny_export):
 
 def _stream_onnx(path, model, ids, pieces):
     session = ort_session(path)
-    names = state_names(model.config.num_layers, "past")
+    names = list(spec_for(model).state.inputs)
     state = [t.numpy() for t in flatten_state(model.init_state(ids.shape[0]))]
     outs, at = [], 0
     for size in pieces:
@@ -95,7 +96,7 @@ def test_streaming_onnx_matches_full_forward_and_eager_state(which, request):
     for size in pieces:
         _, eager_state = model.stream(ids[:, at : at + size], eager_state)
         at += size
-    for name, want, have in zip(state_names(2, "present"), flatten_state(eager_state), state):
+    for name, want, have in zip(spec_for(model).state.outputs, flatten_state(eager_state), state):
         assert have.shape == tuple(want.shape), name
         assert np.abs(have - want.detach().numpy()).max() <= 1e-4, name
 
@@ -150,7 +151,7 @@ def test_metadata_round_trips_into_config(tiny_export):
     stream_props = {p.key: p.value for p in onnx.load(str(out / "model.streaming.onnx")).metadata_props}
     spec = json.loads(stream_props["bsbr.state"])
     assert spec["inputs"]["past.0.retrieved"] == ["batch", 4, 8, 8]
-    assert set(spec["outputs"]) == set(state_names(2, "present"))
+    assert set(spec["outputs"]) == set(spec_for(load_model("bsbr-tiny")).state.outputs)
 
 
 def test_checker_is_clean(tiny_export):
@@ -206,9 +207,9 @@ def test_trace_check_catches_a_wrong_trace():
     model = build_model(tiny_config(), seed=1)
     other = build_model(tiny_config(), seed=2)  # same graph, different weights
     ids = random_ids(model.config, 2, 11)
-    wrong = torch.jit.trace(LogitsGraph(other), (ids, torch.ones_like(ids)))
-    with pytest.raises(ExportError, match="disagrees with eager"):
-        check_trace(model, wrong, kind="logits", attention_mask=True)
+    wrong = torch.jit.trace(LogitsGraph(other, spec_for(other)), (ids, torch.ones_like(ids)))
+    with pytest.raises(UserError, match="disagrees with eager"):
+        check_trace(model, wrong, "logits", spec_for(model))
 
 
 @pytest.mark.parametrize("opset", [18, 23])
@@ -252,16 +253,15 @@ def test_external_data_above_threshold(tmp_path, monkeypatch):
 def test_decode_graph_returns_only_what_changed(which, request):
     """model.decode.onnx: the caller appends new.* rows; logits and the accumulated state
     equal the full forward and eager streaming."""
-    from bsbr_export.graphs import update_names
     from bsbr_export.validate import advance_state
 
     out, _ = request.getfixturevalue(which)
     model = load_model(out)
     session = ort_session(out / "model.decode.onnx")
-    assert [o.name for o in session.get_outputs()] == ["logits", *update_names(2)]
+    assert [o.name for o in session.get_outputs()] == ["logits", *spec_for(model).state.update_names()]
     pieces = [1, 1, C - 1, 3, 2 * C + 2, 1, C]
     ids = random_ids(model.config, 2, sum(pieces), seed=21)
-    names = state_names(model.config.num_layers, "past")
+    names = list(spec_for(model).state.inputs)
     state = dict(zip(names, [t.numpy() for t in flatten_state(model.init_state(2))]))
     logits, at, eager_state = [], 0, model.init_state(2)
     for size in pieces:
@@ -279,20 +279,19 @@ def test_decode_graph_returns_only_what_changed(which, request):
 
 
 def test_decode_torchscript_rollout(tiny_export):
-    from bsbr_export.graphs import update_names
     from bsbr_export.validate import advance_state
 
     out, _ = tiny_export
     model = load_model(out)
     traced = torch.jit.load(str(out / "model.decode.pt"))
-    names = state_names(model.config.num_layers, "past")
+    names = list(spec_for(model).state.inputs)
     ids = random_ids(model.config, 2, 3 * C + 3, seed=31)
     state = dict(zip(names, [t.numpy() for t in flatten_state(model.init_state(2))]))
     logits, at = [], 0
     for size in [2, C, 1, C + 4, 4]:  # 27 = 3C + 3 tokens, crossing every boundary off-step
         with torch.no_grad():
             result = traced(ids[:, at : at + size], *(torch.from_numpy(state[n]) for n in names))
-        result = dict(zip(["logits", *update_names(2)], (r.numpy() for r in result)))
+        result = dict(zip(["logits", *spec_for(model).state.update_names()], (r.numpy() for r in result)))
         state = advance_state(state, result)
         logits.append(result["logits"])
         at += size
