@@ -294,6 +294,7 @@ def _agree(graph, args, got, spec: ModelSpec, what: str, batch: int, length: int
 
     with torch.no_grad():
         want = graph(*args)
+    want = want if isinstance(want, tuple) else (want,)
     for name, w, g in zip(graph.output_names, want, got):
         w = w.numpy()
         g = np.asarray(g)

@@ -97,7 +97,9 @@ def export_model(
     source = model_ref if isinstance(model_ref, Source) else load_source(
         model_ref, trust_code=trust_code, weights=weights, spec=spec, chunk_size=chunk_size)
     spec = source.spec
-    jobs = export_jobs(formats, streaming)
+    # A decode graph needs the module's stream_update; other streamers get the full-state step.
+    decodes = callable(getattr(source.module, "stream_update", None))
+    jobs = [(fmt, kind) for fmt, kind in export_jobs(formats, streaming) if kind != "decode" or decodes]
     for _, kind in jobs:
         check_kind(source.module, spec, kind)
     artifacts = []

@@ -45,6 +45,10 @@ def from_module(module: nn.Module, spec: ModelSpec | None = None, *, ref: str | 
 
     if not isinstance(module, nn.Module):
         raise UserError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    if type(module).__module__.startswith("bsbr.") and type(module).__name__ == "BSBRModel":
+        from bsbr_export.upstream import from_upstream
+
+        module = from_upstream(module)  # heads and chunk size read from the object
     module = module.eval()
     check_weights_finite(module)
     swapped = tuple(swap_upstream_layers(module))

@@ -1,0 +1,63 @@
+"""Module references on the command line: `file.py:factory` with --trust-code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+MODELS = Path(__file__).parent / "user_models.py"
+
+
+@pytest.mark.parametrize(
+    "ref, extra, message",
+    [
+        (f"{MODELS}:value_head_model", [], "pass --trust-code"),
+        ("no/such/file.py:factory", ["--trust-code"], "does not exist"),
+        ("no_such_package.models:factory", ["--trust-code"], "no module named 'no_such_package'"),
+        (f"{MODELS}:missing", ["--trust-code"], "has no attribute 'missing'"),
+        (f"{MODELS}:NOT_CALLABLE", ["--trust-code"], "not a callable"),
+        (f"{MODELS}:not_a_module", ["--trust-code"], "returned a int, not a torch.nn.Module"),
+        (f"{MODELS}:chunk_loop", ["--trust-code"], "no BSBR attention layer"),
+        (f"{MODELS}:pooled_model", ["--trust-code", "--weights", "missing.safetensors"], "does not exist"),
+        (f"{MODELS}:pooled_model", ["--trust-code", "--spec", "missing.json"], "spec file missing.json does not exist"),
+        ("bsbr-tiny", ["--weights", "w.safetensors"], "apply to a module reference"),
+    ],
+)
+def test_bad_module_refs_are_one_line_and_write_nothing(capsys, tmp_path, ref, extra, message):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "export", ref, "--out", out, *extra)
+    assert code == 2, err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_weights_that_do_not_fit(capsys, tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"body.embedding.weight": torch.zeros(3, 3)}, tmp_path / "w.safetensors")
+    code, _, err = run_cli(capsys, "export", f"{MODELS}:pooled_model", "--trust-code",
+                           "--weights", tmp_path / "w.safetensors", "--out", tmp_path / "out")
+    assert code == 2 and "do not fit MeanPooled" in err and "missing" in err and "wrong shapes" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_and_validate_a_module_ref(capsys, tmp_path):
+    out = tmp_path / "vh"
+    code, _, err = run_cli(capsys, "export", f"{MODELS}:value_head_model", "--trust-code", "--format", "onnx",
+                           "--out", out)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["kind"] == "module" and manifest["source"]["ref"].endswith("user_models.py:value_head_model")
+    assert [o["name"] for o in manifest["spec"]["outputs"]] == ["logits", "value"]
+    code, _, err = run_cli(capsys, "validate", out, "--lengths", "5,14")
+    assert code == 2 and "--trust-code" in err
+    code, stdout, err = run_cli(capsys, "validate", out, "--lengths", "5,14", "--trust-code")
+    assert code == 0, err
+    report = json.loads((out / "validation.json").read_text())
+    names = {d["name"] for c in report["checks"] for case in c["parity"]["cases"] for d in case["outputs"]}
+    assert names == {"logits", "value"}
