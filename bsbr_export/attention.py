@@ -3,6 +3,9 @@
 Shapes: `B` batch, `H` heads, `L` length, `c` chunk size, `n = ceil(L / c)` chunks,
 `e` head dim, `s` stored state width (`e^2`, or `m` when compressed).
 
+Grouped-query heads: keys, values, meta keys and chunk states may have `G` heads, `G`
+dividing `H`; query head `h` reads key/value head `h // (H / G)` (as in Llama).
+
 All chunks are computed at once on a `[B, H, n, c, e]` view, so a traced graph has no
 loop and its chunk count follows the input length. The only tensors that grow faster
 than `L` are the `[.., n, c, c]` within-chunk blocks and the `[.., n, n]` chunk-level
@@ -17,6 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from bsbr_export.errors import UserError
 
 
 def num_chunks(length: int, chunk_size: int) -> int:
@@ -46,12 +51,24 @@ def boundaries(x: Tensor, chunk_size: int) -> Tensor:
     return to_chunks(x, chunk_size)[..., -1, :]
 
 
+def repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """[B, G, ...] -> [B, heads, ...]: each of the `G` key/value heads serves `heads / G`
+    consecutive query heads (grouped-query attention). `x` itself when `G == heads`."""
+    kv_heads = x.shape[1]
+    if kv_heads == heads:
+        return x
+    if heads % kv_heads:
+        raise UserError(f"{kv_heads} key/value heads do not divide {heads} query heads: use a divisor of {heads}")
+    return x.unsqueeze(2).expand(-1, -1, heads // kv_heads, *x.shape[2:]).flatten(1, 2)
+
+
 def within_chunk_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention inside each chunk under the causal mask `M_in`.
 
-    q, k, v: [B, H, n, c, e] -> [B, H, n, c, e]. Padded keys sit after every real
-    query of their chunk, so `M_in` already hides them.
+    q: [B, H, n, c, e]; k, v: [B, G, n, c, e] -> [B, H, n, c, e]. Padded keys sit after
+    every real query of their chunk, so `M_in` already hides them.
     """
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     # Chunks become extra heads of one causal SDPA: its mask is M_in exactly, and
     # ONNX opset 23 exports it as a single fused Attention node.
     heads, n = q.shape[1], q.shape[2]
@@ -79,9 +96,9 @@ def retrieve(
     """Block retrieval under the strictly causal chunk mask `M_out`.
 
     meta_queries: [B, H, r, e] (r <= n), row `a` is the query that chunk `a + 1` asks
-    with (from the last token of chunk `a`); meta_keys: [B, H, n, e] and states:
-    [B, H, n, s] are this block's chunks. A stream's `P` earlier chunks come as past_meta_keys
-    [B, H, P, e] and past_states [B, H, P, s]. Row `a` attends to every past chunk and
+    with (from the last token of chunk `a`); meta_keys: [B, G, n, e] and states:
+    [B, G, n, s] are this block's chunks. A stream's `P` earlier chunks come as past_meta_keys
+    [B, G, P, e] and past_states [B, G, P, s]. Row `a` attends to every past chunk and
     to this block's chunks `0..a`: all chunks before chunk `a + 1`. Returns the
     retrieved states `S_{a+1}`: [B, H, r, e, e] (decompressed with `decompress`
     ([e^2, m]) if given).
@@ -89,7 +106,8 @@ def retrieve(
     Past and new parts are weighted separately (one softmax over their joined scores),
     so a streaming step reads the past states without copying them.
     """
-    e = meta_queries.shape[-1]
+    e, heads = meta_queries.shape[-1], meta_queries.shape[1]
+    meta_keys, states = repeat_kv(meta_keys, heads), repeat_kv(states, heads)
     rows = torch.arange(meta_queries.shape[-2], device=meta_queries.device)
     cols = torch.arange(meta_keys.shape[-2], device=meta_queries.device)
     m_out = cols[None, :] <= rows[:, None]  # [rows, n]: this block's chunks 0..a
@@ -97,6 +115,7 @@ def retrieve(
     if past_meta_keys is None:
         retrieved = scores.softmax(dim=-1) @ states  # [B, H, n, s]
     else:
+        past_meta_keys, past_states = repeat_kv(past_meta_keys, heads), repeat_kv(past_states, heads)
         past_scores = meta_queries @ past_meta_keys.transpose(-1, -2) / math.sqrt(e)  # [B, H, n, P]
         weights = torch.cat([past_scores, scores], dim=-1).softmax(dim=-1)
         past = past_meta_keys.shape[-2]
@@ -110,7 +129,7 @@ class ChunkedOutput(NamedTuple):
     """What one pass over chunk-aligned tokens produces."""
 
     output: Tensor  # [B, H, n, c, e]
-    states: Tensor  # [B, H, n, s] states F_j of this block's chunks
+    states: Tensor  # [B, G, n, s] states F_j of this block's chunks (per key/value head)
     retrieved: Tensor  # [B, H, r + 1, e, e] S of chunks 0..r (r = rows retrieved for)
 
 
@@ -129,10 +148,10 @@ def chunked_attention(
 ) -> ChunkedOutput:
     """BSBR over a block of whole chunks that starts on a chunk boundary.
 
-    q, k, v: [B, H, n, c, e]; meta_queries, meta_keys: [B, H, n, e] taken at each
-    chunk's last token; first_retrieved: [B, H, e, e] is `S` of the block's first chunk
-    (zeros at the start of a sequence). past_meta_keys / past_states ([B, H, P, e] /
-    [B, H, P, s]) are the earlier chunks a stream has finished; None means P = 0.
+    q: [B, H, n, c, e]; k, v: [B, G, n, c, e]; meta_queries: [B, H, n, e] and meta_keys:
+    [B, G, n, e] taken at each chunk's last token; first_retrieved: [B, H, e, e] is `S` of
+    the block's first chunk (zeros at the start of a sequence). past_meta_keys / past_states
+    ([B, G, P, e] / [B, G, P, s]) are the earlier chunks a stream has finished; None means P = 0.
 
     finished (a streaming step): how many of the block's chunks are complete. Retrieval
     runs for their boundary rows, which include `S` of the chunk after the block when
@@ -163,9 +182,10 @@ def bsbr_attention(
 ) -> Tensor:
     """Causal BSBR attention over a whole sequence of any length.
 
-    q, k, v, meta_q, meta_k: [B, H, L, e] (meta queries and keys for every position;
-    only chunk-boundary positions are read: `h_j` from the last token of chunk `j`,
-    `r_i` from the last token of chunk `i - 1`). Returns [B, H, L, e].
+    q, meta_q: [B, H, L, e]; k, v, meta_k: [B, G, L, e] with `G` dividing `H`
+    (grouped-query heads; `G = H` is plain multi-head). Meta queries and keys come for
+    every position; only chunk-boundary positions are read: `h_j` from the last token of
+    chunk `j`, `r_i` from the last token of chunk `i - 1`. Returns [B, H, L, e].
     Optional compression: `compress` [m, e^2] and `decompress` [e^2, m].
     """
     length = q.shape[-2]
@@ -195,7 +215,8 @@ def bsbr_attention_at_boundaries(
     """`bsbr_attention` on whole chunks, with meta queries/keys already taken at chunk
     boundaries.
 
-    q, k, v: [B, H, n*c, e]; meta_queries, meta_keys: [B, H, n, e]. The model calls this
+    q: [B, H, n*c, e]; k, v: [B, G, n*c, e]; meta_queries: [B, H, n, e]; meta_keys:
+    [B, G, n, e]. The model calls this
     form so it projects only the `n` boundary tokens, not all `L`. Returns [B, H, n*c, e].
     """
     batch, heads, _, e = q.shape

@@ -307,6 +307,27 @@ def _export_name(model: str) -> str:
     return model.rpartition(":")[2] if is_module_ref(model) else Path(model).name
 
 
+@cli.command()
+@click.argument("module_ref")
+@click.option("--trust-code", is_flag=True, help="Allow importing MODULE_REF: it runs that file's code.")
+def doctor(module_ref: str, trust_code: bool) -> None:
+    """Check that MODULE_REF exports with a dynamic batch and sequence.
+
+    MODULE_REF is path/to/file.py:factory or package.module:factory, a callable that
+    returns an nn.Module. Its example input is input_ids (vocab of the first
+    nn.Embedding) or [2, L, hidden] floats (the first nn.Linear's width), L = 3c + 1.
+    Prints each line that ties the graph to the example's shape, with what to change;
+    exit 1 when there is one.
+    """
+    from bsbr_export.doctor import diagnose
+    from bsbr_export.usercode import build_module
+
+    report = diagnose(build_module(module_ref, trust_code))
+    click.echo(report.to_text())
+    if not report:
+        raise SystemExit(1)
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     from bsbr_export.errors import UserError
 

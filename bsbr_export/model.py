@@ -9,58 +9,15 @@ piece by piece, carrying a `LayerState` per layer, and gives the same outputs.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bsbr_export.attention import (
-    bsbr_attention_at_boundaries,
-    boundaries,
-    chunked_attention,
-    pad_to_chunks,
-    to_chunks,
-)
+from bsbr_export import nn as nn_layers
+from bsbr_export.attention import pad_to_chunks
 from bsbr_export.config import BSBRConfig
 from bsbr_export.errors import UserError
-
-
-class LayerState(NamedTuple):
-    """One layer's streaming state after `P` finished chunks and `t < c` more tokens.
-
-    The boundary token of the last finished chunk is not kept as such: its meta query
-    is applied the moment its chunk finishes, and the result is `retrieved`, so a token
-    inside a chunk costs O(c*e + e^2) instead of O(P*e^2).
-    """
-
-    meta_keys: Tensor  # [B, H, P, e]  h_j of finished chunks
-    chunk_states: Tensor  # [B, H, P, s]  F_j of finished chunks (compressed when m is set)
-    keys: Tensor  # [B, H, t, e]  the current chunk's keys so far
-    values: Tensor  # [B, H, t, e]  and values
-    retrieved: Tensor  # [B, H, e, e]  S_i of the current chunk i
-
-    def advance(self, update: LayerUpdate) -> LayerState:
-        """The state after a step: finished chunks appended, current chunk replaced."""
-        return LayerState(
-            meta_keys=torch.cat([self.meta_keys, update.new_meta_keys], dim=-2),
-            chunk_states=torch.cat([self.chunk_states, update.new_chunk_states], dim=-2),
-            keys=update.keys,
-            values=update.values,
-            retrieved=update.retrieved,
-        )
-
-
-class LayerUpdate(NamedTuple):
-    """What one streaming step changes in a layer's state: the `k` chunks it finished
-    (to append) and the whole, small, current-chunk part. Returning this instead of the
-    grown state lets a runtime keep the finished chunks where they are."""
-
-    new_meta_keys: Tensor  # [B, H, k, e]
-    new_chunk_states: Tensor  # [B, H, k, s]
-    keys: Tensor  # [B, H, t', e]
-    values: Tensor  # [B, H, t', e]
-    retrieved: Tensor  # [B, H, e, e]
+from bsbr_export.nn import LayerState, LayerUpdate, check_attention_mask, is_eager
 
 
 def position_frequencies(dim: int) -> Tensor:
@@ -93,89 +50,17 @@ def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
         )
 
 
-def is_eager() -> bool:
-    """False while tracing, scripting or compiling: data-dependent checks would be
-    frozen into (or break) the graph, so they run in eager mode only."""
-    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
-
-
-class BSBRAttention(nn.Module):
-    """Multi-head BSBR attention: within-chunk softmax plus block retrieval."""
+class BSBRAttention(nn_layers.BSBRAttention):
+    """The native model's attention: the public layer configured by a `BSBRConfig`,
+    called on inputs the model has already padded to whole chunks."""
 
     def __init__(self, config: BSBRConfig) -> None:
-        super().__init__()
+        super().__init__(config.hidden_size, config.num_heads, config.chunk_size, compression=config.compression)
         self.config = config
-        hidden, e2 = config.hidden_size, config.head_dim**2
-        self.q_proj = nn.Linear(hidden, hidden)
-        self.k_proj = nn.Linear(hidden, hidden)
-        self.v_proj = nn.Linear(hidden, hidden)
-        self.meta_query_proj = nn.Linear(hidden, hidden)  # W_r
-        self.meta_key_proj = nn.Linear(hidden, hidden)  # W_h
-        self.out_proj = nn.Linear(hidden, hidden)
-        if config.compression is not None:
-            self.compress = nn.Linear(e2, config.compression, bias=False)
-            self.decompress = nn.Linear(config.compression, e2, bias=False)
-
-    def _heads(self, x: Tensor) -> Tensor:
-        """[B, L, hidden] -> [B, H, L, e]"""
-        return x.unflatten(-1, (self.config.num_heads, self.config.head_dim)).transpose(1, 2)
-
-    def _compression(self) -> tuple[Tensor | None, Tensor | None]:
-        if self.config.compression is None:
-            return None, None
-        return self.compress.weight, self.decompress.weight
-
-    def _meta(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Meta queries r and keys h from each chunk's last token: [B, H, n, e] each.
-        x: [B, n*c, hidden]."""
-        last = boundaries(x, self.config.chunk_size)  # [B, n, hidden]
-        return self._heads(self.meta_query_proj(last)), self._heads(self.meta_key_proj(last))
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, n*c, hidden] (pre-normed, whole chunks) -> [B, n*c, hidden]."""
-        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        meta_queries, meta_keys = self._meta(x)
-        o = bsbr_attention_at_boundaries(
-            q, k, v, meta_queries, meta_keys, self.config.chunk_size, *self._compression()
-        )
-        return self.out_proj(o.transpose(1, 2).flatten(-2))
-
-    def step(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerUpdate]:
-        """Streaming: x [B, T, hidden] continues the sequence that `state` summarizes.
-
-        The current chunk's `t` cached tokens and the `T` new ones form a block that
-        starts on a chunk boundary; cached positions get zero queries and their outputs
-        are dropped. Chunks the block finishes are returned for the state to append.
-        """
-        c = self.config.chunk_size
-        t = state.keys.shape[-2]
-        q = F.pad(self._heads(self.q_proj(x)), (0, 0, t, 0))
-        k = torch.cat([state.keys, self._heads(self.k_proj(x))], dim=-2)
-        v = torch.cat([state.values, self._heads(self.v_proj(x))], dim=-2)
-        meta_queries, meta_keys = self._meta(pad_to_chunks(F.pad(x, (0, 0, t, 0)), c))
-        total = k.shape[-2]
-        finished = total // c  # chunks this block completes; the last may be partial
-        out = chunked_attention(
-            to_chunks(pad_to_chunks(q, c), c),
-            to_chunks(pad_to_chunks(k, c), c),
-            to_chunks(pad_to_chunks(v, c), c),
-            meta_queries,
-            meta_keys,
-            state.retrieved,
-            state.meta_keys,
-            state.chunk_states,
-            *self._compression(),
-            finished=finished,
-        )
-        o = out.output.flatten(-3, -2)[..., t:total, :]
-        update = LayerUpdate(
-            new_meta_keys=meta_keys[..., :finished, :],
-            new_chunk_states=out.states[..., :finished, :],
-            keys=k[..., finished * c :, :],
-            values=v[..., finished * c :, :],
-            retrieved=out.retrieved[:, :, finished],
-        )
-        return self.out_proj(o.transpose(1, 2).flatten(-2)), update
+        return self.attend(x)
 
 
 class Block(nn.Module):
@@ -233,14 +118,8 @@ class BSBRModel(nn.Module):
         -> logits [B, L, vocab] (hidden states [B, L, hidden] without the LM head)."""
         if is_eager():
             check_input_ids(input_ids, self.config.vocab_size)
-            if attention_mask is not None and attention_mask.shape != input_ids.shape:
-                raise UserError(
-                    f"attention_mask shape {list(attention_mask.shape)} != input_ids shape "
-                    f"{list(input_ids.shape)}"
-                )
-            if attention_mask is not None and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-                # Positions count from each row's start, so only right padding keeps them right.
-                raise UserError("attention_mask must be right padding: 1s, then only 0s, in every row")
+            if attention_mask is not None:
+                check_attention_mask(attention_mask, input_ids.shape, "input_ids")
         x = self._embed(input_ids, 0)
         if attention_mask is not None:
             # Causality already keeps right padding out of every valid position; zeroing
@@ -257,18 +136,9 @@ class BSBRModel(nn.Module):
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> list[LayerState]:
         """The empty state a stream starts from: no finished chunks, no cached tokens."""
-        cfg = self.config
         device = device or self.embedding.weight.device
         dtype = dtype or self.embedding.weight.dtype
-        h, e = cfg.num_heads, cfg.head_dim
-
-        def empty(*shape: int) -> Tensor:
-            return torch.zeros(batch_size, h, *shape, device=device, dtype=dtype)
-
-        return [
-            LayerState(empty(0, e), empty(0, cfg.state_size), empty(0, e), empty(0, e), empty(e, e))
-            for _ in range(cfg.num_layers)
-        ]
+        return [block.attn.init_state(batch_size, device, dtype) for block in self.blocks]
 
     def stream(self, input_ids: Tensor, state: list[LayerState]) -> tuple[Tensor, list[LayerState]]:
         """Feed the next tokens [B, T] of every sequence; returns (logits [B, T, ...], state).

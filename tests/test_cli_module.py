@@ -16,7 +16,7 @@ MODELS = Path(__file__).parent / "user_models.py"
     "ref, extra, message",
     [
         (f"{MODELS}:value_head_model", [], "pass --trust-code"),
-        ("no/such/file.py:factory", ["--trust-code"], "does not exist"),
+        ("no/such/file.py:factory", ["--trust-code"], "no such file"),
         ("no_such_package.models:factory", ["--trust-code"], "no module named 'no_such_package'"),
         (f"{MODELS}:missing", ["--trust-code"], "has no attribute 'missing'"),
         (f"{MODELS}:NOT_CALLABLE", ["--trust-code"], "not a callable"),
