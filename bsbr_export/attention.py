@@ -170,6 +170,61 @@ def chunked_attention(
     return ChunkedOutput(output, states, retrieved)
 
 
+def pack_chunks(x: Tensor, chunk_size: int) -> Tensor:
+    """[B, n*c, ..] -> [B*n, c, ..]: every chunk becomes a batch row.
+
+    Whole-sequence code works in this layout so that the chunk count `n` is never a dim
+    on its own: torch.export would guard `n != 1` (and more) on every such dim, and a
+    plain `Dim("sequence")` export would then reject lengths up to one chunk. `B*n` and
+    `n*c` are never 1 for a symbolic batch, so they raise no guard. Flatten, then split
+    off `c`: a direct reshape would have to decide whether `B` divides `B*n` evenly.
+    """
+    return x.flatten(0, 1).unflatten(0, (-1, chunk_size))
+
+
+def unpack_chunks(x: Tensor, batch: int) -> Tensor:
+    """The inverse of `pack_chunks`: [B*n, c, ..] -> [B, n*c, ..]."""
+    return x.flatten(0, 1).unflatten(0, (batch, -1))
+
+
+def packed_bsbr_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    meta_queries: Tensor,
+    meta_keys: Tensor,
+    chunks: int,
+    compress: Tensor | None = None,
+    decompress: Tensor | None = None,
+) -> Tensor:
+    """Causal BSBR over whole sequences in the `pack_chunks` layout.
+
+    q: [B*n, H, c, e], k, v: [B*n, G, c, e]; meta_queries [B*n, H, e], meta_keys
+    [B*n, G, e] from each chunk's last token (G key/value heads dividing H); `chunks` = n.
+    Returns [B*n, H, c, e]. Retrieval scores every chunk row
+    against every row of the batch under `M_out` restricted to the row's own sequence:
+    the extra `B`x work is on the small chunk-level term only, and `n` alone never
+    becomes a dim.
+    """
+    e, heads = q.shape[-1], q.shape[1]
+    k, v, meta_keys = repeat_kv(k, heads), repeat_kv(v, heads), repeat_kv(meta_keys, heads)
+    local = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # M_in, one fused op per chunk row
+    states = chunk_states(k, v, compress)  # [B*n, H, s]
+    rows = torch.arange(q.shape[0], device=q.device)
+    sequence = rows // chunks
+    chunk = rows - sequence * chunks  # not `%`: the ONNX exporter has no remainder by a symbolic size
+    # Row a (asked from chunk a's last token) reads chunks 0..a of its own sequence:
+    # that is S_{a+1}, so the result moves down one row and each chunk 0 gets S_0 = 0.
+    m_out = (sequence[None, :] == sequence[:, None]) & (rows[None, :] <= rows[:, None])
+    scores = meta_queries.transpose(0, 1) @ meta_keys.permute(1, 2, 0) / math.sqrt(e)  # [H, B*n, B*n]
+    following = scores.masked_fill(~m_out, float("-inf")).softmax(dim=-1) @ states.transpose(0, 1)
+    if decompress is not None:
+        following = following @ decompress.T
+    shifted = torch.cat([following.new_zeros(following[:, :1].shape), following], dim=1)[:, :-1]
+    retrieved = shifted.masked_fill((chunk == 0)[:, None], 0.0).transpose(0, 1).unflatten(-1, (e, e))
+    return local + q @ retrieved  # o_t = local_t + q_t S_i
+
+
 def bsbr_attention(
     q: Tensor,
     k: Tensor,

@@ -130,7 +130,9 @@ class BSBRModel(nn.Module):
         x = pad_to_chunks(x, self.config.chunk_size)
         for block in self.blocks:
             x = block(x)
-        return self._head(x[:, : input_ids.shape[1]])
+        # Gather the real positions rather than slice: a slice makes torch.export guard
+        # that padding is non-zero (the length is not a multiple of c).
+        return self._head(x.index_select(1, torch.arange(input_ids.shape[1], device=x.device)))
 
     def init_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bsbr_export.attention import (
-    bsbr_attention_at_boundaries,
     boundaries,
     chunked_attention,
+    pack_chunks,
+    packed_bsbr_attention,
     pad_to_chunks,
     to_chunks,
+    unpack_chunks,
 )
 from bsbr_export.errors import UserError
 
@@ -189,10 +191,18 @@ class BSBRAttention(nn.Module):
         `forward` without the padding: a model that pads once to whole chunks and keeps
         that length through its layers calls this, so its graph has no per-layer pad or
         slice."""
-        q, k, v = self._qkv(x, 0)
-        meta_queries, meta_keys = self._meta(x)
-        o = bsbr_attention_at_boundaries(q, k, v, meta_queries, meta_keys, self.chunk_size, *self._compression())
-        return self.out_proj(o.transpose(1, 2).flatten(-2))
+        c = self.chunk_size
+        q, k, v = self._qkv(x, 0)  # [B, H|G, n*c, e]
+
+        def packed(t: Tensor) -> Tensor:  # [B, heads, n*c, e] -> [B*n, heads, c, e], see pack_chunks
+            return pack_chunks(t.transpose(1, 2), c).transpose(1, 2)
+
+        last = pack_chunks(x, c)[:, -1]  # [B*n, hidden]: each chunk's last token
+        meta_queries = self.meta_query_proj(last).unflatten(-1, (-1, self.head_dim))  # [B*n, H, e]
+        meta_keys = self.meta_key_proj(last).unflatten(-1, (-1, self.head_dim))  # [B*n, G, e]
+        o = packed_bsbr_attention(packed(q), packed(k), packed(v), meta_queries, meta_keys, x.shape[1] // c,
+                                  *self._compression())
+        return unpack_chunks(self.out_proj(o.transpose(1, 2).flatten(-2)), x.shape[0])
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """hidden_states [B, L, hidden] at any L >= 1 (right-padded; `attention_mask`
@@ -204,8 +214,10 @@ class BSBRAttention(nn.Module):
             # Causality already keeps right padding out of every valid position; zeroing
             # the padded inputs also makes the outputs there independent of their values.
             hidden_states = hidden_states * attention_mask[..., None].to(hidden_states.dtype)
-        length = hidden_states.shape[1]
-        return self.attend(pad_to_chunks(hidden_states, self.chunk_size))[:, :length]
+        # Gather the real positions rather than slice: a slice makes torch.export guard
+        # that padding is non-zero (the length is not a multiple of c).
+        real = torch.arange(hidden_states.shape[1], device=hidden_states.device)
+        return self.attend(pad_to_chunks(hidden_states, self.chunk_size)).index_select(1, real)
 
     def init_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

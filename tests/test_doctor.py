@@ -36,12 +36,6 @@ def make():
     return ChunkLoop()
 '''
 
-NEEDS_ISSUE_14 = pytest.mark.xfail(
-    strict=True, reason="attention.py still guards on one chunk (boundaries, retrieve's arange, SDPA flatten) "
-    "and slices after padding; the issue-14 'torch.export clean:' commit fixes the shared op"
-)
-
-
 def test_broken_module_is_caught_with_file_and_line(capsys, tmp_path):
     path = tmp_path / "broken.py"
     path.write_text(BROKEN)
@@ -77,11 +71,9 @@ def test_upstream_attention_is_caught_naming_its_lines():
     assert "sequence=" in padding[0].fails_at  # it names the lengths the graph would break at
 
 
-@NEEDS_ISSUE_14
 def test_public_layer_is_clean():
     assert diagnose(BSBRAttention(hidden_size=16, num_heads=4, chunk_size=4, num_kv_heads=2, rope_theta=1e4))
 
 
-@NEEDS_ISSUE_14
 def test_native_model_is_clean():
     assert diagnose(build_model(tiny_config()))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from bsbr_export import UserError, build_model
 from bsbr_export.model import position_frequencies, sinusoidal_positions
-from conftest import random_ids, tiny_config
+from conftest import EDGE_LENGTHS, random_ids, tiny_config
 from test_attention import _Sizes
 
 
@@ -162,3 +162,32 @@ def test_bad_input_ids(ids, message):
         model(ids)
     with pytest.raises(UserError):
         model.stream(ids, model.init_state(1))
+
+
+@pytest.mark.parametrize("compression", [None, 5], ids=["plain", "compressed"])
+def test_torch_export_is_clean_at_every_length(compression):
+    # Plain torch.export with Dim("batch"), Dim("sequence") (DESIGN: "a model is clean
+    # when..."): no constraint violation, no runtime assert, both ranges open from 0 up,
+    # and the program agrees with eager at lengths and batches it never saw, one chunk
+    # and less included.
+    from torch.export import Dim
+    from torch.utils._sympy.numbers import int_oo
+
+    model = build_model(tiny_config(compression=compression), seed=1).eval()
+    c = model.config.chunk_size
+    ids = random_ids(model.config, 2, 2 * c + 3)
+    dims = {0: Dim("batch"), 1: Dim("sequence")}
+    with torch.no_grad():
+        program = torch.export.export(model, (ids, torch.ones_like(ids)), dynamic_shapes=(dims, dims))
+    ranges = list(program.range_constraints.values())
+    assert len(ranges) == 2 and all(r.lower == 0 and r.upper == int_oo for r in ranges), ranges
+    checks = {torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default}
+    assert not [node for node in program.graph.nodes if node.target in checks]
+    exported = program.module()
+    for name, length in EDGE_LENGTHS.items():
+        for batch in (1, 3):
+            x = random_ids(model.config, batch, length(c), seed=length(c) + batch)
+            mask = torch.ones_like(x)
+            with torch.no_grad():
+                diff = (exported(x, mask) - model(x, mask)).abs().max().item()
+            assert diff < 1e-5, (name, batch, diff)

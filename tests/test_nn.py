@@ -188,8 +188,6 @@ def test_bad_arguments_are_one_user_error(kwargs, message):
         BSBRAttention(hidden_size=16, chunk_size=C, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="attention.py still guards on one chunk (boundaries, retrieve's arange, "
-                   "SDPA flatten) and slices after padding; the issue-14 'torch.export clean:' commit fixes the op")
 @pytest.mark.parametrize("variant", ["plain", "gqa-rope-compressed-nobias"])
 def test_torch_export_is_clean_and_runs_at_other_shapes(variant):
     from torch.export import Dim
