@@ -106,9 +106,11 @@ def available_engines(export_dir: Path) -> list[str]:
     per artifact (ONNX at every ORT optimization level and provider)."""
     from bsbr_export.runners import available_providers
 
+    from bsbr_export.formats import FORMATS, artifact_name
+
     engines = ["eager", "compile"]
-    if (export_dir / "model.pt").is_file():
-        engines.append("torchscript")
+    # One engine per torch-run artifact, named like its format (ONNX gets ORT's below).
+    engines += [name for name in ("torchscript", "aoti") if (export_dir / artifact_name(FORMATS[name], "logits")).is_file()]
     if (export_dir / "model.onnx").is_file():
         engines += [f"ort-cpu-{level}" for level in ORT_LEVELS]
         if "CUDAExecutionProvider" in available_providers():
@@ -159,14 +161,12 @@ def _make_call(engine: str, export_dir: Path, threads: int):
                 return model(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]))
 
         return call
-    if engine == "torchscript":
-        module = torch.jit.load(str(export_dir / "model.pt"))
+    if engine in ("torchscript", "aoti"):
+        from bsbr_export.formats import FORMATS, artifact_name
 
-        def call(feeds):
-            with torch.inference_mode():
-                return module(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]))
-
-        return call
+        fmt = FORMATS[engine]
+        runner = fmt.runner(export_dir / artifact_name(fmt, "logits"), ["input_ids", "attention_mask"], ["output"])
+        return lambda feeds: runner.infer(feeds)["output"]
     from bsbr_export.runners import OnnxRunner
 
     _, device, variant = engine.split("-", 2)

@@ -1,30 +1,108 @@
-"""The one table of export formats: it feeds the CLI's choices, export and checks."""
+"""The one table of export formats: it feeds the CLI's choices, export, validate and bench.
+
+Each entry carries its exporter and runner (imported only when called, so the CLI's
+help stays light) and the export options it takes; callers dispatch through the entry.
+"""
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from bsbr_export.errors import UserError
 
 
 @dataclass(frozen=True)
 class Format:
-    """An artifact kind: its file suffix, and whether it has a streaming variant."""
+    """An artifact kind: suffix, exporter, runner, the options it takes, its kinds.
+
+    exporter(model, path, kind, spec, **options) -> files written (the artifact first),
+    with the model's `ModelSpec` and only the `options` this format takes; runner(path, input_names, output_names,
+    **engine) -> an object with `infer(feeds)`; describe(path) -> settings recorded
+    in the manifest for the artifact.
+    """
 
     name: str
     suffix: str
     description: str
-    streaming: bool = True
+    exporter: Callable[..., list[Path]]
+    runner: Callable[..., object]
+    options: frozenset[str] = frozenset()
+    kinds: tuple[str, ...] = ("logits", "streaming", "decode")
+    per_provider: bool = False  # validated once per ONNX Runtime execution provider
     needs_gpu: bool = False
+    describe: Callable[[Path], dict] = lambda path: {}
+
+    @property
+    def streaming(self) -> bool:
+        return len(self.kinds) > 1
+
+    def export(self, model, path: Path, kind: str, spec=None, **options) -> list[Path]:
+        """Write one artifact with the options this format takes (others are dropped)."""
+        return self.exporter(model, path, kind, spec, **{k: v for k, v in options.items() if k in self.options})
+
+
+def _export_onnx(model, path, kind, spec, **options):
+    from bsbr_export.export import export_onnx
+
+    return export_onnx(model, path, spec=spec, streaming=kind == "streaming", decode=kind == "decode", **options)
+
+
+def _export_torchscript(mobile: bool):
+    def export(model, path, kind, spec):
+        from bsbr_export.export import export_torchscript
+
+        return [export_torchscript(model, path, spec=spec, streaming=kind == "streaming", decode=kind == "decode",
+                                   mobile=mobile)]
+
+    return export
+
+
+def _export_aoti(model, path, kind, spec):
+    from bsbr_export.aoti import export_aoti
+
+    return [export_aoti(model, path, spec)]
+
+
+def _onnx_runner(path, input_names, output_names, provider: str = "CPUExecutionProvider"):
+    from bsbr_export.runners import OnnxRunner
+
+    return OnnxRunner(path, provider=provider)
+
+
+def _torchscript_runner(path, input_names, output_names):
+    from bsbr_export.runners import TorchScriptRunner
+
+    return TorchScriptRunner(path, input_names, output_names)
+
+
+def _aoti_runner(path, input_names, output_names):
+    from bsbr_export.runners import AotiRunner
+
+    return AotiRunner(path, input_names, output_names)
+
+
+def _aoti_settings(path: Path) -> dict:
+    from bsbr_export.aoti import package_isa
+
+    return {"cpu_isa": package_isa(path)}
 
 
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("onnx", ".onnx", "ONNX graph for ONNX Runtime (torch.export-based exporter)"),
-        Format("torchscript", ".pt", "traced TorchScript for torch.jit.load / torch::jit::load"),
-        Format("torchscript-mobile", ".ptl", "TorchScript for PyTorch Mobile's lite interpreter"),
+        Format("onnx", ".onnx", "ONNX graph for ONNX Runtime (torch.export-based exporter)", _export_onnx,
+               _onnx_runner, frozenset({"static_shape", "opset", "metadata"}), per_provider=True),
+        Format("torchscript", ".pt", "traced TorchScript for torch.jit.load / torch::jit::load",
+               _export_torchscript(False), _torchscript_runner),
+        Format("torchscript-mobile", ".ptl", "TorchScript for PyTorch Mobile's lite interpreter",
+               _export_torchscript(True), _torchscript_runner),
+        # Full graph only for now: the streaming step still has chunk-count guards (`n != 1`)
+        # that AOTInductor keeps as runtime asserts, so its decode package fails at one chunk.
+        Format("aoti", ".pt2", "AOTInductor package for aoti_load_package / torch::inductor::AOTIModelPackageLoader",
+               _export_aoti, _aoti_runner, kinds=("logits",), describe=_aoti_settings),
     )
 }
 
@@ -65,5 +143,5 @@ def export_jobs(formats: list[Format], streaming: bool) -> list[tuple[Format, st
     streaming steps and the decode steps (whose caller appends finished chunks itself)."""
     jobs = [(fmt, "logits") for fmt in formats]
     if streaming:
-        jobs += [(fmt, kind) for kind in ("streaming", "decode") for fmt in formats if fmt.streaming]
+        jobs += [(fmt, kind) for kind in ("streaming", "decode") for fmt in formats if kind in fmt.kinds]
     return jobs

@@ -12,24 +12,17 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from bsbr_export.errors import UserError
-from bsbr_export.export import (
-    check_kind,
-    check_opset,
-    check_static_shape,
-    export_onnx,
-    export_torchscript,
-    state_manifest,
-)
-from bsbr_export.formats import DEFAULT_OPSET, Format, artifact_name, export_jobs
+from bsbr_export.export import check_kind, check_opset, check_static_shape, state_manifest
+from bsbr_export.formats import DEFAULT_OPSET, FORMATS, Format, artifact_name, export_jobs
 from bsbr_export.io import atomic_dir
 from bsbr_export.manifest import MANIFEST, file_record, read_manifest
-from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner
+from bsbr_export.runners import EagerRunner
 from bsbr_export.sources import Source, load_source, write_source
 from bsbr_export.spec import ModelSpec
 from bsbr_export.validate import DEFAULT_TOLERANCE, Case, ParityReport, check_parity, default_cases
@@ -45,6 +38,7 @@ class ArtifactResult:
     files: dict[str, dict]  # file name -> {"sha256", "bytes"}
     seconds: float
     parity: ParityReport
+    settings: dict = field(default_factory=dict)  # what the format records (Format.describe)
 
     @property
     def bytes(self) -> int:
@@ -62,11 +56,9 @@ class ExportResult:
         return all(a.parity.passed for a in self.artifacts)
 
 
-def runner_for(fmt: str, path: Path, reference: EagerRunner):
+def runner_for(fmt: Format, path: Path, reference: EagerRunner):
     """A runner over an artifact file (names come from the eager graph it mirrors)."""
-    if fmt == "onnx":
-        return OnnxRunner(path)
-    return TorchScriptRunner(path, reference.input_names, reference.output_names)
+    return fmt.runner(path, reference.input_names, reference.output_names)
 
 
 def export_model(
@@ -114,19 +106,12 @@ def export_model(
             name = artifact_name(fmt, kind)
             progress(f"exporting {name}")
             start = time.perf_counter()
-            if fmt.name == "onnx":
-                files = export_onnx(
-                    source.module, tmp / name, spec=spec, streaming=kind == "streaming", decode=kind == "decode",
-                    static_shape=static_shape, opset=opset, metadata={"bsbr.model": str(label)},
-                )
-            else:
-                mobile = fmt.name == "torchscript-mobile"
-                files = [export_torchscript(source.module, tmp / name, spec=spec, streaming=kind == "streaming",
-                                            decode=kind == "decode", mobile=mobile)]
+            files = fmt.export(source.module, tmp / name, kind, spec=spec, static_shape=static_shape, opset=opset,
+                               metadata={"bsbr.model": str(label)})
             seconds = time.perf_counter() - start
             progress(f"checking {name} against eager")
-            static = static_shape if fmt.name == "onnx" else None
-            parity = _check(fmt.name, tmp / name, source, kind, static, tolerance)
+            static = static_shape if "static_shape" in fmt.options else None
+            parity = _check(fmt, tmp / name, source, kind, static, tolerance)
             artifacts.append(
                 ArtifactResult(
                     name=name,
@@ -135,6 +120,7 @@ def export_model(
                     files={f.name: file_record(f) for f in files},
                     seconds=seconds,
                     parity=parity,
+                    settings=fmt.describe(tmp / name),
                 )
             )
         manifest = {
@@ -155,7 +141,8 @@ def export_model(
                     "name": a.name,
                     "format": a.format,
                     "kind": a.kind,
-                    "settings": {"static_shape": list(static_shape) if static_shape and a.format == "onnx" else None},
+                    "settings": {"static_shape": list(static_shape) if static_shape and "static_shape" in FORMATS[a.format].options
+                                 else None, **a.settings},
                     "files": a.files,
                     "export_seconds": round(a.seconds, 3),
                     "checks": a.parity.to_dict(),
@@ -199,7 +186,7 @@ def _mobile_note() -> str:
     return "skipped: this torch build has no XNNPACK, which the pass needs"
 
 
-def _check(fmt: str, path: Path, source: Source, kind: str, static_shape, tolerance: float) -> ParityReport:
+def _check(fmt: Format, path: Path, source: Source, kind: str, static_shape, tolerance: float) -> ParityReport:
     reference = EagerRunner(source.module, source.spec, kind)
     runner = runner_for(fmt, path, reference)
     streaming = kind != "logits"

@@ -1,7 +1,7 @@
 """Runners own the backends: one object per engine, fed and answered with numpy.
 
 `infer(feeds) -> outputs` (dicts of name -> array) is all a caller uses, so validation
-and benchmarks treat eager PyTorch, TorchScript and ONNX Runtime alike.
+and benchmarks treat eager PyTorch, TorchScript, AOTInductor and ONNX Runtime alike.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class EagerRunner:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             outputs = self.graph(*(torch.from_numpy(feeds[n]) for n in self.input_names))
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         return {n: o.numpy() for n, o in zip(self.output_names, outputs)}
 
 
@@ -65,8 +65,30 @@ class TorchScriptRunner:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             outputs = self.module(*(torch.from_numpy(feeds[n]) for n in self.input_names))
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         return {n: o.numpy() for n, o in zip(self.output_names, outputs)}
+
+
+class AotiRunner:
+    """An AOTInductor package (`.pt2`) loaded with `torch._inductor.aoti_load_package`,
+    after checking that this CPU has the vector ISA it was compiled for."""
+
+    name = "aoti"
+
+    def __init__(self, path: str | os.PathLike, input_names: list[str], output_names: list[str]) -> None:
+        from bsbr_export.aoti import check_isa
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"AOTInductor package {path} does not exist")
+        check_isa(path)
+        try:
+            self.module = torch._inductor.aoti_load_package(str(path))
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise UserError(f"{path} is not a loadable AOTInductor package: {str(exc).splitlines()[0]}") from None
+        self.input_names, self.output_names = input_names, output_names
+
+    infer = TorchScriptRunner.infer
 
 
 def available_providers() -> list[str]:

@@ -321,7 +321,8 @@ def validate_export(
     from bsbr_export.errors import UserError
     from bsbr_export.localize import first_divergence, localize
     from bsbr_export.manifest import read_manifest
-    from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner, available_providers
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.runners import EagerRunner, available_providers
     from bsbr_export.sources import rebuild
 
     if lengths is not None and any(n < 1 for n in lengths):
@@ -347,10 +348,12 @@ def validate_export(
         static = settings.get("static_shape")
         allowed = PRECISION_TOLERANCES.get(settings.get("precision", "fp32"), tolerance)
         cases = [Case(*static)] if static else default_cases(spec.chunk_size, streaming, lengths=lengths, batches=batches)
-        if artifact["format"] == "onnx":
-            engines = [(engine_name(p), OnnxRunner(path, provider=p)) for p in providers]
+        fmt = FORMATS[artifact["format"]]
+        names = reference.input_names, reference.output_names
+        if fmt.per_provider:
+            engines = [(engine_name(p), fmt.runner(path, *names, provider=p)) for p in providers]
         else:
-            engines = [(artifact["format"], TorchScriptRunner(path, reference.input_names, reference.output_names))]
+            engines = [(fmt.name, fmt.runner(path, *names))]
         for engine, runner in engines:
             report = check_parity(artifact["name"], reference, runner, cases, spec, allowed, seed)
             layers, first_bad = (), None

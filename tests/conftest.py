@@ -49,12 +49,25 @@ def tiny_model(request):
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
-    """bsbr-tiny exported once per session: ONNX + TorchScript, full and streaming."""
+    """bsbr-tiny exported once per session: ONNX + TorchScript (+ mobile), full and streaming."""
     from bsbr_export.formats import FORMATS
     from bsbr_export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny"
-    result = export_model("bsbr-tiny", out, list(FORMATS.values()), streaming=True)
+    formats = [FORMATS[name] for name in ("onnx", "torchscript", "torchscript-mobile")]
+    result = export_model("bsbr-tiny", out, formats, streaming=True)
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def aoti_export(tmp_path_factory):
+    """bsbr-tiny compiled once per session with AOTInductor (the full graph; `streaming`
+    adds no .pt2 yet): compiling is slow, so no other fixture does it."""
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-aoti"
+    result = export_model("bsbr-tiny", out, [FORMATS["aoti"]], streaming=True)
     return out, result
 
 

@@ -1,0 +1,83 @@
+"""AOTInductor packages: right at shapes the export never saw, listed by validate and
+bench, and refused in one line when corrupt or built for a CPU ISA this one lacks."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import torch
+
+from bsbr_export import load_model
+from bsbr_export.aoti import host_isas, package_isa
+from bsbr_export.runners import AotiRunner
+from conftest import EDGE_LENGTHS, random_ids, rehash, run_cli
+
+
+def test_export_writes_a_checked_package_with_its_isa(aoti_export):
+    out, result = aoti_export
+    assert result.passed and [a.name for a in result.artifacts] == ["model.pt2"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    for artifact in manifest["artifacts"]:
+        assert artifact["settings"]["cpu_isa"] == package_isa(out / artifact["name"])
+        assert artifact["checks"]["passed"]
+    assert package_isa(out / "model.pt2").upper() in host_isas()
+
+
+def test_package_matches_eager_at_unseen_lengths_and_batches(aoti_export):
+    out, _ = aoti_export
+    model = load_model(out).eval()
+    runner = AotiRunner(out / "model.pt2", ["input_ids", "attention_mask"], ["logits"])
+    c = model.config.chunk_size
+    for name, length in EDGE_LENGTHS.items():
+        for batch in (1, 3):
+            ids = random_ids(model.config, batch, length(c), seed=7 * length(c) + batch)
+            feeds = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
+            with torch.no_grad():
+                want = model(ids).numpy()
+            diff = abs(runner.infer(feeds)["logits"] - want).max()
+            assert diff < 1e-4, (name, batch, diff)
+
+
+def test_validate_and_bench_list_aoti(aoti_export, capsys):
+    from bsbr_export.bench import available_engines
+
+    out, _ = aoti_export
+    assert "aoti" in available_engines(out)
+    code, stdout, _ = run_cli(capsys, "validate", out)
+    assert code == 0 and "model.pt2" in stdout
+
+
+def _with_isa(path, isa):
+    """Rewrite the ISA a package says it was compiled for (as another machine's would)."""
+    with zipfile.ZipFile(path) as archive:
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            if name.endswith("wrapper_metadata.json"):
+                data = json.dumps({**json.loads(data), "AOTI_CPU_ISA": isa}).encode()
+            archive.writestr(name, data)
+
+
+def test_package_for_another_isa_is_refused_in_one_line(aoti_export, tmp_path, capsys):
+    import shutil
+
+    out, _ = aoti_export
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    _with_isa(copy / "model.pt2", "AVX512 AMX_FP16 SVE256")
+    rehash(copy, "model.pt2")
+    code, _, err = run_cli(capsys, "validate", copy)
+    assert code == 2 and "AMX_FP16 SVE256, which this CPU lacks" in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_package_is_refused_in_one_line(aoti_export, tmp_path, capsys):
+    import shutil
+
+    out, _ = aoti_export
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    (copy / "model.pt2").write_bytes(b"not a zip archive")
+    rehash(copy, "model.pt2")
+    code, _, err = run_cli(capsys, "validate", copy)
+    assert code == 2 and "not an AOTInductor package" in err and len(err.strip().splitlines()) == 1
