@@ -22,6 +22,7 @@ MODELS = Path(__file__).parent / "user_models.py"
         (f"{MODELS}:NOT_CALLABLE", ["--trust-code"], "not a callable"),
         (f"{MODELS}:not_a_module", ["--trust-code"], "returned a int, not a torch.nn.Module"),
         (f"{MODELS}:chunk_loop", ["--trust-code"], "no BSBR attention layer"),
+        (f"{MODELS}:text_out", ["--trust-code"], "outputs label are not tensors"),
         (f"{MODELS}:pooled_model", ["--trust-code", "--weights", "missing.safetensors"], "does not exist"),
         (f"{MODELS}:pooled_model", ["--trust-code", "--spec", "missing.json"], "spec file missing.json does not exist"),
         ("bsbr-tiny", ["--weights", "w.safetensors"], "apply to a module reference"),

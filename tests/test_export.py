@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bsbr_export import BSBRConfig, UserError, build_model, load_model
-from bsbr_export.export import ExportError, check_trace, export_onnx, export_torchscript
+from bsbr_export.export import check_trace, export_onnx, export_torchscript
 from bsbr_export.formats import FORMATS, artifact_name, export_jobs
 from bsbr_export.graphs import LogitsGraph, flatten_state
 from bsbr_export.spec import spec_for

@@ -95,7 +95,7 @@ def test_a_wrong_second_head_is_caught(value_head_export):
     module, _, _ = value_head_export
     other = user_models.value_head_model()
     with torch.no_grad():
-        other.value.weight.add_(0.5)
+        other.value.bias.add_(0.5)  # (a shift of every weight would cancel: its input is layer-normed)
     spec = spec_for(module)
     ids = torch.randint(0, 53, (2, 2 * C + 2))
     wrong = torch.jit.trace(LogitsGraph(other, spec), (ids, torch.ones_like(ids)))
@@ -179,3 +179,44 @@ def test_rotary_gqa_decoder_full_and_streaming(decoder_export):
     # Streaming graph rolled out in uneven pieces equals the full forward.
     report = validate_export(out, module=user_models.rotary_decoder(), lengths=[C + 1, 3 * C + 2], batches=(1, 3))
     assert report.passed
+
+
+def test_upstream_model_object_reads_heads_and_chunk_size(tmp_path):
+    bsbr = pytest.importorskip("bsbr", reason="the upstream bsbr 0.1.1 package is not installed")
+    from bsbr_export import from_upstream
+
+    torch.manual_seed(12)
+    theirs = bsbr.BSBRModel(vocab_size=50, hidden_dim=16, num_layers=2, num_heads=4, chunk_size=C, ff_dim=32,
+                            dropout=0.0).eval()
+    ours = from_upstream(theirs)
+    assert (ours.config.num_heads, ours.config.chunk_size) == (4, C)
+    ids = torch.randint(0, 50, (3, 3 * C + 2), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids)).abs().max() <= 1e-5
+    result = export_module(theirs, tmp_path / "up", formats=("onnx",))
+    assert result.passed and "NOT causal" in result.note
+    got = ort_outputs(tmp_path / "up" / "model.onnx", {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})
+    with torch.no_grad():
+        assert np.abs(got["hidden_states"] - theirs(ids).numpy()).max() <= 1e-5
+
+
+def test_a_broken_block_is_named_with_the_users_module_names(decoder_export, tmp_path):
+    """A graph whose second block went wrong is localized to `layers.1`, the user's name."""
+    import shutil
+
+    import onnx
+
+    from conftest import rehash, weight_used_only_in
+
+    _, out, _ = decoder_export
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    proto = onnx.load(str(broken / "model.onnx"))
+    weight = weight_used_only_in(proto, "model.layers.1", block_path="layers")
+    values = onnx.numpy_helper.to_array(weight).copy()
+    weight.CopyFrom(onnx.numpy_helper.from_array(values + 0.5, weight.name))
+    onnx.save(proto, str(broken / "model.onnx"))
+    rehash(broken, "model.onnx")
+    report = validate_export(broken, module=user_models.rotary_decoder(), lengths=[3 * C + 2], batches=(2,))
+    check = next(c for c in report.checks if c.artifact == "model.onnx")
+    assert not check.passed and check.first_bad_layer == "layers.1"

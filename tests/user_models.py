@@ -175,6 +175,21 @@ def rotary_decoder() -> RotaryDecoder:
     return RotaryDecoder().eval()
 
 
+class TextOut(nn.Module):
+    """Returns something that is not a tensor (export needs tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = MeanPooled()
+
+    def forward(self, input_ids: Tensor) -> dict:
+        return {"score": self.inner(input_ids), "label": "positive"}
+
+
+def text_out() -> TextOut:
+    return TextOut().eval()
+
+
 def not_a_module():
     return 42
 
