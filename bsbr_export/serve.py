@@ -246,12 +246,18 @@ class TritonServer:
             return False
 
     def log_reason(self) -> str:
-        """The first error line of the server's log (else its last line), without Triton's prefix."""
-        lines = [line.strip() for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("E") and LOG_PREFIX.match(line)]
-        errors += [line for line in lines if line.startswith("error:")]
-        line = (errors or lines or ["(its log is empty)"])[0]
-        return LOG_PREFIX.sub("", line)
+        """The most telling line of the server's log, without Triton's prefix: its fatal
+        `error:` line, else the first error about a failure, else the first error, else the
+        last line. Triton escapes a traceback into one line as literal \\n: cut there."""
+        text = self.log_path.read_text(errors="replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        # Every start on a machine without a GPU logs this error, which never matters here.
+        errors = [LOG_PREFIX.sub("", line) for line in lines
+                  if LOG_PREFIX.match(line) and line[0] == "E" and "CudaDriverHelper" not in line]
+        candidates = ([line for line in lines if line.startswith("error:")]
+                      + [line for line in errors if "fail" in line.lower()] + errors + lines[-1:])
+        reason = candidates[0] if candidates else "(its log is empty)"
+        return reason.split("\\n")[0].strip('"; ')[:400]
 
     def stop(self) -> int | None:
         """End the server by its pid (SIGTERM, SIGKILL after a timeout); its exit status."""
@@ -278,13 +284,21 @@ class TritonServer:
 
 def serve(repo: str | os.PathLike, triton_env: str | os.PathLike | None = None, *, http_port: int = 8000,
           grpc_port: int = 8001, timeout_s: float = START_TIMEOUT_S, on_ready=lambda server: None) -> int:
-    """Serve `repo` until the server exits or Ctrl-C (which stops it); the server's exit status.
+    """Serve `repo` until the server exits, Ctrl-C or SIGTERM (which stop it); the server's exit status.
 
     `on_ready(server)` is called once it is ready (the CLI prints the endpoints there).
     """
-    with TritonServer(repo, find_env(triton_env), http_port, grpc_port, timeout_s) as server:
-        on_ready(server)
-        code = server.process.wait()
-        if code:
-            raise UserError(f"tritonserver exited with status {code}: {server.log_reason()}")
-        return code
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM (a supervisor, `kill`) stops the server as Ctrl-C does, instead of orphaning it.
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with TritonServer(repo, find_env(triton_env), http_port, grpc_port, timeout_s) as server:
+            on_ready(server)
+            code = server.process.wait()
+            if code:
+                raise UserError(f"tritonserver exited with status {code}: {server.log_reason()}")
+            return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -73,17 +73,14 @@ class TritonPythonModel:
 
     def _full(self, request):
         ids = self._ids(request)
-        mask = pb_utils.get_input_tensor_by_name(request, "attention_mask")
-        mask = np.ones_like(ids) if mask is None else mask.as_numpy()
+        mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()  # Triton requires it
         if mask.shape != ids.shape:
             raise RequestError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: they must match")
         (logits,) = self.session.run(self.output_names[:1], {"input_ids": ids, "attention_mask": mask})
         return pb_utils.InferenceResponse([pb_utils.Tensor(self.output_names[0], logits)])
 
     def _decode(self, request):
-        ids = self._ids(request)
-        if ids.shape[0] != 1:
-            raise RequestError(f"a sequence carries one stream: send input_ids of batch 1, got batch {ids.shape[0]}")
+        ids = self._ids(request)  # of batch 1: Triton's sequence batcher refuses any other
         start, end = (bool(_control(request, name)) for name in ("START", "END"))
         sequence = int(_control(request, "CORRID"))
         if start:
