@@ -30,7 +30,7 @@ from bsbr_export.manifest import read_manifest
 
 # Requests of up to this many sequences per call to the full-sequence model.
 MAX_BATCH_SIZE = 8
-# A streaming sequence idle this long is dropped (by Triton and by the Python model).
+# By default, a streaming sequence idle this long is dropped (by Triton and by the Python model).
 IDLE_SECONDS = 60
 # The Python-backend model.py: this package's triton_model.py, copied.
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
@@ -82,13 +82,15 @@ def write_triton_repo(
     model_name: str | None = None,
     *,
     overwrite: bool = False,
+    idle_seconds: int = IDLE_SECONDS,
 ) -> Path:
     """Write Triton models for the ONNX graphs in `export_dir` into `repo_dir`.
 
     model_name defaults to the exported model's name (a preset name, or the checkpoint
     directory's). Each model directory appears whole or not at all; other models already
     in `repo_dir` are left alone, and an existing one of the same name is replaced only
-    with `overwrite`. Returns `repo_dir`, the path to give `tritonserver --model-repository`.
+    with `overwrite`. A streaming sequence idle for `idle_seconds` is dropped by the
+    Python-backend model. Returns `repo_dir`, the path to give `tritonserver --model-repository`.
     """
     export_dir, repo_dir = Path(export_dir), Path(repo_dir)
     manifest = read_manifest(export_dir)
@@ -112,7 +114,8 @@ def write_triton_repo(
         models[streaming] = (artifacts["model.streaming.onnx"], config, False)
     if "model.decode.onnx" in artifacts:
         streaming = f"{name}_streaming_python"
-        config = python_decode_config(streaming, export_dir / "model.decode.onnx", manifest["state"], vocab_size)
+        config = python_decode_config(streaming, export_dir / "model.decode.onnx", manifest["state"], vocab_size,
+                                      idle_seconds)
         models[streaming] = (artifacts["model.decode.onnx"], config, True)
 
     # Stage every model before publishing any: a failure leaves the repository as it was.
@@ -214,7 +217,7 @@ def python_logits_config(name: str, path: Path, vocab_size: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def python_decode_config(name: str, path: Path, state: dict, vocab_size: int) -> str:
+def python_decode_config(name: str, path: Path, state: dict, vocab_size: int, idle_seconds: int = IDLE_SECONDS) -> str:
     """config.pbtxt of the decode graph on the Python backend, behind the sequence batcher.
 
     Each request sends a sequence's next `input_ids` (batch 1; `sequence_start` on the
@@ -238,7 +241,7 @@ def python_decode_config(name: str, path: Path, state: dict, vocab_size: int) ->
         *_io("output", [outputs[0], opened], True),
         "instance_group [ { kind: KIND_CPU, count: 1 } ]",
         "sequence_batching {",
-        f"  max_sequence_idle_microseconds: {IDLE_SECONDS * 1_000_000}",
+        f"  max_sequence_idle_microseconds: {idle_seconds * 1_000_000}",
         f"  oldest {{ max_candidate_sequences: {MAX_SEQUENCES}, max_queue_delay_microseconds: 0 }}",
         "  control_input [",
         '    { name: "START", control [ { kind: CONTROL_SEQUENCE_START, int32_false_true: [ 0, 1 ] } ] },',
@@ -247,7 +250,7 @@ def python_decode_config(name: str, path: Path, state: dict, vocab_size: int) ->
         "  ]",
         "}",
         *_parameters({"mode": "decode", "onnx_file": path.name, "vocab_size": vocab_size,
-                      "idle_seconds": IDLE_SECONDS, "state_shapes": json.dumps(state["inputs"])}),
+                      "idle_seconds": idle_seconds, "state_shapes": json.dumps(state["inputs"])}),
     ]
     return "\n".join(lines) + "\n"
 

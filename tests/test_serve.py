@@ -26,6 +26,7 @@ from bsbr_export.errors import UserError
 from bsbr_export.graphs import stream_pieces
 from bsbr_export.runners import EagerRunner
 from bsbr_export.serve import TritonServer
+from bsbr_export.triton import write_triton_repo
 from conftest import print_uncaptured, run_cli
 
 TOLERANCE = 1e-4  # max abs error of served logits against eager
@@ -146,6 +147,23 @@ def test_end_frees_the_sequence_state(triton_server):
         step(client, "grpc", 401, np.array([[6]]))  # an ended sequence cannot continue
     _, last = step(client, "grpc", 402, np.array([[7]]), end=True)
     assert last == opened - 1
+
+
+def test_idle_sequence_is_released(triton_env, tiny_export, tmp_path):
+    """A sequence idle past the model's timeout loses its state (and Triton forgets it),
+    while a busy one keeps going. One more server, with a 1 s timeout."""
+    out, _ = tiny_export
+    repo = write_triton_repo(out, tmp_path / "models", idle_seconds=1)
+    with TritonServer(repo, triton_env, http_port=0, grpc_port=0) as server:
+        client = connect(server, "http")
+        _, opened = step(client, "http", 801, np.array([[1, 2, 3]]), start=True)
+        assert opened == 1
+        time.sleep(2.5)
+        _, opened = step(client, "http", 802, np.array([[4]]), start=True)
+        assert opened == 1  # 801's state was dropped
+        with pytest.raises(InferenceServerException, match="must specify the START flag"):
+            step(client, "http", 801, np.array([[5]]))
+        assert server.healthy()
 
 
 def test_bounded_load(triton_server, model, request):
