@@ -32,7 +32,10 @@ from bsbr_export.manifest import MANIFEST
 
 # Where `serve` looks for the serving venv when --triton-env is not given.
 ENV_VAR = "BSBR_TRITON_ENV"
-INSTALL = 'python3 -m venv .venv-triton && .venv-triton/bin/pip install "nvidia-pytriton==0.7.0" "numpy<2" onnxruntime'
+# --no-deps: the wheel's dependencies serve PyTriton's Python API, which is not used here;
+# the server binary brings its own libraries.
+INSTALL = ('python3 -m venv .venv-triton && .venv-triton/bin/pip install "numpy<2" onnxruntime && '
+           '.venv-triton/bin/pip install --no-deps "nvidia-pytriton==0.7.0"')
 START_TIMEOUT_S = 60.0
 # On SIGTERM, Triton waits this long for in-flight work (open sequences count) before exiting;
 # after STOP_TIMEOUT_S we kill it.
