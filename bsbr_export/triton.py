@@ -135,14 +135,12 @@ def write_triton_repo(
     return repo_dir
 
 
-def logits_config(name: str, path: Path) -> str:
+def logits_config(name: str, path: Path, backend: str = "onnxruntime") -> str:
     """config.pbtxt of the full-sequence graph (input_ids, attention_mask -> logits)."""
     inputs, outputs = graph_tensors(path)
     batched = _batch_is_dynamic(inputs + outputs)
     lines = [
-        f"# Written by bsbr-export from {path.name}: names, types and dims are the graph's.",
-        f'name: "{name}"',
-        'platform: "onnxruntime_onnx"',
+        *_header(name, path, backend),
         # A graph exported with a fixed batch (--static) takes exactly that batch.
         f"max_batch_size: {MAX_BATCH_SIZE if batched else 0}",
         *_io("input", inputs, batched),
@@ -167,9 +165,7 @@ def streaming_config(name: str, path: Path, state: dict) -> str:
     if missing:
         raise UserError(f"{path.name} lacks the state tensors its manifest lists ({', '.join(missing[:3])}): re-export")
     lines = [
-        f"# Written by bsbr-export from {path.name}: names, types and dims are the graph's.",
-        f'name: "{name}"',
-        'platform: "onnxruntime_onnx"',
+        *_header(name, path, "onnxruntime"),
         "max_batch_size: 1",
         *_io("input", [t for t in inputs if t.name not in pairs], True),
         *_io("output", [t for t in outputs if t.name not in pairs.values()], True),
@@ -202,19 +198,11 @@ def streaming_config(name: str, path: Path, state: dict) -> str:
 def python_logits_config(name: str, path: Path, vocab_size: int) -> str:
     """config.pbtxt of the full-sequence graph on the Python backend (model.py runs it
     with onnxruntime, one session run per request)."""
-    inputs, outputs = graph_tensors(path)
-    batched = _batch_is_dynamic(inputs + outputs)
     lines = [
-        f"# Written by bsbr-export from {path.name}: names, types and dims are the graph's.",
-        f'name: "{name}"',
-        'backend: "python"',
-        f"max_batch_size: {MAX_BATCH_SIZE if batched else 0}",
-        *_io("input", inputs, batched),
-        *_io("output", outputs, batched),
         "instance_group [ { kind: KIND_CPU, count: 1 } ]",
         *_parameters({"mode": "full", "onnx_file": path.name, "vocab_size": vocab_size}),
     ]
-    return "\n".join(lines) + "\n"
+    return logits_config(name, path, "python") + "\n".join(lines) + "\n"
 
 
 def python_decode_config(name: str, path: Path, state: dict, vocab_size: int, idle_seconds: int = IDLE_SECONDS) -> str:
@@ -233,9 +221,7 @@ def python_decode_config(name: str, path: Path, state: dict, vocab_size: int, id
         raise UserError(f"{path.name} lacks the state tensors its manifest lists ({', '.join(missing[:3])}): re-export")
     opened = TensorSpec("open_sequences", "TYPE_INT64", (-1, 1))
     lines = [
-        f"# Written by bsbr-export from {path.name}: names, types and dims are the graph's.",
-        f'name: "{name}"',
-        'backend: "python"',
+        *_header(name, path, "python"),
         f"max_batch_size: {MAX_BATCH_SIZE}",
         *_io("input", [t for t in inputs if t.name not in state["inputs"]], True),
         *_io("output", [outputs[0], opened], True),
@@ -253,6 +239,12 @@ def python_decode_config(name: str, path: Path, state: dict, vocab_size: int, id
                       "idle_seconds": idle_seconds, "state_shapes": json.dumps(state["inputs"])}),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _header(name: str, path: Path, backend: str) -> list[str]:
+    """A config's first lines: where it came from, its name, what runs it."""
+    runs = 'platform: "onnxruntime_onnx"' if backend == "onnxruntime" else f'backend: "{backend}"'
+    return [f"# Written by bsbr-export from {path.name}: names, types and dims are the graph's.", f'name: "{name}"', runs]
 
 
 def _parameters(values: dict) -> list[str]:

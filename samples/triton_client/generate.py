@@ -119,7 +119,8 @@ def read_prompt(ids: list[str], prompt_file: str | None) -> list[int]:
     return [int(word) for word in ids]
 
 
-# write_json is samples/streaming/generate.py's: each sample stays one file a user can copy out.
+# write_json and the latency summary in main() are samples/streaming/generate.py's: each
+# sample stays one self-contained file that a user can copy out.
 
 
 def write_json(data: dict, path: Path) -> None:
