@@ -89,8 +89,9 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
 
     Each artifact is compared with the eager model at lengths 1, c-1, c, c+1, 3c+5 and
     2048 (batches 1 and 3, plus a right-padded masked batch); any failure exits 1.
-    With --triton-repo, artifacts that pass are laid out as Triton models
-    (<model>, and <model>_streaming with --streaming).
+    With --triton-repo, artifacts that pass are laid out as Triton models: <model> and
+    <model>_python (with --streaming also <model>_streaming and <model>_streaming_python);
+    `bsbr-export serve` runs the _python ones.
     """
     from pathlib import Path
 

@@ -22,7 +22,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,22 @@ START_TIMEOUT_S = 60.0
 # after STOP_TIMEOUT_S we kill it.
 EXIT_TIMEOUT_S = 3
 STOP_TIMEOUT_S = 15.0
+# Run by the serving venv's python: where its packages are, libpython's directory, its
+# Python version, and the numpy / onnxruntime it has (versions read without importing them).
+PROBE = """
+import json, site, sys, sysconfig
+from importlib import metadata
+
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+print(json.dumps({"site": site.getsitepackages()[0], "libdir": sysconfig.get_config_var("LIBDIR"),
+                  "minor": "%d.%d" % sys.version_info[:2], "numpy": version("numpy"),
+                  "onnxruntime": version("onnxruntime")}))
+"""
 # Triton's own log prefix: severity letter, date, time, thread, file:line]
 LOG_PREFIX = re.compile(r"^[EWI]\d{4} [\d:.]+ +\d+ [^\]]+\] ?")
 
@@ -66,18 +81,18 @@ def find_env(root: str | os.PathLike | None = None) -> TritonEnv:
     python = root / "bin" / "python"
     if not python.is_file():
         raise UserError(f"--triton-env {root} is not a venv (no bin/python): create it with `{INSTALL}`")
-    probe = ("import json, sys, sysconfig, site; import numpy;"
-             "ort = __import__('importlib.util').util.find_spec('onnxruntime') is not None;"
-             "print(json.dumps({'site': site.getsitepackages()[0], 'libdir': sysconfig.get_config_var('LIBDIR'),"
-             "'minor': '%d.%d' % sys.version_info[:2], 'numpy': numpy.__version__, 'onnxruntime': ort}))")
-    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
-        raise UserError(f"--triton-env {root} has no numpy: install the server with `{INSTALL}`")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"--triton-env {root}: its bin/python fails ({last}): recreate it with `{INSTALL}`")
     info = json.loads(done.stdout)
+    if info["numpy"] is None:
+        raise UserError(f"--triton-env {root} has no numpy, which Triton's Python backend needs: "
+                        f"run `{root}/bin/pip install 'numpy<2'`")
     if int(info["numpy"].split(".")[0]) >= 2:
         raise UserError(f"--triton-env {root} has numpy {info['numpy']}, which corrupts Triton's Python-backend "
                         f"tensors: run `{root}/bin/pip install 'numpy<2'`")
-    if not info["onnxruntime"]:
+    if info["onnxruntime"] is None:
         raise UserError(f"--triton-env {root} has no onnxruntime, which the models need: run "
                         f"`{root}/bin/pip install onnxruntime`")
     site = Path(info["site"])
@@ -91,7 +106,8 @@ def find_env(root: str | os.PathLike | None = None) -> TritonEnv:
     )
     for path in (env.tritonserver, env.python_backend, env.stub):
         if not path.exists():
-            raise UserError(f"--triton-env {root} lacks {path.relative_to(site)}: install the server with `{INSTALL}`")
+            raise UserError(f"--triton-env {root} lacks {path.relative_to(site)}: run "
+                            f"`{root}/bin/pip install --no-deps 'nvidia-pytriton==0.7.0'`")
     return env
 
 
@@ -271,7 +287,9 @@ class TritonServer:
                 try:
                     self.process.wait(STOP_TIMEOUT_S)
                 except subprocess.TimeoutExpired:
-                    self.process.kill()
+                    # Its process group (its pid: it leads a session of its own) holds the
+                    # Python-backend stubs too, which a SIGKILL to the server alone would orphan.
+                    os.killpg(self.process.pid, signal.SIGKILL)
                     self.process.wait()
             code = self.process.returncode
         if self._workdir is not None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import venv
 
 import numpy as np
 import pytest
@@ -305,11 +306,14 @@ def test_port_in_use(capsys, triton_env, triton_repo):
 @pytest.mark.parametrize("env, message", [
     (None, "no Triton server: install one with"),
     ("missing", "is not a venv (no bin/python)"),
+    ("bare", "has no numpy, which Triton's Python backend needs"),
     (sys.prefix, "numpy 2"),  # this venv: numpy 2, which corrupts the Python backend's tensors
 ])
 def test_unusable_server_env(capsys, monkeypatch, triton_repo, tmp_path, env, message):
     monkeypatch.delenv("BSBR_TRITON_ENV", raising=False)
-    args = ["--triton-env", tmp_path / env if env == "missing" else env] if env else []
+    if env == "bare":
+        venv.create(tmp_path / env, with_pip=False)  # nothing installed
+    args = ["--triton-env", tmp_path / env if env in ("missing", "bare") else env] if env else []
     code, _, err = run_cli(capsys, "serve", triton_repo, *args)
     assert code == 2 and err.count("\n") == 1 and message in err, err
 
