@@ -81,7 +81,8 @@ def stream_sequence(client, protocol: str, sequence: int, ids: np.ndarray, piece
 def test_full_sequence_matches_eager(triton_server, model, protocol, batch, length):
     ids = np.random.default_rng(100 * batch + length).integers(0, model.config.vocab_size, (batch, length))
     mask = np.ones_like(ids)
-    mask[-1, length // 2 + 1 :] = 0 if batch > 1 else 1  # a right-padded row in every batch > 1
+    if batch > 1:  # a right-padded row in every batch > 1
+        mask[-1, length // 2 + 1 :] = 0
     client = connect(triton_server, protocol)
     result = client.infer(FULL, [tensor(protocol, "input_ids", ids), tensor(protocol, "attention_mask", mask)])
     logits = result.as_numpy("logits")
