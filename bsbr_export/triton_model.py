@@ -38,7 +38,6 @@ class TritonPythonModel:
         self.idle_seconds = float(params.get("idle_seconds", "0"))
         self.state_shapes = json.loads(params.get("state_shapes", "{}"))
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("threads", "0"))
         # Triton runs other models beside this one; idle ORT threads must not spin on its cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = os.path.join(args["model_repository"], args["model_version"], params["onnx_file"])
