@@ -104,8 +104,9 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
 
     Each artifact is compared with the eager model at lengths 1, c-1, c, c+1, 3c+5 and
     2048 (batches 1 and 3, plus a right-padded masked batch); any failure exits 1.
-    With --triton-repo, artifacts that pass are laid out as Triton models
-    (<model>, and <model>_streaming with --streaming).
+    With --triton-repo, artifacts that pass are laid out as Triton models: <model> and
+    <model>_python (with --streaming also <model>_streaming and <model>_streaming_python);
+    `bsbr-export serve` runs the _python ones.
     """
     from pathlib import Path
 
@@ -326,6 +327,36 @@ def doctor(module_ref: str, trust_code: bool) -> None:
     click.echo(report.to_text())
     if not report:
         raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("repo", type=click.Path())
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="HTTP port on 127.0.0.1 (0: any free one).")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True,
+              help="gRPC port on 127.0.0.1 (0: any free one).")
+@click.option("--triton-env", type=click.Path(), envvar="BSBR_TRITON_ENV", default=None,
+              help="The venv holding nvidia-pytriton, numpy<2 and onnxruntime [default: $BSBR_TRITON_ENV].")
+@click.option("--timeout", type=click.FloatRange(min=1), default=60, show_default=True,
+              help="Seconds to wait for the server to be ready.")
+def serve(repo, http_port, grpc_port, triton_env, timeout) -> None:
+    """Serve REPO (a --triton-repo directory) with a real tritonserver on 127.0.0.1.
+
+    Loads the models this server's backends can run (the Python-backend ones: the
+    nvidia-pytriton wheel has no ONNX Runtime backend), names those it skipped, prints
+    the endpoints and serves until Ctrl-C, which stops the server.
+    """
+    from bsbr_export.serve import serve as run_server
+
+    def ready(server) -> None:
+        click.echo(f"tritonserver ready in {server.start_seconds:.1f} s (pid {server.pid}): "
+                   f"HTTP {server.http_url}, gRPC {server.grpc_url}")
+        click.echo(f"models: {', '.join(server.models.loaded)}")
+        for model, backend in server.models.skipped.items():
+            click.echo(f"skipped {model}: needs the {backend} backend, which this server lacks")
+        click.echo("Ctrl-C stops it")
+
+    run_server(repo, triton_env, http_port=http_port, grpc_port=grpc_port, timeout_s=timeout, on_ready=ready)
 
 
 def _int_list(text: str, flag: str) -> list[int]:

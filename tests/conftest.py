@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +117,68 @@ def weight_used_only_in(proto, scope: str, block_path: str = "blocks"):
     return next(
         i for i in proto.graph.initializer if len(i.dims) == 2 and readers.get(i.name) == {scope}
     )
+
+
+def print_uncaptured(request, text: str) -> None:
+    """Print past pytest's capture: figures worth seeing in CI's log."""
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        print(f"\n{text}")
+
+
+def prompt_of(length: int, vocab_size: int) -> list[int]:
+    """A deterministic prompt of `length` ids."""
+    return [(11 * i + 5) % vocab_size for i in range(length)]
+
+
+def eager_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding the slow, obviously right way: the whole sequence, every step."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.fixture(scope="session")
+def triton_env():
+    """The serving venv ($BSBR_TRITON_ENV, else .venv-triton in the checkout, which
+    .ci/run creates). Without one the Triton tests skip, except under CI (`CI` set)."""
+    from bsbr_export.errors import UserError
+    from bsbr_export.serve import ENV_VAR, find_env
+
+    try:
+        return find_env(os.environ.get(ENV_VAR) or Path(__file__).resolve().parents[1] / ".venv-triton")
+    except UserError as exc:
+        _skip_unless_ci(f"no Triton server: {exc}")
+
+
+def _skip_unless_ci(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the Triton tests: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def triton_repo(tiny_export, tmp_path_factory) -> Path:
+    """bsbr-tiny's --triton-repo, written once per session."""
+    from bsbr_export.triton import write_triton_repo
+
+    out, _ = tiny_export
+    return write_triton_repo(out, tmp_path_factory.mktemp("triton") / "models")
+
+
+@pytest.fixture(scope="module")
+def triton_server(triton_env, triton_repo, request):
+    """A real tritonserver over `triton_repo` on free 127.0.0.1 ports, one per test
+    module, stopped by its pid afterwards. Its start time is printed."""
+    from bsbr_export.errors import UserError
+    from bsbr_export.serve import TritonServer
+
+    server = TritonServer(triton_repo, triton_env, http_port=0, grpc_port=0)
+    try:
+        server.start()
+    except UserError as exc:  # e.g. a glibc older than the wheel's manylinux_2_35
+        _skip_unless_ci(f"the nvidia-pytriton server does not run here: {exc}")
+    print_uncaptured(request, f"tritonserver ready in {server.start_seconds:.2f}s (pid {server.pid})")
+    yield server
+    server.stop()

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from bsbr_export.checkpoint import load_model
+from conftest import eager_greedy, prompt_of
 
 SCRIPT = Path(__file__).resolve().parents[1] / "samples" / "streaming" / "generate.py"
 NEW_TOKENS = 30  # with c = 8: crosses 3-4 chunk boundaries after any of the prompts below
@@ -29,19 +29,6 @@ print(json.dumps({"status": status, "imported": sorted(m for m in ("torch", "bsb
 
 def run(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120)
-
-
-def eager_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy decoding the slow, obviously right way: the whole sequence, every step."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
-def prompt_of(length: int, vocab_size: int) -> list[int]:
-    return [(11 * i + 5) % vocab_size for i in range(length)]
 
 
 @pytest.mark.parametrize("which", ["tiny_export", "compressed_export"])

@@ -1,7 +1,10 @@
 """--triton-repo: config.pbtxt parses with Triton's own model-config protobuf and agrees
-with the ONNX graphs it serves; the streaming model's implicit state runs as Triton runs it."""
+with the ONNX graphs it serves; the streaming model's implicit state runs as Triton runs it.
+(tests/test_serve.py runs the Python-backend twins on a real server.)"""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import onnx
@@ -17,7 +20,7 @@ from bsbr_export.graphs import stream_pieces
 from bsbr_export.manifest import sha256
 from bsbr_export.pipeline import export_model
 from bsbr_export.runners import EagerRunner, OnnxRunner
-from bsbr_export.triton import MAX_BATCH_SIZE, write_triton_repo
+from bsbr_export.triton import IDLE_SECONDS, MAX_BATCH_SIZE, PYTHON_MODEL, write_triton_repo
 
 TRITON_DTYPES = {
     onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32,
@@ -26,9 +29,9 @@ TRITON_DTYPES = {
 
 
 @pytest.fixture(scope="session")
-def repo(tiny_export, tmp_path_factory):
+def repo(tiny_export, triton_repo):
     out, _ = tiny_export
-    return write_triton_repo(out, tmp_path_factory.mktemp("triton") / "models"), out
+    return triton_repo, out
 
 
 def parse(path) -> model_config_pb2.ModelConfig:
@@ -54,10 +57,55 @@ def assert_matches_graph(entries, graph, batched: bool):
 
 def test_layout_and_files(repo):
     models, out = repo
-    assert sorted(p.name for p in models.iterdir()) == ["bsbr-tiny", "bsbr-tiny_streaming"]
+    assert sorted(p.name for p in models.iterdir()) == [
+        "bsbr-tiny", "bsbr-tiny_python", "bsbr-tiny_streaming", "bsbr-tiny_streaming_python"]
     for name, source in (("bsbr-tiny", "model.onnx"), ("bsbr-tiny_streaming", "model.streaming.onnx")):
         assert sorted(p.name for p in (models / name).iterdir()) == ["1", "config.pbtxt"]
         assert sha256(models / name / "1" / "model.onnx") == sha256(out / source)
+    for name, source in (("bsbr-tiny_python", "model.onnx"), ("bsbr-tiny_streaming_python", "model.decode.onnx")):
+        assert sorted(p.name for p in (models / name / "1").iterdir()) == sorted([source, "model.py"])
+        assert sha256(models / name / "1" / source) == sha256(out / source)
+        assert sha256(models / name / "1" / "model.py") == sha256(PYTHON_MODEL)
+
+
+def parameters(config) -> dict[str, str]:
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def test_python_logits_config_matches_graph(repo):
+    models, _ = repo
+    config = parse(models / "bsbr-tiny_python" / "config.pbtxt")
+    graph = graph_io(models / "bsbr-tiny_python" / "1" / "model.onnx")
+    assert config.backend == "python" and not config.platform
+    assert config.max_batch_size == MAX_BATCH_SIZE
+    assert [i.name for i in config.input] == ["input_ids", "attention_mask"]
+    assert_matches_graph([*config.input, *config.output], graph, batched=True)
+    assert parameters(config) == {"mode": "full", "onnx_file": "model.onnx", "vocab_size": "97"}
+    assert not config.HasField("sequence_batching")
+
+
+def test_python_streaming_config_keeps_state_in_the_model(repo, tiny_export):
+    """The decode twin: no implicit state (it would feed zeros to a Python model), the
+    START/END/CORRID controls model.py reads, and the state shapes of the manifest."""
+    models, out = repo
+    config = parse(models / "bsbr-tiny_streaming_python" / "config.pbtxt")
+    graph = graph_io(models / "bsbr-tiny_streaming_python" / "1" / "model.decode.onnx")
+    assert config.backend == "python"
+    assert [i.name for i in config.input] == ["input_ids"]
+    assert [o.name for o in config.output] == ["logits", "open_sequences"]
+    assert_matches_graph([*config.input, config.output[0]], graph, batched=True)
+    batching = config.sequence_batching
+    assert not batching.state and batching.HasField("oldest")
+    assert batching.max_sequence_idle_microseconds == IDLE_SECONDS * 1_000_000
+    controls = {c.name: c.control[0] for c in batching.control_input}
+    assert controls["START"].kind == model_config_pb2.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START
+    assert controls["END"].kind == model_config_pb2.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END
+    assert controls["CORRID"].kind == model_config_pb2.ModelSequenceBatching.Control.CONTROL_SEQUENCE_CORRID
+    params = parameters(config)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert json.loads(params.pop("state_shapes")) == manifest["state"]["inputs"]
+    assert params == {"mode": "decode", "onnx_file": "model.decode.onnx", "vocab_size": "97",
+                      "idle_seconds": str(IDLE_SECONDS)}
 
 
 def test_logits_config_matches_graph(repo):
@@ -119,7 +167,7 @@ def test_static_export_is_not_batched(tmp_path):
     """A fixed-shape graph keeps its batch dim in dims, with max_batch_size 0."""
     export_model("bsbr-tiny", tmp_path / "e", [FORMATS["onnx"]], static_shape=(2, 12))
     models = write_triton_repo(tmp_path / "e", tmp_path / "models", "tiny-static")
-    assert [p.name for p in models.iterdir()] == ["tiny-static"]
+    assert sorted(p.name for p in models.iterdir()) == ["tiny-static", "tiny-static_python"]
     config = parse(models / "tiny-static" / "config.pbtxt")
     assert config.max_batch_size == 0
     assert list(config.input[0].dims) == [2, 12] and list(config.output[0].dims) == [2, 12, 97]
@@ -130,11 +178,13 @@ def test_other_models_kept_and_existing_needs_overwrite(repo, tmp_path):
     target = tmp_path / "models"
     (target / "other" / "1").mkdir(parents=True)
     write_triton_repo(out, target, "tiny")
-    assert sorted(p.name for p in target.iterdir()) == ["other", "tiny", "tiny_streaming"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "other", "tiny", "tiny_python", "tiny_streaming", "tiny_streaming_python"]
     with pytest.raises(UserError, match="already exists and is not empty"):
         write_triton_repo(out, target, "tiny")
     write_triton_repo(out, target, "tiny", overwrite=True)
-    assert sorted(p.name for p in target.iterdir()) == ["other", "tiny", "tiny_streaming"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "other", "tiny", "tiny_python", "tiny_streaming", "tiny_streaming_python"]
 
 
 def test_export_without_onnx_is_a_user_error(tmp_path):
@@ -162,4 +212,4 @@ def test_cli(capsys, tmp_path):
                  "--triton-repo", str(tmp_path / "models")])
     assert code == 0, capsys.readouterr().err
     assert "Triton model repository" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["bsbr-tiny"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["bsbr-tiny", "bsbr-tiny_python"]

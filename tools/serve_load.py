@@ -1,0 +1,161 @@
+"""Streaming decode through a real tritonserver: throughput and per-token latency vs
+concurrent sequences and context length.
+
+    python tools/serve_load.py [--model bsbr-small] [--triton-env .venv-triton]
+        [--concurrency 1,2,4,8,16] [--contexts 256,512,1024,2048,4096,8192] [--tokens 32]
+        [--protocol grpc] [--export DIR] [--out tools/results]
+
+Exports MODEL (ONNX, streaming) with --triton-repo into a temp dir, serves it with
+`bsbr_export.serve.TritonServer` (the nvidia-pytriton wheel, 127.0.0.1 only) and, for
+every (context, concurrency): opens that many sequences at once, each with a random
+prompt of `context` tokens (prefill, not counted), then every sequence sends `tokens`
+one-token requests as fast as its answers come. Throughput is all those tokens over the
+wall time of that phase; latency is each request's round trip (client to model.py and
+back, queueing behind the other sequences included) as p50 and p99. Every sequence ends
+with sequence_end. Writes serve_load_<model>.json and .md to --out. No number is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def cpu_name() -> str:
+    """lscpu's model name (the figures mean little without it)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {k.strip(): " ".join(v.split()) for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+    return f"{fields.get('Model name', platform.machine())} (family {fields.get('CPU family', '?')} model {fields.get('Model', '?')})"
+
+
+def run_cell(server, protocol: str, model: str, vocab: int, context: int, concurrency: int, tokens: int,
+             first_id: int) -> dict:
+    """One (context, concurrency) cell: prefill every sequence, then time `tokens` steps each."""
+    if protocol == "grpc":
+        import tritonclient.grpc as client
+    else:
+        import tritonclient.http as client
+
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    barrier = threading.Barrier(concurrency + 1)
+    rng = np.random.default_rng(context * 100 + concurrency)
+    prompts = [rng.integers(0, vocab, (1, context)) for _ in range(concurrency)]
+
+    def infer(connection, sequence: int, ids: np.ndarray, start: bool, end: bool) -> np.ndarray:
+        tensor = client.InferInput("input_ids", list(ids.shape), "INT64")
+        tensor.set_data_from_numpy(ids)
+        result = connection.infer(model, [tensor], outputs=[client.InferRequestedOutput("logits")],
+                                  sequence_id=sequence, sequence_start=start, sequence_end=end)
+        return result.as_numpy("logits")
+
+    def sequence(index: int) -> list[float]:
+        connection = client.InferenceServerClient(url)
+        sequence_id = first_id + index
+        token = int(infer(connection, sequence_id, prompts[index], True, False)[0, -1].argmax())
+        barrier.wait()  # every sequence prefilled: the timed phase starts together
+        latencies = []
+        for i in range(tokens):
+            start = time.perf_counter()
+            logits = infer(connection, sequence_id, np.array([[token]], dtype=np.int64), False, i == tokens - 1)
+            latencies.append(time.perf_counter() - start)
+            if logits.shape != (1, 1, vocab) or not np.isfinite(logits).all():
+                raise RuntimeError(f"sequence {sequence_id}: bad logits {logits.shape}")
+            token = int(logits[0, -1].argmax())
+        return latencies
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(sequence, i) for i in range(concurrency)]
+        barrier.wait()
+        start = time.perf_counter()
+        latencies = [s for f in futures for s in f.result()]
+        wall = time.perf_counter() - start
+    ms = np.array(latencies) * 1e3
+    return {"context": context, "concurrency": concurrency, "tokens_per_sequence": tokens,
+            "tokens_per_s": concurrency * tokens / wall, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "wall_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bsbr-small")
+    parser.add_argument("--export", type=Path, help="an existing `--streaming` export of MODEL [default: export it now]")
+    parser.add_argument("--triton-env", default=os.environ.get("BSBR_TRITON_ENV", ".venv-triton"))
+    parser.add_argument("--concurrency", default="1,2,4,8,16")
+    parser.add_argument("--contexts", default="256,512,1024,2048,4096,8192")
+    parser.add_argument("--tokens", type=int, default=32, help="timed one-token requests per sequence")
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    parser.add_argument("--note", default="", help="a line for the report (e.g. that the machine was loaded)")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    concurrency = [int(v) for v in args.concurrency.split(",")]
+    contexts = [int(v) for v in args.contexts.split(",")]
+
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.io import atomic_write
+    from bsbr_export.pipeline import export_model
+    from bsbr_export.serve import TritonServer, find_env
+    from bsbr_export.triton import write_triton_repo
+    from bsbr_export.versions import versions
+
+    env = find_env(args.triton_env)
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        export = args.export
+        if export is None:
+            print(f"exporting {args.model}", flush=True)
+            export = Path(tmp) / "export"
+            export_model(args.model, export, [FORMATS["onnx"]], streaming=True)
+        repo = write_triton_repo(export, Path(tmp) / "models", args.model)
+        vocab = json.loads((export / "manifest.json").read_text())["config"]["vocab_size"]
+        with TritonServer(repo, env, http_port=0, grpc_port=0) as server:
+            print(f"tritonserver ready in {server.start_seconds:.2f}s", flush=True)
+            # Warm-up (not recorded): the first requests pay for ORT's and Triton's lazy setup.
+            run_cell(server, args.protocol, f"{args.model}_streaming_python", vocab, contexts[0], 1, 8, 1)
+            cells, first_id = [], 2
+            for context in contexts:
+                for n in concurrency:
+                    cell = run_cell(server, args.protocol, f"{args.model}_streaming_python", vocab, context, n,
+                                    args.tokens, first_id)
+                    first_id += n
+                    cells.append(cell)
+                    print(f"context {context:5d} x {n:2d} sequences: {cell['tokens_per_s']:7.1f} tokens/s, "
+                          f"p50 {cell['p50_ms']:6.2f} ms, p99 {cell['p99_ms']:6.2f} ms", flush=True)
+            healthy = server.healthy()
+            start_seconds = server.start_seconds
+
+    result = {"model": args.model, "protocol": args.protocol, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+              "platform": platform.platform(), "versions": versions(), "note": args.note,
+              "server_start_s": start_seconds, "healthy_after": healthy, "cells": cells}
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(args.out / f"serve_load_{args.model}.json") as path:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Triton serving load: {args.model}_streaming_python ({args.protocol}, one model instance)", "",
+        f"CPU: {result['cpu']} x{result['cpu_count']}; {result['platform']}. Server ready in {start_seconds:.2f} s; "
+        f"healthy after the run: {healthy}. {args.tokens} timed one-token requests per sequence after a "
+        "prefill of `context` tokens.", *([f"", f"Note: {args.note}"] if args.note else []), "",
+        "| context | sequences | tokens/s | p50 ms/token | p99 ms/token |", "|---|---|---|---|---|",
+        *(f"| {c['context']} | {c['concurrency']} | {c['tokens_per_s']:.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} |"
+          for c in cells),
+    ]
+    with atomic_write(args.out / f"serve_load_{args.model}.md") as path:
+        path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / f'serve_load_{args.model}.md'}")
+
+
+if __name__ == "__main__":
+    main()
