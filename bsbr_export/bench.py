@@ -134,39 +134,62 @@ def random_feeds(vocab_size: int, batch: int, length: int, seed: int | None = No
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-def eager_output(export_dir: Path, feeds: dict):
-    """The eager model's output (rebuilt from the export dir) on `feeds["input_ids"]`."""
+def export_spec(export_dir: Path):
+    """The ModelSpec an export directory was made with (its manifest's `spec`)."""
+    from bsbr_export.manifest import read_manifest
+    from bsbr_export.spec import ModelSpec
+
+    return ModelSpec.from_dict(read_manifest(export_dir, verify=False)["spec"])
+
+
+def eager_call(export_dir: Path, trust_code: bool = False):
+    """feeds -> the first output of the eager model rebuilt from the export dir (a
+    user's module from its recorded reference, imported only with `trust_code`)."""
     import torch
 
-    from bsbr_export.checkpoint import load_model
+    from bsbr_export.graphs import LogitsGraph
+    from bsbr_export.manifest import read_manifest
+    from bsbr_export.sources import rebuild
 
-    with torch.inference_mode():
-        return load_model(export_dir)(torch.from_numpy(feeds["input_ids"])).numpy()
+    source = rebuild(export_dir, read_manifest(export_dir, verify=False), trust_code=trust_code)
+    graph = LogitsGraph(source.module, source.spec)
+
+    def call(feeds):
+        with torch.inference_mode():
+            out = graph(*(torch.from_numpy(feeds[n]) for n in graph.input_names))
+        return out[0] if isinstance(out, tuple) else out
+
+    return call, graph
 
 
-def _make_call(engine: str, export_dir: Path, threads: int):
+def eager_output(export_dir: Path, feeds: dict, trust_code: bool = False):
+    """The eager model's first output (rebuilt from the export dir) on `feeds`."""
+    return eager_call(export_dir, trust_code)[0](feeds).numpy()
+
+
+def _make_call(engine: str, export_dir: Path, threads: int, trust_code: bool = False):
     """A function feeds -> outputs for `engine`."""
     import torch
 
     torch.set_num_threads(threads)
     if engine in ("eager", "compile"):
-        from bsbr_export.checkpoint import load_model
-
-        model = load_model(export_dir)
-        if engine == "compile":
-            model = torch.compile(model, dynamic=True)
+        call, graph = eager_call(export_dir, trust_code)
+        if engine == "eager":
+            return call
+        compiled = torch.compile(graph, dynamic=True)
 
         def call(feeds):
             with torch.inference_mode():
-                return model(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]))
+                return compiled(*(torch.from_numpy(feeds[n]) for n in graph.input_names))
 
         return call
     if engine in ("torchscript", "aoti"):
         from bsbr_export.formats import FORMATS, artifact_name
 
         fmt = FORMATS[engine]
-        runner = fmt.runner(export_dir / artifact_name(fmt, "logits"), ["input_ids", "attention_mask"], ["output"])
-        return lambda feeds: runner.infer(feeds)["output"]
+        spec = export_spec(export_dir)
+        runner = fmt.runner(export_dir / artifact_name(fmt, "logits"), spec.input_names, spec.output_names)
+        return lambda feeds: runner.infer(feeds)[spec.output_names[0]]
     from bsbr_export.runners import OnnxRunner
 
     _, device, variant = engine.split("-", 2)
@@ -231,15 +254,15 @@ def time_lengths(
 
 def run_engine(
     engine: str, export_dir: Path, lengths: list[int], batch: int, warmup: int, min_iters: int,
-    budget_s: float, threads: int,
+    budget_s: float, threads: int, trust_code: bool = False,
 ) -> EngineResult:
     """Time one engine in this process (use `bench_engines` for isolated processes)."""
-    config = json.loads((export_dir / "config.json").read_text())
-    call = _make_call(engine, export_dir, threads)
+    vocab_size = export_spec(export_dir).tokens.high
+    call = _make_call(engine, export_dir, threads, trust_code)
     load_rss = peak_rss_mib()
-    timings = time_lengths(call, config["vocab_size"], lengths, batch, warmup, min_iters, budget_s)
+    timings = time_lengths(call, vocab_size, lengths, batch, warmup, min_iters, budget_s)
     # Parity last, so loading the eager reference never shows in the memory figures.
-    max_abs, top1, scale = _parity(call, export_dir, min(lengths), batch, config["vocab_size"])
+    max_abs, top1, scale = _parity(call, export_dir, min(lengths), batch, vocab_size, trust_code)
     return EngineResult(engine, True, tuple(timings), load_rss_mib=load_rss, max_abs=max_abs, top1=top1,
                         logit_scale=scale)
 
@@ -276,13 +299,14 @@ def model_flops(config, length: int, batch: int = 1) -> float:
     return weight_flops(config, length, batch) + float(batch * config.num_layers * per_layer)
 
 
-def _parity(call, export_dir: Path, length: int, batch: int, vocab_size: int) -> tuple[float, float, float]:
+def _parity(call, export_dir: Path, length: int, batch: int, vocab_size: int,
+            trust_code: bool = False) -> tuple[float, float, float]:
     import numpy as np
 
     feeds = random_feeds(vocab_size, batch, length)
     got = call(feeds)
     got = np.asarray(got[0] if isinstance(got, (list, tuple)) else got)
-    want = eager_output(export_dir, feeds)
+    want = eager_output(export_dir, feeds, trust_code)
     top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
     return float(np.abs(got - want).max()), top1, max(1.0, float(np.abs(want).max()))
 
@@ -297,9 +321,11 @@ def bench_engines(
     min_iters: int = 5,
     budget_s: float = 1.0,
     threads: int = 2,
+    trust_code: bool = False,
     progress=lambda step: None,
 ) -> list[EngineResult]:
-    """Run each engine in a fresh subprocess; an engine that crashes is reported, not fatal."""
+    """Run each engine in a fresh subprocess; an engine that crashes is reported, not fatal.
+    `trust_code` lets the eager engines rebuild a user's module from its reference."""
     export_dir = Path(export_dir)
     results = []
     for engine in engines:
@@ -308,6 +334,7 @@ def bench_engines(
             sys.executable, "-m", "bsbr_export.bench", "--worker", engine, str(export_dir),
             "--lengths", ",".join(map(str, lengths)), "--batch", str(batch), "--warmup", str(warmup),
             "--min-iters", str(min_iters), "--budget", str(budget_s), "--threads", str(threads),
+            *(["--trust-code"] if trust_code else []),
         ]
         # Threads are set inside the worker; OMP_NUM_THREADS in the environment made
         # torch's OpenMP pool crawl (50x) whenever another process held a core.
@@ -400,10 +427,11 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--min-iters", type=int, default=5)
     parser.add_argument("--budget", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--trust-code", action="store_true")
     args = parser.parse_args(argv)
     result = run_engine(
         args.worker, args.export_dir, [int(x) for x in args.lengths.split(",")], args.batch, args.warmup,
-        args.min_iters, args.budget, args.threads,
+        args.min_iters, args.budget, args.threads, args.trust_code,
     )
     data = asdict(result)
     for key in ("engine", "ok", "error"):

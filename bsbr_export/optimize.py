@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bsbr_export.bench import ORT_LEVELS, eager_output, random_feeds
+from bsbr_export.bench import ORT_LEVELS, eager_output, export_spec, random_feeds
 from bsbr_export.errors import UserError
 
 # Levels whose optimized graph may contain fused ops specific to this CPU / ORT build.
@@ -88,13 +88,11 @@ def _time(session, feeds: dict, repeats: int = 5) -> float:
 def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, threads: int = 2) -> LevelChoice:
     """Time model.onnx at every ORT optimization level; save the fastest passing graph
     as model.optimized.onnx (tied to this machine when the level is extended/all)."""
-    from bsbr_export.checkpoint import read_config
-
     directory = Path(export_dir)
     source = directory / "model.onnx"
     if not source.is_file():
         raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
-    feeds = random_feeds(read_config(directory).vocab_size, 1, length, seed=0)
+    feeds = random_feeds(export_spec(directory).tokens.high, 1, length, seed=0)
     want = eager_output(directory, feeds)
     allowed = tolerance * max(1.0, float(np.abs(want).max()))
     timings = []
@@ -152,7 +150,6 @@ def quantize_int8(
 
     Sensitivity of a node = mean abs logit error when only that node is int8.
     """
-    from bsbr_export.checkpoint import read_config
 
     directory = Path(export_dir)
     source = directory / "model.onnx"
@@ -160,7 +157,7 @@ def quantize_int8(
         raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
     if not 0 < target_top1 <= 1:
         raise UserError(f"target top-1 agreement must be in (0, 1], got {target_top1}")
-    feeds = random_feeds(read_config(directory).vocab_size, batch, length, seed=7)
+    feeds = random_feeds(export_spec(directory).tokens.high, batch, length, seed=7)
     want = eager_output(directory, feeds)
     fp32_ms = _time(_session(source, threads=threads), feeds)
     nodes = weight_matmuls(source)

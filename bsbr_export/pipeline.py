@@ -267,6 +267,7 @@ def benchmark(
     progress("validating")
     validation = validate_export(directory, tolerance=tolerance, lengths=validation_lengths, trust_code=trust_code)
     timings = bench_engines(directory, engines, lengths, batch=batch, threads=threads, budget_s=budget_s,
+                            trust_code=trust_code,
                             progress=progress)
     decode = ()
     if decode_contexts and any((directory / n).is_file() for n in ("model.decode.onnx", "model.streaming.onnx")):

@@ -220,3 +220,21 @@ def test_a_broken_block_is_named_with_the_users_module_names(decoder_export, tmp
     report = validate_export(broken, module=user_models.rotary_decoder(), lengths=[3 * C + 2], batches=(2,))
     check = next(c for c in report.checks if c.artifact == "model.onnx")
     assert not check.passed and check.first_bad_layer == "layers.1"
+
+
+def test_bench_rebuilds_a_module_ref(capsys, tmp_path):
+    """bench on a module reference: export, validate and time with the user's eager module."""
+    from pathlib import Path
+
+    from conftest import run_cli
+
+    ref = f"{Path(user_models.__file__)}:pooled_model"
+    out = tmp_path / "bench"
+    code, stdout, err = run_cli(capsys, "bench", ref, "--trust-code", "--out", out, "--lengths", "9",
+                                "--engines", "eager,torchscript,ort-cpu-all", "--decode", "",
+                                "--validation-lengths", "6", "--budget", "0.05")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["engine"]: row for row in report["table"]}
+    assert set(rows) == {"eager", "torchscript", "ort-cpu-all"}
+    assert all(row["status"] == "✅" and row["max_abs"] <= 1e-5 for row in rows.values()), rows
