@@ -87,7 +87,8 @@ def localize(onnx_path: Path, model, spec, feeds: dict[str, np.ndarray], toleran
     graph = LogitsGraph(model, spec)
     try:
         with torch.inference_mode():
-            expected = graph(*(torch.from_numpy(feeds[n]) for n in graph.input_names))[0].numpy()
+            outputs = graph(*(torch.from_numpy(feeds[n]) for n in graph.input_names))
+        expected = (outputs[0] if isinstance(outputs, tuple) else outputs).numpy()
     finally:
         for hook in hooks:
             hook.remove()
