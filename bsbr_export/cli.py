@@ -27,6 +27,7 @@ def models(name: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from bsbr_export.checkpoint import parameter_count
     from bsbr_export.zoo import get_preset, list_presets
 
     presets = [get_preset(name)] if name else list(list_presets().values())
@@ -37,7 +38,7 @@ def models(name: str | None) -> None:
         cfg = preset.config
         table.add_row(
             preset.name,
-            _human(_param_count(cfg)),
+            _human(parameter_count(cfg)),
             str(cfg.hidden_size),
             str(cfg.num_layers),
             str(cfg.num_heads),
@@ -293,15 +294,6 @@ def _parse_static(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise UserError(f"--static must look like 2x128 (BATCHxLENGTH, both >= 1), got {text!r}")
     return int(parts[0]), int(parts[1])
-
-
-def _param_count(cfg) -> int:
-    import torch
-
-    from bsbr_export.model import BSBRModel
-
-    with torch.device("meta"):  # shapes only: counting bsbr-base allocates nothing
-        return sum(p.numel() for p in BSBRModel(cfg).parameters())
 
 
 def _human(n: int) -> str:

@@ -93,6 +93,44 @@ def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
         )
 
 
+def check_attention_mask(attention_mask: Tensor, input_ids: Tensor) -> None:
+    """Raise UserError unless `attention_mask` is an integer/bool 0/1 tensor shaped like
+    `input_ids`, right padding (1s, then only 0s) with at least one token per row."""
+    if not isinstance(attention_mask, Tensor):
+        raise UserError(f"attention_mask must be a torch.Tensor (or None), got {type(attention_mask).__name__}")
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        raise UserError(f"attention_mask must be int64, int32 or bool (1 = token, 0 = pad), got {attention_mask.dtype}")
+    if attention_mask.shape != input_ids.shape:
+        raise UserError(
+            f"attention_mask shape {list(attention_mask.shape)} != input_ids shape {list(input_ids.shape)}"
+        )
+    mask = attention_mask.long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise UserError(f"attention_mask must hold only 0 and 1, got values in [{int(mask.min())}, {int(mask.max())}]")
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+        # Positions count from each row's start, so only right padding keeps them right.
+        raise UserError("attention_mask must be right padding: 1s, then only 0s, in every row")
+    if bool((mask[:, 0] == 0).any()):
+        raise UserError("attention_mask has a row of only 0s: every row needs at least one token")
+
+
+def check_state(state, model: BSBRModel, batch: int) -> None:
+    """Raise UserError unless `state` is a stream state of `model` for `batch` sequences."""
+    cfg = model.config
+    if not isinstance(state, (list, tuple)) or not all(isinstance(layer, LayerState) for layer in state):
+        raise UserError(
+            f"state must be the list of LayerState from model.init_state(batch_size) or model.stream(), "
+            f"got {type(state).__name__}"
+        )
+    if len(state) != cfg.num_layers:
+        raise UserError(f"state has {len(state)} layers, the model has {cfg.num_layers}")
+    if state[0].keys.shape[0] != batch:
+        raise UserError(
+            f"state is for batch size {state[0].keys.shape[0]}, input_ids has {batch} rows: "
+            f"start from model.init_state({batch})"
+        )
+
+
 def is_eager() -> bool:
     """False while tracing, scripting or compiling: data-dependent checks would be
     frozen into (or break) the graph, so they run in eager mode only."""
@@ -233,14 +271,8 @@ class BSBRModel(nn.Module):
         -> logits [B, L, vocab] (hidden states [B, L, hidden] without the LM head)."""
         if is_eager():
             check_input_ids(input_ids, self.config.vocab_size)
-            if attention_mask is not None and attention_mask.shape != input_ids.shape:
-                raise UserError(
-                    f"attention_mask shape {list(attention_mask.shape)} != input_ids shape "
-                    f"{list(input_ids.shape)}"
-                )
-            if attention_mask is not None and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-                # Positions count from each row's start, so only right padding keeps them right.
-                raise UserError("attention_mask must be right padding: 1s, then only 0s, in every row")
+            if attention_mask is not None:
+                check_attention_mask(attention_mask, input_ids)
         x = self._embed(input_ids, 0)
         if attention_mask is not None:
             # Causality already keeps right padding out of every valid position; zeroing
@@ -257,6 +289,8 @@ class BSBRModel(nn.Module):
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> list[LayerState]:
         """The empty state a stream starts from: no finished chunks, no cached tokens."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         cfg = self.config
         device = device or self.embedding.weight.device
         dtype = dtype or self.embedding.weight.dtype
@@ -283,8 +317,7 @@ class BSBRModel(nn.Module):
         that appends the finished chunks itself never copies the whole state per token."""
         if is_eager():
             check_input_ids(input_ids, self.config.vocab_size)
-            if len(state) != self.config.num_layers:
-                raise UserError(f"state has {len(state)} layers, the model has {self.config.num_layers}")
+            check_state(state, self, input_ids.shape[0])
         first = state[0]
         seen = first.meta_keys.shape[-2] * self.config.chunk_size + first.keys.shape[-2]
         x = self._embed(input_ids, seen)
