@@ -70,9 +70,11 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
+    long_length: int = 2048,
     progress: Callable[[str], None] = lambda step: None,
 ) -> ExportResult:
-    """Export MODEL (preset or checkpoint dir) to `out_dir` in `formats`, check each artifact."""
+    """Export MODEL (preset or checkpoint dir) to `out_dir` in `formats`, check each artifact
+    (at the edge lengths around the chunk size and at `long_length`)."""
     check_opset(opset)
     progress("loading model")
     model = load_model(model_ref)
@@ -107,7 +109,7 @@ def export_model(
             seconds = time.perf_counter() - start
             progress(f"checking {name} against eager")
             static = static_shape if fmt.name == "onnx" else None
-            parity = _check(fmt.name, tmp / name, model, kind, static, tolerance)
+            parity = _check(fmt.name, tmp / name, model, kind, static, tolerance, long_length)
             artifacts.append(
                 ArtifactResult(
                     name=name,
@@ -162,11 +164,11 @@ def _mobile_note() -> str:
     return "skipped: this torch build has no XNNPACK, which the pass needs"
 
 
-def _check(fmt: str, path: Path, model, kind: str, static_shape, tolerance: float) -> ParityReport:
+def _check(fmt: str, path: Path, model, kind: str, static_shape, tolerance: float, long_length: int) -> ParityReport:
     reference = EagerRunner(model, kind)
     runner = runner_for(fmt, path, model, kind)
     streaming = kind != "logits"
-    cases = [Case(*static_shape)] if static_shape else default_cases(model.config.chunk_size, streaming)
+    cases = [Case(*static_shape)] if static_shape else default_cases(model.config.chunk_size, streaming, long_length)
     return check_parity(path.name, reference, runner, cases, model.config.vocab_size, tolerance,
                         state_shapes=state_spec(model)["inputs"])
 
@@ -204,13 +206,18 @@ def benchmark(
     threads: int = 2,
     budget_s: float = 1.0,
     overwrite: bool = False,
+    formats: list[str] | None = None,
+    streaming: bool = True,
+    long_length: int = 2048,
     progress: Callable[[str], None] = lambda step: None,
 ) -> BenchRun:
     """Export (when `model_ref` is not an export dir yet), validate, benchmark, report.
 
     Every engine runs in its own process on the same inputs; reports go into the
     export dir: report.json, report.md, latency.png, memory.png, decode.png. A model is
-    exported into `out_dir`, which must be new or empty unless `overwrite` is set.
+    exported into `out_dir`, which must be new or empty unless `overwrite` is set, in
+    `formats` (default: all), with streaming graphs when `streaming` and the model can
+    stream, each artifact checked up to `long_length`.
     """
     from bsbr_export.bench import (
         WARMUP,
@@ -231,9 +238,10 @@ def benchmark(
         directory = Path(out_dir) if out_dir else Path("export") / Path(model_ref).name
         _check_bench_out(directory, overwrite)
         progress(f"exporting {model_ref} to {directory}")
-        streams = load_model(model_ref).config.causal  # non-causal flavors have no streaming graphs
-        export_model(model_ref, directory, list(FORMATS.values()), streaming=streams, overwrite=overwrite,
-                     tolerance=tolerance, progress=progress)
+        streams = streaming and load_model(model_ref).config.causal  # non-causal flavors cannot stream
+        chosen = [FORMATS[f] for f in formats] if formats else list(FORMATS.values())
+        export_model(model_ref, directory, chosen, streaming=streams, overwrite=overwrite,
+                     tolerance=tolerance, long_length=long_length, progress=progress)
     known = available_engines(directory)
     engines = engines or known
     unknown = [e for e in engines if e not in known]
