@@ -97,6 +97,7 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
     from rich.console import Console
 
     from bsbr_export.formats import parse_formats
+    from bsbr_export.io import check_can_create
     from bsbr_export.pipeline import export_model
     from bsbr_export.render import export_table, progress_steps, stdout_console
 
@@ -107,6 +108,7 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
         _check_triton_repo(Path(triton_repo), Path(model).name, streaming, force)
     static_shape = _parse_static(static) if static else None
     out = Path(out_dir) if out_dir else Path("export") / Path(model).name
+    check_can_create(out, force)  # before the model is even loaded
     with progress_steps(Console(stderr=True)) as progress:
         result = export_model(
             model, out, chosen, streaming=streaming, static_shape=static_shape, opset=opset,
@@ -324,15 +326,12 @@ def optimize(export_dir, length, int8, target_top1, fp16, threads) -> None:
 
 def _check_triton_repo(repo, name: str, streaming: bool, force: bool) -> None:
     """Refuse a --triton-repo that cannot take the model before the export starts."""
+    from bsbr_export.io import check_can_create
     from bsbr_export.zoo import presets_dir
 
     if repo.exists() and not repo.is_dir():
         raise UserError(f"--triton-repo {repo} is a file: pass a directory")
-    from bsbr_export.io import check_writable
-
-    existing = next(p for p in [repo, *repo.parents] if p.exists())
-    if existing.is_dir():
-        check_writable(existing)
+    check_can_create(repo / name, overwrite=True)  # a writable place; an existing model is checked below
     if repo.resolve() == presets_dir().resolve():
         raise UserError(f"--triton-repo {repo} is bsbr-export's preset folder: pass another directory (e.g. export/triton)")
     if not force:

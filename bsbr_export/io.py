@@ -37,6 +37,20 @@ def check_writable(directory: Path) -> None:
     os.unlink(probe)
 
 
+def check_can_create(path: Path, overwrite: bool = False) -> None:
+    """UserError, before any work, unless `path` can be created as a new directory (or,
+    with `overwrite`, replace one): its nearest existing ancestor is a writable directory
+    and `path` is not a file or a non-empty directory. Creates nothing."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"cannot write directory {path}: a file with that name exists")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path} already exists and is not empty: choose another path or remove it")
+    ancestor = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    if not ancestor.is_dir():
+        raise UserError(f"cannot write {path}: {ancestor} is a file, not a directory")
+    check_writable(ancestor)
+
+
 def check_parent_dir(path: Path) -> None:
     """Create `path`'s directory if needed; UserError if it is a file or not writable."""
     parent = path.parent
@@ -154,11 +168,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     dirs that killed runs left beside `path` are removed first (`remove_stale_staging`).
     """
     path = Path(path)
+    check_can_create(path, overwrite)
     check_parent_dir(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"cannot write directory {path}: a file with that name exists")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"{path} already exists and is not empty: choose another path or remove it")
     remove_stale_staging(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -19,7 +19,7 @@ from bsbr_export.checkpoint import load_model, write_checkpoint
 from bsbr_export.errors import UserError
 from bsbr_export.export import check_opset, check_static_shape, export_onnx, export_torchscript, state_spec
 from bsbr_export.formats import DEFAULT_OPSET, Format, artifact_name, export_jobs
-from bsbr_export.io import atomic_dir
+from bsbr_export.io import atomic_dir, check_can_create
 from bsbr_export.manifest import MANIFEST, file_record, read_manifest
 from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner
 from bsbr_export.validate import DEFAULT_TOLERANCE, Case, ParityReport, check_parity, default_cases
@@ -175,6 +175,7 @@ def _check(fmt: str, path: Path, model, kind: str, static_shape, tolerance: floa
 
 def _check_bench_out(directory: Path, overwrite: bool) -> None:
     """Refuse, before any work, to export into a non-empty directory: it may hold the user's files."""
+    check_can_create(directory, overwrite=True)  # somewhere writable (the emptiness check is below)
     if overwrite or not directory.is_dir() or not any(directory.iterdir()):
         return
     if (directory / MANIFEST).is_file():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -26,7 +27,7 @@ def progress_steps(console: Console) -> Iterator[Callable[[str], None]]:
     """
     start = time.perf_counter()
     if not console.is_terminal:
-        yield lambda step: click.echo(f"[{time.perf_counter() - start:6.1f} s] {step}", err=True)
+        yield from _plain_steps(start)
         return
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -43,6 +44,47 @@ def progress_steps(console: Console) -> Iterator[Callable[[str], None]]:
         yield step
         if current:
             bar.update(current[-1], total=1, completed=1)
+
+
+FIRST_STEP_GRACE_S = 1.0  # the first step's line waits this long: a bad input found at once stays one line
+
+
+def _plain_steps(start: float) -> Iterator[Callable[[str], None]]:
+    """progress_steps off a terminal: one stamped stderr line per step. The first line is
+    held back briefly and dropped if the command fails meanwhile, so an error found while
+    loading the model is still the only line on stderr."""
+    lock = threading.Lock()
+    held: list[str] = []
+
+    def flush() -> None:
+        with lock:
+            if held:
+                click.echo(held.pop(), err=True)
+
+    timer = threading.Timer(FIRST_STEP_GRACE_S, flush)
+    timer.daemon = True
+    first = True
+
+    def step(name: str) -> None:
+        nonlocal first
+        line = f"[{time.perf_counter() - start:6.1f} s] {name}"
+        if first:
+            first = False
+            held.append(line)
+            timer.start()
+            return
+        timer.cancel()
+        flush()
+        click.echo(line, err=True)
+
+    try:
+        yield step
+    except BaseException:
+        timer.cancel()
+        held.clear()
+        raise
+    timer.cancel()
+    flush()
 
 
 def speedup_text(x: float | None) -> str:
