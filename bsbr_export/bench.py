@@ -106,10 +106,19 @@ def machine_info() -> dict:
 
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model() or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "versions": versions(),
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's marketing name (Linux), which `platform.processor()` leaves empty there."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def available_engines(export_dir: Path) -> list[str]:

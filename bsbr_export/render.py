@@ -91,7 +91,8 @@ def speedup_text(x: float | None) -> str:
     """A speed-up with two significant digits: 0.050x, 1.4x, 12x (never "0.0x")."""
     if x is None or not math.isfinite(x) or x <= 0:
         return "-"
-    return f"{round_sig(x):.0f}x" if x >= 10 else f"{x:#.2g}x"
+    rounded = round_sig(x)  # first, so 9.96 reads 10x, not "10.x"
+    return f"{rounded:.0f}x" if rounded >= 10 else f"{rounded:#.2g}x"
 
 
 def round_sig(x: float, digits: int = 2) -> float:
