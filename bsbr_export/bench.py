@@ -24,6 +24,10 @@ from bsbr_export.errors import UserError
 
 ORT_LEVELS = ("disabled", "basic", "extended", "all")
 WARMUP = 3  # untimed runs per engine and length (TorchScript's profiling executor needs ~2)
+MIN_ITERS = 10  # timed runs before the spread means anything
+TARGET_SPREAD = 0.10  # stop timing a length early once p10-p90 is within this share of the median
+MAX_ITERS = 500
+NOISY_SPREAD = 0.25  # p10-p90 wider than this share of the median: the figure is flagged
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,13 @@ class Timing:
     p99_ms: float
     tokens_per_s: float
     peak_rss_mib: float
+    p10_ms: float = 0.0
+    spread: float = 0.0  # (p90 - p10) / p50: how far apart the timed runs were
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the runs disagree so much that the median is not to be trusted."""
+        return self.spread > NOISY_SPREAD
 
 
 @dataclass(frozen=True)
@@ -95,10 +106,19 @@ def machine_info() -> dict:
 
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model() or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "versions": versions(),
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's marketing name (Linux), which `platform.processor()` leaves empty there."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def available_engines(export_dir: Path) -> list[str]:
@@ -218,24 +238,33 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def spread(times: list[float]) -> float:
+    """(p90 - p10) / p50 of some run times: 0.1 means the middle 80% lie within 10% of the median."""
+    p10, *_, p90 = statistics.quantiles(times, n=10, method="inclusive")
+    return (p90 - p10) / statistics.median(times)
+
+
 def time_lengths(
-    call, vocab_size: int, lengths: list[int], batch: int = 1, warmup: int = WARMUP, min_iters: int = 5,
+    call, vocab_size: int, lengths: list[int], batch: int = 1, warmup: int = WARMUP, min_iters: int = MIN_ITERS,
     budget_s: float = 1.0,
 ) -> list[Timing]:
     """Time `call(feeds)` at each length, shortest first: warm-up, then at least
-    `min_iters` runs and up to `budget_s` seconds (200 runs at most) per length."""
-    timings = []
+    `min_iters` runs, repeated until their p10-p90 spread is within `TARGET_SPREAD` of
+    the median or `budget_s` seconds are spent (`MAX_ITERS` runs at most)."""
+    timings, min_iters = [], max(min_iters, 2)  # a spread needs two runs
     for length in sorted(lengths):
         feeds = random_feeds(vocab_size, batch, length)
         for _ in range(warmup):
             call(feeds)
         times = []
         start = time.perf_counter()
-        while len(times) < min_iters or (time.perf_counter() - start < budget_s and len(times) < 200):
+        while len(times) < MAX_ITERS:
             t0 = time.perf_counter()
             call(feeds)
             times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
+            if len(times) >= min_iters and (time.perf_counter() - start >= budget_s or spread(times) <= TARGET_SPREAD):
+                break
+        p10, *_, p90 = statistics.quantiles(times, n=10, method="inclusive")
         p50 = statistics.median(times)
         timings.append(
             Timing(
@@ -243,10 +272,12 @@ def time_lengths(
                 batch=batch,
                 iters=len(times),
                 p50_ms=p50,
-                p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))],
-                p99_ms=times[min(len(times) - 1, int(0.99 * len(times)))],
+                p90_ms=p90,
+                p99_ms=statistics.quantiles(times, n=100, method="inclusive")[-1],
                 tokens_per_s=batch * length / (p50 / 1e3),
                 peak_rss_mib=peak_rss_mib(),
+                p10_ms=p10,
+                spread=spread(times),
             )
         )
     return timings
@@ -318,7 +349,7 @@ def bench_engines(
     *,
     batch: int = 1,
     warmup: int = WARMUP,
-    min_iters: int = 5,
+    min_iters: int = MIN_ITERS,
     budget_s: float = 1.0,
     threads: int = 2,
     trust_code: bool = False,
@@ -424,7 +455,7 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--lengths", required=True)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=WARMUP)
-    parser.add_argument("--min-iters", type=int, default=5)
+    parser.add_argument("--min-iters", type=int, default=MIN_ITERS)
     parser.add_argument("--budget", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--trust-code", action="store_true")

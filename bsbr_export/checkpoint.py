@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,8 +29,24 @@ WEIGHTS_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 
 
+def parameter_count(config: BSBRConfig) -> int:
+    """How many parameters a model of `config` has (counted on the meta device: no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in model_class(config)(config).parameters())
+
+
+def check_fits_in_memory(config: BSBRConfig) -> None:
+    """UserError before allocating a model whose float32 weights exceed this machine's RAM."""
+    need = 4 * parameter_count(config)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total:
+        raise UserError(f"a model with this config needs {need / 2**30:.1f} GiB for its weights, more than this "
+                        f"machine's {total / 2**30:.1f} GiB: check vocab_size, hidden_size, num_layers, ff_size")
+
+
 def build_model(config: BSBRConfig, seed: int = 0) -> BSBRModel:
     """A model with random weights drawn from `seed` (the global RNG is left alone)."""
+    check_fits_in_memory(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return model_class(config)(config).eval()
@@ -56,7 +73,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             raise UserError(f"{path} is not a readable safetensors file: {exc}") from None
     if path.suffix in PICKLE_SUFFIXES:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # A raw pickle (not torch.save's zip) warns about its protocol before the
+                # refusal below; the refusal is the one line the user needs.
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             raise UserError(
                 f"refusing to load {path}: it needs code execution to unpickle "
@@ -94,6 +115,11 @@ def apply_state_dict(model: torch.nn.Module, state: dict[str, Tensor], source: s
     problems = state_dict_problems(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     if problems:
         raise UserError(f"{source} does not match its config: " + "; ".join(problems))
+    # NaN/inf weights make every output NaN, and every later check say "different".
+    broken = sorted((k for k, v in state.items() if not bool(torch.isfinite(v).all())), key=_natural)
+    if broken:
+        raise UserError(f"{source} holds NaN or infinite weights in {_few(broken)}: the checkpoint is broken; "
+                        "re-save it from a healthy model")
     model.load_state_dict(state)
 
 
@@ -124,10 +150,13 @@ def _weights_file(directory: Path) -> Path:
 
 def load_model(name_or_path: str | os.PathLike) -> BSBRModel:
     """A preset name (random weights from its seed) or a checkpoint directory -> eval model."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise UserError(f"load_model takes a preset name or a checkpoint directory, got {name_or_path!r}")
     path = Path(name_or_path)
     if path.is_dir():
         config = read_config(path)
         weights = _weights_file(path)
+        check_fits_in_memory(config)
         model = model_class(config)(config)
         apply_state_dict(model, load_state_dict(weights), str(weights))
         return model.eval()

@@ -25,9 +25,10 @@ def cli() -> None:
 @click.argument("name", required=False)
 def models(name: str | None) -> None:
     """List the model zoo's presets, or show the preset NAME."""
-    from rich.console import Console
     from rich.table import Table
 
+    from bsbr_export.checkpoint import parameter_count
+    from bsbr_export.render import stdout_console
     from bsbr_export.zoo import get_preset, list_presets
 
     presets = [get_preset(name)] if name else list(list_presets().values())
@@ -38,14 +39,14 @@ def models(name: str | None) -> None:
         cfg = preset.config
         table.add_row(
             preset.name,
-            _human(_param_count(cfg)),
+            _human(parameter_count(cfg)),
             str(cfg.hidden_size),
             str(cfg.num_layers),
             str(cfg.num_heads),
             str(cfg.chunk_size),
             str(cfg.compression or "-"),
         )
-    console = Console()
+    console = stdout_console()
     console.print(table)
     if name:
         console.print(presets[0].description)
@@ -61,12 +62,11 @@ def run(model: str, length: int | None, batch: int) -> None:
     Runs one full forward and the same tokens streamed in uneven pieces, and reports
     how far apart they are (they must agree: streaming equals parallel).
     """
-    from rich.console import Console
-
+    from bsbr_export.render import stdout_console
     from bsbr_export.summary import summarize
 
     summary = summarize(model, length=length, batch=batch)
-    Console().print(summary.to_table())
+    stdout_console().print(summary.to_table())
     if not summary.passed:
         raise SystemExit(1)
 
@@ -113,27 +113,30 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
     from rich.console import Console
 
     from bsbr_export.formats import parse_formats
+    from bsbr_export.io import check_can_create
     from bsbr_export.pipeline import export_model
-    from bsbr_export.render import export_table
+    from bsbr_export.render import export_table, progress_steps, stdout_console
 
-    console = Console(stderr=True)
     chosen = parse_formats(formats)
-    if triton_repo and "onnx" not in [f.name for f in chosen]:
-        raise UserError("--triton-repo serves the ONNX graph: add onnx to --format")
+    if triton_repo:
+        if "onnx" not in [f.name for f in chosen]:
+            raise UserError("--triton-repo serves the ONNX graph: add onnx to --format")
+        _check_triton_repo(Path(triton_repo), _export_name(model), streaming, force)
     static_shape = _parse_static(static) if static else None
     out = Path(out_dir) if out_dir else Path("export") / _export_name(model)
+    check_can_create(out, force)  # before the model is even loaded
     spec = None
     if spec_file:
         from bsbr_export.spec import read_spec
 
         spec = read_spec(spec_file)
-    with console.status("exporting") as status:
+    with progress_steps(Console(stderr=True)) as progress:
         result = export_model(
             model, out, chosen, spec=spec, streaming=streaming, static_shape=static_shape, opset=opset,
             overwrite=force, tolerance=tolerance, trust_code=trust_code, weights=weights, chunk_size=chunk_size,
-            progress=lambda step: status.update(step),
+            progress=progress,
         )
-    Console().print(export_table(result))
+    stdout_console().print(export_table(result))
     if result.note:
         click.echo(f"note: {result.note}")
     if not result.passed:
@@ -168,11 +171,15 @@ def validate(export_dir, tolerance, lengths, batches, providers, trust_code) -> 
 
     from rich.console import Console
 
-    from bsbr_export.io import atomic_write
-    from bsbr_export.render import validation_table
+    from bsbr_export.io import atomic_write, check_writable
+    from bsbr_export.manifest import read_manifest
+    from bsbr_export.render import progress_steps, stdout_console, validation_table
     from bsbr_export.validate import validate_export
 
-    with Console(stderr=True).status("validating"):
+    read_manifest(export_dir, verify=False)  # an export dir, and one validation.json can go into
+    check_writable(Path(export_dir))
+    with progress_steps(Console(stderr=True)) as progress:
+        progress("validating every artifact against eager")
         result = validate_export(
             export_dir, tolerance=tolerance, lengths=_int_list(lengths, "--lengths") if lengths else None,
             batches=tuple(_int_list(batches, "--batches")), providers=list(providers) or None,
@@ -180,7 +187,7 @@ def validate(export_dir, tolerance, lengths, batches, providers, trust_code) -> 
         )
     with atomic_write(Path(export_dir) / "validation.json") as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    Console().print(validation_table(result))
+    stdout_console().print(validation_table(result))
     if not result.passed:
         for check in result.checks:
             for failure in check.parity.failures[:5]:
@@ -190,45 +197,86 @@ def validate(export_dir, tolerance, lengths, batches, providers, trust_code) -> 
         raise SystemExit(1)
 
 
+# `bench --quick`: what a first run needs to show the point in about a minute: the two
+# artifact kinds people deploy (ONNX, TorchScript), each checked against eager, timed
+# side by side with eager at a short and a long length; any flag given explicitly wins.
+QUICK_BENCH = {
+    "formats": "onnx,torchscript",
+    "streaming": False,
+    "check_length": 500,  # the long check length (7c + 52 at c = 64): not a chunk multiple
+    "lengths": "256,4096",
+    "engines": "eager,torchscript,ort-cpu-disabled,ort-cpu-all",
+    "decode": "",
+    "validation_lengths": "1,500",
+    "budget": 0.5,
+}
+
+
 @cli.command()
 @click.argument("target")
+@click.option("--quick", is_flag=True,
+              help="A first look (about a minute on 2 cores): " + "; ".join(f"{k.replace('_', '-')} "
+                                                                          f"{v!r}" for k, v in QUICK_BENCH.items()))
 @click.option("--lengths", default="256,1024,4096", show_default=True, help="Comma-separated sequence lengths.")
-@click.option("--batch", type=int, default=1, show_default=True, help="Batch size.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size.")
 @click.option("--engines", default=None, help="Comma-separated engines [default: all available].")
 @click.option("--decode", "decode", default="256,1024,4096", show_default=True,
               help="Context lengths for streaming decode latency ('' to skip).")
 @click.option("--validation-lengths", default=None, help="Lengths for the validation pass [default: validate's].")
 @click.option("--out", "out_dir", type=click.Path(), default=None,
               help="Export directory when TARGET is a model [default: ./export/<model>].")
+@click.option("--formats", default=",".join(FORMATS), show_default=True,
+              help="Formats to export when TARGET is a model.")
+@click.option("--streaming/--no-streaming", default=True, show_default=True,
+              help="Export streaming graphs too when TARGET is a model (decode latency needs them).")
+@click.option("--check-length", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Longest length each exported artifact is checked at.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True)
-@click.option("--threads", type=int, default=2, show_default=True, help="Threads per engine.")
-@click.option("--budget", type=float, default=1.0, show_default=True, help="Seconds of timing per engine and length.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Threads per engine.")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Most seconds of timing per engine and length (stops sooner once the spread is small).")
 @click.option("--force", is_flag=True, help="Export over a non-empty --out directory (its files are replaced).")
 @click.option("--trust-code", "trust_code", is_flag=True,
               help="Allow importing a module reference (file.py:factory) or rebuilding one from a manifest.")
-def bench(target, lengths, batch, engines, decode, validation_lengths, out_dir, tolerance, threads, budget,
-          force, trust_code) -> None:
+@click.pass_context
+def bench(ctx, target, quick, **options) -> None:
     """Export (if TARGET is a model), validate and benchmark every engine side by side.
 
     TARGET is an export directory, a preset name or a checkpoint directory. Writes
     report.json, report.md and plots into the export directory and prints the table.
     """
+    from pathlib import Path
+
+    from click.core import ParameterSource
     from rich.console import Console
 
+    from bsbr_export.formats import parse_formats
+    from bsbr_export.io import check_writable
+    from bsbr_export.manifest import MANIFEST
     from bsbr_export.pipeline import benchmark
-    from bsbr_export.render import bench_table
+    from bsbr_export.render import bench_table, progress_steps, stdout_console
 
-    with Console(stderr=True).status("benchmarking") as status:
+    if quick:
+        options.update({k: v for k, v in QUICK_BENCH.items() if ctx.get_parameter_source(k) is ParameterSource.DEFAULT})
+    o = options
+    if (Path(target) / MANIFEST).is_file():
+        check_writable(Path(target))  # the reports go in there: refuse before the work, not after
+    with progress_steps(Console(stderr=True)) as progress:
         run = benchmark(
-            target, out_dir=out_dir, lengths=_int_list(lengths, "--lengths"), batch=batch,
-            engines=[e.strip() for e in engines.split(",")] if engines else None,
-            decode_contexts=_int_list(decode, "--decode") if decode else None,
-            validation_lengths=_int_list(validation_lengths, "--validation-lengths") if validation_lengths else None,
-            tolerance=tolerance, threads=threads, budget_s=budget, overwrite=force, trust_code=trust_code,
-            progress=lambda step: status.update(step),
+            target, out_dir=o["out_dir"], lengths=_int_list(o["lengths"], "--lengths"), batch=o["batch"],
+            engines=[e.strip() for e in o["engines"].split(",")] if o["engines"] else None,
+            decode_contexts=_int_list(o["decode"], "--decode") if o["decode"] else None,
+            validation_lengths=(_int_list(o["validation_lengths"], "--validation-lengths")
+                                if o["validation_lengths"] else None),
+            tolerance=o["tolerance"], threads=o["threads"], budget_s=o["budget"], overwrite=o["force"],
+            formats=[f.name for f in parse_formats(o["formats"])], streaming=o["streaming"],
+            long_length=o["check_length"], trust_code=o["trust_code"], progress=progress,
         )
-    Console().print(bench_table(run.bench, tolerance))
+    stdout_console().print(bench_table(run.bench, o["tolerance"]))
     click.echo(f"reports: {', '.join(str(p) for p in run.reports)}")
+    if quick:
+        click.echo("quick run: drop --quick for every format, streaming decode, torch.compile, every ORT level and "
+                   "3 lengths")
     if not run.validation.passed or any(not e.ok for e in run.bench.engines):
         raise SystemExit(1)
 
@@ -269,13 +317,14 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option("--length", type=int, default=1024, show_default=True, help="Sequence length to time levels at.")
+@click.option("--length", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Sequence length to time levels and measure int8 at.")
 @click.option("--int8/--no-int8", default=True, show_default=True, help="Also write an int8 dynamic-quantized graph.")
-@click.option("--target-top1", type=float, default=0.97, show_default=True,
+@click.option("--target-top1", type=click.FloatRange(min=0, max=1, min_open=True), default=0.97, show_default=True,
               help="int8: keep the most sensitive MatMuls in fp32 until top-1 agreement reaches this.")
 @click.option("--fp16/--no-fp16", default=None,
               help="Also write an fp16 graph for ONNX Runtime's CUDA provider [default: when it is available].")
-@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 def optimize(export_dir, length, int8, target_top1, fp16, threads) -> None:
     """Measure ONNX Runtime's optimization levels here and save the fastest that still
     matches eager (model.optimized.onnx); quantize to int8 keeping sensitive nodes fp32;
@@ -283,12 +332,13 @@ def optimize(export_dir, length, int8, target_top1, fp16, threads) -> None:
     from rich.console import Console
 
     from bsbr_export.optimize import optimize_export
-    from bsbr_export.render import levels_table, quant_table
+    from bsbr_export.render import levels_table, progress_steps, quant_table, stdout_console
 
-    with Console(stderr=True).status("optimizing"):
+    with progress_steps(Console(stderr=True)) as progress:
+        progress("timing ONNX Runtime's optimization levels, then int8 / fp16")
         choice, quant, fp16_path = optimize_export(export_dir, length=length, int8=int8, target_top1=target_top1,
                                                    threads=threads, fp16=fp16)
-    console = Console()
+    console = stdout_console()
     console.print(levels_table(choice))
     if fp16_path is not None:
         click.echo(f"fp16: wrote {fp16_path.name} for the CUDA provider; `bsbr-export validate` checks it")
@@ -359,6 +409,23 @@ def serve(repo, http_port, grpc_port, triton_env, timeout) -> None:
     run_server(repo, triton_env, http_port=http_port, grpc_port=grpc_port, timeout_s=timeout, on_ready=ready)
 
 
+def _check_triton_repo(repo, name: str, streaming: bool, force: bool) -> None:
+    """Refuse a --triton-repo that cannot take the model before the export starts."""
+    from bsbr_export.io import check_can_create
+    from bsbr_export.zoo import presets_dir
+
+    if repo.exists() and not repo.is_dir():
+        raise UserError(f"--triton-repo {repo} is a file: pass a directory")
+    check_can_create(repo / name, overwrite=True)  # a writable place; an existing model is checked below
+    if repo.resolve() == presets_dir().resolve():
+        raise UserError(f"--triton-repo {repo} is bsbr-export's preset folder: pass another directory (e.g. export/triton)")
+    if not force:
+        names = [name, f"{name}_python"] + ([f"{name}_streaming", f"{name}_streaming_python"] if streaming else [])
+        for model in names:
+            if (repo / model).is_dir() and any((repo / model).iterdir()):
+                raise UserError(f"{repo / model} already exists: pass --force to replace it, or another --triton-repo")
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     from bsbr_export.errors import UserError
 
@@ -378,15 +445,6 @@ def _parse_static(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise UserError(f"--static must look like 2x128 (BATCHxLENGTH, both >= 1), got {text!r}")
     return int(parts[0]), int(parts[1])
-
-
-def _param_count(cfg) -> int:
-    import torch
-
-    from bsbr_export.model import BSBRModel
-
-    with torch.device("meta"):  # shapes only: counting bsbr-base allocates nothing
-        return sum(p.numel() for p in BSBRModel(cfg).parameters())
 
 
 def _human(n: int) -> str:

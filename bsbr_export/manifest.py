@@ -39,6 +39,9 @@ def read_manifest(export_dir: str | os.PathLike, verify: bool = True) -> dict:
     manifest = read_json(path)
     if not isinstance(manifest, dict) or "artifacts" not in manifest:
         raise UserError(f"{path} is not a bsbr-export manifest (no 'artifacts')")
+    problem = _shape_problem(manifest)
+    if problem:
+        raise UserError(f"{path} is damaged: {problem}; re-export")
     if verify:
         files = dict(manifest.get("checkpoint", {}))
         for artifact in manifest["artifacts"]:
@@ -50,6 +53,26 @@ def read_manifest(export_dir: str | os.PathLike, verify: bool = True) -> dict:
             if sha256(file) != record["sha256"]:
                 raise UserError(f"{file} does not match the sha256 in {MANIFEST}: it changed after export; re-export")
     return manifest
+
+
+def _shape_problem(manifest: dict) -> str | None:
+    """What keeps `manifest` from being read entry by entry, or None: every artifact an
+    object with a name and a `files` map of file name -> {"sha256", "bytes"}."""
+    artifacts = manifest["artifacts"]
+    if not isinstance(artifacts, list):
+        return f"'artifacts' must be a list, got {type(artifacts).__name__}"
+    sections = [("checkpoint", manifest.get("checkpoint", {}))]
+    for i, artifact in enumerate(artifacts):
+        if not isinstance(artifact, dict) or not isinstance(artifact.get("name"), str):
+            return f"artifact {i} must be an object with a 'name', got {artifact!r:.60}"
+        sections.append((artifact["name"], artifact.get("files")))
+    for where, files in sections:
+        if not isinstance(files, dict):
+            return f"{where}: 'files' must map file names to records, got {files!r:.60}"
+        for name, record in files.items():
+            if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+                return f"{where}: file {name} has no sha256"
+    return None
 
 
 def add_artifacts(export_dir: str | os.PathLike, entries: list[dict]) -> dict:

@@ -50,6 +50,23 @@ def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
         )
 
 
+def check_state(state, model: BSBRModel, batch: int) -> None:
+    """Raise UserError unless `state` is a stream state of `model` for `batch` sequences."""
+    cfg = model.config
+    if not isinstance(state, (list, tuple)) or not all(isinstance(layer, LayerState) for layer in state):
+        raise UserError(
+            f"state must be the list of LayerState from model.init_state(batch_size) or model.stream(), "
+            f"got {type(state).__name__}"
+        )
+    if len(state) != cfg.num_layers:
+        raise UserError(f"state has {len(state)} layers, the model has {cfg.num_layers}")
+    if state[0].keys.shape[0] != batch:
+        raise UserError(
+            f"state is for batch size {state[0].keys.shape[0]}, input_ids has {batch} rows: "
+            f"start from model.init_state({batch})"
+        )
+
+
 class BSBRAttention(nn_layers.BSBRAttention):
     """The native model's attention: the public layer configured by a `BSBRConfig`,
     called on inputs the model has already padded to whole chunks."""
@@ -138,6 +155,8 @@ class BSBRModel(nn.Module):
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> list[LayerState]:
         """The empty state a stream starts from: no finished chunks, no cached tokens."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         device = device or self.embedding.weight.device
         dtype = dtype or self.embedding.weight.dtype
         return [block.attn.init_state(batch_size, device, dtype) for block in self.blocks]
@@ -155,8 +174,7 @@ class BSBRModel(nn.Module):
         that appends the finished chunks itself never copies the whole state per token."""
         if is_eager():
             check_input_ids(input_ids, self.config.vocab_size)
-            if len(state) != self.config.num_layers:
-                raise UserError(f"state has {len(state)} layers, the model has {self.config.num_layers}")
+            check_state(state, self, input_ids.shape[0])
         first = state[0]
         seen = first.meta_keys.shape[-2] * self.config.chunk_size + first.keys.shape[-2]
         x = self._embed(input_ids, seen)

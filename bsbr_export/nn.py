@@ -80,13 +80,23 @@ def is_eager() -> bool:
 
 
 def check_attention_mask(attention_mask: Tensor, shape: torch.Size, input_name: str) -> None:
-    """Raise UserError unless `attention_mask` is a [batch, length] right-padding mask
-    (1s, then only 0s) of the input's batch and length. Call in eager mode only."""
+    """Raise UserError unless `attention_mask` is an integer/bool 0/1 [batch, length]
+    right-padding mask (1s, then only 0s) of the input's batch and length, with at least
+    one token per row. Call in eager mode only."""
+    if not isinstance(attention_mask, Tensor):
+        raise UserError(f"attention_mask must be a torch.Tensor (or None), got {type(attention_mask).__name__}")
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        raise UserError(f"attention_mask must be int64, int32 or bool (1 = token, 0 = pad), got {attention_mask.dtype}")
     if attention_mask.shape != shape:
         raise UserError(f"attention_mask shape {list(attention_mask.shape)} != {input_name} shape {list(shape)}")
-    if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+    mask = attention_mask.long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise UserError(f"attention_mask must hold only 0 and 1, got values in [{int(mask.min())}, {int(mask.max())}]")
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
         # Positions count from each row's start, so only right padding keeps them right.
         raise UserError("attention_mask must be right padding: 1s, then only 0s, in every row")
+    if mask.shape[1] and bool((mask[:, 0] == 0).any()):
+        raise UserError("attention_mask has a row of only 0s: every row needs at least one token")
 
 
 def rope_frequencies(head_dim: int, theta: float) -> Tensor:

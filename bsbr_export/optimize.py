@@ -67,6 +67,7 @@ class QuantResult:
     fp32_p50_ms: float
     target_top1: float
     reached: bool
+    shape: tuple[int, int] = (1, 1024)  # (batch, length) everything above was measured at
 
 
 def _session(path: Path, level: str = "all", optimized_path: Path | None = None, threads: int = 2):
@@ -143,7 +144,7 @@ def _quantize(source: Path, target: Path, include: list[str] | None = None, excl
 
 
 def quantize_int8(
-    export_dir, *, target_top1: float = 0.97, length: int = 256, batch: int = 4, threads: int = 2
+    export_dir, *, target_top1: float = 0.97, length: int = 1024, batch: int = 1, threads: int = 2
 ) -> QuantResult:
     """Write model.int8.onnx: every weight MatMul int8 except the fewest most-sensitive
     ones needed to keep top-1 agreement with eager >= `target_top1`.
@@ -190,6 +191,7 @@ def quantize_int8(
         fp32_p50_ms=fp32_ms,
         target_top1=target_top1,
         reached=steps[-1].top1 >= target_top1,
+        shape=(batch, length),
     )
 
 
@@ -264,9 +266,20 @@ def optimize_export(
     from bsbr_export.manifest import add_artifacts, read_manifest
     from bsbr_export.runners import available_providers
 
-    read_manifest(export_dir)  # a real, unchanged export dir before anything is written
+    import onnxruntime
+
+    from bsbr_export.io import check_writable
+
+    # ORT's C++ logger prints warnings about the probe graphs (unused initializers after
+    # quantization) raw, ANSI colour codes and all; errors still raise.
+    onnxruntime.set_default_logger_severity(3)
+    # Everything checkable is checked before the first file is written.
+    read_manifest(export_dir)  # a real, unchanged export dir
+    check_writable(Path(export_dir))
     if length < 1:
         raise UserError(f"--length must be >= 1, got {length}")
+    if not 0 < target_top1 <= 1:
+        raise UserError(f"--target-top1 must be in (0, 1], got {target_top1}")
     choice = choose_level(export_dir, length=length, threads=threads)
     entries = [{
         "name": choice.path.name, "format": "onnx", "kind": "logits",
@@ -275,7 +288,8 @@ def optimize_export(
     }]
     quant = None
     if int8:
-        quant = quantize_int8(export_dir, target_top1=target_top1, threads=threads)
+        # At --length too: one sequence of it holds as many tokens as the old fixed 4 x 256.
+        quant = quantize_int8(export_dir, target_top1=target_top1, length=length, threads=threads)
         entries.append({
             "name": quant.path.name, "format": "onnx", "kind": "logits",
             "settings": {"precision": "int8", "quantization": "dynamic, per-tensor, MatMul weights",

@@ -20,7 +20,7 @@ import torch
 from bsbr_export.errors import UserError
 from bsbr_export.export import check_kind, check_opset, check_static_shape, state_manifest
 from bsbr_export.formats import DEFAULT_OPSET, FORMATS, Format, artifact_name, export_jobs
-from bsbr_export.io import atomic_dir
+from bsbr_export.io import atomic_dir, check_can_create
 from bsbr_export.manifest import MANIFEST, file_record, read_manifest
 from bsbr_export.runners import EagerRunner
 from bsbr_export.sources import Source, load_source, write_source
@@ -75,9 +75,11 @@ def export_model(
     trust_code: bool = False,
     weights: str | os.PathLike | None = None,
     chunk_size: int | None = None,
+    long_length: int = 2048,
     progress: Callable[[str], None] = lambda step: None,
 ) -> ExportResult:
-    """Export MODEL to `out_dir` in `formats` and check each artifact against eager.
+    """Export MODEL to `out_dir` in `formats` and check each artifact against eager (at
+    the edge lengths around the chunk size and at `long_length`).
 
     `model_ref`: a preset name, a checkpoint directory, a module reference
     (`file.py:factory`, imported only with `trust_code`; `weights` loaded into it) or an
@@ -111,7 +113,7 @@ def export_model(
             seconds = time.perf_counter() - start
             progress(f"checking {name} against eager")
             static = static_shape if "static_shape" in fmt.options else None
-            parity = _check(fmt, tmp / name, source, kind, static, tolerance)
+            parity = _check(fmt, tmp / name, source, kind, static, tolerance, long_length)
             artifacts.append(
                 ArtifactResult(
                     name=name,
@@ -186,16 +188,18 @@ def _mobile_note() -> str:
     return "skipped: this torch build has no XNNPACK, which the pass needs"
 
 
-def _check(fmt: Format, path: Path, source: Source, kind: str, static_shape, tolerance: float) -> ParityReport:
+def _check(fmt: Format, path: Path, source: Source, kind: str, static_shape, tolerance: float,
+           long_length: int) -> ParityReport:
     reference = EagerRunner(source.module, source.spec, kind)
     runner = runner_for(fmt, path, reference)
     streaming = kind != "logits"
-    cases = [Case(*static_shape)] if static_shape else default_cases(source.spec.chunk_size, streaming)
+    cases = [Case(*static_shape)] if static_shape else default_cases(source.spec.chunk_size, streaming, long_length)
     return check_parity(path.name, reference, runner, cases, source.spec, tolerance)
 
 
 def _check_bench_out(directory: Path, overwrite: bool) -> None:
     """Refuse, before any work, to export into a non-empty directory: it may hold the user's files."""
+    check_can_create(directory, overwrite=True)  # somewhere writable (the emptiness check is below)
     if overwrite or not directory.is_dir() or not any(directory.iterdir()):
         return
     if (directory / MANIFEST).is_file():
@@ -228,13 +232,18 @@ def benchmark(
     budget_s: float = 1.0,
     overwrite: bool = False,
     trust_code: bool = False,
+    formats: list[str] | None = None,
+    streaming: bool = True,
+    long_length: int = 2048,
     progress: Callable[[str], None] = lambda step: None,
 ) -> BenchRun:
     """Export (when `model_ref` is not an export dir yet), validate, benchmark, report.
 
     Every engine runs in its own process on the same inputs; reports go into the
     export dir: report.json, report.md, latency.png, memory.png, decode.png. A model is
-    exported into `out_dir`, which must be new or empty unless `overwrite` is set.
+    exported into `out_dir`, which must be new or empty unless `overwrite` is set, in
+    `formats` (default: all), with streaming graphs when `streaming` and the model can
+    stream, each artifact checked up to `long_length`.
     """
     from bsbr_export.bench import (
         WARMUP,
@@ -256,9 +265,11 @@ def benchmark(
         _check_bench_out(directory, overwrite)
         progress(f"exporting {model_ref} to {directory}")
         source = load_source(model_ref, trust_code=trust_code)
-        streams = source.spec.causal and source.spec.state is not None  # others have no streaming graphs
-        export_model(source, directory, list(FORMATS.values()), streaming=streams, overwrite=overwrite,
-                     tolerance=tolerance, progress=progress)
+        # Non-causal models and modules without the streaming protocol have no streaming graphs.
+        streams = streaming and source.spec.causal and source.spec.state is not None
+        chosen = [FORMATS[f] for f in formats] if formats else list(FORMATS.values())
+        export_model(source, directory, chosen, streaming=streams, overwrite=overwrite,
+                     tolerance=tolerance, long_length=long_length, progress=progress)
     known = available_engines(directory)
     engines = engines or known
     unknown = [e for e in engines if e not in known]

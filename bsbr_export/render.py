@@ -1,8 +1,125 @@
-"""Rich tables for results (the library returns data; this turns it into text)."""
+"""Rich tables for results (the library returns data; this turns it into text), and
+the progress lines long commands print while they work."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import click
+from rich.console import Console
 from rich.table import Table
+
+from bsbr_export.bench import NOISY_SPREAD
+
+
+@contextlib.contextmanager
+def progress_steps(console: Console) -> Iterator[Callable[[str], None]]:
+    """A `progress(step)` callback for library calls.
+
+    On a terminal: rich progress, one line per step with a spinner and its elapsed
+    time. Elsewhere (CI logs, pipes): one plain stderr line per step, stamped with the
+    seconds since the command started, so a slow step is never silent.
+    """
+    start = time.perf_counter()
+    if not console.is_terminal:
+        yield from _plain_steps(start)
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        current = []
+
+        def step(name: str) -> None:
+            if current:
+                bar.update(current[-1], total=1, completed=1)
+                bar.stop_task(current[-1])
+            current.append(bar.add_task(name, total=None))
+
+        yield step
+        if current:
+            bar.update(current[-1], total=1, completed=1)
+
+
+FIRST_STEP_GRACE_S = 1.0  # the first step's line waits this long: a bad input found at once stays one line
+
+
+def _plain_steps(start: float) -> Iterator[Callable[[str], None]]:
+    """progress_steps off a terminal: one stamped stderr line per step. The first line is
+    held back briefly and dropped if the command fails meanwhile, so an error found while
+    loading the model is still the only line on stderr."""
+    lock = threading.Lock()
+    held: list[str] = []
+
+    def flush() -> None:
+        with lock:
+            if held:
+                click.echo(held.pop(), err=True)
+
+    timer = threading.Timer(FIRST_STEP_GRACE_S, flush)
+    timer.daemon = True
+    first = True
+
+    def step(name: str) -> None:
+        nonlocal first
+        line = f"[{time.perf_counter() - start:6.1f} s] {name}"
+        if first:
+            first = False
+            held.append(line)
+            timer.start()
+            return
+        timer.cancel()
+        flush()
+        click.echo(line, err=True)
+
+    try:
+        yield step
+    except BaseException:
+        timer.cancel()
+        held.clear()
+        raise
+    timer.cancel()
+    flush()
+
+
+def speedup_text(x: float | None) -> str:
+    """A speed-up with two significant digits: 0.050x, 1.4x, 12x (never "0.0x")."""
+    if x is None or not math.isfinite(x) or x <= 0:
+        return "-"
+    rounded = round_sig(x)  # first, so 9.96 reads 10x, not "10.x"
+    return f"{rounded:.0f}x" if rounded >= 10 else f"{rounded:#.2g}x"
+
+
+def round_sig(x: float, digits: int = 2) -> float:
+    """`x` rounded to `digits` significant digits (for figures stored in reports)."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    return round(x, digits - 1 - math.floor(math.log10(abs(x))))
+
+
+def ms_text(ms: float) -> str:
+    """Milliseconds to three significant digits, never in e-notation: 0.812, 12.3, 1290."""
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def latency_text(timing) -> str:
+    """Median ms ± half its p10-p90 spread as a share of the median, ⚠ when it is large."""
+    flag = " ⚠" if timing.noisy else ""
+    return f"{ms_text(timing.p50_ms)} ±{50 * timing.spread:.0f}%{flag}"
+
+
+def stdout_console() -> Console:
+    """The console results are printed on. Off a terminal rich would cut tables at 80
+    columns ("hea…"); there they get the width they need (or $COLUMNS when set)."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=200)
+    return console
 
 
 def human_bytes(n: float) -> str:
@@ -58,23 +175,27 @@ def bench_table(result, tolerance: float) -> Table:
     """Engine, status, max abs err, median latency and speed-up vs eager per length."""
     from bsbr_export.report import status
 
-    table = Table(title=f"bench: batch {result.batch}, {result.threads} threads (median ms, x vs eager)")
-    table.add_column("engine")
+    table = Table(
+        title=f"bench: batch {result.batch}, {result.threads} threads",
+        caption=f"median ms ±half the p10-p90 spread, and speed-up vs eager; ⚠ spread over "
+                f"{NOISY_SPREAD:.0%} of the median: a noisy figure (rerun on a quieter machine)",
+    )
+    table.add_column("engine", no_wrap=True)
     table.add_column("ok")
     table.add_column("max err", justify="right")
     for n in result.lengths:
-        table.add_column(f"L={n}", justify="right")
+        table.add_column(f"L={n} ms", justify="right", no_wrap=True)
+        table.add_column("vs eager", justify="right")
     eager = result.engine("eager")
     for engine in result.engines:
         cells = [engine.engine, status(engine, tolerance), f"{engine.max_abs:.0e}" if engine.max_abs is not None else "-"]
         for n in result.lengths:
             timing = engine.at(n)
-            base = eager.at(n) if eager else None
+            base = eager.at(n) if eager and eager.ok else None
             if timing is None:
-                cells.append("-")
+                cells += ["-", "-"]
             else:
-                speed = f" {base.p50_ms / timing.p50_ms:.1f}x" if base else ""
-                cells.append(f"{timing.p50_ms:.1f}{speed}")
+                cells += [latency_text(timing), speedup_text(base.p50_ms / timing.p50_ms) if base else "-"]
         table.add_row(*cells)
     return table
 
@@ -92,12 +213,13 @@ def levels_table(choice) -> Table:
 
 def quant_table(quant) -> Table:
     """int8: top-1 agreement and speed as the most sensitive MatMuls return to fp32."""
-    table = Table(title=f"int8 dynamic quantization (fp32: {quant.fp32_p50_ms:.1f} ms)")
+    batch, length = quant.shape
+    table = Table(title=f"int8 dynamic quantization at batch {batch} x {length} (fp32: {quant.fp32_p50_ms:.1f} ms)")
     for column in ("fp32 MatMuls", "last kept in fp32", "top-1", "max abs err", "ms", "vs fp32"):
         table.add_column(column, justify="left" if column == "last kept in fp32" else "right")
     ranked = sorted(quant.sensitivity, key=quant.sensitivity.get, reverse=True)
     for step in quant.steps:
         last = quant.modules[ranked[step.kept_fp32 - 1]] if step.kept_fp32 else "-"
         table.add_row(str(step.kept_fp32), last, f"{step.top1:.3f}", f"{step.max_abs:.3f}", f"{step.p50_ms:.1f}",
-                      f"{quant.fp32_p50_ms / step.p50_ms:.2f}x")
+                      speedup_text(quant.fp32_p50_ms / step.p50_ms))
     return table

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from bsbr_export.io import atomic_write
-from bsbr_export.render import human_bytes
+from bsbr_export.render import NOISY_SPREAD, human_bytes, ms_text, round_sig, speedup_text
 
 ARTIFACT_OF = {  # else ort-* -> model.onnx
     "torchscript": "model.pt",
@@ -59,11 +59,15 @@ def engine_rows(result, export_dir: Path, tolerance: float) -> list[dict]:
             "tokens_per_s": {},
         }
         for timing in engine.timings:
-            row["latency_ms"][timing.length] = {"p50": timing.p50_ms, "p90": timing.p90_ms, "p99": timing.p99_ms}
+            row["latency_ms"][timing.length] = {
+                "p50": timing.p50_ms, "p10": timing.p10_ms, "p90": timing.p90_ms, "p99": timing.p99_ms,
+                "spread": round_sig(timing.spread), "iters": timing.iters, "noisy": timing.noisy,
+            }
             row["peak_rss_mib"][timing.length] = timing.peak_rss_mib
             row["tokens_per_s"][timing.length] = timing.tokens_per_s
             base = eager.at(timing.length) if eager and eager.ok else None
-            row["speedup_vs_eager"][timing.length] = base.p50_ms / timing.p50_ms if base else None
+            # Two significant digits: the runs' spread makes a third meaningless.
+            row["speedup_vs_eager"][timing.length] = round_sig(base.p50_ms / timing.p50_ms) if base else None
         rows.append(row)
     return rows
 
@@ -75,7 +79,9 @@ def markdown(result, rows: list[dict], validation: dict | None, title: str, note
     if note:
         lines += [f"> **Note:** {note}", ""]
     lines.append(
-        f"batch {result.batch}, {result.threads} threads, warm-up {result.warmup}; latency = median (p90) in ms; "
+        f"batch {result.batch}, {result.threads} threads, warm-up {result.warmup}; latency = median ms "
+        f"±half its p10-p90 spread (runs repeated until that spread is small or the time budget ends; "
+        f"⚠ = spread over {NOISY_SPREAD:.0%} of the median, a noisy figure); "
         f"machine: {result.machine.get('processor')} x{result.machine.get('cpu_count')}, "
         f"{result.machine.get('platform')}."
     )
@@ -95,10 +101,9 @@ def markdown(result, rows: list[dict], validation: dict | None, title: str, note
         ]
         for n in lengths:
             lat = row["latency_ms"].get(n)
-            cells.append(f"{lat['p50']:.2f} ({lat['p90']:.2f})" if lat else "-")
+            cells.append(f"{ms_text(lat['p50'])} ±{50 * lat['spread']:.0f}%{' ⚠' if lat['noisy'] else ''}" if lat else "-")
         for n in lengths:
-            speed = row["speedup_vs_eager"].get(n)
-            cells.append(f"{speed:.2f}x" if speed else "-")
+            cells.append(speedup_text(row["speedup_vs_eager"].get(n)))
         lines.append("| " + " | ".join(cells) + " |")
         if row["error"]:
             lines.append(f"|  ↳ {row['engine']} failed: {row['error']} |" + " |" * (len(header) - 1))
@@ -116,7 +121,8 @@ def markdown(result, rows: list[dict], validation: dict | None, title: str, note
         lines.append("|---|---|---|---|")
         for d in result.decode:
             lines.append(
-                f"| {d.context} | {d.step_p50_ms:.2f} ({d.step_p90_ms:.2f}) | {d.full_forward_p50_ms:.1f} | {d.speedup:.0f}x |"
+                f"| {d.context} | {d.step_p50_ms:.2f} ({d.step_p90_ms:.2f}) | {d.full_forward_p50_ms:.1f} | "
+                f"{speedup_text(d.speedup)} |"
             )
     if validation is not None:
         lines += ["", "## Validation", ""]
@@ -136,6 +142,53 @@ def markdown(result, rows: list[dict], validation: dict | None, title: str, note
     return "\n".join(lines) + "\n"
 
 
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+SAME = 0.02  # series within 2% of each other everywhere are drawn as one line, named for all
+
+
+def _merged(series: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
+    """Group engines whose curves coincide (every ORT level's memory is the same), so
+    one line per visible curve carries all their names instead of hiding under another."""
+    groups: list[tuple[list[str], list[tuple[int, float]]]] = []
+    for name, points in series.items():
+        for names, ref in groups:
+            if [x for x, _ in ref] == [x for x, _ in points] and all(
+                abs(y - r) <= SAME * max(abs(r), 1e-12) for (_, y), (_, r) in zip(points, ref)
+            ):
+                names.append(name)
+                break
+        else:
+            groups.append(([name], points))
+    return {", ".join(names): points for names, points in groups}
+
+
+def _log_axes(ax, xs: list[int], xlabel: str, ylabel: str, title: str) -> None:
+    """Log-log axes labelled at the measured x values, with plain-number y ticks at 1-2-5
+    steps (so every line sits between labelled ticks)."""
+    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, NullLocator, ScalarFormatter
+
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(FixedLocator(sorted(set(xs))))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    formatter = ScalarFormatter()
+    formatter.set_scientific(False)
+    ax.yaxis.set_major_formatter(formatter)
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="x", labelrotation=0)
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _lines(ax, series: dict[str, list[tuple[int, float]]]) -> None:
+    for i, (label, points) in enumerate(_merged(series).items()):
+        ax.plot([x for x, _ in points], [y for _, y in points], label=label, marker=MARKERS[i % len(MARKERS)],
+                linestyle=LINE_STYLES[i % len(LINE_STYLES)], markersize=6, linewidth=1.5)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
 def plot(result, directory: Path) -> list[Path]:
     """latency.png and memory.png (log-log vs length), decode.png (vs context)."""
     import matplotlib
@@ -148,24 +201,20 @@ def plot(result, directory: Path) -> list[Path]:
         ("latency", "median latency (ms)", lambda t: t.p50_ms),
         ("memory", "peak RSS (MiB)", lambda t: t.peak_rss_mib),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for engine in result.engines:
-            if engine.timings:
-                ax.plot([t.length for t in engine.timings], [value(t) for t in engine.timings], marker="o",
-                        label=engine.engine)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel=ylabel, title=f"{ylabel} vs length")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        series = {e.engine: [(t.length, value(t)) for t in e.timings] for e in result.engines if e.timings}
+        _lines(ax, series)
+        _log_axes(ax, list(result.lengths), "sequence length (tokens)", ylabel,
+                  f"{ylabel} vs length (batch {result.batch}, {result.threads} threads)")
         written.append(_save(fig, directory / f"{name}.png"))
     if result.decode:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 4.5))
         contexts = [d.context for d in result.decode]
-        ax.plot(contexts, [d.step_p50_ms for d in result.decode], marker="o", label="streaming step (1 token)")
-        ax.plot(contexts, [d.full_forward_p50_ms for d in result.decode], marker="o", label="full forward")
-        ax.set(xscale="log", yscale="log", xlabel="context length", ylabel="ms per new token",
-               title="decode latency vs context")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        _lines(ax, {
+            "streaming step (1 token)": [(d.context, d.step_p50_ms) for d in result.decode],
+            "full forward over context + 1": [(d.context, d.full_forward_p50_ms) for d in result.decode],
+        })
+        _log_axes(ax, contexts, "context length (tokens)", "ms per new token", "decode latency vs context")
         written.append(_save(fig, directory / "decode.png"))
     return written
 

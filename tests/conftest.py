@@ -84,6 +84,17 @@ def compressed_export(tmp_path_factory):
     return out, result
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx_export(tmp_path_factory):
+    """bsbr-tiny exported once per session as model.onnx alone: the cheapest real export dir."""
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-onnx"
+    export_model("bsbr-tiny", out, [FORMATS["onnx"]])
+    return out
+
+
 @pytest.fixture
 def export_copy(tiny_export, tmp_path):
     """A private copy of the session's bsbr-tiny export, for tests that change it."""

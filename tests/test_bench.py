@@ -65,3 +65,28 @@ def test_bench_refuses_non_empty_out_before_any_work(capsys, tmp_path, export_co
     assert sorted(p.name for p in out.iterdir()) == before
     if existing == "user-file":
         assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_quick_bench_exports_and_times_its_subset_and_explicit_flags_win(capsys, tmp_path):
+    out = tmp_path / "quick"
+    code, stdout, err = run_cli(capsys, "bench", "bsbr-tiny", "--quick", "--out", out, "--lengths", "8,19")
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("model.*")) == ["model.onnx", "model.pt", "model.safetensors"]
+    report = json.loads((out / "report.json").read_text())
+    assert [row["engine"] for row in report["table"]] == ["eager", "torchscript", "ort-cpu-disabled", "ort-cpu-all"]
+    assert report["bench"]["lengths"] == [8, 19] and report["bench"]["decode"] == []
+    for row in report["table"]:
+        for timing in row["latency_ms"].values():
+            assert timing["iters"] >= 10 and timing["p10"] <= timing["p50"] <= timing["p90"]
+            assert timing["spread"] >= 0 and timing["noisy"] == (timing["spread"] > 0.25)
+    assert "drop --quick" in stdout
+    # Plain progress lines, one per long step, since stderr is not a terminal here.
+    assert "benchmarking ort-cpu-all" in err and "checking model.pt against eager" in err
+
+
+def test_speedups_have_two_significant_digits():
+    from bsbr_export.render import round_sig, speedup_text
+
+    assert [speedup_text(x) for x in (0.0512, 0.7, 1.0, 1.449, 9.96, 12.4, 153.0)] == [
+        "0.051x", "0.70x", "1.0x", "1.4x", "10x", "12x", "150x"]
+    assert round_sig(0.04567) == 0.046 and round_sig(1234.0) == 1200.0

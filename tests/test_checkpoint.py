@@ -106,3 +106,9 @@ def test_not_safetensors(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="not a readable safetensors"):
         load_state_dict(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("ref", [None, 3, ["bsbr-tiny"]])
+def test_load_model_of_something_that_is_not_a_name_or_path(ref):
+    with pytest.raises(UserError, match="load_model takes a preset name or a checkpoint directory"):
+        load_model(ref)

@@ -9,9 +9,12 @@ from conftest import run_cli
 
 
 def test_export_prints_table(capsys, tmp_path):
-    code, out, _ = run_cli(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript")
+    code, out, err = run_cli(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript")
     assert code == 0
     assert "model.pt" in out and "passed" in out
+    # Not a terminal: one plain, time-stamped line per step on stderr, in order.
+    steps = [line.split("] ", 1)[1] for line in err.splitlines()]
+    assert steps == ["loading model", "exporting model.pt", "checking model.pt against eager"], err
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
         "config.json", "manifest.json", "model.pt", "model.safetensors"
     ]

@@ -191,3 +191,52 @@ def test_torch_export_is_clean_at_every_length(compression):
             with torch.no_grad():
                 diff = (exported(x, mask) - model(x, mask)).abs().max().item()
             assert diff < 1e-5, (name, batch, diff)
+
+
+
+@pytest.mark.parametrize(
+    "make_mask, message",
+    [
+        (lambda ids: torch.full(ids.shape, 2), "only 0 and 1"),
+        (lambda ids: torch.ones(ids.shape), "must be int64, int32 or bool"),
+        (lambda ids: torch.zeros_like(ids), "right padding|row of only 0s"),
+        (lambda ids: torch.ones_like(ids).tolist(), "must be a torch.Tensor"),
+        (lambda ids: torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long), "shape"),
+    ],
+    ids=["mask of 2", "float mask", "all zeros", "mask as a list", "wrong shape"],
+)
+def test_bad_masks_are_user_errors_naming_the_mask(tiny_model, make_mask, message):
+    ids = random_ids(tiny_model.config, 2, 6)
+    with pytest.raises(UserError, match=message) as raised:
+        tiny_model(ids, make_mask(ids))
+    assert "attention_mask" in str(raised.value)
+
+
+def test_bool_and_int32_masks_give_the_int64_result(tiny_model):
+    ids = random_ids(tiny_model.config, 2, 9)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    want = tiny_model(ids, mask)
+    assert torch.equal(tiny_model(ids, mask.bool()), want) and torch.equal(tiny_model(ids, mask.int()), want)
+
+
+@pytest.mark.parametrize("batch_size", [-1, 0, 1.5, None, True])
+def test_init_state_needs_a_positive_batch_size(tiny_model, batch_size):
+    with pytest.raises(UserError, match="batch_size must be an integer >= 1"):
+        tiny_model.init_state(batch_size)
+
+
+@pytest.mark.parametrize(
+    "make_state, message",
+    [
+        (lambda model: None, "state must be the list of LayerState"),
+        (lambda model: model.init_state(3), "state is for batch size 3, input_ids has 2 rows"),
+        (lambda model: model.init_state(2)[:1], "state has 1 layers, the model has 2"),
+        (lambda model: [tuple(layer) for layer in model.init_state(2)], "state must be the list of LayerState"),
+    ],
+    ids=["None", "another batch size", "too few layers", "plain tuples"],
+)
+def test_bad_states_are_user_errors_naming_the_state(tiny_model, make_state, message):
+    ids = random_ids(tiny_model.config, 2, 5)
+    with pytest.raises(UserError, match=message):
+        tiny_model.stream(ids, make_state(tiny_model))

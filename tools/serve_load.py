@@ -147,7 +147,7 @@ def main() -> None:
         f"# Triton serving load: {args.model}_streaming_python ({args.protocol}, one model instance)", "",
         f"CPU: {result['cpu']} x{result['cpu_count']}; {result['platform']}. Server ready in {start_seconds:.2f} s; "
         f"healthy after the run: {healthy}. {args.tokens} timed one-token requests per sequence after a "
-        "prefill of `context` tokens.", *([f"", f"Note: {args.note}"] if args.note else []), "",
+        "prefill of `context` tokens.", *(["", f"Note: {args.note}"] if args.note else []), "",
         "| context | sequences | tokens/s | p50 ms/token | p99 ms/token |", "|---|---|---|---|---|",
         *(f"| {c['context']} | {c['concurrency']} | {c['tokens_per_s']:.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} |"
           for c in cells),
