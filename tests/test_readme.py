@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MARKED = re.compile(r"<!-- readme-test(?::\s*needs ([^>]*?))?\s*-->\n```bash\n(.*?)```", re.S)
 # What a fresh clone does not have, and what the blocks may write.
-NOT_COPIED = (".venv", ".git", "export", "build", "node_modules", "__pycache__", ".pytest_cache", ".hypothesis",
+NOT_COPIED = (".venv", ".venv-triton", ".git", "export", "build", "node_modules", "__pycache__", ".pytest_cache", ".hypothesis",
               "*.egg-info")
 OUTPUTS = ("export", "build", "samples/node/node_modules")
 
@@ -63,3 +63,18 @@ def test_readme_deploy_blocks_run_in_order(tmp_path):
     assert (copy / "build" / "logits.npy").is_file() or skipped
     if skipped:
         pytest.skip(f"some README blocks did not run: {'; '.join(skipped)}")
+
+
+def test_readme_own_model_example_runs(tmp_path):
+    """"Your own model": the README's `my_model.py` and the Python that exports it, verbatim."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    model_file = next(b for b in blocks if b.startswith("# my_model.py"))
+    usage = next(b for b in blocks if "from my_model import build" in b)
+    (tmp_path / "my_model.py").write_text(model_file)
+    (tmp_path / "use.py").write_text(usage)
+    done = subprocess.run([sys.executable, "use.py"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "chunk_size=16" in done.stdout  # the printed spec: c read from the layers
+    assert {"model.onnx", "model.pt", "model.streaming.onnx", "manifest.json"} <= {
+        p.name for p in (tmp_path / "export" / "my-decoder").iterdir()}
