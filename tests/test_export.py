@@ -297,3 +297,19 @@ def test_decode_torchscript_rollout(tiny_export):
         logits.append(result["logits"])
         at += size
     assert np.abs(np.concatenate(logits, axis=1) - model(ids).detach().numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.ptl"])
+def test_torchscript_takes_input_ids_alone(tiny_export, name):
+    """What C++ and Python users try first: the mask defaults to all ones, as in eager."""
+    from torch.jit.mobile import _load_for_lite_interpreter
+
+    out, _ = tiny_export
+    model = load_model("bsbr-tiny")
+    traced = _load_for_lite_interpreter(str(out / name)) if name.endswith(".ptl") else torch.jit.load(str(out / name))
+    ids = random_ids(model.config, 3, 3 * C + 5, seed=41)
+    with torch.no_grad():
+        assert (traced(ids) - model(ids)).abs().max() <= 1e-4
+        mask = torch.ones_like(ids)
+        mask[0, 7:] = 0
+        assert (traced(ids, mask)[0, :7] - model(ids[:1, :7])[0]).abs().max() <= 1e-4
