@@ -4,10 +4,10 @@ The server comes from PyPI's `nvidia-pytriton` wheel, which bundles `tritonserve
 its Python backend (no ONNX Runtime backend). It must live in a venv of its own: the
 wheel needs numpy < 2 (numpy 2 silently corrupts tensors in the Python backend), while
 this package runs with numpy 2. That venv also needs onnxruntime, which the models'
-`model.py` imports. `TritonServer` finds everything in that venv, loads only the models
-whose backend it has (explicit model control: a model it cannot run would make the
-whole server refuse to start), binds 127.0.0.1 only, and waits for readiness with a
-hard timeout, since a server whose backend fails to load hangs in "loading".
+`model.py` imports. `TritonServer` finds everything in that venv, serves only the models
+whose backend it has (from a repository of symlinks to them: a model it cannot run would
+make the whole server refuse to start), binds 127.0.0.1 only, and waits for readiness
+with a hard timeout, since a server whose backend fails to load hangs in "loading".
 """
 
 from __future__ import annotations
@@ -213,6 +213,8 @@ class TritonServer:
         backends = self._workdir / "backends"
         shutil.copytree(self.env.python_backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(self.env.stub, backends / "python" / self.env.stub.name)
+        models = self._workdir / "models"
+        self._stage(models)
         environ = {
             **os.environ,
             "LD_LIBRARY_PATH": self.env.library_path,
@@ -221,11 +223,10 @@ class TritonServer:
             "VIRTUAL_ENV": str(self.env.root),
         }
         command = [
-            str(self.env.tritonserver), f"--model-repository={self.repo}", f"--backend-directory={backends}",
+            str(self.env.tritonserver), f"--model-repository={models}", f"--backend-directory={backends}",
             "--http-address=127.0.0.1", f"--http-port={self.http_port}",
             "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-            "--allow-metrics=false", f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--model-control-mode=explicit",
-            *(f"--load-model={model}" for model in self.models.loaded),
+            "--allow-metrics=false", f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         ]
         started = time.perf_counter()
         with open(self.log_path, "wb") as log:
@@ -239,6 +240,18 @@ class TritonServer:
             raise
         self.start_seconds = time.perf_counter() - started
         return self
+
+    def _stage(self, target: Path) -> None:
+        """Link the files of the models this server can run into `target`, a repository
+        of symlinks. The server sees only those (one it cannot run would make it refuse
+        to start), and what loading writes (model.py's __pycache__) stays out of the
+        user's repository."""
+        for model in self.models.loaded:
+            for path in sorted((self.repo / model).rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts:
+                    link = target / path.relative_to(self.repo)
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    link.symlink_to(path)
 
     def _wait_ready(self, started: float) -> None:
         url = f"http://{self.http_url}/v2/health/ready"
@@ -265,17 +278,21 @@ class TritonServer:
             return False
 
     def log_reason(self) -> str:
-        """The most telling line of the server's log, without Triton's prefix: its fatal
-        `error:` line, else the first error about a failure, else the first error, else the
-        last line. Triton escapes a traceback into one line as literal \\n: cut there."""
+        """The most telling line of the server's log, without Triton's prefix: which model
+        failed to load and why, else the first error about a failure, else its fatal
+        `error:` line, else the first error, else the last line. Triton escapes a
+        traceback into one line as literal \\n: cut there."""
         text = self.log_path.read_text(errors="replace")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         # Every start on a machine without a GPU logs this error, which never matters here.
-        errors = [LOG_PREFIX.sub("", line) for line in lines
+        errors = [LOG_PREFIX.sub("", line).lstrip('"') for line in lines
                   if LOG_PREFIX.match(line) and line[0] == "E" and "CudaDriverHelper" not in line]
-        candidates = ([line for line in lines if line.startswith("error:")]
-                      + [line for line in errors if "fail" in line.lower()] + errors + lines[-1:])
+        candidates = ([line for line in errors if line.startswith("failed to load '")]  # names the model
+                      + [line for line in errors if "fail" in line.lower()]
+                      + [line for line in lines if line.startswith("error:")] + errors + lines[-1:])
         reason = candidates[0] if candidates else "(its log is empty)"
+        # The server saw the staged links: name the user's files instead.
+        reason = reason.replace(str(self._workdir / "models"), str(self.repo))
         return reason.split("\\n")[0].strip('"; ')[:400]
 
     def stop(self) -> int | None:

@@ -197,6 +197,13 @@ def test_bounded_load(triton_server, model, request):
     assert opened == 0  # every sequence ended and freed its state
 
 
+def test_server_writes_nothing_into_the_repository(triton_server, triton_repo):
+    """The server loads links to the repository's files, so model.py's __pycache__ (and
+    anything else loading writes) lands in its own directory."""
+    assert triton_server.healthy()  # it has loaded both Python models by now
+    assert not list(triton_repo.rglob("__pycache__"))
+
+
 # ---- bad requests: a clear error to the client, and the server stays up --------------
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
