@@ -117,8 +117,9 @@ def rehash(directory, name):
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
-def weight_used_only_in(proto, scope: str, block_path: str = "blocks"):
-    """An initializer (matrix) that only nodes of `scope` read (equal constants are shared)."""
+def weight_used_only_in(proto, scope: str, block_path: str = "blocks", skip: str = "meta_"):
+    """An initializer (matrix) that only nodes of `scope` read (equal constants are shared),
+    skipping names with `skip`: a random-weight model's meta projections barely move its outputs."""
     from bsbr_export.localize import block_scope
 
     readers = {}
@@ -126,7 +127,8 @@ def weight_used_only_in(proto, scope: str, block_path: str = "blocks"):
         for name in node.input:
             readers.setdefault(name, set()).add(block_scope(node, block_path))
     return next(
-        i for i in proto.graph.initializer if len(i.dims) == 2 and readers.get(i.name) == {scope}
+        i for i in proto.graph.initializer
+        if len(i.dims) == 2 and readers.get(i.name) == {scope} and skip not in i.name
     )
 
 

@@ -124,8 +124,8 @@ def test_mask_must_match_and_be_right_padding():
     layer = make_layer("plain")
     x = hidden(2, 6)
     with pytest.raises(UserError, match="attention_mask shape"):
-        layer(x, torch.ones(2, 5))
-    left = torch.ones(2, 6)
+        layer(x, torch.ones(2, 5, dtype=torch.long))
+    left = torch.ones(2, 6, dtype=torch.long)
     left[1, :2] = 0
     with pytest.raises(UserError, match="right padding"):
         layer(x, left)
