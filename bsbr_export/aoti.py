@@ -24,7 +24,13 @@ def export_aoti(model, path: str | os.PathLike, spec=None) -> Path:
     package at `path`, with dynamic batch and sequence: plain `Dim`s, no runtime asserts
     (the model must be torch.export-clean, see `bsbr-export doctor`), so it runs at every
     length from 1."""
-    from bsbr_export.export import _dynamic_shapes, _quiet, _staging, example_args, graph_axes
+    from bsbr_export.export import (
+        _dynamic_shapes,
+        _quiet,
+        _staging,
+        example_args,
+        graph_axes,
+    )
     from bsbr_export.graphs import export_graph
     from bsbr_export.spec import EXAMPLE_BATCH, example_length, spec_for
 

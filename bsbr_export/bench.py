@@ -124,9 +124,8 @@ def _cpu_model() -> str | None:
 def available_engines(export_dir: Path) -> list[str]:
     """Engines that can run from `export_dir`: eager and torch.compile always, then one
     per artifact (ONNX at every ORT optimization level and provider)."""
-    from bsbr_export.runners import available_providers
-
     from bsbr_export.formats import FORMATS, artifact_name
+    from bsbr_export.runners import available_providers
 
     engines = ["eager", "compile"]
     # One engine per torch-run artifact, named like its format (ONNX gets ORT's below).

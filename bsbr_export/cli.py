@@ -302,7 +302,8 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
     from pathlib import Path
 
     from bsbr_export.checkpoint import save_model
-    from bsbr_export.upstream import NOT_CAUSAL, import_upstream as load_upstream
+    from bsbr_export.upstream import NOT_CAUSAL
+    from bsbr_export.upstream import import_upstream as load_upstream
 
     model = load_upstream(checkpoint, heads, chunk_size, max_positions)
     out = save_model(model, Path(out_dir) if out_dir else Path(checkpoint).with_suffix(""), overwrite=force)
@@ -332,7 +333,12 @@ def optimize(export_dir, length, int8, target_top1, fp16, threads) -> None:
     from rich.console import Console
 
     from bsbr_export.optimize import optimize_export
-    from bsbr_export.render import levels_table, progress_steps, quant_table, stdout_console
+    from bsbr_export.render import (
+        levels_table,
+        progress_steps,
+        quant_table,
+        stdout_console,
+    )
 
     with progress_steps(Console(stderr=True)) as progress:
         progress("timing ONNX Runtime's optimization levels, then int8 / fp16")

@@ -263,12 +263,11 @@ def optimize_export(
     provider is installed here". `validate` checks it on every provider (ORT's CPU provider
     runs fp16 graphs too, slowly), `bench` times it on CUDA.
     Returns the level choice, the int8 result and the fp16 graph (None when not made)."""
-    from bsbr_export.manifest import add_artifacts, read_manifest
-    from bsbr_export.runners import available_providers
-
     import onnxruntime
 
     from bsbr_export.io import check_writable
+    from bsbr_export.manifest import add_artifacts, read_manifest
+    from bsbr_export.runners import available_providers
 
     # ORT's C++ logger prints warnings about the probe graphs (unused initializers after
     # quantization) raw, ANSI colour codes and all; errors still raise.

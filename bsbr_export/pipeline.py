@@ -18,15 +18,33 @@ from pathlib import Path
 import torch
 
 from bsbr_export.errors import UserError
-from bsbr_export.export import check_kind, check_opset, check_static_shape, state_manifest
-from bsbr_export.formats import DEFAULT_OPSET, FORMATS, Format, artifact_name, export_jobs
+from bsbr_export.export import (
+    check_kind,
+    check_opset,
+    check_static_shape,
+    state_manifest,
+)
+from bsbr_export.formats import (
+    DEFAULT_OPSET,
+    FORMATS,
+    Format,
+    artifact_name,
+    export_jobs,
+)
 from bsbr_export.io import atomic_dir, check_can_create
 from bsbr_export.manifest import MANIFEST, file_record, read_manifest
 from bsbr_export.runners import EagerRunner
 from bsbr_export.sources import Source, load_source, write_source
 from bsbr_export.spec import ModelSpec
-from bsbr_export.validate import DEFAULT_TOLERANCE, Case, ParityReport, check_parity, default_cases
+from bsbr_export.validate import (
+    DEFAULT_TOLERANCE,
+    Case,
+    ParityReport,
+    check_parity,
+    default_cases,
+)
 from bsbr_export.versions import versions
+
 
 @dataclass(frozen=True)
 class ArtifactResult:

@@ -11,7 +11,13 @@ import os
 from pathlib import Path
 
 from bsbr_export.io import atomic_write
-from bsbr_export.render import NOISY_SPREAD, human_bytes, ms_text, round_sig, speedup_text
+from bsbr_export.render import (
+    NOISY_SPREAD,
+    human_bytes,
+    ms_text,
+    round_sig,
+    speedup_text,
+)
 
 ARTIFACT_OF = {  # else ort-* -> model.onnx
     "torchscript": "model.pt",
@@ -166,7 +172,13 @@ def _merged(series: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[
 def _log_axes(ax, xs: list[int], xlabel: str, ylabel: str, title: str) -> None:
     """Log-log axes labelled at the measured x values, with plain-number y ticks at 1-2-5
     steps (so every line sits between labelled ticks)."""
-    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, NullLocator, ScalarFormatter
+    from matplotlib.ticker import (
+        FixedLocator,
+        LogLocator,
+        NullFormatter,
+        NullLocator,
+        ScalarFormatter,
+    )
 
     ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     ax.xaxis.set_major_locator(FixedLocator(sorted(set(xs))))

@@ -147,10 +147,10 @@ def repo_models(repo: str | os.PathLike, backends: set[str]) -> RepoModels:
 
 def _config_backend(text: str) -> str:
     """The backend a config names (`backend:`, or the one a `platform:` implies)."""
-    backend = re.search(r'^backend:\s*"([^"]+)"', text, re.M)
+    backend = re.search(r'^backend:\s*"([^"]+)"', text, re.MULTILINE)
     if backend:
         return backend.group(1)
-    platform = re.search(r'^platform:\s*"([^"]+)"', text, re.M)
+    platform = re.search(r'^platform:\s*"([^"]+)"', text, re.MULTILINE)
     if not platform:
         return "unknown"
     # Triton runs the onnxruntime_onnx platform on its onnxruntime backend.

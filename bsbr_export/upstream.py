@@ -397,7 +397,7 @@ def swap_upstream_layers(module: nn.Module) -> list[dict]:
     is accepted. Returns what was swapped (for the manifest); [] without the package.
     """
     try:
-        import bsbr  # noqa: F401
+        import bsbr
     except ImportError:
         return []
     swapped = []

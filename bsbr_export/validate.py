@@ -319,9 +319,9 @@ def validate_export(
     from pathlib import Path
 
     from bsbr_export.errors import UserError
+    from bsbr_export.formats import FORMATS
     from bsbr_export.localize import first_divergence, localize
     from bsbr_export.manifest import read_manifest
-    from bsbr_export.formats import FORMATS
     from bsbr_export.runners import EagerRunner, available_providers
     from bsbr_export.sources import rebuild
 

@@ -7,11 +7,11 @@ import json
 import zipfile
 
 import torch
+from conftest import EDGE_LENGTHS, random_ids, rehash, run_cli
 
 from bsbr_export import load_model
 from bsbr_export.aoti import host_isas, package_isa
 from bsbr_export.runners import AotiRunner
-from conftest import EDGE_LENGTHS, random_ids, rehash, run_cli
 
 
 def test_export_writes_a_checked_package_with_its_isa(aoti_export):

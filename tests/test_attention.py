@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import EDGE_LENGTHS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bsbr_export.attention import bsbr_attention
-from conftest import EDGE_LENGTHS
 
 
 def reference(q, k, v, meta_q, meta_k, c, compress=None, decompress=None):

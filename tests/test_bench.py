@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli
 
 from bsbr_export.bench import peak_rss_mib
-from conftest import run_cli
 
 
 def test_tiny_bench_writes_complete_reports(capsys, export_copy):

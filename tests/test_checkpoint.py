@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from conftest import random_ids, tiny_config
 
 from bsbr_export import UserError, build_model, load_model, save_model
 from bsbr_export.checkpoint import load_state_dict
-from conftest import random_ids, tiny_config
 
 
 def test_preset_weights_are_reproducible_and_leave_global_rng_alone():

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import run_cli
 
 from bsbr_export.zoo import list_presets
-from conftest import run_cli
 
 
 def test_models_lists_every_preset(capsys):

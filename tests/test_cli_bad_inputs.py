@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, tiny_config
 
 from bsbr_export import build_model, save_model
-from conftest import run_cli, tiny_config
 
 
 def _checkpoint(tmp: Path, config_bytes: bytes | None = None, nan: bool = False) -> Path:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import run_cli
 
 from bsbr_export import export
-from conftest import run_cli
 
 
 def test_export_prints_table(capsys, tmp_path):

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 MODELS = Path(__file__).parent / "user_models.py"
@@ -37,8 +36,8 @@ def test_bad_module_refs_are_one_line_and_write_nothing(capsys, tmp_path, ref, e
 
 
 def test_weights_that_do_not_fit(capsys, tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"body.embedding.weight": torch.zeros(3, 3)}, tmp_path / "w.safetensors")
     code, _, err = run_cli(capsys, "export", f"{MODELS}:pooled_model", "--trust-code",

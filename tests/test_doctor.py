@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from conftest import run_cli, tiny_config
 from torch import nn
 
 from bsbr_export import build_model
 from bsbr_export.doctor import diagnose
 from bsbr_export.nn import BSBRAttention
-from conftest import run_cli, tiny_config
 
 BROKEN = '''
 import math

@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 import user_models
+
 from bsbr_export import ModelSpec, UserError, export_module, spec_for
 from bsbr_export.export import DoesNotGeneralize
 from bsbr_export.validate import validate_export
@@ -205,7 +205,6 @@ def test_a_broken_block_is_named_with_the_users_module_names(decoder_export, tmp
     import shutil
 
     import onnx
-
     from conftest import rehash, weight_used_only_in
 
     _, out, _ = decoder_export

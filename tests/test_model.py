@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import EDGE_LENGTHS, random_ids, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_attention import _Sizes
 
 from bsbr_export import UserError, build_model
 from bsbr_export.model import position_frequencies, sinusoidal_positions
-from conftest import EDGE_LENGTHS, random_ids, tiny_config
-from test_attention import _Sizes
 
 
 def test_output_shapes(tiny_model):

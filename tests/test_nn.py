@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import EDGE_LENGTHS
 
 from bsbr_export import UserError
 from bsbr_export.attention import bsbr_attention
 from bsbr_export.graphs import stream_pieces
 from bsbr_export.nn import BSBRAttention
-from conftest import EDGE_LENGTHS
 
 C = 4  # chunk size of every layer here
 VARIANTS = {

@@ -7,11 +7,11 @@ import json
 
 import onnx
 import pytest
+from conftest import run_cli
 
 from bsbr_export.optimize import weight_matmuls
 from bsbr_export.runners import available_providers
 from bsbr_export.validate import validate_export
-from conftest import run_cli
 
 
 def test_weight_matmuls_are_labelled_by_module(tiny_export):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKED = re.compile(r"<!-- readme-test(?::\s*needs ([^>]*?))?\s*-->\n```bash\n(.*?)```", re.S)
+MARKED = re.compile(r"<!-- readme-test(?::\s*needs ([^>]*?))?\s*-->\n```bash\n(.*?)```", re.DOTALL)
 # What a fresh clone does not have, and what the blocks may write.
 NOT_COPIED = (".venv", ".venv-triton", ".git", "export", "build", "node_modules", "__pycache__", ".pytest_cache", ".hypothesis",
               "*.egg-info")
@@ -67,7 +67,7 @@ def test_readme_deploy_blocks_run_in_order(tmp_path):
 
 def test_readme_own_model_example_runs(tmp_path):
     """"Your own model": the README's `my_model.py` and the Python that exports it, verbatim."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
     model_file = next(b for b in blocks if b.startswith("# my_model.py"))
     usage = next(b for b in blocks if "from my_model import build" in b)
     (tmp_path / "my_model.py").write_text(model_file)

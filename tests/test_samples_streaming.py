@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import eager_greedy, prompt_of
 
 from bsbr_export.checkpoint import load_model
-from conftest import eager_greedy, prompt_of
 
 SCRIPT = Path(__file__).resolve().parents[1] / "samples" / "streaming" / "generate.py"
 NEW_TOKENS = 30  # with c = 8: crosses 3-4 chunk boundaries after any of the prompts below

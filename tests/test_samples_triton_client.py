@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import eager_greedy, prompt_of
 
 from bsbr_export.checkpoint import load_model
-from conftest import eager_greedy, prompt_of
 
 SCRIPT = Path(__file__).resolve().parents[1] / "samples" / "triton_client" / "generate.py"
 MODEL = "bsbr-tiny_streaming_python"

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from conftest import print_uncaptured, run_cli
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from bsbr_export.checkpoint import load_model
@@ -28,7 +29,6 @@ from bsbr_export.graphs import stream_pieces
 from bsbr_export.runners import EagerRunner
 from bsbr_export.serve import TritonServer
 from bsbr_export.triton import write_triton_repo
-from conftest import print_uncaptured, run_cli
 
 TOLERANCE = 1e-4  # max abs error of served logits against eager
 CLIENTS = {"http": httpclient, "grpc": grpcclient}

@@ -20,7 +20,12 @@ from bsbr_export.graphs import stream_pieces
 from bsbr_export.manifest import sha256
 from bsbr_export.pipeline import export_model
 from bsbr_export.runners import EagerRunner, OnnxRunner
-from bsbr_export.triton import IDLE_SECONDS, MAX_BATCH_SIZE, PYTHON_MODEL, write_triton_repo
+from bsbr_export.triton import (
+    IDLE_SECONDS,
+    MAX_BATCH_SIZE,
+    PYTHON_MODEL,
+    write_triton_repo,
+)
 
 TRITON_DTYPES = {
     onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import rehash, weight_used_only_in
 from safetensors.torch import load_file, save_file
 
 from bsbr_export import BSBRConfig
@@ -21,7 +22,6 @@ from bsbr_export.checkpoint import load_model
 from bsbr_export.cli import main
 from bsbr_export.errors import UserError
 from bsbr_export.upstream import UpstreamBSBRModel, sinusoid_table
-from conftest import rehash, weight_used_only_in
 
 FIXTURE = Path(__file__).parent / "fixtures" / "upstream"
 ATOL = 1e-5  # float32 round-off: the package and ours compute the same sums in other orders

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import run_cli
 from torch import nn
 
 from bsbr_export import UserError
 from bsbr_export.usercode import build_module, load_factory
-from conftest import run_cli
 
 FILE = '''
 from torch import nn

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import rehash, run_cli, weight_used_only_in
 from onnx import numpy_helper
 
 from bsbr_export.validate import compare, validate_export
-from conftest import rehash, run_cli, weight_used_only_in
 
 
 def test_clean_export_passes(capsys, export_copy):

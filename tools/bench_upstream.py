@@ -115,9 +115,9 @@ def worker(engine: str, work: Path, length: int, threads: int, budget: float) ->
 
 def prepare(work: Path, max_length: int) -> None:
     """The package's model (random weights) -> its state dict -> imported -> ONNX."""
+    import bsbr
     import torch
 
-    import bsbr
     from bsbr_export.checkpoint import save_model
     from bsbr_export.export import export_onnx
     from bsbr_export.upstream import import_upstream

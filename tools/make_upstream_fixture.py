@@ -33,8 +33,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/upstream")
     out = parser.parse_args().out
 
-    import bsbr
     from importlib.metadata import version
+
+    import bsbr
 
     torch.manual_seed(SEED)
     model = bsbr.BSBRModel(**ARGS).eval()

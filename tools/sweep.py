@@ -114,7 +114,12 @@ def main() -> None:
         _child_time_onnx(args.child, [int(x) for x in args.lengths.split(",")], args.hidden, args.vocab, args.threads)
         return
 
-    from bsbr_export.bench import bench_engines, decode_latency, machine_info, model_flops
+    from bsbr_export.bench import (
+        bench_engines,
+        decode_latency,
+        machine_info,
+        model_flops,
+    )
     from bsbr_export.export import export_onnx
     from bsbr_export.formats import FORMATS
     from bsbr_export.optimize import quantize_int8
