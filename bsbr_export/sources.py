@@ -98,7 +98,10 @@ def load_source(
         module = build_module(str(model_ref), trust_code)
         if weights is not None:
             load_weights(module, weights)
-        return from_module(module, spec, ref=str(model_ref), chunk_size=chunk_size)
+        target, _, factory = str(model_ref).rpartition(":")
+        # Recorded with an absolute file path: validate and bench may run from another directory.
+        ref = f"{Path(target).resolve()}:{factory}" if target.endswith(".py") else str(model_ref)
+        return from_module(module, spec, ref=ref, chunk_size=chunk_size)
     if weights is not None or spec is not None:
         raise UserError("--weights and --spec apply to a module reference (file.py:factory), not to a preset "
                         "or checkpoint directory")
