@@ -116,6 +116,7 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
     from bsbr_export.io import check_can_create
     from bsbr_export.pipeline import export_model
     from bsbr_export.render import export_table, progress_steps, stdout_console
+    from bsbr_export.sources import load_source
 
     chosen = parse_formats(formats)
     if triton_repo:
@@ -130,11 +131,12 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
         from bsbr_export.spec import read_spec
 
         spec = read_spec(spec_file)
+    # The model and its spec first: a bad reference, spec or weights is the only line printed.
+    source = load_source(model, trust_code=trust_code, weights=weights, spec=spec, chunk_size=chunk_size)
     with progress_steps(Console(stderr=True)) as progress:
         result = export_model(
-            model, out, chosen, spec=spec, streaming=streaming, static_shape=static_shape, opset=opset,
-            overwrite=force, tolerance=tolerance, trust_code=trust_code, weights=weights, chunk_size=chunk_size,
-            progress=progress,
+            source, out, chosen, streaming=streaming, static_shape=static_shape, opset=opset,
+            overwrite=force, tolerance=tolerance, progress=progress,
         )
     stdout_console().print(export_table(result))
     if result.note:
