@@ -396,9 +396,9 @@ def swap_upstream_layers(module: nn.Module) -> list[dict]:
     at the example's chunk count. Each twin is checked against the original before it
     is accepted. Returns what was swapped (for the manifest); [] without the package.
     """
-    try:
-        import bsbr
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("bsbr") is None:  # no package, so none of its layers
         return []
     swapped = []
 

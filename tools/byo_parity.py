@@ -21,12 +21,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import user_models
+import user_models  # noqa: E402
 
-from bsbr_export import export_module
-from bsbr_export.graphs import stream_pieces
-from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner
-from bsbr_export.validate import Case, check_parity
+from bsbr_export import export_module  # noqa: E402
+from bsbr_export.graphs import stream_pieces  # noqa: E402
+from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner  # noqa: E402
+from bsbr_export.validate import Case, check_parity  # noqa: E402
 
 KINDS = {
     "upstream-layer classifier (pooled)": user_models.upstream_classifier,
