@@ -394,9 +394,7 @@ def decode_latency(
     """
     import numpy as np
 
-    from bsbr_export.manifest import read_manifest
     from bsbr_export.runners import OnnxRunner
-    from bsbr_export.spec import ModelSpec
     from bsbr_export.validate import advance_state, empty_state_tensor
 
     export_dir = Path(export_dir)
@@ -404,7 +402,7 @@ def decode_latency(
                  None)
     if graph is None:
         raise UserError(f"{export_dir} has no streaming graph: export with --streaming")
-    spec = ModelSpec.from_dict(read_manifest(export_dir, verify=False)["spec"])
+    spec = export_spec(export_dir)
     steps = steps or 2 * spec.chunk_size
     shapes = spec.state.inputs
     # One session at a time, threads spinning (as alone in a process): two live pools

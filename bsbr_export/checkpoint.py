@@ -107,18 +107,26 @@ def state_dict_problems(state: dict[str, Tensor], expected: dict[str, tuple[int,
                           if tuple(state[k].shape) != tuple(expected[k])]),
         ("not floating point", [k for k in shared if not state[k].is_floating_point()]),
     ]
-    return [f"{label} {_few(items)}" for label, items in listed if items]
+    return [f"{label} {few_names(items)}" for label, items in listed if items]
 
 
-def apply_state_dict(model: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Copy `state` into `model`, or raise one UserError listing every mismatch."""
+def nonfinite_tensors(state: dict[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf, in natural order: such
+    weights make every output NaN, and every later check say "different"."""
+    return sorted((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())),
+                  key=_natural)
+
+
+def apply_state_dict(model: torch.nn.Module, state: dict[str, Tensor], source: str,
+                     mismatch: str = "does not match its config") -> None:
+    """Copy `state` into `model`, or raise one UserError listing every mismatch
+    (`{source} {mismatch}: ...`) or every non-finite weight."""
     problems = state_dict_problems(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     if problems:
-        raise UserError(f"{source} does not match its config: " + "; ".join(problems))
-    # NaN/inf weights make every output NaN, and every later check say "different".
-    broken = sorted((k for k, v in state.items() if not bool(torch.isfinite(v).all())), key=_natural)
+        raise UserError(f"{source} {mismatch}: " + "; ".join(problems))
+    broken = nonfinite_tensors(state)
     if broken:
-        raise UserError(f"{source} holds NaN or infinite weights in {_few(broken)}: the checkpoint is broken; "
+        raise UserError(f"{source} holds NaN or infinite weights in {few_names(broken)}: the checkpoint is broken; "
                         "re-save it from a healthy model")
     model.load_state_dict(state)
 
@@ -128,7 +136,8 @@ def _natural(key: str) -> list:
     return [int(p) if p.isdigit() else p for p in key.split(".")]
 
 
-def _few(items: list[str], limit: int = 6) -> str:
+def few_names(items: list[str], limit: int = 6) -> str:
+    """The first `limit` names, joined, with how many more there are."""
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 

@@ -7,7 +7,6 @@ Exit status: 0 ok, 1 a check failed, 2 a user error (one line on stderr), 130 Ct
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -117,14 +116,15 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
     from bsbr_export.pipeline import export_model
     from bsbr_export.render import export_table, progress_steps, stdout_console
     from bsbr_export.sources import load_source
+    from bsbr_export.usercode import export_name
 
     chosen = parse_formats(formats)
     if triton_repo:
         if "onnx" not in [f.name for f in chosen]:
             raise UserError("--triton-repo serves the ONNX graph: add onnx to --format")
-        _check_triton_repo(Path(triton_repo), _export_name(model), streaming, force)
+        _check_triton_repo(Path(triton_repo), export_name(model), streaming, force)
     static_shape = _parse_static(static) if static else None
-    out = Path(out_dir) if out_dir else Path("export") / _export_name(model)
+    out = Path(out_dir) if out_dir else Path("export") / export_name(model)
     check_can_create(out, force)  # before the model is even loaded
     spec = None
     if spec_file:
@@ -357,13 +357,6 @@ def optimize(export_dir, length, int8, target_top1, fp16, threads) -> None:
         if not quant.reached:
             click.echo(f"int8 never reached top-1 {target_top1} (best {max(s.top1 for s in quant.steps):.3f})", err=True)
             raise SystemExit(1)
-
-
-def _export_name(model: str) -> str:
-    """The default export directory's name: the preset/dir name, or a reference's factory."""
-    from bsbr_export.usercode import is_module_ref
-
-    return model.rpartition(":")[2] if is_module_ref(model) else Path(model).name
 
 
 @cli.command()

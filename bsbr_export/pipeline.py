@@ -36,6 +36,7 @@ from bsbr_export.manifest import MANIFEST, file_record, read_manifest
 from bsbr_export.runners import EagerRunner
 from bsbr_export.sources import Source, load_source, write_source
 from bsbr_export.spec import ModelSpec
+from bsbr_export.usercode import export_name
 from bsbr_export.validate import (
     DEFAULT_TOLERANCE,
     Case,
@@ -279,7 +280,7 @@ def benchmark(
         raise UserError(f"lengths and batch must be >= 1, got lengths {lengths}, batch {batch}")
     directory = Path(model_ref)
     if not (directory / MANIFEST).is_file():
-        directory = Path(out_dir) if out_dir else Path("export") / str(model_ref).rpartition(":")[2].rsplit("/", 1)[-1]
+        directory = Path(out_dir) if out_dir else Path("export") / export_name(model_ref)
         _check_bench_out(directory, overwrite)
         progress(f"exporting {model_ref} to {directory}")
         source = load_source(model_ref, trust_code=trust_code)

@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from bsbr_export.errors import UserError
@@ -73,11 +72,13 @@ def _blocks(module: nn.Module) -> dict:
 
 
 def check_weights_finite(module: nn.Module) -> None:
-    """UserError naming the first parameter with NaN or infinite values: every parity
-    check would otherwise just report `nan`."""
-    for name, param in module.named_parameters():
-        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
-            raise UserError(f"weight {name} holds NaN or infinite values: the model cannot be checked or exported")
+    """UserError naming the parameters with NaN or infinite values: every parity check
+    would otherwise just report `nan`."""
+    from bsbr_export.checkpoint import few_names, nonfinite_tensors
+
+    broken = nonfinite_tensors(dict(module.named_parameters()))
+    if broken:
+        raise UserError(f"weights {few_names(broken)} hold NaN or infinite values: the model cannot be checked or exported")
 
 
 def load_source(
@@ -112,15 +113,11 @@ def load_source(
 
 def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
     """Load a state dict file (safetensors, or a pickle with weights_only) into `module`;
-    one UserError listing every key or shape that does not fit."""
-    from bsbr_export.checkpoint import load_state_dict, state_dict_problems
+    one UserError listing every key or shape that does not fit, or every NaN weight."""
+    from bsbr_export.checkpoint import apply_state_dict, load_state_dict
 
-    state = load_state_dict(path)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    problems = state_dict_problems(state, expected)
-    if problems:
-        raise UserError(f"weights {Path(path).name} do not fit {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(state)
+    apply_state_dict(module, load_state_dict(path), f"weights {Path(path).name}",
+                     mismatch=f"do not fit {type(module).__name__}")
 
 
 def write_source(source: Source, directory: Path) -> list[Path]:

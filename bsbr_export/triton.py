@@ -28,6 +28,7 @@ from bsbr_export.errors import UserError
 from bsbr_export.io import atomic_dir
 from bsbr_export.manifest import read_manifest
 from bsbr_export.spec import ModelSpec
+from bsbr_export.usercode import export_name
 
 # Requests of up to this many sequences per call to the full-sequence model.
 MAX_BATCH_SIZE = 8
@@ -98,8 +99,7 @@ def write_triton_repo(
     artifacts = {a["name"]: a for a in manifest["artifacts"]}
     if "model.onnx" not in artifacts:
         raise UserError(f"{export_dir} has no model.onnx: export with --format onnx to write a Triton repository")
-    # A module reference names its factory (file.py:build -> build); presets and dirs their name.
-    name = model_name or Path(str(manifest["model"]).rpartition(":")[2]).name or export_dir.resolve().name
+    name = model_name or export_name(manifest["model"]) or export_dir.resolve().name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise UserError(f"Triton model name {name!r} must be letters, digits, '_', '.' or '-': pass another name")
 

@@ -29,6 +29,12 @@ def is_module_ref(text: str) -> bool:
     return bool(sep and target and name.isidentifier()) and not Path(text).exists()
 
 
+def export_name(ref: str) -> str:
+    """A short name for what `ref` points at: a reference's factory (`file.py:build` ->
+    `build`), a preset's or directory's own name. Default export dirs and Triton models use it."""
+    return str(ref).rpartition(":")[2] if is_module_ref(ref) else Path(str(ref)).name
+
+
 def load_factory(ref: str, trust_code: bool) -> Callable[[], object]:
     """Import the module `ref` names and return its factory (not called yet).
 
