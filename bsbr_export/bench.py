@@ -63,6 +63,9 @@ class EngineResult:
     max_abs: float | None = None  # vs eager at the shortest length, after timing
     top1: float | None = None
     logit_scale: float = 1.0  # max |eager output| (at least 1): tolerances are relative to it
+    # Held-out bits per byte scored in windows of each timed length (byte-level LMs only):
+    # reduced precision can hold at short positions and break at long ones.
+    bits_per_byte: dict[int, float] | None = None
 
     def at(self, length: int) -> Timing | None:
         return next((t for t in self.timings if t.length == length), None)
@@ -108,8 +111,24 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "processor": _cpu_model() or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu_features": cpu_features(),
         "versions": versions(),
     }
+
+
+# The CPU features that rank reduced-precision engines: bf16 and int8 matrix units and
+# vector extensions (names as /proc/cpuinfo spells them).
+RANKING_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    """Which of RANKING_FEATURES this CPU has (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in RANKING_FEATURES if f in flags]
 
 
 def _cpu_model() -> str | None:
@@ -138,9 +157,21 @@ def available_engines(export_dir: Path) -> list[str]:
         engines.append("ort-cpu-optimized")
     if (export_dir / "model.int8.onnx").is_file():
         engines.append("ort-cpu-int8")
+    if (export_dir / "model.int8-static.onnx").is_file():
+        engines.append("ort-cpu-int8-static")
     if (export_dir / "model.fp16.onnx").is_file() and "CUDAExecutionProvider" in available_providers():
         engines.append("ort-cuda-fp16")
+    engines += [name for name, why_not in reduced_precision_engines(export_dir).items() if why_not is None]
     return engines
+
+
+def reduced_precision_engines(export_dir: Path) -> dict[str, str | None]:
+    """The bf16 and OpenVINO engines, each with why it cannot run here (None: it can)."""
+    from bsbr_export.precision import bf16_missing, openvino_missing
+
+    onnx = None if (export_dir / "model.onnx").is_file() else "no model.onnx (export with --format onnx)"
+    openvino = onnx or openvino_missing()
+    return {"eager-bf16": bf16_missing(), "openvino-fp32": openvino, "openvino-bf16": openvino or bf16_missing()}
 
 
 def random_feeds(vocab_size: int, batch: int, length: int, seed: int | None = None) -> dict:
@@ -202,6 +233,24 @@ def _make_call(engine: str, export_dir: Path, threads: int, trust_code: bool = F
                 return compiled(*(torch.from_numpy(feeds[n]) for n in graph.input_names))
 
         return call
+    if engine == "eager-bf16":
+        from bsbr_export.manifest import read_manifest
+        from bsbr_export.precision import AutocastRunner, read_plans
+        from bsbr_export.sources import rebuild
+
+        source = rebuild(export_dir, read_manifest(export_dir, verify=False), trust_code=trust_code)
+        keep = read_plans(export_dir).get(engine, {}).get("keep_fp32", ())
+        runner = AutocastRunner(source.module, source.spec, keep)
+        return lambda feeds: runner.infer(feeds)[runner.output_names[0]]
+    if engine.startswith("openvino-"):
+        from bsbr_export.precision import OpenVinoRunner, onnx_groups, read_plans
+
+        spec = export_spec(export_dir)
+        keep = read_plans(export_dir).get(engine, {}).get("keep_fp32", ())
+        precision = "bf16" if engine.endswith("bf16") else "f32"
+        groups = onnx_groups(export_dir / "model.onnx", spec.block_path) if keep else None
+        runner = OpenVinoRunner(export_dir / "model.onnx", precision, keep, groups, threads)
+        return lambda feeds: runner.infer(feeds)[runner.output_names[0]]
     if engine in ("torchscript", "aoti"):
         from bsbr_export.formats import FORMATS, artifact_name
 
@@ -213,7 +262,8 @@ def _make_call(engine: str, export_dir: Path, threads: int, trust_code: bool = F
 
     _, device, variant = engine.split("-", 2)
     provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
-    files = {"int8": "model.int8.onnx", "optimized": "model.optimized.onnx", "fp16": "model.fp16.onnx"}
+    files = {"int8": "model.int8.onnx", "int8-static": "model.int8-static.onnx", "optimized": "model.optimized.onnx",
+             "fp16": "model.fp16.onnx"}
     path = export_dir / files.get(variant, "model.onnx")
     level = "all" if variant in files else variant
     # Alone in this worker process: spinning threads steal from nobody (ORT's default).
@@ -284,17 +334,25 @@ def time_lengths(
 
 def run_engine(
     engine: str, export_dir: Path, lengths: list[int], batch: int, warmup: int, min_iters: int,
-    budget_s: float, threads: int, trust_code: bool = False,
+    budget_s: float, threads: int, trust_code: bool = False, eval_text: str | None = None,
 ) -> EngineResult:
-    """Time one engine in this process (use `bench_engines` for isolated processes)."""
-    vocab_size = export_spec(export_dir).tokens.high
+    """Time one engine in this process (use `bench_engines` for isolated processes);
+    a byte-level LM is also scored on `eval_text` (a path; default the held-out text)."""
+    from bsbr_export.evaltext import bits_per_byte, read_eval_text, scores_text, text_feeds
+
+    spec = export_spec(export_dir)
+    vocab_size = spec.tokens.high
     call = _make_call(engine, export_dir, threads, trust_code)
     load_rss = peak_rss_mib()
     timings = time_lengths(call, vocab_size, lengths, batch, warmup, min_iters, budget_s)
+    bpb = None
+    if scores_text(spec) and spec.outputs[0].logits:  # `call` answers the first output
+        text = read_eval_text(eval_text)
+        bpb = {n: bits_per_byte(lambda ids: call(text_feeds(spec, ids)), text, window=n, batch=1) for n in lengths}
     # Parity last, so loading the eager reference never shows in the memory figures.
     max_abs, top1, scale = _parity(call, export_dir, min(lengths), batch, vocab_size, trust_code)
     return EngineResult(engine, True, tuple(timings), load_rss_mib=load_rss, max_abs=max_abs, top1=top1,
-                        logit_scale=scale)
+                        logit_scale=scale, bits_per_byte=bpb)
 
 
 def weight_flops(config, length: int, batch: int = 1) -> float:
@@ -352,10 +410,12 @@ def bench_engines(
     budget_s: float = 1.0,
     threads: int = 2,
     trust_code: bool = False,
+    eval_text: str | os.PathLike | None = None,
     progress=lambda step: None,
 ) -> list[EngineResult]:
     """Run each engine in a fresh subprocess; an engine that crashes is reported, not fatal.
-    `trust_code` lets the eager engines rebuild a user's module from its reference."""
+    `trust_code` lets the eager engines rebuild a user's module from its reference;
+    byte-level LMs are scored on `eval_text` (a file or directory; default held-out text)."""
     export_dir = Path(export_dir)
     results = []
     for engine in engines:
@@ -365,6 +425,7 @@ def bench_engines(
             "--lengths", ",".join(map(str, lengths)), "--batch", str(batch), "--warmup", str(warmup),
             "--min-iters", str(min_iters), "--budget", str(budget_s), "--threads", str(threads),
             *(["--trust-code"] if trust_code else []),
+            *(["--eval-text", str(eval_text)] if eval_text is not None else []),
         ]
         # Threads are set inside the worker; OMP_NUM_THREADS in the environment made
         # torch's OpenMP pool crawl (50x) whenever another process held a core.
@@ -376,6 +437,8 @@ def bench_engines(
             continue
         data = json.loads(lines[-1])
         timings = tuple(Timing(**t) for t in data.pop("timings"))
+        if data.get("bits_per_byte"):  # JSON made its length keys strings
+            data["bits_per_byte"] = {int(n): v for n, v in data["bits_per_byte"].items()}
         results.append(EngineResult(engine, True, timings, **data))
     return results
 
@@ -456,10 +519,11 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--budget", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--trust-code", action="store_true")
+    parser.add_argument("--eval-text", default=None)
     args = parser.parse_args(argv)
     result = run_engine(
         args.worker, args.export_dir, [int(x) for x in args.lengths.split(",")], args.batch, args.warmup,
-        args.min_iters, args.budget, args.threads, args.trust_code,
+        args.min_iters, args.budget, args.threads, args.trust_code, args.eval_text,
     )
     data = asdict(result)
     for key in ("engine", "ok", "error"):

@@ -158,7 +158,8 @@ def _weights_file(directory: Path) -> Path:
 
 
 def load_model(name_or_path: str | os.PathLike) -> BSBRModel:
-    """A preset name (random weights from its seed) or a checkpoint directory -> eval model."""
+    """A preset name (its trained weights, or random ones from its seed) or a checkpoint
+    directory -> eval model."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise UserError(f"load_model takes a preset name or a checkpoint directory, got {name_or_path!r}")
     path = Path(name_or_path)
@@ -174,7 +175,12 @@ def load_model(name_or_path: str | os.PathLike) -> BSBRModel:
     if os.sep in str(name_or_path) or str(name_or_path).startswith("."):
         raise UserError(f"checkpoint directory {path} does not exist")
     preset = get_preset(str(name_or_path))
-    return build_model(preset.config, preset.seed)
+    model = build_model(preset.config, preset.seed)
+    if preset.weights is not None:
+        # Shipped in half precision to stay small; every engine runs them as fp32.
+        state = {k: v.float() for k, v in load_state_dict(preset.weights).items()}
+        apply_state_dict(model, state, f"preset {preset.name}'s weights {preset.weights.name}")
+    return model.eval()
 
 
 def save_model(model: BSBRModel, directory: str | os.PathLike, overwrite: bool = False) -> Path:

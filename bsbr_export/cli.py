@@ -153,6 +153,23 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
         click.echo(f"Triton model repository: {repo} (tritonserver --model-repository {repo})")
 
 
+# Byte-level language models are also judged by held-out text (validate, optimize, bench).
+EVAL_TEXT = click.option(
+    "--eval-text", "eval_text", type=click.Path(), default=None,
+    help="UTF-8 file or directory to score byte-level LMs on (bits per byte) [default: held-out stdlib files].")
+ACCURACY_BUDGET = click.option(
+    "--accuracy-budget", "accuracy_budget", type=float, default=0.01, show_default=True,
+    help="Largest relative rise of held-out bits per byte over eager that passes (0.01 = 1%).")
+
+
+def _eval_text(path, budget: float) -> bytes | None:
+    """--eval-text read and --accuracy-budget checked before any work (None: the default text)."""
+    from bsbr_export.evaltext import check_budget, read_eval_text
+
+    check_budget(budget)
+    return read_eval_text(path) if path is not None else None
+
+
 @cli.command()
 @click.argument("export_dir", type=click.Path())
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
@@ -162,7 +179,9 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime provider(s) [default: all available].")
 @click.option("--trust-code", "trust_code", is_flag=True,
               help="Allow rebuilding a user's module from the reference its manifest records (runs its code).")
-def validate(export_dir, tolerance, lengths, batches, providers, trust_code) -> None:
+@EVAL_TEXT
+@ACCURACY_BUDGET
+def validate(export_dir, tolerance, lengths, batches, providers, trust_code, eval_text, accuracy_budget) -> None:
     """Check every artifact in EXPORT_DIR against the eager model it came from.
 
     Writes EXPORT_DIR/validation.json. Exits 1 when any case fails, naming the case and,
@@ -180,12 +199,13 @@ def validate(export_dir, tolerance, lengths, batches, providers, trust_code) -> 
 
     read_manifest(export_dir, verify=False)  # an export dir, and one validation.json can go into
     check_writable(Path(export_dir))
+    text = _eval_text(eval_text, accuracy_budget)
     with progress_steps(Console(stderr=True)) as progress:
         progress("validating every artifact against eager")
         result = validate_export(
             export_dir, tolerance=tolerance, lengths=_int_list(lengths, "--lengths") if lengths else None,
             batches=tuple(_int_list(batches, "--batches")), providers=list(providers) or None,
-            trust_code=trust_code,
+            trust_code=trust_code, eval_text=text, accuracy_budget=accuracy_budget,
         )
     with atomic_write(Path(export_dir) / "validation.json") as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -196,6 +216,10 @@ def validate(export_dir, tolerance, lengths, batches, providers, trust_code) -> 
                 click.echo(f"FAILED {check.artifact} on {check.engine}: {failure}", err=True)
             if check.first_bad_layer:
                 click.echo(f"{check.artifact} first diverges at {check.first_bad_layer}", err=True)
+            if check.text and not check.text.passed:
+                click.echo(f"FAILED {check.artifact} on {check.engine}: held-out bits per byte "
+                           f"{check.text.bits_per_byte:.4f} is {check.text.change:+.2%} against eager's "
+                           f"{check.text.reference:.4f} (budget {check.text.budget:+.2%})", err=True)
         raise SystemExit(1)
 
 
@@ -240,6 +264,8 @@ QUICK_BENCH = {
 @click.option("--force", is_flag=True, help="Export over a non-empty --out directory (its files are replaced).")
 @click.option("--trust-code", "trust_code", is_flag=True,
               help="Allow importing a module reference (file.py:factory) or rebuilding one from a manifest.")
+@EVAL_TEXT
+@ACCURACY_BUDGET
 @click.pass_context
 def bench(ctx, target, quick, **options) -> None:
     """Export (if TARGET is a model), validate and benchmark every engine side by side.
@@ -257,12 +283,14 @@ def bench(ctx, target, quick, **options) -> None:
     from bsbr_export.manifest import MANIFEST
     from bsbr_export.pipeline import benchmark
     from bsbr_export.render import bench_table, progress_steps, stdout_console
+    from bsbr_export.report import recommendation_text
 
     if quick:
         options.update({k: v for k, v in QUICK_BENCH.items() if ctx.get_parameter_source(k) is ParameterSource.DEFAULT})
     o = options
     if (Path(target) / MANIFEST).is_file():
         check_writable(Path(target))  # the reports go in there: refuse before the work, not after
+    _eval_text(o["eval_text"], o["accuracy_budget"])
     with progress_steps(Console(stderr=True)) as progress:
         run = benchmark(
             target, out_dir=o["out_dir"], lengths=_int_list(o["lengths"], "--lengths"), batch=o["batch"],
@@ -272,14 +300,19 @@ def bench(ctx, target, quick, **options) -> None:
                                 if o["validation_lengths"] else None),
             tolerance=o["tolerance"], threads=o["threads"], budget_s=o["budget"], overwrite=o["force"],
             formats=[f.name for f in parse_formats(o["formats"])], streaming=o["streaming"],
-            long_length=o["check_length"], trust_code=o["trust_code"], progress=progress,
+            long_length=o["check_length"], trust_code=o["trust_code"], eval_text=o["eval_text"],
+            accuracy_budget=o["accuracy_budget"], progress=progress,
         )
     stdout_console().print(bench_table(run.bench, o["tolerance"]))
     click.echo(f"reports: {', '.join(str(p) for p in run.reports)}")
+    stdout_console().print(recommendation_text(run.recommendation))
+    for engine in run.over_budget:
+        click.echo(f"FAILED {engine}: held-out bits per byte rose more than the accuracy budget "
+                   f"({o['accuracy_budget']:+.0%}); see report.md", err=True)
     if quick:
         click.echo("quick run: drop --quick for every format, streaming decode, torch.compile, every ORT level and "
                    "3 lengths")
-    if not run.validation.passed or any(not e.ok for e in run.bench.engines):
+    if not run.validation.passed or any(not e.ok for e in run.bench.engines) or run.over_budget:
         raise SystemExit(1)
 
 
@@ -323,40 +356,67 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
 @click.option("--length", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Sequence length to time levels and measure int8 at.")
 @click.option("--int8/--no-int8", default=True, show_default=True, help="Also write an int8 dynamic-quantized graph.")
+@click.option("--static-int8", "static_int8", is_flag=True,
+              help="Also write a static (QDQ) int8 graph, calibrated on held-out text (model.int8-static.onnx).")
 @click.option("--target-top1", type=click.FloatRange(min=0, max=1, min_open=True), default=0.97, show_default=True,
-              help="int8: keep the most sensitive MatMuls in fp32 until top-1 agreement reaches this.")
+              help="int8 of models without text: keep the most sensitive MatMuls in fp32 until top-1 agreement "
+                   "reaches this (byte-level LMs are held to --accuracy-budget instead).")
 @click.option("--fp16/--no-fp16", default=None,
               help="Also write an fp16 graph for ONNX Runtime's CUDA provider [default: when it is available].")
+@click.option("--bf16", is_flag=True,
+              help="Measure which parts the bf16 engines (eager-bf16, openvino-bf16) keep in fp32 (bf16.json).")
+@click.option("--bf16-length", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Window length bf16 is judged at (its rounding hurts at long positions).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
-def optimize(export_dir, length, int8, target_top1, fp16, threads) -> None:
+@EVAL_TEXT
+@ACCURACY_BUDGET
+def optimize(export_dir, length, int8, static_int8, target_top1, fp16, bf16, bf16_length, threads, eval_text,
+             accuracy_budget) -> None:
     """Measure ONNX Runtime's optimization levels here and save the fastest that still
     matches eager (model.optimized.onnx); quantize to int8 keeping sensitive nodes fp32;
-    convert to fp16 for the CUDA provider (model.fp16.onnx; check it with `validate`)."""
+    convert to fp16 for the CUDA provider (model.fp16.onnx); plan bf16. Check the graphs
+    with `validate`, time them with `bench`."""
     from rich.console import Console
 
     from bsbr_export.optimize import optimize_export
     from bsbr_export.render import (
+        bf16_table,
         levels_table,
         progress_steps,
         quant_table,
         stdout_console,
     )
 
+    text = _eval_text(eval_text, accuracy_budget)
     with progress_steps(Console(stderr=True)) as progress:
-        progress("timing ONNX Runtime's optimization levels, then int8 / fp16")
-        choice, quant, fp16_path = optimize_export(export_dir, length=length, int8=int8, target_top1=target_top1,
-                                                   threads=threads, fp16=fp16)
+        done = optimize_export(export_dir, length=length, int8=int8, target_top1=target_top1, threads=threads,
+                               fp16=fp16, static_int8=static_int8, bf16=bf16, bf16_length=bf16_length,
+                               eval_text=text, accuracy_budget=accuracy_budget, progress=progress)
     console = stdout_console()
-    console.print(levels_table(choice))
-    if fp16_path is not None:
-        click.echo(f"fp16: wrote {fp16_path.name} for the CUDA provider; `bsbr-export validate` checks it")
+    console.print(levels_table(done.level))
+    if done.fp16_path is not None:
+        click.echo(f"fp16: wrote {done.fp16_path.name} for the CUDA provider; `bsbr-export validate` checks it")
     elif fp16 is None:
         click.echo("fp16: skipped, ONNX Runtime's CUDA provider is not available here (--fp16 forces it)")
-    if quant is not None:
+    failed = False
+    for quant in done.int8:
         console.print(quant_table(quant))
         if not quant.reached:
-            click.echo(f"int8 never reached top-1 {target_top1} (best {max(s.top1 for s in quant.steps):.3f})", err=True)
-            raise SystemExit(1)
+            failed = True
+            if quant.fp32_bits_per_byte is not None:
+                click.echo(f"FAILED {quant.path.name}: no int8 graph stays within the accuracy budget "
+                           f"({accuracy_budget:+.0%} held-out bits per byte)", err=True)
+            else:
+                click.echo(f"int8 never reached top-1 {target_top1} (best {max(s.top1 for s in quant.steps):.3f})",
+                           err=True)
+    for plan in done.bf16:
+        console.print(bf16_table(plan))
+        if not plan.passed:
+            failed = True
+            click.echo(f"FAILED {plan.engine}: held-out bits per byte {plan.bpb:.4f} vs fp32 {plan.fp32_bpb:.4f} "
+                       f"even with {', '.join(plan.keep_fp32) or 'nothing'} in fp32", err=True)
+    if failed:
+        raise SystemExit(1)
 
 
 @cli.command()

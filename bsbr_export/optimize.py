@@ -47,6 +47,10 @@ class LevelChoice:
     hardware_specific: bool
 
 
+# The int8 graph each quantization method writes.
+QUANT_FILES = {"dynamic": "model.int8.onnx", "static": "model.int8-static.onnx"}
+
+
 @dataclass(frozen=True)
 class QuantStep:
     """int8 with the `kept_fp32` most sensitive MatMuls left in fp32."""
@@ -55,6 +59,7 @@ class QuantStep:
     top1: float
     max_abs: float
     p50_ms: float
+    bits_per_byte: float | None = None  # held-out text, for byte-level LMs
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,9 @@ class QuantResult:
     target_top1: float
     reached: bool
     shape: tuple[int, int] = (1, 1024)  # (batch, length) everything above was measured at
+    method: str = "dynamic"
+    fp32_bits_per_byte: float | None = None  # the fp32 graph's, when judged by held-out text
+    budget: float = 0.01
 
 
 def _session(path: Path, level: str = "all", optimized_path: Path | None = None, threads: int = 2):
@@ -131,26 +139,57 @@ def weight_matmuls(path: Path) -> dict[str, str]:
     return found
 
 
-def _quantize(source: Path, target: Path, include: list[str] | None = None, exclude: list[str] | None = None) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _quantize(source: Path, target: Path, include: list[str] | None = None, exclude: list[str] | None = None,
+              calibration: list[dict] | None = None) -> None:
+    """int8 MatMul weights: dynamic (activations quantized per call) or, with
+    `calibration` feeds, static QDQ (activation ranges fixed from those feeds)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" on every call
     # MatMul only: by default ORT would also quantize the embedding Gather, whose table
     # is the tied LM head, and no node list could keep that in fp32.
-    quantize_dynamic(
-        str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-        nodes_to_quantize=include or [], nodes_to_exclude=exclude or [],
-    )
+    nodes = {"op_types_to_quantize": ["MatMul"], "nodes_to_quantize": include or [], "nodes_to_exclude": exclude or []}
+    if calibration is None:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, **nodes)
+        return
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(calibration)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    # Weights per output channel (symmetric), activations per tensor: the QDQ layout
+    # ORT's CPU provider fuses into its int8 MatMul kernels.
+    quantize_static(str(source), str(target), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, **nodes)
+
+
+def calibration_feeds(spec, vocab_size: int, length: int, count: int = 8) -> list[dict]:
+    """What static quantization calibrates on: held-out text the scores never read (the
+    bytes after the default evaluation slice) for a byte-level LM, else seeded random ids."""
+    from bsbr_export.evaltext import DEFAULT_EVAL_BYTES, heldout_text, scores_text, text_feeds, windows
+
+    if scores_text(spec):
+        rows = [r for r in windows(heldout_text(DEFAULT_EVAL_BYTES + count * length)[DEFAULT_EVAL_BYTES:], length)
+                if len(r) == length]
+        return [text_feeds(spec, r[None]) for r in rows[:count]]
+    return [random_feeds(vocab_size, 1, length, seed=100 + i) for i in range(count)]
 
 
 def quantize_int8(
-    export_dir, *, target_top1: float = 0.97, length: int = 1024, batch: int = 1, threads: int = 2
+    export_dir, *, target_top1: float = 0.97, length: int = 1024, batch: int = 1, threads: int = 2,
+    method: str = "dynamic", text: bytes | None = None, budget: float = 0.01,
 ) -> QuantResult:
-    """Write model.int8.onnx: every weight MatMul int8 except the fewest most-sensitive
-    ones needed to keep top-1 agreement with eager >= `target_top1`.
+    """Write model.int8.onnx (dynamic) or model.int8-static.onnx (static QDQ, calibrated
+    by `calibration_feeds`): every weight MatMul int8 except the fewest most-sensitive
+    ones needed to stay accurate: held-out bits per byte (`text`) within `budget` of
+    fp32's for a byte-level LM, else top-1 agreement with eager >= `target_top1`.
 
-    Sensitivity of a node = mean abs logit error when only that node is int8.
+    Sensitivity of a node = the accuracy lost when only that node is int8.
     """
+    from bsbr_export.evaltext import bits_per_byte, scores_text
 
     directory = Path(export_dir)
     source = directory / "model.onnx"
@@ -158,29 +197,52 @@ def quantize_int8(
         raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
     if not 0 < target_top1 <= 1:
         raise UserError(f"target top-1 agreement must be in (0, 1], got {target_top1}")
-    feeds = random_feeds(export_spec(directory).tokens.high, batch, length, seed=7)
+    if method not in QUANT_FILES:
+        raise UserError(f"unknown quantization {method!r}: use one of {', '.join(QUANT_FILES)}")
+    spec = export_spec(directory)
+    text = text if scores_text(spec) else None
+    feeds = random_feeds(spec.tokens.high, batch, length, seed=7)
     want = eager_output(directory, feeds)
-    fp32_ms = _time(_session(source, threads=threads), feeds)
+    fp32_session = _session(source, threads=threads)
+    fp32_ms = _time(fp32_session, feeds)
+    calibration = calibration_feeds(spec, spec.tokens.high, min(length, 512)) if method == "static" else None
+
+    def score(session) -> float | None:
+        if text is None:
+            return None
+        return bits_per_byte(lambda ids: session.run(None, text_feeds_of(session, ids))[0], text)
+
+    fp32_bpb = score(fp32_session)
+
+    def loss(session, got) -> float:  # what sensitivity ranks by: lower is better
+        bpb = score(session)
+        return bpb if bpb is not None else float(np.abs(got - want).mean())
+
+    def accurate(step: QuantStep) -> bool:
+        if step.bits_per_byte is not None:
+            return step.bits_per_byte / fp32_bpb - 1 <= budget
+        return step.top1 >= target_top1
+
     nodes = weight_matmuls(source)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         probe = Path(tmp) / "probe.onnx"
         sensitivity = {}
         for node in nodes:  # dict: node name -> module
-            _quantize(source, probe, include=[node])
-            got = _session(probe, threads=threads).run(None, feeds)[0]
-            sensitivity[node] = float(np.abs(got - want).mean())
+            _quantize(source, probe, include=[node], calibration=calibration)
+            session = _session(probe, threads=threads)
+            sensitivity[node] = loss(session, session.run(None, feeds)[0])
         ranked = sorted(nodes, key=sensitivity.get, reverse=True)
         steps, kept = [], len(ranked)
         for count in range(len(ranked) + 1):
-            _quantize(source, probe, exclude=ranked[:count])
+            _quantize(source, probe, exclude=ranked[:count], calibration=calibration)
             session = _session(probe, threads=threads)
             got = session.run(None, feeds)[0]
             top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
-            steps.append(QuantStep(count, top1, float(np.abs(got - want).max()), _time(session, feeds)))
-            if top1 >= target_top1:
+            steps.append(QuantStep(count, top1, float(np.abs(got - want).max()), _time(session, feeds), score(session)))
+            if accurate(steps[-1]):
                 kept = count
                 break
-        target = directory / "model.int8.onnx"
+        target = directory / QUANT_FILES[method]
         shutil.move(str(probe), target)
     return QuantResult(
         path=target,
@@ -190,9 +252,18 @@ def quantize_int8(
         steps=tuple(steps),
         fp32_p50_ms=fp32_ms,
         target_top1=target_top1,
-        reached=steps[-1].top1 >= target_top1,
+        reached=accurate(steps[-1]),
         shape=(batch, length),
+        method=method,
+        fp32_bits_per_byte=fp32_bpb,
+        budget=budget,
     )
+
+
+def text_feeds_of(session, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds of a session's inputs for token ids of real text (a mask of ones, if taken)."""
+    names = [i.name for i in session.get_inputs()]
+    return {names[0]: ids, **({names[1]: np.ones_like(ids)} if len(names) > 1 else {})}
 
 
 def position_nodes(model_proto) -> list[str]:
@@ -253,18 +324,34 @@ def convert_fp16(export_dir) -> tuple[Path, list[str]]:
     return target, kept
 
 
+@dataclass(frozen=True)
+class Optimized:
+    """What `optimize_export` made: the ORT level, int8 graphs (dynamic, static QDQ),
+    the fp16 graph, and the bf16 plans (`precision.measure_bf16`)."""
+
+    level: LevelChoice
+    int8: tuple[QuantResult, ...] = ()
+    fp16_path: Path | None = None
+    bf16: tuple = ()  # precision.Bf16Plan per bf16 engine
+
+
 def optimize_export(
     export_dir, *, length: int = 1024, int8: bool = True, target_top1: float = 0.97, threads: int = 2,
-    fp16: bool | None = None,
-) -> tuple[LevelChoice, QuantResult | None, Path | None]:
+    fp16: bool | None = None, static_int8: bool = False, bf16: bool = False, bf16_length: int = 4096,
+    eval_text: bytes | None = None, accuracy_budget: float = 0.01, progress=lambda step: None,
+) -> Optimized:
     """Choose the ORT level and (optionally) quantize; record the artifacts in the manifest.
 
-    fp16: also write model.fp16.onnx, meant for the CUDA provider; None means "when that
-    provider is installed here". `validate` checks it on every provider (ORT's CPU provider
-    runs fp16 graphs too, slowly), `bench` times it on CUDA.
-    Returns the level choice, the int8 result and the fp16 graph (None when not made)."""
+    int8 / static_int8: dynamic and static-QDQ int8 graphs, the most sensitive MatMuls
+    kept fp32 (judged by held-out bits per byte for byte-level LMs, `eval_text` or the
+    held-out default, within `accuracy_budget`). fp16: also write model.fp16.onnx, meant
+    for the CUDA provider; None means "when that provider is installed here". bf16:
+    measure which parts stay fp32 for the bf16 engines (windows of `bf16_length`).
+    `validate` checks every graph written, `bench` times them.
+    """
     import onnxruntime
 
+    from bsbr_export.evaltext import check_budget, heldout_text
     from bsbr_export.io import check_writable
     from bsbr_export.manifest import add_artifacts, read_manifest
     from bsbr_export.runners import available_providers
@@ -279,19 +366,29 @@ def optimize_export(
         raise UserError(f"--length must be >= 1, got {length}")
     if not 0 < target_top1 <= 1:
         raise UserError(f"--target-top1 must be in (0, 1], got {target_top1}")
+    check_budget(accuracy_budget)
+    text = eval_text if eval_text is not None else heldout_text()
+    progress("timing ONNX Runtime's optimization levels")
     choice = choose_level(export_dir, length=length, threads=threads)
     entries = [{
         "name": choice.path.name, "format": "onnx", "kind": "logits",
         "settings": {"precision": "fp32", "ort_level": choice.chosen, "hardware_specific": choice.hardware_specific,
                      "static_shape": None},
     }]
-    quant = None
-    if int8:
+    quants = []
+    methods = {"dynamic": "dynamic, per-tensor, MatMul weights",
+               "static": "static QDQ, calibrated, per-channel weights, MatMul"}
+    for method, wanted in (("dynamic", int8), ("static", static_int8)):
+        if not wanted:
+            continue
+        progress(f"int8 ({method}): measuring each MatMul's sensitivity")
         # At --length too: one sequence of it holds as many tokens as the old fixed 4 x 256.
-        quant = quantize_int8(export_dir, target_top1=target_top1, length=length, threads=threads)
+        quant = quantize_int8(export_dir, target_top1=target_top1, length=length, threads=threads, method=method,
+                              text=text, budget=accuracy_budget)
+        quants.append(quant)
         entries.append({
             "name": quant.path.name, "format": "onnx", "kind": "logits",
-            "settings": {"precision": "int8", "quantization": "dynamic, per-tensor, MatMul weights",
+            "settings": {"precision": "int8", "quantization": methods[method],
                          "fp32_modules": [quant.modules[n] for n in quant.fp32_nodes], "static_shape": None},
         })
     fp16_path = None
@@ -302,5 +399,11 @@ def optimize_export(
             "settings": {"precision": "fp16", "target_provider": "CUDAExecutionProvider", "fp32_nodes": kept,
                          "static_shape": None},
         })
+    plans = ()
+    if bf16:
+        from bsbr_export.precision import measure_bf16
+
+        plans = tuple(measure_bf16(export_dir, text=text, length=bf16_length, budget=accuracy_budget,
+                                   threads=threads, progress=progress))
     add_artifacts(export_dir, entries)
-    return choice, quant, fp16_path
+    return Optimized(choice, tuple(quants), fp16_path, plans)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from bsbr_export.errors import UserError
+from bsbr_export.evaltext import DEFAULT_ACCURACY_BUDGET, read_eval_text
 from bsbr_export.export import (
     check_kind,
     check_opset,
@@ -235,6 +236,17 @@ class BenchRun:
     validation: object  # ValidationResult
     bench: object  # BenchResult
     reports: tuple[Path, ...]
+    recommendation: dict | None = None  # report.recommend's choice
+    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET
+
+    @property
+    def over_budget(self) -> list[str]:
+        """Engines whose held-out bits per byte rose more than the accuracy budget allows."""
+        from bsbr_export.report import text_changes
+
+        eager = self.bench.engine("eager")
+        return [e.engine for e in self.bench.engines
+                if any(c > self.accuracy_budget for c in text_changes(e, eager).values())]
 
 
 def benchmark(
@@ -254,6 +266,8 @@ def benchmark(
     formats: list[str] | None = None,
     streaming: bool = True,
     long_length: int = 2048,
+    eval_text: str | os.PathLike | None = None,
+    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET,
     progress: Callable[[str], None] = lambda step: None,
 ) -> BenchRun:
     """Export (when `model_ref` is not an export dir yet), validate, benchmark, report.
@@ -262,13 +276,16 @@ def benchmark(
     export dir: report.json, report.md, latency.png, memory.png, decode.png. A model is
     exported into `out_dir`, which must be new or empty unless `overwrite` is set, in
     `formats` (default: all), with streaming graphs when `streaming` and the model can
-    stream, each artifact checked up to `long_length`.
+    stream, each artifact checked up to `long_length`. Byte-level LMs are scored on
+    `eval_text` (default: held-out stdlib text); the report recommends the fastest engine
+    within `accuracy_budget` of eager's bits per byte.
     """
     from bsbr_export.bench import (
         WARMUP,
         BenchResult,
         available_engines,
         bench_engines,
+        reduced_precision_engines,
         decode_latency,
         machine_info,
     )
@@ -292,18 +309,23 @@ def benchmark(
     known = available_engines(directory)
     engines = engines or known
     unknown = [e for e in engines if e not in known]
+    why_not = {e: r for e, r in reduced_precision_engines(directory).items() if e in unknown and r}
+    if why_not:
+        raise UserError("; ".join(f"engine {e} cannot run here: {r}" for e, r in why_not.items()))
     if unknown:
         raise UserError(f"unknown or unavailable engine(s) {', '.join(unknown)}: choose from {', '.join(known)}")
     progress("validating")
-    validation = validate_export(directory, tolerance=tolerance, lengths=validation_lengths, trust_code=trust_code)
+    validation = validate_export(directory, tolerance=tolerance, lengths=validation_lengths, trust_code=trust_code,
+                                 eval_text=read_eval_text(eval_text) if eval_text is not None else None,
+                                 accuracy_budget=accuracy_budget)
     timings = bench_engines(directory, engines, lengths, batch=batch, threads=threads, budget_s=budget_s,
-                            trust_code=trust_code,
-                            progress=progress)
+                            trust_code=trust_code, eval_text=eval_text, progress=progress)
     decode = ()
     if decode_contexts and any((directory / n).is_file() for n in ("model.decode.onnx", "model.streaming.onnx")):
         decode = tuple(decode_latency(directory, decode_contexts, threads=threads, progress=progress))
     result = BenchResult(tuple(timings), tuple(sorted(lengths)), batch, threads, WARMUP, decode, machine_info())
     progress("writing report")
     note = read_manifest(directory, verify=False).get("note")
-    reports = write_report(result, directory, tolerance=tolerance, validation=validation.to_dict(), note=note)
-    return BenchRun(directory, validation, result, tuple(reports))
+    reports, choice = write_report(result, directory, tolerance=tolerance, validation=validation.to_dict(), note=note,
+                           accuracy_budget=accuracy_budget)
+    return BenchRun(directory, validation, result, tuple(reports), choice, accuracy_budget)

@@ -150,7 +150,10 @@ def export_table(result) -> Table:
 def validation_table(result) -> Table:
     """One row per artifact and engine: cases, worst errors, top-1, verdict."""
     table = Table(title=f"validation of {result.export_dir} (tolerance {result.tolerance:g} x logit scale)")
-    for column in ("artifact", "engine", "cases", "max abs", "top-1", "status"):
+    scored = any(c.text for c in result.checks)
+    columns = ("artifact", "engine", "cases", "max abs", "top-1", *(("bits/byte", "vs eager") if scored else ()),
+               "status")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("artifact", "engine", "status") else "right",
                          no_wrap=column == "artifact")
     for check in result.checks:
@@ -166,9 +169,18 @@ def validation_table(result) -> Table:
             str(len(check.parity.results)),
             f"{max(d.max_abs for d in diffs):.2e}",
             f"{min(top1):.3f}" if top1 else "-",
+            *(text_cells(check.text) if scored else ()),
             status,
         )
     return table
+
+
+def text_cells(score) -> tuple[str, str]:
+    """Bits per byte and its change against eager (red past the budget), or dashes."""
+    if score is None:
+        return "-", "-"
+    change = f"{score.change:+.2%}"
+    return f"{score.bits_per_byte:.4f}", change if score.passed else f"[red]{change}[/]"
 
 
 def bench_table(result, tolerance: float) -> Table:
@@ -212,14 +224,36 @@ def levels_table(choice) -> Table:
 
 
 def quant_table(quant) -> Table:
-    """int8: top-1 agreement and speed as the most sensitive MatMuls return to fp32."""
+    """int8: accuracy and speed as the most sensitive MatMuls return to fp32."""
     batch, length = quant.shape
-    table = Table(title=f"int8 dynamic quantization at batch {batch} x {length} (fp32: {quant.fp32_p50_ms:.1f} ms)")
-    for column in ("fp32 MatMuls", "last kept in fp32", "top-1", "max abs err", "ms", "vs fp32"):
+    scored = quant.fp32_bits_per_byte is not None
+    title = f"int8 {quant.method} quantization at batch {batch} x {length} (fp32: {quant.fp32_p50_ms:.1f} ms"
+    title += f", {quant.fp32_bits_per_byte:.4f} bits/byte)" if scored else ")"
+    table = Table(title=title)
+    columns = ("fp32 MatMuls", "last kept in fp32", "top-1", "max abs err", *(("bits/byte", "vs fp32 bpb")
+               if scored else ()), "ms", "vs fp32")
+    for column in columns:
         table.add_column(column, justify="left" if column == "last kept in fp32" else "right")
     ranked = sorted(quant.sensitivity, key=quant.sensitivity.get, reverse=True)
     for step in quant.steps:
         last = quant.modules[ranked[step.kept_fp32 - 1]] if step.kept_fp32 else "-"
-        table.add_row(str(step.kept_fp32), last, f"{step.top1:.3f}", f"{step.max_abs:.3f}", f"{step.p50_ms:.1f}",
-                      speedup_text(quant.fp32_p50_ms / step.p50_ms))
+        text = ((f"{step.bits_per_byte:.4f}", f"{step.bits_per_byte / quant.fp32_bits_per_byte - 1:+.2%}")
+                if scored else ())
+        table.add_row(str(step.kept_fp32), last, f"{step.top1:.3f}", f"{step.max_abs:.3f}", *text,
+                      f"{step.p50_ms:.1f}", speedup_text(quant.fp32_p50_ms / step.p50_ms))
+    return table
+
+
+def bf16_table(plan) -> Table:
+    """bf16: held-out bits per byte with every group bf16, each group alone back in fp32,
+    and the groups kept fp32."""
+    table = Table(title=f"{plan.engine} at length {plan.length}: fp32 {plan.fp32_bpb:.4f} bits/byte, all bf16 "
+                        f"{plan.all_bf16_bpb:.4f} ({plan.all_bf16_bpb / plan.fp32_bpb - 1:+.2%})")
+    table.add_column("back in fp32")
+    table.add_column("bits/byte", justify="right")
+    table.add_column("vs fp32", justify="right")
+    for group, bpb in sorted(plan.sensitivity.items(), key=lambda item: item[1]):
+        table.add_row(group, f"{bpb:.4f}", f"{bpb / plan.fp32_bpb - 1:+.2%}")
+    kept = ", ".join(plan.keep_fp32) or "nothing"
+    table.add_row(f"[bold]kept: {kept}[/]", f"{plan.bpb:.4f}", f"{plan.bpb / plan.fp32_bpb - 1:+.2%}")
     return table

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from bsbr_export.evaltext import DEFAULT_ACCURACY_BUDGET
 from bsbr_export.io import atomic_write
 from bsbr_export.render import (
     NOISY_SPREAD,
@@ -22,6 +23,7 @@ from bsbr_export.render import (
 ARTIFACT_OF = {  # else ort-* -> model.onnx
     "torchscript": "model.pt",
     "ort-cpu-int8": "model.int8.onnx",
+    "ort-cpu-int8-static": "model.int8-static.onnx",
     "ort-cpu-optimized": "model.optimized.onnx",
 }
 
@@ -30,18 +32,59 @@ def artifact_for(engine: str) -> str | None:
     """The file an engine runs (None for eager / torch.compile, which run the model)."""
     if engine in ARTIFACT_OF:
         return ARTIFACT_OF[engine]
-    return "model.onnx" if engine.startswith("ort-") else None
+    return "model.onnx" if engine.startswith(("ort-", "openvino-")) else None
 
 
 def status(engine, tolerance: float) -> str:
     """✅ / ❎ / ❌ for one EngineResult (parity relative to the logit scale, as validate;
-    int8 gets its own tolerance)."""
+    reduced precisions get their own tolerances)."""
     from bsbr_export.validate import PRECISION_TOLERANCES
 
     if not engine.ok:
         return "❌"
-    allowed = PRECISION_TOLERANCES["int8"] if engine.engine.endswith("int8") else tolerance
+    allowed = PRECISION_TOLERANCES.get(precision_of(engine.engine), tolerance)
     return "✅" if engine.max_abs is not None and engine.max_abs <= allowed * engine.logit_scale else "❎"
+
+
+def precision_of(engine: str) -> str:
+    """The numeric precision an engine computes in, from its name (fp32 unless it says)."""
+    return next((p for p in ("int8", "bf16", "fp16") if p in engine), "fp32")
+
+
+def text_changes(engine, eager) -> dict[int, float]:
+    """Relative change of held-out bits per byte against eager's, per window length
+    ({} when unscored)."""
+    if not engine.bits_per_byte or eager is None or not eager.bits_per_byte:
+        return {}
+    return {n: bpb / eager.bits_per_byte[n] - 1 for n, bpb in engine.bits_per_byte.items()
+            if eager.bits_per_byte.get(n)}
+
+
+def recommend(rows: list[dict], accuracy_budget: float) -> dict | None:
+    """The fastest engine (geometric mean of its speed-ups over the lengths) that stays
+    accurate: held-out bits per byte within `accuracy_budget` of eager's for a byte-level
+    LM, else passing parity (✅). None when nothing was timed against eager."""
+    import math
+
+    def accurate(row) -> bool:
+        if row["bits_per_byte_change"] is not None:
+            return row["status"] != "❌" and row["bits_per_byte_change"] <= accuracy_budget
+        return row["status"] == "✅"
+
+    def speed(row) -> float:
+        ups = [u for u in row["speedup_vs_eager"].values() if u]
+        return math.exp(sum(map(math.log, ups)) / len(ups)) if ups else 0.0
+
+    candidates = [r for r in rows if accurate(r) and speed(r) > 0]
+    if not candidates:
+        return None
+    best = max(candidates, key=speed)
+    return {
+        "engine": best["engine"], "artifact": best["artifact"], "precision": best["precision"],
+        "speedup_vs_eager": best["speedup_vs_eager"], "bits_per_byte": best["bits_per_byte"],
+        "bits_per_byte_change": best["bits_per_byte_change"], "accuracy_budget": accuracy_budget,
+        "rejected": [r["engine"] for r in rows if speed(r) > speed(best) and not accurate(r)],
+    }
 
 
 def engine_rows(result, export_dir: Path, tolerance: float) -> list[dict]:
@@ -50,6 +93,7 @@ def engine_rows(result, export_dir: Path, tolerance: float) -> list[dict]:
     rows = []
     for engine in result.engines:
         artifact = artifact_for(engine.engine)
+        changes = text_changes(engine, eager)
         size = (export_dir / artifact).stat().st_size if artifact and (export_dir / artifact).is_file() else None
         row = {
             "engine": engine.engine,
@@ -58,6 +102,10 @@ def engine_rows(result, export_dir: Path, tolerance: float) -> list[dict]:
             "bytes": size,
             "max_abs": engine.max_abs,
             "top1": engine.top1,
+            "bits_per_byte": engine.bits_per_byte,
+            "bits_per_byte_change_by_length": changes,
+            "bits_per_byte_change": max(changes.values()) if changes else None,  # the worst length
+            "precision": precision_of(engine.engine),
             "error": engine.error,
             "latency_ms": {},
             "speedup_vs_eager": {},
@@ -78,22 +126,43 @@ def engine_rows(result, export_dir: Path, tolerance: float) -> list[dict]:
     return rows
 
 
-def markdown(result, rows: list[dict], validation: dict | None, title: str, note: str | None = None) -> str:
-    """report.md: the engine table, decode latency, validation summary, plots."""
+def recommendation_text(choice: dict | None) -> str:
+    """One sentence: what to deploy on this CPU, and why."""
+    if choice is None:
+        return "No engine both ran and stayed accurate: nothing to recommend."
+    ups = ", ".join(f"{u}x at L={n}" for n, u in choice["speedup_vs_eager"].items())
+    artifact = f" ({choice['artifact']})" if choice["artifact"] else ""
+    text = f"**Recommended here: {choice['engine']}{artifact}, {choice['precision']}**: {ups} vs eager"
+    if choice["bits_per_byte_change"] is not None:
+        text += (f", held-out bits per byte at worst {choice['bits_per_byte_change']:+.2%} vs eager's over the "
+                 f"lengths (budget {choice['accuracy_budget']:+.0%})")
+    if choice["rejected"]:
+        text += f"; faster but outside the accuracy budget: {', '.join(choice['rejected'])}"
+    return text + "."
+
+
+def markdown(result, rows: list[dict], validation: dict | None, title: str, note: str | None = None,
+             choice: dict | None = None) -> str:
+    """report.md: the recommendation, the engine table, decode latency, validation, plots."""
     lengths = list(result.lengths)
     lines = [f"# {title}", ""]
     if note:
         lines += [f"> **Note:** {note}", ""]
+    lines += [recommendation_text(choice), ""]
     lines.append(
         f"batch {result.batch}, {result.threads} threads, warm-up {result.warmup}; latency = median ms "
         f"±half its p10-p90 spread (runs repeated until that spread is small or the time budget ends; "
         f"⚠ = spread over {NOISY_SPREAD:.0%} of the median, a noisy figure); "
-        f"machine: {result.machine.get('processor')} x{result.machine.get('cpu_count')}, "
-        f"{result.machine.get('platform')}."
+        f"machine: {result.machine.get('processor')} x{result.machine.get('cpu_count')} "
+        f"({', '.join(result.machine.get('cpu_features') or ['no AVX2'])}), {result.machine.get('platform')}; "
+        f"the ranking depends on these features."
     )
     lines.append("Status: ✅ passed, ❎ ran but failed parity vs eager, ❌ failed to export or run.")
     lines.append("")
-    header = ["engine", "status", "size", "max abs err", "top-1"]
+    scored = any(r["bits_per_byte"] is not None for r in rows)
+    per_length = "/".join(map(str, lengths))
+    header = ["engine", "status", "size", "max abs err", "top-1",
+              *((f"bits/byte (L={per_length})", "vs eager") if scored else ())]
     header += [f"L={n} ms" for n in lengths] + [f"L={n} vs eager" for n in lengths]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -105,6 +174,10 @@ def markdown(result, rows: list[dict], validation: dict | None, title: str, note
             f"{row['max_abs']:.1e}" if row["max_abs"] is not None else "-",
             f"{row['top1']:.3f}" if row["top1"] is not None else "-",
         ]
+        if scored:
+            bpb, changes = row["bits_per_byte"] or {}, row["bits_per_byte_change_by_length"]
+            cells += [" / ".join(f"{bpb[n]:.3f}" for n in lengths if n in bpb) or "-",
+                      " / ".join(f"{changes[n]:+.2%}" for n in lengths if n in changes) or "-"]
         for n in lengths:
             lat = row["latency_ms"].get(n)
             cells.append(f"{ms_text(lat['p50'])} ±{50 * lat['spread']:.0f}%{' ⚠' if lat['noisy'] else ''}" if lat else "-")
@@ -242,18 +315,22 @@ def _save(fig, path: Path) -> Path:
 
 def write_report(
     result, export_dir: str | os.PathLike, *, tolerance: float, validation: dict | None = None, title: str = "",
-    note: str | None = None,
-) -> list[Path]:
-    """Write report.json, report.md and the plots into `export_dir`; returns the paths."""
+    note: str | None = None, accuracy_budget: float = DEFAULT_ACCURACY_BUDGET,
+) -> tuple[list[Path], dict | None]:
+    """Write report.json, report.md and the plots into `export_dir`; returns the paths
+    and the recommendation (`recommend`)."""
     directory = Path(export_dir)
     rows = engine_rows(result, directory, tolerance)
-    data = {"bench": result.to_dict(), "table": rows, "validation": validation, "tolerance": tolerance, "note": note}
+    choice = recommend(rows, accuracy_budget)
+    data = {"bench": result.to_dict(), "table": rows, "recommendation": choice, "validation": validation,
+            "tolerance": tolerance, "note": note}
     written = []
     with atomic_write(directory / "report.json") as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     written.append(directory / "report.json")
     written += plot(result, directory)
     with atomic_write(directory / "report.md") as tmp:
-        tmp.write_text(markdown(result, rows, validation, title or f"bsbr-export report: {directory.name}", note))
+        tmp.write_text(markdown(result, rows, validation, title or f"bsbr-export report: {directory.name}", note,
+                                choice))
     written.append(directory / "report.md")
-    return written
+    return written, choice

@@ -107,8 +107,12 @@ def load_source(
         raise UserError("--weights and --spec apply to a module reference (file.py:factory), not to a preset "
                         "or checkpoint directory")
     model = load_model(model_ref)
-    kind = "checkpoint" if Path(model_ref).is_dir() else "preset"
-    return Source(model, spec_for(model), {"kind": kind, "ref": str(model_ref)})
+    if Path(model_ref).is_dir():
+        return Source(model, spec_for(model), {"kind": "checkpoint", "ref": str(model_ref)})
+    from bsbr_export.zoo import get_preset
+
+    spec = dataclasses.replace(spec_for(model), tokenizer=get_preset(str(model_ref)).tokenizer)
+    return Source(model, spec, {"kind": "preset", "ref": str(model_ref)})
 
 
 def load_weights(module: nn.Module, path: str | os.PathLike) -> None:

@@ -99,6 +99,9 @@ class StateSpec:
         return axes
 
 
+TOKENIZERS = (None, "bytes")  # "bytes": token id = one UTF-8 byte (vocabulary 256)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything export, validate and bench need to know about a model."""
@@ -111,12 +114,16 @@ class ModelSpec:
     note: str | None = None  # what the artifacts' users must know (e.g. "not causal")
     block_path: str | None = None  # where the repeated blocks live, for localizing failures
     num_blocks: int = 0
+    # "bytes": the token ids are UTF-8 bytes, so held-out text scores the model in bits per byte
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise UserError(f"chunk size must be an integer >= 1, got {self.chunk_size!r}")
         if not self.inputs or not self.outputs:
             raise UserError("a model spec needs at least one input and one output")
+        if self.tokenizer not in TOKENIZERS:
+            raise UserError(f"unknown tokenizer {self.tokenizer!r}: the spec knows {', '.join(map(str, TOKENIZERS))}")
 
     @property
     def input_names(self) -> list[str]:
@@ -153,7 +160,8 @@ class ModelSpec:
                 outputs=tuple(OutputSpec(**o) for o in data["outputs"]),
                 chunk_size=data["chunk_size"],
                 state=StateSpec(**{**state, "appended": tuple(state.get("appended", ()))}) if state else None,
-                **{k: data[k] for k in ("causal", "note", "block_path", "num_blocks") if k in data},
+                **{k: data[k] for k in ("causal", "note", "block_path", "num_blocks", "tokenizer")
+                   if k in data},
             )
         except (KeyError, TypeError) as exc:
             raise UserError(f"not a model spec: {exc}") from None

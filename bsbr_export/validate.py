@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bsbr_export.evaltext import DEFAULT_ACCURACY_BUDGET, TextScore, bits_per_byte, logits_of, scores_text
 from bsbr_export.graphs import stream_pieces
 
 DEFAULT_TOLERANCE = 1e-4  # fp32 max abs error, relative to the logit scale (max |logit|, at least 1)
 # Other precisions carry their own rounding: fp16 ~1e-3 relative per op; int8 dynamic
 # quantization moves logits by up to ~0.1 of their scale (its top-1 agreement is reported).
-PRECISION_TOLERANCES = {"fp16": 1e-2, "int8": 0.25}
+# bf16 keeps 8 mantissa bits (~4e-3 relative per op). For byte-level LMs held-out bits
+# per byte judge them instead (evaltext).
+PRECISION_TOLERANCES = {"fp16": 1e-2, "bf16": 5e-2, "int8": 0.25}
 
 
 @dataclass(frozen=True)
@@ -258,10 +261,11 @@ class ArtifactCheck:
     parity: ParityReport
     layers: tuple = ()  # LayerDiff per block, when localized
     first_bad_layer: str | None = None
+    text: TextScore | None = None  # held-out bits per byte, for byte-level language models
 
     @property
     def passed(self) -> bool:
-        return self.parity.passed
+        return self.parity.passed and (self.text is None or self.text.passed)
 
     def to_dict(self) -> dict:
         return {
@@ -270,6 +274,7 @@ class ArtifactCheck:
             "parity": self.parity.to_dict(),
             "layers": [dataclasses.asdict(d) | {"passed": d.passed} for d in self.layers],
             "first_bad_layer": self.first_bad_layer,
+            "text": self.text.to_dict() if self.text else None,
         }
 
 
@@ -307,6 +312,8 @@ def validate_export(
     seed: int = 1234,
     trust_code: bool = False,
     module=None,
+    eval_text: bytes | None = None,
+    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET,
 ) -> ValidationResult:
     """Check each artifact of `export_dir` (hashes first) against the eager model rebuilt
     from the directory (its config and weights; a user's module from the reference the
@@ -315,6 +322,9 @@ def validate_export(
 
     ONNX artifacts run on every provider in `providers` (default: every one available,
     CPU and CUDA); a failing full-sequence ONNX graph is localized to its first bad block.
+    Byte-level language models are also scored on held-out text (`eval_text`, default the
+    held-out stdlib slice): each full-sequence artifact's bits per byte may exceed eager's
+    by at most `accuracy_budget` (relative).
     """
     from pathlib import Path
 
@@ -338,6 +348,13 @@ def validate_export(
     for provider in providers:
         if provider not in available_providers():
             raise UserError(f"execution provider {provider} is not installed here (available: {', '.join(usable)})")
+    text = None
+    if scores_text(spec):
+        from bsbr_export.evaltext import check_budget, heldout_text
+
+        check_budget(accuracy_budget)
+        text = eval_text if eval_text is not None else heldout_text()
+        reference_bpb = bits_per_byte(logits_of(EagerRunner(source.module, spec), spec), text)
     checks = []
     for artifact in manifest["artifacts"]:
         path = directory / artifact["name"]
@@ -362,5 +379,8 @@ def validate_export(
                 feeds = make_inputs(report.results[index].case, spec, seed + index)
                 layers = tuple(localize(path, source.module, spec, feeds, allowed))
                 first_bad = first_divergence(list(layers))
-            checks.append(ArtifactCheck(artifact["name"], engine, report, layers, first_bad))
+            score = None
+            if text is not None and kind == "logits" and not static:
+                score = TextScore(bits_per_byte(logits_of(runner, spec), text), reference_bpb, accuracy_budget)
+            checks.append(ArtifactCheck(artifact["name"], engine, report, layers, first_bad, score))
     return ValidationResult(str(directory), tolerance, tuple(checks))

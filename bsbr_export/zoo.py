@@ -13,12 +13,16 @@ from bsbr_export.errors import UserError
 
 @dataclass(frozen=True)
 class Preset:
-    """A named model: its config and the seed its random weights come from."""
+    """A named model: its config, and its trained weights or the seed of random ones."""
 
     name: str
     description: str
     seed: int
     config: BSBRConfig
+    weights: Path | None = None  # trained weights (safetensors beside the TOML), else random from `seed`
+    tokenizer: str | None = None  # "bytes": token ids are UTF-8 bytes (bits per byte are defined)
+    heldout_bpb: float | None = None  # what the trained weights score on the default held-out text
+    heldout_sha256: str | None = None  # of that text as the training machine read it
 
 
 def presets_dir() -> Path:
@@ -49,9 +53,14 @@ def _read(path: Path) -> Preset:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"preset {path} is not valid TOML: {exc}") from None
+    weights = data.get("weights")
     return Preset(
         name=path.stem,
         description=data.get("description", ""),
         seed=int(data.get("seed", 0)),
         config=BSBRConfig.from_dict(data.get("config", {})),
+        weights=path.parent / weights if weights else None,
+        tokenizer=data.get("tokenizer"),
+        heldout_bpb=data.get("heldout_bpb"),
+        heldout_sha256=data.get("heldout_sha256"),
     )

@@ -2,6 +2,7 @@
 
     python generate.py EXPORT_DIR ID [ID ...] --max-new-tokens 32
     python generate.py EXPORT_DIR --prompt-file PROMPT.txt --out result.json
+    python generate.py EXPORT_DIR --text "def main(" --max-new-tokens 60   # byte-level models
 
 EXPORT_DIR is what `bsbr-export export MODEL --format onnx --streaming` wrote. The prompt
 goes in with one call; then each call feeds one token and the state the previous call
@@ -172,7 +173,28 @@ def read_prompt(ids: list[str], prompt_file: str | None, vocab_size: int) -> lis
     return prompt
 
 
-def generate(session: StreamingSession, prompt: list[int], max_new_tokens: int) -> tuple[list[int], float, list[float]]:
+def show_id(token: int) -> None:
+    print(token, end=" ", flush=True)
+
+
+def show_byte(token: int) -> None:
+    # A byte-level model's token is one UTF-8 byte: write it raw, so multi-byte
+    # characters come out whole once their last byte arrives.
+    sys.stdout.buffer.write(bytes([token]))
+    sys.stdout.flush()
+
+
+def text_prompt(text: str, manifest: dict) -> list[int]:
+    """--text: the prompt's UTF-8 bytes, for a byte-level model (spec tokenizer "bytes")."""
+    if (manifest.get("spec") or {}).get("tokenizer") != "bytes":
+        raise SampleError("--text needs a byte-level model (its spec's tokenizer is \"bytes\"); pass token ids instead")
+    if not text:
+        raise SampleError("--text is empty")
+    return list(text.encode("utf-8"))
+
+
+def generate(session: StreamingSession, prompt: list[int], max_new_tokens: int,
+             show=show_id) -> tuple[list[int], float, list[float]]:
     """Greedy decoding: (new token ids, prefill seconds, seconds of each one-token call)."""
     start = time.perf_counter()
     logits = session.step(np.array([prompt], dtype=np.int64))
@@ -181,7 +203,7 @@ def generate(session: StreamingSession, prompt: list[int], max_new_tokens: int) 
     while True:
         token = int(logits.argmax())
         tokens.append(token)
-        print(token, end=" ", flush=True)
+        show(token)
         if len(tokens) == max_new_tokens:
             break
         start = time.perf_counter()
@@ -210,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("export_dir", type=Path, help="directory written by `bsbr-export export ... --streaming`")
     parser.add_argument("ids", nargs="*", help="token ids of the prompt")
     parser.add_argument("--prompt-file", metavar="FILE", help="file with the prompt's token ids, split by spaces")
+    parser.add_argument("--text", metavar="PROMPT", help="a text prompt, for byte-level models: output is text too")
     parser.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate [default: 20]")
     parser.add_argument("--out", type=Path, metavar="FILE.json", help="write prompt, generated ids and latencies here")
     parser.add_argument("--threads", type=int, metavar="N", help="ORT intra-op threads [default: all cores]")
@@ -221,9 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         listed = {a.get("name") for a in manifest["artifacts"]}
         name = next((n for n in ARTIFACTS if n in listed), ARTIFACTS[-1])
         model_path = verified_artifact(args.export_dir, manifest, name)
-        prompt = read_prompt(args.ids, args.prompt_file, manifest["config"]["vocab_size"])
+        if args.text is not None and (args.ids or args.prompt_file):
+            raise SampleError("pass --text or token ids, not both")
+        if args.text is not None:
+            prompt = text_prompt(args.text, manifest)
+        else:
+            prompt = read_prompt(args.ids, args.prompt_file, manifest["config"]["vocab_size"])
         session = StreamingSession(model_path, manifest["state"]["inputs"], args.threads)
-        tokens, prefill, latencies = generate(session, prompt, args.max_new_tokens)
+        if args.text is not None:
+            print(args.text, end="", flush=True)
+        tokens, prefill, latencies = generate(session, prompt, args.max_new_tokens,
+                                              show_byte if args.text is not None else show_id)
         if args.out:
             write_json({"prompt": prompt, "generated": tokens, "prefill_ms": prefill * 1e3,
                         "token_ms": [s * 1e3 for s in latencies]}, args.out)

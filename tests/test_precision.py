@@ -1,0 +1,87 @@
+"""bf16 routes: autocast and OpenVINO runners against eager, the groups they can keep in
+fp32, and the greedy choice by measured sensitivity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_ids
+
+from bsbr_export import load_model
+from bsbr_export.precision import (
+    AutocastRunner,
+    OpenVinoRunner,
+    autocast_bf16,
+    choose_fp32,
+    module_groups,
+    onnx_groups,
+    openvino_missing,
+)
+from bsbr_export.runners import EagerRunner
+from bsbr_export.spec import spec_for
+
+
+def feeds_of(ids):
+    return {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())}
+
+
+def test_groups_are_each_blocks_children_and_the_rest():
+    model = load_model("bsbr-tiny")
+    groups = module_groups(model, "blocks")
+    assert "blocks.0.attn" in groups and "blocks.1.ff" in groups and "embedding" in groups
+    assert "blocks" not in groups
+
+
+def test_autocast_keeps_chosen_modules_fp32_and_restores_them():
+    model = load_model("bsbr-tiny")
+    seen = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, i, o, n=n: seen.__setitem__(n, o.dtype)) for n in ("blocks.0.attn", "blocks.1.attn")]
+    ids = random_ids(model.config, 1, 13)
+    with torch.no_grad(), autocast_bf16(model, ("blocks.0.attn",)):
+        model(ids)
+    assert seen == {"blocks.0.attn": torch.float32, "blocks.1.attn": torch.bfloat16}
+    for h in hooks:
+        h.remove()
+    assert "forward" not in model.get_submodule("blocks.0.attn").__dict__
+
+
+def test_autocast_runner_is_close_to_eager_at_unseen_lengths():
+    model = load_model("bsbr-tiny")
+    spec = spec_for(model)
+    for length in (1, 7, 29):
+        ids = random_ids(model.config, 2, length, seed=length)
+        want = EagerRunner(model, spec).infer(feeds_of(ids))["logits"]
+        got = AutocastRunner(model, spec).infer(feeds_of(ids))["logits"]
+        assert got.dtype == np.float32
+        assert np.abs(got - want).max() < 5e-2 * max(1.0, np.abs(want).max())
+        assert np.abs(got - want).max() > 0  # it really ran in bf16
+
+
+@pytest.mark.skipif(openvino_missing() is not None, reason=str(openvino_missing()))
+def test_openvino_fp32_matches_eager_and_groups_cover_the_blocks(tiny_onnx_export):
+    model = load_model(tiny_onnx_export)
+    runner = OpenVinoRunner(tiny_onnx_export / "model.onnx", "f32")
+    for length, batch in ((1, 1), (7, 3), (29, 2)):
+        ids = random_ids(model.config, batch, length, seed=length)
+        want = EagerRunner(model).infer(feeds_of(ids))["logits"]
+        assert np.abs(runner.infer(feeds_of(ids))["logits"] - want).max() < 1e-4
+    groups = set(onnx_groups(tiny_onnx_export / "model.onnx", "blocks").values())
+    assert {"input", "output", "blocks.0.attn", "blocks.1.ff"} <= groups
+
+
+def test_choose_fp32_returns_the_most_helpful_groups_until_within_budget():
+    harm = {"a": 0.30, "b": 0.05, "c": 0.01}  # bits each group adds in bf16
+    calls = []
+
+    def score(keep):
+        calls.append(keep)
+        return 2.0 + sum(v for g, v in harm.items() if g not in keep)
+
+    plan = choose_fp32(score, list(harm), fp32_bpb=2.0, budget=0.01, engine="x", length=64)
+    assert plan.keep_fp32 == ("a", "b") and plan.passed
+    assert plan.all_bf16_bpb == pytest.approx(2.36) and plan.bpb == pytest.approx(2.01)
+    # Nothing to keep when bf16 is within budget already: no sensitivity runs.
+    plan = choose_fp32(lambda keep: 2.001, list(harm), 2.0, 0.01, "x", 64)
+    assert plan.keep_fp32 == () and plan.sensitivity == {}

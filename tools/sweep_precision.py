@@ -1,0 +1,124 @@
+"""The issue-13 sweep: the trained `bsbr-stdlib`, every engine and precision, side by side.
+
+    python tools/sweep_precision.py [--model bsbr-stdlib] [--lengths 256,4096,16384] [--out tools/results]
+
+Exports the model to ONNX, runs `optimize` (ORT level, dynamic and static int8, the bf16
+plans at the longest length) and `bench` (each engine in its own process, batch 1,
+2 threads; held-out bits per byte in windows of each length), and times ONNX Runtime's
+own fp32 MatMul in the same run for the machine's limit. Writes
+sweep_precision_<model>.{json,md} to --out with the targets of issue 13. Nothing here is
+asserted; the CPU is named next to every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+ENGINES = ["eager", "ort-cpu-all", "ort-cpu-optimized", "ort-cpu-int8", "ort-cpu-int8-static", "eager-bf16",
+           "openvino-fp32", "openvino-bf16"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bsbr-stdlib")
+    parser.add_argument("--lengths", default="256,4096,16384")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_sweep_precision"))
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timing per engine and length")
+    args = parser.parse_args()
+    lengths = [int(n) for n in args.lengths.split(",")]
+
+    from sweep import matmul_graph, time_onnx
+
+    from bsbr_export.bench import available_engines, model_flops
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.optimize import optimize_export
+    from bsbr_export.pipeline import benchmark, export_model
+    from bsbr_export.zoo import get_preset
+
+    config = get_preset(args.model).config
+    shutil.rmtree(args.work, ignore_errors=True)
+    export_dir = args.work / args.model
+    print("exporting", flush=True)
+    export_model(args.model, export_dir, [FORMATS["onnx"]])
+    print("optimizing", flush=True)
+    done = optimize_export(export_dir, length=1024, static_int8=True, bf16=True, bf16_length=max(lengths),
+                           progress=lambda step: print(step, flush=True))
+    engines = [e for e in ENGINES if e in available_engines(export_dir)]
+    print("benchmarking", engines, flush=True)
+    run = benchmark(export_dir, lengths=lengths, engines=engines, decode_contexts=None, budget_s=args.budget,
+                    progress=lambda step: print(step, flush=True))
+    matmul_path = args.work / "matmul.onnx"
+    matmul_graph(matmul_path, config.hidden_size)
+    matmul = time_onnx(matmul_path, [4096], config.vocab_size, hidden=config.hidden_size)
+    matmul_gflops = 2 * 4096 * config.hidden_size * 4 * config.hidden_size / (matmul["timings"][0]["p50_ms"] / 1e3) / 1e9
+    report = json.loads((export_dir / "report.json").read_text())
+    rows = {r["engine"]: r for r in report["table"]}
+
+    def speedup(engine, n):
+        return (rows.get(engine) or {}).get("speedup_vs_eager", {}).get(str(n)) or \
+            (rows.get(engine) or {}).get("speedup_vs_eager", {}).get(n)
+
+    def change(engine, n):
+        by = (rows.get(engine) or {}).get("bits_per_byte_change_by_length") or {}
+        return by.get(str(n), by.get(n))
+
+    def p50(engine, n):
+        lat = (rows.get(engine) or {}).get("latency_ms", {})
+        entry = lat.get(str(n)) or lat.get(n)
+        return entry["p50"] if entry else None
+
+    best_fp32_ort = min((p50(e, 4096) for e in ("ort-cpu-all", "ort-cpu-optimized") if p50(e, 4096)), default=None)
+    model_gflops = model_flops(config, 4096) / (best_fp32_ort / 1e3) / 1e9 if best_fp32_ort else float("nan")
+    bf16 = [e for e in ("openvino-bf16", "eager-bf16") if e in rows and rows[e]["status"] != "❌"]
+    best_bf16 = min(bf16, key=lambda e: p50(e, 4096) or float("inf")) if bf16 else None
+    int8 = [e for e in ("ort-cpu-int8", "ort-cpu-int8-static") if e in rows
+            and (rows[e]["bits_per_byte_change"] or 1) <= 0.01]
+    best_int8 = min(int8, key=lambda e: p50(e, 1024) or p50(e, 4096) or float("inf")) if int8 else None
+    choice = run.recommendation or {}
+    targets = [
+        ("recommended / eager speed-up, L=4096", speedup(choice.get("engine"), 4096), ">= 2.5"),
+        ("recommended / eager speed-up, L=256", speedup(choice.get("engine"), 256), ">= 2.0"),
+        ("recommended: worst bits-per-byte change", choice.get("bits_per_byte_change"), "<= 0.01"),
+        (f"best bf16 ({best_bf16}) bits-per-byte change, L=4096", change(best_bf16, 4096), "<= 0.01"),
+        (f"best bf16 ({best_bf16}) bits-per-byte change, L=16384", change(best_bf16, 16384), "<= 0.01"),
+        (f"int8 ({best_int8}) speed-up vs fp32 ORT, L=4096",
+         (p50("ort-cpu-all", 4096) / p50(best_int8, 4096)) if best_int8 and p50(best_int8, 4096) else None, ">= 1.5"),
+        ("fp32 ORT model GFLOP/s / ORT MatMul GFLOP/s, L=4096", model_gflops / matmul_gflops, ">= 0.75"),
+    ]
+    machine = report["bench"]["machine"]
+    result = {"model": args.model, "machine": machine, "lengths": lengths, "engines": engines,
+              "recommendation": run.recommendation, "ort_matmul_gflops": matmul_gflops,
+              "model_gflops_4096": model_gflops, "bf16_plans": json.loads((export_dir / "bf16.json").read_text()),
+              "int8": [{"method": q.method, "fp32_modules": [q.modules[n] for n in q.fp32_nodes],
+                        "reached": q.reached, "steps": [s.__dict__ for s in q.steps]} for q in done.int8],
+              "table": report["table"],
+              "targets": [{"what": w, "measured": m, "target": t} for w, m, t in targets]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"sweep_precision_{args.model}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    lines = [f"# Precision sweep: {args.model}, batch 1, 2 threads", "",
+             f"Machine: **{machine['processor']}** x{machine['cpu_count']} ({', '.join(machine['cpu_features'])}), "
+             f"{machine['platform']}.", "",
+             "Each engine in its own process, one run; bits per byte on the held-out slice in windows of each length.",
+             "", (export_dir / "report.md").read_text().split("\n", 2)[2].split("Peak RSS")[0].strip(), "",
+             f"ORT's own fp32 MatMul [4096,{config.hidden_size}]x[{config.hidden_size},{4 * config.hidden_size}]: "
+             f"{matmul_gflops:.0f} GFLOP/s; the model under fp32 ORT at L=4096: {model_gflops:.0f} GFLOP/s (same run).",
+             "", "| target | measured | wanted | met |", "|---|---|---|---|"]
+    for what, measured, wanted in targets:
+        op, bound = wanted.split()
+        met = measured is not None and (measured <= float(bound) if op == "<=" else measured >= float(bound))
+        shown = "-" if measured is None else f"{measured:.3f}"
+        lines.append(f"| {what} | {shown} | {wanted} | {'yes' if met else 'NO'} |")
+    (args.out / f"sweep_precision_{args.model}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
