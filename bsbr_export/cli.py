@@ -32,7 +32,7 @@ def models(name: str | None) -> None:
 
     presets = [get_preset(name)] if name else list(list_presets().values())
     table = Table(title="bsbr-export model zoo" if not name else None)
-    for column in ("name", "params", "hidden", "layers", "heads", "chunk", "compression"):
+    for column in ("name", "params", "hidden", "layers", "heads", "chunk", "compression", "weights"):
         table.add_column(column, justify="left" if column == "name" else "right", no_wrap=True)
     for preset in presets:
         cfg = preset.config
@@ -44,11 +44,18 @@ def models(name: str | None) -> None:
             str(cfg.num_heads),
             str(cfg.chunk_size),
             str(cfg.compression or "-"),
+            _weights_text(preset),
         )
     console = stdout_console()
     console.print(table)
     if name:
         console.print(presets[0].description)
+
+
+def _weights_text(preset) -> str:
+    if preset.weights is None:
+        return f"random (seed {preset.seed})"
+    return "trained" + (f", {preset.heldout_bpb:.3f} bits/byte held out" if preset.heldout_bpb else "")
 
 
 @cli.command()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import random_ids
+from conftest import random_ids, run_cli
 
 from bsbr_export import load_model
 from bsbr_export.precision import (
@@ -85,3 +85,12 @@ def test_choose_fp32_returns_the_most_helpful_groups_until_within_budget():
     # Nothing to keep when bf16 is within budget already: no sensitivity runs.
     plan = choose_fp32(lambda keep: 2.001, list(harm), 2.0, 0.01, "x", 64)
     assert plan.keep_fp32 == () and plan.sensitivity == {}
+
+
+def test_engine_that_cannot_run_here_is_one_line_exit_2(tiny_onnx_export, capsys, monkeypatch):
+    import bsbr_export.precision as precision
+
+    monkeypatch.setattr(precision, "openvino_missing", lambda: 'OpenVINO is not installed: pip install ".[openvino]"')
+    code, _, err = run_cli(capsys, "bench", tiny_onnx_export, "--engines", "eager,openvino-fp32", "--lengths", "16")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "engine openvino-fp32 cannot run here: OpenVINO is not installed" in err
