@@ -262,11 +262,16 @@ class BSBRAttention(nn.Module):
         v = torch.cat([state.values, new_v], dim=-2)
         total = k.shape[-2]
         finished = total // c
-        pad = (finished + 1) * c - total  # 1..c
+        padded = (finished + 1) * c
+
+        def pad(y: Tensor, front: int = 0) -> Tensor:  # to `padded` rows, each size from y's own shape:
+            # torch.export sees the keys' and values' lengths as two symbols, so a pad from
+            # the keys' would leave the values' padded length unknown (and guarded).
+            return F.pad(y, (0, 0, front, padded - front - y.shape[-2]))
+
         out = packed_stream_attention(
-            self._packed(F.pad(q, (0, 0, t, pad))), self._packed(F.pad(k, (0, 0, 0, pad))),
-            self._packed(F.pad(v, (0, 0, 0, pad))),
-            *self._packed_meta(F.pad(x, (0, 0, t, pad))), batch, finished,
+            self._packed(pad(q, t)), self._packed(pad(k)), self._packed(pad(v)),
+            *self._packed_meta(pad(x, t)), batch, finished,
             state.retrieved, state.meta_keys, state.chunk_states, *self._compression())
         # Gather rather than slice the new tokens' outputs and the unfinished chunk's keys:
         # a slice makes torch.export guard on where it starts and ends.
