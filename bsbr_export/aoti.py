@@ -19,30 +19,64 @@ import torch
 from bsbr_export.errors import UserError
 
 
-def export_aoti(model, path: str | os.PathLike, spec=None) -> Path:
-    """Compile the full forward of `model` (described by `spec`) to an AOTInductor
-    package at `path`, with dynamic batch and sequence: plain `Dim`s, no runtime asserts
-    (the model must be torch.export-clean, see `bsbr-export doctor`), so it runs at every
-    length from 1."""
+def export_program(model, spec=None, kind: str = "logits") -> torch.export.ExportedProgram:
+    """`torch.export` of one artifact kind of `model` (described by `spec`) with plain
+    `Dim`s on every named axis (batch, sequence or new_tokens, the state's growing axes):
+    DoesNotGeneralize when export needs a constraint on them or leaves a runtime assert in
+    the graph, which the compiled package would keep and fail at other shapes."""
     from bsbr_export.export import (
+        FREEZE_HINT,
+        DoesNotGeneralize,
         _dynamic_shapes,
         _quiet,
-        _staging,
+        check_kind,
         example_args,
         graph_axes,
     )
     from bsbr_export.graphs import export_graph
-    from bsbr_export.spec import EXAMPLE_BATCH, example_length, spec_for
+    from bsbr_export.spec import spec_for
+    from torch._dynamo.exc import UserError as ExportUserError
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-    path = Path(path)
     model = model.eval()
     spec = spec_for(model, spec)
-    graph = export_graph(model, spec, "logits")
-    args = example_args(model, spec, "logits", EXAMPLE_BATCH, example_length(spec.chunk_size))
-    with _staging(path) as tmp, _quiet(), torch.no_grad():
-        program = torch.export.export(graph, args, dynamic_shapes=_dynamic_shapes(graph, graph_axes(spec, "logits"), False))
+    check_kind(model, spec, kind)
+    graph = export_graph(model, spec, kind)
+    args = example_args(model, spec, kind)
+    dynamic_shapes = _dynamic_shapes(graph, graph_axes(spec, kind), kind != "logits")
+    with _quiet(), torch.no_grad():
+        try:
+            program = torch.export.export(graph, args, dynamic_shapes=dynamic_shapes)
+        except (ExportUserError, GuardOnDataDependentSymNode) as exc:  # constraint violations among them
+            lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip()]
+            detail = next((line for line in lines if line.startswith("Not all values")), lines[0] if lines else "")
+            raise DoesNotGeneralize(f"torch.export of {type(model).__name__} ({kind}) cannot keep its dims dynamic: "
+                                    f"{detail}; {FREEZE_HINT}") from None
+    asserts = [n.args[1] for n in program.graph.nodes if n.target is torch.ops.aten._assert_scalar.default]
+    if asserts:
+        raise DoesNotGeneralize(f"torch.export of {type(model).__name__} ({kind}) keeps {len(asserts)} runtime "
+                                f"assert(s) on its dims, e.g. {asserts[0]!r}; {FREEZE_HINT}")
+    return program
+
+
+def export_aoti(model, path: str | os.PathLike, spec=None, kind: str = "logits") -> Path:
+    """Compile one artifact kind of `model` (the full forward, or a streaming / decode
+    step) to an AOTInductor package at `path`, from `export_program`'s graph; refuses to
+    write a package that disagrees with eager at lengths, batches and states it was not
+    exported with (a streaming step's does today, with fewer than 2 past chunks)."""
+    from bsbr_export.export import _quiet, _staging, check_generalizes
+    from bsbr_export.runners import AotiRunner
+    from bsbr_export.spec import spec_for
+
+    path = Path(path)
+    spec = spec_for(model, spec)
+    program = export_program(model, spec, kind)
+    with _staging(path) as tmp:
         staged = tmp / path.name
-        torch._inductor.aoti_compile_and_package(program, package_path=str(staged))
+        with _quiet():
+            torch._inductor.aoti_compile_and_package(program, package_path=str(staged))
+        check_generalizes(model, lambda inputs, outputs: AotiRunner(staged, inputs, outputs), kind, spec,
+                          "AOTInductor package")
         os.replace(staged, path)
     return path
 

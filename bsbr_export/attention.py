@@ -125,14 +125,6 @@ def retrieve(
     return retrieved.unflatten(-1, (e, e))
 
 
-class ChunkedOutput(NamedTuple):
-    """What one pass over chunk-aligned tokens produces."""
-
-    output: Tensor  # [B, H, n, c, e]
-    states: Tensor  # [B, G, n, s] states F_j of this block's chunks (per key/value head)
-    retrieved: Tensor  # [B, H, r + 1, e, e] S of chunks 0..r (r = rows retrieved for)
-
-
 def chunked_attention(
     q: Tensor,
     k: Tensor,
@@ -140,34 +132,21 @@ def chunked_attention(
     meta_queries: Tensor,
     meta_keys: Tensor,
     first_retrieved: Tensor,
-    past_meta_keys: Tensor | None = None,
-    past_states: Tensor | None = None,
     compress: Tensor | None = None,
     decompress: Tensor | None = None,
-    finished: int | Tensor | None = None,
-) -> ChunkedOutput:
-    """BSBR over a block of whole chunks that starts on a chunk boundary.
+) -> Tensor:
+    """BSBR over a block of whole chunks that starts a sequence.
 
     q: [B, H, n, c, e]; k, v: [B, G, n, c, e]; meta_queries: [B, H, n, e] and meta_keys:
     [B, G, n, e] taken at each chunk's last token; first_retrieved: [B, H, e, e] is `S` of
-    the block's first chunk (zeros at the start of a sequence). past_meta_keys / past_states
-    ([B, G, P, e] / [B, G, P, s]) are the earlier chunks a stream has finished; None means P = 0.
-
-    finished (a streaming step): how many of the block's chunks are complete. Retrieval
-    runs for their boundary rows, which include `S` of the chunk after the block when
-    its last chunk completes (the next step needs it); a step that completes no chunk
-    never reads the past chunk states. Without it (a whole sequence), retrieval runs
-    for the `n - 1` rows the block's own chunks read, and no more.
+    the block's first chunk (zeros at the start of a sequence). Retrieval runs for the
+    `n - 1` rows the block's own chunks read, and no more. Returns [B, H, n, c, e].
     """
     local = within_chunk_attention(q, k, v)
     states = chunk_states(k, v, compress)
-    n = q.shape[-3]
-    rows = meta_queries[..., : n - 1 if finished is None else finished, :]
-    following = retrieve(rows, meta_keys, states, past_meta_keys, past_states, decompress)
-    retrieved = torch.cat([first_retrieved.unsqueeze(-3), following], dim=-3)
-    per_chunk = retrieved if finished is None else retrieved[..., :n, :, :]  # S_i of each chunk
-    output = local + q @ per_chunk  # o_t = local_t + q_t S_i
-    return ChunkedOutput(output, states, retrieved)
+    following = retrieve(meta_queries[..., : q.shape[-3] - 1, :], meta_keys, states, decompress=decompress)
+    per_chunk = torch.cat([first_retrieved.unsqueeze(-3), following], dim=-3)  # S_i of each chunk
+    return local + q @ per_chunk  # o_t = local_t + q_t S_i
 
 
 def pack_chunks(x: Tensor, chunk_size: int) -> Tensor:
@@ -223,6 +202,54 @@ def packed_bsbr_attention(
     shifted = torch.cat([following.new_zeros(following[:, :1].shape), following], dim=1)[:, :-1]
     retrieved = shifted.masked_fill((chunk == 0)[:, None], 0.0).transpose(0, 1).unflatten(-1, (e, e))
     return local + q @ retrieved  # o_t = local_t + q_t S_i
+
+
+class StreamOutput(NamedTuple):
+    """What one streaming block produces (see `packed_stream_attention`)."""
+
+    output: Tensor  # [B*n, H, c, e]
+    meta_keys: Tensor  # [B, G, finished, e] h_j of the chunks the block finished
+    states: Tensor  # [B, G, finished, s] and their states F_j
+    retrieved: Tensor  # [B, H, e, e] S of the chunk the next step continues
+
+
+def packed_stream_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    meta_queries: Tensor,
+    meta_keys: Tensor,
+    batch: int,
+    finished: int,
+    first_retrieved: Tensor,
+    past_meta_keys: Tensor,
+    past_states: Tensor,
+    compress: Tensor | None = None,
+    decompress: Tensor | None = None,
+) -> StreamOutput:
+    """One streaming block in the `pack_chunks` layout: `finished` complete chunks, then
+    one more (partial, maybe empty) that the next step continues, so `n = finished + 1`
+    and `B*n` is never 1 for a symbolic batch.
+
+    q: [B*n, H, c, e]; k, v: [B*n, G, c, e]; meta_queries [B*n, H, e] and meta_keys
+    [B*n, G, e] from each chunk's last token; first_retrieved [B, H, e, e] is `S` of the
+    block's first chunk; past_meta_keys / past_states ([B, G, P, e] / [B, G, P, s]) the
+    chunks earlier steps finished. Retrieval runs for the finished chunks' rows only, so a
+    step that finishes none never reads the past states.
+    """
+    local = F.scaled_dot_product_attention(q, repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1]), is_causal=True)
+
+    def finished_rows(x: Tensor) -> Tensor:  # [B*n, heads, ..] -> [B, heads, finished, ..]
+        done = x.unflatten(0, (batch, -1)).index_select(1, torch.arange(finished, device=x.device))
+        return done.transpose(1, 2)
+
+    new_meta_keys = finished_rows(meta_keys)
+    new_states = finished_rows(chunk_states(k, v, compress))
+    following = retrieve(finished_rows(meta_queries), new_meta_keys, new_states, past_meta_keys, past_states,
+                         decompress)  # [B, H, finished, e, e]: S of chunks 1..finished
+    per_chunk = torch.cat([first_retrieved.unsqueeze(2), following], dim=2)  # [B, H, n, e, e]
+    output = local + q @ per_chunk.transpose(1, 2).flatten(0, 1)  # o_t = local_t + q_t S_i
+    return StreamOutput(output, new_meta_keys, new_states, per_chunk[:, :, -1])
 
 
 def bsbr_attention(
@@ -285,5 +312,5 @@ def bsbr_attention_at_boundaries(
         first,
         compress=compress,
         decompress=decompress,
-    ).output
+    )
     return out.flatten(-3, -2)

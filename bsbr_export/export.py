@@ -62,11 +62,24 @@ def example_state(model, spec: ModelSpec, batch: int, seed: int = 0) -> list[Ten
     return flatten_state(state)
 
 
-def example_args(model, spec: ModelSpec, kind: str, batch: int, length: int) -> tuple[Tensor, ...]:
-    """The example an artifact kind is exported with (shapes chosen so nothing specializes)."""
-    inputs = example_inputs(spec, batch, length)
+def example_new_tokens(chunk_size: int) -> int:
+    """New tokens of a streaming example: after `example_state`'s c//2 + 1 cached tokens
+    the block is 3c + 2 long, so the sizes derived from it (3 finished chunks, 2 tokens
+    left over) are >= 2 as well (for c >= 3). torch.export specializes a derived size
+    that is 1 in the example without a constraint violation, only a guard."""
+    return 3 * chunk_size + 2 - (chunk_size // 2 + 1)
+
+
+def example_args(model, spec: ModelSpec, kind: str, batch: int = EXAMPLE_BATCH,
+                 length: int | None = None) -> tuple[Tensor, ...]:
+    """The example an artifact kind is exported with (shapes chosen so nothing specializes):
+    `length` tokens (default `example_length`), or for a streaming step
+    `example_new_tokens` after `example_state`."""
+    c = spec.chunk_size
     if kind != "logits":
-        return (inputs[spec.tokens.name], *example_state(model, spec, batch))
+        ids = example_inputs(spec, batch, length or example_new_tokens(c))[spec.tokens.name]
+        return (ids, *example_state(model, spec, batch))
+    inputs = example_inputs(spec, batch, length or example_length(c))
     return tuple(inputs[name] for name in spec.input_names)
 
 
@@ -186,7 +199,7 @@ def export_onnx(
     check_kind(model, spec, kind)
     dynamic = dynamic and static_shape is None
     graph = export_graph(model, spec, kind)
-    batch, length = static_shape or (EXAMPLE_BATCH, example_length(spec.chunk_size))
+    batch, length = static_shape or (EXAMPLE_BATCH, None)
     args = example_args(model, spec, kind, batch, length)
     axes = graph_axes(spec, kind)
     dynamic_shapes = _dynamic_shapes(graph, axes, streaming) if dynamic else None
@@ -196,7 +209,7 @@ def export_onnx(
         "dynamic": dynamic,
         "static_shape": list(static_shape) if static_shape else None,
         "opset": opset,
-        "example_shape": [batch, length],
+        "example_shape": list(args[0].shape[:2]),
         "attention_mask": spec.mask is not None and not streaming,
     }
     props = {
@@ -400,7 +413,7 @@ def export_torchscript(
     kind = kind_of(streaming or decode, decode)
     check_kind(model, spec, kind)
     graph = export_graph(model, spec, kind)
-    args = example_args(model, spec, kind, EXAMPLE_BATCH, example_length(spec.chunk_size))
+    args = example_args(model, spec, kind)
     with _staging(path) as tmp, _quiet(), torch.no_grad():
         traced = torch.jit.trace(graph, args, check_trace=False)
         if kind == "logits" and len(spec.inputs) == 2 and spec.inputs[1].optional and len(spec.outputs) == 1:
@@ -424,21 +437,31 @@ def export_torchscript(
 def check_trace(model: nn.Module, traced, kind: str, spec: ModelSpec) -> None:
     """Compare the trace with eager at shapes it never saw (a frozen chunk count fails),
     on every output."""
-    from bsbr_export.runners import EagerRunner, TorchScriptRunner
+    from bsbr_export.runners import TorchScriptRunner
+
+    check_generalizes(model, lambda inputs, outputs: TorchScriptRunner.from_module(traced, inputs, outputs), kind,
+                      spec, "TorchScript trace")
+
+
+def check_generalizes(model: nn.Module, make_runner, kind: str, spec: ModelSpec, what: str) -> None:
+    """DoesNotGeneralize unless the artifact that `make_runner(input_names, output_names)`
+    runs matches eager on every output at lengths, batches and (streamed) states it was
+    not exported with; `what` names it in the message ("TorchScript trace")."""
+    from bsbr_export.runners import EagerRunner
     from bsbr_export.validate import check_parity, default_cases
 
     reference = EagerRunner(model, spec, kind)
-    runner = TorchScriptRunner.from_module(traced, reference.input_names, reference.output_names)
+    runner = make_runner(reference.input_names, reference.output_names)
     cases = default_cases(spec.chunk_size, kind != "logits", long_length=4 * spec.chunk_size + 3)
     try:
-        report = check_parity("torchscript", reference, runner, cases, spec)
-    except RuntimeError as exc:  # the trace cannot even run at another shape
+        report = check_parity(what, reference, runner, cases, spec)
+    except RuntimeError as exc:  # the artifact cannot even run at another shape
         raise DoesNotGeneralize(
-            f"the TorchScript trace of {type(model).__name__} fails away from the example's shape "
+            f"the {what} of {type(model).__name__} fails away from the example's shape "
             f"({str(exc).strip().splitlines()[0][:200]}); {FREEZE_HINT}"
         ) from None
     if not report:
         raise DoesNotGeneralize(
-            f"the TorchScript trace of {type(model).__name__} disagrees with eager: "
+            f"the {what} of {type(model).__name__} disagrees with eager: "
             + "; ".join(report.failures[:3]) + f"; {FREEZE_HINT}"
         )

@@ -63,7 +63,7 @@ def _export_torchscript(mobile: bool):
 def _export_aoti(model, path, kind, spec):
     from bsbr_export.aoti import export_aoti
 
-    return [export_aoti(model, path, spec)]
+    return [export_aoti(model, path, spec, kind)]
 
 
 def _onnx_runner(path, input_names, output_names, provider: str = "CPUExecutionProvider"):
@@ -99,8 +99,9 @@ FORMATS: dict[str, Format] = {
                _export_torchscript(False), _torchscript_runner),
         Format("torchscript-mobile", ".ptl", "TorchScript for PyTorch Mobile's lite interpreter",
                _export_torchscript(True), _torchscript_runner),
-        # Full graph only for now: the streaming step still has chunk-count guards (`n != 1`)
-        # that AOTInductor keeps as runtime asserts, so its decode package fails at one chunk.
+        # Full graph only for now: the streaming step exports without guards or runtime
+        # asserts (aoti.export_program), but its compiled package is wrong when the past
+        # holds fewer than 2 chunks (the example's count), so export refuses to write it.
         Format("aoti", ".pt2", "AOTInductor package for aoti_load_package / torch::inductor::AOTIModelPackageLoader",
                _export_aoti, _aoti_runner, kinds=("logits",), describe=_aoti_settings),
     )

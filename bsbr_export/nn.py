@@ -22,12 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bsbr_export.attention import (
-    boundaries,
-    chunked_attention,
     pack_chunks,
     packed_bsbr_attention,
+    packed_stream_attention,
     pad_to_chunks,
-    to_chunks,
     unpack_chunks,
 )
 from bsbr_export.errors import UserError
@@ -189,11 +187,16 @@ class BSBRAttention(nn.Module):
             q, k = apply_rope(q, positions, self.rope_freqs), apply_rope(k, positions, self.rope_freqs)
         return q, k, v
 
-    def _meta(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Meta queries r [B, H, n, e] and keys h [B, G, n, e] from each chunk's last
-        token. x: [B, n*c, hidden]."""
-        last = boundaries(x, self.chunk_size)  # [B, n, hidden]
-        return self._heads(self.meta_query_proj(last)), self._heads(self.meta_key_proj(last))
+    def _packed(self, x: Tensor) -> Tensor:
+        """[B, heads, n*c, e] -> [B*n, heads, c, e] (see `pack_chunks`)."""
+        return pack_chunks(x.transpose(1, 2), self.chunk_size).transpose(1, 2)
+
+    def _packed_meta(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Meta queries r [B*n, H, e] and keys h [B*n, G, e] from each chunk's last token.
+        x: [B, n*c, hidden]."""
+        last = pack_chunks(x, self.chunk_size)[:, -1]  # [B*n, hidden]
+        return (self.meta_query_proj(last).unflatten(-1, (-1, self.head_dim)),
+                self.meta_key_proj(last).unflatten(-1, (-1, self.head_dim)))
 
     def attend(self, x: Tensor) -> Tensor:
         """x: [B, n*c, hidden] (whole chunks, starting at position 0) -> [B, n*c, hidden].
@@ -201,17 +204,9 @@ class BSBRAttention(nn.Module):
         `forward` without the padding: a model that pads once to whole chunks and keeps
         that length through its layers calls this, so its graph has no per-layer pad or
         slice."""
-        c = self.chunk_size
         q, k, v = self._qkv(x, 0)  # [B, H|G, n*c, e]
-
-        def packed(t: Tensor) -> Tensor:  # [B, heads, n*c, e] -> [B*n, heads, c, e], see pack_chunks
-            return pack_chunks(t.transpose(1, 2), c).transpose(1, 2)
-
-        last = pack_chunks(x, c)[:, -1]  # [B*n, hidden]: each chunk's last token
-        meta_queries = self.meta_query_proj(last).unflatten(-1, (-1, self.head_dim))  # [B*n, H, e]
-        meta_keys = self.meta_key_proj(last).unflatten(-1, (-1, self.head_dim))  # [B*n, G, e]
-        o = packed_bsbr_attention(packed(q), packed(k), packed(v), meta_queries, meta_keys, x.shape[1] // c,
-                                  *self._compression())
+        o = packed_bsbr_attention(self._packed(q), self._packed(k), self._packed(v), *self._packed_meta(x),
+                                  x.shape[1] // self.chunk_size, *self._compression())
         return unpack_chunks(self.out_proj(o.transpose(1, 2).flatten(-2)), x.shape[0])
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -256,37 +251,41 @@ class BSBRAttention(nn.Module):
         The current chunk's `t` cached tokens and the `T` new ones form a block that
         starts on a chunk boundary; cached positions get zero queries and their outputs
         are dropped. Chunks the block finishes are returned for the state to append.
+        The block is padded to the chunks it finishes plus the one the next step goes on
+        with (never whole), and runs in the packed layout: no chunk count is a dim on
+        its own, so torch.export raises no guard on it (see `pack_chunks`).
         """
-        c = self.chunk_size
+        c, batch = self.chunk_size, x.shape[0]
         t = state.keys.shape[-2]
         q, new_k, new_v = self._qkv(x, state.meta_keys.shape[-2] * c + t)
-        q = F.pad(q, (0, 0, t, 0))
-        k = torch.cat([state.keys, new_k], dim=-2)
+        k = torch.cat([state.keys, new_k], dim=-2)  # [B, G, t+T, e]
         v = torch.cat([state.values, new_v], dim=-2)
-        meta_queries, meta_keys = self._meta(pad_to_chunks(F.pad(x, (0, 0, t, 0)), c))
         total = k.shape[-2]
-        finished = total // c  # chunks this block completes; the last may be partial
-        out = chunked_attention(
-            to_chunks(pad_to_chunks(q, c), c),
-            to_chunks(pad_to_chunks(k, c), c),
-            to_chunks(pad_to_chunks(v, c), c),
-            meta_queries,
-            meta_keys,
-            state.retrieved,
-            state.meta_keys,
-            state.chunk_states,
-            *self._compression(),
-            finished=finished,
-        )
-        o = out.output.flatten(-3, -2)[..., t:total, :]
+        finished = total // c
+        padded = (finished + 1) * c
+
+        def pad(y: Tensor, front: int = 0) -> Tensor:  # to `padded` rows, each size from y's own shape:
+            # torch.export sees the keys' and values' lengths as two symbols, so a pad from
+            # the keys' would leave the values' padded length unknown (and guarded).
+            return F.pad(y, (0, 0, front, padded - front - y.shape[-2]))
+
+        out = packed_stream_attention(
+            self._packed(pad(q, t)), self._packed(pad(k)), self._packed(pad(v)),
+            *self._packed_meta(pad(x, t)), batch, finished,
+            state.retrieved, state.meta_keys, state.chunk_states, *self._compression())
+        # Gather rather than slice the new tokens' outputs and the unfinished chunk's keys:
+        # a slice makes torch.export guard on where it starts and ends.
+        o = unpack_chunks(out.output.transpose(1, 2).flatten(-2), batch)  # [B, n*c, hidden]
+        o = o.index_select(1, torch.arange(x.shape[1], device=x.device) + t)
+        rest = torch.arange(total - finished * c, device=x.device) + finished * c
         update = LayerUpdate(
-            new_meta_keys=meta_keys[..., :finished, :],
-            new_chunk_states=out.states[..., :finished, :],
-            keys=k[..., finished * c :, :],
-            values=v[..., finished * c :, :],
-            retrieved=out.retrieved[:, :, finished],
+            new_meta_keys=out.meta_keys,
+            new_chunk_states=out.states,
+            keys=k.index_select(2, rest),
+            values=v.index_select(2, rest),
+            retrieved=out.retrieved,
         )
-        return self.out_proj(o.transpose(1, 2).flatten(-2)), update
+        return self.out_proj(o), update
 
 
 def _check_arguments(

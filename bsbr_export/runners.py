@@ -35,7 +35,24 @@ class EagerRunner:
         return {n: o.numpy() for n, o in zip(self.output_names, outputs)}
 
 
-class TorchScriptRunner:
+class ModuleRunner:
+    """A loaded torch module called with the feeds as tensors, in `input_names` order."""
+
+    module = None
+    input_names: list[str]
+    output_names: list[str]
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            outputs = self.module(*(self.tensor(feeds[n]) for n in self.input_names))
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        return {n: o.numpy() for n, o in zip(self.output_names, outputs)}
+
+
+class TorchScriptRunner(ModuleRunner):
     """A TorchScript file loaded with `torch.jit.load` (or the lite interpreter)."""
 
     name = "torchscript"
@@ -62,14 +79,8 @@ class TorchScriptRunner:
         runner.module, runner.input_names, runner.output_names = module, input_names, output_names
         return runner
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            outputs = self.module(*(torch.from_numpy(feeds[n]) for n in self.input_names))
-        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        return {n: o.numpy() for n, o in zip(self.output_names, outputs)}
 
-
-class AotiRunner:
+class AotiRunner(ModuleRunner):
     """An AOTInductor package (`.pt2`) loaded with `torch._inductor.aoti_load_package`,
     after checking that this CPU has the vector ISA it was compiled for."""
 
@@ -88,7 +99,10 @@ class AotiRunner:
             raise UserError(f"{path} is not a loadable AOTInductor package: {str(exc).splitlines()[0]}") from None
         self.input_names, self.output_names = input_names, output_names
 
-    infer = TorchScriptRunner.infer
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        # The compiled code indexes every input as contiguous and checks no strides: a
+        # sliced feed (a streamed piece of the ids) would be read as the wrong tokens.
+        return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def available_providers() -> list[str]:

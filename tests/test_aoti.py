@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import zipfile
 
+import pytest
 import torch
 from conftest import EDGE_LENGTHS, random_ids, rehash, run_cli
 
@@ -81,3 +82,22 @@ def test_corrupt_package_is_refused_in_one_line(aoti_export, tmp_path, capsys):
     rehash(copy, "model.pt2")
     code, _, err = run_cli(capsys, "validate", copy)
     assert code == 2 and "not an AOTInductor package" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["decode", "streaming"])
+def test_streaming_step_exports_without_guards(kind):
+    """The step's ExportedProgram keeps every named axis a plain, unbounded Dim and has no
+    runtime assert: torch.export needed nothing of new_tokens, past_chunks or past_tokens."""
+    from bsbr_export.aoti import export_program
+    from bsbr_export.export import graph_axes
+    from bsbr_export.spec import spec_for
+    from torch.utils._sympy.value_ranges import ValueRanges
+    from torch.utils._sympy.numbers import int_oo
+
+    model = load_model("bsbr-tiny").eval()
+    program = export_program(model, kind=kind)
+    labels = {label for axes in graph_axes(spec_for(model), kind).values() for label in axes.values()}
+    assert labels == {"batch", "new_tokens", "past_chunks", "past_tokens"}
+    assert len(program.range_constraints) == len(labels)  # one symbol per named axis
+    assert all(r == ValueRanges(0, int_oo) for r in program.range_constraints.values())
+    assert not [n for n in program.graph.nodes if n.target is torch.ops.aten._assert_scalar.default]
