@@ -99,6 +99,18 @@ def time_onnx(path: Path, lengths: list[int], vocab: int, hidden: int | None = N
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def target_lines(rows) -> list[str]:
+    """A markdown table of (what, measured, target like '>= 1.5') rows, each marked met or
+    not (a figure that could not be measured, None, is not met)."""
+    lines = ["| ratio | measured | target | met |", "|---|---|---|---|"]
+    for what, measured, target in rows:
+        op, bound = target.split()
+        met = measured is not None and (measured <= float(bound) if op == "<=" else measured >= float(bound))
+        shown = "-" if measured is None else f"{measured:.2f}"
+        lines.append(f"| {what} | {shown} | {target} | {'yes' if met else 'NO'} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="bsbr-small")
@@ -207,11 +219,7 @@ def main() -> None:
               f"{matmul_gflops:.0f} GFLOP/s (same run).",
               f"int8 top-1 agreement {result['int8']['top1']:.3f} with fp32 kept for: "
               f"{', '.join(result['int8']['fp32_modules']) or 'none'}.", "",
-              "| ratio | measured | target | met |", "|---|---|---|---|"]
-    for what, measured, target in rows:
-        op, bound = target.split()
-        met = measured <= float(bound) if op == "<=" else measured >= float(bound)
-        lines.append(f"| {what} | {measured:.2f} | {target} | {'yes' if met else 'NO'} |")
+              *target_lines(rows)]
     (args.out / f"sweep_{args.model}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
 
-    from sweep import matmul_graph, time_onnx
+    from sweep import matmul_graph, target_lines, time_onnx
 
     from bsbr_export.bench import available_engines, model_flops
     from bsbr_export.formats import FORMATS
@@ -110,12 +110,7 @@ def main() -> None:
              "", (export_dir / "report.md").read_text().split("\n", 2)[2].split("Peak RSS")[0].strip(), "",
              f"ORT's own fp32 MatMul [4096,{config.hidden_size}]x[{config.hidden_size},{4 * config.hidden_size}]: "
              f"{matmul_gflops:.0f} GFLOP/s; the model under fp32 ORT at L=4096: {model_gflops:.0f} GFLOP/s (same run).",
-             "", "| target | measured | wanted | met |", "|---|---|---|---|"]
-    for what, measured, wanted in targets:
-        op, bound = wanted.split()
-        met = measured is not None and (measured <= float(bound) if op == "<=" else measured >= float(bound))
-        shown = "-" if measured is None else f"{measured:.3f}"
-        lines.append(f"| {what} | {shown} | {wanted} | {'yes' if met else 'NO'} |")
+             "", *target_lines(targets)]
     (args.out / f"sweep_precision_{args.model}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
