@@ -129,7 +129,7 @@ def available_engines(export_dir: Path) -> list[str]:
 
     engines = ["eager", "compile"]
     # One engine per torch-run artifact, named like its format (ONNX gets ORT's below).
-    engines += [name for name in ("torchscript", "aoti") if (export_dir / artifact_name(FORMATS[name], "logits")).is_file()]
+    engines += [f.name for f in FORMATS.values() if f.engine and (export_dir / artifact_name(f, "logits")).is_file()]
     if (export_dir / "model.onnx").is_file():
         engines += [f"ort-cpu-{level}" for level in ORT_LEVELS]
         if "CUDAExecutionProvider" in available_providers():
@@ -202,9 +202,9 @@ def _make_call(engine: str, export_dir: Path, threads: int, trust_code: bool = F
                 return compiled(*(torch.from_numpy(feeds[n]) for n in graph.input_names))
 
         return call
-    if engine in ("torchscript", "aoti"):
-        from bsbr_export.formats import FORMATS, artifact_name
+    from bsbr_export.formats import FORMATS, artifact_name
 
+    if engine in FORMATS and FORMATS[engine].engine:
         fmt = FORMATS[engine]
         spec = export_spec(export_dir)
         runner = fmt.runner(export_dir / artifact_name(fmt, "logits"), spec.input_names, spec.output_names)
