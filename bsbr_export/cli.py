@@ -141,6 +141,8 @@ def export(model, out_dir, formats, streaming, static, opset, max_length, max_ba
         spec = read_spec(spec_file)
     # The model and its spec first: a bad reference, spec or weights is the only line printed.
     source = load_source(model, trust_code=trust_code, weights=weights, spec=spec, chunk_size=chunk_size)
+    for fmt in chosen:  # options a format cannot honor for this model: refused before any progress line
+        fmt.check(source.spec, max_length=max_length, max_batch=max_batch)
     with progress_steps(Console(stderr=True)) as progress:
         result = export_model(
             source, out, chosen, streaming=streaming, static_shape=static_shape, opset=opset,

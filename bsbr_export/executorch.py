@@ -40,7 +40,7 @@ def require_executorch() -> None:
 
 @contextlib.contextmanager
 def quiet_runtime() -> Iterator[None]:
-    """ExecuTorch's C++ runtime logs to stderr (CPU probing, thread pool size, a loader's
+    """ExecuTorch's runtime logs to stderr (CPU probing, thread pool size, a loader's
     error) and its imports log warnings (torchao's missing CUDA kernels, a pytree
     deprecation): none of it is for our user, whose one line on failure is ours."""
     loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
@@ -52,7 +52,9 @@ def quiet_runtime() -> Iterator[None]:
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
-        yield
+            # The Python bindings print the runtime's log through sys.stderr, not fd 2.
+            with contextlib.redirect_stderr(null):
+                yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -127,12 +129,10 @@ def export_executorch(model, path: str | os.PathLike, spec=None, max_length: int
     path = Path(path)
     model = model.eval()
     spec = spec_for(model, spec)
-    limits = {"max_length": max_length or DEFAULT_MAX_LENGTH, "max_batch": max_batch or DEFAULT_MAX_BATCH}
-    length = example_length(spec.chunk_size)
-    check_limits(limits, length)
-    batch = min(EXAMPLE_BATCH, limits["max_batch"])
+    check_limits(spec, max_length, max_batch)
+    limits = resolve_limits(max_length, max_batch)
     graph = export_graph(model, spec, "logits")
-    args = example_args(model, spec, "logits", batch, length)
+    args = example_args(model, spec, "logits", min(EXAMPLE_BATCH, limits["max_batch"]), example_length(spec.chunk_size))
     # Bounded dims: without a maximum, memory would be planned for the example's shape.
     # A batch of at most 1 is static (torch.export cannot keep a dim of size 1 symbolic).
     bounds = {"sequence": limits["max_length"], "batch": limits["max_batch"]}
@@ -146,13 +146,22 @@ def export_executorch(model, path: str | os.PathLike, spec=None, max_length: int
     return path
 
 
-def check_limits(limits: dict[str, int], example_length: int) -> None:
-    """UserError unless the limits are whole numbers the export can honor."""
+def resolve_limits(max_length: int | None = None, max_batch: int | None = None) -> dict[str, int]:
+    """The limits a program gets: the ones given, else the defaults."""
+    return {"max_length": max_length or DEFAULT_MAX_LENGTH, "max_batch": max_batch or DEFAULT_MAX_BATCH}
+
+
+def check_limits(spec, max_length: int | None = None, max_batch: int | None = None) -> None:
+    """UserError unless a program of `spec`'s model can be exported with these limits:
+    the example it is traced with must fit."""
+    from bsbr_export.spec import example_length
+
+    limits, length = resolve_limits(max_length, max_batch), example_length(spec.chunk_size)
     if not all(isinstance(v, int) and v >= 1 for v in limits.values()):
         raise UserError(f"--max-length and --max-batch must be integers >= 1, got {limits}")
-    if limits["max_length"] < example_length:
-        raise UserError(f"--max-length {limits['max_length']} is below the {example_length} tokens the export traces "
-                        f"with (2c + c/2 for this chunk size): give at least {example_length}")
+    if limits["max_length"] < length:
+        raise UserError(f"--max-length {limits['max_length']} is below the {length} tokens the export traces with "
+                        f"(2c + c/2 at chunk size {spec.chunk_size}): give at least {length}")
 
 
 def load_program(path: str | os.PathLike):

@@ -38,6 +38,7 @@ class Format:
     engine: bool = False  # bench times the artifact as an engine of its own, named like the format
     requires: str | None = None  # the module of an optional package it needs
     install: str = ""  # how to install that package
+    validate: Callable[..., None] = lambda spec, **options: None  # UserError for options it cannot honor
 
     @property
     def installed(self) -> bool:
@@ -53,9 +54,16 @@ class Format:
     def streaming(self) -> bool:
         return len(self.kinds) > 1
 
+    def _own(self, options: dict) -> dict:
+        return {k: v for k, v in options.items() if k in self.options}
+
     def export(self, model, path: Path, kind: str, spec=None, **options) -> list[Path]:
         """Write one artifact with the options this format takes (others are dropped)."""
-        return self.exporter(model, path, kind, spec, **{k: v for k, v in options.items() if k in self.options})
+        return self.exporter(model, path, kind, spec, **self._own(options))
+
+    def check(self, spec, **options) -> None:
+        """UserError, before any work, if this format cannot honor its options for `spec`."""
+        self.validate(spec, **self._own(options))
 
 
 def _export_onnx(model, path, kind, spec, **options):
@@ -110,6 +118,12 @@ def _executorch_runner(path, input_names, output_names):
     return ExecuTorchRunner(path, input_names, output_names)
 
 
+def _check_executorch(spec, **limits) -> None:
+    from bsbr_export.executorch import check_limits
+
+    check_limits(spec, **limits)
+
+
 def _executorch_settings(path: Path) -> dict:
     from bsbr_export.executorch import program_settings
 
@@ -138,7 +152,7 @@ FORMATS: dict[str, Format] = {
         # Full graph only: see README "Deploy" for what the streaming step needs.
         Format("executorch", ".pte", "ExecuTorch program lowered to XNNPACK, for executorch.runtime / the C++ Module API",
                _export_executorch, _executorch_runner, frozenset({"max_length", "max_batch"}), kinds=("logits",),
-               describe=_executorch_settings, engine=True, requires="executorch",
+               describe=_executorch_settings, engine=True, requires="executorch", validate=_check_executorch,
                install='pip install -c constraints.txt "bsbr-export[executorch]" (in a checkout: ".[executorch]")'),
     )
 }

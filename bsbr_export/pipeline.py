@@ -115,6 +115,8 @@ def export_model(
     source = model_ref if isinstance(model_ref, Source) else load_source(
         model_ref, trust_code=trust_code, weights=weights, spec=spec, chunk_size=chunk_size)
     spec = source.spec
+    for fmt in formats:
+        fmt.check(spec, max_length=max_length, max_batch=max_batch)
     # A decode graph needs the module's stream_update; other streamers get the full-state step.
     decodes = callable(getattr(source.module, "stream_update", None))
     jobs = [(fmt, kind) for fmt, kind in export_jobs(formats, streaming) if kind != "decode" or decodes]
