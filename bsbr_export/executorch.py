@@ -116,32 +116,40 @@ def lower(program, limits: dict[str, int]):
                                        constant_methods=limits)
 
 
+def export_program(model, spec, limits: dict[str, int]):
+    """`torch.export` of `model`'s full forward with batch and sequence bounded by
+    `limits`: without a maximum, memory would be planned for the example's shape. A
+    batch of at most 1 stays static (torch.export cannot keep a size-1 dim symbolic)."""
+    from bsbr_export.export import _dynamic_shapes, example_args, graph_axes
+    from bsbr_export.graphs import export_graph
+    from bsbr_export.spec import EXAMPLE_BATCH, example_length
+
+    graph = export_graph(model, spec, "logits")
+    args = example_args(model, spec, "logits", min(EXAMPLE_BATCH, limits["max_batch"]), example_length(spec.chunk_size))
+    bounds = {"sequence": limits["max_length"], "batch": limits["max_batch"]}
+    axes = {name: {a: label for a, label in dims.items() if bounds[label] > 1}
+            for name, dims in graph_axes(spec, "logits").items()}
+    with torch.no_grad():
+        return torch.export.export(graph, args, dynamic_shapes=_dynamic_shapes(graph, axes, False, bounds))
+
+
 def export_executorch(model, path: str | os.PathLike, spec=None, max_length: int | None = None,
                       max_batch: int | None = None) -> Path:
     """Lower the full forward of `model` (described by `spec`) to an ExecuTorch program
     at `path`, delegated to XNNPACK, that runs every batch up to `max_batch` and every
     length from 1 to `max_length` (both stored in the program; see `program_limits`)."""
     require_executorch()
-    from bsbr_export.export import _dynamic_shapes, _quiet, _staging, example_args, graph_axes
-    from bsbr_export.graphs import export_graph
-    from bsbr_export.spec import EXAMPLE_BATCH, example_length, spec_for
+    from bsbr_export.export import _quiet, _staging
+    from bsbr_export.spec import spec_for
 
     path = Path(path)
     model = model.eval()
     spec = spec_for(model, spec)
     check_limits(spec, max_length, max_batch)
     limits = resolve_limits(max_length, max_batch)
-    graph = export_graph(model, spec, "logits")
-    args = example_args(model, spec, "logits", min(EXAMPLE_BATCH, limits["max_batch"]), example_length(spec.chunk_size))
-    # Bounded dims: without a maximum, memory would be planned for the example's shape.
-    # A batch of at most 1 is static (torch.export cannot keep a dim of size 1 symbolic).
-    bounds = {"sequence": limits["max_length"], "batch": limits["max_batch"]}
-    axes = {name: {a: label for a, label in dims.items() if bounds[label] > 1}
-            for name, dims in graph_axes(spec, "logits").items()}
-    with _staging(path) as tmp, _quiet(), quiet_runtime(), torch.no_grad():
-        program = torch.export.export(graph, args, dynamic_shapes=_dynamic_shapes(graph, axes, False, bounds))
+    with _staging(path) as tmp, _quiet(), quiet_runtime():
         staged = tmp / path.name
-        staged.write_bytes(lower(program, limits).to_executorch().buffer)
+        staged.write_bytes(lower(export_program(model, spec, limits), limits).to_executorch().buffer)
         os.replace(staged, path)
     return path
 
