@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -63,10 +64,11 @@ def quiet_runtime() -> Iterator[None]:
 
 
 def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
-    """aten.layer_norm over the last dim in ops XNNPACK takes: it has no layer norm, and
-    its mean is a global average over the two innermost dims of a 4D tensor, so every
-    row becomes a [1, 1, hidden] image (one channel: no layout transpose)."""
-    rows = x.reshape(-1, 1, 1, x.shape[-1])
+    """aten.layer_norm in ops XNNPACK takes: it has no layer norm, and its mean is a
+    global average over the two innermost dims of a 4D tensor, so every row (the
+    normalized trailing dims, flattened) becomes a [1, 1, width] image (one channel: no
+    layout transpose)."""
+    rows = x.reshape(-1, 1, 1, math.prod(normalized_shape))
     centered = rows - rows.mean(dim=(-2, -1), keepdim=True)
     variance = (centered * centered).mean(dim=(-2, -1), keepdim=True)
     y = (centered * torch.rsqrt(variance + eps)).reshape(x.shape)

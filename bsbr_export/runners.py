@@ -102,14 +102,20 @@ class ExecuTorchRunner:
         from bsbr_export.executorch import load_program, program_limits, quiet_runtime
 
         self.path = Path(path)
-        program = load_program(self.path)
-        self.limits = program_limits(program)
+        # Kept: a method runs on its program's memory.
+        self.program = load_program(self.path)
+        self.limits = program_limits(self.program)
         with quiet_runtime():
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+            from executorch.extension.pybindings.portable_lib import (
+                _threadpool_get_thread_count,
+                _unsafe_reset_threadpool,
+            )
 
-            self.method = program.load_method("forward")
-            # "Unsafe" while another thread runs a program; runners are built before any call.
-            _unsafe_reset_threadpool(torch.get_num_threads())
+            # Before the method loads: XNNPACK keeps the pool it was loaded with, and a
+            # reset under a loaded method crashes its next call (seen in executorch 1.5.1).
+            if _threadpool_get_thread_count() != torch.get_num_threads():
+                _unsafe_reset_threadpool(torch.get_num_threads())
+            self.method = self.program.load_method("forward")
         self.input_names, self.output_names = input_names, output_names
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:

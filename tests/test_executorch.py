@@ -60,6 +60,15 @@ def test_validate_and_bench_list_executorch(executorch_export, capsys):
     assert code == 0 and "model.pte" in stdout and "executorch" in stdout
 
 
+def test_bench_times_executorch_at_one_thread(executorch_export):
+    from bsbr_export.bench import bench_engines
+
+    # One thread resizes XNNPACK's pool, which must happen before the program's method loads.
+    out, _ = executorch_export
+    (result,) = bench_engines(out, ["executorch"], [9, EXECUTORCH_LIMITS["max_length"]], threads=1, budget_s=0.2)
+    assert result.ok and [t.length for t in result.timings] == [9, EXECUTORCH_LIMITS["max_length"]], result
+
+
 def _one_line_error(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 or (len(lines) == 2 and "validating" in lines[0]), err  # the progress line, then ours
@@ -104,3 +113,16 @@ def test_bad_limits_are_refused_in_one_line(args, message, tmp_path, capsys):
     code, _, err = run_cli(capsys, "export", "bsbr-tiny", *args, "--out", tmp_path / "out")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape", [(5, 16), (2, 3, 4)])
+def test_layer_norm_decomposition_matches_torch(shape):
+    from bsbr_export.executorch import _layer_norm
+
+    generator = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(2, *shape, generator=generator)
+    normalized = shape[1:]
+    weight, bias = torch.randn(normalized, generator=generator), torch.randn(normalized, generator=generator)
+    want = torch.nn.functional.layer_norm(x, normalized, weight, bias, eps=1e-5)
+    assert torch.allclose(_layer_norm(x, normalized, weight, bias, 1e-5), want, atol=1e-5)
+    assert torch.allclose(_layer_norm(x, normalized), torch.nn.functional.layer_norm(x, normalized), atol=1e-5)

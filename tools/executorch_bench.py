@@ -1,7 +1,8 @@
 """ExecuTorch (`--format executorch`, XNNPACK) on bsbr-small: what issue #14 asks to measure.
 
     python tools/executorch_bench.py [--model bsbr-small] [--out tools/results]
-    python tools/executorch_bench.py --flops-only --stages standard --label main   # FLOP shares only
+    python tools/executorch_bench.py --flops-only --label main > main.json   # FLOP shares only, any checkout
+    python tools/executorch_bench.py --baseline main.json   # ... reported before this checkout's
 
 Measures, in one run: export + lowering time and `.pte` size; max abs error against eager
 over lengths (1 .. max) and batches (1 .. max); latency ExecuTorch / eager at 1 and 2
@@ -213,6 +214,8 @@ def main() -> None:
     parser.add_argument("--stages", default="standard,shipped", help="lowering stages to count FLOPs for")
     parser.add_argument("--label", default="", help="prefix for the stage names (e.g. 'main')")
     parser.add_argument("--flops-only", action="store_true", help="only the FLOP shares (printed as JSON)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a --flops-only JSON from another checkout (e.g. main) to report first")
     args = parser.parse_args()
 
     from bsbr_export import load_model
@@ -221,7 +224,8 @@ def main() -> None:
 
     model = load_model(args.model).eval()
     spec = spec_for(model)
-    shares = [dict(delegation(model, spec, s), label=f"{args.label} {s}".strip()) for s in args.stages.split(",")]
+    shares = json.loads(args.baseline.read_text()) if args.baseline else []
+    shares += [dict(delegation(model, spec, s), label=f"{args.label} {s}".strip()) for s in args.stages.split(",")]
     if args.flops_only:
         print(json.dumps(shares, indent=2))
         return
