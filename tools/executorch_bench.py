@@ -190,7 +190,7 @@ def markdown(result: dict) -> str:
               + " | ".join(f"delegated at L={n}" for n in LENGTHS) + " | largest FLOPs outside | load |",
               "|---|---:|---:|---:|---:|" + "---:|" * len(LENGTHS) + "---|---|"]
     for d in result["delegation"]:
-        outside = d["flops"][str(LENGTHS[-1])]["outside_xnnpack"]
+        outside = {op: f for op, f in d["flops"][str(LENGTHS[-1])]["outside_xnnpack"].items() if op}
         lines.append(f"| {d.get('label', d['stage'])} | {d['lowering_s']} | {d.get('delegate calls', 0)} | "
                      f"{d.get('portable nodes', 0)} | {d.get('xnnpack nodes', 0)} | "
                      + " | ".join(f"{100 * d['flops'][str(n)]['delegated']:.2f}%" for n in LENGTHS)
@@ -203,7 +203,10 @@ def markdown(result: dict) -> str:
                   "| threads | L | eager ms | ExecuTorch ms | ExecuTorch / eager | spread | load before -> after |",
                   "|---:|---:|---:|---:|---:|---:|---|"]
         lines += [f"| {r['threads']} | {r['length']} | {r['eager_ms']:.1f} | {r['executorch_ms']:.1f} | "
-                  f"{r['ratio']:.2f} | {100 * r['spread']:.0f}% | {r['load']} |" for r in result["latency"]]
+                  f"{r['ratio']:.2f} | {100 * r['spread']:.0f}%{' ⚠' if r['spread'] > 0.25 else ''} | {r['load']} |"
+                  for r in result["latency"]]
+        lines += ["", "⚠: the p10-p90 spread of a timing is over 25% of its median (as in `bench`): rerun on a "
+                  "quieter machine before reading that ratio."]
     return "\n".join(lines) + "\n"
 
 
