@@ -148,7 +148,7 @@ def available_engines(export_dir: Path) -> list[str]:
 
     engines = ["eager", "compile"]
     # One engine per torch-run artifact, named like its format (ONNX gets ORT's below).
-    engines += [name for name in ("torchscript", "aoti") if (export_dir / artifact_name(FORMATS[name], "logits")).is_file()]
+    engines += [f.name for f in FORMATS.values() if f.engine and (export_dir / artifact_name(f, "logits")).is_file()]
     if (export_dir / "model.onnx").is_file():
         engines += [f"ort-cpu-{level}" for level in ORT_LEVELS]
         if "CUDAExecutionProvider" in available_providers():
@@ -251,9 +251,9 @@ def _make_call(engine: str, export_dir: Path, threads: int, trust_code: bool = F
         groups = onnx_groups(export_dir / "model.onnx", spec.block_path) if keep else None
         runner = OpenVinoRunner(export_dir / "model.onnx", precision, keep, groups, threads)
         return lambda feeds: runner.infer(feeds)[runner.output_names[0]]
-    if engine in ("torchscript", "aoti"):
-        from bsbr_export.formats import FORMATS, artifact_name
+    from bsbr_export.formats import FORMATS, artifact_name
 
+    if engine in FORMATS and FORMATS[engine].engine:
         fmt = FORMATS[engine]
         spec = export_spec(export_dir)
         runner = fmt.runner(export_dir / artifact_name(fmt, "logits"), spec.input_names, spec.output_names)

@@ -85,6 +85,10 @@ def run(model: str, length: int | None, batch: int) -> None:
 @click.option("--streaming", is_flag=True, help="Also export streaming-step graphs (past.* -> present.*).")
 @click.option("--static", "static", default=None, metavar="BATCHxLENGTH", help="Fixed-shape ONNX graph instead of dynamic axes.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
+@click.option("--max-length", "max_length", type=click.IntRange(min=1), default=None,
+              help="Longest input of an executorch program (memory is planned for it) [default: 2048].")
+@click.option("--max-batch", "max_batch", type=click.IntRange(min=1), default=None,
+              help="Largest batch of an executorch program [default: 4].")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).")
 @click.option("--force", is_flag=True,
@@ -99,8 +103,8 @@ def run(model: str, length: int | None, batch: int) -> None:
               help="JSON ModelSpec of a module reference's inputs/outputs [default: inferred].")
 @click.option("--chunk-size", "chunk_size", type=click.IntRange(min=1), default=None,
               help="Chunk size of a module with no BSBR layer to read it from.")
-def export(model, out_dir, formats, streaming, static, opset, tolerance, force, triton_repo, trust_code, weights,
-           spec_file, chunk_size) -> None:
+def export(model, out_dir, formats, streaming, static, opset, max_length, max_batch, tolerance, force, triton_repo,
+           trust_code, weights, spec_file, chunk_size) -> None:
     """Export MODEL and check every artifact.
 
     MODEL is a preset name, a checkpoint directory, or your own module as a reference
@@ -126,6 +130,10 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
     from bsbr_export.usercode import export_name
 
     chosen = parse_formats(formats)
+    for flag, value in (("max_length", max_length), ("max_batch", max_batch)):
+        if value is not None and not any(flag in f.options for f in chosen):
+            takers = ", ".join(f.name for f in FORMATS.values() if flag in f.options)
+            raise UserError(f"--{flag.replace('_', '-')} applies to --format {takers} only: add it, or drop the flag")
     if triton_repo:
         if "onnx" not in [f.name for f in chosen]:
             raise UserError("--triton-repo serves the ONNX graph: add onnx to --format")
@@ -140,10 +148,12 @@ def export(model, out_dir, formats, streaming, static, opset, tolerance, force, 
         spec = read_spec(spec_file)
     # The model and its spec first: a bad reference, spec or weights is the only line printed.
     source = load_source(model, trust_code=trust_code, weights=weights, spec=spec, chunk_size=chunk_size)
+    for fmt in chosen:  # options a format cannot honor for this model: refused before any progress line
+        fmt.check(source.spec, max_length=max_length, max_batch=max_batch)
     with progress_steps(Console(stderr=True)) as progress:
         result = export_model(
             source, out, chosen, streaming=streaming, static_shape=static_shape, opset=opset,
-            overwrite=force, tolerance=tolerance, progress=progress,
+            overwrite=force, tolerance=tolerance, max_length=max_length, max_batch=max_batch, progress=progress,
         )
     stdout_console().print(export_table(result))
     if result.note:
@@ -181,8 +191,10 @@ def _eval_text(path, budget: float) -> bytes | None:
 @click.argument("export_dir", type=click.Path())
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).")
-@click.option("--lengths", default=None, help="Comma-separated lengths [default: 1,c-1,c,c+1,3c+5,2048].")
-@click.option("--batches", default="1,2,3", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--lengths", default=None,
+              help="Comma-separated lengths [default: 1,c-1,c,c+1,3c+5,2048, up to an artifact's --max-length].")
+@click.option("--batches", default=None,
+              help="Comma-separated batch sizes [default: 1,2,3, up to an artifact's --max-batch].")
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime provider(s) [default: all available].")
 @click.option("--trust-code", "trust_code", is_flag=True,
               help="Allow rebuilding a user's module from the reference its manifest records (runs its code).")
@@ -211,7 +223,7 @@ def validate(export_dir, tolerance, lengths, batches, providers, trust_code, eva
         progress("validating every artifact against eager")
         result = validate_export(
             export_dir, tolerance=tolerance, lengths=_int_list(lengths, "--lengths") if lengths else None,
-            batches=tuple(_int_list(batches, "--batches")), providers=list(providers) or None,
+            batches=tuple(_int_list(batches, "--batches")) if batches else None, providers=list(providers) or None,
             trust_code=trust_code, eval_text=text, accuracy_budget=accuracy_budget,
         )
     with atomic_write(Path(export_dir) / "validation.json") as tmp:
@@ -258,8 +270,9 @@ QUICK_BENCH = {
 @click.option("--validation-lengths", default=None, help="Lengths for the validation pass [default: validate's].")
 @click.option("--out", "out_dir", type=click.Path(), default=None,
               help="Export directory when TARGET is a model [default: ./export/<model>].")
-@click.option("--formats", default=",".join(FORMATS), show_default=True,
-              help="Formats to export when TARGET is a model.")
+@click.option("--formats", default=None,
+              help="Formats to export when TARGET is a model [default: every one installed: "
+                   + ", ".join(FORMATS) + "].")
 @click.option("--streaming/--no-streaming", default=True, show_default=True,
               help="Export streaming graphs too when TARGET is a model (decode latency needs them).")
 @click.option("--check-length", type=click.IntRange(min=1), default=2048, show_default=True,
@@ -306,7 +319,7 @@ def bench(ctx, target, quick, **options) -> None:
             validation_lengths=(_int_list(o["validation_lengths"], "--validation-lengths")
                                 if o["validation_lengths"] else None),
             tolerance=o["tolerance"], threads=o["threads"], budget_s=o["budget"], overwrite=o["force"],
-            formats=[f.name for f in parse_formats(o["formats"])], streaming=o["streaming"],
+            formats=[f.name for f in parse_formats(o["formats"])] if o["formats"] else None, streaming=o["streaming"],
             long_length=o["check_length"], trust_code=o["trust_code"], eval_text=o["eval_text"],
             accuracy_budget=o["accuracy_budget"], progress=progress,
         )

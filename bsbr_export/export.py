@@ -321,11 +321,15 @@ def _agree(graph, args, got, spec: ModelSpec, what: str, batch: int, length: int
             )
 
 
-def _dynamic_shapes(graph, axes: dict[str, dict[int, str]], streaming: bool):
+def _dynamic_shapes(graph, axes: dict[str, dict[int, str]], streaming: bool, bounds: dict[str, int] | None = None):
+    """torch.export's dynamic_shapes for a graph: one `Dim` per axis label, with a
+    maximum where `bounds` gives one."""
     dims: dict[str, torch.export.Dim] = {}
+    bounds = bounds or {}
 
     def spec(name: str) -> dict[int, torch.export.Dim]:
-        return {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in axes[name].items()}
+        return {axis: dims.setdefault(label, torch.export.Dim(label, max=bounds.get(label)))
+                for axis, label in axes[name].items()}
 
     specs = [spec(name) for name in graph.input_names]
     # The graphs' forward(tokens, *past) / forward(*inputs): varargs are one tuple argument.

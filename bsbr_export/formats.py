@@ -7,6 +7,7 @@ help stays light) and the export options it takes; callers dispatch through the 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +35,35 @@ class Format:
     per_provider: bool = False  # validated once per ONNX Runtime execution provider
     needs_gpu: bool = False
     describe: Callable[[Path], dict] = lambda path: {}
+    engine: bool = False  # bench times the artifact as an engine of its own, named like the format
+    requires: str | None = None  # the module of an optional package it needs
+    install: str = ""  # how to install that package
+    validate: Callable[..., None] = lambda spec, **options: None  # UserError for options it cannot honor
+
+    @property
+    def installed(self) -> bool:
+        """Whether the optional package this format needs (if any) is importable here."""
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+
+    def check_installed(self) -> None:
+        """UserError saying how to install the package this format needs, when it is missing."""
+        if not self.installed:
+            raise UserError(f"--format {self.name} needs the {self.requires} package: {self.install}")
 
     @property
     def streaming(self) -> bool:
         return len(self.kinds) > 1
 
+    def _own(self, options: dict) -> dict:
+        return {k: v for k, v in options.items() if k in self.options}
+
     def export(self, model, path: Path, kind: str, spec=None, **options) -> list[Path]:
         """Write one artifact with the options this format takes (others are dropped)."""
-        return self.exporter(model, path, kind, spec, **{k: v for k, v in options.items() if k in self.options})
+        return self.exporter(model, path, kind, spec, **self._own(options))
+
+    def check(self, spec, **options) -> None:
+        """UserError, before any work, if this format cannot honor its options for `spec`."""
+        self.validate(spec, **self._own(options))
 
 
 def _export_onnx(model, path, kind, spec, **options):
@@ -66,6 +88,12 @@ def _export_aoti(model, path, kind, spec):
     return [export_aoti(model, path, spec, kind)]
 
 
+def _export_executorch(model, path, kind, spec, **limits):
+    from bsbr_export.executorch import export_executorch
+
+    return [export_executorch(model, path, spec, **limits)]
+
+
 def _onnx_runner(path, input_names, output_names, provider: str = "CPUExecutionProvider"):
     from bsbr_export.runners import OnnxRunner
 
@@ -84,6 +112,24 @@ def _aoti_runner(path, input_names, output_names):
     return AotiRunner(path, input_names, output_names)
 
 
+def _executorch_runner(path, input_names, output_names):
+    from bsbr_export.runners import ExecuTorchRunner
+
+    return ExecuTorchRunner(path, input_names, output_names)
+
+
+def _check_executorch(spec, **limits) -> None:
+    from bsbr_export.executorch import check_limits
+
+    check_limits(spec, **limits)
+
+
+def _executorch_settings(path: Path) -> dict:
+    from bsbr_export.executorch import program_settings
+
+    return program_settings(path)
+
+
 def _aoti_settings(path: Path) -> dict:
     from bsbr_export.aoti import package_isa
 
@@ -96,14 +142,19 @@ FORMATS: dict[str, Format] = {
         Format("onnx", ".onnx", "ONNX graph for ONNX Runtime (torch.export-based exporter)", _export_onnx,
                _onnx_runner, frozenset({"static_shape", "opset", "metadata"}), per_provider=True),
         Format("torchscript", ".pt", "traced TorchScript for torch.jit.load / torch::jit::load",
-               _export_torchscript(False), _torchscript_runner),
+               _export_torchscript(False), _torchscript_runner, engine=True),
         Format("torchscript-mobile", ".ptl", "TorchScript for PyTorch Mobile's lite interpreter",
                _export_torchscript(True), _torchscript_runner),
         # Full graph only for now: the streaming step exports without guards or runtime
         # asserts (aoti.export_program), but its compiled package is wrong when the past
         # holds fewer than 2 chunks (the example's count), so export refuses to write it.
         Format("aoti", ".pt2", "AOTInductor package for aoti_load_package / torch::inductor::AOTIModelPackageLoader",
-               _export_aoti, _aoti_runner, kinds=("logits",), describe=_aoti_settings),
+               _export_aoti, _aoti_runner, kinds=("logits",), describe=_aoti_settings, engine=True),
+        # Full graph only: see README "Deploy" for what the streaming step needs.
+        Format("executorch", ".pte", "ExecuTorch program lowered to XNNPACK, for executorch.runtime / the C++ Module API",
+               _export_executorch, _executorch_runner, frozenset({"max_length", "max_batch"}), kinds=("logits",),
+               describe=_executorch_settings, engine=True, requires="executorch", validate=_check_executorch,
+               install='pip install -c constraints.txt "bsbr-export[executorch]" (in a checkout: ".[executorch]")'),
     )
 }
 
@@ -124,6 +175,7 @@ def parse_formats(text: str) -> list[Format]:
             close = difflib.get_close_matches(name, FORMATS, n=1)
             hint = f"did you mean {close[0]}?" if close else f"choose from {', '.join(FORMATS)}"
             raise UserError(f"unknown format {name!r}: {hint}")
+        FORMATS[name].check_installed()
         if FORMATS[name] not in chosen:
             chosen.append(FORMATS[name])
     return chosen

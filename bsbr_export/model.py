@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bsbr_export import nn as nn_layers
@@ -128,7 +129,9 @@ class BSBRModel(nn.Module):
 
     def _head(self, x: Tensor) -> Tensor:
         x = self.ln_f(x)
-        return x @ self.embedding.weight.T if self.config.lm_head else x
+        # F.linear, not `x @ weight.T`: exporters then see the tied weight itself as a
+        # linear layer's weight (XNNPACK delegates only those), not a transposed copy.
+        return F.linear(x, self.embedding.weight) if self.config.lm_head else x
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """input_ids [B, L] (right-padded; `attention_mask` [B, L] 1 = token, 0 = pad)

@@ -44,6 +44,7 @@ from bsbr_export.validate import (
     ParityReport,
     check_parity,
     default_cases,
+    fit_cases,
 )
 from bsbr_export.versions import versions
 
@@ -96,6 +97,8 @@ def export_model(
     weights: str | os.PathLike | None = None,
     chunk_size: int | None = None,
     long_length: int = 2048,
+    max_length: int | None = None,
+    max_batch: int | None = None,
     progress: Callable[[str], None] = lambda step: None,
 ) -> ExportResult:
     """Export MODEL to `out_dir` in `formats` and check each artifact against eager (at
@@ -104,6 +107,8 @@ def export_model(
     `model_ref`: a preset name, a checkpoint directory, a module reference
     (`file.py:factory`, imported only with `trust_code`; `weights` loaded into it) or an
     `nn.Module`. Its spec (`spec`, or the defaults) is computed once and passed down.
+    `max_length` / `max_batch`: the largest input of formats that plan memory ahead
+    (ExecuTorch; default: theirs); each such artifact is checked up to its limits.
     """
     check_opset(opset)
     check_static_shape(static_shape, streaming)
@@ -111,6 +116,8 @@ def export_model(
     source = model_ref if isinstance(model_ref, Source) else load_source(
         model_ref, trust_code=trust_code, weights=weights, spec=spec, chunk_size=chunk_size)
     spec = source.spec
+    for fmt in formats:
+        fmt.check(spec, max_length=max_length, max_batch=max_batch)
     # A decode graph needs the module's stream_update; other streamers get the full-state step.
     decodes = callable(getattr(source.module, "stream_update", None))
     jobs = [(fmt, kind) for fmt, kind in export_jobs(formats, streaming) if kind != "decode" or decodes]
@@ -129,11 +136,12 @@ def export_model(
             progress(f"exporting {name}")
             start = time.perf_counter()
             files = fmt.export(source.module, tmp / name, kind, spec=spec, static_shape=static_shape, opset=opset,
-                               metadata={"bsbr.model": str(label)})
+                               metadata={"bsbr.model": str(label)}, max_length=max_length, max_batch=max_batch)
             seconds = time.perf_counter() - start
             progress(f"checking {name} against eager")
             static = static_shape if "static_shape" in fmt.options else None
-            parity = _check(fmt, tmp / name, source, kind, static, tolerance, long_length)
+            described = fmt.describe(tmp / name)
+            parity = _check(fmt, tmp / name, source, kind, static, tolerance, long_length, described)
             artifacts.append(
                 ArtifactResult(
                     name=name,
@@ -142,7 +150,7 @@ def export_model(
                     files={f.name: file_record(f) for f in files},
                     seconds=seconds,
                     parity=parity,
-                    settings=fmt.describe(tmp / name),
+                    settings=described,
                 )
             )
         manifest = {
@@ -209,11 +217,13 @@ def _mobile_note() -> str:
 
 
 def _check(fmt: Format, path: Path, source: Source, kind: str, static_shape, tolerance: float,
-           long_length: int) -> ParityReport:
+           long_length: int, settings: dict) -> ParityReport:
     reference = EagerRunner(source.module, source.spec, kind)
     runner = runner_for(fmt, path, reference)
     streaming = kind != "logits"
-    cases = [Case(*static_shape)] if static_shape else default_cases(source.spec.chunk_size, streaming, long_length)
+    c = source.spec.chunk_size
+    cases = [Case(*static_shape)] if static_shape else default_cases(c, streaming, long_length)
+    cases = fit_cases(cases, c, settings.get("max_batch"), settings.get("max_length"))
     return check_parity(path.name, reference, runner, cases, source.spec, tolerance)
 
 
@@ -275,10 +285,10 @@ def benchmark(
     Every engine runs in its own process on the same inputs; reports go into the
     export dir: report.json, report.md, latency.png, memory.png, decode.png. A model is
     exported into `out_dir`, which must be new or empty unless `overwrite` is set, in
-    `formats` (default: all), with streaming graphs when `streaming` and the model can
-    stream, each artifact checked up to `long_length`. Byte-level LMs are scored on
-    `eval_text` (default: held-out stdlib text); the report recommends the fastest engine
-    within `accuracy_budget` of eager's bits per byte.
+    `formats` (default: every format whose package is installed), with streaming graphs
+    when `streaming` and the model can stream, each artifact checked up to `long_length`.
+    Byte-level LMs are scored on `eval_text` (default: held-out stdlib text); the report
+    recommends the fastest engine within `accuracy_budget` of eager's bits per byte.
     """
     from bsbr_export.bench import (
         WARMUP,
@@ -303,9 +313,11 @@ def benchmark(
         source = load_source(model_ref, trust_code=trust_code)
         # Non-causal models and modules without the streaming protocol have no streaming graphs.
         streams = streaming and source.spec.causal and source.spec.state is not None
-        chosen = [FORMATS[f] for f in formats] if formats else list(FORMATS.values())
+        chosen = [FORMATS[f] for f in formats] if formats else [f for f in FORMATS.values() if f.installed]
+        # Formats with a planned maximum length are exported for every length timed or checked here.
+        longest = max(*lengths, long_length, *(validation_lengths or [long_length]))
         export_model(source, directory, chosen, streaming=streams, overwrite=overwrite,
-                     tolerance=tolerance, long_length=long_length, progress=progress)
+                     tolerance=tolerance, long_length=long_length, max_length=longest, progress=progress)
     known = available_engines(directory)
     engines = engines or known
     unknown = [e for e in engines if e not in known]

@@ -105,6 +105,47 @@ class AotiRunner(ModuleRunner):
         return torch.from_numpy(np.ascontiguousarray(array))
 
 
+class ExecuTorchRunner:
+    """An ExecuTorch program (`.pte`) run by `executorch.runtime`, XNNPACK's thread pool
+    sized like torch's (`torch.set_num_threads`). Inputs past the batch or length the
+    program was exported for are refused before the call: its memory is planned for them."""
+
+    name = "executorch"
+
+    def __init__(self, path: str | os.PathLike, input_names: list[str], output_names: list[str]) -> None:
+        from bsbr_export.executorch import load_program, program_limits, quiet_runtime
+
+        self.path = Path(path)
+        # Kept: a method runs on its program's memory.
+        self.program = load_program(self.path)
+        self.limits = program_limits(self.program)
+        with quiet_runtime():
+            from executorch.extension.pybindings.portable_lib import (
+                _threadpool_get_thread_count,
+                _unsafe_reset_threadpool,
+            )
+
+            # Before the method loads: XNNPACK keeps the pool it was loaded with, and a
+            # reset under a loaded method crashes its next call (seen in executorch 1.5.1).
+            if _threadpool_get_thread_count() != torch.get_num_threads():
+                _unsafe_reset_threadpool(torch.get_num_threads())
+            self.method = self.program.load_method("forward")
+        self.input_names, self.output_names = input_names, output_names
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """UserError if a feed is longer or has more rows than the program allows."""
+        batch, length = feeds[self.input_names[0]].shape[:2]
+        if length > self.limits["max_length"] or batch > self.limits["max_batch"]:
+            raise UserError(
+                f"{self.path.name} runs up to batch {self.limits['max_batch']} x length {self.limits['max_length']}, "
+                f"got batch {batch} x length {length}: re-export with --format executorch --max-length/--max-batch")
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check_feeds(feeds)
+        outputs = self.method.execute([torch.from_numpy(feeds[n]) for n in self.input_names])
+        return {n: o.numpy() for n, o in zip(self.output_names, outputs)}
+
+
 def available_providers() -> list[str]:
     """ONNX Runtime execution providers usable on this machine."""
     import onnxruntime as ort

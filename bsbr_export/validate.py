@@ -20,6 +20,7 @@ DEFAULT_TOLERANCE = 1e-4  # fp32 max abs error, relative to the logit scale (max
 # bf16 keeps 8 mantissa bits (~4e-3 relative per op). For byte-level LMs held-out bits
 # per byte judge them instead (evaltext).
 PRECISION_TOLERANCES = {"fp16": 1e-2, "bf16": 5e-2, "int8": 0.25}
+DEFAULT_BATCHES = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def default_cases(
     streaming: bool = False,
     long_length: int = 2048,
     lengths: list[int] | None = None,
-    batches: tuple[int, ...] = (1, 2, 3),
+    batches: tuple[int, ...] = DEFAULT_BATCHES,
 ) -> list[Case]:
     """Every length x batch, plus a right-padded masked batch (full graphs) or uneven
     stream splits (streaming graphs)."""
@@ -154,6 +155,18 @@ def default_cases(
     if streaming:
         return [dataclasses.replace(k, pieces=tuple(stream_pieces(k.length, chunk_size))) for k in cases]
     return [*cases, Case(max(batches), max(lengths), masked=True)]
+
+
+def fit_cases(cases: list[Case], chunk_size: int, max_batch: int | None, max_length: int | None) -> list[Case]:
+    """Cases clamped to an artifact's largest batch and length (an ExecuTorch program
+    has its memory planned up to them), duplicates dropped: the limit itself is checked
+    instead of shapes the artifact refuses by design."""
+    fitted = []
+    for case in cases:
+        batch, length = min(case.batch, max_batch or case.batch), min(case.length, max_length or case.length)
+        pieces = tuple(stream_pieces(length, chunk_size)) if case.pieces else ()
+        fitted.append(dataclasses.replace(case, batch=batch, length=length, pieces=pieces))
+    return list(dict.fromkeys(fitted))
 
 
 def make_inputs(case: Case, spec, seed: int) -> dict[str, np.ndarray]:
@@ -307,7 +320,7 @@ def validate_export(
     *,
     tolerance: float = DEFAULT_TOLERANCE,
     lengths: list[int] | None = None,
-    batches: tuple[int, ...] = (1, 2, 3),
+    batches: tuple[int, ...] | None = None,
     providers: list[str] | None = None,
     seed: int = 1234,
     trust_code: bool = False,
@@ -337,7 +350,7 @@ def validate_export(
 
     if lengths is not None and any(n < 1 for n in lengths):
         raise UserError(f"lengths must be >= 1, got {lengths}")
-    if any(b < 1 for b in batches):
+    if batches is not None and any(b < 1 for b in batches):
         raise UserError(f"batches must be >= 1, got {list(batches)}")
     directory = Path(export_dir)
     manifest = read_manifest(directory)
@@ -364,7 +377,11 @@ def validate_export(
         settings = artifact.get("settings", {})
         static = settings.get("static_shape")
         allowed = PRECISION_TOLERANCES.get(settings.get("precision", "fp32"), tolerance)
-        cases = [Case(*static)] if static else default_cases(spec.chunk_size, streaming, lengths=lengths, batches=batches)
+        cases = [Case(*static)] if static else default_cases(spec.chunk_size, streaming, lengths=lengths,
+                                                              batches=batches or DEFAULT_BATCHES)
+        # Default shapes are clamped to an artifact's limits; asked-for ones past them are refused.
+        cases = fit_cases(cases, spec.chunk_size, settings.get("max_batch") if batches is None else None,
+                          settings.get("max_length") if lengths is None else None)
         fmt = FORMATS[artifact["format"]]
         names = reference.input_names, reference.output_names
         if fmt.per_provider:

@@ -73,6 +73,24 @@ def aoti_export(tmp_path_factory):
     return out, result
 
 
+# The ExecuTorch program's limits in tests: a length that is no chunk multiple, and a
+# batch above the validation batches (memory is planned for these, so small is quick).
+EXECUTORCH_LIMITS = {"max_length": 77, "max_batch": 3}
+
+
+@pytest.fixture(scope="session")
+def executorch_export(tmp_path_factory):
+    """bsbr-tiny lowered once per session to an ExecuTorch program (XNNPACK): lowering
+    takes most of a minute, so no other fixture does it. Skips without the extra."""
+    pytest.importorskip("executorch", reason='the executorch extra is not installed (pip install ".[executorch]")')
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-executorch"
+    result = export_model("bsbr-tiny", out, [FORMATS["executorch"]], streaming=True, **EXECUTORCH_LIMITS)
+    return out, result
+
+
 @pytest.fixture(scope="session")
 def compressed_export(tmp_path_factory):
     """bsbr-tiny-compressed exported once per session (ONNX only, full and streaming)."""
