@@ -107,3 +107,26 @@ def test_bad_input_exits_2(bsbr_run, exported, tmp_path, artifact, ids, message)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and message in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("length", [13, 37])  # the compile's example was 2c+c/2 = 20; c = 8
+def test_aoti_package_matches_eager(bsbr_run, aoti_export, tmp_path, length):
+    """The same program runs model.pt2 through torch::inductor::AOTIModelPackageLoader."""
+    out, _ = aoti_export
+    model = load_model(out)
+    ids = np.random.default_rng(length + 1).integers(0, model.config.vocab_size, (3, length))
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("\n".join(" ".join(map(str, row)) for row in ids) + "\n")
+    done = run(bsbr_run, out / "model.pt2", tmp_path / "logits.npy", "--ids-file", ids_file)
+    assert done.returncode == 0, done.stderr
+    logits = np.load(tmp_path / "logits.npy")
+    expected = eager_logits(model, ids)
+    assert logits.shape == expected.shape and np.abs(logits - expected).max() <= TOLERANCE
+
+
+def test_corrupt_aoti_package_exits_2(bsbr_run, tmp_path):
+    (tmp_path / "model.pt2").write_bytes(b"not a zip archive")
+    done = run(bsbr_run, tmp_path / "model.pt2", tmp_path / "logits.npy", "1", "2")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "is not an AOTInductor package" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]

@@ -1,20 +1,25 @@
-// bsbr_run: run an exported BSBR TorchScript model (model.pt) from C++ with libtorch.
+// bsbr_run: run an exported BSBR model from C++ with libtorch: traced TorchScript
+// (model.pt, torch::jit::load) or an AOTInductor package (model.pt2, loaded with
+// torch::inductor::AOTIModelPackageLoader; compiled for the exporting CPU's ISA).
 //
-//   bsbr_run MODEL.pt OUT.npy --ids-file IDS.txt   one sequence per line, ids split by spaces
-//   bsbr_run MODEL.pt OUT.npy ID [ID ...]          one sequence from the command line
+//   bsbr_run MODEL.pt[2] OUT.npy --ids-file IDS.txt   one sequence per line, ids split by spaces
+//   bsbr_run MODEL.pt[2] OUT.npy ID [ID ...]          one sequence from the command line
 //
 // Runs forward(input_ids, attention_mask) and writes the logits [batch, sequence, vocab]
 // as a float32 .npy file (numpy.load reads it; the format is a short text header, then
 // raw little-endian floats). Lines of different lengths are right-padded with
 // attention_mask 0: only the logits at each line's own positions are meaningful.
 // Exit status: 0 ok, 2 bad input (one line on stderr).
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iostream>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -29,7 +34,7 @@ struct UserError : std::runtime_error {
 
 using Sequences = std::vector<std::vector<int64_t>>;
 
-const char* const kUsage = "usage: bsbr_run MODEL.pt OUT.npy (--ids-file IDS.txt | ID [ID ...])";
+const char* const kUsage = "usage: bsbr_run MODEL.pt[2] OUT.npy (--ids-file IDS.txt | ID [ID ...])";
 
 // TorchScript interpreter errors run to many lines (both tracebacks); the last one
 // ("RuntimeError: index out of range in self") says what happened.
@@ -104,19 +109,54 @@ torch::jit::Module load_model(const std::string& path) {
   return module;
 }
 
-torch::Tensor run(torch::jit::Module& module, const torch::Tensor& input_ids, const torch::Tensor& attention_mask) {
-  c10::InferenceMode guard;
-  torch::IValue output;
+// (input_ids, attention_mask) -> the model's output, whichever format it was loaded from.
+using Forward = std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>;
+
+Forward load_torchscript(const std::string& path) {
+  auto module = std::make_shared<torch::jit::Module>(load_model(path));
+  return [module](const torch::Tensor& input_ids, const torch::Tensor& attention_mask) {
+    torch::IValue output = module->forward({input_ids, attention_mask});
+    if (!output.isTensor()) throw UserError("the model did not return a tensor: pass a bsbr-export model.pt");
+    return output.toTensor();
+  };
+}
+
+// model.pt2: the whole forward compiled ahead of time (bsbr-export export MODEL --format aoti).
+Forward load_aoti(const std::string& path) {
+  if (!std::ifstream(path)) throw UserError("cannot read model " + path + ": check the path");
+  std::shared_ptr<torch::inductor::AOTIModelPackageLoader> loader;
   try {
-    output = module.forward({input_ids, attention_mask});
+    loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(path);
+  } catch (const std::exception& error) {
+    throw UserError(path + " is not an AOTInductor package this libtorch can load (" + last_line(error.what()) +
+                    "): export one with bsbr-export export MODEL --format aoti");
+  }
+  return [loader](const torch::Tensor& input_ids, const torch::Tensor& attention_mask) {
+    auto outputs = loader->run({input_ids, attention_mask});
+    if (outputs.size() != 1) throw UserError("the package does not return logits alone: pass the full-graph model.pt2");
+    return outputs[0];
+  };
+}
+
+bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+torch::Tensor run(const Forward& forward, const torch::Tensor& input_ids, const torch::Tensor& attention_mask) {
+  c10::InferenceMode guard;
+  torch::Tensor output;
+  try {
+    output = forward(input_ids, attention_mask);
+  } catch (const UserError&) {
+    throw;
   } catch (const std::exception& error) {  // c10::Error, or the interpreter's JITException
     throw UserError("the model rejected the input (" + last_line(error.what()) +
                     "): check the ids are below the model's vocab size");
   }
-  if (!output.isTensor() || output.toTensor().dim() != 3) {
-    throw UserError("the model did not return logits [batch, sequence, vocab]: pass a bsbr-export model.pt");
+  if (output.dim() != 3) {
+    throw UserError("the model did not return logits [batch, sequence, vocab]: pass a bsbr-export model.pt or .pt2");
   }
-  return output.toTensor().to(torch::kFloat32).contiguous();
+  return output.to(torch::kFloat32).contiguous();
 }
 
 // .npy version 1.0: magic, header length, a Python-dict header padded to 64 bytes, data.
@@ -162,9 +202,9 @@ int main(int argc, char** argv) {
       sequences.emplace_back();
       for (int i = 3; i < argc; ++i) sequences.back().push_back(parse_id(argv[i]));
     }
-    auto module = load_model(model_path);
+    const Forward forward = ends_with(model_path, ".pt2") ? load_aoti(model_path) : load_torchscript(model_path);
     auto [input_ids, attention_mask] = to_tensors(sequences);
-    auto logits = run(module, input_ids, attention_mask);
+    auto logits = run(forward, input_ids, attention_mask);
     write_npy(logits, out_path);
     std::cout << "logits " << logits.sizes() << " -> " << out_path << "\n";
     return 0;
