@@ -348,7 +348,8 @@ def run_engine(
     bpb = None
     if scores_text(spec) and spec.outputs[0].logits:  # `call` answers the first output
         text = read_eval_text(eval_text)
-        bpb = {n: bits_per_byte(lambda ids: call(text_feeds(spec, ids)), text, window=n, batch=1) for n in lengths}
+        bpb = {n: bits_per_byte(lambda ids: first_output(call(text_feeds(spec, ids))), text, window=n, batch=1)
+               for n in lengths}
     # Parity last, so loading the eager reference never shows in the memory figures.
     max_abs, top1, scale = _parity(call, export_dir, min(lengths), batch, vocab_size, trust_code)
     return EngineResult(engine, True, tuple(timings), load_rss_mib=load_rss, max_abs=max_abs, top1=top1,
@@ -387,13 +388,19 @@ def model_flops(config, length: int, batch: int = 1) -> float:
     return weight_flops(config, length, batch) + float(batch * config.num_layers * per_layer)
 
 
+def first_output(outputs):
+    """An engine call's first output as an array (ORT answers a list of every output)."""
+    import numpy as np
+
+    return np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs)
+
+
 def _parity(call, export_dir: Path, length: int, batch: int, vocab_size: int,
             trust_code: bool = False) -> tuple[float, float, float]:
     import numpy as np
 
     feeds = random_feeds(vocab_size, batch, length)
-    got = call(feeds)
-    got = np.asarray(got[0] if isinstance(got, (list, tuple)) else got)
+    got = first_output(call(feeds))
     want = eager_output(export_dir, feeds, trust_code)
     top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
     return float(np.abs(got - want).max()), top1, max(1.0, float(np.abs(want).max()))

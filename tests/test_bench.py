@@ -90,3 +90,46 @@ def test_speedups_have_two_significant_digits():
     assert [speedup_text(x) for x in (0.0512, 0.7, 1.0, 1.449, 9.96, 12.4, 153.0)] == [
         "0.051x", "0.70x", "1.0x", "1.4x", "10x", "12x", "150x"]
     assert round_sig(0.04567) == 0.046 and round_sig(1234.0) == 1200.0
+
+
+@pytest.fixture(scope="module")
+def stdlib_export(tmp_path_factory):
+    """The trained byte-level preset exported to ONNX, with a small held-out text file."""
+    from bsbr_export.evaltext import heldout_text
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("stdlib") / "bsbr-stdlib"
+    export_model("bsbr-stdlib", out, [FORMATS["onnx"]])
+    text = out.parent / "heldout.py"
+    text.write_bytes(heldout_text(3000))
+    return out, text
+
+
+def test_validate_scores_bits_per_byte_against_eager(stdlib_export, capsys):
+    out, text = stdlib_export
+    code, stdout, _ = run_cli(capsys, "validate", out, "--lengths", "1,70", "--batches", "1", "--eval-text", text)
+    assert code == 0 and "bits/byte" in stdout
+    score = json.loads((out / "validation.json").read_text())["checks"][0]["text"]
+    assert 1.0 < score["bits_per_byte"] < 6.0 and abs(score["change"]) < 1e-4 and score["passed"]
+
+
+def test_int8_over_the_accuracy_budget_fails_and_is_never_recommended(stdlib_export, capsys):
+    """An all-int8 graph (accepted by a loose budget when written) benched under a tight
+    one: reported as failing, exit 1, and the recommendation is an fp32 engine."""
+    from bsbr_export.evaltext import read_eval_text
+    from bsbr_export.optimize import quantize_int8
+
+    out, text = stdlib_export
+    quant = quantize_int8(out, length=64, text=read_eval_text(text), budget=1.0)
+    assert quant.fp32_nodes == () and quant.steps[0].bits_per_byte > quant.fp32_bits_per_byte
+    code, stdout, err = run_cli(capsys, "bench", out, "--engines", "eager,ort-cpu-all,ort-cpu-int8", "--lengths",
+                                "64,130", "--decode", "", "--validation-lengths", "1,70", "--budget", "0.2",
+                                "--eval-text", text, "--accuracy-budget", "1e-5")
+    assert code == 1 and "FAILED ort-cpu-int8: held-out bits per byte rose" in err
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["engine"]: r for r in report["table"]}
+    assert rows["ort-cpu-int8"]["bits_per_byte_change"] > 1e-5
+    assert abs(rows["ort-cpu-all"]["bits_per_byte_change"]) < 1e-5
+    assert report["recommendation"]["engine"] in ("eager", "ort-cpu-all")
+    assert "Recommended here" in stdout and "Recommended here" in (out / "report.md").read_text()
