@@ -56,18 +56,23 @@ def eager_logits(model, ids: np.ndarray) -> np.ndarray:
     return EagerRunner(model).infer(feeds)["logits"]
 
 
-@pytest.mark.parametrize("length", [13, 37])  # the trace used 2c+c/2 = 20; c = 8
-def test_matches_eager(bsbr_run, exported, tmp_path, length):
-    out, model = exported
-    ids = np.random.default_rng(length).integers(0, model.config.vocab_size, (2, length))
+def check_against_eager(binary: Path, artifact: Path, model, tmp_path: Path, ids: np.ndarray) -> None:
+    """Run `artifact` through the program on `ids` (one line each) and compare with eager."""
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("\n".join(" ".join(map(str, row)) for row in ids) + "\n")
-    done = run(bsbr_run, out / "model.pt", tmp_path / "logits.npy", "--ids-file", ids_file)
+    done = run(binary, artifact, tmp_path / "logits.npy", "--ids-file", ids_file)
     assert done.returncode == 0, done.stderr
     logits = np.load(tmp_path / "logits.npy")
     expected = eager_logits(model, ids)
     assert logits.dtype == np.float32 and logits.shape == expected.shape
     assert np.abs(logits - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("length", [13, 37])  # the trace used 2c+c/2 = 20; c = 8
+def test_matches_eager(bsbr_run, exported, tmp_path, length):
+    out, model = exported
+    ids = np.random.default_rng(length).integers(0, model.config.vocab_size, (2, length))
+    check_against_eager(bsbr_run, out / "model.pt", model, tmp_path, ids)
 
 
 def test_ids_from_argv_and_ragged_lines(bsbr_run, exported, tmp_path):
@@ -115,13 +120,7 @@ def test_aoti_package_matches_eager(bsbr_run, aoti_export, tmp_path, length):
     out, _ = aoti_export
     model = load_model(out)
     ids = np.random.default_rng(length + 1).integers(0, model.config.vocab_size, (3, length))
-    ids_file = tmp_path / "ids.txt"
-    ids_file.write_text("\n".join(" ".join(map(str, row)) for row in ids) + "\n")
-    done = run(bsbr_run, out / "model.pt2", tmp_path / "logits.npy", "--ids-file", ids_file)
-    assert done.returncode == 0, done.stderr
-    logits = np.load(tmp_path / "logits.npy")
-    expected = eager_logits(model, ids)
-    assert logits.shape == expected.shape and np.abs(logits - expected).max() <= TOLERANCE
+    check_against_eager(bsbr_run, out / "model.pt2", model, tmp_path, ids)
 
 
 def test_corrupt_aoti_package_exits_2(bsbr_run, tmp_path):
