@@ -189,7 +189,7 @@ def quantize_int8(
 
     Sensitivity of a node = the accuracy lost when only that node is int8.
     """
-    from bsbr_export.evaltext import bits_per_byte, scores_text
+    from bsbr_export.evaltext import bits_per_byte, scores_text, text_feeds
 
     directory = Path(export_dir)
     source = directory / "model.onnx"
@@ -210,7 +210,7 @@ def quantize_int8(
     def score(session) -> float | None:
         if text is None:
             return None
-        return bits_per_byte(lambda ids: session.run(None, text_feeds_of(session, ids))[0], text)
+        return bits_per_byte(lambda ids: session.run(None, text_feeds(spec, ids))[0], text)
 
     fp32_bpb = score(fp32_session)
 
@@ -258,12 +258,6 @@ def quantize_int8(
         fp32_bits_per_byte=fp32_bpb,
         budget=budget,
     )
-
-
-def text_feeds_of(session, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds of a session's inputs for token ids of real text (a mask of ones, if taken)."""
-    names = [i.name for i in session.get_inputs()]
-    return {names[0]: ids, **({names[1]: np.ones_like(ids)} if len(names) > 1 else {})}
 
 
 def position_nodes(model_proto) -> list[str]:
