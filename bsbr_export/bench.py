@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -287,10 +288,20 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def round_sig(x: float, digits: int = 2) -> float:
+    """`x` rounded to `digits` significant digits (for figures stored in reports)."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    return round(x, digits - 1 - math.floor(math.log10(abs(x))))
+
+
 def spread(times: list[float]) -> float:
-    """(p90 - p10) / p50 of some run times: 0.1 means the middle 80% lie within 10% of the median."""
+    """(p90 - p10) / p50 of some run times: 0.1 means the middle 80% lie within 10% of the median.
+
+    Two significant digits: a third means nothing for run times, and the `noisy` flag
+    must agree with the figure a report shows (0.2501 shown as 0.25 is not over 0.25)."""
     p10, *_, p90 = statistics.quantiles(times, n=10, method="inclusive")
-    return (p90 - p10) / statistics.median(times)
+    return round_sig((p90 - p10) / statistics.median(times))
 
 
 def time_lengths(

@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from bsbr_export.bench import NOISY_SPREAD
+from bsbr_export.bench import NOISY_SPREAD, round_sig
 
 
 @contextlib.contextmanager
@@ -93,13 +93,6 @@ def speedup_text(x: float | None) -> str:
         return "-"
     rounded = round_sig(x)  # first, so 9.96 reads 10x, not "10.x"
     return f"{rounded:.0f}x" if rounded >= 10 else f"{rounded:#.2g}x"
-
-
-def round_sig(x: float, digits: int = 2) -> float:
-    """`x` rounded to `digits` significant digits (for figures stored in reports)."""
-    if x == 0 or not math.isfinite(x):
-        return x
-    return round(x, digits - 1 - math.floor(math.log10(abs(x))))
 
 
 def ms_text(ms: float) -> str:

@@ -10,13 +10,13 @@ import json
 import os
 from pathlib import Path
 
+from bsbr_export.bench import round_sig
 from bsbr_export.evaltext import DEFAULT_ACCURACY_BUDGET
 from bsbr_export.io import atomic_write
 from bsbr_export.render import (
     NOISY_SPREAD,
     human_bytes,
     ms_text,
-    round_sig,
     speedup_text,
 )
 

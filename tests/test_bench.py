@@ -85,7 +85,8 @@ def test_quick_bench_exports_and_times_its_subset_and_explicit_flags_win(capsys,
 
 
 def test_speedups_have_two_significant_digits():
-    from bsbr_export.render import round_sig, speedup_text
+    from bsbr_export.bench import round_sig
+    from bsbr_export.render import speedup_text
 
     assert [speedup_text(x) for x in (0.0512, 0.7, 1.0, 1.449, 9.96, 12.4, 153.0)] == [
         "0.051x", "0.70x", "1.0x", "1.4x", "10x", "12x", "150x"]
@@ -133,3 +134,14 @@ def test_int8_over_the_accuracy_budget_fails_and_is_never_recommended(stdlib_exp
     assert abs(rows["ort-cpu-all"]["bits_per_byte_change"]) < 1e-5
     assert report["recommendation"]["engine"] in ("eager", "ort-cpu-all")
     assert "Recommended here" in stdout and "Recommended here" in (out / "report.md").read_text()
+
+
+def test_a_spread_is_flagged_as_it_is_shown():
+    from bsbr_export.bench import NOISY_SPREAD, Timing, spread
+
+    # p10 8.75, p90 11.25001 around a median of 10: 0.250001, shown (two digits) as 0.25.
+    times = [10.0] * 4 + [8.75, 11.25001] * 3
+    shown = spread(times)
+    assert shown == NOISY_SPREAD
+    assert not Timing(19, 1, len(times), 10.0, 11.25, 11.25, 1.9e3, 1.0, spread=shown).noisy
+    assert spread([10.0] * 4 + [8.7, 11.3] * 3) == 0.26 > NOISY_SPREAD
