@@ -145,9 +145,12 @@ FORMATS: dict[str, Format] = {
                _export_torchscript(False), _torchscript_runner, engine=True),
         Format("torchscript-mobile", ".ptl", "TorchScript for PyTorch Mobile's lite interpreter",
                _export_torchscript(True), _torchscript_runner),
-        # Full graph only for now: the streaming step exports without guards or runtime
-        # asserts (aoti.export_program), but its compiled package is wrong when the past
-        # holds fewer than 2 chunks (the example's count), so export refuses to write it.
+        # Full graph only for now: the streaming step exports with no runtime asserts, but
+        # the program's input guards (ExportedProgram._guards_code, which AOTI compiles in
+        # and never checks) pin it to the example's regime: chunks finished by the step
+        # >= 2, tokens left in the open chunk >= 2, past chunks != 1 (0/1 specialization,
+        # aten.matmul's decomposition). Its package is wrong at a decode step's usual shapes
+        # (0 or 1 chunk finished), which check_generalizes catches, so it is not offered.
         Format("aoti", ".pt2", "AOTInductor package for aoti_load_package / torch::inductor::AOTIModelPackageLoader",
                _export_aoti, _aoti_runner, kinds=("logits",), describe=_aoti_settings, engine=True),
         # Full graph only: see README "Deploy" for what the streaming step needs.

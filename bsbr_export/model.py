@@ -140,7 +140,12 @@ class BSBRModel(nn.Module):
             check_input_ids(input_ids, self.config.vocab_size)
             if attention_mask is not None:
                 check_attention_mask(attention_mask, input_ids.shape, "input_ids")
-        x = self._embed(input_ids, 0)
+        return self.forward_from(input_ids, 0, attention_mask)
+
+    def forward_from(self, input_ids: Tensor, start: int, attention_mask: Tensor | None = None) -> Tensor:
+        """`forward` of a window whose first token sits at position `start`: training on
+        windows at random starts teaches the positions of sequences longer than the window."""
+        x = self._embed(input_ids, start)
         if attention_mask is not None:
             # Causality already keeps right padding out of every valid position; zeroing
             # the padded inputs also makes the outputs there independent of the pad ids.

@@ -99,6 +99,20 @@ def test_positions_are_sinusoids():
     assert sinusoidal_positions(torch.arange(3), position_frequencies(7), 7).shape == (3, 7)
 
 
+def test_forward_from_a_later_start_moves_only_the_positions(tiny_model):
+    """Training at random starts (tools/train.py) runs `forward` with shifted positions."""
+    ids = random_ids(tiny_model.config, 2, 11)
+    c = tiny_model.config.chunk_size
+    assert torch.equal(tiny_model.forward_from(ids, 0), tiny_model(ids))
+    later = tiny_model.forward_from(ids, 3 * c)
+    assert later.shape == (2, 11, tiny_model.config.vocab_size)
+    assert not torch.allclose(later, tiny_model(ids))
+    # Causal still: a later token never changes an earlier output.
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % tiny_model.config.vocab_size
+    assert torch.allclose(tiny_model.forward_from(changed, 3 * c)[:, :-1], later[:, :-1])
+
+
 def _stream(model, ids, pieces):
     state, outputs, at = model.init_state(ids.shape[0]), [], 0
     for size in pieces:

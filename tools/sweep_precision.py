@@ -32,10 +32,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_sweep_precision"))
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timing per engine and length")
-    # bsbr-stdlib was trained on 512-byte windows and breaks down past them: its bf16
-    # sensitivity means something only there (use the longest length for a longer-trained model).
     parser.add_argument("--reuse", action="store_true", help="bench --work's earlier export and optimize again")
-    parser.add_argument("--bf16-length", type=int, default=512, help="window length the bf16 plans are measured at")
+    # The bf16 trap is at long positions (the sinusoid's angles): plan where it bites.
+    parser.add_argument("--bf16-length", type=int, default=4096, help="window length the bf16 plans are measured at")
     args = parser.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
 
@@ -77,6 +76,10 @@ def main() -> None:
         by = (rows.get(engine) or {}).get("bits_per_byte_change_by_length") or {}
         return by.get(str(n), by.get(n))
 
+    def distance(engine, n):  # "within 1% of eager": a bf16 run that scores better disagrees too
+        moved = change(engine, n)
+        return None if moved is None else abs(moved)
+
     def p50(engine, n):
         lat = (rows.get(engine) or {}).get("latency_ms", {})
         entry = lat.get(str(n)) or lat.get(n)
@@ -94,8 +97,8 @@ def main() -> None:
         ("recommended / eager speed-up, L=4096", speedup(choice.get("engine"), 4096), ">= 2.5"),
         ("recommended / eager speed-up, L=256", speedup(choice.get("engine"), 256), ">= 2.0"),
         ("recommended: worst bits-per-byte change", choice.get("bits_per_byte_change"), "<= 0.01"),
-        (f"best bf16 ({best_bf16}) bits-per-byte change, L=4096", change(best_bf16, 4096), "<= 0.01"),
-        (f"best bf16 ({best_bf16}) bits-per-byte change, L=16384", change(best_bf16, 16384), "<= 0.01"),
+        (f"best bf16 ({best_bf16}) |bits-per-byte change|, L=4096", distance(best_bf16, 4096), "<= 0.01"),
+        (f"best bf16 ({best_bf16}) |bits-per-byte change|, L=16384", distance(best_bf16, 16384), "<= 0.01"),
         (f"int8 ({best_int8}) speed-up vs fp32 ORT, L=4096",
          (p50("ort-cpu-all", 4096) / p50(best_int8, 4096)) if best_int8 and p50(best_int8, 4096) else None, ">= 1.5"),
         ("fp32 ORT model GFLOP/s / ORT MatMul GFLOP/s, L=4096", model_gflops / matmul_gflops, ">= 0.75"),
