@@ -172,7 +172,8 @@ def reduced_precision_engines(export_dir: Path) -> dict[str, str | None]:
 
     onnx = None if (export_dir / "model.onnx").is_file() else "no model.onnx (export with --format onnx)"
     openvino = onnx or openvino_missing()
-    return {"eager-bf16": bf16_missing(), "openvino-fp32": openvino, "openvino-bf16": openvino or bf16_missing()}
+    return {"eager-bf16": bf16_missing(), "compile-bf16": bf16_missing(), "openvino-fp32": openvino,
+            "openvino-bf16": openvino or bf16_missing()}
 
 
 def random_feeds(vocab_size: int, batch: int, length: int, seed: int | None = None) -> dict:
@@ -234,14 +235,15 @@ def _make_call(engine: str, export_dir: Path, threads: int, trust_code: bool = F
                 return compiled(*(torch.from_numpy(feeds[n]) for n in graph.input_names))
 
         return call
-    if engine == "eager-bf16":
+    if engine in ("eager-bf16", "compile-bf16"):
         from bsbr_export.manifest import read_manifest
         from bsbr_export.precision import AutocastRunner, read_plans
         from bsbr_export.sources import rebuild
 
         source = rebuild(export_dir, read_manifest(export_dir, verify=False), trust_code=trust_code)
-        keep = read_plans(export_dir).get(engine, {}).get("keep_fp32", ())
-        runner = AutocastRunner(source.module, source.spec, keep)
+        # Both run the same autocast regions: compile-bf16 keeps what eager-bf16's plan measured.
+        keep = read_plans(export_dir).get("eager-bf16", {}).get("keep_fp32", ())
+        runner = AutocastRunner(source.module, source.spec, keep, compile=engine == "compile-bf16")
         return lambda feeds: runner.infer(feeds)[runner.output_names[0]]
     if engine.startswith("openvino-"):
         from bsbr_export.precision import OpenVinoRunner, onnx_groups, read_plans

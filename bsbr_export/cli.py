@@ -384,7 +384,8 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
 @click.option("--fp16/--no-fp16", default=None,
               help="Also write an fp16 graph for ONNX Runtime's CUDA provider [default: when it is available].")
 @click.option("--bf16", is_flag=True,
-              help="Measure which parts the bf16 engines (eager-bf16, openvino-bf16) keep in fp32 (bf16.json).")
+              help="Measure which parts the bf16 engines (eager-bf16 and compile-bf16, openvino-bf16) keep in fp32 "
+                   "(bf16.json).")
 @click.option("--bf16-length", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Window length bf16 is judged at (its rounding hurts at long positions).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)

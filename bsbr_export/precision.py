@@ -64,6 +64,14 @@ def module_groups(model: torch.nn.Module, block_path: str | None) -> list[str]:
 def autocast_bf16(model: torch.nn.Module, keep_fp32: tuple[str, ...] = ()):
     """Run `model` under bf16 autocast with the submodules `keep_fp32` in fp32 (their
     inputs cast back to float, autocast off inside)."""
+    with fp32_groups(model, keep_fp32), torch.autocast("cpu", dtype=torch.bfloat16):
+        yield
+
+
+@contextlib.contextmanager
+def fp32_groups(model: torch.nn.Module, keep_fp32: tuple[str, ...]):
+    """Make the submodules `keep_fp32` of `model` run in fp32 under any autocast: their
+    inputs cast back to float and autocast off inside, until the context exits."""
     patched = []
 
     def fp32_forward(forward):
@@ -80,8 +88,7 @@ def autocast_bf16(model: torch.nn.Module, keep_fp32: tuple[str, ...] = ()):
             module = model.get_submodule(name)
             patched.append((module, module.__dict__.get("forward")))
             module.forward = fp32_forward(module.forward)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            yield
+        yield
     finally:
         for module, own in patched:  # back to the class's forward, or the module's own
             if own is None:
@@ -91,20 +98,31 @@ def autocast_bf16(model: torch.nn.Module, keep_fp32: tuple[str, ...] = ()):
 
 
 class AutocastRunner:
-    """The eager model under bf16 autocast (`keep_fp32` groups in fp32); fp32 outputs."""
+    """The eager model under bf16 autocast (`keep_fp32` groups in fp32); fp32 outputs.
+
+    With `compile`, the same graph through `torch.compile` (dynamic shapes): the fp32
+    groups are then patched once, for the runner's life (and the model's: a bench worker
+    owns it), since new forwards on every call would make dynamo recompile every call.
+    """
 
     name = "eager-bf16"
 
-    def __init__(self, model, spec, keep_fp32: tuple[str, ...] = ()) -> None:
+    def __init__(self, model, spec, keep_fp32: tuple[str, ...] = (), compile: bool = False) -> None:
         from bsbr_export.graphs import export_graph
 
         self.model, self.keep_fp32 = model, tuple(keep_fp32)
         self.graph = export_graph(model, spec, "logits")
         self.input_names, self.output_names = self.graph.input_names, self.graph.output_names
+        self.run, self.autocast = self.graph, functools.partial(autocast_bf16, model, self.keep_fp32)
+        if compile:
+            self.patched = contextlib.ExitStack()
+            self.patched.enter_context(fp32_groups(model, self.keep_fp32))
+            self.run = torch.compile(self.graph, dynamic=True)
+            self.autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.inference_mode(), autocast_bf16(self.model, self.keep_fp32):
-            outputs = self.graph(*(torch.from_numpy(feeds[n]) for n in self.input_names))
+        with torch.inference_mode(), self.autocast():
+            outputs = self.run(*(torch.from_numpy(feeds[n]) for n in self.input_names))
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         return {n: o.float().numpy() for n, o in zip(self.output_names, outputs)}
 

@@ -59,6 +59,26 @@ def test_autocast_runner_is_close_to_eager_at_unseen_lengths():
         assert np.abs(got - want).max() > 0  # it really ran in bf16
 
 
+def test_compiled_autocast_runner_keeps_its_fp32_groups_at_unseen_lengths():
+    """compile-bf16: torch.compile over the same autocast regions, fp32 groups patched once."""
+    model = load_model("bsbr-tiny")
+    spec = spec_for(model)
+    keep = ("blocks.0.attn",)
+    seen = {}
+    model.get_submodule("blocks.0.attn").register_forward_hook(lambda m, i, o: seen.__setitem__("attn", o.dtype))
+    compiled = AutocastRunner(model, spec, keep, compile=True)
+    for length in (1, 7, 29):  # one dynamic compile serves every length
+        ids = random_ids(model.config, 2, length, seed=length)
+        want = EagerRunner(model, spec).infer(feeds_of(ids))["logits"]
+        bf16 = AutocastRunner(model, spec, keep).infer(feeds_of(ids))["logits"]
+        got = compiled.infer(feeds_of(ids))["logits"]
+        assert got.dtype == np.float32
+        assert np.abs(got - want).max() < 5e-2 * max(1.0, np.abs(want).max())
+        assert np.abs(got - bf16).max() < 5e-2 * max(1.0, np.abs(want).max())
+        assert np.abs(got - want).max() > 0  # it really ran in bf16
+    assert "forward" in model.get_submodule("blocks.0.attn").__dict__  # still patched: the runner owns the model
+
+
 @pytest.mark.skipif(openvino_missing() is not None, reason=str(openvino_missing()))
 def test_openvino_fp32_matches_eager_and_groups_cover_the_blocks(tiny_onnx_export):
     model = load_model(tiny_onnx_export)

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 ENGINES = ["eager", "ort-cpu-all", "ort-cpu-optimized", "ort-cpu-int8", "ort-cpu-int8-static", "eager-bf16",
-           "openvino-fp32", "openvino-bf16"]
+           "compile-bf16", "openvino-fp32", "openvino-bf16"]
 
 
 def main() -> None:
@@ -87,7 +87,7 @@ def main() -> None:
 
     best_fp32_ort = min((p50(e, 4096) for e in ("ort-cpu-all", "ort-cpu-optimized") if p50(e, 4096)), default=None)
     model_gflops = model_flops(config, 4096) / (best_fp32_ort / 1e3) / 1e9 if best_fp32_ort else float("nan")
-    bf16 = [e for e in ("openvino-bf16", "eager-bf16") if e in rows and rows[e]["status"] != "❌"]
+    bf16 = [e for e in ("openvino-bf16", "eager-bf16", "compile-bf16") if e in rows and rows[e]["status"] != "❌"]
     best_bf16 = min(bf16, key=lambda e: p50(e, 4096) or float("inf")) if bf16 else None
     int8 = [e for e in ("ort-cpu-int8", "ort-cpu-int8-static") if e in rows
             and (rows[e]["bits_per_byte_change"] or 1) <= 0.01]
