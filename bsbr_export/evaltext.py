@@ -129,6 +129,21 @@ def bits_per_byte(logits_of: Callable[[np.ndarray], np.ndarray], text: bytes, wi
 
 
 DEFAULT_ACCURACY_BUDGET = 0.01  # held-out bits per byte may rise at most 1% over eager's
+# Windows reduced precision is judged at: its error moves with the window (int8 here loses
+# most in short ones, bf16 at long positions), so a plan holds only if it holds at each.
+DEFAULT_EVAL_WINDOWS = (EVAL_WINDOW, 4096)
+
+
+def bits_per_byte_by_window(logits_of: Callable[[np.ndarray], np.ndarray], text: bytes,
+                            windows_: tuple[int, ...]) -> dict[int, float]:
+    """`bits_per_byte` of `text` in windows of each length in `windows_`."""
+    return {n: bits_per_byte(logits_of, text, window=n) for n in windows_}
+
+
+def worst_change(scores: dict[int, float], reference: dict[int, float]) -> float:
+    """The largest relative rise of bits per byte over `reference`'s across the windows
+    both were scored at (+0.01 = 1% more)."""
+    return max(scores[n] / reference[n] - 1 for n in reference)
 
 
 @dataclass(frozen=True)

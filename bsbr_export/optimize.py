@@ -23,6 +23,7 @@ import numpy as np
 
 from bsbr_export.bench import ORT_LEVELS, eager_output, export_spec, random_feeds
 from bsbr_export.errors import UserError
+from bsbr_export.evaltext import DEFAULT_EVAL_WINDOWS
 
 # Levels whose optimized graph may contain fused ops specific to this CPU / ORT build.
 HARDWARE_SPECIFIC_LEVELS = ("extended", "all")
@@ -59,7 +60,8 @@ class QuantStep:
     top1: float
     max_abs: float
     p50_ms: float
-    bits_per_byte: float | None = None  # held-out text, for byte-level LMs
+    bits_per_byte: dict[int, float] | None = None  # held-out text by window length, for byte-level LMs
+    change: float | None = None  # the worst window's relative rise over fp32's bits per byte
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class QuantResult:
     reached: bool
     shape: tuple[int, int] = (1, 1024)  # (batch, length) everything above was measured at
     method: str = "dynamic"
-    fp32_bits_per_byte: float | None = None  # the fp32 graph's, when judged by held-out text
+    fp32_bits_per_byte: dict[int, float] | None = None  # the fp32 graph's by window, when judged by held-out text
     budget: float = 0.01
 
 
@@ -181,15 +183,17 @@ def calibration_feeds(spec, vocab_size: int, length: int, count: int = 8) -> lis
 def quantize_int8(
     export_dir, *, target_top1: float = 0.97, length: int = 1024, batch: int = 1, threads: int = 2,
     method: str = "dynamic", text: bytes | None = None, budget: float = 0.01,
+    windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS,
 ) -> QuantResult:
     """Write model.int8.onnx (dynamic) or model.int8-static.onnx (static QDQ, calibrated
     by `calibration_feeds`): every weight MatMul int8 except the fewest most-sensitive
-    ones needed to stay accurate: held-out bits per byte (`text`) within `budget` of
-    fp32's for a byte-level LM, else top-1 agreement with eager >= `target_top1`.
+    ones needed to stay accurate: held-out bits per byte (`text`, in windows of each
+    length in `windows`) within `budget` of fp32's at every window for a byte-level LM,
+    else top-1 agreement with eager >= `target_top1`.
 
     Sensitivity of a node = the accuracy lost when only that node is int8.
     """
-    from bsbr_export.evaltext import bits_per_byte, scores_text, text_feeds
+    from bsbr_export.evaltext import bits_per_byte_by_window, scores_text, text_feeds, worst_change
 
     directory = Path(export_dir)
     source = directory / "model.onnx"
@@ -207,20 +211,23 @@ def quantize_int8(
     fp32_ms = _time(fp32_session, feeds)
     calibration = calibration_feeds(spec, spec.tokens.high, min(length, 512)) if method == "static" else None
 
-    def score(session) -> float | None:
+    def score(session) -> dict[int, float] | None:
         if text is None:
             return None
-        return bits_per_byte(lambda ids: session.run(None, text_feeds(spec, ids))[0], text)
+        return bits_per_byte_by_window(lambda ids: session.run(None, text_feeds(spec, ids))[0], text, windows)
 
     fp32_bpb = score(fp32_session)
 
+    def change(bpb: dict[int, float] | None) -> float | None:
+        return None if bpb is None else worst_change(bpb, fp32_bpb)
+
     def loss(session, got) -> float:  # what sensitivity ranks by: lower is better
-        bpb = score(session)
-        return bpb if bpb is not None else float(np.abs(got - want).mean())
+        moved = change(score(session))
+        return moved if moved is not None else float(np.abs(got - want).mean())
 
     def accurate(step: QuantStep) -> bool:
-        if step.bits_per_byte is not None:
-            return step.bits_per_byte / fp32_bpb - 1 <= budget
+        if step.change is not None:
+            return step.change <= budget
         return step.top1 >= target_top1
 
     nodes = weight_matmuls(source)
@@ -238,7 +245,9 @@ def quantize_int8(
             session = _session(probe, threads=threads)
             got = session.run(None, feeds)[0]
             top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
-            steps.append(QuantStep(count, top1, float(np.abs(got - want).max()), _time(session, feeds), score(session)))
+            bpb = score(session)
+            steps.append(QuantStep(count, top1, float(np.abs(got - want).max()), _time(session, feeds), bpb,
+                                   change(bpb)))
             if accurate(steps[-1]):
                 kept = count
                 break
@@ -331,16 +340,18 @@ class Optimized:
 
 def optimize_export(
     export_dir, *, length: int = 1024, int8: bool = True, target_top1: float = 0.97, threads: int = 2,
-    fp16: bool | None = None, static_int8: bool = False, bf16: bool = False, bf16_length: int = 4096,
-    eval_text: bytes | None = None, accuracy_budget: float = 0.01, progress=lambda step: None,
+    fp16: bool | None = None, static_int8: bool = False, bf16: bool = False,
+    eval_windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS, eval_text: bytes | None = None,
+    accuracy_budget: float = 0.01, progress=lambda step: None,
 ) -> Optimized:
     """Choose the ORT level and (optionally) quantize; record the artifacts in the manifest.
 
     int8 / static_int8: dynamic and static-QDQ int8 graphs, the most sensitive MatMuls
     kept fp32 (judged by held-out bits per byte for byte-level LMs, `eval_text` or the
-    held-out default, within `accuracy_budget`). fp16: also write model.fp16.onnx, meant
-    for the CUDA provider; None means "when that provider is installed here". bf16:
-    measure which parts stay fp32 for the bf16 engines (windows of `bf16_length`).
+    held-out default, within `accuracy_budget` in windows of each of `eval_windows`). fp16:
+    also write model.fp16.onnx, meant for the CUDA provider; None means "when that provider
+    is installed here". bf16: measure which parts stay fp32 for the bf16 engines (judged
+    in the same windows).
     `validate` checks every graph written, `bench` times them.
     """
     import onnxruntime
@@ -361,6 +372,8 @@ def optimize_export(
     if not 0 < target_top1 <= 1:
         raise UserError(f"--target-top1 must be in (0, 1], got {target_top1}")
     check_budget(accuracy_budget)
+    if not eval_windows or min(eval_windows) < 2:  # a window scores each byte after its first
+        raise UserError(f"--eval-windows must be lengths >= 2, got {','.join(map(str, eval_windows)) or 'none'}")
     text = eval_text if eval_text is not None else heldout_text()
     progress("timing ONNX Runtime's optimization levels")
     choice = choose_level(export_dir, length=length, threads=threads)
@@ -378,7 +391,7 @@ def optimize_export(
         progress(f"int8 ({method}): measuring each MatMul's sensitivity")
         # At --length too: one sequence of it holds as many tokens as the old fixed 4 x 256.
         quant = quantize_int8(export_dir, target_top1=target_top1, length=length, threads=threads, method=method,
-                              text=text, budget=accuracy_budget)
+                              text=text, budget=accuracy_budget, windows=eval_windows)
         quants.append(quant)
         entries.append({
             "name": quant.path.name, "format": "onnx", "kind": "logits",
@@ -397,7 +410,7 @@ def optimize_export(
     if bf16:
         from bsbr_export.precision import measure_bf16
 
-        plans = tuple(measure_bf16(export_dir, text=text, length=bf16_length, budget=accuracy_budget,
+        plans = tuple(measure_bf16(export_dir, text=text, windows=eval_windows, budget=accuracy_budget,
                                    threads=threads, progress=progress))
     add_artifacts(export_dir, entries)
     return Optimized(choice, tuple(quants), fp16_path, plans)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bsbr_export.errors import UserError
+from bsbr_export.evaltext import worst_change
 
 BF16_PLAN = "bf16.json"  # in an export dir: the fp32 groups `optimize --bf16` measured, per engine
 
@@ -201,35 +202,46 @@ class OpenVinoRunner:
 @dataclass(frozen=True)
 class Bf16Plan:
     """What `choose_fp32` measured for one engine: bf16 everywhere, each group alone back
-    in fp32, and the groups kept fp32 to meet the budget."""
+    in fp32, and the groups kept fp32 to meet the budget; bits per byte by window length."""
 
     engine: str
-    length: int  # the window length the text was scored at (the bf16 trap is at long positions)
-    fp32_bpb: float
-    all_bf16_bpb: float
-    sensitivity: dict[str, float]  # group -> bits per byte with only that group back in fp32
+    windows: tuple[int, ...]  # the window lengths the text was scored at (the bf16 trap is at long positions)
+    fp32_bpb: dict[int, float]
+    all_bf16_bpb: dict[int, float]
+    sensitivity: dict[str, dict[int, float]]  # group -> bits per byte with only that group back in fp32
     keep_fp32: tuple[str, ...]
-    bpb: float  # with keep_fp32 in fp32
+    bpb: dict[int, float]  # with keep_fp32 in fp32
     budget: float
 
     @property
+    def change(self) -> float:
+        """The worst relative rise of bits per byte over fp32's across the windows."""
+        return worst_change(self.bpb, self.fp32_bpb)
+
+    @property
     def passed(self) -> bool:
-        return self.bpb / self.fp32_bpb - 1 <= self.budget
+        return self.change <= self.budget
 
 
-def choose_fp32(score: Callable[[tuple[str, ...]], float], groups: list[str], fp32_bpb: float, budget: float,
-                engine: str, length: int) -> Bf16Plan:
-    """Greedy by measured sensitivity: score(keep_fp32) -> bits per byte. Groups whose
-    return to fp32 lowers the loss most go back first, until within `budget` of fp32."""
+def choose_fp32(score: Callable[[tuple[str, ...]], dict[int, float]], groups: list[str], fp32_bpb: dict[int, float],
+                budget: float, engine: str) -> Bf16Plan:
+    """Greedy by measured sensitivity: score(keep_fp32) -> bits per byte by window. Groups
+    whose return to fp32 alone lowers the loss most (relative, summed over the windows:
+    one group may matter at long windows only, another at short ones) go back first,
+    until every window is within `budget` of fp32."""
     all_bf16 = score(())
-    sensitivity = {g: score((g,)) for g in groups} if all_bf16 / fp32_bpb - 1 > budget else {}
+    sensitivity = {g: score((g,)) for g in groups} if worst_change(all_bf16, fp32_bpb) > budget else {}
+
+    def benefit(group: str) -> float:
+        return sum((all_bf16[n] - sensitivity[group][n]) / fp32_bpb[n] for n in fp32_bpb)
+
     keep, bpb = (), all_bf16
-    for group in sorted(sensitivity, key=sensitivity.get):
-        if bpb / fp32_bpb - 1 <= budget or sensitivity[group] >= all_bf16:
+    for group in sorted(sensitivity, key=benefit, reverse=True):
+        if worst_change(bpb, fp32_bpb) <= budget or benefit(group) <= 0:
             break
         keep += (group,)
         bpb = score(keep)
-    return Bf16Plan(engine, length, fp32_bpb, all_bf16, sensitivity, keep, bpb, budget)
+    return Bf16Plan(engine, tuple(fp32_bpb), fp32_bpb, all_bf16, sensitivity, keep, bpb, budget)
 
 
 def read_plans(export_dir: Path) -> dict[str, dict]:
@@ -239,16 +251,17 @@ def read_plans(export_dir: Path) -> dict[str, dict]:
 
 
 def plan_record(plan: Bf16Plan) -> dict:
-    return {**asdict(plan), "passed": plan.passed}
+    return {**asdict(plan), "change": plan.change, "passed": plan.passed}
 
 
-def measure_bf16(export_dir: str | os.PathLike, *, text: bytes, length: int, budget: float,
+def measure_bf16(export_dir: str | os.PathLike, *, text: bytes, windows: tuple[int, ...], budget: float,
                  threads: int | None = None, progress=lambda step: None) -> list[Bf16Plan]:
     """For each bf16 engine that runs here (eager autocast, OpenVINO), measure which
-    groups must stay fp32 for held-out bits per byte (`text` in windows of `length`) to
-    stay within `budget` of eager fp32's; writes the plans to `export_dir`/bf16.json."""
+    groups must stay fp32 for held-out bits per byte (`text` in windows of each length
+    in `windows`) to stay within `budget` of eager fp32's at every one; writes the plans
+    to `export_dir`/bf16.json."""
     from bsbr_export.bench import reduced_precision_engines
-    from bsbr_export.evaltext import bits_per_byte, logits_of, scores_text
+    from bsbr_export.evaltext import bits_per_byte_by_window, logits_of, scores_text
     from bsbr_export.io import atomic_write
     from bsbr_export.manifest import read_manifest
     from bsbr_export.runners import EagerRunner
@@ -262,7 +275,7 @@ def measure_bf16(export_dir: str | os.PathLike, *, text: bytes, length: int, bud
                         "(a spec with tokenizer \"bytes\" and logits)")
     if threads:
         torch.set_num_threads(threads)
-    fp32 = bits_per_byte(logits_of(EagerRunner(source.module, spec), spec), text, window=length)
+    fp32 = bits_per_byte_by_window(logits_of(EagerRunner(source.module, spec), spec), text, windows)
     routes = {
         "eager-bf16": (module_groups(source.module, spec.block_path),
                        lambda keep: AutocastRunner(source.module, spec, keep)),
@@ -279,8 +292,8 @@ def measure_bf16(export_dir: str | os.PathLike, *, text: bytes, length: int, bud
             progress(f"{engine} skipped: {why_not}")
             continue
         progress(f"{engine}: measuring each group's effect on held-out bits per byte")
-        plans.append(choose_fp32(lambda keep: bits_per_byte(logits_of(make(keep), spec), text, window=length),
-                                 candidates, fp32, budget, engine, length))
+        plans.append(choose_fp32(lambda keep: bits_per_byte_by_window(logits_of(make(keep), spec), text, windows),
+                                 candidates, fp32, budget, engine))
     with atomic_write(directory / BF16_PLAN) as tmp:
         tmp.write_text(json.dumps({p.engine: plan_record(p) for p in plans}, indent=2) + "\n")
     return plans

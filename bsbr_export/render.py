@@ -216,37 +216,50 @@ def levels_table(choice) -> Table:
     return table
 
 
+def bpb_text(by_window: dict[int, float]) -> str:
+    """Bits per byte by window length, in the windows' order: '3.6091 / 3.5711'."""
+    return " / ".join(f"{bpb:.4f}" for bpb in by_window.values())
+
+
 def quant_table(quant) -> Table:
     """int8: accuracy and speed as the most sensitive MatMuls return to fp32."""
     batch, length = quant.shape
     scored = quant.fp32_bits_per_byte is not None
     title = f"int8 {quant.method} quantization at batch {batch} x {length} (fp32: {quant.fp32_p50_ms:.1f} ms"
-    title += f", {quant.fp32_bits_per_byte:.4f} bits/byte)" if scored else ")"
+    if scored:
+        windows = "/".join(map(str, quant.fp32_bits_per_byte))
+        title += f", {bpb_text(quant.fp32_bits_per_byte)} bits/byte in windows of {windows})"
+    else:
+        title += ")"
     table = Table(title=title)
-    columns = ("fp32 MatMuls", "last kept in fp32", "top-1", "max abs err", *(("bits/byte", "vs fp32 bpb")
-               if scored else ()), "ms", "vs fp32")
+    columns = ("fp32 MatMuls", "last kept in fp32", "top-1", "max abs err",
+               *(("bits/byte", "worst vs fp32") if scored else ()), "ms", "vs fp32")
     for column in columns:
         table.add_column(column, justify="left" if column == "last kept in fp32" else "right")
     ranked = sorted(quant.sensitivity, key=quant.sensitivity.get, reverse=True)
     for step in quant.steps:
         last = quant.modules[ranked[step.kept_fp32 - 1]] if step.kept_fp32 else "-"
-        text = ((f"{step.bits_per_byte:.4f}", f"{step.bits_per_byte / quant.fp32_bits_per_byte - 1:+.2%}")
-                if scored else ())
+        text = (bpb_text(step.bits_per_byte), f"{step.change:+.2%}") if scored else ()
         table.add_row(str(step.kept_fp32), last, f"{step.top1:.3f}", f"{step.max_abs:.3f}", *text,
                       f"{step.p50_ms:.1f}", speedup_text(quant.fp32_p50_ms / step.p50_ms))
     return table
 
 
 def bf16_table(plan) -> Table:
-    """bf16: held-out bits per byte with every group bf16, each group alone back in fp32,
-    and the groups kept fp32."""
-    table = Table(title=f"{plan.engine} at length {plan.length}: fp32 {plan.fp32_bpb:.4f} bits/byte, all bf16 "
-                        f"{plan.all_bf16_bpb:.4f} ({plan.all_bf16_bpb / plan.fp32_bpb - 1:+.2%})")
+    """bf16: held-out bits per byte (by window) with every group bf16, each group alone
+    back in fp32, and the groups kept fp32; changes are the worst window's."""
+    from bsbr_export.evaltext import worst_change
+
+    windows = "/".join(map(str, plan.windows))
+    all_bf16 = worst_change(plan.all_bf16_bpb, plan.fp32_bpb)
+    table = Table(title=f"{plan.engine} in windows of {windows}: fp32 {bpb_text(plan.fp32_bpb)} bits/byte, "
+                        f"all bf16 {bpb_text(plan.all_bf16_bpb)} ({all_bf16:+.2%})")
     table.add_column("back in fp32")
     table.add_column("bits/byte", justify="right")
-    table.add_column("vs fp32", justify="right")
-    for group, bpb in sorted(plan.sensitivity.items(), key=lambda item: item[1]):
-        table.add_row(group, f"{bpb:.4f}", f"{bpb / plan.fp32_bpb - 1:+.2%}")
+    table.add_column("worst vs fp32", justify="right")
+    ranked = sorted(plan.sensitivity.items(), key=lambda item: worst_change(item[1], plan.fp32_bpb))
+    for group, bpb in ranked:
+        table.add_row(group, bpb_text(bpb), f"{worst_change(bpb, plan.fp32_bpb):+.2%}")
     kept = ", ".join(plan.keep_fp32) or "nothing"
-    table.add_row(f"[bold]kept: {kept}[/]", f"{plan.bpb:.4f}", f"{plan.bpb / plan.fp32_bpb - 1:+.2%}")
+    table.add_row(f"[bold]kept: {kept}[/]", bpb_text(plan.bpb), f"{plan.change:+.2%}")
     return table

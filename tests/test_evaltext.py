@@ -101,3 +101,21 @@ def test_accuracy_budget_must_be_positive(tiny_onnx_export, capsys, budget):
     out = tiny_onnx_export
     code, _, err = run_cli(capsys, "validate", out, "--accuracy-budget", budget)
     assert code == 2 and "accuracy budget must be > 0" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("windows, message", [("1", "--eval-windows must be lengths >= 2"),
+                                               ("512,x", "--eval-windows must be comma-separated integers")])
+def test_bad_eval_windows_are_one_line_exit_2_before_any_work(tiny_onnx_export, capsys, windows, message):
+    before = sorted(p.name for p in tiny_onnx_export.iterdir())
+    code, _, err = run_cli(capsys, "optimize", tiny_onnx_export, "--eval-windows", windows)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tiny_onnx_export.iterdir()) == before
+
+
+def test_worst_change_is_the_worst_window():
+    from bsbr_export.evaltext import bits_per_byte_by_window, worst_change
+
+    assert worst_change({256: 2.04, 4096: 1.5}, {256: 2.0, 4096: 1.6}) == pytest.approx(0.02)
+    text = bytes(range(32, 127)) * 3
+    uniform = bits_per_byte_by_window(lambda ids: np.zeros((*ids.shape, 256)), text, (16, 100))
+    assert uniform == pytest.approx({16: 8.0, 100: 8.0})

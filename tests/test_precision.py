@@ -91,20 +91,27 @@ def test_openvino_fp32_matches_eager_and_groups_cover_the_blocks(tiny_onnx_expor
     assert {"input", "output", "blocks.0.attn", "blocks.1.ff"} <= groups
 
 
-def test_choose_fp32_returns_the_most_helpful_groups_until_within_budget():
-    harm = {"a": 0.30, "b": 0.05, "c": 0.01}  # bits each group adds in bf16
+def test_choose_fp32_returns_the_most_helpful_groups_until_every_window_is_within_budget():
+    # Bits each group adds in bf16, by window: "a" hurts long windows only (the bf16
+    # trap), "b" short ones; "c" barely matters.
+    harm = {"a": {64: 0.0, 4096: 0.30}, "b": {64: 0.05, 4096: 0.0}, "c": {64: 0.01, 4096: 0.01}}
+    fp32 = {64: 2.0, 4096: 1.5}
     calls = []
 
     def score(keep):
         calls.append(keep)
-        return 2.0 + sum(v for g, v in harm.items() if g not in keep)
+        return {n: fp32[n] + sum(h[n] for g, h in harm.items() if g not in keep) for n in fp32}
 
-    plan = choose_fp32(score, list(harm), fp32_bpb=2.0, budget=0.01, engine="x", length=64)
-    assert plan.keep_fp32 == ("a", "b") and plan.passed
-    assert plan.all_bf16_bpb == pytest.approx(2.36) and plan.bpb == pytest.approx(2.01)
+    plan = choose_fp32(score, list(harm), fp32_bpb=fp32, budget=0.01, engine="x")
+    # Ranked by the relative gain summed over windows: "a" (long), then "b" (short); "c" is not needed.
+    assert plan.keep_fp32 == ("a", "b") and plan.passed and plan.windows == (64, 4096)
+    assert plan.all_bf16_bpb == pytest.approx({64: 2.06, 4096: 1.81})
+    assert plan.bpb == pytest.approx({64: 2.01, 4096: 1.51}) and plan.change == pytest.approx(0.01 / 1.5)
     # Nothing to keep when bf16 is within budget already: no sensitivity runs.
-    plan = choose_fp32(lambda keep: 2.001, list(harm), 2.0, 0.01, "x", 64)
+    plan = choose_fp32(lambda keep: {64: 2.001, 4096: 1.5001}, list(harm), fp32, 0.01, "x")
     assert plan.keep_fp32 == () and plan.sensitivity == {}
+    # A group that only helps one window while another gets worse is judged by the worst.
+    assert not choose_fp32(lambda keep: {64: 2.5, 4096: 1.5}, ["a"], fp32, 0.01, "x").passed
 
 
 def test_engine_that_cannot_run_here_is_one_line_exit_2(tiny_onnx_export, capsys, monkeypatch):
