@@ -246,13 +246,10 @@ def _make_call(engine: str, export_dir: Path, threads: int, trust_code: bool = F
         runner = AutocastRunner(source.module, source.spec, keep, compile=engine == "compile-bf16")
         return lambda feeds: runner.infer(feeds)[runner.output_names[0]]
     if engine.startswith("openvino-"):
-        from bsbr_export.precision import OpenVinoRunner, onnx_groups, read_plans
+        from bsbr_export.precision import OpenVinoRunner
 
-        spec = export_spec(export_dir)
-        keep = read_plans(export_dir).get(engine, {}).get("keep_fp32", ())
         precision = "bf16" if engine.endswith("bf16") else "f32"
-        groups = onnx_groups(export_dir / "model.onnx", spec.block_path) if keep else None
-        runner = OpenVinoRunner(export_dir / "model.onnx", precision, keep, groups, threads)
+        runner = OpenVinoRunner(export_dir / "model.onnx", precision, threads)
         return lambda feeds: runner.infer(feeds)[runner.output_names[0]]
     from bsbr_export.formats import FORMATS, artifact_name
 

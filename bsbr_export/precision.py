@@ -1,11 +1,12 @@
 """bf16 on CPUs that have it, with the parts that move the loss kept in fp32.
 
-Two routes: torch eager under `torch.autocast("cpu", torch.bfloat16)` and OpenVINO
-reading `model.onnx` with bf16 inference precision. Which parts stay fp32 is measured,
-not listed: the model is cut into groups (each block's children, what runs before the
-first block: embedding and positions, and after the last: the head); `sensitivity`
-runs everything in bf16 but one group and scores held-out text, and `choose_fp32`
-returns groups to fp32, most helpful first, until bits per byte are within budget.
+Two routes: torch under `torch.autocast("cpu", torch.bfloat16)` (eager, or compiled),
+and OpenVINO reading `model.onnx` with bf16 inference precision (all bf16: see
+`OpenVinoRunner`). Which parts autocast keeps in fp32 is measured, not listed: the model
+is cut into groups (each block's children, what runs before the first block: embedding
+and positions, and after the last: the head); `sensitivity` runs everything in bf16 but
+one group and scores held-out text, and `choose_fp32` returns groups to fp32, most
+helpful first, until bits per byte are within budget in every window scored.
 """
 
 from __future__ import annotations
@@ -132,38 +133,18 @@ class AutocastRunner:
 # OpenVINO
 
 
-def onnx_groups(path: str | os.PathLike, block_path: str | None) -> dict[str, str]:
-    """ONNX node name -> its group: `<block_path>.<i>.<child>` from the exporter's module
-    scopes, `input` before the first block, `output` after it (the head)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    groups, seen_block = {}, False
-    for node in graph.node:
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
-        try:
-            scopes = json.loads(scopes.replace("'", '"'))
-        except json.JSONDecodeError:
-            scopes = []
-        prefix = f"model.{block_path}." if block_path else None
-        inside = [s for s in scopes if prefix and s.startswith(prefix) and s.count(".") == block_path.count(".") + 3]
-        if inside:
-            groups[node.name], seen_block = inside[0].removeprefix("model."), True
-        else:
-            groups[node.name] = "output" if seen_block else "input"
-    return groups
-
-
 class OpenVinoRunner:
-    """`model.onnx` compiled by OpenVINO for the CPU at `precision` ("f32" or "bf16"),
-    the nodes of the `keep_fp32` groups marked to stay fp32 (OpenVINO's
-    `disable_fp16_compression` runtime attribute, which its CPU plugin also honours
-    for bf16)."""
+    """`model.onnx` compiled by OpenVINO for the CPU at `precision` ("f32" or "bf16").
+
+    bf16 is all or nothing here: OpenVINO 2026.4's CPU plugin ignores a
+    `disable_fp16_compression_0` runtime-info entry set from Python (every op of
+    bsbr-stdlib marked gave outputs identical to unmarked bf16), and Python has no other
+    per-node precision control, so no part can be kept fp32 the way autocast does.
+    """
 
     name = "openvino"
 
-    def __init__(self, path: str | os.PathLike, precision: str = "f32", keep_fp32: tuple[str, ...] = (),
-                 groups: dict[str, str] | None = None, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, precision: str = "f32", threads: int | None = None) -> None:
         missing = openvino_missing()
         if missing:
             raise UserError(missing)
@@ -177,11 +158,6 @@ class OpenVinoRunner:
             model = core.read_model(str(path))
         except RuntimeError as exc:
             raise UserError(f"OpenVINO cannot read {path}: {str(exc).splitlines()[0]}") from None
-        if keep_fp32:
-            keep = set(keep_fp32)
-            for op in model.get_ordered_ops():
-                if (groups or {}).get(op.get_friendly_name()) in keep:
-                    op.get_rt_info()["disable_fp16_compression_0"] = ""
         config = {"INFERENCE_PRECISION_HINT": precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
@@ -258,8 +234,8 @@ def measure_bf16(export_dir: str | os.PathLike, *, text: bytes, windows: tuple[i
                  threads: int | None = None, progress=lambda step: None) -> list[Bf16Plan]:
     """For each bf16 engine that runs here (eager autocast, OpenVINO), measure which
     groups must stay fp32 for held-out bits per byte (`text` in windows of each length
-    in `windows`) to stay within `budget` of eager fp32's at every one; writes the plans
-    to `export_dir`/bf16.json."""
+    in `windows`) to stay within `budget` of eager fp32's at every one (OpenVINO: whether
+    all-bf16 is); writes the plans to `export_dir`/bf16.json."""
     from bsbr_export.bench import reduced_precision_engines
     from bsbr_export.evaltext import bits_per_byte_by_window, logits_of, scores_text
     from bsbr_export.io import atomic_write
@@ -282,9 +258,8 @@ def measure_bf16(export_dir: str | os.PathLike, *, text: bytes, windows: tuple[i
     }
     onnx_path = directory / "model.onnx"
     if onnx_path.is_file() and openvino_missing() is None:
-        groups = onnx_groups(onnx_path, spec.block_path)
-        routes["openvino-bf16"] = (sorted(set(groups.values())),
-                                   lambda keep: OpenVinoRunner(onnx_path, "bf16", keep, groups, threads))
+        # Nothing to keep fp32 (see OpenVinoRunner): the plan is whether all-bf16 is within budget.
+        routes["openvino-bf16"] = ([], lambda keep: OpenVinoRunner(onnx_path, "bf16", threads))
     plans = []
     for engine, (candidates, make) in routes.items():
         why_not = reduced_precision_engines(directory)[engine]

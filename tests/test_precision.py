@@ -15,7 +15,6 @@ from bsbr_export.precision import (
     autocast_bf16,
     choose_fp32,
     module_groups,
-    onnx_groups,
     openvino_missing,
 )
 from bsbr_export.runners import EagerRunner
@@ -80,15 +79,13 @@ def test_compiled_autocast_runner_keeps_its_fp32_groups_at_unseen_lengths():
 
 
 @pytest.mark.skipif(openvino_missing() is not None, reason=str(openvino_missing()))
-def test_openvino_fp32_matches_eager_and_groups_cover_the_blocks(tiny_onnx_export):
+def test_openvino_fp32_matches_eager(tiny_onnx_export):
     model = load_model(tiny_onnx_export)
     runner = OpenVinoRunner(tiny_onnx_export / "model.onnx", "f32")
     for length, batch in ((1, 1), (7, 3), (29, 2)):
         ids = random_ids(model.config, batch, length, seed=length)
         want = EagerRunner(model).infer(feeds_of(ids))["logits"]
         assert np.abs(runner.infer(feeds_of(ids))["logits"] - want).max() < 1e-4
-    groups = set(onnx_groups(tiny_onnx_export / "model.onnx", "blocks").values())
-    assert {"input", "output", "blocks.0.attn", "blocks.1.ff"} <= groups
 
 
 def test_choose_fp32_returns_the_most_helpful_groups_until_every_window_is_within_budget():
