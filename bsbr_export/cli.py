@@ -385,8 +385,8 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
 @click.option("--fp16/--no-fp16", default=None,
               help="Also write an fp16 graph for ONNX Runtime's CUDA provider [default: when it is available].")
 @click.option("--bf16", is_flag=True,
-              help="Measure which parts the bf16 engines (eager-bf16 and compile-bf16, openvino-bf16) keep in fp32 "
-                   "(bf16.json).")
+              help="Measure which parts eager-bf16 and compile-bf16 keep in fp32, and whether all-bf16 "
+                   "openvino-bf16 fits the budget (bf16.json).")
 @click.option("--eval-windows", default=",".join(map(str, DEFAULT_EVAL_WINDOWS)), show_default=True,
               help="Window lengths int8 and bf16 are judged at: held-out bits per byte must stay within "
                    "--accuracy-budget in each (int8 loses most in short windows, bf16 at long positions).")
