@@ -391,10 +391,12 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
               help="Window lengths int8 and bf16 are judged at: held-out bits per byte must stay within "
                    "--accuracy-budget in each (int8 loses most in short windows, bf16 at long positions).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--trust-code", "trust_code", is_flag=True,
+              help="Allow rebuilding a user's module from the reference its manifest records (runs its code).")
 @EVAL_TEXT
 @ACCURACY_BUDGET
-def optimize(export_dir, length, int8, static_int8, target_top1, fp16, bf16, eval_windows, threads, eval_text,
-             accuracy_budget) -> None:
+def optimize(export_dir, length, int8, static_int8, target_top1, fp16, bf16, eval_windows, threads, trust_code,
+             eval_text, accuracy_budget) -> None:
     """Measure ONNX Runtime's optimization levels here and save the fastest that still
     matches eager (model.optimized.onnx); quantize to int8 keeping sensitive nodes fp32;
     convert to fp16 for the CUDA provider (model.fp16.onnx); plan bf16. Check the graphs
@@ -415,7 +417,8 @@ def optimize(export_dir, length, int8, static_int8, target_top1, fp16, bf16, eva
         done = optimize_export(export_dir, length=length, int8=int8, target_top1=target_top1, threads=threads,
                                fp16=fp16, static_int8=static_int8, bf16=bf16,
                                eval_windows=tuple(_int_list(eval_windows, "--eval-windows")),
-                               eval_text=text, accuracy_budget=accuracy_budget, progress=progress)
+                               eval_text=text, accuracy_budget=accuracy_budget, trust_code=trust_code,
+                               progress=progress)
     console = stdout_console()
     console.print(levels_table(done.level))
     if done.fp16_path is not None:

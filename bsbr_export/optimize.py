@@ -96,15 +96,17 @@ def _time(session, feeds: dict, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, threads: int = 2) -> LevelChoice:
+def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, threads: int = 2,
+                 trust_code: bool = False) -> LevelChoice:
     """Time model.onnx at every ORT optimization level; save the fastest passing graph
-    as model.optimized.onnx (tied to this machine when the level is extended/all)."""
+    as model.optimized.onnx (tied to this machine when the level is extended/all). The
+    eager reference of a user's module is rebuilt only with `trust_code`."""
     directory = Path(export_dir)
     source = directory / "model.onnx"
     if not source.is_file():
         raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
     feeds = random_feeds(export_spec(directory).tokens.high, 1, length, seed=0)
-    want = eager_output(directory, feeds)
+    want = eager_output(directory, feeds, trust_code)
     allowed = tolerance * max(1.0, float(np.abs(want).max()))
     timings = []
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
@@ -183,7 +185,7 @@ def calibration_feeds(spec, vocab_size: int, length: int, count: int = 8) -> lis
 def quantize_int8(
     export_dir, *, target_top1: float = 0.97, length: int = 1024, batch: int = 1, threads: int = 2,
     method: str = "dynamic", text: bytes | None = None, budget: float = 0.01,
-    windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS,
+    windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS, trust_code: bool = False,
 ) -> QuantResult:
     """Write model.int8.onnx (dynamic) or model.int8-static.onnx (static QDQ, calibrated
     by `calibration_feeds`): every weight MatMul int8 except the fewest most-sensitive
@@ -206,7 +208,7 @@ def quantize_int8(
     spec = export_spec(directory)
     text = text if scores_text(spec) else None
     feeds = random_feeds(spec.tokens.high, batch, length, seed=7)
-    want = eager_output(directory, feeds)
+    want = eager_output(directory, feeds, trust_code)
     fp32_session = _session(source, threads=threads)
     fp32_ms = _time(fp32_session, feeds)
     calibration = calibration_feeds(spec, spec.tokens.high, min(length, 512)) if method == "static" else None
@@ -342,7 +344,7 @@ def optimize_export(
     export_dir, *, length: int = 1024, int8: bool = True, target_top1: float = 0.97, threads: int = 2,
     fp16: bool | None = None, static_int8: bool = False, bf16: bool = False,
     eval_windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS, eval_text: bytes | None = None,
-    accuracy_budget: float = 0.01, progress=lambda step: None,
+    accuracy_budget: float = 0.01, trust_code: bool = False, progress=lambda step: None,
 ) -> Optimized:
     """Choose the ORT level and (optionally) quantize; record the artifacts in the manifest.
 
@@ -351,8 +353,8 @@ def optimize_export(
     held-out default, within `accuracy_budget` in windows of each of `eval_windows`). fp16:
     also write model.fp16.onnx, meant for the CUDA provider; None means "when that provider
     is installed here". bf16: measure which parts stay fp32 for the bf16 engines (judged
-    in the same windows).
-    `validate` checks every graph written, `bench` times them.
+    in the same windows). A user's module is rebuilt for the eager reference only with
+    `trust_code`. `validate` checks every graph written, `bench` times them.
     """
     import onnxruntime
 
@@ -376,7 +378,7 @@ def optimize_export(
         raise UserError(f"--eval-windows must be lengths >= 2, got {','.join(map(str, eval_windows)) or 'none'}")
     text = eval_text if eval_text is not None else heldout_text()
     progress("timing ONNX Runtime's optimization levels")
-    choice = choose_level(export_dir, length=length, threads=threads)
+    choice = choose_level(export_dir, length=length, threads=threads, trust_code=trust_code)
     entries = [{
         "name": choice.path.name, "format": "onnx", "kind": "logits",
         "settings": {"precision": "fp32", "ort_level": choice.chosen, "hardware_specific": choice.hardware_specific,
@@ -391,7 +393,7 @@ def optimize_export(
         progress(f"int8 ({method}): measuring each MatMul's sensitivity")
         # At --length too: one sequence of it holds as many tokens as the old fixed 4 x 256.
         quant = quantize_int8(export_dir, target_top1=target_top1, length=length, threads=threads, method=method,
-                              text=text, budget=accuracy_budget, windows=eval_windows)
+                              text=text, budget=accuracy_budget, windows=eval_windows, trust_code=trust_code)
         quants.append(quant)
         entries.append({
             "name": quant.path.name, "format": "onnx", "kind": "logits",
@@ -411,6 +413,6 @@ def optimize_export(
         from bsbr_export.precision import measure_bf16
 
         plans = tuple(measure_bf16(export_dir, text=text, windows=eval_windows, budget=accuracy_budget,
-                                   threads=threads, progress=progress))
+                                   threads=threads, trust_code=trust_code, progress=progress))
     add_artifacts(export_dir, entries)
     return Optimized(choice, tuple(quants), fp16_path, plans)

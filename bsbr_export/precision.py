@@ -231,7 +231,7 @@ def plan_record(plan: Bf16Plan) -> dict:
 
 
 def measure_bf16(export_dir: str | os.PathLike, *, text: bytes, windows: tuple[int, ...], budget: float,
-                 threads: int | None = None, progress=lambda step: None) -> list[Bf16Plan]:
+                 threads: int | None = None, trust_code: bool = False, progress=lambda step: None) -> list[Bf16Plan]:
     """For each bf16 engine that runs here (eager autocast, OpenVINO), measure which
     groups must stay fp32 for held-out bits per byte (`text` in windows of each length
     in `windows`) to stay within `budget` of eager fp32's at every one (OpenVINO: whether
@@ -244,7 +244,7 @@ def measure_bf16(export_dir: str | os.PathLike, *, text: bytes, windows: tuple[i
     from bsbr_export.sources import rebuild
 
     directory = Path(export_dir)
-    source = rebuild(directory, read_manifest(directory))
+    source = rebuild(directory, read_manifest(directory), trust_code=trust_code)
     spec = source.spec
     if not scores_text(spec):
         raise UserError("bf16 is judged by held-out bits per byte: it needs a byte-level language model "

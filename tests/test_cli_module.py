@@ -61,3 +61,9 @@ def test_export_and_validate_a_module_ref(capsys, tmp_path):
     report = json.loads((out / "validation.json").read_text())
     names = {d["name"] for c in report["checks"] for case in c["parity"]["cases"] for d in case["outputs"]}
     assert names == {"logits", "value"}
+    # optimize rebuilds the same eager reference: refused, then allowed, like validate.
+    code, _, err = run_cli(capsys, "optimize", out, "--length", "21", "--no-int8", "--no-fp16")
+    assert code == 2 and "--trust-code" in err and not (out / "model.optimized.onnx").exists()
+    code, stdout, err = run_cli(capsys, "optimize", out, "--length", "21", "--no-int8", "--no-fp16", "--trust-code")
+    assert code == 0, err
+    assert (out / "model.optimized.onnx").is_file() and "matches eager" in stdout
