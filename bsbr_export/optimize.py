@@ -96,6 +96,14 @@ def _time(session, feeds: dict, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def spec_feeds(spec, batch: int, length: int, seed: int) -> dict:
+    """Seeded random token ids, fed under the names the spec gives (an all-ones mask only
+    where the model takes one): an ONNX session refuses inputs its graph does not have."""
+    from bsbr_export.evaltext import text_feeds
+
+    return text_feeds(spec, random_feeds(spec.tokens.high, batch, length, seed=seed)["input_ids"])
+
+
 def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, threads: int = 2,
                  trust_code: bool = False) -> LevelChoice:
     """Time model.onnx at every ORT optimization level; save the fastest passing graph
@@ -105,7 +113,7 @@ def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, thr
     source = directory / "model.onnx"
     if not source.is_file():
         raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
-    feeds = random_feeds(export_spec(directory).tokens.high, 1, length, seed=0)
+    feeds = spec_feeds(export_spec(directory), 1, length, seed=0)
     want = eager_output(directory, feeds, trust_code)
     allowed = tolerance * max(1.0, float(np.abs(want).max()))
     timings = []
@@ -170,7 +178,7 @@ def _quantize(source: Path, target: Path, include: list[str] | None = None, excl
                     weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, **nodes)
 
 
-def calibration_feeds(spec, vocab_size: int, length: int, count: int = 8) -> list[dict]:
+def calibration_feeds(spec, length: int, count: int = 8) -> list[dict]:
     """What static quantization calibrates on: held-out text the scores never read (the
     bytes after the default evaluation slice) for a byte-level LM, else seeded random ids."""
     from bsbr_export.evaltext import DEFAULT_EVAL_BYTES, heldout_text, scores_text, text_feeds, windows
@@ -179,7 +187,7 @@ def calibration_feeds(spec, vocab_size: int, length: int, count: int = 8) -> lis
         rows = [r for r in windows(heldout_text(DEFAULT_EVAL_BYTES + count * length)[DEFAULT_EVAL_BYTES:], length)
                 if len(r) == length]
         return [text_feeds(spec, r[None]) for r in rows[:count]]
-    return [random_feeds(vocab_size, 1, length, seed=100 + i) for i in range(count)]
+    return [spec_feeds(spec, 1, length, seed=100 + i) for i in range(count)]
 
 
 def quantize_int8(
@@ -207,11 +215,11 @@ def quantize_int8(
         raise UserError(f"unknown quantization {method!r}: use one of {', '.join(QUANT_FILES)}")
     spec = export_spec(directory)
     text = text if scores_text(spec) else None
-    feeds = random_feeds(spec.tokens.high, batch, length, seed=7)
+    feeds = spec_feeds(spec, batch, length, seed=7)
     want = eager_output(directory, feeds, trust_code)
     fp32_session = _session(source, threads=threads)
     fp32_ms = _time(fp32_session, feeds)
-    calibration = calibration_feeds(spec, spec.tokens.high, min(length, 512)) if method == "static" else None
+    calibration = calibration_feeds(spec, min(length, 512)) if method == "static" else None
 
     def score(session) -> dict[int, float] | None:
         if text is None:

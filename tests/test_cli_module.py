@@ -67,3 +67,16 @@ def test_export_and_validate_a_module_ref(capsys, tmp_path):
     code, stdout, err = run_cli(capsys, "optimize", out, "--length", "21", "--no-int8", "--no-fp16", "--trust-code")
     assert code == 0, err
     assert (out / "model.optimized.onnx").is_file() and "matches eager" in stdout
+
+
+def test_optimize_a_module_that_takes_no_mask(capsys, tmp_path):
+    """optimize feeds what the spec names: a graph without an attention_mask input is not
+    handed one (ONNX Runtime refuses unknown inputs)."""
+    out = tmp_path / "tokens"
+    code, _, err = run_cli(capsys, "export", f"{MODELS}:tokens_only", "--trust-code", "--format", "onnx", "--out", out)
+    assert code == 0, err
+    assert [i["name"] for i in json.loads((out / "manifest.json").read_text())["spec"]["inputs"]] == ["input_ids"]
+    code, stdout, err = run_cli(capsys, "optimize", out, "--trust-code", "--length", "21", "--static-int8",
+                                "--target-top1", "0.5", "--no-fp16")
+    assert code == 0, err
+    assert all((out / name).is_file() for name in ("model.optimized.onnx", "model.int8.onnx", "model.int8-static.onnx"))

@@ -175,6 +175,22 @@ def rotary_decoder() -> RotaryDecoder:
     return RotaryDecoder().eval()
 
 
+class TokensOnly(nn.Module):
+    """A decoder whose forward takes the token ids alone (no padding mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.decoder = RotaryDecoder(vocab=41)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.decoder(input_ids)
+
+
+def tokens_only() -> TokensOnly:
+    return TokensOnly().eval()
+
+
 class TextOut(nn.Module):
     """Returns something that is not a tensor (export needs tensors)."""
 
