@@ -44,7 +44,10 @@ def export_program(model, spec=None, kind: str = "logits") -> torch.export.Expor
     graph = export_graph(model, spec, kind)
     args = example_args(model, spec, kind)
     dynamic_shapes = _dynamic_shapes(graph, graph_axes(spec, kind), kind != "logits")
-    with _quiet(), torch.no_grad():
+    # Size-oblivious, as torch.onnx exports: a size that can be 0 or 1 (the chunks a
+    # streaming step finishes, the past chunks) takes the general path instead of a guard
+    # pinning it to the example's value, which AOTInductor would compile in unchecked.
+    with _quiet(), torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
         try:
             program = torch.export.export(graph, args, dynamic_shapes=dynamic_shapes)
         except (ExportUserError, GuardOnDataDependentSymNode) as exc:  # constraint violations among them

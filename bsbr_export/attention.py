@@ -85,6 +85,20 @@ def chunk_states(k: Tensor, v: Tensor, compress: Tensor | None = None) -> Tensor
     return states if compress is None else states @ compress.T
 
 
+def batched_matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
+    """a [.., n, m] @ b [.., m, p] (b [.., p, m] with `transpose_b`), equal leading dims.
+
+    `@` on sizes that can be 0 or 1 (a stream's past chunks, the chunks a step finishes)
+    makes torch.export pin them to the example's value: aten.matmul's decomposition
+    reshapes a transposed operand. One `bmm` over operands reshaped while still in their
+    own layout does not, so the step's AOTInductor package runs at every state."""
+    lead = a.shape[:-2]
+    batch = math.prod(lead)
+    b3 = b.reshape(batch, *b.shape[-2:])
+    out = torch.bmm(a.reshape(batch, *a.shape[-2:]), b3.transpose(1, 2) if transpose_b else b3)
+    return out.reshape(*lead, *out.shape[-2:])
+
+
 def retrieve(
     meta_queries: Tensor,
     meta_keys: Tensor,
@@ -111,15 +125,17 @@ def retrieve(
     rows = torch.arange(meta_queries.shape[-2], device=meta_queries.device)
     cols = torch.arange(meta_keys.shape[-2], device=meta_queries.device)
     m_out = cols[None, :] <= rows[:, None]  # [rows, n]: this block's chunks 0..a
-    scores = (meta_queries @ meta_keys.transpose(-1, -2) / math.sqrt(e)).masked_fill(~m_out, float("-inf"))
+    scores = (batched_matmul(meta_queries, meta_keys, transpose_b=True) / math.sqrt(e)).masked_fill(~m_out, float("-inf"))
     if past_meta_keys is None:
-        retrieved = scores.softmax(dim=-1) @ states  # [B, H, n, s]
+        retrieved = batched_matmul(scores.softmax(dim=-1), states)  # [B, H, n, s]
     else:
         past_meta_keys, past_states = repeat_kv(past_meta_keys, heads), repeat_kv(past_states, heads)
-        past_scores = meta_queries @ past_meta_keys.transpose(-1, -2) / math.sqrt(e)  # [B, H, n, P]
+        past_scores = batched_matmul(meta_queries, past_meta_keys, transpose_b=True) / math.sqrt(e)  # [B, H, n, P]
         weights = torch.cat([past_scores, scores], dim=-1).softmax(dim=-1)
-        past = past_meta_keys.shape[-2]
-        retrieved = weights[..., :past] @ past_states + weights[..., past:] @ states
+        # Gathered, not sliced: a slice's strides would be reshaped (see batched_matmul).
+        past, cols = past_meta_keys.shape[-2], torch.arange(weights.shape[-1], device=weights.device)
+        retrieved = (batched_matmul(weights.index_select(-1, cols[:past]), past_states)
+                     + batched_matmul(weights.index_select(-1, cols[past:]), states))
     if decompress is not None:
         retrieved = retrieved @ decompress.T
     return retrieved.unflatten(-1, (e, e))
@@ -240,16 +256,16 @@ def packed_stream_attention(
     local = F.scaled_dot_product_attention(q, repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1]), is_causal=True)
 
     def finished_rows(x: Tensor) -> Tensor:  # [B*n, heads, ..] -> [B, heads, finished, ..]
-        done = x.unflatten(0, (batch, -1)).index_select(1, torch.arange(finished, device=x.device))
-        return done.transpose(1, 2)
+        # Transposed before the gather, so the result is a fresh contiguous tensor.
+        return x.unflatten(0, (batch, -1)).transpose(1, 2).index_select(2, torch.arange(finished, device=x.device))
 
     new_meta_keys = finished_rows(meta_keys)
     new_states = finished_rows(chunk_states(k, v, compress))
     following = retrieve(finished_rows(meta_queries), new_meta_keys, new_states, past_meta_keys, past_states,
                          decompress)  # [B, H, finished, e, e]: S of chunks 1..finished
-    per_chunk = torch.cat([first_retrieved.unsqueeze(2), following], dim=2)  # [B, H, n, e, e]
-    output = local + q @ per_chunk.transpose(1, 2).flatten(0, 1)  # o_t = local_t + q_t S_i
-    return StreamOutput(output, new_meta_keys, new_states, per_chunk[:, :, -1])
+    per_chunk = torch.cat([first_retrieved.unsqueeze(1), following.transpose(1, 2)], dim=1)  # [B, n, H, e, e]
+    output = local + batched_matmul(q, per_chunk.flatten(0, 1))  # o_t = local_t + q_t S_i
+    return StreamOutput(output, new_meta_keys, new_states, per_chunk[:, -1])
 
 
 def bsbr_attention(

@@ -54,12 +54,14 @@ FREEZE_HINT = ("`bsbr-export doctor` names the line that freezes it (a Python lo
 
 def example_state(model, spec: ModelSpec, batch: int, seed: int = 0) -> list[Tensor]:
     """A flat streaming state mid-chunk (2 finished chunks, then c//2 + 1 tokens): every
-    state dim is >= 2 and differs from the others, so none gets specialized."""
+    state dim is >= 2 and differs from the others, so none gets specialized. Contiguous,
+    as callers feed it: AOTInductor compiles an input's example strides in unchecked
+    (a step's `retrieved` is a view into a larger tensor)."""
     c = spec.chunk_size
     ids = example_inputs(spec, batch, 2 * c + c // 2 + 1, seed)[spec.tokens.name]
     with torch.no_grad():
         _, state = model.stream(ids, model.init_state(batch))
-    return flatten_state(state)
+    return [t.contiguous() for t in flatten_state(state)]
 
 
 def example_new_tokens(chunk_size: int) -> int:

@@ -145,14 +145,10 @@ FORMATS: dict[str, Format] = {
                _export_torchscript(False), _torchscript_runner, engine=True),
         Format("torchscript-mobile", ".ptl", "TorchScript for PyTorch Mobile's lite interpreter",
                _export_torchscript(True), _torchscript_runner),
-        # Full graph only for now: the streaming step exports with no runtime asserts, but
-        # the program's input guards (ExportedProgram._guards_code, which AOTI compiles in
-        # and never checks) pin it to the example's regime: chunks finished by the step
-        # >= 2, tokens left in the open chunk >= 2, past chunks != 1 (0/1 specialization,
-        # aten.matmul's decomposition). Its package is wrong at a decode step's usual shapes
-        # (0 or 1 chunk finished), which check_generalizes catches, so it is not offered.
         Format("aoti", ".pt2", "AOTInductor package for aoti_load_package / torch::inductor::AOTIModelPackageLoader",
-               _export_aoti, _aoti_runner, kinds=("logits",), describe=_aoti_settings, engine=True),
+               # The decode step for C++ generation loops; no full-state step (Triton's
+               # implicit state is its only user, and Triton serves ONNX).
+               _export_aoti, _aoti_runner, kinds=("logits", "decode"), describe=_aoti_settings, engine=True),
         # Full graph only: see README "Deploy" for what the streaming step needs.
         Format("executorch", ".pte", "ExecuTorch program lowered to XNNPACK, for executorch.runtime / the C++ Module API",
                _export_executorch, _executorch_runner, frozenset({"max_length", "max_batch"}), kinds=("logits",),

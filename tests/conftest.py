@@ -63,8 +63,8 @@ def tiny_export(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def aoti_export(tmp_path_factory):
-    """bsbr-tiny compiled once per session with AOTInductor (the full graph; `streaming`
-    adds no .pt2 yet): compiling is slow, so no other fixture does it."""
+    """bsbr-tiny compiled once per session with AOTInductor (the full graph and, with
+    `streaming`, the decode step): compiling is slow, so no other fixture does it."""
     from bsbr_export.formats import FORMATS
     from bsbr_export.pipeline import export_model
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from conftest import EDGE_LENGTHS, random_ids, rehash, run_cli
@@ -17,7 +18,7 @@ from bsbr_export.runners import AotiRunner
 
 def test_export_writes_a_checked_package_with_its_isa(aoti_export):
     out, result = aoti_export
-    assert result.passed and [a.name for a in result.artifacts] == ["model.pt2"]
+    assert result.passed and [a.name for a in result.artifacts] == ["model.pt2", "model.decode.pt2"]
     manifest = json.loads((out / "manifest.json").read_text())
     for artifact in manifest["artifacts"]:
         assert artifact["settings"]["cpu_isa"] == package_isa(out / artifact["name"])
@@ -38,6 +39,38 @@ def test_package_matches_eager_at_unseen_lengths_and_batches(aoti_export):
                 want = model(ids).numpy()
             diff = abs(runner.infer(feeds)["logits"] - want).max()
             assert diff < 1e-4, (name, batch, diff)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_package_rolls_out_like_eager_from_an_empty_state(aoti_export, batch):
+    """model.decode.pt2 stepped through splits that cross every chunk boundary off-step,
+    from no past chunks (0 and 1 past chunks, and steps finishing 0, 1 and 2 chunks, are
+    what the example never had), at batches other than the example's."""
+    from bsbr_export.graphs import flatten_state
+    from bsbr_export.spec import spec_for
+    from bsbr_export.validate import advance_state
+
+    out, _ = aoti_export
+    model = load_model(out).eval()
+    spec = spec_for(model)
+    c = model.config.chunk_size
+    names = list(spec.state.inputs)
+    runner = AotiRunner(out / "model.decode.pt2", ["input_ids", *names], ["logits", *spec.state.update_names()])
+    pieces = [1, 1, c - 1, 3, 2 * c + 2, 1, c]
+    ids = random_ids(model.config, batch, sum(pieces), seed=23 + batch)
+    state = dict(zip(names, [t.numpy() for t in flatten_state(model.init_state(batch))]))
+    logits, at = [], 0
+    for size in pieces:
+        result = runner.infer({"input_ids": ids[:, at : at + size].numpy(), **state})
+        assert result["new.0.meta_keys"].shape[2] == (at % c + size) // c  # the chunks this step closed
+        state = advance_state(state, result)
+        logits.append(result["logits"])
+        at += size
+    with torch.no_grad():
+        _, eager_state = model.stream(ids, model.init_state(batch))
+        assert abs(np.concatenate(logits, axis=1) - model(ids).numpy()).max() <= 1e-4
+    for name, want in zip(names, flatten_state(eager_state)):
+        assert abs(state[name] - want.numpy()).max() <= 1e-4, name
 
 
 def test_validate_and_bench_list_aoti(aoti_export, capsys):
