@@ -44,10 +44,13 @@ def export_program(model, spec=None, kind: str = "logits") -> torch.export.Expor
     graph = export_graph(model, spec, kind)
     args = example_args(model, spec, kind)
     dynamic_shapes = _dynamic_shapes(graph, graph_axes(spec, kind), kind != "logits")
-    # Size-oblivious, as torch.onnx exports: a size that can be 0 or 1 (the chunks a
-    # streaming step finishes, the past chunks) takes the general path instead of a guard
-    # pinning it to the example's value, which AOTInductor would compile in unchecked.
-    with _quiet(), torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+    # A streaming step exports size-obliviously, as torch.onnx does: a size that can be 0
+    # or 1 (the chunks it finishes, the past chunks) takes the general path instead of a
+    # guard pinning it to the example's value, which AOTInductor would compile in
+    # unchecked. The full graph has no such size and needs it not (with it, a module's
+    # padded length gets guarded instead).
+    oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=kind != "logits")
+    with _quiet(), torch.no_grad(), oblivious:
         try:
             program = torch.export.export(graph, args, dynamic_shapes=dynamic_shapes)
         except (ExportUserError, GuardOnDataDependentSymNode) as exc:  # constraint violations among them

@@ -133,9 +133,9 @@ def retrieve(
         past_scores = batched_matmul(meta_queries, past_meta_keys, transpose_b=True) / math.sqrt(e)  # [B, H, n, P]
         weights = torch.cat([past_scores, scores], dim=-1).softmax(dim=-1)
         # Gathered, not sliced: a slice's strides would be reshaped (see batched_matmul).
-        past, cols = past_meta_keys.shape[-2], torch.arange(weights.shape[-1], device=weights.device)
-        retrieved = (batched_matmul(weights.index_select(-1, cols[:past]), past_states)
-                     + batched_matmul(weights.index_select(-1, cols[past:]), states))
+        past, joined = past_meta_keys.shape[-2], torch.arange(weights.shape[-1], device=weights.device)
+        retrieved = (batched_matmul(weights.index_select(-1, joined[:past]), past_states)
+                     + batched_matmul(weights.index_select(-1, joined[past:]), states))
     if decompress is not None:
         retrieved = retrieved @ decompress.T
     return retrieved.unflatten(-1, (e, e))
