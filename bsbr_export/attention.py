@@ -208,16 +208,20 @@ def packed_bsbr_attention(
     rows = torch.arange(q.shape[0], device=q.device)
     sequence = rows // chunks
     chunk = rows - sequence * chunks  # not `%`: the ONNX exporter has no remainder by a symbolic size
-    # Row a (asked from chunk a's last token) reads chunks 0..a of its own sequence:
-    # that is S_{a+1}, so the result moves down one row and each chunk 0 gets S_0 = 0.
-    m_out = (sequence[None, :] == sequence[:, None]) & (rows[None, :] <= rows[:, None])
-    scores = meta_queries.transpose(0, 1) @ meta_keys.permute(1, 2, 0) / math.sqrt(e)  # [H, B*n, B*n]
-    following = scores.masked_fill(~m_out, float("-inf")).softmax(dim=-1) @ states.transpose(0, 1)
+    first = chunk == 0  # a sequence's first chunk reads nothing: S_0 = 0
+    # Chunk i asks with r_i, the meta query from chunk i - 1's last token, and reads chunks
+    # 0..i-1 of its own sequence (M_out). The queries move down one row, not the result:
+    # they are [B*n, H, e], the retrieved states [B*n, H, e^2].
+    asking = meta_queries.index_select(0, (rows - 1).clamp(min=0))
+    m_out = (sequence[None, :] == sequence[:, None]) & (rows[None, :] < rows[:, None])
+    # A first chunk's row keeps its own column, so its softmax is finite; its weights are zeroed.
+    m_out = m_out | (first[:, None] & (rows[None, :] == rows[:, None]))
+    scores = asking.transpose(0, 1) @ meta_keys.permute(1, 2, 0) / math.sqrt(e)  # [H, B*n, B*n]
+    weights = scores.masked_fill(~m_out, float("-inf")).softmax(dim=-1).masked_fill(first[:, None], 0.0)
+    retrieved = weights @ states.transpose(0, 1)  # [H, B*n, s]
     if decompress is not None:
-        following = following @ decompress.T
-    shifted = torch.cat([following.new_zeros(following[:, :1].shape), following], dim=1)[:, :-1]
-    retrieved = shifted.masked_fill((chunk == 0)[:, None], 0.0).transpose(0, 1).unflatten(-1, (e, e))
-    return local + q @ retrieved  # o_t = local_t + q_t S_i
+        retrieved = retrieved @ decompress.T
+    return local + q @ retrieved.transpose(0, 1).unflatten(-1, (e, e))  # o_t = local_t + q_t S_i
 
 
 class StreamOutput(NamedTuple):
