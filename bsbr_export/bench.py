@@ -186,6 +186,15 @@ def random_feeds(vocab_size: int, batch: int, length: int, seed: int | None = No
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
+def spec_feeds(spec, batch: int, length: int, seed: int | None = None) -> dict:
+    """`random_feeds` under the names the spec gives (an all-ones mask only where the model
+    takes one): a module's token input need not be called `input_ids`, and an ONNX session
+    refuses inputs its graph does not have."""
+    from bsbr_export.evaltext import text_feeds
+
+    return text_feeds(spec, random_feeds(spec.tokens.high, batch, length, seed)["input_ids"])
+
+
 def export_spec(export_dir: Path):
     """The ModelSpec an export directory was made with (its manifest's `spec`)."""
     from bsbr_export.manifest import read_manifest
@@ -304,15 +313,15 @@ def spread(times: list[float]) -> float:
 
 
 def time_lengths(
-    call, vocab_size: int, lengths: list[int], batch: int = 1, warmup: int = WARMUP, min_iters: int = MIN_ITERS,
+    call, feeds_at, lengths: list[int], batch: int = 1, warmup: int = WARMUP, min_iters: int = MIN_ITERS,
     budget_s: float = 1.0,
 ) -> list[Timing]:
-    """Time `call(feeds)` at each length, shortest first: warm-up, then at least
+    """Time `call(feeds_at(length))` at each length, shortest first: warm-up, then at least
     `min_iters` runs, repeated until their p10-p90 spread is within `TARGET_SPREAD` of
     the median or `budget_s` seconds are spent (`MAX_ITERS` runs at most)."""
     timings, min_iters = [], max(min_iters, 2)  # a spread needs two runs
     for length in sorted(lengths):
-        feeds = random_feeds(vocab_size, batch, length)
+        feeds = feeds_at(length)
         for _ in range(warmup):
             call(feeds)
         times = []
@@ -351,17 +360,16 @@ def run_engine(
     from bsbr_export.evaltext import bits_per_byte, read_eval_text, scores_text, text_feeds
 
     spec = export_spec(export_dir)
-    vocab_size = spec.tokens.high
     call = _make_call(engine, export_dir, threads, trust_code)
     load_rss = peak_rss_mib()
-    timings = time_lengths(call, vocab_size, lengths, batch, warmup, min_iters, budget_s)
+    timings = time_lengths(call, lambda n: spec_feeds(spec, batch, n), lengths, batch, warmup, min_iters, budget_s)
     bpb = None
     if scores_text(spec) and spec.outputs[0].logits:  # `call` answers the first output
         text = read_eval_text(eval_text)
         bpb = {n: bits_per_byte(lambda ids: first_output(call(text_feeds(spec, ids))), text, window=n, batch=1)
                for n in lengths}
     # Parity last, so loading the eager reference never shows in the memory figures.
-    max_abs, top1, scale = _parity(call, export_dir, min(lengths), batch, vocab_size, trust_code)
+    max_abs, top1, scale = _parity(call, export_dir, spec_feeds(spec, batch, min(lengths)), trust_code)
     return EngineResult(engine, True, tuple(timings), load_rss_mib=load_rss, max_abs=max_abs, top1=top1,
                         logit_scale=scale, bits_per_byte=bpb)
 
@@ -405,11 +413,9 @@ def first_output(outputs):
     return np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs)
 
 
-def _parity(call, export_dir: Path, length: int, batch: int, vocab_size: int,
-            trust_code: bool = False) -> tuple[float, float, float]:
+def _parity(call, export_dir: Path, feeds: dict, trust_code: bool = False) -> tuple[float, float, float]:
     import numpy as np
 
-    feeds = random_feeds(vocab_size, batch, length)
     got = first_output(call(feeds))
     want = eager_output(export_dir, feeds, trust_code)
     top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
@@ -474,6 +480,7 @@ def decode_latency(
     """
     import numpy as np
 
+    from bsbr_export.evaltext import text_feeds
     from bsbr_export.runners import OnnxRunner
     from bsbr_export.validate import advance_state, empty_state_tensor
 
@@ -490,7 +497,7 @@ def decode_latency(
     stream = OnnxRunner(graph, threads=threads, spinning=True)
 
     def step(ids_piece, state):
-        out = stream.session.run(None, {"input_ids": ids_piece, **state})
+        out = stream.session.run(None, {spec.tokens.name: ids_piece, **state})
         return advance_state(state, dict(zip(stream.output_names, out)))
 
     rng = np.random.default_rng(0)
@@ -511,8 +518,7 @@ def decode_latency(
     full = OnnxRunner(export_dir / "model.onnx", threads=threads, spinning=True)
     results = []
     for context in sorted(contexts):
-        feeds = {"input_ids": sequences[context][:, : context + 1],
-                 "attention_mask": np.ones((1, context + 1), dtype=np.int64)}
+        feeds = text_feeds(spec, sequences[context][:, : context + 1])
         full.session.run(None, feeds)  # warm-up
         full_times = []
         for _ in range(3):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bsbr_export.bench import ORT_LEVELS, eager_output, export_spec, random_feeds
+from bsbr_export.bench import ORT_LEVELS, eager_output, export_spec, spec_feeds
 from bsbr_export.errors import UserError
 from bsbr_export.evaltext import DEFAULT_EVAL_WINDOWS
 
@@ -94,14 +94,6 @@ def _time(session, feeds: dict, repeats: int = 5) -> float:
         session.run(None, feeds)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def spec_feeds(spec, batch: int, length: int, seed: int) -> dict:
-    """Seeded random token ids, fed under the names the spec gives (an all-ones mask only
-    where the model takes one): an ONNX session refuses inputs its graph does not have."""
-    from bsbr_export.evaltext import text_feeds
-
-    return text_feeds(spec, random_feeds(spec.tokens.high, batch, length, seed=seed)["input_ids"])
 
 
 def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, threads: int = 2,

@@ -69,14 +69,34 @@ def test_export_and_validate_a_module_ref(capsys, tmp_path):
     assert (out / "model.optimized.onnx").is_file() and "matches eager" in stdout
 
 
-def test_optimize_a_module_that_takes_no_mask(capsys, tmp_path):
+@pytest.fixture(scope="module")
+def tokens_export(tmp_path_factory):
+    """An ONNX export (with streaming graphs) of a module whose only input is `tokens`."""
+    from bsbr_export.cli import main
+
+    out = tmp_path_factory.mktemp("module") / "tokens"
+    args = ["export", f"{MODELS}:tokens_only", "--trust-code", "--format", "onnx", "--streaming", "--out", str(out)]
+    assert main(args) == 0
+    assert [i["name"] for i in json.loads((out / "manifest.json").read_text())["spec"]["inputs"]] == ["tokens"]
+    return out
+
+
+def test_optimize_a_module_that_takes_no_mask(capsys, tokens_export):
     """optimize feeds what the spec names: a graph without an attention_mask input is not
-    handed one (ONNX Runtime refuses unknown inputs)."""
-    out = tmp_path / "tokens"
-    code, _, err = run_cli(capsys, "export", f"{MODELS}:tokens_only", "--trust-code", "--format", "onnx", "--out", out)
-    assert code == 0, err
-    assert [i["name"] for i in json.loads((out / "manifest.json").read_text())["spec"]["inputs"]] == ["input_ids"]
+    handed one (ONNX Runtime refuses unknown inputs), and its token input is `tokens`."""
+    out = tokens_export
     code, stdout, err = run_cli(capsys, "optimize", out, "--trust-code", "--length", "21", "--static-int8",
                                 "--target-top1", "0.5", "--no-fp16")
     assert code == 0, err
     assert all((out / name).is_file() for name in ("model.optimized.onnx", "model.int8.onnx", "model.int8-static.onnx"))
+
+
+def test_bench_feeds_what_the_spec_names(capsys, tokens_export):
+    """bench's timing, parity and decode inputs are named by the spec, not `input_ids`."""
+    code, _, err = run_cli(capsys, "bench", tokens_export, "--trust-code", "--engines", "eager,ort-cpu-all",
+                           "--lengths", "9,14", "--decode", "5", "--validation-lengths", "3", "--budget", "0.05")
+    assert code == 0, err
+    report = json.loads((tokens_export / "report.json").read_text())
+    assert {row["engine"]: row["status"] for row in report["table"]} == {"eager": "✅", "ort-cpu-all": "✅"}
+    assert all(row["max_abs"] <= 1e-4 for row in report["table"])
+    assert [d["context"] for d in report["bench"]["decode"]] == [5]

@@ -72,7 +72,7 @@ def _child_time_onnx(path: str, lengths: list[int], hidden: int | None, vocab: i
     """Child process: time an ONNX file at each length (ids input, or an [L, hidden] input)."""
     import numpy as np
 
-    from bsbr_export.bench import peak_rss_mib, time_lengths
+    from bsbr_export.bench import peak_rss_mib, random_feeds, time_lengths
     from bsbr_export.runners import OnnxRunner
 
     runner = OnnxRunner(path, threads=threads, spinning=True)  # alone in this child process
@@ -84,7 +84,7 @@ def _child_time_onnx(path: str, lengths: list[int], hidden: int | None, vocab: i
         def call(feeds):
             return runner.session.run(None, {n: feeds[n] for n in runner.input_names})
     base = peak_rss_mib()
-    timings = time_lengths(call, vocab, lengths, warmup=1, min_iters=3, budget_s=1.0)
+    timings = time_lengths(call, lambda n: random_feeds(vocab, 1, n), lengths, warmup=1, min_iters=3, budget_s=1.0)
     print(json.dumps({"load_rss_mib": base, "timings": [t.__dict__ for t in timings]}))
 
 
