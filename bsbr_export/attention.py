@@ -86,17 +86,22 @@ def chunk_states(k: Tensor, v: Tensor, compress: Tensor | None = None) -> Tensor
 
 
 def batched_matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
-    """a [.., n, m] @ b [.., m, p] (b [.., p, m] with `transpose_b`), equal leading dims.
+    """a [.., H, n, m] @ b [.., G, m, p] (b [.., G, p, m] with `transpose_b`) -> [.., H, n, p],
+    equal leading dims, `G` dividing `H` (grouped-query heads: `G = H` is plain batching).
 
     `@` on sizes that can be 0 or 1 (a stream's past chunks, the chunks a step finishes)
     makes torch.export pin them to the example's value: aten.matmul's decomposition
-    reshapes a transposed operand. One `bmm` over operands reshaped while still in their
-    own layout does not, so the step's AOTInductor package runs at every state."""
-    lead = a.shape[:-2]
-    batch = math.prod(lead)
+    reshapes a transposed operand, and `repeat_kv`'s expanded copy is reshaped too. One
+    `bmm` over operands reshaped while still in their own layout does not, so the step's
+    AOTInductor package runs at every state. The `H / G` query heads that share a
+    key/value head (consecutive, as in `repeat_kv`) become extra rows of that head's
+    product, so shared keys are never copied per query head."""
+    *lead, heads, n, m = a.shape
+    groups = b.shape[-3]
+    batch = math.prod(lead) * groups
     b3 = b.reshape(batch, *b.shape[-2:])
-    out = torch.bmm(a.reshape(batch, *a.shape[-2:]), b3.transpose(1, 2) if transpose_b else b3)
-    return out.reshape(*lead, *out.shape[-2:])
+    out = torch.bmm(a.reshape(batch, (heads // groups) * n, m), b3.transpose(1, 2) if transpose_b else b3)
+    return out.reshape(*lead, heads, n, out.shape[-1])
 
 
 def retrieve(
@@ -120,8 +125,7 @@ def retrieve(
     Past and new parts are weighted separately (one softmax over their joined scores),
     so a streaming step reads the past states without copying them.
     """
-    e, heads = meta_queries.shape[-1], meta_queries.shape[1]
-    meta_keys, states = repeat_kv(meta_keys, heads), repeat_kv(states, heads)
+    e = meta_queries.shape[-1]
     rows = torch.arange(meta_queries.shape[-2], device=meta_queries.device)
     cols = torch.arange(meta_keys.shape[-2], device=meta_queries.device)
     m_out = cols[None, :] <= rows[:, None]  # [rows, n]: this block's chunks 0..a
@@ -129,7 +133,6 @@ def retrieve(
     if past_meta_keys is None:
         retrieved = batched_matmul(scores.softmax(dim=-1), states)  # [B, H, n, s]
     else:
-        past_meta_keys, past_states = repeat_kv(past_meta_keys, heads), repeat_kv(past_states, heads)
         past_scores = batched_matmul(meta_queries, past_meta_keys, transpose_b=True) / math.sqrt(e)  # [B, H, n, P]
         weights = torch.cat([past_scores, scores], dim=-1).softmax(dim=-1)
         # Gathered, not sliced: a slice's strides would be reshaped (see batched_matmul).

@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+import user_models
 from conftest import EDGE_LENGTHS, random_ids, rehash, run_cli
 
 from bsbr_export import load_model
@@ -117,17 +118,20 @@ def test_corrupt_package_is_refused_in_one_line(aoti_export, tmp_path, capsys):
     assert code == 2 and "not an AOTInductor package" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("make", [lambda: load_model("bsbr-tiny"), user_models.rotary_decoder],
+                         ids=["native", "grouped-query"])
 @pytest.mark.parametrize("kind", ["decode", "streaming"])
-def test_streaming_step_exports_without_guards(kind):
+def test_streaming_step_exports_without_guards(kind, make):
     """The step's ExportedProgram keeps every named axis a plain, unbounded Dim and has no
-    runtime assert: torch.export needed nothing of new_tokens, past_chunks or past_tokens."""
+    runtime assert: torch.export needed nothing of new_tokens, past_chunks or past_tokens,
+    also where 2 key/value heads serve 4 query heads (a user's module)."""
     from bsbr_export.aoti import export_program
     from bsbr_export.export import graph_axes
     from bsbr_export.spec import spec_for
     from torch.utils._sympy.value_ranges import ValueRanges
     from torch.utils._sympy.numbers import int_oo
 
-    model = load_model("bsbr-tiny").eval()
+    model = make().eval()
     program = export_program(model, kind=kind)
     labels = {label for axes in graph_axes(spec_for(model), kind).values() for label in axes.values()}
     assert labels == {"batch", "new_tokens", "past_chunks", "past_tokens"}

@@ -142,6 +142,11 @@ class DecoderBlock(nn.Module):
         x = x + y
         return x + self.mlp(self.norm2(x)), state
 
+    def step(self, x: Tensor, state):
+        y, update = self.attn.step(self.norm1(x), state)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), update
+
 
 class RotaryDecoder(nn.Module):
     """A decoder on `bsbr_export.nn.BSBRAttention`: rotary positions, RMSNorm, SwiGLU,
@@ -170,21 +175,36 @@ class RotaryDecoder(nn.Module):
             new.append(layer_state)
         return self.norm(x) @ self.embed.weight.T, new
 
+    def stream_update(self, input_ids: Tensor, state):
+        """`stream`, returning per layer only what changed (the decode graph's protocol)."""
+        x, updates = self.embed(input_ids), []
+        for layer, layer_state in zip(self.layers, state):
+            x, update = layer.step(x, layer_state)
+            updates.append(update)
+        return self.norm(x) @ self.embed.weight.T, updates
+
 
 def rotary_decoder() -> RotaryDecoder:
     return RotaryDecoder().eval()
 
 
 class TokensOnly(nn.Module):
-    """A decoder whose forward takes the token ids alone (no padding mask)."""
+    """A decoder whose forward takes its token ids alone (no padding mask), under a name
+    of its own."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(5)
         self.decoder = RotaryDecoder(vocab=41)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.decoder(input_ids)
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.decoder(tokens)
+
+    def init_state(self, batch_size: int):
+        return self.decoder.init_state(batch_size)
+
+    def stream(self, tokens: Tensor, state):
+        return self.decoder.stream(tokens, state)
 
 
 def tokens_only() -> TokensOnly:
