@@ -7,7 +7,10 @@ threads spinning: alone in this process) with `enable_profiling`, drops the warm
 sums kernel time per category: the dense weight GEMMs (projections, feed-forward, LM head),
 the chunk attention (fused within-chunk Attention, chunk states, retrieval, q S), GELU,
 LayerNorm, bias/residual adds, head transposes, positions, the rest. Also the dense GEMMs'
-achieved GFLOP/s inside the graph. Writes profile_<model>.json and .md to --out.
+achieved GFLOP/s inside the graph, and, for the costliest node of each op type outside
+them, its time alone: the same node, inputs and weights as a one-node graph run back to
+back, its data hot in cache (what the op costs when its inputs do not come from memory).
+Writes profile_<model>.json and .md to --out.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WARMUP, RUNS = 3, 5
+ALONE_OPS = ("Attention", "BiasGelu", "LayerNormalization", "Transpose", "Add", "FusedMatMul")
+FLOAT_TYPES = {"float": "float32", "bool": "bool"}
 
 
 def category(op: str, shape: list[int], config) -> str:
@@ -54,7 +59,9 @@ def profile(path: Path, config, length: int, threads: int) -> dict:
 
     feeds = random_feeds(config.vocab_size, 1, length)
     with tempfile.TemporaryDirectory() as tmp:
-        session = OnnxRunner(path, threads=threads, spinning=True, profile_prefix=Path(tmp) / "ort").session
+        optimized = Path(tmp) / "optimized.onnx"
+        session = OnnxRunner(path, threads=threads, spinning=True, profile_prefix=Path(tmp) / "ort",
+                             optimized_path=optimized).session
         feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
         times = []
         for i in range(WARMUP + RUNS):
@@ -63,6 +70,9 @@ def profile(path: Path, config, length: int, threads: int) -> dict:
             if i >= WARMUP:
                 times.append((time.perf_counter() - start) * 1e3)
         events = json.loads(Path(session.end_profiling()).read_text())
+        session = None  # its threads stop spinning before the one-node graphs run
+        runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+        alone = time_alone(optimized, costliest_nodes(events, runs[WARMUP]), threads)
     runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
     steady = runs[WARMUP]  # warm-up runs grow the arena: their first touches are not the model's cost
     by_category, by_op = collections.Counter(), collections.Counter()
@@ -84,7 +94,66 @@ def profile(path: Path, config, length: int, threads: int) -> dict:
         "op_types": dict(by_op.most_common()),
         "dense_gemm_gflops": weight_flops(config, length) / (dense_ms / 1e3) / 1e9 if dense_ms else None,
         "dense_flop_share": weight_flops(config, length) / model_flops(config, length),
+        "alone": alone,
     }
+
+
+def costliest_nodes(events: list[dict], steady: int) -> dict[str, dict]:
+    """op type -> its costliest steady-state node: name, ms per run, input shapes and types."""
+    nodes = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < steady:
+            continue
+        node = nodes.setdefault(e["name"].removesuffix("_kernel_time"), {"op": e["args"]["op_name"], "ms": 0.0})
+        node["ms"] += e["dur"] / RUNS / 1e3
+        node["inputs"] = [next(iter(d.items())) for d in e["args"].get("input_type_shape", [])]
+    best = {}
+    for name, node in nodes.items():
+        if node["op"] in ALONE_OPS and node["ms"] > best.get(node["op"], {}).get("ms", 0.0):
+            best[node["op"]] = {"node": name, **node}
+    return best
+
+
+def time_alone(optimized: Path, nodes: dict[str, dict], threads: int, runs: int = 20) -> list[dict]:
+    """Each node as a one-node graph over its own weights (ORT's optimized model), its
+    activations random at the profiled shapes, timed back to back: median ms per run."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.load(str(optimized))
+    weights = {w.name: w for w in model.graph.initializer}
+    rows, rng = [], np.random.default_rng(0)
+    for op, info in nodes.items():
+        node = next(n for n in model.graph.node if n.name == info["node"])
+        graph_inputs, feeds, used = [], {}, []
+        for name, (dtype, shape) in zip(node.input, info["inputs"]):
+            if name in weights:
+                used.append(weights[name])
+            elif name and dtype in FLOAT_TYPES:
+                feeds[name] = rng.standard_normal(shape).astype(FLOAT_TYPES[dtype])
+                graph_inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(
+                    feeds[name].dtype), shape))
+            elif name:
+                break  # an index or shape input: its values matter, so random ones would not do
+        else:
+            outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in node.output if o]
+            one = helper.make_model(helper.make_graph([node], op, graph_inputs, outputs, used),
+                                    opset_imports=model.opset_import, ir_version=model.ir_version)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            session = ort.InferenceSession(one.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            times = []
+            for i in range(WARMUP + runs):
+                start = time.perf_counter()
+                session.run(None, feeds)
+                if i >= WARMUP:
+                    times.append((time.perf_counter() - start) * 1e3)
+            rows.append({"op": op, "node": info["node"], "shape": info["inputs"][0][1], "in_graph_ms": info["ms"],
+                         "alone_ms": statistics.median(times)})
+    return sorted(rows, key=lambda r: -r["in_graph_ms"])
 
 
 def markdown(model: str, machine: dict, results: list[dict]) -> str:
@@ -100,6 +169,13 @@ def markdown(model: str, machine: dict, results: list[dict]) -> str:
         if r["dense_gemm_gflops"]:
             lines += ["", f"The dense GEMMs are {100 * r['dense_flop_share']:.0f}% of the model's FLOPs and run at "
                       f"{r['dense_gemm_gflops']:.0f} GFLOP/s inside the graph.", ""]
+        if r["alone"]:
+            lines += ["The costliest node of each op type, in the graph and alone (one-node graph, same weights, "
+                      "inputs hot in cache, median of 20):", "",
+                      "| op | node | first input | in graph ms | alone ms | in graph / alone |", "|---|---|---|---|---|---|"]
+            lines += [f"| {a['op']} | {a['node']} | {a['shape']} | {a['in_graph_ms']:.2f} | {a['alone_ms']:.2f} | "
+                      f"{a['in_graph_ms'] / a['alone_ms']:.1f} |" for a in r["alone"]]
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
