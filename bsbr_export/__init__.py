@@ -1,13 +1,13 @@
 """bsbr-export: export BSBR attention models to ONNX and TorchScript, and prove them."""
 
-from bsbr_export.attention import bsbr_attention
-from bsbr_export.checkpoint import build_model, load_model, save_model
-from bsbr_export.config import BSBRConfig
+from bsbr_export.model.attention import bsbr_attention
+from bsbr_export.model.checkpoint import build_model, load_model, save_model
+from bsbr_export.model.config import BSBRConfig
 from bsbr_export.errors import UserError
-from bsbr_export.model import BSBRModel, LayerState
-from bsbr_export.pipeline import export_module
-from bsbr_export.spec import InputSpec, ModelSpec, OutputSpec, StateSpec, spec_for
-from bsbr_export.upstream import from_upstream
+from bsbr_export.model.native import BSBRModel, LayerState
+from bsbr_export.export.pipeline import export_module
+from bsbr_export.model.spec import InputSpec, ModelSpec, OutputSpec, StateSpec, spec_for
+from bsbr_export.model.upstream import from_upstream
 
 __version__ = "0.1.0"
 

@@ -11,8 +11,8 @@ import sys
 import click
 
 from bsbr_export.errors import UserError
-from bsbr_export.evaltext import DEFAULT_EVAL_WINDOWS  # numpy only: the --eval-windows default
-from bsbr_export.formats import DEFAULT_OPSET, FORMATS  # light: feeds the --format help
+from bsbr_export.proof.evaltext import DEFAULT_EVAL_WINDOWS  # numpy only: the --eval-windows default
+from bsbr_export.export.formats import DEFAULT_OPSET, FORMATS  # light: feeds the --format help
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,9 +27,9 @@ def models(name: str | None) -> None:
     """List the model zoo's presets, or show the preset NAME."""
     from rich.table import Table
 
-    from bsbr_export.checkpoint import parameter_count
+    from bsbr_export.model.checkpoint import parameter_count
     from bsbr_export.render import stdout_console
-    from bsbr_export.zoo import get_preset, list_presets
+    from bsbr_export.model.zoo import get_preset, list_presets
 
     presets = [get_preset(name)] if name else list(list_presets().values())
     table = Table(title="bsbr-export model zoo" if not name else None)
@@ -123,12 +123,12 @@ def export(model, out_dir, formats, streaming, static, opset, max_length, max_ba
 
     from rich.console import Console
 
-    from bsbr_export.formats import parse_formats
+    from bsbr_export.export.formats import parse_formats
     from bsbr_export.io import check_can_create
-    from bsbr_export.pipeline import export_model
+    from bsbr_export.export.pipeline import export_model
     from bsbr_export.render import export_table, progress_steps, stdout_console
-    from bsbr_export.sources import load_source
-    from bsbr_export.usercode import export_name
+    from bsbr_export.model.sources import load_source
+    from bsbr_export.model.usercode import export_name
 
     chosen = parse_formats(formats)
     for flag, value in (("max_length", max_length), ("max_batch", max_batch)):
@@ -144,7 +144,7 @@ def export(model, out_dir, formats, streaming, static, opset, max_length, max_ba
     check_can_create(out, force)  # before the model is even loaded
     spec = None
     if spec_file:
-        from bsbr_export.spec import read_spec
+        from bsbr_export.model.spec import read_spec
 
         spec = read_spec(spec_file)
     # The model and its spec first: a bad reference, spec or weights is the only line printed.
@@ -165,7 +165,7 @@ def export(model, out_dir, formats, streaming, static, opset, max_length, max_ba
                 click.echo(f"FAILED {artifact.name}: {failure}", err=True)
         raise SystemExit(1)
     if triton_repo:
-        from bsbr_export.triton import write_triton_repo
+        from bsbr_export.serve.triton import write_triton_repo
 
         repo = write_triton_repo(out, triton_repo, overwrite=force)
         click.echo(f"Triton model repository: {repo} (tritonserver --model-repository {repo})")
@@ -182,7 +182,7 @@ ACCURACY_BUDGET = click.option(
 
 def _eval_text(path, budget: float) -> bytes | None:
     """--eval-text read and --accuracy-budget checked before any work (None: the default text)."""
-    from bsbr_export.evaltext import check_budget, read_eval_text
+    from bsbr_export.proof.evaltext import check_budget, read_eval_text
 
     check_budget(budget)
     return read_eval_text(path) if path is not None else None
@@ -213,9 +213,9 @@ def validate(export_dir, tolerance, lengths, batches, providers, trust_code, eva
     from rich.console import Console
 
     from bsbr_export.io import atomic_write, check_writable
-    from bsbr_export.manifest import read_manifest
+    from bsbr_export.export.manifest import read_manifest
     from bsbr_export.render import progress_steps, stdout_console, validation_table
-    from bsbr_export.validate import validate_export
+    from bsbr_export.proof.validate import validate_export
 
     read_manifest(export_dir, verify=False)  # an export dir, and one validation.json can go into
     check_writable(Path(export_dir))
@@ -299,12 +299,12 @@ def bench(ctx, target, quick, **options) -> None:
     from click.core import ParameterSource
     from rich.console import Console
 
-    from bsbr_export.formats import parse_formats
+    from bsbr_export.export.formats import parse_formats
     from bsbr_export.io import check_writable
-    from bsbr_export.manifest import MANIFEST
-    from bsbr_export.pipeline import benchmark
+    from bsbr_export.export.manifest import MANIFEST
+    from bsbr_export.export.pipeline import benchmark
     from bsbr_export.render import bench_table, progress_steps, stdout_console
-    from bsbr_export.report import recommendation_text
+    from bsbr_export.proof.report import recommendation_text
 
     if quick:
         options.update({k: v for k, v in QUICK_BENCH.items() if ctx.get_parameter_source(k) is ParameterSource.DEFAULT})
@@ -357,9 +357,9 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
     """
     from pathlib import Path
 
-    from bsbr_export.checkpoint import save_model
-    from bsbr_export.upstream import NOT_CAUSAL
-    from bsbr_export.upstream import import_upstream as load_upstream
+    from bsbr_export.model.checkpoint import save_model
+    from bsbr_export.model.upstream import NOT_CAUSAL
+    from bsbr_export.model.upstream import import_upstream as load_upstream
 
     model = load_upstream(checkpoint, heads, chunk_size, max_positions)
     out = save_model(model, Path(out_dir) if out_dir else Path(checkpoint).with_suffix(""), overwrite=force)
@@ -403,7 +403,7 @@ def optimize(export_dir, length, int8, static_int8, target_top1, fp16, bf16, eva
     with `validate`, time them with `bench`."""
     from rich.console import Console
 
-    from bsbr_export.optimize import optimize_export
+    from bsbr_export.proof.optimize import optimize_export
     from bsbr_export.render import (
         bf16_table,
         levels_table,
@@ -458,8 +458,8 @@ def doctor(module_ref: str, trust_code: bool) -> None:
     Prints each line that ties the graph to the example's shape, with what to change;
     exit 1 when there is one.
     """
-    from bsbr_export.doctor import diagnose
-    from bsbr_export.usercode import build_module
+    from bsbr_export.proof.doctor import diagnose
+    from bsbr_export.model.usercode import build_module
 
     report = diagnose(build_module(module_ref, trust_code))
     click.echo(report.to_text())
@@ -484,7 +484,7 @@ def serve(repo, http_port, grpc_port, triton_env, timeout) -> None:
     nvidia-pytriton wheel has no ONNX Runtime backend), names those it skipped, prints
     the endpoints and serves until Ctrl-C, which stops the server.
     """
-    from bsbr_export.serve import serve as run_server
+    from bsbr_export.serve.serve import serve as run_server
 
     def ready(server) -> None:
         click.echo(f"tritonserver ready in {server.start_seconds:.1f} s (pid {server.pid}): "
@@ -500,7 +500,7 @@ def serve(repo, http_port, grpc_port, triton_env, timeout) -> None:
 def _check_triton_repo(repo, name: str, streaming: bool, force: bool) -> None:
     """Refuse a --triton-repo that cannot take the model before the export starts."""
     from bsbr_export.io import check_can_create
-    from bsbr_export.zoo import presets_dir
+    from bsbr_export.model.zoo import presets_dir
 
     if repo.exists() and not repo.is_dir():
         raise UserError(f"--triton-repo {repo} is a file: pass a directory")

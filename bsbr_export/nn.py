@@ -1,6 +1,6 @@
 """BSBR attention as a layer for any architecture: `bsbr_export.nn.BSBRAttention`.
 
-The native model's attention is this layer (`bsbr_export.model.BSBRAttention` only
+The native model's attention is this layer (`bsbr_export.model.native.BSBRAttention` only
 configures it from a `BSBRConfig`), so a user's model gets the same math, the same
 streaming state and the same export behavior: no Python loop over chunks, no `.item()`,
 integer chunk arithmetic, so `torch.export` with a dynamic batch and sequence keeps both
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bsbr_export.attention import (
+from bsbr_export.model.attention import (
     pack_chunks,
     packed_bsbr_attention,
     packed_stream_attention,

@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from bsbr_export.bench import NOISY_SPREAD, round_sig
+from bsbr_export.proof.bench import NOISY_SPREAD, round_sig
 
 
 @contextlib.contextmanager
@@ -178,7 +178,7 @@ def text_cells(score) -> tuple[str, str]:
 
 def bench_table(result, tolerance: float) -> Table:
     """Engine, status, max abs err, median latency and speed-up vs eager per length."""
-    from bsbr_export.report import status
+    from bsbr_export.proof.report import status
 
     table = Table(
         title=f"bench: batch {result.batch}, {result.threads} threads",
@@ -248,7 +248,7 @@ def quant_table(quant) -> Table:
 def bf16_table(plan) -> Table:
     """bf16: held-out bits per byte (by window) with every group bf16, each group alone
     back in fp32, and the groups kept fp32; changes are the worst window's."""
-    from bsbr_export.evaltext import worst_change
+    from bsbr_export.proof.evaltext import worst_change
 
     windows = "/".join(map(str, plan.windows))
     all_bf16 = worst_change(plan.all_bf16_bpb, plan.fp32_bpb)

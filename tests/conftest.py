@@ -52,8 +52,8 @@ def tiny_model(request):
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """bsbr-tiny exported once per session: ONNX + TorchScript (+ mobile), full and streaming."""
-    from bsbr_export.formats import FORMATS
-    from bsbr_export.pipeline import export_model
+    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny"
     formats = [FORMATS[name] for name in ("onnx", "torchscript", "torchscript-mobile")]
@@ -65,8 +65,8 @@ def tiny_export(tmp_path_factory):
 def aoti_export(tmp_path_factory):
     """bsbr-tiny compiled once per session with AOTInductor (the full graph and, with
     `streaming`, the decode step): compiling is slow, so no other fixture does it."""
-    from bsbr_export.formats import FORMATS
-    from bsbr_export.pipeline import export_model
+    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-aoti"
     result = export_model("bsbr-tiny", out, [FORMATS["aoti"]], streaming=True)
@@ -83,8 +83,8 @@ def executorch_export(tmp_path_factory):
     """bsbr-tiny lowered once per session to an ExecuTorch program (XNNPACK): lowering
     takes most of a minute, so no other fixture does it. Skips without the extra."""
     pytest.importorskip("executorch", reason='the executorch extra is not installed (pip install ".[executorch]")')
-    from bsbr_export.formats import FORMATS
-    from bsbr_export.pipeline import export_model
+    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-executorch"
     result = export_model("bsbr-tiny", out, [FORMATS["executorch"]], streaming=True, **EXECUTORCH_LIMITS)
@@ -94,8 +94,8 @@ def executorch_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def compressed_export(tmp_path_factory):
     """bsbr-tiny-compressed exported once per session (ONNX only, full and streaming)."""
-    from bsbr_export.formats import FORMATS
-    from bsbr_export.pipeline import export_model
+    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-compressed"
     result = export_model("bsbr-tiny-compressed", out, [FORMATS["onnx"]], streaming=True)
@@ -105,8 +105,8 @@ def compressed_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_onnx_export(tmp_path_factory):
     """bsbr-tiny exported once per session as model.onnx alone: the cheapest real export dir."""
-    from bsbr_export.formats import FORMATS
-    from bsbr_export.pipeline import export_model
+    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-onnx"
     export_model("bsbr-tiny", out, [FORMATS["onnx"]])
@@ -126,7 +126,7 @@ def export_copy(tiny_export, tmp_path):
 
 def rehash(directory, name):
     """Record a file's new hash, as a broken exporter would have."""
-    from bsbr_export.manifest import sha256
+    from bsbr_export.export.manifest import sha256
 
     manifest = json.loads((directory / "manifest.json").read_text())
     for artifact in manifest["artifacts"]:
@@ -138,7 +138,7 @@ def rehash(directory, name):
 def weight_used_only_in(proto, scope: str, block_path: str = "blocks", skip: str = "meta_"):
     """An initializer (matrix) that only nodes of `scope` read (equal constants are shared),
     skipping names with `skip`: a random-weight model's meta projections barely move its outputs."""
-    from bsbr_export.localize import block_scope
+    from bsbr_export.proof.localize import block_scope
 
     readers = {}
     for node in proto.graph.node:
@@ -175,7 +175,7 @@ def triton_env():
     """The serving venv ($BSBR_TRITON_ENV, else .venv-triton in the checkout, which
     .ci/run creates). Without one the Triton tests skip, except under CI (`CI` set)."""
     from bsbr_export.errors import UserError
-    from bsbr_export.serve import ENV_VAR, find_env
+    from bsbr_export.serve.serve import ENV_VAR, find_env
 
     try:
         return find_env(os.environ.get(ENV_VAR) or Path(__file__).resolve().parents[1] / ".venv-triton")
@@ -192,7 +192,7 @@ def _skip_unless_ci(reason: str):
 @pytest.fixture(scope="session")
 def triton_repo(tiny_export, tmp_path_factory) -> Path:
     """bsbr-tiny's --triton-repo, written once per session."""
-    from bsbr_export.triton import write_triton_repo
+    from bsbr_export.serve.triton import write_triton_repo
 
     out, _ = tiny_export
     return write_triton_repo(out, tmp_path_factory.mktemp("triton") / "models")
@@ -203,7 +203,7 @@ def triton_server(triton_env, triton_repo, request):
     """A real tritonserver over `triton_repo` on free 127.0.0.1 ports, one per test
     module, stopped by its pid afterwards. Its start time is printed."""
     from bsbr_export.errors import UserError
-    from bsbr_export.serve import TritonServer
+    from bsbr_export.serve.serve import TritonServer
 
     server = TritonServer(triton_repo, triton_env, http_port=0, grpc_port=0)
     try:

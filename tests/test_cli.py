@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import run_cli
 
-from bsbr_export.zoo import list_presets
+from bsbr_export.model.zoo import list_presets
 
 
 def test_models_lists_every_preset(capsys):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from bsbr_export.checkpoint import load_model
-from bsbr_export.runners import EagerRunner
+from bsbr_export.model.checkpoint import load_model
+from bsbr_export.proof.runners import EagerRunner
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "cpp"
 TOLERANCE = 1e-4  # max abs error of the C++ logits against eager

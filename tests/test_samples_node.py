@@ -19,7 +19,7 @@ import onnx
 import pytest
 import torch
 
-from bsbr_export.checkpoint import load_model
+from bsbr_export.model.checkpoint import load_model
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "node"
 TOLERANCE = 1e-4  # max abs error of node's logits against eager

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from bsbr_export.checkpoint import load_model
+from bsbr_export.model.checkpoint import load_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "samples" / "python_onnxruntime" / "run.py"
 TOLERANCE = 1e-4  # max abs error of the sample's logits against eager

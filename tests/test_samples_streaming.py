@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import eager_greedy, prompt_of
 
-from bsbr_export.checkpoint import load_model
+from bsbr_export.model.checkpoint import load_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "samples" / "streaming" / "generate.py"
 NEW_TOKENS = 30  # with c = 8: crosses 3-4 chunk boundaries after any of the prompts below

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import eager_greedy, prompt_of
 
-from bsbr_export.checkpoint import load_model
+from bsbr_export.model.checkpoint import load_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "samples" / "triton_client" / "generate.py"
 MODEL = "bsbr-tiny_streaming_python"

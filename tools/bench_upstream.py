@@ -71,7 +71,7 @@ def worker(engine: str, work: Path, length: int, threads: int, budget: float) ->
             with torch.inference_mode():
                 return model(torch.from_numpy(ids)).numpy()
     elif engine == "eager":
-        from bsbr_export.checkpoint import load_model
+        from bsbr_export.model.checkpoint import load_model
 
         model = load_model(work / "ours")
 
@@ -118,9 +118,9 @@ def prepare(work: Path, max_length: int) -> None:
     import bsbr
     import torch
 
-    from bsbr_export.checkpoint import save_model
-    from bsbr_export.export import export_onnx
-    from bsbr_export.upstream import import_upstream
+    from bsbr_export.model.checkpoint import save_model
+    from bsbr_export.export.writers import export_onnx
+    from bsbr_export.model.upstream import import_upstream
 
     torch.manual_seed(0)
     model = bsbr.BSBRModel(**MODEL).eval()

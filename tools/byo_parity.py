@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import user_models  # noqa: E402
 
 from bsbr_export import export_module  # noqa: E402
-from bsbr_export.graphs import stream_pieces  # noqa: E402
-from bsbr_export.runners import EagerRunner, OnnxRunner, TorchScriptRunner  # noqa: E402
-from bsbr_export.validate import Case, check_parity  # noqa: E402
+from bsbr_export.export.graphs import stream_pieces  # noqa: E402
+from bsbr_export.proof.runners import EagerRunner, OnnxRunner, TorchScriptRunner  # noqa: E402
+from bsbr_export.proof.validate import Case, check_parity  # noqa: E402
 
 KINDS = {
     "upstream-layer classifier (pooled)": user_models.upstream_classifier,
@@ -54,7 +54,7 @@ def table_for(name: str, factory) -> dict:
         streams = hasattr(module, "stream")
         result = export_module(module, out, streaming=streams)
         spec = json.loads((out / "manifest.json").read_text())["spec"]
-        from bsbr_export.spec import ModelSpec
+        from bsbr_export.model.spec import ModelSpec
 
         spec = ModelSpec.from_dict(spec)
         c = spec.chunk_size

@@ -9,7 +9,7 @@ over lengths (1 .. max) and batches (1 .. max); latency ExecuTorch / eager at 1 
 threads, L = 256 and 1000, each engine in its own process (bench's workers); the share of
 the model's FLOPs that runs inside XNNPACK delegates, for the standard lowering
 (`to_edge_transform_and_lower` + `XnnpackPartitioner`, nothing else) and for the lowering
-shipped (`bsbr_export.executorch.lower`), at L = 256 and 1000; the load average next to
+shipped (`bsbr_export.export.executorch.lower`), at L = 256 and 1000; the load average next to
 each figure. Writes executorch_<model>.json / .md to --out. No number here is asserted.
 
 FLOPs per node: matmul-like ops from torch's flop counter (`linear` as 2 * rows * weight
@@ -45,7 +45,7 @@ def load() -> str:
 
 
 def cpu() -> str:
-    from bsbr_export.bench import machine_info
+    from bsbr_export.proof.bench import machine_info
 
     info = machine_info()
     return f"{info['processor']}, {info['cpu_count']} cores"
@@ -56,7 +56,7 @@ def lowered(model, spec, stage: str):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from bsbr_export.executorch import export_program, lower
+    from bsbr_export.export.executorch import export_program, lower
 
     program = export_program(model, spec, LIMITS)
     start = time.perf_counter()
@@ -141,7 +141,7 @@ def parity(out: Path, model) -> list[dict]:
     """Max abs error against eager over lengths and batches up to the limits."""
     import torch
 
-    from bsbr_export.runners import ExecuTorchRunner
+    from bsbr_export.proof.runners import ExecuTorchRunner
 
     runner = ExecuTorchRunner(out / "model.pte", ["input_ids", "attention_mask"], ["logits"])
     c, rows = model.config.chunk_size, []
@@ -159,7 +159,7 @@ def parity(out: Path, model) -> list[dict]:
 
 def latency(out: Path) -> list[dict]:
     """ExecuTorch and eager side by side, each in its own process, at 1 and 2 threads."""
-    from bsbr_export.bench import bench_engines
+    from bsbr_export.proof.bench import bench_engines
 
     rows = []
     for threads in (1, 2):
@@ -222,7 +222,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from bsbr_export import load_model
-    from bsbr_export.spec import spec_for
+    from bsbr_export.model.spec import spec_for
     from bsbr_export.versions import versions
 
     model = load_model(args.model).eval()
@@ -235,8 +235,8 @@ def main() -> None:
     result = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "cpu": cpu(), "platform": platform.platform(),
               "versions": {**versions(), "executorch": _version("executorch")}, "limits": LIMITS,
               "delegation": shares}
-    from bsbr_export.formats import FORMATS
-    from bsbr_export.pipeline import export_model
+    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.export.pipeline import export_model
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / args.model

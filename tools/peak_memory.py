@@ -23,7 +23,7 @@ def _child(model_name: str, length: int) -> None:
     import torch
 
     from bsbr_export import load_model
-    from bsbr_export.bench import peak_rss_mib
+    from bsbr_export.proof.bench import peak_rss_mib
 
     torch.set_num_threads(2)
     model = load_model(model_name)

@@ -54,8 +54,8 @@ def category(op: str, shape: list[int], config) -> str:
 
 def profile(path: Path, config, length: int, threads: int) -> dict:
     """Median latency and steady-state kernel time per category and op type at `length`."""
-    from bsbr_export.bench import model_flops, random_feeds, weight_flops
-    from bsbr_export.runners import OnnxRunner
+    from bsbr_export.proof.bench import model_flops, random_feeds, weight_flops
+    from bsbr_export.proof.runners import OnnxRunner
 
     feeds = random_feeds(config.vocab_size, 1, length)
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,10 +188,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_profile"))
     args = parser.parse_args()
 
-    from bsbr_export.bench import machine_info
-    from bsbr_export.formats import FORMATS
-    from bsbr_export.pipeline import export_model
-    from bsbr_export.zoo import get_preset
+    from bsbr_export.proof.bench import machine_info
+    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.export.pipeline import export_model
+    from bsbr_export.model.zoo import get_preset
 
     config = get_preset(args.model).config
     shutil.rmtree(args.work, ignore_errors=True)

@@ -6,7 +6,7 @@ concurrent sequences and context length.
         [--protocol grpc] [--export DIR] [--out tools/results]
 
 Exports MODEL (ONNX, streaming) with --triton-repo into a temp dir, serves it with
-`bsbr_export.serve.TritonServer` (the nvidia-pytriton wheel, 127.0.0.1 only) and, for
+`bsbr_export.serve.serve.TritonServer` (the nvidia-pytriton wheel, 127.0.0.1 only) and, for
 every (context, concurrency): opens that many sequences at once, each with a random
 prompt of `context` tokens (prefill, not counted), then every sequence sends `tokens`
 one-token requests as fast as its answers come. Throughput is all those tokens over the
@@ -105,11 +105,11 @@ def main() -> None:
     concurrency = [int(v) for v in args.concurrency.split(",")]
     contexts = [int(v) for v in args.contexts.split(",")]
 
-    from bsbr_export.formats import FORMATS
+    from bsbr_export.export.formats import FORMATS
     from bsbr_export.io import atomic_write
-    from bsbr_export.pipeline import export_model
-    from bsbr_export.serve import TritonServer, find_env
-    from bsbr_export.triton import write_triton_repo
+    from bsbr_export.export.pipeline import export_model
+    from bsbr_export.serve.serve import TritonServer, find_env
+    from bsbr_export.serve.triton import write_triton_repo
     from bsbr_export.versions import versions
 
     env = find_env(args.triton_env)

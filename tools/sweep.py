@@ -72,8 +72,8 @@ def _child_time_onnx(path: str, lengths: list[int], hidden: int | None, vocab: i
     """Child process: time an ONNX file at each length (ids input, or an [L, hidden] input)."""
     import numpy as np
 
-    from bsbr_export.bench import peak_rss_mib, random_feeds, time_lengths
-    from bsbr_export.runners import OnnxRunner
+    from bsbr_export.proof.bench import peak_rss_mib, random_feeds, time_lengths
+    from bsbr_export.proof.runners import OnnxRunner
 
     runner = OnnxRunner(path, threads=threads, spinning=True)  # alone in this child process
     if hidden:
@@ -126,17 +126,17 @@ def main() -> None:
         _child_time_onnx(args.child, [int(x) for x in args.lengths.split(",")], args.hidden, args.vocab, args.threads)
         return
 
-    from bsbr_export.bench import (
+    from bsbr_export.proof.bench import (
         bench_engines,
         decode_latency,
         machine_info,
         model_flops,
     )
-    from bsbr_export.export import export_onnx
-    from bsbr_export.formats import FORMATS
-    from bsbr_export.optimize import quantize_int8
-    from bsbr_export.pipeline import export_model
-    from bsbr_export.zoo import get_preset
+    from bsbr_export.export.writers import export_onnx
+    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.proof.optimize import quantize_int8
+    from bsbr_export.export.pipeline import export_model
+    from bsbr_export.model.zoo import get_preset
 
     config = get_preset(args.model).config
     shutil.rmtree(args.work, ignore_errors=True)

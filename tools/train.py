@@ -3,7 +3,7 @@
     python tools/train.py                     # the shipped run (see tools/results/train_bsbr-stdlib.md)
     python tools/train.py --steps 20 --dry    # a smoke run that writes nothing to models/
 
-The data split is `bsbr_export.evaltext.stdlib_split` (held-out files are never read
+The data split is `bsbr_export.proof.evaltext.stdlib_split` (held-out files are never read
 here). Writes the fp16 weights and the preset TOML into models/ (loaded as fp32), the
 loss curve and held-out bits per byte to tools/results/. A tool, never part of the tests.
 """
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from bsbr_export.bench import machine_info
-from bsbr_export.config import BSBRConfig
-from bsbr_export.evaltext import (
+from bsbr_export.proof.bench import machine_info
+from bsbr_export.model.config import BSBRConfig
+from bsbr_export.proof.evaltext import (
     BYTE_VOCAB,
     DEFAULT_EVAL_BYTES,
     EVAL_WINDOW,
@@ -35,7 +35,7 @@ from bsbr_export.evaltext import (
     read_corpus,
     stdlib_split,
 )
-from bsbr_export.model import BSBRModel
+from bsbr_export.model.native import BSBRModel
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bsbr-stdlib"

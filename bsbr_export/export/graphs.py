@@ -1,0 +1,109 @@
+"""The exact functions that get exported, as modules with flat tensor signatures.
+
+They take any module plus its `ModelSpec` and call only the module's public API
+(`forward`, and for streaming `init_state` / `stream`, plus `stream_update` for a decode
+step), so export code never touches model internals. Outputs come out as a flat tuple in
+the spec's order; a streaming state travels as flat `past.*` inputs and `present.*`
+outputs, named from the state's pytree (`past.0.meta_keys` for a list of `LayerState`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from bsbr_export.model.spec import ModelSpec, call_module, output_leaves
+
+
+def flatten_state(state) -> list[Tensor]:
+    """A state pytree -> its tensors, in the order of the spec's `past.*` names."""
+    return pytree.tree_leaves(state)
+
+
+def stream_pieces(length: int, chunk_size: int) -> list[int]:
+    """Split `length` into pieces that never line up with chunk boundaries:
+    1, c+2, c-1, 1, c+2, ... (the splits that catch state bugs)."""
+    sizes, out = (1, chunk_size + 2, max(chunk_size - 1, 1)), []
+    while length > 0:
+        out.append(min(sizes[len(out) % len(sizes)], length))
+        length -= out[-1]
+    return out
+
+
+def _flat_outputs(outputs) -> tuple[Tensor, ...]:
+    return tuple(output_leaves(outputs)[1])
+
+
+class LogitsGraph(nn.Module):
+    """The full forward: the spec's inputs -> its outputs, as a flat tuple (the tensor
+    itself when there is one output, as C++ callers of a traced module expect)."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.input_names = spec.input_names
+        self.output_names = spec.output_names
+
+    def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        outputs = _flat_outputs(call_module(self.model, self.spec.inputs, dict(zip(self.input_names, inputs))))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+class StreamingGraph(nn.Module):
+    """One streaming step: (tokens [batch, new_tokens], *past) -> (*outputs, *present)."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.treespec = pytree.tree_structure(model.init_state(1))
+        self.input_names = [spec.tokens.name, *spec.state.inputs]
+        self.output_names = [*spec.output_names, *self.state_output_names()]
+
+    def state_output_names(self) -> list[str]:
+        return list(self.spec.state.outputs)
+
+    def step(self, tokens: Tensor, state):
+        return self.model.stream(tokens, state)
+
+    def forward(self, tokens: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        out, present = self.step(tokens, pytree.tree_unflatten(list(past), self.treespec))
+        return (*_flat_outputs(out), *pytree.tree_leaves(present))
+
+
+class DecodeGraph(StreamingGraph):
+    """A streaming step that returns only what changed: per state entry, `new.*` rows
+    (the chunks this step finished, usually none) for the entries the spec appends, and
+    the small `present.*` rest. The caller appends the `new.*` rows to its past state, so
+    no call copies the finished chunks: per-token cost stays flat as the context grows.
+    Needs the module's `stream_update(tokens, state) -> (outputs, updates)`.
+    """
+
+    def state_output_names(self) -> list[str]:
+        return self.spec.state.update_names()
+
+    def step(self, tokens: Tensor, state):
+        return self.model.stream_update(tokens, state)
+
+
+class DefaultMask(nn.Module):
+    """A traced full forward whose padding mask may be left out (all ones then): C++ and
+    Python users call `model(input_ids)` first, as the eager model allows."""
+
+    def __init__(self, traced: nn.Module) -> None:
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.traced(input_ids, attention_mask)
+
+
+def export_graph(model: nn.Module, spec: ModelSpec, kind: str) -> nn.Module:
+    """The module exported for an artifact kind: logits, streaming or decode."""
+    if kind == "decode":
+        return DecodeGraph(model, spec)
+    return StreamingGraph(model, spec) if kind == "streaming" else LogitsGraph(model, spec)

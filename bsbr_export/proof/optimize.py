@@ -1,0 +1,418 @@
+"""ONNX Runtime graph optimization levels, int8 dynamic quantization and fp16, measured.
+
+`choose_level` times every ORT optimization level on this machine, keeps the fastest
+one whose output still matches eager, and saves that optimized graph
+(`optimized_model_filepath`). `quantize_int8` quantizes MatMul weights to int8 but
+keeps in fp32 the nodes that hurt accuracy most, found per node: on BSBR the input of
+the attention output projection is ~100x larger than in standard attention (the
+retrieval term `q S` is unnormalized), so quantizing every MatMul costs top-1 agreement.
+`convert_fp16` writes an fp16 graph for the CUDA provider (fp32 inputs and outputs).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bsbr_export.proof.bench import ORT_LEVELS, eager_output, export_spec, spec_feeds
+from bsbr_export.errors import UserError
+from bsbr_export.proof.evaltext import DEFAULT_EVAL_WINDOWS
+
+# Levels whose optimized graph may contain fused ops specific to this CPU / ORT build.
+HARDWARE_SPECIFIC_LEVELS = ("extended", "all")
+
+
+@dataclass(frozen=True)
+class LevelTiming:
+    level: str
+    p50_ms: float
+    max_abs: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """Every level's latency and parity on this machine, and the one chosen."""
+
+    length: int
+    timings: tuple[LevelTiming, ...]
+    chosen: str
+    path: Path
+    hardware_specific: bool
+
+
+# The int8 graph each quantization method writes.
+QUANT_FILES = {"dynamic": "model.int8.onnx", "static": "model.int8-static.onnx"}
+
+
+@dataclass(frozen=True)
+class QuantStep:
+    """int8 with the `kept_fp32` most sensitive MatMuls left in fp32."""
+
+    kept_fp32: int
+    top1: float
+    max_abs: float
+    p50_ms: float
+    bits_per_byte: dict[int, float] | None = None  # held-out text by window length, for byte-level LMs
+    change: float | None = None  # the worst window's relative rise over fp32's bits per byte
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    path: Path
+    fp32_nodes: tuple[str, ...]  # MatMuls kept in fp32, most sensitive first
+    modules: dict[str, str]  # node -> module it came from
+    sensitivity: dict[str, float]  # node -> mean abs logit error when only it is int8
+    steps: tuple[QuantStep, ...]  # the speed/accuracy trade, from all-int8 upward
+    fp32_p50_ms: float
+    target_top1: float
+    reached: bool
+    shape: tuple[int, int] = (1, 1024)  # (batch, length) everything above was measured at
+    method: str = "dynamic"
+    fp32_bits_per_byte: dict[int, float] | None = None  # the fp32 graph's by window, when judged by held-out text
+    budget: float = 0.01
+
+
+def _session(path: Path, level: str = "all", optimized_path: Path | None = None, threads: int = 2):
+    from bsbr_export.proof.runners import OnnxRunner
+
+    return OnnxRunner(path, optimization=level, threads=threads, optimized_path=optimized_path).session
+
+
+def _time(session, feeds: dict, repeats: int = 5) -> float:
+    session.run(None, feeds)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, threads: int = 2,
+                 trust_code: bool = False) -> LevelChoice:
+    """Time model.onnx at every ORT optimization level; save the fastest passing graph
+    as model.optimized.onnx (tied to this machine when the level is extended/all). The
+    eager reference of a user's module is rebuilt only with `trust_code`."""
+    directory = Path(export_dir)
+    source = directory / "model.onnx"
+    if not source.is_file():
+        raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
+    feeds = spec_feeds(export_spec(directory), 1, length, seed=0)
+    want = eager_output(directory, feeds, trust_code)
+    allowed = tolerance * max(1.0, float(np.abs(want).max()))
+    timings = []
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        for level in ORT_LEVELS:
+            session = _session(source, level, Path(tmp) / f"{level}.onnx", threads)
+            max_abs = float(np.abs(session.run(None, feeds)[0] - want).max())
+            timings.append(LevelTiming(level, _time(session, feeds), max_abs, max_abs <= allowed))
+        passing = [t for t in timings if t.passed]
+        if not passing:
+            raise UserError("no ORT optimization level matches eager within tolerance: run `bsbr-export validate`")
+        best = min(passing, key=lambda t: t.p50_ms)
+        target = directory / "model.optimized.onnx"
+        shutil.copyfile(Path(tmp) / f"{best.level}.onnx", target)
+    return LevelChoice(length, tuple(timings), best.level, target, best.level in HARDWARE_SPECIFIC_LEVELS)
+
+
+def weight_matmuls(path: Path) -> dict[str, str]:
+    """MatMul nodes that multiply by a stored weight (what int8 can quantize), each with
+    the module it came from (e.g. `blocks.0.attn.out_proj`, from the exporter's scopes)."""
+    import ast
+
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    found = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and any(i in weights for i in node.input):
+            meta = {p.key: p.value for p in node.metadata_props}
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+            modules = [s for s in scopes[:-1] if s and s != "model"]  # the last entry is the op itself
+            # The one weight MatMul outside every submodule is the tied LM head.
+            found[node.name] = modules[-1].removeprefix("model.") if modules else "lm_head"
+    return found
+
+
+def _quantize(source: Path, target: Path, include: list[str] | None = None, exclude: list[str] | None = None,
+              calibration: list[dict] | None = None) -> None:
+    """int8 MatMul weights: dynamic (activations quantized per call) or, with
+    `calibration` feeds, static QDQ (activation ranges fixed from those feeds)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" on every call
+    # MatMul only: by default ORT would also quantize the embedding Gather, whose table
+    # is the tied LM head, and no node list could keep that in fp32.
+    nodes = {"op_types_to_quantize": ["MatMul"], "nodes_to_quantize": include or [], "nodes_to_exclude": exclude or []}
+    if calibration is None:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, **nodes)
+        return
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(calibration)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    # Weights per output channel (symmetric), activations per tensor: the QDQ layout
+    # ORT's CPU provider fuses into its int8 MatMul kernels.
+    quantize_static(str(source), str(target), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, **nodes)
+
+
+def calibration_feeds(spec, length: int, count: int = 8) -> list[dict]:
+    """What static quantization calibrates on: held-out text the scores never read (the
+    bytes after the default evaluation slice) for a byte-level LM, else seeded random ids."""
+    from bsbr_export.proof.evaltext import DEFAULT_EVAL_BYTES, heldout_text, scores_text, text_feeds, windows
+
+    if scores_text(spec):
+        rows = [r for r in windows(heldout_text(DEFAULT_EVAL_BYTES + count * length)[DEFAULT_EVAL_BYTES:], length)
+                if len(r) == length]
+        return [text_feeds(spec, r[None]) for r in rows[:count]]
+    return [spec_feeds(spec, 1, length, seed=100 + i) for i in range(count)]
+
+
+def quantize_int8(
+    export_dir, *, target_top1: float = 0.97, length: int = 1024, batch: int = 1, threads: int = 2,
+    method: str = "dynamic", text: bytes | None = None, budget: float = 0.01,
+    windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS, trust_code: bool = False,
+) -> QuantResult:
+    """Write model.int8.onnx (dynamic) or model.int8-static.onnx (static QDQ, calibrated
+    by `calibration_feeds`): every weight MatMul int8 except the fewest most-sensitive
+    ones needed to stay accurate: held-out bits per byte (`text`, in windows of each
+    length in `windows`) within `budget` of fp32's at every window for a byte-level LM,
+    else top-1 agreement with eager >= `target_top1`.
+
+    Sensitivity of a node = the accuracy lost when only that node is int8.
+    """
+    from bsbr_export.proof.evaltext import bits_per_byte_by_window, scores_text, text_feeds, worst_change
+
+    directory = Path(export_dir)
+    source = directory / "model.onnx"
+    if not source.is_file():
+        raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
+    if not 0 < target_top1 <= 1:
+        raise UserError(f"target top-1 agreement must be in (0, 1], got {target_top1}")
+    if method not in QUANT_FILES:
+        raise UserError(f"unknown quantization {method!r}: use one of {', '.join(QUANT_FILES)}")
+    spec = export_spec(directory)
+    text = text if scores_text(spec) else None
+    feeds = spec_feeds(spec, batch, length, seed=7)
+    want = eager_output(directory, feeds, trust_code)
+    fp32_session = _session(source, threads=threads)
+    fp32_ms = _time(fp32_session, feeds)
+    calibration = calibration_feeds(spec, min(length, 512)) if method == "static" else None
+
+    def score(session) -> dict[int, float] | None:
+        if text is None:
+            return None
+        return bits_per_byte_by_window(lambda ids: session.run(None, text_feeds(spec, ids))[0], text, windows)
+
+    fp32_bpb = score(fp32_session)
+
+    def change(bpb: dict[int, float] | None) -> float | None:
+        return None if bpb is None else worst_change(bpb, fp32_bpb)
+
+    def loss(session, got) -> float:  # what sensitivity ranks by: lower is better
+        moved = change(score(session))
+        return moved if moved is not None else float(np.abs(got - want).mean())
+
+    def accurate(step: QuantStep) -> bool:
+        if step.change is not None:
+            return step.change <= budget
+        return step.top1 >= target_top1
+
+    nodes = weight_matmuls(source)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        probe = Path(tmp) / "probe.onnx"
+        sensitivity = {}
+        for node in nodes:  # dict: node name -> module
+            _quantize(source, probe, include=[node], calibration=calibration)
+            session = _session(probe, threads=threads)
+            sensitivity[node] = loss(session, session.run(None, feeds)[0])
+        ranked = sorted(nodes, key=sensitivity.get, reverse=True)
+        steps, kept = [], len(ranked)
+        for count in range(len(ranked) + 1):
+            _quantize(source, probe, exclude=ranked[:count], calibration=calibration)
+            session = _session(probe, threads=threads)
+            got = session.run(None, feeds)[0]
+            top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+            bpb = score(session)
+            steps.append(QuantStep(count, top1, float(np.abs(got - want).max()), _time(session, feeds), bpb,
+                                   change(bpb)))
+            if accurate(steps[-1]):
+                kept = count
+                break
+        target = directory / QUANT_FILES[method]
+        shutil.move(str(probe), target)
+    return QuantResult(
+        path=target,
+        fp32_nodes=tuple(ranked[:kept]),
+        modules=nodes,
+        sensitivity=sensitivity,
+        steps=tuple(steps),
+        fp32_p50_ms=fp32_ms,
+        target_top1=target_top1,
+        reached=accurate(steps[-1]),
+        shape=(batch, length),
+        method=method,
+        fp32_bits_per_byte=fp32_bpb,
+        budget=budget,
+    )
+
+
+def position_nodes(model_proto) -> list[str]:
+    """The nodes that compute the sinusoid's angles, and the Sin/Cos themselves.
+
+    They stay fp32 in an fp16 graph: an angle is `position * frequency`, and fp16's
+    11-bit mantissa would move position 2048 by a whole radian.
+    """
+    producers = {out: node for node in model_proto.graph.node for out in node.output}
+    kept, todo = {}, [n for n in model_proto.graph.node if n.op_type in ("Sin", "Cos")]
+    while todo:
+        node = todo.pop()
+        if node.name not in kept:
+            kept[node.name] = node
+            todo += [producers[i] for i in node.input if i in producers]
+    return sorted(kept)
+
+
+def convert_fp16(export_dir) -> tuple[Path, list[str]]:
+    """Write model.fp16.onnx: weights and math in fp16 for the CUDA provider, inputs and
+    outputs still fp32 (a drop-in for model.onnx), the position angles kept fp32.
+    Returns the path and the nodes kept in fp32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from bsbr_export.io import atomic_write
+
+    directory = Path(export_dir)
+    source = directory / "model.onnx"
+    if not source.is_file():
+        raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(source)))
+    kept = position_nodes(model)
+    # The converter casts every float tensor it has a type for to fp16, even between two
+    # fp32 nodes (angles rounded to fp16 moved logits by 5e-2 at L=2048): drop the types
+    # of tensors that only kept nodes read, so those stay fp32.
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.name)
+    fp32 = set(kept)
+    internal = {out for node in model.graph.node if node.name in fp32 for out in node.output
+                if readers.get(out) and readers[out] <= fp32}
+    types = [v for v in model.graph.value_info if v.name not in internal]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(types)
+    logging.getLogger().setLevel(logging.ERROR)  # per-initializer "values truncated" warnings
+    converted = OnnxModel(convert_float_to_float16(model, keep_io_types=True, node_block_list=kept,
+                                                   disable_shape_infer=True))
+    converted.topological_sort()  # the converter appends the Casts it inserts at the end
+    # It also leaves some intermediate types stale; they are inferred again on load.
+    del converted.model.graph.value_info[:]
+    target = directory / "model.fp16.onnx"
+    with atomic_write(target) as staged:
+        onnx.save(converted.model, str(staged))
+        onnx.checker.check_model(str(staged), full_check=True)
+    return target, kept
+
+
+@dataclass(frozen=True)
+class Optimized:
+    """What `optimize_export` made: the ORT level, int8 graphs (dynamic, static QDQ),
+    the fp16 graph, and the bf16 plans (`precision.measure_bf16`)."""
+
+    level: LevelChoice
+    int8: tuple[QuantResult, ...] = ()
+    fp16_path: Path | None = None
+    bf16: tuple = ()  # precision.Bf16Plan per bf16 engine
+
+
+def optimize_export(
+    export_dir, *, length: int = 1024, int8: bool = True, target_top1: float = 0.97, threads: int = 2,
+    fp16: bool | None = None, static_int8: bool = False, bf16: bool = False,
+    eval_windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS, eval_text: bytes | None = None,
+    accuracy_budget: float = 0.01, trust_code: bool = False, progress=lambda step: None,
+) -> Optimized:
+    """Choose the ORT level and (optionally) quantize; record the artifacts in the manifest.
+
+    int8 / static_int8: dynamic and static-QDQ int8 graphs, the most sensitive MatMuls
+    kept fp32 (judged by held-out bits per byte for byte-level LMs, `eval_text` or the
+    held-out default, within `accuracy_budget` in windows of each of `eval_windows`). fp16:
+    also write model.fp16.onnx, meant for the CUDA provider; None means "when that provider
+    is installed here". bf16: measure which parts stay fp32 for the bf16 engines (judged
+    in the same windows). A user's module is rebuilt for the eager reference only with
+    `trust_code`. `validate` checks every graph written, `bench` times them.
+    """
+    import onnxruntime
+
+    from bsbr_export.proof.evaltext import check_budget, heldout_text
+    from bsbr_export.io import check_writable
+    from bsbr_export.export.manifest import add_artifacts, read_manifest
+    from bsbr_export.proof.runners import available_providers
+
+    # ORT's C++ logger prints warnings about the probe graphs (unused initializers after
+    # quantization) raw, ANSI colour codes and all; errors still raise.
+    onnxruntime.set_default_logger_severity(3)
+    # Everything checkable is checked before the first file is written.
+    read_manifest(export_dir)  # a real, unchanged export dir
+    check_writable(Path(export_dir))
+    if length < 1:
+        raise UserError(f"--length must be >= 1, got {length}")
+    if not 0 < target_top1 <= 1:
+        raise UserError(f"--target-top1 must be in (0, 1], got {target_top1}")
+    check_budget(accuracy_budget)
+    if not eval_windows or min(eval_windows) < 2:  # a window scores each byte after its first
+        raise UserError(f"--eval-windows must be lengths >= 2, got {','.join(map(str, eval_windows)) or 'none'}")
+    text = eval_text if eval_text is not None else heldout_text()
+    progress("timing ONNX Runtime's optimization levels")
+    choice = choose_level(export_dir, length=length, threads=threads, trust_code=trust_code)
+    entries = [{
+        "name": choice.path.name, "format": "onnx", "kind": "logits",
+        "settings": {"precision": "fp32", "ort_level": choice.chosen, "hardware_specific": choice.hardware_specific,
+                     "static_shape": None},
+    }]
+    quants = []
+    methods = {"dynamic": "dynamic, per-tensor, MatMul weights",
+               "static": "static QDQ, calibrated, per-channel weights, MatMul"}
+    for method, wanted in (("dynamic", int8), ("static", static_int8)):
+        if not wanted:
+            continue
+        progress(f"int8 ({method}): measuring each MatMul's sensitivity")
+        # At --length too: one sequence of it holds as many tokens as the old fixed 4 x 256.
+        quant = quantize_int8(export_dir, target_top1=target_top1, length=length, threads=threads, method=method,
+                              text=text, budget=accuracy_budget, windows=eval_windows, trust_code=trust_code)
+        quants.append(quant)
+        entries.append({
+            "name": quant.path.name, "format": "onnx", "kind": "logits",
+            "settings": {"precision": "int8", "quantization": methods[method],
+                         "fp32_modules": [quant.modules[n] for n in quant.fp32_nodes], "static_shape": None},
+        })
+    fp16_path = None
+    if fp16 or (fp16 is None and "CUDAExecutionProvider" in available_providers()):
+        fp16_path, kept = convert_fp16(export_dir)
+        entries.append({
+            "name": fp16_path.name, "format": "onnx", "kind": "logits",
+            "settings": {"precision": "fp16", "target_provider": "CUDAExecutionProvider", "fp32_nodes": kept,
+                         "static_shape": None},
+        })
+    plans = ()
+    if bf16:
+        from bsbr_export.proof.precision import measure_bf16
+
+        plans = tuple(measure_bf16(export_dir, text=text, windows=eval_windows, budget=accuracy_budget,
+                                   threads=threads, trust_code=trust_code, progress=progress))
+    add_artifacts(export_dir, entries)
+    return Optimized(choice, tuple(quants), fp16_path, plans)

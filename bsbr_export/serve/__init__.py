@@ -1,0 +1,1 @@
+"""Serving: a Triton model repository and a real tritonserver over it."""

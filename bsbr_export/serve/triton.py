@@ -1,0 +1,278 @@
+"""A Triton Inference Server model repository from an export directory.
+
+`write_triton_repo` writes up to four models, `<repo>/<model>/config.pbtxt` + `1/...`:
+- `<model>`: the full-sequence graph on Triton's ONNX Runtime backend;
+- `<model>_streaming` (with a streaming export): the full-state step graph on the ONNX
+  Runtime backend, its `past.*` -> `present.*` state kept by Triton between the requests
+  of a sequence (implicit state, `sequence_batching.state`);
+- `<model>_python`: the full-sequence graph on Triton's Python backend (onnxruntime
+  inside `model.py`), for servers that only have that backend;
+- `<model>_streaming_python` (with a streaming export): the decode graph on the Python
+  backend, which keeps each sequence's state itself and appends finished chunks, so a
+  token costs the same at any context length (see `triton_model.py`).
+Names, dtypes and dims are read from the ONNX graphs themselves, and the state's from the
+export's manifest, so the configs cannot drift from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from bsbr_export.errors import UserError
+from bsbr_export.io import atomic_dir
+from bsbr_export.export.manifest import read_manifest
+from bsbr_export.model.spec import ModelSpec
+from bsbr_export.model.usercode import export_name
+
+# Requests of up to this many sequences per call to the full-sequence model.
+MAX_BATCH_SIZE = 8
+# By default, a streaming sequence idle this long is dropped (by Triton and by the Python model).
+IDLE_SECONDS = 60
+# The Python-backend model.py: this package's triton_model.py, copied.
+PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
+# Streaming sequences one Python-backend instance keeps open at once (Triton queues more).
+MAX_SEQUENCES = 1024
+# ONNX element type name -> Triton data type (the ones an export can hold).
+TRITON_TYPES = {
+    "FLOAT": "TYPE_FP32",
+    "FLOAT16": "TYPE_FP16",
+    "BFLOAT16": "TYPE_BF16",
+    "DOUBLE": "TYPE_FP64",
+    "INT64": "TYPE_INT64",
+    "INT32": "TYPE_INT32",
+    "BOOL": "TYPE_BOOL",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: its Triton type and dims (-1 where the graph's is symbolic)."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+
+def graph_tensors(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) of an ONNX graph, weights left on disk."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+
+    def tensor(value) -> TensorSpec:
+        kind = value.type.tensor_type
+        type_name = onnx.TensorProto.DataType.Name(kind.elem_type)
+        if type_name not in TRITON_TYPES:
+            raise UserError(f"{path.name}: {value.name} is {type_name}, which has no Triton type: re-export in float32")
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim)
+        return TensorSpec(value.name, TRITON_TYPES[type_name], dims)
+
+    inputs = [tensor(v) for v in graph.input if v.name not in initializers]
+    return inputs, [tensor(v) for v in graph.output]
+
+
+def write_triton_repo(
+    export_dir: str | os.PathLike,
+    repo_dir: str | os.PathLike,
+    model_name: str | None = None,
+    *,
+    overwrite: bool = False,
+    idle_seconds: int = IDLE_SECONDS,
+) -> Path:
+    """Write Triton models for the ONNX graphs in `export_dir` into `repo_dir`.
+
+    model_name defaults to the exported model's name (a preset name, or the checkpoint
+    directory's). Each model directory appears whole or not at all; other models already
+    in `repo_dir` are left alone, and an existing one of the same name is replaced only
+    with `overwrite`. A streaming sequence idle for `idle_seconds` is dropped by the
+    Python-backend model. Returns `repo_dir`, the path to give `tritonserver --model-repository`.
+    """
+    export_dir, repo_dir = Path(export_dir), Path(repo_dir)
+    manifest = read_manifest(export_dir)
+    artifacts = {a["name"]: a for a in manifest["artifacts"]}
+    if "model.onnx" not in artifacts:
+        raise UserError(f"{export_dir} has no model.onnx: export with --format onnx to write a Triton repository")
+    name = model_name or export_name(manifest["model"]) or export_dir.resolve().name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise UserError(f"Triton model name {name!r} must be letters, digits, '_', '.' or '-': pass another name")
+
+    vocab_size = ModelSpec.from_dict(manifest["spec"]).tokens.high
+    full = export_dir / "model.onnx"
+    # model -> (artifact, config, Python backend?)
+    models = {
+        name: (artifacts["model.onnx"], logits_config(name, full), False),
+        f"{name}_python": (artifacts["model.onnx"], python_logits_config(f"{name}_python", full, vocab_size), True),
+    }
+    if "model.streaming.onnx" in artifacts:
+        streaming = f"{name}_streaming"
+        config = streaming_config(streaming, export_dir / "model.streaming.onnx", manifest["state"])
+        models[streaming] = (artifacts["model.streaming.onnx"], config, False)
+    if "model.decode.onnx" in artifacts:
+        streaming = f"{name}_streaming_python"
+        config = python_decode_config(streaming, export_dir / "model.decode.onnx", manifest["state"], vocab_size,
+                                      idle_seconds)
+        models[streaming] = (artifacts["model.decode.onnx"], config, True)
+
+    # Stage every model before publishing any: a failure leaves the repository as it was.
+    with contextlib.ExitStack() as stack:
+        for model, (artifact, config, python) in models.items():
+            tmp = stack.enter_context(atomic_dir(repo_dir / model, overwrite=overwrite))
+            version = tmp / "1"
+            version.mkdir()
+            for file in artifact["files"]:
+                # Triton's ONNX Runtime backend loads `model.onnx`; external weights keep
+                # their name, since the graph refers to them by it. model.py is told the name.
+                target = "model.onnx" if file == artifact["name"] and not python else file
+                shutil.copyfile(export_dir / file, version / target)
+            if python:
+                shutil.copyfile(PYTHON_MODEL, version / "model.py")
+            (tmp / "config.pbtxt").write_text(config)
+    return repo_dir
+
+
+def logits_config(name: str, path: Path, backend: str = "onnxruntime") -> str:
+    """config.pbtxt of the full-sequence graph (input_ids, attention_mask -> logits)."""
+    inputs, outputs = graph_tensors(path)
+    batched = _batch_is_dynamic(inputs + outputs)
+    lines = [
+        *_header(name, path, backend),
+        # A graph exported with a fixed batch (--static) takes exactly that batch.
+        f"max_batch_size: {MAX_BATCH_SIZE if batched else 0}",
+        *_io("input", inputs, batched),
+        *_io("output", outputs, batched),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def streaming_config(name: str, path: Path, state: dict) -> str:
+    """config.pbtxt of the streaming step graph, its state kept by Triton between requests.
+
+    Each request sends a sequence's next `input_ids` (START on the first, END on the
+    last) and gets their logits; Triton feeds `present.*` of one request back as
+    `past.*` of the next. The state starts empty: zeros with 0 past chunks and tokens.
+    max_batch_size is 1 because sequences carry states of different lengths, which
+    cannot be stacked into one batch.
+    """
+    inputs, outputs = graph_tensors(path)
+    pairs = dict(zip(state["inputs"], state["outputs"]))  # past.L.field -> present.L.field
+    tensors = {t.name: t for t in inputs + outputs}
+    missing = [n for pair in pairs.items() for n in pair if n not in tensors]
+    if missing:
+        raise UserError(f"{path.name} lacks the state tensors its manifest lists ({', '.join(missing[:3])}): re-export")
+    lines = [
+        *_header(name, path, "onnxruntime"),
+        "max_batch_size: 1",
+        *_io("input", [t for t in inputs if t.name not in pairs], True),
+        *_io("output", [t for t in outputs if t.name not in pairs.values()], True),
+        "sequence_batching {",
+        "  # Implicit state: Triton keeps present.* and feeds it back as past.*. The -1",
+        "  # dims (finished chunks, tokens of the current chunk) change from step to step.",
+        "  state [",
+    ]
+    for i, (past, present) in enumerate(pairs.items()):
+        tensor = tensors[past]
+        dims = tensor.dims[1:]
+        lines += [
+            "    {",
+            f'      input_name: "{past}"',
+            f'      output_name: "{present}"',
+            f"      data_type: {tensor.data_type}",
+            f"      dims: {_dims(dims)}",
+            "      initial_state {",
+            '        name: "empty"',
+            f"        data_type: {tensor.data_type}",
+            f"        dims: {_dims(tuple(0 if d == -1 else d for d in dims))}",
+            "        zero_data: true",
+            "      }",
+            "    }" + ("," if i < len(pairs) - 1 else ""),
+        ]
+    lines += ["  ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def python_logits_config(name: str, path: Path, vocab_size: int) -> str:
+    """config.pbtxt of the full-sequence graph on the Python backend (model.py runs it
+    with onnxruntime, one session run per request)."""
+    lines = [
+        "instance_group [ { kind: KIND_CPU, count: 1 } ]",
+        *_parameters({"mode": "full", "onnx_file": path.name, "vocab_size": vocab_size}),
+    ]
+    return logits_config(name, path, "python") + "\n".join(lines) + "\n"
+
+
+def python_decode_config(name: str, path: Path, state: dict, vocab_size: int, idle_seconds: int = IDLE_SECONDS) -> str:
+    """config.pbtxt of the decode graph on the Python backend, behind the sequence batcher.
+
+    Each request sends a sequence's next `input_ids` (batch 1; `sequence_start` on the
+    first, `sequence_end` on the last, its correlation id as `sequence_id`) and gets their
+    logits and `open_sequences` (how many sequences the instance holds state for). The
+    "oldest" strategy lets any number of sequences interleave on one instance, which
+    tells them apart by the CORRID control input; their states never leave model.py.
+    """
+    inputs, outputs = graph_tensors(path)
+    names = {t.name: t for t in inputs + outputs}
+    missing = [n for n in state["inputs"] if n not in names]
+    if missing:
+        raise UserError(f"{path.name} lacks the state tensors its manifest lists ({', '.join(missing[:3])}): re-export")
+    opened = TensorSpec("open_sequences", "TYPE_INT64", (-1, 1))
+    lines = [
+        *_header(name, path, "python"),
+        f"max_batch_size: {MAX_BATCH_SIZE}",
+        *_io("input", [t for t in inputs if t.name not in state["inputs"]], True),
+        *_io("output", [outputs[0], opened], True),
+        "instance_group [ { kind: KIND_CPU, count: 1 } ]",
+        "sequence_batching {",
+        f"  max_sequence_idle_microseconds: {idle_seconds * 1_000_000}",
+        f"  oldest {{ max_candidate_sequences: {MAX_SEQUENCES}, max_queue_delay_microseconds: 0 }}",
+        "  control_input [",
+        '    { name: "START", control [ { kind: CONTROL_SEQUENCE_START, int32_false_true: [ 0, 1 ] } ] },',
+        '    { name: "END", control [ { kind: CONTROL_SEQUENCE_END, int32_false_true: [ 0, 1 ] } ] },',
+        '    { name: "CORRID", control [ { kind: CONTROL_SEQUENCE_CORRID, data_type: TYPE_UINT64 } ] }',
+        "  ]",
+        "}",
+        *_parameters({"mode": "decode", "onnx_file": path.name, "vocab_size": vocab_size,
+                      "idle_seconds": idle_seconds, "state_shapes": json.dumps(state["inputs"])}),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _header(name: str, path: Path, backend: str) -> list[str]:
+    """A config's first lines: where it came from, its name, what runs it."""
+    runs = 'platform: "onnxruntime_onnx"' if backend == "onnxruntime" else f'backend: "{backend}"'
+    return [f"# Written by bsbr-export from {path.name}: names, types and dims are the graph's.", f'name: "{name}"', runs]
+
+
+def _parameters(values: dict) -> list[str]:
+    """A `parameters` section; json.dumps quotes and escapes as protobuf text format does."""
+    entries = [f"  {{ key: {json.dumps(k)}, value: {{ string_value: {json.dumps(str(v))} }} }}" for k, v in values.items()]
+    return ["parameters ["] + [e + ("," if i < len(entries) - 1 else "") for i, e in enumerate(entries)] + ["]"]
+
+
+def _batch_is_dynamic(tensors: list[TensorSpec]) -> bool:
+    """True when every tensor's first dim is symbolic: Triton may then batch requests."""
+    return all(t.dims and t.dims[0] == -1 for t in tensors)
+
+
+def _dims(dims: tuple[int, ...]) -> str:
+    return f"[ {', '.join(map(str, dims))} ]"
+
+
+def _io(section: str, tensors: list[TensorSpec], batched: bool) -> list[str]:
+    """An input/output section; with `batched`, dims leave out the batch dim (Triton adds it)."""
+    lines = [f"{section} ["]
+    for i, t in enumerate(tensors):
+        lines += [
+            "  {",
+            f'    name: "{t.name}"',
+            f"    data_type: {t.data_type}",
+            f"    dims: {_dims(t.dims[1:] if batched else t.dims)}",
+            "  }" + ("," if i < len(tensors) - 1 else ""),
+        ]
+    return lines + ["]"]

@@ -1,0 +1,81 @@
+"""`validate`: parity of every artifact, failures named and localized, bad input refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import rehash, run_cli, weight_used_only_in
+from onnx import numpy_helper
+
+from bsbr_export.proof.validate import compare, validate_export
+
+
+def test_clean_export_passes(capsys, export_copy):
+    code, out, _ = run_cli(capsys, "validate", export_copy, "--lengths", "1,7,8,9,29", "--batches", "1,3")
+    assert code == 0
+    assert "model.streaming.onnx" in out and "ort-cpu" in out and "torchscript" in out
+    report = json.loads((export_copy / "validation.json").read_text())
+    assert report["passed"] is True
+    case = report["checks"][0]["parity"]["cases"][0]
+    assert {"max_abs", "max_rel", "mean_abs", "cosine", "top1"} <= set(case["outputs"][0])
+
+
+def test_perturbed_weight_fails_and_names_the_layer(capsys, export_copy):
+    path = export_copy / "model.onnx"
+    proto = onnx.load(str(path))
+    init = weight_used_only_in(proto, "model.blocks.1")
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 3.0, init.name))
+    onnx.save(proto, str(path))
+    rehash(export_copy, "model.onnx")
+    code, out, err = run_cli(capsys, "validate", export_copy, "--lengths", "9,29", "--batches", "2")
+    assert code == 1
+    assert "FAILED model.onnx on ort-cpu: batch 2 x length 9" in err
+    assert "model.onnx first diverges at blocks.1" in err
+    result = validate_export(export_copy, lengths=[9], batches=(1,))
+    onnx_check = next(c for c in result.checks if c.artifact == "model.onnx")
+    assert [d.passed for d in onnx_check.layers] == [True, False, False]  # blocks.0, blocks.1, output
+
+
+def test_compare_edge_cases():
+    assert not compare("x", np.zeros((2, 3)), np.zeros((3, 2)), 1e-4).passed
+    assert not compare("x", np.zeros(3), np.array([0, np.nan, 0]), 1e-4).passed
+    empty = compare("x", np.zeros((0, 4)), np.zeros((0, 4)), 1e-4)
+    assert empty.passed and empty.max_abs == 0
+    d = compare("logits", np.array([[1.0, 2.0], [3.0, 0.0]]), np.array([[1.0, 2.5], [3.0, 0.0]]), 0.1, top1=True)
+    assert d.max_abs == 0.5 and d.top1 == 1.0 and not d.passed
+
+
+def test_no_manifest(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "validate", tmp_path)
+    assert code == 2 and "has no manifest.json" in err
+
+
+def test_hash_mismatch(capsys, export_copy):
+    with open(export_copy / "model.pt", "ab") as f:
+        f.write(b"x")
+    code, _, err = run_cli(capsys, "validate", export_copy)
+    assert code == 2 and "does not match the sha256" in err and err.count("\n") == 1
+
+
+def test_artifact_not_onnx(capsys, export_copy):
+    (export_copy / "model.onnx").write_bytes(b"not a model")
+    rehash(export_copy, "model.onnx")
+    code, _, err = run_cli(capsys, "validate", export_copy, "--lengths", "3")
+    assert code == 2 and "is not a loadable ONNX model" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--provider", "TensorrtExecutionProvider"], "TensorrtExecutionProvider is not"),
+        (["--lengths", "0,5"], "--lengths must be integers >= 1"),
+        (["--lengths", "a"], "--lengths must be comma-separated integers"),
+        (["--batches", "-1"], "--batches must be integers >= 1"),
+    ],
+)
+def test_bad_options(capsys, export_copy, args, message):
+    code, _, err = run_cli(capsys, "validate", export_copy, *args)
+    assert code == 2 and message in err and err.count("\n") == 1
