@@ -11,8 +11,8 @@ import sys
 import click
 
 from bsbr_export.errors import UserError
-from bsbr_export.proof.evaltext import DEFAULT_EVAL_WINDOWS  # numpy only: the --eval-windows default
 from bsbr_export.export.formats import DEFAULT_OPSET, FORMATS  # light: feeds the --format help
+from bsbr_export.proof.evaltext import DEFAULT_EVAL_WINDOWS  # numpy only: the --eval-windows default
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,8 +28,8 @@ def models(name: str | None) -> None:
     from rich.table import Table
 
     from bsbr_export.model.checkpoint import parameter_count
-    from bsbr_export.render import stdout_console
     from bsbr_export.model.zoo import get_preset, list_presets
+    from bsbr_export.render import stdout_console
 
     presets = [get_preset(name)] if name else list(list_presets().values())
     table = Table(title="bsbr-export model zoo" if not name else None)
@@ -124,11 +124,11 @@ def export(model, out_dir, formats, streaming, static, opset, max_length, max_ba
     from rich.console import Console
 
     from bsbr_export.export.formats import parse_formats
-    from bsbr_export.io import check_can_create
     from bsbr_export.export.pipeline import export_model
-    from bsbr_export.render import export_table, progress_steps, stdout_console
+    from bsbr_export.io import check_can_create
     from bsbr_export.model.sources import load_source
     from bsbr_export.model.usercode import export_name
+    from bsbr_export.render import export_table, progress_steps, stdout_console
 
     chosen = parse_formats(formats)
     for flag, value in (("max_length", max_length), ("max_batch", max_batch)):
@@ -212,10 +212,10 @@ def validate(export_dir, tolerance, lengths, batches, providers, trust_code, eva
 
     from rich.console import Console
 
-    from bsbr_export.io import atomic_write, check_writable
     from bsbr_export.export.manifest import read_manifest
-    from bsbr_export.render import progress_steps, stdout_console, validation_table
+    from bsbr_export.io import atomic_write, check_writable
     from bsbr_export.proof.validate import validate_export
+    from bsbr_export.render import progress_steps, stdout_console, validation_table
 
     read_manifest(export_dir, verify=False)  # an export dir, and one validation.json can go into
     check_writable(Path(export_dir))
@@ -300,11 +300,11 @@ def bench(ctx, target, quick, **options) -> None:
     from rich.console import Console
 
     from bsbr_export.export.formats import parse_formats
-    from bsbr_export.io import check_writable
     from bsbr_export.export.manifest import MANIFEST
     from bsbr_export.export.pipeline import benchmark
-    from bsbr_export.render import bench_table, progress_steps, stdout_console
+    from bsbr_export.io import check_writable
     from bsbr_export.proof.report import recommendation_text
+    from bsbr_export.render import bench_table, progress_steps, stdout_console
 
     if quick:
         options.update({k: v for k, v in QUICK_BENCH.items() if ctx.get_parameter_source(k) is ParameterSource.DEFAULT})
@@ -458,8 +458,8 @@ def doctor(module_ref: str, trust_code: bool) -> None:
     Prints each line that ties the graph to the example's shape, with what to change;
     exit 1 when there is one.
     """
-    from bsbr_export.proof.doctor import diagnose
     from bsbr_export.model.usercode import build_module
+    from bsbr_export.proof.doctor import diagnose
 
     report = diagnose(build_module(module_ref, trust_code))
     click.echo(report.to_text())

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bsbr_export.model.checkpoint import load_model
 from bsbr_export.export.graphs import stream_pieces
+from bsbr_export.model.checkpoint import load_model
 
 
 @dataclass(frozen=True)

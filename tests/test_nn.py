@@ -9,8 +9,8 @@ import torch
 from conftest import EDGE_LENGTHS
 
 from bsbr_export import UserError
-from bsbr_export.model.attention import bsbr_attention
 from bsbr_export.export.graphs import stream_pieces
+from bsbr_export.model.attention import bsbr_attention
 from bsbr_export.nn import BSBRAttention
 
 C = 4  # chunk size of every layer here

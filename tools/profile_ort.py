@@ -188,10 +188,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_profile"))
     args = parser.parse_args()
 
-    from bsbr_export.proof.bench import machine_info
     from bsbr_export.export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
     from bsbr_export.model.zoo import get_preset
+    from bsbr_export.proof.bench import machine_info
 
     config = get_preset(args.model).config
     shutil.rmtree(args.work, ignore_errors=True)

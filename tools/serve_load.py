@@ -106,8 +106,8 @@ def main() -> None:
     contexts = [int(v) for v in args.contexts.split(",")]
 
     from bsbr_export.export.formats import FORMATS
-    from bsbr_export.io import atomic_write
     from bsbr_export.export.pipeline import export_model
+    from bsbr_export.io import atomic_write
     from bsbr_export.serve.serve import TritonServer, find_env
     from bsbr_export.serve.triton import write_triton_repo
     from bsbr_export.versions import versions

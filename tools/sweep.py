@@ -132,11 +132,11 @@ def main() -> None:
         machine_info,
         model_flops,
     )
-    from bsbr_export.export.writers import export_onnx
     from bsbr_export.export.formats import FORMATS
-    from bsbr_export.proof.optimize import quantize_int8
     from bsbr_export.export.pipeline import export_model
+    from bsbr_export.export.writers import export_onnx
     from bsbr_export.model.zoo import get_preset
+    from bsbr_export.proof.optimize import quantize_int8
 
     config = get_preset(args.model).config
     shutil.rmtree(args.work, ignore_errors=True)

@@ -38,11 +38,11 @@ def main() -> None:
 
     from sweep import matmul_graph, target_lines, time_onnx
 
-    from bsbr_export.proof.bench import available_engines, model_flops
     from bsbr_export.export.formats import FORMATS
-    from bsbr_export.proof.optimize import optimize_export
     from bsbr_export.export.pipeline import benchmark, export_model
     from bsbr_export.model.zoo import get_preset
+    from bsbr_export.proof.bench import available_engines, model_flops
+    from bsbr_export.proof.optimize import optimize_export
 
     config = get_preset(args.model).config
     export_dir = args.work / args.model

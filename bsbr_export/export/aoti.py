@@ -71,8 +71,8 @@ def export_aoti(model, path: str | os.PathLike, spec=None, kind: str = "logits")
     write a package that disagrees with eager at lengths, batches and states it was not
     exported with (a streaming step's does today, with fewer than 2 past chunks)."""
     from bsbr_export.export.writers import _quiet, _staging, check_generalizes
-    from bsbr_export.proof.runners import AotiRunner
     from bsbr_export.model.spec import spec_for
+    from bsbr_export.proof.runners import AotiRunner
 
     path = Path(path)
     spec = spec_for(model, spec)

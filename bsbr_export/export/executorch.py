@@ -122,8 +122,8 @@ def export_program(model, spec, limits: dict[str, int]):
     """`torch.export` of `model`'s full forward with batch and sequence bounded by
     `limits`: without a maximum, memory would be planned for the example's shape. A
     batch of at most 1 stays static (torch.export cannot keep a size-1 dim symbolic)."""
-    from bsbr_export.export.writers import _dynamic_shapes, example_args, graph_axes
     from bsbr_export.export.graphs import export_graph
+    from bsbr_export.export.writers import _dynamic_shapes, example_args, graph_axes
     from bsbr_export.model.spec import EXAMPLE_BATCH, example_length
 
     graph = export_graph(model, spec, "logits")

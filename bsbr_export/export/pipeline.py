@@ -32,12 +32,12 @@ from bsbr_export.export.formats import (
     artifact_name,
     export_jobs,
 )
-from bsbr_export.io import atomic_dir, check_can_create
 from bsbr_export.export.manifest import MANIFEST, file_record, read_manifest
-from bsbr_export.proof.runners import EagerRunner
+from bsbr_export.io import atomic_dir, check_can_create
 from bsbr_export.model.sources import Source, load_source, write_source
 from bsbr_export.model.spec import ModelSpec
 from bsbr_export.model.usercode import export_name
+from bsbr_export.proof.runners import EagerRunner
 from bsbr_export.proof.validate import (
     DEFAULT_TOLERANCE,
     Case,

@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from bsbr_export.model.config import BSBRConfig
 from bsbr_export.errors import UserError
 from bsbr_export.io import atomic_dir, read_json
+from bsbr_export.model.config import BSBRConfig
 from bsbr_export.model.native import BSBRModel
 from bsbr_export.model.zoo import get_preset
 

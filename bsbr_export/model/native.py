@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bsbr_export import nn as nn_layers
+from bsbr_export.errors import UserError
 from bsbr_export.model.attention import pad_to_chunks
 from bsbr_export.model.config import BSBRConfig
-from bsbr_export.errors import UserError
 from bsbr_export.nn import LayerState, LayerUpdate, check_attention_mask, is_eager
 
 

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from bsbr_export.errors import UserError
 from bsbr_export.model.attention import num_chunks, pad_to_chunks, to_chunks
 from bsbr_export.model.checkpoint import state_dict_problems
 from bsbr_export.model.config import UPSTREAM_POSITIONS, BSBRConfig
-from bsbr_export.errors import UserError
 from bsbr_export.model.native import check_input_ids, is_eager
 
 FLAVOR = "bsbr-0.1.1"

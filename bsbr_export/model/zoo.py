@@ -7,8 +7,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from bsbr_export.model.config import BSBRConfig
 from bsbr_export.errors import UserError
+from bsbr_export.model.config import BSBRConfig
 
 
 @dataclass(frozen=True)

@@ -246,8 +246,8 @@ def _make_call(engine: str, export_dir: Path, threads: int, trust_code: bool = F
         return call
     if engine in ("eager-bf16", "compile-bf16"):
         from bsbr_export.export.manifest import read_manifest
-        from bsbr_export.proof.precision import AutocastRunner, read_plans
         from bsbr_export.model.sources import rebuild
+        from bsbr_export.proof.precision import AutocastRunner, read_plans
 
         source = rebuild(export_dir, read_manifest(export_dir, verify=False), trust_code=trust_code)
         # Both run the same autocast regions: compile-bf16 keeps what eager-bf16's plan measured.

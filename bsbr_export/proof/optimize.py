@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bsbr_export.proof.bench import ORT_LEVELS, eager_output, export_spec, spec_feeds
 from bsbr_export.errors import UserError
+from bsbr_export.proof.bench import ORT_LEVELS, eager_output, export_spec, spec_feeds
 from bsbr_export.proof.evaltext import DEFAULT_EVAL_WINDOWS
 
 # Levels whose optimized graph may contain fused ops specific to this CPU / ORT build.
@@ -358,9 +358,9 @@ def optimize_export(
     """
     import onnxruntime
 
-    from bsbr_export.proof.evaltext import check_budget, heldout_text
-    from bsbr_export.io import check_writable
     from bsbr_export.export.manifest import add_artifacts, read_manifest
+    from bsbr_export.io import check_writable
+    from bsbr_export.proof.evaltext import check_budget, heldout_text
     from bsbr_export.proof.runners import available_providers
 
     # ORT's C++ logger prints warnings about the probe graphs (unused initializers after

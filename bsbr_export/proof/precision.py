@@ -236,12 +236,12 @@ def measure_bf16(export_dir: str | os.PathLike, *, text: bytes, windows: tuple[i
     groups must stay fp32 for held-out bits per byte (`text` in windows of each length
     in `windows`) to stay within `budget` of eager fp32's at every one (OpenVINO: whether
     all-bf16 is); writes the plans to `export_dir`/bf16.json."""
+    from bsbr_export.export.manifest import read_manifest
+    from bsbr_export.io import atomic_write
+    from bsbr_export.model.sources import rebuild
     from bsbr_export.proof.bench import reduced_precision_engines
     from bsbr_export.proof.evaltext import bits_per_byte_by_window, logits_of, scores_text
-    from bsbr_export.io import atomic_write
-    from bsbr_export.export.manifest import read_manifest
     from bsbr_export.proof.runners import EagerRunner
-    from bsbr_export.model.sources import rebuild
 
     directory = Path(export_dir)
     source = rebuild(directory, read_manifest(directory), trust_code=trust_code)

@@ -10,9 +10,9 @@ import json
 import os
 from pathlib import Path
 
+from bsbr_export.io import atomic_write
 from bsbr_export.proof.bench import round_sig
 from bsbr_export.proof.evaltext import DEFAULT_ACCURACY_BUDGET
-from bsbr_export.io import atomic_write
 from bsbr_export.render import (
     NOISY_SPREAD,
     human_bytes,

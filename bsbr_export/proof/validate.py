@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bsbr_export.proof.evaltext import DEFAULT_ACCURACY_BUDGET, TextScore, bits_per_byte, logits_of, scores_text
 from bsbr_export.export.graphs import stream_pieces
+from bsbr_export.proof.evaltext import DEFAULT_ACCURACY_BUDGET, TextScore, bits_per_byte, logits_of, scores_text
 
 DEFAULT_TOLERANCE = 1e-4  # fp32 max abs error, relative to the logit scale (max |logit|, at least 1)
 # Other precisions carry their own rounding: fp16 ~1e-3 relative per op; int8 dynamic
@@ -343,10 +343,10 @@ def validate_export(
 
     from bsbr_export.errors import UserError
     from bsbr_export.export.formats import FORMATS
-    from bsbr_export.proof.localize import first_divergence, localize
     from bsbr_export.export.manifest import read_manifest
-    from bsbr_export.proof.runners import EagerRunner, available_providers
     from bsbr_export.model.sources import rebuild
+    from bsbr_export.proof.localize import first_divergence, localize
+    from bsbr_export.proof.runners import EagerRunner, available_providers
 
     if lengths is not None and any(n < 1 for n in lengths):
         raise UserError(f"lengths must be >= 1, got {lengths}")

@@ -12,11 +12,11 @@ import torch
 from conftest import random_ids, tiny_config
 
 from bsbr_export import BSBRConfig, UserError, build_model, load_model
-from bsbr_export.export.writers import check_trace, export_onnx, export_torchscript
 from bsbr_export.export.formats import FORMATS, artifact_name, export_jobs
 from bsbr_export.export.graphs import LogitsGraph, flatten_state
-from bsbr_export.proof.runners import OnnxRunner
+from bsbr_export.export.writers import check_trace, export_onnx, export_torchscript
 from bsbr_export.model.spec import spec_for
+from bsbr_export.proof.runners import OnnxRunner
 
 C = 8  # bsbr-tiny's chunk size
 LENGTHS = [1, C - 1, C, C + 1, 3 * C + 5, 2048]

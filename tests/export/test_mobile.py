@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.jit.mobile import _load_for_lite_interpreter
 
-from bsbr_export.model.checkpoint import load_model
 from bsbr_export.cli import main
 from bsbr_export.export.graphs import stream_pieces
+from bsbr_export.model.checkpoint import load_model
 from bsbr_export.proof.runners import EagerRunner
 from bsbr_export.proof.validate import empty_state_tensor
 

@@ -18,9 +18,9 @@ from conftest import rehash, weight_used_only_in
 from safetensors.torch import load_file, save_file
 
 from bsbr_export import BSBRConfig
-from bsbr_export.model.checkpoint import load_model
 from bsbr_export.cli import main
 from bsbr_export.errors import UserError
+from bsbr_export.model.checkpoint import load_model
 from bsbr_export.model.upstream import UpstreamBSBRModel, sinusoid_table
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "upstream"

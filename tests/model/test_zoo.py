@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from bsbr_export import load_model
-from bsbr_export.proof.evaltext import bits_per_byte, heldout_text, logits_of
-from bsbr_export.proof.runners import EagerRunner
 from bsbr_export.model.sources import load_source
 from bsbr_export.model.zoo import get_preset, list_presets
+from bsbr_export.proof.evaltext import bits_per_byte, heldout_text, logits_of
+from bsbr_export.proof.runners import EagerRunner
 
 TRAINED = "bsbr-stdlib"
 

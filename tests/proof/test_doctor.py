@@ -7,8 +7,8 @@ from conftest import run_cli, tiny_config
 from torch import nn
 
 from bsbr_export import build_model
-from bsbr_export.proof.doctor import diagnose
 from bsbr_export.nn import BSBRAttention
+from bsbr_export.proof.doctor import diagnose
 
 BROKEN = '''
 import math

@@ -17,8 +17,8 @@ from bsbr_export.proof.precision import (
     module_groups,
     openvino_missing,
 )
-from bsbr_export.proof.runners import EagerRunner
 from bsbr_export.model.spec import spec_for
+from bsbr_export.proof.runners import EagerRunner
 
 
 def feeds_of(ids):
