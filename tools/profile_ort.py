@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WARMUP, RUNS = 3, 5
 ALONE_OPS = ("Attention", "BiasGelu", "LayerNormalization", "Transpose", "Add", "FusedMatMul")
-FLOAT_TYPES = {"float": "float32", "bool": "bool"}
+RANDOM_TYPES = {"float": "float32", "bool": "bool"}  # input types a one-node graph is fed random values of
 
 
 def category(op: str, shape: list[int], config) -> str:
@@ -52,6 +52,18 @@ def category(op: str, shape: list[int], config) -> str:
     return "other"
 
 
+def run_times(run, count: int) -> list[float]:
+    """ms of each of `count` calls of `run()`, after WARMUP untimed ones."""
+    for _ in range(WARMUP):
+        run()
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def profile(path: Path, config, length: int, threads: int) -> dict:
     """Median latency and steady-state kernel time per category and op type at `length`."""
     from bsbr_export.proof.bench import model_flops, random_feeds, weight_flops
@@ -63,27 +75,17 @@ def profile(path: Path, config, length: int, threads: int) -> dict:
         session = OnnxRunner(path, threads=threads, spinning=True, profile_prefix=Path(tmp) / "ort",
                              optimized_path=optimized).session
         feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
-        times = []
-        for i in range(WARMUP + RUNS):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            if i >= WARMUP:
-                times.append((time.perf_counter() - start) * 1e3)
+        times = run_times(lambda: session.run(None, feeds), RUNS)
         events = json.loads(Path(session.end_profiling()).read_text())
         session = None  # its threads stop spinning before the one-node graphs run
         runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
-        alone = time_alone(optimized, costliest_nodes(events, runs[WARMUP]), threads)
-    runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
-    steady = runs[WARMUP]  # warm-up runs grow the arena: their first touches are not the model's cost
+        # Warm-up runs grow the arena: their first touches are not the model's cost.
+        nodes = node_times(events, steady=runs[WARMUP])
+        alone = time_alone(optimized, costliest_nodes(nodes), threads)
     by_category, by_op = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < steady:
-            continue
-        op = e["args"]["op_name"]
-        outputs = e["args"].get("output_type_shape") or [{}]
-        shape = next(iter(outputs[0].values()), [])
-        by_category[category(op, shape, config)] += e["dur"] / RUNS / 1e3
-        by_op[op] += e["dur"] / RUNS / 1e3
+    for node in nodes.values():
+        by_category[category(node["op"], node["shape"], config)] += node["ms"]
+        by_op[node["op"]] += node["ms"]
     kernel_ms = sum(by_category.values())
     dense_ms = by_category["dense GEMMs (projections, feed-forward, LM head)"]
     return {
@@ -98,15 +100,23 @@ def profile(path: Path, config, length: int, threads: int) -> dict:
     }
 
 
-def costliest_nodes(events: list[dict], steady: int) -> dict[str, dict]:
-    """op type -> its costliest steady-state node: name, ms per run, input shapes and types."""
+def node_times(events: list[dict], steady: int) -> dict[str, dict]:
+    """Every node's kernel time per run from `steady` on: op type, ms, output shape and
+    input (type, shape) pairs, by node name."""
     nodes = {}
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < steady:
             continue
-        node = nodes.setdefault(e["name"].removesuffix("_kernel_time"), {"op": e["args"]["op_name"], "ms": 0.0})
+        outputs = e["args"].get("output_type_shape") or [{}]
+        node = nodes.setdefault(e["name"].removesuffix("_kernel_time"), {
+            "op": e["args"]["op_name"], "ms": 0.0, "shape": next(iter(outputs[0].values()), []),
+            "inputs": [next(iter(d.items())) for d in e["args"].get("input_type_shape", [])]})
         node["ms"] += e["dur"] / RUNS / 1e3
-        node["inputs"] = [next(iter(d.items())) for d in e["args"].get("input_type_shape", [])]
+    return nodes
+
+
+def costliest_nodes(nodes: dict[str, dict]) -> dict[str, dict]:
+    """op type -> its costliest node (of ALONE_OPS), with its name."""
     best = {}
     for name, node in nodes.items():
         if node["op"] in ALONE_OPS and node["ms"] > best.get(node["op"], {}).get("ms", 0.0):
@@ -131,8 +141,8 @@ def time_alone(optimized: Path, nodes: dict[str, dict], threads: int, runs: int 
         for name, (dtype, shape) in zip(node.input, info["inputs"]):
             if name in weights:
                 used.append(weights[name])
-            elif name and dtype in FLOAT_TYPES:
-                feeds[name] = rng.standard_normal(shape).astype(FLOAT_TYPES[dtype])
+            elif name and dtype in RANDOM_TYPES:
+                feeds[name] = rng.standard_normal(shape).astype(RANDOM_TYPES[dtype])
                 graph_inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(
                     feeds[name].dtype), shape))
             elif name:
@@ -145,12 +155,7 @@ def time_alone(optimized: Path, nodes: dict[str, dict], threads: int, runs: int 
             options.intra_op_num_threads = threads
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             session = ort.InferenceSession(one.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            times = []
-            for i in range(WARMUP + runs):
-                start = time.perf_counter()
-                session.run(None, feeds)
-                if i >= WARMUP:
-                    times.append((time.perf_counter() - start) * 1e3)
+            times = run_times(lambda: session.run(None, feeds), runs)
             rows.append({"op": op, "node": info["node"], "shape": info["inputs"][0][1], "in_graph_ms": info["ms"],
                          "alone_ms": statistics.median(times)})
     return sorted(rows, key=lambda r: -r["in_graph_ms"])
