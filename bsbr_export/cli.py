@@ -10,9 +10,44 @@ import sys
 
 import click
 
+import json
+from pathlib import Path
+
+from click.core import ParameterSource
+from rich.console import Console
+from rich.table import Table
+
+from bsbr_export.defaults import DEFAULT_ACCURACY_BUDGET, DEFAULT_EVAL_WINDOWS, DEFAULT_OPSET, DEFAULT_TOLERANCE
 from bsbr_export.errors import UserError
-from bsbr_export.export.formats import DEFAULT_OPSET, FORMATS  # light: feeds the --format help
-from bsbr_export.proof.evaltext import DEFAULT_EVAL_WINDOWS  # numpy only: the --eval-windows default
+from bsbr_export.export.pipeline import export_model
+from bsbr_export.formats import FORMATS, parse_formats
+from bsbr_export.io import atomic_write, check_can_create, check_writable
+from bsbr_export.manifest import MANIFEST, read_manifest
+from bsbr_export.model.checkpoint import parameter_count, save_model
+from bsbr_export.model.spec import read_spec
+from bsbr_export.model.upstream import NOT_CAUSAL
+from bsbr_export.model.upstream import import_upstream as load_upstream
+from bsbr_export.model.usercode import build_module, export_name
+from bsbr_export.model.zoo import get_preset, list_presets, presets_dir
+from bsbr_export.proof.doctor import diagnose
+from bsbr_export.proof.evaltext import check_budget, read_eval_text
+from bsbr_export.proof.optimize import optimize_export
+from bsbr_export.proof.report import recommendation_text
+from bsbr_export.proof.validate import validate_export
+from bsbr_export.render import (
+    bench_table,
+    bf16_table,
+    export_table,
+    levels_table,
+    progress_steps,
+    quant_table,
+    stdout_console,
+    validation_table,
+)
+from bsbr_export.serve.serve import serve as run_server
+from bsbr_export.serve.triton import write_triton_repo
+from bsbr_export.summary import summarize
+from bsbr_export.workflows import benchmark
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,11 +60,6 @@ def cli() -> None:
 @click.argument("name", required=False)
 def models(name: str | None) -> None:
     """List the model zoo's presets, or show the preset NAME."""
-    from rich.table import Table
-
-    from bsbr_export.model.checkpoint import parameter_count
-    from bsbr_export.model.zoo import get_preset, list_presets
-    from bsbr_export.render import stdout_console
 
     presets = [get_preset(name)] if name else list(list_presets().values())
     table = Table(title="bsbr-export model zoo" if not name else None)
@@ -69,8 +99,6 @@ def run(model: str, length: int | None, batch: int) -> None:
     Runs one full forward and the same tokens streamed in uneven pieces, and reports
     how far apart they are (they must agree: streaming equals parallel).
     """
-    from bsbr_export.render import stdout_console
-    from bsbr_export.summary import summarize
 
     summary = summarize(model, length=length, batch=batch)
     stdout_console().print(summary.to_table())
@@ -90,7 +118,7 @@ def run(model: str, length: int | None, batch: int) -> None:
               help="Longest input of an executorch program (memory is planned for it) [default: 2048].")
 @click.option("--max-batch", "max_batch", type=click.IntRange(min=1), default=None,
               help="Largest batch of an executorch program [default: 4].")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+@click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True,
               help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).")
 @click.option("--force", is_flag=True,
               help="Replace a non-empty export directory (and Triton models of the same name).")
@@ -119,42 +147,19 @@ def export(model, out_dir, formats, streaming, static, opset, max_length, max_ba
     <model>_python (with --streaming also <model>_streaming and <model>_streaming_python);
     `bsbr-export serve` runs the _python ones.
     """
-    from pathlib import Path
-
-    from rich.console import Console
-
-    from bsbr_export.export.formats import parse_formats
-    from bsbr_export.export.pipeline import export_model
-    from bsbr_export.io import check_can_create
-    from bsbr_export.model.sources import load_source
-    from bsbr_export.model.usercode import export_name
-    from bsbr_export.render import export_table, progress_steps, stdout_console
 
     chosen = parse_formats(formats)
-    for flag, value in (("max_length", max_length), ("max_batch", max_batch)):
-        if value is not None and not any(flag in f.options for f in chosen):
-            takers = ", ".join(f.name for f in FORMATS.values() if flag in f.options)
-            raise UserError(f"--{flag.replace('_', '-')} applies to --format {takers} only: add it, or drop the flag")
     if triton_repo:
         if "onnx" not in [f.name for f in chosen]:
             raise UserError("--triton-repo serves the ONNX graph: add onnx to --format")
         _check_triton_repo(Path(triton_repo), export_name(model), streaming, force)
-    static_shape = _parse_static(static) if static else None
     out = Path(out_dir) if out_dir else Path("export") / export_name(model)
-    check_can_create(out, force)  # before the model is even loaded
-    spec = None
-    if spec_file:
-        from bsbr_export.model.spec import read_spec
-
-        spec = read_spec(spec_file)
-    # The model and its spec first: a bad reference, spec or weights is the only line printed.
-    source = load_source(model, trust_code=trust_code, weights=weights, spec=spec, chunk_size=chunk_size)
-    for fmt in chosen:  # options a format cannot honor for this model: refused before any progress line
-        fmt.check(source.spec, max_length=max_length, max_batch=max_batch)
     with progress_steps(Console(stderr=True)) as progress:
         result = export_model(
-            source, out, chosen, streaming=streaming, static_shape=static_shape, opset=opset,
-            overwrite=force, tolerance=tolerance, max_length=max_length, max_batch=max_batch, progress=progress,
+            model, out, chosen, spec=read_spec(spec_file) if spec_file else None, streaming=streaming,
+            static_shape=_parse_static(static) if static else None, opset=opset, overwrite=force, tolerance=tolerance,
+            trust_code=trust_code, weights=weights, chunk_size=chunk_size, max_length=max_length, max_batch=max_batch,
+            progress=progress,
         )
     stdout_console().print(export_table(result))
     if result.note:
@@ -165,8 +170,6 @@ def export(model, out_dir, formats, streaming, static, opset, max_length, max_ba
                 click.echo(f"FAILED {artifact.name}: {failure}", err=True)
         raise SystemExit(1)
     if triton_repo:
-        from bsbr_export.serve.triton import write_triton_repo
-
         repo = write_triton_repo(out, triton_repo, overwrite=force)
         click.echo(f"Triton model repository: {repo} (tritonserver --model-repository {repo})")
 
@@ -176,13 +179,12 @@ EVAL_TEXT = click.option(
     "--eval-text", "eval_text", type=click.Path(), default=None,
     help="UTF-8 file or directory to score byte-level LMs on (bits per byte) [default: held-out stdlib files].")
 ACCURACY_BUDGET = click.option(
-    "--accuracy-budget", "accuracy_budget", type=float, default=0.01, show_default=True,
+    "--accuracy-budget", "accuracy_budget", type=float, default=DEFAULT_ACCURACY_BUDGET, show_default=True,
     help="Largest relative rise of held-out bits per byte over eager that passes (0.01 = 1%).")
 
 
 def _eval_text(path, budget: float) -> bytes | None:
     """--eval-text read and --accuracy-budget checked before any work (None: the default text)."""
-    from bsbr_export.proof.evaltext import check_budget, read_eval_text
 
     check_budget(budget)
     return read_eval_text(path) if path is not None else None
@@ -190,7 +192,7 @@ def _eval_text(path, budget: float) -> bytes | None:
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+@click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True,
               help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).")
 @click.option("--lengths", default=None,
               help="Comma-separated lengths [default: 1,c-1,c,c+1,3c+5,2048, up to an artifact's --max-length].")
@@ -207,15 +209,6 @@ def validate(export_dir, tolerance, lengths, batches, providers, trust_code, eva
     Writes EXPORT_DIR/validation.json. Exits 1 when any case fails, naming the case and,
     for ONNX graphs, the first block whose output diverges.
     """
-    import json
-    from pathlib import Path
-
-    from rich.console import Console
-
-    from bsbr_export.export.manifest import read_manifest
-    from bsbr_export.io import atomic_write, check_writable
-    from bsbr_export.proof.validate import validate_export
-    from bsbr_export.render import progress_steps, stdout_console, validation_table
 
     read_manifest(export_dir, verify=False)  # an export dir, and one validation.json can go into
     check_writable(Path(export_dir))
@@ -278,7 +271,7 @@ QUICK_BENCH = {
               help="Export streaming graphs too when TARGET is a model (decode latency needs them).")
 @click.option("--check-length", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Longest length each exported artifact is checked at.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Threads per engine.")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Most seconds of timing per engine and length (stops sooner once the spread is small).")
@@ -294,17 +287,6 @@ def bench(ctx, target, quick, **options) -> None:
     TARGET is an export directory, a preset name or a checkpoint directory. Writes
     report.json, report.md and plots into the export directory and prints the table.
     """
-    from pathlib import Path
-
-    from click.core import ParameterSource
-    from rich.console import Console
-
-    from bsbr_export.export.formats import parse_formats
-    from bsbr_export.export.manifest import MANIFEST
-    from bsbr_export.export.pipeline import benchmark
-    from bsbr_export.io import check_writable
-    from bsbr_export.proof.report import recommendation_text
-    from bsbr_export.render import bench_table, progress_steps, stdout_console
 
     if quick:
         options.update({k: v for k, v in QUICK_BENCH.items() if ctx.get_parameter_source(k) is ParameterSource.DEFAULT})
@@ -355,11 +337,6 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
     `bench` take. The model reproduces the package's numerics, so it is NOT causal and
     cannot stream.
     """
-    from pathlib import Path
-
-    from bsbr_export.model.checkpoint import save_model
-    from bsbr_export.model.upstream import NOT_CAUSAL
-    from bsbr_export.model.upstream import import_upstream as load_upstream
 
     model = load_upstream(checkpoint, heads, chunk_size, max_positions)
     out = save_model(model, Path(out_dir) if out_dir else Path(checkpoint).with_suffix(""), overwrite=force)
@@ -401,17 +378,6 @@ def optimize(export_dir, length, int8, static_int8, target_top1, fp16, bf16, eva
     matches eager (model.optimized.onnx); quantize to int8 keeping sensitive nodes fp32;
     convert to fp16 for the CUDA provider (model.fp16.onnx); plan bf16. Check the graphs
     with `validate`, time them with `bench`."""
-    from rich.console import Console
-
-    from bsbr_export.proof.optimize import optimize_export
-    from bsbr_export.render import (
-        bf16_table,
-        levels_table,
-        progress_steps,
-        quant_table,
-        stdout_console,
-    )
-
     text = _eval_text(eval_text, accuracy_budget)
     with progress_steps(Console(stderr=True)) as progress:
         done = optimize_export(export_dir, length=length, int8=int8, target_top1=target_top1, threads=threads,
@@ -458,8 +424,6 @@ def doctor(module_ref: str, trust_code: bool) -> None:
     Prints each line that ties the graph to the example's shape, with what to change;
     exit 1 when there is one.
     """
-    from bsbr_export.model.usercode import build_module
-    from bsbr_export.proof.doctor import diagnose
 
     report = diagnose(build_module(module_ref, trust_code))
     click.echo(report.to_text())
@@ -484,7 +448,6 @@ def serve(repo, http_port, grpc_port, triton_env, timeout) -> None:
     nvidia-pytriton wheel has no ONNX Runtime backend), names those it skipped, prints
     the endpoints and serves until Ctrl-C, which stops the server.
     """
-    from bsbr_export.serve.serve import serve as run_server
 
     def ready(server) -> None:
         click.echo(f"tritonserver ready in {server.start_seconds:.1f} s (pid {server.pid}): "
@@ -499,8 +462,6 @@ def serve(repo, http_port, grpc_port, triton_env, timeout) -> None:
 
 def _check_triton_repo(repo, name: str, streaming: bool, force: bool) -> None:
     """Refuse a --triton-repo that cannot take the model before the export starts."""
-    from bsbr_export.io import check_can_create
-    from bsbr_export.model.zoo import presets_dir
 
     if repo.exists() and not repo.is_dir():
         raise UserError(f"--triton-repo {repo} is a file: pass a directory")
@@ -515,7 +476,6 @@ def _check_triton_repo(repo, name: str, streaming: bool, force: bool) -> None:
 
 
 def _int_list(text: str, flag: str) -> list[int]:
-    from bsbr_export.errors import UserError
 
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -527,7 +487,6 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def _parse_static(text: str) -> tuple[int, int]:
-    from bsbr_export.errors import UserError
 
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):

@@ -4,7 +4,6 @@ the progress lines long commands print while they work."""
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 import time
@@ -14,7 +13,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from bsbr_export.proof.bench import NOISY_SPREAD, round_sig
+from bsbr_export.proof.bench import NOISY_SPREAD
+from bsbr_export.proof.evaltext import worst_change
+from bsbr_export.proof.report import human_bytes, ms_text, speedup_text, status
 
 
 @contextlib.contextmanager
@@ -87,19 +88,6 @@ def _plain_steps(start: float) -> Iterator[Callable[[str], None]]:
     flush()
 
 
-def speedup_text(x: float | None) -> str:
-    """A speed-up with two significant digits: 0.050x, 1.4x, 12x (never "0.0x")."""
-    if x is None or not math.isfinite(x) or x <= 0:
-        return "-"
-    rounded = round_sig(x)  # first, so 9.96 reads 10x, not "10.x"
-    return f"{rounded:.0f}x" if rounded >= 10 else f"{rounded:#.2g}x"
-
-
-def ms_text(ms: float) -> str:
-    """Milliseconds to three significant digits, never in e-notation: 0.812, 12.3, 1290."""
-    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
-
-
 def latency_text(timing) -> str:
     """Median ms ± half its p10-p90 spread as a share of the median, ⚠ when it is large."""
     flag = " ⚠" if timing.noisy else ""
@@ -113,14 +101,6 @@ def stdout_console() -> Console:
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=200)
     return console
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def export_table(result) -> Table:
@@ -178,8 +158,6 @@ def text_cells(score) -> tuple[str, str]:
 
 def bench_table(result, tolerance: float) -> Table:
     """Engine, status, max abs err, median latency and speed-up vs eager per length."""
-    from bsbr_export.proof.report import status
-
     table = Table(
         title=f"bench: batch {result.batch}, {result.threads} threads",
         caption=f"median ms ±half the p10-p90 spread, and speed-up vs eager; ⚠ spread over "
@@ -248,8 +226,6 @@ def quant_table(quant) -> Table:
 def bf16_table(plan) -> Table:
     """bf16: held-out bits per byte (by window) with every group bf16, each group alone
     back in fp32, and the groups kept fp32; changes are the worst window's."""
-    from bsbr_export.proof.evaltext import worst_change
-
     windows = "/".join(map(str, plan.windows))
     all_bf16 = worst_change(plan.all_bf16_bpb, plan.fp32_bpb)
     table = Table(title=f"{plan.engine} in windows of {windows}: fp32 {bpb_text(plan.fp32_bpb)} bits/byte, "

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bsbr_export.export.graphs import stream_pieces
+from bsbr_export.compare.cases import stream_pieces
+from bsbr_export.defaults import DEFAULT_TOLERANCE
 from bsbr_export.model.checkpoint import load_model
 
 
@@ -78,5 +79,5 @@ def summarize(model_name: str, length: int | None = None, batch: int = 2, seed: 
         forward_ms=forward_ms,
         stream_pieces=tuple(pieces),
         stream_max_abs_diff=diff,
-        tolerance=1e-4,
+        tolerance=DEFAULT_TOLERANCE,
     )

@@ -52,7 +52,7 @@ def tiny_model(request):
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """bsbr-tiny exported once per session: ONNX + TorchScript (+ mobile), full and streaming."""
-    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny"
@@ -65,7 +65,7 @@ def tiny_export(tmp_path_factory):
 def aoti_export(tmp_path_factory):
     """bsbr-tiny compiled once per session with AOTInductor (the full graph and, with
     `streaming`, the decode step): compiling is slow, so no other fixture does it."""
-    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-aoti"
@@ -83,7 +83,7 @@ def executorch_export(tmp_path_factory):
     """bsbr-tiny lowered once per session to an ExecuTorch program (XNNPACK): lowering
     takes most of a minute, so no other fixture does it. Skips without the extra."""
     pytest.importorskip("executorch", reason='the executorch extra is not installed (pip install ".[executorch]")')
-    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-executorch"
@@ -94,7 +94,7 @@ def executorch_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def compressed_export(tmp_path_factory):
     """bsbr-tiny-compressed exported once per session (ONNX only, full and streaming)."""
-    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-compressed"
@@ -105,7 +105,7 @@ def compressed_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_onnx_export(tmp_path_factory):
     """bsbr-tiny exported once per session as model.onnx alone: the cheapest real export dir."""
-    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-onnx"
@@ -126,7 +126,7 @@ def export_copy(tiny_export, tmp_path):
 
 def rehash(directory, name):
     """Record a file's new hash, as a broken exporter would have."""
-    from bsbr_export.export.manifest import sha256
+    from bsbr_export.manifest import sha256
 
     manifest = json.loads((directory / "manifest.json").read_text())
     for artifact in manifest["artifacts"]:

@@ -9,7 +9,7 @@ import torch
 from conftest import EDGE_LENGTHS
 
 from bsbr_export import UserError
-from bsbr_export.export.graphs import stream_pieces
+from bsbr_export.compare.cases import stream_pieces
 from bsbr_export.model.attention import bsbr_attention
 from bsbr_export.nn import BSBRAttention
 

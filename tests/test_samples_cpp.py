@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bsbr_export.model.checkpoint import load_model
-from bsbr_export.proof.runners import EagerRunner
+from bsbr_export.runtime.eager import EagerRunner
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "cpp"
 TOLERANCE = 1e-4  # max abs error of the C++ logits against eager

@@ -118,7 +118,7 @@ def prepare(work: Path, max_length: int) -> None:
     import bsbr
     import torch
 
-    from bsbr_export.export.writers import export_onnx
+    from bsbr_export.export.onnx import export_onnx
     from bsbr_export.model.checkpoint import save_model
     from bsbr_export.model.upstream import import_upstream
 

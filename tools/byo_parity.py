@@ -24,9 +24,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 import user_models  # noqa: E402
 
 from bsbr_export import export_module  # noqa: E402
-from bsbr_export.export.graphs import stream_pieces  # noqa: E402
-from bsbr_export.proof.runners import EagerRunner, OnnxRunner, TorchScriptRunner  # noqa: E402
-from bsbr_export.proof.validate import Case, check_parity  # noqa: E402
+from bsbr_export.compare.cases import stream_pieces  # noqa: E402
+from bsbr_export.runtime import OnnxRunner, TorchScriptRunner
+from bsbr_export.runtime.eager import EagerRunner  # noqa: E402
+from bsbr_export.compare.cases import Case
+from bsbr_export.compare.parity import check_parity  # noqa: E402
 
 KINDS = {
     "upstream-layer classifier (pooled)": user_models.upstream_classifier,
@@ -60,7 +62,7 @@ def table_for(name: str, factory) -> dict:
         c = spec.chunk_size
         lengths = [1, c - 1, c + 1, 3 * c + 2, 37 * c + 3]
         rows = {}
-        artifacts = {"onnx": ("model.onnx", "logits"), "torchscript": ("model.pt", "logits")}
+        artifacts = {"onnx": ("model.onnx", "full"), "torchscript": ("model.pt", "full")}
         if streams and spec.state is not None:
             artifacts["streaming onnx"] = ("model.streaming.onnx", "streaming")
         for label, (file, kind) in artifacts.items():

@@ -45,7 +45,7 @@ def load() -> str:
 
 
 def cpu() -> str:
-    from bsbr_export.proof.bench import machine_info
+    from bsbr_export.machine import machine_info
 
     info = machine_info()
     return f"{info['processor']}, {info['cpu_count']} cores"
@@ -141,7 +141,7 @@ def parity(out: Path, model) -> list[dict]:
     """Max abs error against eager over lengths and batches up to the limits."""
     import torch
 
-    from bsbr_export.proof.runners import ExecuTorchRunner
+    from bsbr_export.runtime.executorch import ExecuTorchRunner
 
     runner = ExecuTorchRunner(out / "model.pte", ["input_ids", "attention_mask"], ["logits"])
     c, rows = model.config.chunk_size, []
@@ -235,7 +235,7 @@ def main() -> None:
     result = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "cpu": cpu(), "platform": platform.platform(),
               "versions": {**versions(), "executorch": _version("executorch")}, "limits": LIMITS,
               "delegation": shares}
-    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
 
     with tempfile.TemporaryDirectory() as tmp:

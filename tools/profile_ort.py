@@ -67,7 +67,7 @@ def run_times(run, count: int) -> list[float]:
 def profile(path: Path, config, length: int, threads: int) -> dict:
     """Median latency and steady-state kernel time per category and op type at `length`."""
     from bsbr_export.proof.bench import model_flops, random_feeds, weight_flops
-    from bsbr_export.proof.runners import OnnxRunner
+    from bsbr_export.runtime.onnx import OnnxRunner
 
     feeds = random_feeds(config.vocab_size, 1, length)
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,10 +193,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_profile"))
     args = parser.parse_args()
 
-    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
     from bsbr_export.model.zoo import get_preset
-    from bsbr_export.proof.bench import machine_info
+    from bsbr_export.machine import machine_info
 
     config = get_preset(args.model).config
     shutil.rmtree(args.work, ignore_errors=True)

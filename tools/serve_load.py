@@ -105,7 +105,7 @@ def main() -> None:
     concurrency = [int(v) for v in args.concurrency.split(",")]
     contexts = [int(v) for v in args.contexts.split(",")]
 
-    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
     from bsbr_export.io import atomic_write
     from bsbr_export.serve.serve import TritonServer, find_env

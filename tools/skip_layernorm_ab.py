@@ -71,7 +71,7 @@ def max_abs_difference(a: Path, b: Path, vocab: int, lengths: list[int]) -> floa
     """Worst |a - b| over right-padded batches of 2 at `lengths` + 7 (lengths the timing never sees)."""
     import numpy as np
 
-    from bsbr_export.proof.runners import OnnxRunner
+    from bsbr_export.runtime.onnx import OnnxRunner
 
     first, second = OnnxRunner(a, threads=2).session, OnnxRunner(b, threads=2).session
     worst = 0.0
@@ -98,10 +98,10 @@ def main() -> None:
     import onnx
     from sweep import time_onnx
 
-    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
     from bsbr_export.model.zoo import get_preset
-    from bsbr_export.proof.bench import machine_info
+    from bsbr_export.machine import machine_info
 
     vocab = get_preset(args.model).config.vocab_size
     shutil.rmtree(args.work, ignore_errors=True)

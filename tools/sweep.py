@@ -73,7 +73,7 @@ def _child_time_onnx(path: str, lengths: list[int], hidden: int | None, vocab: i
     import numpy as np
 
     from bsbr_export.proof.bench import peak_rss_mib, random_feeds, time_lengths
-    from bsbr_export.proof.runners import OnnxRunner
+    from bsbr_export.runtime.onnx import OnnxRunner
 
     runner = OnnxRunner(path, threads=threads, spinning=True)  # alone in this child process
     if hidden:
@@ -132,9 +132,9 @@ def main() -> None:
         machine_info,
         model_flops,
     )
-    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
-    from bsbr_export.export.writers import export_onnx
+    from bsbr_export.export.onnx import export_onnx
     from bsbr_export.model.zoo import get_preset
     from bsbr_export.proof.optimize import quantize_int8
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from bsbr_export.model.config import BSBRConfig
-from bsbr_export.proof.bench import machine_info
+from bsbr_export.machine import machine_info
 from bsbr_export.proof.evaltext import (
     BYTE_VOCAB,
     DEFAULT_EVAL_BYTES,

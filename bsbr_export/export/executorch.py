@@ -13,54 +13,23 @@ in one line instead of failing inside the runtime.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from bsbr_export.errors import UserError
+from bsbr_export.export.examples import dynamic_shapes, example_args, graph_axes
+from bsbr_export.export.staging import quiet, staging
+from bsbr_export.model.graphs import export_graph
+from bsbr_export.model.spec import EXAMPLE_BATCH, example_length, spec_for
+from bsbr_export.runtime.executorch import quiet_runtime, require_executorch
 
 # Memory is planned for the largest input, so the defaults cover the validation lengths
 # (up to 2048) and batches (up to 3) without planning a server-sized arena.
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_BATCH = 4
-LIMITS = ("max_length", "max_batch")  # constant methods of every .pte written here
-
-
-def require_executorch() -> None:
-    """UserError saying how to install the extra unless `executorch` is importable."""
-    from bsbr_export.export.formats import FORMATS
-
-    FORMATS["executorch"].check_installed()
-
-
-@contextlib.contextmanager
-def quiet_runtime() -> Iterator[None]:
-    """ExecuTorch's runtime logs to stderr (CPU probing, thread pool size, a loader's
-    error) and its imports log warnings (torchao's missing CUDA kernels, a pytree
-    deprecation): none of it is for our user, whose one line on failure is ours."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            # The Python bindings print the runtime's log through sys.stderr, not fd 2.
-            with contextlib.redirect_stderr(null):
-                yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
@@ -82,7 +51,7 @@ def _static_views(graph_module):
     view's dims as symbolic sizes. A view with exactly one symbolic dim gets `-1` there
     (the others fix it); an expand to its input's own shape (what `matmul` emits around
     its `bmm`) is dropped."""
-    from executorch.exir.dialects._ops import ops as exir_ops
+    from executorch.exir.dialects._ops import ops as exir_ops  # optional extra
     from torch.fx.passes.infra.pass_base import PassResult
 
     view, expand = exir_ops.edge.aten.view_copy.default, exir_ops.edge.aten.expand_copy.default
@@ -110,48 +79,41 @@ def lower(program, limits: dict[str, int]):
     `limits` as constant methods. Layer norms are decomposed first and views made
     static where they can be, so that XNNPACK takes them too (more of the graph in
     fewer delegate calls)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # optional extra
+    from executorch.exir import to_edge_transform_and_lower  # optional extra
 
     program = program.run_decompositions({torch.ops.aten.layer_norm.default: _layer_norm})
     return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], transform_passes=[_static_views],
                                        constant_methods=limits)
 
 
-def export_program(model, spec, limits: dict[str, int]):
+def bounded_program(model, spec, limits: dict[str, int]):
     """`torch.export` of `model`'s full forward with batch and sequence bounded by
     `limits`: without a maximum, memory would be planned for the example's shape. A
     batch of at most 1 stays static (torch.export cannot keep a size-1 dim symbolic)."""
-    from bsbr_export.export.graphs import export_graph
-    from bsbr_export.export.writers import _dynamic_shapes, example_args, graph_axes
-    from bsbr_export.model.spec import EXAMPLE_BATCH, example_length
-
-    graph = export_graph(model, spec, "logits")
-    args = example_args(model, spec, "logits", min(EXAMPLE_BATCH, limits["max_batch"]), example_length(spec.chunk_size))
+    graph = export_graph(model, spec, "full")
+    args = example_args(model, spec, "full", min(EXAMPLE_BATCH, limits["max_batch"]), example_length(spec.chunk_size))
     bounds = {"sequence": limits["max_length"], "batch": limits["max_batch"]}
     axes = {name: {a: label for a, label in dims.items() if bounds[label] > 1}
-            for name, dims in graph_axes(spec, "logits").items()}
+            for name, dims in graph_axes(spec, "full").items()}
     with torch.no_grad():
-        return torch.export.export(graph, args, dynamic_shapes=_dynamic_shapes(graph, axes, False, bounds))
+        return torch.export.export(graph, args, dynamic_shapes=dynamic_shapes(graph, axes, False, bounds))
 
 
 def export_executorch(model, path: str | os.PathLike, spec=None, max_length: int | None = None,
                       max_batch: int | None = None) -> Path:
     """Lower the full forward of `model` (described by `spec`) to an ExecuTorch program
     at `path`, delegated to XNNPACK, that runs every batch up to `max_batch` and every
-    length from 1 to `max_length` (both stored in the program; see `program_limits`)."""
+    length from 1 to `max_length` (both stored in the program; see `runtime.executorch.program_limits`)."""
     require_executorch()
-    from bsbr_export.export.writers import _quiet, _staging
-    from bsbr_export.model.spec import spec_for
-
     path = Path(path)
     model = model.eval()
     spec = spec_for(model, spec)
     check_limits(spec, max_length, max_batch)
     limits = resolve_limits(max_length, max_batch)
-    with _staging(path) as tmp, _quiet(), quiet_runtime():
+    with staging(path) as tmp, quiet(), quiet_runtime():
         staged = tmp / path.name
-        staged.write_bytes(lower(export_program(model, spec, limits), limits).to_executorch().buffer)
+        staged.write_bytes(lower(bounded_program(model, spec, limits), limits).to_executorch().buffer)
         os.replace(staged, path)
     return path
 
@@ -164,38 +126,9 @@ def resolve_limits(max_length: int | None = None, max_batch: int | None = None) 
 def check_limits(spec, max_length: int | None = None, max_batch: int | None = None) -> None:
     """UserError unless a program of `spec`'s model can be exported with these limits:
     the example it is traced with must fit."""
-    from bsbr_export.model.spec import example_length
-
     limits, length = resolve_limits(max_length, max_batch), example_length(spec.chunk_size)
     if not all(isinstance(v, int) and v >= 1 for v in limits.values()):
         raise UserError(f"--max-length and --max-batch must be integers >= 1, got {limits}")
     if limits["max_length"] < length:
         raise UserError(f"--max-length {limits['max_length']} is below the {length} tokens the export traces with "
                         f"(2c + c/2 at chunk size {spec.chunk_size}): give at least {length}")
-
-
-def load_program(path: str | os.PathLike):
-    """The ExecuTorch program at `path`, or a UserError naming what is wrong with it."""
-    require_executorch()
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ExecuTorch program {path} does not exist")
-    try:
-        with quiet_runtime():
-            from executorch.runtime import Runtime
-
-            return Runtime.get().load_program(path)
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"{path} is not a loadable ExecuTorch program (.pte): {str(exc).splitlines()[0]}; "
-                        "re-export it with --format executorch") from None
-
-
-def program_limits(program) -> dict[str, int]:
-    """The `max_length` and `max_batch` a program was exported with (its constant methods)."""
-    with quiet_runtime():
-        return {name: int(program.load_method(name).execute([])[0]) for name in LIMITS}
-
-
-def program_settings(path: str | os.PathLike) -> dict:
-    """What the manifest records about a `.pte`: the limits it was exported with."""
-    return program_limits(load_program(path))

@@ -17,35 +17,20 @@ from pathlib import Path
 
 import torch
 
+from bsbr_export.compare.cases import DEFAULT_LONG_LENGTH, artifact_cases
+from bsbr_export.compare.parity import ParityReport, check_parity
+from bsbr_export.defaults import DEFAULT_OPSET, DEFAULT_TOLERANCE
+from bsbr_export.export.checks import check_kind
+from bsbr_export.export.onnx import check_opset, check_static_shape
+from bsbr_export.export.writers import check_options, describe_artifact, write_artifact
+from bsbr_export.formats import FORMATS, Format, artifact_name, export_jobs, parse_formats, recorded_kind
 from bsbr_export.errors import UserError
-from bsbr_export.proof.evaltext import DEFAULT_ACCURACY_BUDGET, read_eval_text
-from bsbr_export.export.writers import (
-    check_kind,
-    check_opset,
-    check_static_shape,
-    state_manifest,
-)
-from bsbr_export.export.formats import (
-    DEFAULT_OPSET,
-    FORMATS,
-    Format,
-    artifact_name,
-    export_jobs,
-)
-from bsbr_export.export.manifest import MANIFEST, file_record, read_manifest
 from bsbr_export.io import atomic_dir, check_can_create
+from bsbr_export.manifest import MANIFEST, file_record, state_manifest
 from bsbr_export.model.sources import Source, load_source, write_source
 from bsbr_export.model.spec import ModelSpec
-from bsbr_export.model.usercode import export_name
-from bsbr_export.proof.runners import EagerRunner
-from bsbr_export.proof.validate import (
-    DEFAULT_TOLERANCE,
-    Case,
-    ParityReport,
-    check_parity,
-    default_cases,
-    fit_cases,
-)
+from bsbr_export.runtime import open_artifact
+from bsbr_export.runtime.eager import EagerRunner
 from bsbr_export.versions import versions
 
 
@@ -55,15 +40,21 @@ class ArtifactResult:
 
     name: str
     format: str
-    kind: str  # logits, streaming or decode (formats.KINDS)
+    kind: str  # full, streaming or decode (formats.KINDS)
     files: dict[str, dict]  # file name -> {"sha256", "bytes"}
     seconds: float
     parity: ParityReport
-    settings: dict = field(default_factory=dict)  # what the format records (Format.describe)
+    settings: dict = field(default_factory=dict)  # what its writer records (export.writers.describe_artifact)
 
     @property
     def bytes(self) -> int:
         return sum(f["bytes"] for f in self.files.values())
+
+    def to_manifest(self, static_shape: list[int] | None) -> dict:
+        """The artifact's entry in manifest.json."""
+        return {"name": self.name, "format": self.format, "kind": recorded_kind(self.kind),
+                "settings": {"static_shape": static_shape, **self.settings}, "files": self.files,
+                "export_seconds": round(self.seconds, 3), "checks": self.parity.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -75,11 +66,6 @@ class ExportResult:
     @property
     def passed(self) -> bool:
         return all(a.parity.passed for a in self.artifacts)
-
-
-def runner_for(fmt: Format, path: Path, reference: EagerRunner):
-    """A runner over an artifact file (names come from the eager graph it mirrors)."""
-    return fmt.runner(path, reference.input_names, reference.output_names)
 
 
 def export_model(
@@ -96,7 +82,7 @@ def export_model(
     trust_code: bool = False,
     weights: str | os.PathLike | None = None,
     chunk_size: int | None = None,
-    long_length: int = 2048,
+    long_length: int = DEFAULT_LONG_LENGTH,
     max_length: int | None = None,
     max_batch: int | None = None,
     progress: Callable[[str], None] = lambda step: None,
@@ -105,83 +91,101 @@ def export_model(
     the edge lengths around the chunk size and at `long_length`).
 
     `model_ref`: a preset name, a checkpoint directory, a module reference
-    (`file.py:factory`, imported only with `trust_code`; `weights` loaded into it) or an
-    `nn.Module`. Its spec (`spec`, or the defaults) is computed once and passed down.
-    `max_length` / `max_batch`: the largest input of formats that plan memory ahead
-    (ExecuTorch; default: theirs); each such artifact is checked up to its limits.
+    (`file.py:factory`, imported only with `trust_code`; `weights` loaded into it), an
+    `nn.Module` or a loaded `Source`. Its spec (`spec`, or the defaults) is computed once
+    and passed down. `max_length` / `max_batch`: the largest input of formats that plan
+    memory ahead (ExecuTorch; default: theirs); each such artifact is checked up to them.
     """
     check_opset(opset)
     check_static_shape(static_shape, streaming)
+    check_flags_apply(formats, max_length=max_length, max_batch=max_batch)
+    check_can_create(Path(out_dir), overwrite)  # before the model is even loaded
     progress("loading model")
     source = model_ref if isinstance(model_ref, Source) else load_source(
         model_ref, trust_code=trust_code, weights=weights, spec=spec, chunk_size=chunk_size)
-    spec = source.spec
+    jobs = plan_jobs(source, formats, streaming, max_length=max_length, max_batch=max_batch)
+    options = {"static_shape": static_shape, "opset": opset, "max_length": max_length, "max_batch": max_batch,
+               "metadata": {"bsbr.model": str(source_label(source))}}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        checkpoint = write_source(source, tmp)
+        artifacts = [export_artifact(source, fmt, kind, tmp, options, tolerance, long_length, progress)
+                     for fmt, kind in jobs]
+        settings = {"static_shape": list(static_shape) if static_shape else None, "opset": opset,
+                    "streaming": streaming, "tolerance": tolerance}
+        if any(fmt.name == "torchscript-mobile" for fmt in formats):
+            settings["optimize_for_mobile"] = _mobile_note()
+        manifest = export_manifest(source, checkpoint, settings, artifacts, streaming)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return ExportResult(Path(out_dir), tuple(artifacts), source.spec.note)
+
+
+def check_flags_apply(formats: list[Format], **flags) -> None:
+    """UserError for a flag given that none of `formats` takes (it would do nothing)."""
+    for flag, value in flags.items():
+        if value is not None and not any(flag in f.options for f in formats):
+            takers = ", ".join(f.name for f in FORMATS.values() if flag in f.options)
+            raise UserError(f"--{flag.replace('_', '-')} applies to --format {takers} only: add it, or drop the flag")
+
+
+def source_label(source: Source) -> str:
+    """What the manifest calls the model: its reference, or its class."""
+    return source.record.get("ref") or source.record.get("class")
+
+
+def plan_jobs(source: Source, formats: list[Format], streaming: bool, **options) -> list[tuple[Format, str]]:
+    """The (format, kind) pairs to export, every one checked possible before any work:
+    each format's options for this model, and each streaming kind the module gives (a
+    decode graph needs its `stream_update`; other streamers get the full-state step)."""
     for fmt in formats:
-        fmt.check(spec, max_length=max_length, max_batch=max_batch)
-    # A decode graph needs the module's stream_update; other streamers get the full-state step.
+        check_options(fmt, source.spec, **options)
     decodes = callable(getattr(source.module, "stream_update", None))
     jobs = [(fmt, kind) for fmt, kind in export_jobs(formats, streaming) if kind != "decode" or decodes]
     for _, kind in jobs:
-        check_kind(source.module, spec, kind)
-    artifacts = []
-    settings = {"static_shape": list(static_shape) if static_shape else None, "opset": opset,
-                "streaming": streaming, "tolerance": tolerance}
-    if any(fmt.name == "torchscript-mobile" for fmt in formats):
-        settings["optimize_for_mobile"] = _mobile_note()
-    label = source.record.get("ref") or source.record.get("class")
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        checkpoint = write_source(source, tmp)
-        for fmt, kind in jobs:
-            name = artifact_name(fmt, kind)
-            progress(f"exporting {name}")
-            start = time.perf_counter()
-            files = fmt.export(source.module, tmp / name, kind, spec=spec, static_shape=static_shape, opset=opset,
-                               metadata={"bsbr.model": str(label)}, max_length=max_length, max_batch=max_batch)
-            seconds = time.perf_counter() - start
-            progress(f"checking {name} against eager")
-            static = static_shape if "static_shape" in fmt.options else None
-            described = fmt.describe(tmp / name)
-            parity = _check(fmt, tmp / name, source, kind, static, tolerance, long_length, described)
-            artifacts.append(
-                ArtifactResult(
-                    name=name,
-                    format=fmt.name,
-                    kind=kind,
-                    files={f.name: file_record(f) for f in files},
-                    seconds=seconds,
-                    parity=parity,
-                    settings=described,
-                )
-            )
-        manifest = {
-            "manifest_version": 2,
-            "model": str(label),
-            "source": source.record,
-            "spec": spec.to_dict(),
-            **({"config": source.config.to_dict()} if source.config is not None else {}),
-            "causal": spec.causal,
-            **({"note": spec.note} if spec.note else {}),
-            **({"swapped": list(source.swapped)} if source.swapped else {}),
-            "checkpoint": {f.name: file_record(f) for f in checkpoint},
-            "settings": settings,
-            "versions": versions(),
-            "state": state_manifest(spec) if streaming else None,
-            "artifacts": [
-                {
-                    "name": a.name,
-                    "format": a.format,
-                    "kind": a.kind,
-                    "settings": {"static_shape": list(static_shape) if static_shape and "static_shape" in FORMATS[a.format].options
-                                 else None, **a.settings},
-                    "files": a.files,
-                    "export_seconds": round(a.seconds, 3),
-                    "checks": a.parity.to_dict(),
-                }
-                for a in artifacts
-            ],
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return ExportResult(Path(out_dir), tuple(artifacts), spec.note)
+        check_kind(source.module, source.spec, kind)
+    return jobs
+
+
+def export_artifact(source: Source, fmt: Format, kind: str, directory: Path, options: dict, tolerance: float,
+                    long_length: int, progress: Callable[[str], None]) -> ArtifactResult:
+    """Write one artifact into `directory` and check it against eager."""
+    name = artifact_name(fmt, kind)
+    progress(f"exporting {name}")
+    start = time.perf_counter()
+    files = write_artifact(fmt, source.module, directory / name, kind, source.spec, **options)
+    seconds = time.perf_counter() - start
+    progress(f"checking {name} against eager")
+    settings = describe_artifact(fmt, directory / name)
+    static = options["static_shape"] if "static_shape" in fmt.options else None
+    reference = EagerRunner(source.module, source.spec, kind)
+    runner = open_artifact(fmt.name, directory / name, reference.input_names, reference.output_names)
+    cases = artifact_cases(source.spec.chunk_size, kind != "full", {"static_shape": static, **settings},
+                           long_length=long_length)
+    parity = check_parity(name, reference, runner, cases, source.spec, tolerance)
+    return ArtifactResult(name, fmt.name, kind, {f.name: file_record(f) for f in files}, seconds, parity, settings)
+
+
+def export_manifest(source: Source, checkpoint: list[Path], settings: dict, artifacts: list[ArtifactResult],
+                    streaming: bool) -> dict:
+    """manifest.json of an export: model, source, spec, files with their sha256, settings,
+    versions, state, and every artifact with its checks."""
+    spec = source.spec
+    static = settings["static_shape"]
+    return {
+        "manifest_version": 2,
+        "model": str(source_label(source)),
+        "source": source.record,
+        "spec": spec.to_dict(),
+        **({"config": source.config.to_dict()} if source.config is not None else {}),
+        "causal": spec.causal,
+        **({"note": spec.note} if spec.note else {}),
+        **({"swapped": list(source.swapped)} if source.swapped else {}),
+        "checkpoint": {f.name: file_record(f) for f in checkpoint},
+        "settings": settings,
+        "versions": versions(),
+        "state": state_manifest(spec) if streaming else None,
+        "artifacts": [a.to_manifest(static if "static_shape" in FORMATS[a.format].options else None)
+                      for a in artifacts],
+    }
 
 
 def export_module(
@@ -201,143 +205,12 @@ def export_module(
     its BSBR layers). Every graph is run at lengths and batches it was not exported with
     before it is written. `options` are `export_model`'s (opset, tolerance, overwrite, ...).
     """
-    from bsbr_export.export.formats import parse_formats
-
     return export_model(module, out_dir, parse_formats(",".join(formats)), spec=spec, streaming=streaming, **options)
 
 
 def _mobile_note() -> str:
     """What became of `optimize_for_mobile` for the .ptl: it needs XNNPACK, which the
     CPU wheels are built without (it raises there), so it runs only where available."""
-    import torch
-
     if torch._C._is_xnnpack_enabled():
         return "applied"
     return "skipped: this torch build has no XNNPACK, which the pass needs"
-
-
-def _check(fmt: Format, path: Path, source: Source, kind: str, static_shape, tolerance: float,
-           long_length: int, settings: dict) -> ParityReport:
-    reference = EagerRunner(source.module, source.spec, kind)
-    runner = runner_for(fmt, path, reference)
-    streaming = kind != "logits"
-    c = source.spec.chunk_size
-    cases = [Case(*static_shape)] if static_shape else default_cases(c, streaming, long_length)
-    cases = fit_cases(cases, c, settings.get("max_batch"), settings.get("max_length"))
-    return check_parity(path.name, reference, runner, cases, source.spec, tolerance)
-
-
-def _check_bench_out(directory: Path, overwrite: bool) -> None:
-    """Refuse, before any work, to export into a non-empty directory: it may hold the user's files."""
-    check_can_create(directory, overwrite=True)  # somewhere writable (the emptiness check is below)
-    if overwrite or not directory.is_dir() or not any(directory.iterdir()):
-        return
-    if (directory / MANIFEST).is_file():
-        raise UserError(f"{directory} already holds an export: bench it with `bsbr-export bench {directory}`, "
-                        "or pass --force to export again over it")
-    raise UserError(f"{directory} already exists and is not empty: choose another --out, or pass --force to replace it")
-
-
-@dataclass(frozen=True)
-class BenchRun:
-    """What `benchmark` produced: the export dir, its validation, timings, report files."""
-
-    directory: Path
-    validation: object  # ValidationResult
-    bench: object  # BenchResult
-    reports: tuple[Path, ...]
-    recommendation: dict | None = None  # report.recommend's choice
-    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET
-
-    @property
-    def over_budget(self) -> list[str]:
-        """Engines whose held-out bits per byte rose more than the accuracy budget allows."""
-        from bsbr_export.proof.report import text_changes
-
-        eager = self.bench.engine("eager")
-        return [e.engine for e in self.bench.engines
-                if any(c > self.accuracy_budget for c in text_changes(e, eager).values())]
-
-
-def benchmark(
-    model_ref: str | os.PathLike,
-    *,
-    out_dir: str | os.PathLike | None = None,
-    lengths: list[int],
-    batch: int = 1,
-    engines: list[str] | None = None,
-    decode_contexts: list[int] | None = None,
-    validation_lengths: list[int] | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
-    threads: int = 2,
-    budget_s: float = 1.0,
-    overwrite: bool = False,
-    trust_code: bool = False,
-    formats: list[str] | None = None,
-    streaming: bool = True,
-    long_length: int = 2048,
-    eval_text: str | os.PathLike | None = None,
-    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET,
-    progress: Callable[[str], None] = lambda step: None,
-) -> BenchRun:
-    """Export (when `model_ref` is not an export dir yet), validate, benchmark, report.
-
-    Every engine runs in its own process on the same inputs; reports go into the
-    export dir: report.json, report.md, latency.png, memory.png, decode.png. A model is
-    exported into `out_dir`, which must be new or empty unless `overwrite` is set, in
-    `formats` (default: every format whose package is installed), with streaming graphs
-    when `streaming` and the model can stream, each artifact checked up to `long_length`.
-    Byte-level LMs are scored on `eval_text` (default: held-out stdlib text); the report
-    recommends the fastest engine within `accuracy_budget` of eager's bits per byte.
-    """
-    from bsbr_export.proof.bench import (
-        WARMUP,
-        BenchResult,
-        available_engines,
-        bench_engines,
-        reduced_precision_engines,
-        decode_latency,
-        machine_info,
-    )
-    from bsbr_export.export.formats import FORMATS
-    from bsbr_export.proof.report import write_report
-    from bsbr_export.proof.validate import validate_export
-
-    if any(n < 1 for n in lengths) or batch < 1:
-        raise UserError(f"lengths and batch must be >= 1, got lengths {lengths}, batch {batch}")
-    directory = Path(model_ref)
-    if not (directory / MANIFEST).is_file():
-        directory = Path(out_dir) if out_dir else Path("export") / export_name(model_ref)
-        _check_bench_out(directory, overwrite)
-        progress(f"exporting {model_ref} to {directory}")
-        source = load_source(model_ref, trust_code=trust_code)
-        # Non-causal models and modules without the streaming protocol have no streaming graphs.
-        streams = streaming and source.spec.causal and source.spec.state is not None
-        chosen = [FORMATS[f] for f in formats] if formats else [f for f in FORMATS.values() if f.installed]
-        # Formats with a planned maximum length are exported for every length timed or checked here.
-        longest = max(*lengths, long_length, *(validation_lengths or [long_length]))
-        export_model(source, directory, chosen, streaming=streams, overwrite=overwrite,
-                     tolerance=tolerance, long_length=long_length, max_length=longest, progress=progress)
-    known = available_engines(directory)
-    engines = engines or known
-    unknown = [e for e in engines if e not in known]
-    why_not = {e: r for e, r in reduced_precision_engines(directory).items() if e in unknown and r}
-    if why_not:
-        raise UserError("; ".join(f"engine {e} cannot run here: {r}" for e, r in why_not.items()))
-    if unknown:
-        raise UserError(f"unknown or unavailable engine(s) {', '.join(unknown)}: choose from {', '.join(known)}")
-    progress("validating")
-    validation = validate_export(directory, tolerance=tolerance, lengths=validation_lengths, trust_code=trust_code,
-                                 eval_text=read_eval_text(eval_text) if eval_text is not None else None,
-                                 accuracy_budget=accuracy_budget)
-    timings = bench_engines(directory, engines, lengths, batch=batch, threads=threads, budget_s=budget_s,
-                            trust_code=trust_code, eval_text=eval_text, progress=progress)
-    decode = ()
-    if decode_contexts and any((directory / n).is_file() for n in ("model.decode.onnx", "model.streaming.onnx")):
-        decode = tuple(decode_latency(directory, decode_contexts, threads=threads, progress=progress))
-    result = BenchResult(tuple(timings), tuple(sorted(lengths)), batch, threads, WARMUP, decode, machine_info())
-    progress("writing report")
-    note = read_manifest(directory, verify=False).get("note")
-    reports, choice = write_report(result, directory, tolerance=tolerance, validation=validation.to_dict(), note=note,
-                           accuracy_budget=accuracy_budget)
-    return BenchRun(directory, validation, result, tuple(reports), choice, accuracy_budget)

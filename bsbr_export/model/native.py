@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bsbr_export import nn as nn_layers
 from bsbr_export.errors import UserError
 from bsbr_export.model.attention import pad_to_chunks
 from bsbr_export.model.config import BSBRConfig
-from bsbr_export.nn import LayerState, LayerUpdate, check_attention_mask, is_eager
+from bsbr_export.model.layers import BSBRAttention, LayerState, LayerUpdate, check_attention_mask, is_eager
 
 
 def position_frequencies(dim: int) -> Tensor:
@@ -68,7 +67,7 @@ def check_state(state, model: BSBRModel, batch: int) -> None:
         )
 
 
-class BSBRAttention(nn_layers.BSBRAttention):
+class NativeAttention(BSBRAttention):
     """The native model's attention: the public layer configured by a `BSBRConfig`,
     called on inputs the model has already padded to whole chunks."""
 
@@ -87,7 +86,7 @@ class Block(nn.Module):
     def __init__(self, config: BSBRConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attn = BSBRAttention(config)
+        self.attn = NativeAttention(config)
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ff = nn.Sequential(
             nn.Linear(config.hidden_size, config.ff_size),

@@ -14,12 +14,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model
 from torch import nn
 
 from bsbr_export.errors import UserError
+from bsbr_export.model.checkpoint import WEIGHTS_FILE, load_model, write_checkpoint
 from bsbr_export.model.spec import ModelSpec, spec_for
-
-WEIGHTS_FILE = "model.safetensors"
+from bsbr_export.model.upstream import NOT_CAUSAL, from_upstream, swap_upstream_layers
+from bsbr_export.model.usercode import build_module, is_module_ref
+from bsbr_export.model.weights import apply_state_dict, few_names, load_state_dict, nonfinite_tensors
+from bsbr_export.model.zoo import get_preset
 
 
 @dataclass(frozen=True)
@@ -40,13 +45,9 @@ class Source:
 def from_module(module: nn.Module, spec: ModelSpec | None = None, *, ref: str | None = None,
                 chunk_size: int | None = None) -> Source:
     """A user's module (in memory, or built from `ref`): upstream layers swapped, spec computed."""
-    from bsbr_export.model.upstream import NOT_CAUSAL, swap_upstream_layers
-
     if not isinstance(module, nn.Module):
         raise UserError(f"expected a torch.nn.Module, got {type(module).__name__}")
     if type(module).__module__.startswith("bsbr.") and type(module).__name__ == "BSBRModel":
-        from bsbr_export.model.upstream import from_upstream
-
         module = from_upstream(module)  # heads and chunk size read from the object
     module = module.eval()
     check_weights_finite(module)
@@ -74,8 +75,6 @@ def _blocks(module: nn.Module) -> dict:
 def check_weights_finite(module: nn.Module) -> None:
     """UserError naming the parameters with NaN or infinite values: every parity check
     would otherwise just report `nan`."""
-    from bsbr_export.model.checkpoint import few_names, nonfinite_tensors
-
     broken = nonfinite_tensors(dict(module.named_parameters()))
     if broken:
         raise UserError(f"weights {few_names(broken)} hold NaN or infinite values: the model cannot be checked or exported")
@@ -90,9 +89,6 @@ def load_source(
     chunk_size: int | None = None,
 ) -> Source:
     """A preset name, a checkpoint directory, a module reference or a module -> Source."""
-    from bsbr_export.model.checkpoint import load_model
-    from bsbr_export.model.usercode import build_module, is_module_ref
-
     if isinstance(model_ref, nn.Module):
         return from_module(model_ref, spec, chunk_size=chunk_size)
     if is_module_ref(str(model_ref)):
@@ -109,8 +105,6 @@ def load_source(
     model = load_model(model_ref)
     if Path(model_ref).is_dir():
         return Source(model, spec_for(model), {"kind": "checkpoint", "ref": str(model_ref)})
-    from bsbr_export.model.zoo import get_preset
-
     spec = dataclasses.replace(spec_for(model), tokenizer=get_preset(str(model_ref)).tokenizer)
     return Source(model, spec, {"kind": "preset", "ref": str(model_ref)})
 
@@ -118,8 +112,6 @@ def load_source(
 def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
     """Load a state dict file (safetensors, or a pickle with weights_only) into `module`;
     one UserError listing every key or shape that does not fit, or every NaN weight."""
-    from bsbr_export.model.checkpoint import apply_state_dict, load_state_dict
-
     apply_state_dict(module, load_state_dict(path), f"weights {Path(path).name}",
                      mismatch=f"do not fit {type(module).__name__}")
 
@@ -127,10 +119,6 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
 def write_source(source: Source, directory: Path) -> list[Path]:
     """The eager model's files in an export directory: a config model's checkpoint
     (config.json + model.safetensors), or a user's module's weights."""
-    from safetensors.torch import save_model
-
-    from bsbr_export.model.checkpoint import write_checkpoint
-
     if source.config is not None:
         return write_checkpoint(source.module, directory)
     save_model(source.module, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})  # shared weights deduped
@@ -139,10 +127,6 @@ def write_source(source: Source, directory: Path) -> list[Path]:
 
 def rebuild(directory: Path, manifest: dict, *, trust_code: bool = False, module: nn.Module | None = None) -> Source:
     """The eager model an export directory came from, with the spec it was exported with."""
-    from safetensors.torch import load_model as load_safetensors
-
-    from bsbr_export.model.checkpoint import load_model
-
     record = manifest.get("source") or {"kind": "checkpoint"}
     stored = manifest.get("spec")
     spec = ModelSpec.from_dict(stored) if isinstance(stored, dict) else None
@@ -155,8 +139,6 @@ def rebuild(directory: Path, manifest: dict, *, trust_code: bool = False, module
                 f"{directory} was exported from a module object in memory: validate it from Python with "
                 "validate_export(dir, module=your_module), or export with a MODULE_REF (file.py:factory)"
             )
-        from bsbr_export.model.usercode import build_module
-
         module = build_module(record["ref"], trust_code)
     source = from_module(module, spec, ref=record.get("ref"))
     try:

@@ -24,6 +24,9 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from bsbr_export.errors import UserError
+from bsbr_export.io import read_json
+from bsbr_export.model.config import BSBRConfig
+from bsbr_export.model.upstream import NOT_CAUSAL
 
 # How an input's values are drawn: token ids below `high`, a right-padding mask of 0/1,
 # or standard-normal floats.
@@ -177,8 +180,6 @@ def _present_axis(dim):
 
 def read_spec(path: str | Path) -> ModelSpec:
     """A `ModelSpec` from a JSON file (`--spec FILE`)."""
-    from bsbr_export.io import read_json
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"spec file {path} does not exist")
@@ -340,8 +341,6 @@ def spec_for(module: nn.Module, spec: ModelSpec | None = None, chunk_size: int |
     up), outputs found by running the module, and the streaming state when the module
     implements `init_state(batch)` / `stream(inputs, state)`.
     """
-    from bsbr_export.model.config import BSBRConfig
-
     if spec is not None:
         check_signature(module, spec)
         return spec
@@ -440,8 +439,6 @@ def config_spec(config) -> ModelSpec:
               InputSpec("attention_mask", "padding_mask", optional=True))
     output = OutputSpec("logits", logits=True) if config.lm_head else OutputSpec("hidden_states")
     if not config.causal:
-        from bsbr_export.model.upstream import NOT_CAUSAL
-
         return ModelSpec(inputs, (output,), config.chunk_size, causal=False, block_path="layers",
                          num_blocks=config.num_layers,
                          note=NOT_CAUSAL + "; the masked validation case compares artifact and eager on the same padded batch")

@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 from bsbr_export.errors import UserError
 from bsbr_export.model.attention import num_chunks, pad_to_chunks, to_chunks
-from bsbr_export.model.checkpoint import state_dict_problems
 from bsbr_export.model.config import UPSTREAM_POSITIONS, BSBRConfig
 from bsbr_export.model.native import check_input_ids, is_eager
+from bsbr_export.model.weights import load_state_dict, state_dict_problems
 
 FLAVOR = "bsbr-0.1.1"
 MASKED = -1e9  # the package's masked_fill value
@@ -327,8 +327,6 @@ def import_upstream(
 ) -> UpstreamBSBRModel:
     """A bsbr 0.1.1 `BSBRModel.state_dict()` file (.pt/.bin with weights_only, or
     .safetensors) -> an eval-mode `UpstreamBSBRModel` holding its weights."""
-    from bsbr_export.model.checkpoint import load_state_dict
-
     state = load_state_dict(checkpoint)
     config = infer_config(state, num_heads, chunk_size, max_positions)
     check_keys(state, config, Path(checkpoint).name)

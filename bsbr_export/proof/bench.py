@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -21,9 +20,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bsbr_export.errors import UserError
+import numpy as np
+import torch
 
-ORT_LEVELS = ("disabled", "basic", "extended", "all")
+from bsbr_export.compare.parity import advance_state, compare, empty_state_tensor, output_scale
+from bsbr_export.errors import UserError
+from bsbr_export.manifest import manifest_spec
+from bsbr_export.proof.evaltext import bits_per_byte, read_eval_text, scores_text, text_feeds
+from bsbr_export.runtime.base import Runner
+from bsbr_export.runtime.engines import open_engine
+from bsbr_export.runtime.onnx import OnnxRunner
+
 WARMUP = 3  # untimed runs per engine and length (TorchScript's profiling executor needs ~2)
 MIN_ITERS = 10  # timed runs before the spread means anything
 TARGET_SPREAD = 0.10  # stop timing a length early once p10-p90 is within this share of the median
@@ -104,83 +111,9 @@ class BenchResult:
         return asdict(self)
 
 
-def machine_info() -> dict:
-    """What the numbers were measured on."""
-    from bsbr_export.versions import versions
-
-    return {
-        "platform": platform.platform(),
-        "processor": _cpu_model() or platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpu_features": cpu_features(),
-        "versions": versions(),
-    }
-
-
-# The CPU features that rank reduced-precision engines: bf16 and int8 matrix units and
-# vector extensions (names as /proc/cpuinfo spells them).
-RANKING_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8")
-
-
-def cpu_features() -> list[str]:
-    """Which of RANKING_FEATURES this CPU has (Linux; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return [f for f in RANKING_FEATURES if f in flags]
-
-
-def _cpu_model() -> str | None:
-    """The CPU's marketing name (Linux), which `platform.processor()` leaves empty there."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
-    except OSError:
-        return None
-
-
-def available_engines(export_dir: Path) -> list[str]:
-    """Engines that can run from `export_dir`: eager and torch.compile always, then one
-    per artifact (ONNX at every ORT optimization level and provider)."""
-    from bsbr_export.export.formats import FORMATS, artifact_name
-    from bsbr_export.proof.runners import available_providers
-
-    engines = ["eager", "compile"]
-    # One engine per torch-run artifact, named like its format (ONNX gets ORT's below).
-    engines += [f.name for f in FORMATS.values() if f.engine and (export_dir / artifact_name(f, "logits")).is_file()]
-    if (export_dir / "model.onnx").is_file():
-        engines += [f"ort-cpu-{level}" for level in ORT_LEVELS]
-        if "CUDAExecutionProvider" in available_providers():
-            engines.append("ort-cuda-all")
-    if (export_dir / "model.optimized.onnx").is_file():
-        engines.append("ort-cpu-optimized")
-    if (export_dir / "model.int8.onnx").is_file():
-        engines.append("ort-cpu-int8")
-    if (export_dir / "model.int8-static.onnx").is_file():
-        engines.append("ort-cpu-int8-static")
-    if (export_dir / "model.fp16.onnx").is_file() and "CUDAExecutionProvider" in available_providers():
-        engines.append("ort-cuda-fp16")
-    engines += [name for name, why_not in reduced_precision_engines(export_dir).items() if why_not is None]
-    return engines
-
-
-def reduced_precision_engines(export_dir: Path) -> dict[str, str | None]:
-    """The bf16 and OpenVINO engines, each with why it cannot run here (None: it can)."""
-    from bsbr_export.proof.precision import bf16_missing, openvino_missing
-
-    onnx = None if (export_dir / "model.onnx").is_file() else "no model.onnx (export with --format onnx)"
-    openvino = onnx or openvino_missing()
-    return {"eager-bf16": bf16_missing(), "compile-bf16": bf16_missing(), "openvino-fp32": openvino,
-            "openvino-bf16": openvino or bf16_missing()}
-
-
 def random_feeds(vocab_size: int, batch: int, length: int, seed: int | None = None) -> dict:
     """Random ids and an all-ones mask; seeded by the length unless `seed` is given, so
     every engine (each in its own process) gets the same inputs at a length."""
-    import numpy as np
-
     rng = np.random.default_rng(length if seed is None else seed)
     ids = rng.integers(0, vocab_size, size=(batch, length), dtype=np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -190,94 +123,7 @@ def spec_feeds(spec, batch: int, length: int, seed: int | None = None) -> dict:
     """`random_feeds` under the names the spec gives (an all-ones mask only where the model
     takes one): a module's token input need not be called `input_ids`, and an ONNX session
     refuses inputs its graph does not have."""
-    from bsbr_export.proof.evaltext import text_feeds
-
     return text_feeds(spec, random_feeds(spec.tokens.high, batch, length, seed)["input_ids"])
-
-
-def export_spec(export_dir: Path):
-    """The ModelSpec an export directory was made with (its manifest's `spec`)."""
-    from bsbr_export.export.manifest import read_manifest
-    from bsbr_export.model.spec import ModelSpec
-
-    return ModelSpec.from_dict(read_manifest(export_dir, verify=False)["spec"])
-
-
-def eager_call(export_dir: Path, trust_code: bool = False):
-    """feeds -> the first output of the eager model rebuilt from the export dir (a
-    user's module from its recorded reference, imported only with `trust_code`)."""
-    import torch
-
-    from bsbr_export.export.graphs import LogitsGraph
-    from bsbr_export.export.manifest import read_manifest
-    from bsbr_export.model.sources import rebuild
-
-    source = rebuild(export_dir, read_manifest(export_dir, verify=False), trust_code=trust_code)
-    graph = LogitsGraph(source.module, source.spec)
-
-    def call(feeds):
-        with torch.inference_mode():
-            out = graph(*(torch.from_numpy(feeds[n]) for n in graph.input_names))
-        return out[0] if isinstance(out, tuple) else out
-
-    return call, graph
-
-
-def eager_output(export_dir: Path, feeds: dict, trust_code: bool = False):
-    """The eager model's first output (rebuilt from the export dir) on `feeds`."""
-    return eager_call(export_dir, trust_code)[0](feeds).numpy()
-
-
-def _make_call(engine: str, export_dir: Path, threads: int, trust_code: bool = False):
-    """A function feeds -> outputs for `engine`."""
-    import torch
-
-    torch.set_num_threads(threads)
-    if engine in ("eager", "compile"):
-        call, graph = eager_call(export_dir, trust_code)
-        if engine == "eager":
-            return call
-        compiled = torch.compile(graph, dynamic=True)
-
-        def call(feeds):
-            with torch.inference_mode():
-                return compiled(*(torch.from_numpy(feeds[n]) for n in graph.input_names))
-
-        return call
-    if engine in ("eager-bf16", "compile-bf16"):
-        from bsbr_export.export.manifest import read_manifest
-        from bsbr_export.model.sources import rebuild
-        from bsbr_export.proof.precision import AutocastRunner, read_plans
-
-        source = rebuild(export_dir, read_manifest(export_dir, verify=False), trust_code=trust_code)
-        # Both run the same autocast regions: compile-bf16 keeps what eager-bf16's plan measured.
-        keep = read_plans(export_dir).get("eager-bf16", {}).get("keep_fp32", ())
-        runner = AutocastRunner(source.module, source.spec, keep, compile=engine == "compile-bf16")
-        return lambda feeds: runner.infer(feeds)[runner.output_names[0]]
-    if engine.startswith("openvino-"):
-        from bsbr_export.proof.precision import OpenVinoRunner
-
-        precision = "bf16" if engine.endswith("bf16") else "f32"
-        runner = OpenVinoRunner(export_dir / "model.onnx", precision, threads)
-        return lambda feeds: runner.infer(feeds)[runner.output_names[0]]
-    from bsbr_export.export.formats import FORMATS, artifact_name
-
-    if engine in FORMATS and FORMATS[engine].engine:
-        fmt = FORMATS[engine]
-        spec = export_spec(export_dir)
-        runner = fmt.runner(export_dir / artifact_name(fmt, "logits"), spec.input_names, spec.output_names)
-        return lambda feeds: runner.infer(feeds)[spec.output_names[0]]
-    from bsbr_export.proof.runners import OnnxRunner
-
-    _, device, variant = engine.split("-", 2)
-    provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
-    files = {"int8": "model.int8.onnx", "int8-static": "model.int8-static.onnx", "optimized": "model.optimized.onnx",
-             "fp16": "model.fp16.onnx"}
-    path = export_dir / files.get(variant, "model.onnx")
-    level = "all" if variant in files else variant
-    # Alone in this worker process: spinning threads steal from nobody (ORT's default).
-    runner = OnnxRunner(path, provider=provider, optimization=level, threads=threads, spinning=True)
-    return lambda feeds: runner.session.run(None, {n: feeds[n] for n in runner.input_names})
 
 
 def peak_rss_mib() -> float:
@@ -357,21 +203,28 @@ def run_engine(
 ) -> EngineResult:
     """Time one engine in this process (use `bench_engines` for isolated processes);
     a byte-level LM is also scored on `eval_text` (a path; default the held-out text)."""
-    from bsbr_export.proof.evaltext import bits_per_byte, read_eval_text, scores_text, text_feeds
-
-    spec = export_spec(export_dir)
-    call = _make_call(engine, export_dir, threads, trust_code)
+    spec = manifest_spec(export_dir)
+    torch.set_num_threads(threads)
+    runner = open_engine(engine, export_dir, threads=threads, trust_code=trust_code)
     load_rss = peak_rss_mib()
-    timings = time_lengths(call, lambda n: spec_feeds(spec, batch, n), lengths, batch, warmup, min_iters, budget_s)
+    timings = time_lengths(runner.infer, lambda n: spec_feeds(spec, batch, n), lengths, batch, warmup, min_iters,
+                           budget_s)
     bpb = None
-    if scores_text(spec) and spec.outputs[0].logits:  # `call` answers the first output
+    if scores_text(spec) and spec.outputs[0].logits:
         text = read_eval_text(eval_text)
-        bpb = {n: bits_per_byte(lambda ids: first_output(call(text_feeds(spec, ids))), text, window=n, batch=1)
+        bpb = {n: bits_per_byte(lambda ids: first_output(runner, text_feeds(spec, ids)), text, window=n, batch=1)
                for n in lengths}
     # Parity last, so loading the eager reference never shows in the memory figures.
-    max_abs, top1, scale = _parity(call, export_dir, spec_feeds(spec, batch, min(lengths)), trust_code)
-    return EngineResult(engine, True, tuple(timings), load_rss_mib=load_rss, max_abs=max_abs, top1=top1,
-                        logit_scale=scale, bits_per_byte=bpb)
+    feeds = spec_feeds(spec, batch, min(lengths))
+    want = first_output(open_engine("eager", export_dir, trust_code=trust_code), feeds)
+    diff = compare(spec.output_names[0], want, first_output(runner, feeds), 0.0, top1=True)
+    return EngineResult(engine, True, tuple(timings), load_rss_mib=load_rss, max_abs=diff.max_abs, top1=diff.top1,
+                        logit_scale=output_scale(want), bits_per_byte=bpb)
+
+
+def first_output(runner: Runner, feeds: dict) -> np.ndarray:
+    """The runner's first output on `feeds` (what bench times, scores and compares)."""
+    return runner.infer(feeds)[runner.output_names[0]]
 
 
 def weight_flops(config, length: int, batch: int = 1) -> float:
@@ -404,22 +257,6 @@ def model_flops(config, length: int, batch: int = 1) -> float:
     if config.compression is not None:
         per_layer += 2 * 2 * n * e * e * config.compression * heads  # compress + decompress
     return weight_flops(config, length, batch) + float(batch * config.num_layers * per_layer)
-
-
-def first_output(outputs):
-    """An engine call's first output as an array (ORT answers a list of every output)."""
-    import numpy as np
-
-    return np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs)
-
-
-def _parity(call, export_dir: Path, feeds: dict, trust_code: bool = False) -> tuple[float, float, float]:
-    import numpy as np
-
-    got = first_output(call(feeds))
-    want = eager_output(export_dir, feeds, trust_code)
-    top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
-    return float(np.abs(got - want).max()), top1, max(1.0, float(np.abs(want).max()))
 
 
 def bench_engines(
@@ -478,18 +315,12 @@ def decode_latency(
     includes the caller's state update; `steps` defaults to two chunks, so the chunk
     closings (and their appends) are among the timed steps.
     """
-    import numpy as np
-
-    from bsbr_export.proof.evaltext import text_feeds
-    from bsbr_export.proof.runners import OnnxRunner
-    from bsbr_export.proof.validate import advance_state, empty_state_tensor
-
     export_dir = Path(export_dir)
     graph = next((export_dir / n for n in ("model.decode.onnx", "model.streaming.onnx") if (export_dir / n).is_file()),
                  None)
     if graph is None:
         raise UserError(f"{export_dir} has no streaming graph: export with --streaming")
-    spec = export_spec(export_dir)
+    spec = manifest_spec(export_dir)
     steps = steps or 2 * spec.chunk_size
     shapes = spec.state.inputs
     # One session at a time, threads spinning (as alone in a process): two live pools
@@ -497,8 +328,7 @@ def decode_latency(
     stream = OnnxRunner(graph, threads=threads, spinning=True)
 
     def step(ids_piece, state):
-        out = stream.session.run(None, {spec.tokens.name: ids_piece, **state})
-        return advance_state(state, dict(zip(stream.output_names, out)))
+        return advance_state(state, stream.infer({spec.tokens.name: ids_piece, **state}))
 
     rng = np.random.default_rng(0)
     sequences, step_times = {}, {}
@@ -518,17 +348,22 @@ def decode_latency(
     full = OnnxRunner(export_dir / "model.onnx", threads=threads, spinning=True)
     results = []
     for context in sorted(contexts):
-        feeds = text_feeds(spec, sequences[context][:, : context + 1])
-        full.session.run(None, feeds)  # warm-up
-        full_times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            full.session.run(None, feeds)
-            full_times.append((time.perf_counter() - t0) * 1e3)
         times = step_times[context]
-        results.append(DecodeResult(context, statistics.median(times), times[int(0.9 * (len(times) - 1))],
-                                    statistics.median(full_times), graph.name))
+        full_ms = median_ms(full.infer, text_feeds(spec, sequences[context][:, : context + 1]))
+        results.append(DecodeResult(context, statistics.median(times), times[int(0.9 * (len(times) - 1))], full_ms,
+                                    graph.name))
     return results
+
+
+def median_ms(call, feeds: dict, repeats: int = 3) -> float:
+    """Median ms of `call(feeds)` over `repeats` runs after one warm-up run."""
+    call(feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call(feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def _worker(argv: list[str]) -> None:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bsbr_export.defaults import EVAL_WINDOW
 from bsbr_export.errors import UserError
 
 BYTE_VOCAB = 256
 HELDOUT_EVERY = 20  # one file in 20 held out
 DEFAULT_EVAL_BYTES = 32 * 1024  # what validate/optimize/bench score by default: seconds, not minutes
-EVAL_WINDOW = 512  # tokens per scored window (the training length)
 
 
 def stdlib_root() -> Path:
@@ -126,12 +126,6 @@ def bits_per_byte(logits_of: Callable[[np.ndarray], np.ndarray], text: bytes, wi
             total += float((log_z - target).sum())
             count += target.size
     return total / count / math.log(2)
-
-
-DEFAULT_ACCURACY_BUDGET = 0.01  # held-out bits per byte may rise at most 1% over eager's
-# Windows reduced precision is judged at: its error moves with the window (int8 here loses
-# most in short ones, bf16 at long positions), so a plan holds only if it holds at each.
-DEFAULT_EVAL_WINDOWS = (EVAL_WINDOW, 4096)
 
 
 def bits_per_byte_by_window(logits_of: Callable[[np.ndarray], np.ndarray], text: bytes,

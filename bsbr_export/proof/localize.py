@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+import onnx
+
+from bsbr_export.compare.parity import compare
+from bsbr_export.model.spec import ModelSpec, output_leaves
+from bsbr_export.runtime.eager import EagerRunner
+from bsbr_export.runtime.onnx import OnnxRunner
 
 
 @dataclass(frozen=True)
@@ -57,26 +62,36 @@ def block_outputs(model_proto, num_layers: int, block_path: str = "blocks") -> d
     return {i: found[i] for i in range(num_layers) if i in found}
 
 
-def localize(onnx_path: Path, model, spec, feeds: dict[str, np.ndarray], tolerance: float) -> list[LayerDiff]:
+def localize(onnx_path: Path, model, spec: ModelSpec, feeds: dict[str, np.ndarray], tolerance: float) -> list[LayerDiff]:
     """Per-block max abs error of the ONNX graph vs eager on `feeds`, then the first
     output; blocks are named as in the user's module (`spec.block_path`, e.g. `layers.2`)."""
-    import onnx
-    import onnxruntime as ort
-
-    from bsbr_export.export.graphs import LogitsGraph
-    from bsbr_export.model.spec import output_leaves
-
     proto = onnx.load(str(onnx_path))
     names = block_outputs(proto, spec.num_blocks, spec.block_path)
+    first_output = proto.graph.output[0].name
     for name in names.values():
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.onnx"
         onnx.save(proto, str(probe), save_as_external_data=proto.ByteSize() > 1 << 30)
-        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
-        wanted = [session.get_outputs()[0].name, *names.values()]
-        results = dict(zip(wanted, session.run(wanted, {i.name: feeds[i.name] for i in session.get_inputs()})))
+        results = OnnxRunner(probe).infer(feeds)
+    captured, expected = _eager_blocks(model, spec, feeds)
+    tokens = feeds[spec.tokens.name]
+    mask = spec.mask
+    valid = feeds[mask.name].astype(bool) if mask is not None else np.ones(tokens.shape[:2], dtype=bool)
+    length = valid.shape[1]  # blocks may run on a length padded to whole chunks
+    diffs = []
+    for i, name in names.items():
+        diff = compare(name, captured[i][:, :length][valid], results[name][:, :length][valid], tolerance)
+        diffs.append(LayerDiff(f"{spec.block_path}.{i}", diff.max_abs, diff.tolerance))
+    got = results[first_output]
+    if spec.outputs[0].per_position:
+        expected, got = expected[valid], got[valid]
+    diff = compare("output", expected, got, tolerance)
+    return [*diffs, LayerDiff("output", diff.max_abs, diff.tolerance)]
 
+
+def _eager_blocks(model, spec: ModelSpec, feeds: dict[str, np.ndarray]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Each block's output (captured by forward hooks) and the first output, eagerly."""
     captured: dict[int, np.ndarray] = {}
 
     def keep(i):
@@ -84,29 +99,13 @@ def localize(onnx_path: Path, model, spec, feeds: dict[str, np.ndarray], toleran
 
     blocks = model.get_submodule(spec.block_path)
     hooks = [block.register_forward_hook(keep(i)) for i, block in enumerate(blocks)]
-    graph = LogitsGraph(model, spec)
     try:
-        with torch.inference_mode():
-            outputs = graph(*(torch.from_numpy(feeds[n]) for n in graph.input_names))
-        expected = (outputs[0] if isinstance(outputs, tuple) else outputs).numpy()
+        reference = EagerRunner(model, spec)
+        expected = reference.infer(feeds)[reference.output_names[0]]
     finally:
         for hook in hooks:
             hook.remove()
-
-    tokens = feeds[spec.tokens.name]
-    mask = spec.mask
-    valid = feeds[mask.name].astype(bool) if mask is not None else np.ones(tokens.shape[:2], dtype=bool)
-    diffs = []
-    length = valid.shape[1]  # blocks may run on a length padded to whole chunks
-    for i, name in names.items():
-        want, got = captured[i][:, :length][valid], results[name][:, :length][valid]
-        scale = max(1.0, float(np.abs(want).max()))
-        diffs.append(LayerDiff(f"{spec.block_path}.{i}", float(np.abs(want - got).max()), tolerance * scale))
-    got = results[wanted[0]]
-    if spec.outputs[0].per_position:
-        expected, got = expected[valid], got[valid]
-    diffs.append(LayerDiff("output", float(np.abs(expected - got).max()), tolerance * max(1.0, float(np.abs(expected).max()))))
-    return diffs
+    return captured, expected
 
 
 def first_divergence(diffs: list[LayerDiff]) -> str | None:

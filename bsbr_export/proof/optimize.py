@@ -11,6 +11,7 @@ retrieval term `q S` is unnormalized), so quantizing every MatMul costs top-1 ag
 
 from __future__ import annotations
 
+import ast
 import logging
 import shutil
 import statistics
@@ -21,9 +22,35 @@ from pathlib import Path
 
 import numpy as np
 
+import onnx
+import onnxruntime
+
+from bsbr_export.compare.parity import compare
+from bsbr_export.defaults import (
+    DEFAULT_ACCURACY_BUDGET,
+    DEFAULT_EVAL_WINDOWS,
+    DEFAULT_TOLERANCE,
+    OPTIMIZATION_LEVELS,
+)
 from bsbr_export.errors import UserError
-from bsbr_export.proof.bench import ORT_LEVELS, eager_output, export_spec, spec_feeds
-from bsbr_export.proof.evaltext import DEFAULT_EVAL_WINDOWS
+from bsbr_export.io import atomic_write, check_writable
+from bsbr_export.manifest import add_artifacts, manifest_spec, read_manifest
+from bsbr_export.model.spec import ModelSpec
+from bsbr_export.proof.bench import median_ms, spec_feeds
+from bsbr_export.proof.evaltext import (
+    DEFAULT_EVAL_BYTES,
+    bits_per_byte_by_window,
+    check_budget,
+    heldout_text,
+    scores_text,
+    text_feeds,
+    windows,
+    worst_change,
+)
+from bsbr_export.proof.precision import measure_bf16
+from bsbr_export.runtime.base import Runner
+from bsbr_export.runtime.engines import open_engine
+from bsbr_export.runtime.onnx import OnnxRunner, available_providers
 
 # Levels whose optimized graph may contain fused ops specific to this CPU / ORT build.
 HARDWARE_SPECIFIC_LEVELS = ("extended", "all")
@@ -80,23 +107,20 @@ class QuantResult:
     budget: float = 0.01
 
 
-def _session(path: Path, level: str = "all", optimized_path: Path | None = None, threads: int = 2):
-    from bsbr_export.proof.runners import OnnxRunner
-
-    return OnnxRunner(path, optimization=level, threads=threads, optimized_path=optimized_path).session
+def _runner(path: Path, level: str = "all", optimized_path: Path | None = None, threads: int = 2) -> OnnxRunner:
+    return OnnxRunner(path, optimization=level, threads=threads, optimized_path=optimized_path)
 
 
-def _time(session, feeds: dict, repeats: int = 5) -> float:
-    session.run(None, feeds)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _first(runner: Runner, feeds: dict) -> np.ndarray:
+    return runner.infer(feeds)[runner.output_names[0]]
 
 
-def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, threads: int = 2,
+def eager_output(export_dir: Path, feeds: dict, trust_code: bool = False) -> np.ndarray:
+    """The eager model's first output (rebuilt from the export dir) on `feeds`."""
+    return _first(open_engine("eager", export_dir, trust_code=trust_code), feeds)
+
+
+def choose_level(export_dir, *, length: int = 1024, tolerance: float = DEFAULT_TOLERANCE, threads: int = 2,
                  trust_code: bool = False) -> LevelChoice:
     """Time model.onnx at every ORT optimization level; save the fastest passing graph
     as model.optimized.onnx (tied to this machine when the level is extended/all). The
@@ -105,15 +129,14 @@ def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, thr
     source = directory / "model.onnx"
     if not source.is_file():
         raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
-    feeds = spec_feeds(export_spec(directory), 1, length, seed=0)
+    feeds = spec_feeds(manifest_spec(directory), 1, length, seed=0)
     want = eager_output(directory, feeds, trust_code)
-    allowed = tolerance * max(1.0, float(np.abs(want).max()))
     timings = []
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        for level in ORT_LEVELS:
-            session = _session(source, level, Path(tmp) / f"{level}.onnx", threads)
-            max_abs = float(np.abs(session.run(None, feeds)[0] - want).max())
-            timings.append(LevelTiming(level, _time(session, feeds), max_abs, max_abs <= allowed))
+        for level in OPTIMIZATION_LEVELS:
+            runner = _runner(source, level, Path(tmp) / f"{level}.onnx", threads)
+            diff = compare("output", want, _first(runner, feeds), tolerance)
+            timings.append(LevelTiming(level, median_ms(runner.infer, feeds, repeats=5), diff.max_abs, diff.passed))
         passing = [t for t in timings if t.passed]
         if not passing:
             raise UserError("no ORT optimization level matches eager within tolerance: run `bsbr-export validate`")
@@ -126,10 +149,6 @@ def choose_level(export_dir, *, length: int = 1024, tolerance: float = 1e-4, thr
 def weight_matmuls(path: Path) -> dict[str, str]:
     """MatMul nodes that multiply by a stored weight (what int8 can quantize), each with
     the module it came from (e.g. `blocks.0.attn.out_proj`, from the exporter's scopes)."""
-    import ast
-
-    import onnx
-
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
     found = {}
@@ -147,6 +166,7 @@ def _quantize(source: Path, target: Path, include: list[str] | None = None, excl
               calibration: list[dict] | None = None) -> None:
     """int8 MatMul weights: dynamic (activations quantized per call) or, with
     `calibration` feeds, static QDQ (activation ranges fixed from those feeds)."""
+    # onnxruntime.quantization pulls in onnx's reference ops and sympy: only when quantizing.
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" on every call
@@ -173,8 +193,6 @@ def _quantize(source: Path, target: Path, include: list[str] | None = None, excl
 def calibration_feeds(spec, length: int, count: int = 8) -> list[dict]:
     """What static quantization calibrates on: held-out text the scores never read (the
     bytes after the default evaluation slice) for a byte-level LM, else seeded random ids."""
-    from bsbr_export.proof.evaltext import DEFAULT_EVAL_BYTES, heldout_text, scores_text, text_feeds, windows
-
     if scores_text(spec):
         rows = [r for r in windows(heldout_text(DEFAULT_EVAL_BYTES + count * length)[DEFAULT_EVAL_BYTES:], length)
                 if len(r) == length]
@@ -184,7 +202,7 @@ def calibration_feeds(spec, length: int, count: int = 8) -> list[dict]:
 
 def quantize_int8(
     export_dir, *, target_top1: float = 0.97, length: int = 1024, batch: int = 1, threads: int = 2,
-    method: str = "dynamic", text: bytes | None = None, budget: float = 0.01,
+    method: str = "dynamic", text: bytes | None = None, budget: float = DEFAULT_ACCURACY_BUDGET,
     windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS, trust_code: bool = False,
 ) -> QuantResult:
     """Write model.int8.onnx (dynamic) or model.int8-static.onnx (static QDQ, calibrated
@@ -195,8 +213,6 @@ def quantize_int8(
 
     Sensitivity of a node = the accuracy lost when only that node is int8.
     """
-    from bsbr_export.proof.evaltext import bits_per_byte_by_window, scores_text, text_feeds, worst_change
-
     directory = Path(export_dir)
     source = directory / "model.onnx"
     if not source.is_file():
@@ -205,70 +221,76 @@ def quantize_int8(
         raise UserError(f"target top-1 agreement must be in (0, 1], got {target_top1}")
     if method not in QUANT_FILES:
         raise UserError(f"unknown quantization {method!r}: use one of {', '.join(QUANT_FILES)}")
-    spec = export_spec(directory)
-    text = text if scores_text(spec) else None
+    spec = manifest_spec(directory)
     feeds = spec_feeds(spec, batch, length, seed=7)
-    want = eager_output(directory, feeds, trust_code)
-    fp32_session = _session(source, threads=threads)
-    fp32_ms = _time(fp32_session, feeds)
+    judge = Int8Judge(spec, text if scores_text(spec) else None, windows, budget, target_top1, feeds,
+                      eager_output(directory, feeds, trust_code))
+    fp32 = _runner(source, threads=threads)
+    fp32_ms, fp32_bpb = median_ms(fp32.infer, feeds, repeats=5), judge.set_fp32(fp32)
     calibration = calibration_feeds(spec, min(length, 512)) if method == "static" else None
-
-    def score(session) -> dict[int, float] | None:
-        if text is None:
-            return None
-        return bits_per_byte_by_window(lambda ids: session.run(None, text_feeds(spec, ids))[0], text, windows)
-
-    fp32_bpb = score(fp32_session)
-
-    def change(bpb: dict[int, float] | None) -> float | None:
-        return None if bpb is None else worst_change(bpb, fp32_bpb)
-
-    def loss(session, got) -> float:  # what sensitivity ranks by: lower is better
-        moved = change(score(session))
-        return moved if moved is not None else float(np.abs(got - want).mean())
-
-    def accurate(step: QuantStep) -> bool:
-        if step.change is not None:
-            return step.change <= budget
-        return step.top1 >= target_top1
-
     nodes = weight_matmuls(source)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         probe = Path(tmp) / "probe.onnx"
         sensitivity = {}
         for node in nodes:  # dict: node name -> module
             _quantize(source, probe, include=[node], calibration=calibration)
-            session = _session(probe, threads=threads)
-            sensitivity[node] = loss(session, session.run(None, feeds)[0])
+            sensitivity[node] = judge.loss(_runner(probe, threads=threads))
         ranked = sorted(nodes, key=sensitivity.get, reverse=True)
         steps, kept = [], len(ranked)
         for count in range(len(ranked) + 1):
             _quantize(source, probe, exclude=ranked[:count], calibration=calibration)
-            session = _session(probe, threads=threads)
-            got = session.run(None, feeds)[0]
-            top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
-            bpb = score(session)
-            steps.append(QuantStep(count, top1, float(np.abs(got - want).max()), _time(session, feeds), bpb,
-                                   change(bpb)))
-            if accurate(steps[-1]):
+            steps.append(judge.step(count, _runner(probe, threads=threads)))
+            if judge.accurate(steps[-1]):
                 kept = count
                 break
         target = directory / QUANT_FILES[method]
         shutil.move(str(probe), target)
-    return QuantResult(
-        path=target,
-        fp32_nodes=tuple(ranked[:kept]),
-        modules=nodes,
-        sensitivity=sensitivity,
-        steps=tuple(steps),
-        fp32_p50_ms=fp32_ms,
-        target_top1=target_top1,
-        reached=accurate(steps[-1]),
-        shape=(batch, length),
-        method=method,
-        fp32_bits_per_byte=fp32_bpb,
-        budget=budget,
-    )
+    return QuantResult(path=target, fp32_nodes=tuple(ranked[:kept]), modules=nodes, sensitivity=sensitivity,
+                       steps=tuple(steps), fp32_p50_ms=fp32_ms, target_top1=target_top1,
+                       reached=judge.accurate(steps[-1]), shape=(batch, length), method=method,
+                       fp32_bits_per_byte=fp32_bpb, budget=budget)
+
+
+@dataclass
+class Int8Judge:
+    """How an int8 graph is judged: held-out bits per byte by window against the fp32
+    graph's (byte-level LMs: `text`), else its outputs on `feeds` against eager's `want`."""
+
+    spec: ModelSpec
+    text: bytes | None
+    windows: tuple[int, ...]
+    budget: float
+    target_top1: float
+    feeds: dict
+    want: np.ndarray
+    fp32_bpb: dict[int, float] | None = None
+
+    def score(self, runner: Runner) -> dict[int, float] | None:
+        if self.text is None:
+            return None
+        return bits_per_byte_by_window(lambda ids: _first(runner, text_feeds(self.spec, ids)), self.text,
+                                       self.windows)
+
+    def set_fp32(self, runner: Runner) -> dict[int, float] | None:
+        self.fp32_bpb = self.score(runner)
+        return self.fp32_bpb
+
+    def change(self, bpb: dict[int, float] | None) -> float | None:
+        return None if bpb is None else worst_change(bpb, self.fp32_bpb)
+
+    def loss(self, runner: Runner) -> float:
+        """What sensitivity ranks by: lower is better."""
+        moved = self.change(self.score(runner))
+        return moved if moved is not None else float(np.abs(_first(runner, self.feeds) - self.want).mean())
+
+    def step(self, kept_fp32: int, runner: Runner) -> QuantStep:
+        diff = compare("output", self.want, _first(runner, self.feeds), 0.0, top1=True)
+        bpb = self.score(runner)
+        return QuantStep(kept_fp32, diff.top1, diff.max_abs, median_ms(runner.infer, self.feeds, repeats=5), bpb,
+                         self.change(bpb))
+
+    def accurate(self, step: QuantStep) -> bool:
+        return step.change <= self.budget if step.change is not None else step.top1 >= self.target_top1
 
 
 def position_nodes(model_proto) -> list[str]:
@@ -291,11 +313,9 @@ def convert_fp16(export_dir) -> tuple[Path, list[str]]:
     """Write model.fp16.onnx: weights and math in fp16 for the CUDA provider, inputs and
     outputs still fp32 (a drop-in for model.onnx), the position angles kept fp32.
     Returns the path and the nodes kept in fp32."""
-    import onnx
+    # onnxruntime.transformers is a large tree of optimizer scripts: only when converting.
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
-
-    from bsbr_export.io import atomic_write
 
     directory = Path(export_dir)
     source = directory / "model.onnx"
@@ -344,7 +364,7 @@ def optimize_export(
     export_dir, *, length: int = 1024, int8: bool = True, target_top1: float = 0.97, threads: int = 2,
     fp16: bool | None = None, static_int8: bool = False, bf16: bool = False,
     eval_windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS, eval_text: bytes | None = None,
-    accuracy_budget: float = 0.01, trust_code: bool = False, progress=lambda step: None,
+    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET, trust_code: bool = False, progress=lambda step: None,
 ) -> Optimized:
     """Choose the ORT level and (optionally) quantize; record the artifacts in the manifest.
 
@@ -356,63 +376,54 @@ def optimize_export(
     in the same windows). A user's module is rebuilt for the eager reference only with
     `trust_code`. `validate` checks every graph written, `bench` times them.
     """
-    import onnxruntime
-
-    from bsbr_export.export.manifest import add_artifacts, read_manifest
-    from bsbr_export.io import check_writable
-    from bsbr_export.proof.evaltext import check_budget, heldout_text
-    from bsbr_export.proof.runners import available_providers
-
     # ORT's C++ logger prints warnings about the probe graphs (unused initializers after
     # quantization) raw, ANSI colour codes and all; errors still raise.
     onnxruntime.set_default_logger_severity(3)
-    # Everything checkable is checked before the first file is written.
+    check_optimize_args(export_dir, length, target_top1, accuracy_budget, eval_windows)
+    text = eval_text if eval_text is not None else heldout_text()
+    progress("timing ONNX Runtime's optimization levels")
+    choice = choose_level(export_dir, length=length, threads=threads, trust_code=trust_code)
+    entries = [_entry(choice.path, "fp32", ort_level=choice.chosen, hardware_specific=choice.hardware_specific)]
+    quants = []
+    for method, wanted in (("dynamic", int8), ("static", static_int8)):
+        if wanted:
+            progress(f"int8 ({method}): measuring each MatMul's sensitivity")
+            # At --length too: one sequence of it holds as many tokens as the old fixed 4 x 256.
+            quants.append(quantize_int8(export_dir, target_top1=target_top1, length=length, threads=threads,
+                                        method=method, text=text, budget=accuracy_budget, windows=eval_windows,
+                                        trust_code=trust_code))
+            entries.append(_entry(quants[-1].path, "int8", quantization=QUANT_METHODS[method],
+                                  fp32_modules=[quants[-1].modules[n] for n in quants[-1].fp32_nodes]))
+    fp16_path = None
+    if fp16 or (fp16 is None and "CUDAExecutionProvider" in available_providers()):
+        fp16_path, kept = convert_fp16(export_dir)
+        entries.append(_entry(fp16_path, "fp16", target_provider="CUDAExecutionProvider", fp32_nodes=kept))
+    plans = ()
+    if bf16:
+        plans = tuple(measure_bf16(export_dir, text=text, windows=eval_windows, budget=accuracy_budget,
+                                   threads=threads, trust_code=trust_code, progress=progress))
+    add_artifacts(export_dir, entries)
+    return Optimized(choice, tuple(quants), fp16_path, plans)
+
+
+QUANT_METHODS = {"dynamic": "dynamic, per-tensor, MatMul weights",
+                 "static": "static QDQ, calibrated, per-channel weights, MatMul"}
+
+
+def check_optimize_args(export_dir, length: int, target_top1: float, budget: float, windows: tuple[int, ...]) -> None:
+    """Everything checkable, checked before the first file is written."""
     read_manifest(export_dir)  # a real, unchanged export dir
     check_writable(Path(export_dir))
     if length < 1:
         raise UserError(f"--length must be >= 1, got {length}")
     if not 0 < target_top1 <= 1:
         raise UserError(f"--target-top1 must be in (0, 1], got {target_top1}")
-    check_budget(accuracy_budget)
-    if not eval_windows or min(eval_windows) < 2:  # a window scores each byte after its first
-        raise UserError(f"--eval-windows must be lengths >= 2, got {','.join(map(str, eval_windows)) or 'none'}")
-    text = eval_text if eval_text is not None else heldout_text()
-    progress("timing ONNX Runtime's optimization levels")
-    choice = choose_level(export_dir, length=length, threads=threads, trust_code=trust_code)
-    entries = [{
-        "name": choice.path.name, "format": "onnx", "kind": "logits",
-        "settings": {"precision": "fp32", "ort_level": choice.chosen, "hardware_specific": choice.hardware_specific,
-                     "static_shape": None},
-    }]
-    quants = []
-    methods = {"dynamic": "dynamic, per-tensor, MatMul weights",
-               "static": "static QDQ, calibrated, per-channel weights, MatMul"}
-    for method, wanted in (("dynamic", int8), ("static", static_int8)):
-        if not wanted:
-            continue
-        progress(f"int8 ({method}): measuring each MatMul's sensitivity")
-        # At --length too: one sequence of it holds as many tokens as the old fixed 4 x 256.
-        quant = quantize_int8(export_dir, target_top1=target_top1, length=length, threads=threads, method=method,
-                              text=text, budget=accuracy_budget, windows=eval_windows, trust_code=trust_code)
-        quants.append(quant)
-        entries.append({
-            "name": quant.path.name, "format": "onnx", "kind": "logits",
-            "settings": {"precision": "int8", "quantization": methods[method],
-                         "fp32_modules": [quant.modules[n] for n in quant.fp32_nodes], "static_shape": None},
-        })
-    fp16_path = None
-    if fp16 or (fp16 is None and "CUDAExecutionProvider" in available_providers()):
-        fp16_path, kept = convert_fp16(export_dir)
-        entries.append({
-            "name": fp16_path.name, "format": "onnx", "kind": "logits",
-            "settings": {"precision": "fp16", "target_provider": "CUDAExecutionProvider", "fp32_nodes": kept,
-                         "static_shape": None},
-        })
-    plans = ()
-    if bf16:
-        from bsbr_export.proof.precision import measure_bf16
+    check_budget(budget)
+    if not windows or min(windows) < 2:  # a window scores each byte after its first
+        raise UserError(f"--eval-windows must be lengths >= 2, got {','.join(map(str, windows)) or 'none'}")
 
-        plans = tuple(measure_bf16(export_dir, text=text, windows=eval_windows, budget=accuracy_budget,
-                                   threads=threads, trust_code=trust_code, progress=progress))
-    add_artifacts(export_dir, entries)
-    return Optimized(choice, tuple(quants), fp16_path, plans)
+
+def _entry(path: Path, precision: str, **settings) -> dict:
+    """A full ONNX graph's manifest entry."""
+    return {"name": path.name, "format": "onnx", "kind": "full",
+            "settings": {"precision": precision, **settings, "static_shape": None}}

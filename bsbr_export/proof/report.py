@@ -7,39 +7,23 @@ export or run), artifact size, max abs error vs eager, latency and speed-up vs e
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
+from bsbr_export.defaults import DEFAULT_ACCURACY_BUDGET, PRECISION_TOLERANCES
 from bsbr_export.io import atomic_write
-from bsbr_export.proof.bench import round_sig
-from bsbr_export.proof.evaltext import DEFAULT_ACCURACY_BUDGET
-from bsbr_export.render import (
-    NOISY_SPREAD,
-    human_bytes,
-    ms_text,
-    speedup_text,
-)
-
-ARTIFACT_OF = {  # else ort-* -> model.onnx
-    "torchscript": "model.pt",
-    "ort-cpu-int8": "model.int8.onnx",
-    "ort-cpu-int8-static": "model.int8-static.onnx",
-    "ort-cpu-optimized": "model.optimized.onnx",
-}
-
+from bsbr_export.proof.bench import NOISY_SPREAD, round_sig
+from bsbr_export.runtime.engines import ENGINES
 
 def artifact_for(engine: str) -> str | None:
     """The file an engine runs (None for eager / torch.compile, which run the model)."""
-    if engine in ARTIFACT_OF:
-        return ARTIFACT_OF[engine]
-    return "model.onnx" if engine.startswith(("ort-", "openvino-")) else None
+    return ENGINES[engine].artifact if engine in ENGINES else None
 
 
 def status(engine, tolerance: float) -> str:
     """✅ / ❎ / ❌ for one EngineResult (parity relative to the logit scale, as validate;
     reduced precisions get their own tolerances)."""
-    from bsbr_export.proof.validate import PRECISION_TOLERANCES
-
     if not engine.ok:
         return "❌"
     allowed = PRECISION_TOLERANCES.get(precision_of(engine.engine), tolerance)
@@ -47,8 +31,29 @@ def status(engine, tolerance: float) -> str:
 
 
 def precision_of(engine: str) -> str:
-    """The numeric precision an engine computes in, from its name (fp32 unless it says)."""
-    return next((p for p in ("int8", "bf16", "fp16") if p in engine), "fp32")
+    """The numeric precision an engine computes in (the engine table's; fp32 for others)."""
+    return ENGINES[engine].precision if engine in ENGINES else "fp32"
+
+
+def speedup_text(x: float | None) -> str:
+    """A speed-up with two significant digits: 0.050x, 1.4x, 12x (never "0.0x")."""
+    if x is None or not math.isfinite(x) or x <= 0:
+        return "-"
+    rounded = round_sig(x)  # first, so 9.96 reads 10x, not "10.x"
+    return f"{rounded:.0f}x" if rounded >= 10 else f"{rounded:#.2g}x"
+
+
+def ms_text(ms: float) -> str:
+    """Milliseconds to three significant digits, never in e-notation: 0.812, 12.3, 1290."""
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
 
 
 def text_changes(engine, eager) -> dict[int, float]:
@@ -64,8 +69,6 @@ def recommend(rows: list[dict], accuracy_budget: float) -> dict | None:
     """The fastest engine (geometric mean of its speed-ups over the lengths) that stays
     accurate: held-out bits per byte within `accuracy_budget` of eager's for a byte-level
     LM, else passing parity (✅). None when nothing was timed against eager."""
-    import math
-
     def accurate(row) -> bool:
         if row["bits_per_byte_change"] is not None:
             return row["status"] != "❌" and row["bits_per_byte_change"] <= accuracy_budget
@@ -144,7 +147,6 @@ def recommendation_text(choice: dict | None) -> str:
 def markdown(result, rows: list[dict], validation: dict | None, title: str, note: str | None = None,
              choice: dict | None = None) -> str:
     """report.md: the recommendation, the engine table, decode latency, validation, plots."""
-    lengths = list(result.lengths)
     lines = [f"# {title}", ""]
     if note:
         lines += [f"> **Note:** {note}", ""]
@@ -159,13 +161,22 @@ def markdown(result, rows: list[dict], validation: dict | None, title: str, note
     )
     lines.append("Status: ✅ passed, ❎ ran but failed parity vs eager, ❌ failed to export or run.")
     lines.append("")
+    lines += _engine_lines(rows, list(result.lengths)) + _memory_lines(rows, list(result.lengths))
+    lines += _decode_lines(result.decode) + _validation_lines(validation)
+    lines += ["", "![latency](latency.png)", "", "![memory](memory.png)"]
+    if result.decode:
+        lines += ["", "![decode](decode.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _engine_lines(rows: list[dict], lengths: list[int]) -> list[str]:
+    """The engine table: status, size, errors, bits per byte, latency and speed-up per length."""
     scored = any(r["bits_per_byte"] is not None for r in rows)
     per_length = "/".join(map(str, lengths))
     header = ["engine", "status", "size", "max abs err", "top-1",
               *((f"bits/byte (L={per_length})", "vs eager") if scored else ())]
     header += [f"L={n} ms" for n in lengths] + [f"L={n} vs eager" for n in lengths]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [
             row["engine"],
@@ -181,44 +192,46 @@ def markdown(result, rows: list[dict], validation: dict | None, title: str, note
         for n in lengths:
             lat = row["latency_ms"].get(n)
             cells.append(f"{ms_text(lat['p50'])} ±{50 * lat['spread']:.0f}%{' ⚠' if lat['noisy'] else ''}" if lat else "-")
-        for n in lengths:
-            cells.append(speedup_text(row["speedup_vs_eager"].get(n)))
+        cells += [speedup_text(row["speedup_vs_eager"].get(n)) for n in lengths]
         lines.append("| " + " | ".join(cells) + " |")
         if row["error"]:
             lines.append(f"|  ↳ {row['engine']} failed: {row['error']} |" + " |" * (len(header) - 1))
-    lines.append("")
-    lines.append("Peak RSS (MiB, each engine in its own process):")
-    lines.append("")
+    return lines
+
+
+def _memory_lines(rows: list[dict], lengths: list[int]) -> list[str]:
+    lines = ["", "Peak RSS (MiB, each engine in its own process):", ""]
     lines.append("| engine | " + " | ".join(f"L={n}" for n in lengths) + " |")
     lines.append("|---|" + "---|" * len(lengths))
     for row in rows:
         mem = [f"{row['peak_rss_mib'][n]:.0f}" if n in row["peak_rss_mib"] else "-" for n in lengths]
         lines.append(f"| {row['engine']} | " + " | ".join(mem) + " |")
-    if result.decode:
-        lines += ["", f"## Streaming decode (ONNX Runtime, batch 1, {result.decode[0].graph})", ""]
-        lines.append("| context | per-token ms (p90) | full forward ms | streaming speed-up |")
-        lines.append("|---|---|---|---|")
-        for d in result.decode:
-            lines.append(
-                f"| {d.context} | {d.step_p50_ms:.2f} ({d.step_p90_ms:.2f}) | {d.full_forward_p50_ms:.1f} | "
-                f"{speedup_text(d.speedup)} |"
-            )
-    if validation is not None:
-        lines += ["", "## Validation", ""]
-        lines.append(f"Tolerance {validation['tolerance']:g} x logit scale; passed: {validation['passed']}.")
-        lines.append("")
-        lines.append("| artifact | engine | cases | max abs err | status |")
-        lines.append("|---|---|---|---|---|")
-        for check in validation["checks"]:
-            parity = check["parity"]
-            verdict = "✅" if parity["passed"] else f"❎ (diverges at {check['first_bad_layer']})"
-            lines.append(
-                f"| {check['artifact']} | {check['engine']} | {len(parity['cases'])} | {parity['max_abs']:.1e} | {verdict} |"
-            )
-    lines += ["", "![latency](latency.png)", "", "![memory](memory.png)"]
-    if result.decode:
-        lines += ["", "![decode](decode.png)"]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _decode_lines(decode) -> list[str]:
+    if not decode:
+        return []
+    lines = ["", f"## Streaming decode (ONNX Runtime, batch 1, {decode[0].graph})", ""]
+    lines.append("| context | per-token ms (p90) | full forward ms | streaming speed-up |")
+    lines.append("|---|---|---|---|")
+    for d in decode:
+        lines.append(f"| {d.context} | {d.step_p50_ms:.2f} ({d.step_p90_ms:.2f}) | {d.full_forward_p50_ms:.1f} | "
+                     f"{speedup_text(d.speedup)} |")
+    return lines
+
+
+def _validation_lines(validation: dict | None) -> list[str]:
+    if validation is None:
+        return []
+    lines = ["", "## Validation", "", f"Tolerance {validation['tolerance']:g} x logit scale; passed: "
+             f"{validation['passed']}.", "", "| artifact | engine | cases | max abs err | status |", "|---|---|---|---|---|"]
+    for check in validation["checks"]:
+        parity = check["parity"]
+        verdict = "✅" if parity["passed"] else f"❎ (diverges at {check['first_bad_layer']})"
+        lines.append(f"| {check['artifact']} | {check['engine']} | {len(parity['cases'])} | {parity['max_abs']:.1e} | "
+                     f"{verdict} |")
+    return lines
 
 
 LINE_STYLES = ("-", "--", "-.", ":")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bsbr_export.errors import UserError
-from bsbr_export.export.manifest import MANIFEST
+from bsbr_export.manifest import MANIFEST
 
 # Where `serve` looks for the serving venv when --triton-env is not given.
 ENV_VAR = "BSBR_TRITON_ENV"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bsbr_export.errors import UserError
-from bsbr_export.export.manifest import read_manifest
+from bsbr_export.manifest import read_manifest
 from bsbr_export.io import atomic_dir
 from bsbr_export.model.spec import ModelSpec
 from bsbr_export.model.usercode import export_name

@@ -16,7 +16,7 @@ from bsbr_export import load_model
 
 pytest.importorskip("executorch", reason='the executorch extra is not installed (pip install ".[executorch]")')
 
-from bsbr_export.proof.runners import ExecuTorchRunner  # noqa: E402  (needs the package, skipped above)
+from bsbr_export.runtime.executorch import ExecuTorchRunner  # noqa: E402  (needs the package, skipped above)
 
 NAMES = (["input_ids", "attention_mask"], ["logits"])
 
@@ -52,7 +52,7 @@ def test_program_matches_eager_up_to_its_limits(executorch_export):
 
 
 def test_validate_and_bench_list_executorch(executorch_export, capsys):
-    from bsbr_export.proof.bench import available_engines
+    from bsbr_export.runtime.engines import available_engines
 
     out, _ = executorch_export
     assert "executorch" in available_engines(out)

@@ -12,11 +12,12 @@ import torch
 from conftest import random_ids, tiny_config
 
 from bsbr_export import BSBRConfig, UserError, build_model, load_model
-from bsbr_export.export.formats import FORMATS, artifact_name, export_jobs
-from bsbr_export.export.graphs import LogitsGraph, flatten_state
-from bsbr_export.export.writers import check_trace, export_onnx, export_torchscript
+from bsbr_export.formats import FORMATS, artifact_name, export_jobs
+from bsbr_export.model.graphs import FullGraph, flatten_state
+from bsbr_export.export.onnx import export_onnx
+from bsbr_export.export.torchscript import check_trace, export_torchscript
 from bsbr_export.model.spec import spec_for
-from bsbr_export.proof.runners import OnnxRunner
+from bsbr_export.runtime.onnx import OnnxRunner
 
 C = 8  # bsbr-tiny's chunk size
 LENGTHS = [1, C - 1, C, C + 1, 3 * C + 5, 2048]
@@ -173,11 +174,11 @@ def test_full_graph_pads_once_and_fuses_chunk_attention(tiny_export):
 
 
 def test_manifest_hashes_files(tiny_export):
-    from bsbr_export.export.manifest import sha256
+    from bsbr_export.manifest import sha256
 
     out, result = tiny_export
     manifest = json.loads((out / "manifest.json").read_text())
-    formats = [FORMATS[a.format] for a in result.artifacts if a.kind == "logits"]  # the fixture's formats
+    formats = [FORMATS[a.format] for a in result.artifacts if a.kind == "full"]  # the fixture's formats
     expected = [artifact_name(f, kind) for f, kind in export_jobs(formats, streaming=True)]
     assert [a["name"] for a in manifest["artifacts"]] == expected
     assert {"model.onnx", "model.pt", "model.streaming.onnx", "model.streaming.pt", "model.decode.onnx"} <= set(expected)
@@ -208,9 +209,9 @@ def test_trace_check_catches_a_wrong_trace():
     model = build_model(tiny_config(), seed=1)
     other = build_model(tiny_config(), seed=2)  # same graph, different weights
     ids = random_ids(model.config, 2, 11)
-    wrong = torch.jit.trace(LogitsGraph(other, spec_for(other)), (ids, torch.ones_like(ids)))
+    wrong = torch.jit.trace(FullGraph(other, spec_for(other)), (ids, torch.ones_like(ids)))
     with pytest.raises(UserError, match="disagrees with eager"):
-        check_trace(model, wrong, "logits", spec_for(model))
+        check_trace(model, wrong, "full", spec_for(model))
 
 
 @pytest.mark.parametrize("opset", [18, 23])
@@ -236,7 +237,7 @@ def test_torchscript_file_is_loadable_and_atomic(tmp_path):
 
 
 def test_external_data_above_threshold(tmp_path, monkeypatch):
-    import bsbr_export.export.writers as export_module
+    import bsbr_export.export.onnx as export_module
 
     monkeypatch.setattr(export_module, "TWO_GIB", 1)  # treat tiny as "large"
     model = load_model("bsbr-tiny")
@@ -254,7 +255,7 @@ def test_external_data_above_threshold(tmp_path, monkeypatch):
 def test_decode_graph_returns_only_what_changed(which, request):
     """model.decode.onnx: the caller appends new.* rows; logits and the accumulated state
     equal the full forward and eager streaming."""
-    from bsbr_export.proof.validate import advance_state
+    from bsbr_export.compare.parity import advance_state
 
     out, _ = request.getfixturevalue(which)
     model = load_model(out)
@@ -280,7 +281,7 @@ def test_decode_graph_returns_only_what_changed(which, request):
 
 
 def test_decode_torchscript_rollout(tiny_export):
-    from bsbr_export.proof.validate import advance_state
+    from bsbr_export.compare.parity import advance_state
 
     out, _ = tiny_export
     model = load_model(out)

@@ -12,7 +12,7 @@ import torch
 import user_models
 
 from bsbr_export import ModelSpec, UserError, export_module, spec_for
-from bsbr_export.export.writers import DoesNotGeneralize
+from bsbr_export.export.checks import DoesNotGeneralize
 from bsbr_export.proof.validate import validate_export
 
 C = 4  # chunk size of every model in user_models
@@ -27,9 +27,9 @@ def ort_outputs(path, feeds):
 
 
 def eager_outputs(module, spec, feeds):
-    from bsbr_export.export.graphs import LogitsGraph
+    from bsbr_export.model.graphs import FullGraph
 
-    graph = LogitsGraph(module, spec)
+    graph = FullGraph(module, spec)
     with torch.no_grad():
         out = graph(*(torch.from_numpy(feeds[n]) for n in graph.input_names))
     out = out if isinstance(out, tuple) else (out,)
@@ -89,8 +89,8 @@ def test_value_head_every_output_matches(value_head_export):
 
 def test_a_wrong_second_head_is_caught(value_head_export):
     """A trace whose value head has other weights must fail: every output is compared."""
-    from bsbr_export.export.graphs import LogitsGraph
-    from bsbr_export.export.writers import check_trace
+    from bsbr_export.model.graphs import FullGraph
+    from bsbr_export.export.torchscript import check_trace
 
     module, _, _ = value_head_export
     other = user_models.value_head_model()
@@ -98,9 +98,9 @@ def test_a_wrong_second_head_is_caught(value_head_export):
         other.value.bias.add_(0.5)  # (a shift of every weight would cancel: its input is layer-normed)
     spec = spec_for(module)
     ids = torch.randint(0, 53, (2, 2 * C + 2))
-    wrong = torch.jit.trace(LogitsGraph(other, spec), (ids, torch.ones_like(ids)))
+    wrong = torch.jit.trace(FullGraph(other, spec), (ids, torch.ones_like(ids)))
     with pytest.raises(DoesNotGeneralize, match="value max abs"):
-        check_trace(module, wrong, "logits", spec)
+        check_trace(module, wrong, "full", spec)
 
 
 def test_value_head_streaming_graph(value_head_export):

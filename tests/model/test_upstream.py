@@ -105,7 +105,7 @@ def load_model_from(sd) -> UpstreamBSBRModel:
 
 @pytest.fixture(scope="module")
 def fixture_export(fixture_dir, tmp_path_factory):
-    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("upstream-export") / "exp"
@@ -359,7 +359,7 @@ def test_matches_package_at_the_limit(tmp_path):
 
 
 def test_exports_match_package_at_unseen_lengths(tmp_path):
-    from bsbr_export.export.formats import FORMATS
+    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
 
     upstream = package_model(4, 8, 4, 2, 32, seed=3)

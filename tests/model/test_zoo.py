@@ -12,7 +12,7 @@ from bsbr_export import load_model
 from bsbr_export.model.sources import load_source
 from bsbr_export.model.zoo import get_preset, list_presets
 from bsbr_export.proof.evaltext import bits_per_byte, heldout_text, logits_of
-from bsbr_export.proof.runners import EagerRunner
+from bsbr_export.runtime.eager import EagerRunner
 
 TRAINED = "bsbr-stdlib"
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 
 from bsbr_export.proof.optimize import weight_matmuls
-from bsbr_export.proof.runners import available_providers
+from bsbr_export.runtime.onnx import available_providers
 from bsbr_export.proof.validate import validate_export
 
 

@@ -9,16 +9,10 @@ import torch
 from conftest import random_ids, run_cli
 
 from bsbr_export import load_model
-from bsbr_export.proof.precision import (
-    AutocastRunner,
-    OpenVinoRunner,
-    autocast_bf16,
-    choose_fp32,
-    module_groups,
-    openvino_missing,
-)
 from bsbr_export.model.spec import spec_for
-from bsbr_export.proof.runners import EagerRunner
+from bsbr_export.proof.precision import choose_fp32, module_groups
+from bsbr_export.runtime.eager import AutocastRunner, EagerRunner, autocast_bf16
+from bsbr_export.runtime.openvino import OpenVinoRunner, openvino_missing
 
 
 def feeds_of(ids):
@@ -81,7 +75,7 @@ def test_compiled_autocast_runner_keeps_its_fp32_groups_at_unseen_lengths():
 @pytest.mark.skipif(openvino_missing() is not None, reason=str(openvino_missing()))
 def test_openvino_fp32_matches_eager(tiny_onnx_export):
     model = load_model(tiny_onnx_export)
-    runner = OpenVinoRunner(tiny_onnx_export / "model.onnx", "f32")
+    runner = OpenVinoRunner(tiny_onnx_export / "model.onnx", precision="f32")
     for length, batch in ((1, 1), (7, 3), (29, 2)):
         ids = random_ids(model.config, batch, length, seed=length)
         want = EagerRunner(model).infer(feeds_of(ids))["logits"]
@@ -112,9 +106,9 @@ def test_choose_fp32_returns_the_most_helpful_groups_until_every_window_is_withi
 
 
 def test_engine_that_cannot_run_here_is_one_line_exit_2(tiny_onnx_export, capsys, monkeypatch):
-    import bsbr_export.proof.precision as precision
+    import bsbr_export.runtime.engines as engines
 
-    monkeypatch.setattr(precision, "openvino_missing", lambda: 'OpenVINO is not installed: pip install ".[openvino]"')
+    monkeypatch.setattr(engines, "openvino_missing", lambda: 'OpenVINO is not installed: pip install ".[openvino]"')
     code, _, err = run_cli(capsys, "bench", tiny_onnx_export, "--engines", "eager,openvino-fp32", "--lengths", "16")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "engine openvino-fp32 cannot run here: OpenVINO is not installed" in err

@@ -10,7 +10,8 @@ import pytest
 from conftest import rehash, run_cli, weight_used_only_in
 from onnx import numpy_helper
 
-from bsbr_export.proof.validate import compare, validate_export
+from bsbr_export.compare.parity import compare
+from bsbr_export.proof.validate import validate_export
 
 
 def test_clean_export_passes(capsys, export_copy):

@@ -24,9 +24,9 @@ from conftest import print_uncaptured, run_cli
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from bsbr_export.errors import UserError
-from bsbr_export.export.graphs import stream_pieces
+from bsbr_export.compare.cases import stream_pieces
 from bsbr_export.model.checkpoint import load_model
-from bsbr_export.proof.runners import EagerRunner
+from bsbr_export.runtime.eager import EagerRunner
 from bsbr_export.serve.serve import TritonServer
 from bsbr_export.serve.triton import write_triton_repo
 

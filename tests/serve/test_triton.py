@@ -14,12 +14,13 @@ from tritonclient.grpc import model_config_pb2
 
 from bsbr_export.cli import main
 from bsbr_export.errors import UserError
-from bsbr_export.export.formats import FORMATS
-from bsbr_export.export.graphs import stream_pieces
-from bsbr_export.export.manifest import sha256
+from bsbr_export.formats import FORMATS
+from bsbr_export.compare.cases import stream_pieces
+from bsbr_export.manifest import sha256
 from bsbr_export.export.pipeline import export_model
 from bsbr_export.model.checkpoint import load_model
-from bsbr_export.proof.runners import EagerRunner, OnnxRunner
+from bsbr_export.runtime.eager import EagerRunner
+from bsbr_export.runtime.onnx import OnnxRunner
 from bsbr_export.serve.triton import (
     IDLE_SECONDS,
     MAX_BATCH_SIZE,

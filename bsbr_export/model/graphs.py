@@ -21,21 +21,11 @@ def flatten_state(state) -> list[Tensor]:
     return pytree.tree_leaves(state)
 
 
-def stream_pieces(length: int, chunk_size: int) -> list[int]:
-    """Split `length` into pieces that never line up with chunk boundaries:
-    1, c+2, c-1, 1, c+2, ... (the splits that catch state bugs)."""
-    sizes, out = (1, chunk_size + 2, max(chunk_size - 1, 1)), []
-    while length > 0:
-        out.append(min(sizes[len(out) % len(sizes)], length))
-        length -= out[-1]
-    return out
-
-
 def _flat_outputs(outputs) -> tuple[Tensor, ...]:
     return tuple(output_leaves(outputs)[1])
 
 
-class LogitsGraph(nn.Module):
+class FullGraph(nn.Module):
     """The full forward: the spec's inputs -> its outputs, as a flat tuple (the tensor
     itself when there is one output, as C++ callers of a traced module expect)."""
 
@@ -102,8 +92,9 @@ class DefaultMask(nn.Module):
         return self.traced(input_ids, attention_mask)
 
 
+GRAPHS = {"full": FullGraph, "streaming": StreamingGraph, "decode": DecodeGraph}
+
+
 def export_graph(model: nn.Module, spec: ModelSpec, kind: str) -> nn.Module:
-    """The module exported for an artifact kind: logits, streaming or decode."""
-    if kind == "decode":
-        return DecodeGraph(model, spec)
-    return StreamingGraph(model, spec) if kind == "streaming" else LogitsGraph(model, spec)
+    """The module exported for an artifact kind (`formats.KINDS`): full, streaming or decode."""
+    return GRAPHS[kind](model, spec)

@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 
 from bsbr_export.errors import UserError
-from bsbr_export.io import read_json
+from bsbr_export.formats import kind_of_record, recorded_kind
+from bsbr_export.io import atomic_write, read_json
+from bsbr_export.model.spec import ModelSpec
 
 MANIFEST = "manifest.json"
 
@@ -78,16 +80,41 @@ def _shape_problem(manifest: dict) -> str | None:
 def add_artifacts(export_dir: str | os.PathLike, entries: list[dict]) -> dict:
     """Record new artifacts (replacing same-named ones) in the manifest, atomically.
 
-    Each entry needs `name`, `format`, `kind` and `settings`; file hashes are computed here.
+    Each entry needs `name`, `format`, `kind` (as the code names it) and `settings`;
+    file hashes are computed here.
     """
-    from bsbr_export.io import atomic_write
-
     directory = Path(export_dir)
     manifest = read_manifest(directory)
     names = {e["name"] for e in entries}
     manifest["artifacts"] = [a for a in manifest["artifacts"] if a["name"] not in names]
     for entry in entries:
-        manifest["artifacts"].append({**entry, "files": {entry["name"]: file_record(directory / entry["name"])}})
+        manifest["artifacts"].append({**entry, "kind": recorded_kind(entry["kind"]),
+                                      "files": {entry["name"]: file_record(directory / entry["name"])}})
     with atomic_write(directory / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def artifact_kind(artifact: dict) -> str:
+    """What a manifest's artifact entry computes (`formats.KINDS`)."""
+    return kind_of_record(artifact["kind"])
+
+
+def manifest_spec(export_dir: str | os.PathLike) -> ModelSpec:
+    """The ModelSpec an export directory was made with (its manifest's `spec`)."""
+    return ModelSpec.from_dict(read_manifest(export_dir, verify=False)["spec"])
+
+
+def state_manifest(spec: ModelSpec) -> dict:
+    """Names and shapes of the streaming state, for metadata and for callers that build
+    the empty initial state: every `past.*` tensor is zeros of its shape with the named
+    growing axes (`past_chunks`, `past_tokens`) at 0."""
+    state = spec.state
+    return {
+        "chunk_size": spec.chunk_size,
+        "inputs": state.inputs,
+        "outputs": state.outputs,
+        "appended": list(state.appended),
+        "initial": "zeros, with past_chunks = past_tokens = 0",
+        "dtype": state.dtype,
+    }

@@ -1,0 +1,67 @@
+"""What every artifact must pass before it is written: a kind its module can give,
+and agreement with eager at lengths, batches and states it was not exported with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from bsbr_export.compare.cases import default_cases, self_check_length
+from bsbr_export.compare.parity import check_parity
+from bsbr_export.errors import UserError
+from bsbr_export.model.spec import ModelSpec
+from bsbr_export.runtime.base import Runner
+from bsbr_export.runtime.eager import EagerRunner
+
+
+class ExportError(RuntimeError):
+    """An export produced something wrong (a bug on our side, not a user mistake)."""
+
+
+class DoesNotGeneralize(UserError):
+    """The module exports, but the graph is frozen to the example's shapes (a Python loop
+    over chunks, float math on sizes, `.item()`): the user's code must change."""
+
+
+FREEZE_HINT = ("`bsbr-export doctor` names the line that freezes it (a Python loop over chunks, math.ceil on a "
+               "size, .item(), a reshape before padding), or build on bsbr_export.nn.BSBRAttention")
+
+
+def check_kind(model, spec: ModelSpec, kind: str) -> None:
+    """UserError when `model` cannot give the artifact kind (it does not stream)."""
+    if kind == "full":
+        return
+    if not spec.causal:
+        raise UserError(f"this model is not causal, so it cannot stream; drop --streaming ({spec.note})")
+    if spec.state is None:
+        raise UserError(
+            f"{type(model).__name__} does not implement the streaming protocol (init_state(batch) and "
+            "stream(inputs, state) -> (outputs, state)): drop --streaming"
+        )
+    if kind == "decode" and not callable(getattr(model, "stream_update", None)):
+        raise UserError(f"{type(model).__name__} has no stream_update(inputs, state): it has no decode graph")
+
+
+def check_generalizes(model: nn.Module, make_runner: Callable[[list[str], list[str]], Runner], kind: str,
+                      spec: ModelSpec, what: str) -> None:
+    """DoesNotGeneralize unless the artifact that `make_runner(input_names, output_names)`
+    runs matches eager on every output at lengths, batches and (streamed) states it was
+    not exported with; `what` names it in the message ("TorchScript trace")."""
+    reference = EagerRunner(model, spec, kind)
+    runner = make_runner(reference.input_names, reference.output_names)
+    cases = default_cases(spec.chunk_size, kind != "full", long_length=self_check_length(spec.chunk_size))
+    try:
+        report = check_parity(what, reference, runner, cases, spec)
+    except UserError:
+        raise
+    except Exception as exc:  # the artifact cannot even run at another shape (ORT raises its own Fail types)
+        raise DoesNotGeneralize(
+            f"the {what} of {type(model).__name__} fails away from the example's shape "
+            f"({str(exc).strip().splitlines()[0][:200]}); {FREEZE_HINT}"
+        ) from None
+    if not report:
+        raise DoesNotGeneralize(
+            f"the {what} of {type(model).__name__} disagrees with eager: "
+            + "; ".join(report.failures[:3]) + f"; {FREEZE_HINT}"
+        )

@@ -1,0 +1,123 @@
+"""The one table of export formats, as data: it feeds the CLI's choices, export,
+validate and bench.
+
+A row names a format and what it takes; it knows no exporter and no runner. Export
+finds a format's writer in `export/writers.py` (`WRITERS`), the runtime its runner in
+`runtime/__init__.py` (`RUNNERS`), both keyed by the format's name: adding a format adds
+a row here and a module to each.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from dataclasses import dataclass
+
+from bsbr_export.errors import UserError
+
+# What an artifact computes: the full forward, one streaming step returning the whole
+# state (Triton's implicit state needs that), or one step returning only what changed.
+KINDS = ("full", "streaming", "decode")
+# Manifests and ONNX metadata name the full forward "logits", as they always have: the
+# files users' tools read keep their values; only the code calls it "full".
+RECORDED_KINDS = {"full": "logits"}
+
+
+def recorded_kind(kind: str) -> str:
+    """A kind as manifests and metadata write it."""
+    return RECORDED_KINDS.get(kind, kind)
+
+
+def kind_of_record(recorded: str) -> str:
+    """A kind read from a manifest or metadata, as the code names it."""
+    return next((kind for kind, name in RECORDED_KINDS.items() if name == recorded), recorded)
+
+
+@dataclass(frozen=True)
+class Format:
+    """An artifact kind: suffix, the export options it takes, the graph kinds it holds,
+    the optional package it needs."""
+
+    name: str
+    suffix: str
+    description: str
+    options: frozenset[str] = frozenset()
+    kinds: tuple[str, ...] = KINDS
+    per_provider: bool = False  # validated once per ONNX Runtime execution provider
+    needs_gpu: bool = False
+    engine: bool = False  # bench times the artifact as an engine of its own, named like the format
+    requires: str | None = None  # the module of an optional package it needs
+    install: str = ""  # how to install that package
+
+    @property
+    def installed(self) -> bool:
+        """Whether the optional package this format needs (if any) is importable here."""
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+
+    def check_installed(self) -> None:
+        """UserError saying how to install the package this format needs, when it is missing."""
+        if not self.installed:
+            raise UserError(f"--format {self.name} needs the {self.requires} package: {self.install}")
+
+    @property
+    def streaming(self) -> bool:
+        return len(self.kinds) > 1
+
+    def own(self, options: dict) -> dict:
+        """The entries of `options` this format takes (the others are not its business)."""
+        return {k: v for k, v in options.items() if k in self.options}
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("onnx", ".onnx", "ONNX graph for ONNX Runtime (torch.export-based exporter)",
+               frozenset({"static_shape", "opset", "metadata"}), per_provider=True),
+        Format("torchscript", ".pt", "traced TorchScript for torch.jit.load / torch::jit::load", engine=True),
+        Format("torchscript-mobile", ".ptl", "TorchScript for PyTorch Mobile's lite interpreter"),
+        # The decode step for C++ generation loops; no full-state step (Triton's implicit
+        # state is its only user, and Triton serves ONNX).
+        Format("aoti", ".pt2", "AOTInductor package for aoti_load_package / torch::inductor::AOTIModelPackageLoader",
+               kinds=("full", "decode"), engine=True),
+        # Full graph only: see README "Deploy" for what the streaming step needs.
+        Format("executorch", ".pte", "ExecuTorch program lowered to XNNPACK, for executorch.runtime / the C++ Module API",
+               frozenset({"max_length", "max_batch"}), kinds=("full",), engine=True, requires="executorch",
+               install='pip install -c constraints.txt "bsbr-export[executorch]" (in a checkout: ".[executorch]")'),
+    )
+}
+
+
+def parse_formats(text: str) -> list[Format]:
+    """'onnx,torchscript' -> Formats, or a UserError naming near misses."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserError(f"no format given: choose from {', '.join(FORMATS)}")
+    chosen = []
+    for name in names:
+        if name not in FORMATS:
+            close = difflib.get_close_matches(name, FORMATS, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"choose from {', '.join(FORMATS)}"
+            raise UserError(f"unknown format {name!r}: {hint}")
+        FORMATS[name].check_installed()
+        if FORMATS[name] not in chosen:
+            chosen.append(FORMATS[name])
+    return chosen
+
+
+def kind_of(streaming: bool, decode: bool) -> str:
+    """The artifact kind for export flags: decode implies streaming."""
+    return "decode" if decode else "streaming" if streaming else "full"
+
+
+def artifact_name(fmt: Format, kind: str) -> str:
+    """File name of an artifact inside an export directory: model[.streaming|.decode].suffix."""
+    return f"model{'' if kind == 'full' else '.' + kind}{fmt.suffix}"
+
+
+def export_jobs(formats: list[Format], streaming: bool) -> list[tuple[Format, str]]:
+    """(format, kind) pairs to export: full graphs, then with `streaming` the full-state
+    streaming steps and the decode steps (whose caller appends finished chunks itself)."""
+    jobs = [(fmt, "full") for fmt in formats]
+    if streaming:
+        jobs += [(fmt, kind) for kind in ("streaming", "decode") for fmt in formats if kind in fmt.kinds]
+    return jobs

@@ -1,0 +1,123 @@
+"""The one engine table: engine name -> the file it runs -> how it runs -> its precision
+and provider. Bench, optimize and the report read it; nothing parses engine names.
+
+Adding an engine adds a row (and, for a new kind of runner, one opener below).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bsbr_export.defaults import OPTIMIZATION_LEVELS
+from bsbr_export.formats import FORMATS, artifact_name
+from bsbr_export.machine import bf16_missing
+from bsbr_export.manifest import manifest_spec, read_manifest
+from bsbr_export.model.sources import rebuild
+from bsbr_export.runtime import open_artifact
+from bsbr_export.runtime.base import Runner
+from bsbr_export.runtime.eager import AutocastRunner, CompiledRunner, EagerRunner
+from bsbr_export.runtime.onnx import available_providers
+from bsbr_export.runtime.openvino import OpenVinoRunner, openvino_missing
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+BF16_PLAN = "bf16.json"  # in an export dir: the fp32 groups `optimize --bf16` measured, per engine
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One way to run a model: `runs` names the opener; `artifact` the file it runs in
+    an export directory (None: the eager model rebuilt from it)."""
+
+    name: str
+    runs: str  # "eager", "compile", "autocast", "onnx", "openvino", or a format's name
+    artifact: str | None = None
+    precision: str = "fp32"
+    provider: str | None = None  # ONNX Runtime's execution provider
+    options: dict = field(default_factory=dict)  # what its runner is built with
+
+
+def _onnx_engines() -> list[Engine]:
+    levels = [Engine(f"ort-cpu-{level}", "onnx", "model.onnx", provider=CPU, options={"optimization": level})
+              for level in OPTIMIZATION_LEVELS]
+    return [
+        *levels,
+        Engine("ort-cuda-all", "onnx", "model.onnx", provider=CUDA),
+        Engine("ort-cpu-optimized", "onnx", "model.optimized.onnx", provider=CPU),
+        Engine("ort-cpu-int8", "onnx", "model.int8.onnx", "int8", CPU),
+        Engine("ort-cpu-int8-static", "onnx", "model.int8-static.onnx", "int8", CPU),
+        Engine("ort-cuda-fp16", "onnx", "model.fp16.onnx", "fp16", CUDA),
+    ]
+
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (
+    Engine("eager", "eager"),
+    Engine("compile", "compile"),
+    # One engine per format that torch runs, named like the format (ONNX gets ORT's below).
+    *(Engine(f.name, f.name, artifact_name(f, "full")) for f in FORMATS.values() if f.engine),
+    *_onnx_engines(),
+    # Both bf16 engines run the same autocast regions: what `optimize --bf16` measured for eager-bf16.
+    Engine("eager-bf16", "autocast", precision="bf16"),
+    Engine("compile-bf16", "autocast", precision="bf16", options={"compile": True}),
+    Engine("openvino-fp32", "openvino", "model.onnx", options={"precision": "f32"}),
+    Engine("openvino-bf16", "openvino", "model.onnx", "bf16", options={"precision": "bf16"}),
+)}
+
+
+def why_not(engine: Engine, export_dir: Path) -> str | None:
+    """Why `engine` cannot run from `export_dir` on this machine (None: it can)."""
+    if engine.artifact and not (Path(export_dir) / engine.artifact).is_file():
+        return f"no {engine.artifact} in {export_dir} (bsbr-export export / optimize write it)"
+    if engine.provider and engine.provider not in available_providers():
+        return f"ONNX Runtime's {engine.provider} is not available here"
+    if engine.runs == "openvino" and openvino_missing():
+        return openvino_missing()
+    if engine.precision == "bf16":
+        return bf16_missing()
+    return None
+
+
+def available_engines(export_dir: Path) -> list[str]:
+    """Engines that can run from `export_dir` here, in the table's order."""
+    return [e.name for e in ENGINES.values() if why_not(e, export_dir) is None]
+
+
+def _eager(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:
+    source = rebuild(export_dir, read_manifest(export_dir, verify=False), trust_code=trust_code)
+    if engine.runs == "compile":
+        return CompiledRunner(source.module, source.spec)
+    if engine.runs == "autocast":
+        keep = read_plans(export_dir).get("eager-bf16", {}).get("keep_fp32", ())
+        return AutocastRunner(source.module, source.spec, keep, **engine.options)
+    return EagerRunner(source.module, source.spec)
+
+
+def _artifact(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:
+    spec = manifest_spec(export_dir)
+    options = dict(engine.options)
+    if engine.runs == "onnx":
+        # Alone in a bench worker process: spinning threads steal from nobody (ORT's default).
+        options |= {"provider": engine.provider, "threads": threads, "spinning": True}
+    return open_artifact(engine.runs, Path(export_dir) / engine.artifact, spec.input_names, spec.output_names,
+                         **options)
+
+
+def _openvino(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:
+    return OpenVinoRunner(Path(export_dir) / engine.artifact, threads=threads, **engine.options)
+
+
+OPENERS = {"eager": _eager, "compile": _eager, "autocast": _eager, "openvino": _openvino}
+
+
+def open_engine(name: str, export_dir: Path, *, threads: int | None = None, trust_code: bool = False) -> Runner:
+    """A runner for engine `name` over `export_dir` (a user's module is rebuilt for the
+    eager engines only with `trust_code`)."""
+    engine = ENGINES[name]
+    return OPENERS.get(engine.runs, _artifact)(engine, Path(export_dir), threads, trust_code)
+
+
+def read_plans(export_dir: Path) -> dict[str, dict]:
+    """The bf16 plans `optimize --bf16` wrote, by engine ({} when none)."""
+    path = Path(export_dir) / BF16_PLAN
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,140 @@
+"""Jobs that run several stages in a row: `benchmark` exports (when given a model),
+validates, times every engine and writes the report."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bsbr_export.compare.cases import DEFAULT_LONG_LENGTH
+from bsbr_export.defaults import DEFAULT_ACCURACY_BUDGET, DEFAULT_TOLERANCE
+from bsbr_export.errors import UserError
+from bsbr_export.export.pipeline import export_model
+from bsbr_export.formats import FORMATS
+from bsbr_export.io import check_can_create
+from bsbr_export.machine import machine_info
+from bsbr_export.manifest import MANIFEST, read_manifest
+from bsbr_export.model.sources import load_source
+from bsbr_export.model.usercode import export_name
+from bsbr_export.proof.bench import WARMUP, BenchResult, bench_engines, decode_latency
+from bsbr_export.proof.evaltext import read_eval_text
+from bsbr_export.proof.report import text_changes, write_report
+from bsbr_export.proof.validate import ValidationResult, validate_export
+from bsbr_export.runtime.engines import ENGINES, available_engines, why_not
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """What `benchmark` produced: the export dir, its validation, timings, report files."""
+
+    directory: Path
+    validation: ValidationResult
+    bench: BenchResult
+    reports: tuple[Path, ...]
+    recommendation: dict | None = None  # report.recommend's choice
+    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET
+
+    @property
+    def over_budget(self) -> list[str]:
+        """Engines whose held-out bits per byte rose more than the accuracy budget allows."""
+        eager = self.bench.engine("eager")
+        return [e.engine for e in self.bench.engines
+                if any(c > self.accuracy_budget for c in text_changes(e, eager).values())]
+
+
+def benchmark(
+    model_ref: str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    lengths: list[int],
+    batch: int = 1,
+    engines: list[str] | None = None,
+    decode_contexts: list[int] | None = None,
+    validation_lengths: list[int] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    threads: int = 2,
+    budget_s: float = 1.0,
+    overwrite: bool = False,
+    trust_code: bool = False,
+    formats: list[str] | None = None,
+    streaming: bool = True,
+    long_length: int = DEFAULT_LONG_LENGTH,
+    eval_text: str | os.PathLike | None = None,
+    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET,
+    progress: Callable[[str], None] = lambda step: None,
+) -> BenchRun:
+    """Export (when `model_ref` is not an export dir yet), validate, benchmark, report.
+
+    Every engine runs in its own process on the same inputs; reports go into the
+    export dir: report.json, report.md, latency.png, memory.png, decode.png. A model is
+    exported into `out_dir`, which must be new or empty unless `overwrite` is set, in
+    `formats` (default: every format whose package is installed), with streaming graphs
+    when `streaming` and the model can stream, each artifact checked up to `long_length`.
+    Byte-level LMs are scored on `eval_text` (default: held-out stdlib text); the report
+    recommends the fastest engine within `accuracy_budget` of eager's bits per byte.
+    """
+    if any(n < 1 for n in lengths) or batch < 1:
+        raise UserError(f"lengths and batch must be >= 1, got lengths {lengths}, batch {batch}")
+    directory = Path(model_ref)
+    if not (directory / MANIFEST).is_file():
+        directory = Path(out_dir) if out_dir else Path("export") / export_name(model_ref)
+        # Formats with a planned maximum length are exported for every length timed or checked here.
+        longest = max(*lengths, long_length, *(validation_lengths or [long_length]))
+        export_for_bench(model_ref, directory, formats, streaming, overwrite, trust_code, tolerance, long_length,
+                         longest, progress)
+    engines = check_engines(directory, engines)
+    progress("validating")
+    validation = validate_export(directory, tolerance=tolerance, lengths=validation_lengths, trust_code=trust_code,
+                                 eval_text=read_eval_text(eval_text) if eval_text is not None else None,
+                                 accuracy_budget=accuracy_budget)
+    timings = bench_engines(directory, engines, lengths, batch=batch, threads=threads, budget_s=budget_s,
+                            trust_code=trust_code, eval_text=eval_text, progress=progress)
+    decode = ()
+    if decode_contexts and any((directory / n).is_file() for n in ("model.decode.onnx", "model.streaming.onnx")):
+        decode = tuple(decode_latency(directory, decode_contexts, threads=threads, progress=progress))
+    result = BenchResult(tuple(timings), tuple(sorted(lengths)), batch, threads, WARMUP, decode, machine_info())
+    progress("writing report")
+    note = read_manifest(directory, verify=False).get("note")
+    reports, choice = write_report(result, directory, tolerance=tolerance, validation=validation.to_dict(), note=note,
+                                   accuracy_budget=accuracy_budget)
+    return BenchRun(directory, validation, result, tuple(reports), choice, accuracy_budget)
+
+
+def export_for_bench(model_ref, directory: Path, formats: list[str] | None, streaming: bool, overwrite: bool,
+                     trust_code: bool, tolerance: float, long_length: int, max_length: int,
+                     progress: Callable[[str], None]) -> None:
+    """Export a model for bench into a new or empty `directory`: in `formats` (default:
+    every format installed here), with streaming graphs when the model can stream."""
+    check_bench_out(directory, overwrite)
+    progress(f"exporting {model_ref} to {directory}")
+    source = load_source(model_ref, trust_code=trust_code)
+    # Non-causal models and modules without the streaming protocol have no streaming graphs.
+    streams = streaming and source.spec.causal and source.spec.state is not None
+    chosen = [FORMATS[f] for f in formats] if formats else [f for f in FORMATS.values() if f.installed]
+    export_model(source, directory, chosen, streaming=streams, overwrite=overwrite, tolerance=tolerance,
+                 long_length=long_length, max_length=max_length, progress=progress)
+
+
+def check_engines(directory: Path, engines: list[str] | None) -> list[str]:
+    """The engines to time: those asked for (each must run here), or every available one."""
+    known = available_engines(directory)
+    unknown = [e for e in engines or known if e not in known]
+    reasons = {e: why_not(ENGINES[e], directory) for e in unknown if e in ENGINES}
+    if reasons:
+        raise UserError("; ".join(f"engine {e} cannot run here: {r}" for e, r in reasons.items()))
+    if unknown:
+        raise UserError(f"unknown or unavailable engine(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+    return engines or known
+
+
+def check_bench_out(directory: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to export into a non-empty directory: it may hold the user's files."""
+    check_can_create(directory, overwrite=True)  # somewhere writable (the emptiness check is below)
+    if overwrite or not directory.is_dir() or not any(directory.iterdir()):
+        return
+    if (directory / MANIFEST).is_file():
+        raise UserError(f"{directory} already holds an export: bench it with `bsbr-export bench {directory}`, "
+                        "or pass --force to export again over it")
+    raise UserError(f"{directory} already exists and is not empty: choose another --out, or pass --force to replace it")
