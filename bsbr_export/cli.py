@@ -7,12 +7,9 @@ Exit status: 0 ok, 1 a check failed, 2 a user error (one line on stderr), 130 Ct
 from __future__ import annotations
 
 import sys
-
-import click
-
-import json
 from pathlib import Path
 
+import click
 from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
@@ -21,8 +18,7 @@ from bsbr_export.defaults import DEFAULT_ACCURACY_BUDGET, DEFAULT_EVAL_WINDOWS, 
 from bsbr_export.errors import UserError
 from bsbr_export.export.pipeline import export_model
 from bsbr_export.formats import FORMATS, parse_formats
-from bsbr_export.io import atomic_write, check_can_create, check_writable
-from bsbr_export.manifest import MANIFEST, read_manifest
+from bsbr_export.io import check_can_create
 from bsbr_export.model.checkpoint import parameter_count, save_model
 from bsbr_export.model.spec import read_spec
 from bsbr_export.model.upstream import NOT_CAUSAL
@@ -33,7 +29,7 @@ from bsbr_export.proof.doctor import diagnose
 from bsbr_export.proof.evaltext import check_budget, read_eval_text
 from bsbr_export.proof.optimize import optimize_export
 from bsbr_export.proof.report import recommendation_text
-from bsbr_export.proof.validate import validate_export
+from bsbr_export.proof.validate import validate_and_record
 from bsbr_export.render import (
     bench_table,
     bf16_table,
@@ -209,19 +205,14 @@ def validate(export_dir, tolerance, lengths, batches, providers, trust_code, eva
     Writes EXPORT_DIR/validation.json. Exits 1 when any case fails, naming the case and,
     for ONNX graphs, the first block whose output diverges.
     """
-
-    read_manifest(export_dir, verify=False)  # an export dir, and one validation.json can go into
-    check_writable(Path(export_dir))
     text = _eval_text(eval_text, accuracy_budget)
     with progress_steps(Console(stderr=True)) as progress:
         progress("validating every artifact against eager")
-        result = validate_export(
+        result = validate_and_record(
             export_dir, tolerance=tolerance, lengths=_int_list(lengths, "--lengths") if lengths else None,
             batches=tuple(_int_list(batches, "--batches")) if batches else None, providers=list(providers) or None,
             trust_code=trust_code, eval_text=text, accuracy_budget=accuracy_budget,
         )
-    with atomic_write(Path(export_dir) / "validation.json") as tmp:
-        tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     stdout_console().print(validation_table(result))
     if not result.passed:
         for check in result.checks:
@@ -291,8 +282,6 @@ def bench(ctx, target, quick, **options) -> None:
     if quick:
         options.update({k: v for k, v in QUICK_BENCH.items() if ctx.get_parameter_source(k) is ParameterSource.DEFAULT})
     o = options
-    if (Path(target) / MANIFEST).is_file():
-        check_writable(Path(target))  # the reports go in there: refuse before the work, not after
     _eval_text(o["eval_text"], o["accuracy_budget"])
     with progress_steps(Console(stderr=True)) as progress:
         run = benchmark(

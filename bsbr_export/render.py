@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import click
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bsbr_export.proof.bench import NOISY_SPREAD
@@ -30,7 +31,6 @@ def progress_steps(console: Console) -> Iterator[Callable[[str], None]]:
     if not console.is_terminal:
         yield from _plain_steps(start)
         return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console) as bar:

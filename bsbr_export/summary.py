@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from rich.table import Table
 
 from bsbr_export.compare.cases import stream_pieces
 from bsbr_export.defaults import DEFAULT_TOLERANCE
@@ -33,8 +34,6 @@ class RunSummary:
 
     def to_table(self):
         """A rich table for the terminal."""
-        from rich.table import Table
-
         table = Table(title=f"bsbr-export run {self.model}", show_header=False)
         table.add_column(style="bold")
         table.add_column()

@@ -13,7 +13,7 @@ from bsbr_export.defaults import DEFAULT_ACCURACY_BUDGET, DEFAULT_TOLERANCE
 from bsbr_export.errors import UserError
 from bsbr_export.export.pipeline import export_model
 from bsbr_export.formats import FORMATS
-from bsbr_export.io import check_can_create
+from bsbr_export.io import check_can_create, check_writable
 from bsbr_export.machine import machine_info
 from bsbr_export.manifest import MANIFEST, read_manifest
 from bsbr_export.model.sources import load_source
@@ -78,7 +78,9 @@ def benchmark(
     if any(n < 1 for n in lengths) or batch < 1:
         raise UserError(f"lengths and batch must be >= 1, got lengths {lengths}, batch {batch}")
     directory = Path(model_ref)
-    if not (directory / MANIFEST).is_file():
+    if (directory / MANIFEST).is_file():
+        check_writable(directory)  # the reports go in there: refuse before the work, not after
+    else:
         directory = Path(out_dir) if out_dir else Path("export") / export_name(model_ref)
         # Formats with a planned maximum length are exported for every length timed or checked here.
         longest = max(*lengths, long_length, *(validation_lengths or [long_length]))

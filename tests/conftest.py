@@ -52,8 +52,8 @@ def tiny_model(request):
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """bsbr-tiny exported once per session: ONNX + TorchScript (+ mobile), full and streaming."""
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny"
     formats = [FORMATS[name] for name in ("onnx", "torchscript", "torchscript-mobile")]
@@ -65,8 +65,8 @@ def tiny_export(tmp_path_factory):
 def aoti_export(tmp_path_factory):
     """bsbr-tiny compiled once per session with AOTInductor (the full graph and, with
     `streaming`, the decode step): compiling is slow, so no other fixture does it."""
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-aoti"
     result = export_model("bsbr-tiny", out, [FORMATS["aoti"]], streaming=True)
@@ -83,8 +83,8 @@ def executorch_export(tmp_path_factory):
     """bsbr-tiny lowered once per session to an ExecuTorch program (XNNPACK): lowering
     takes most of a minute, so no other fixture does it. Skips without the extra."""
     pytest.importorskip("executorch", reason='the executorch extra is not installed (pip install ".[executorch]")')
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-executorch"
     result = export_model("bsbr-tiny", out, [FORMATS["executorch"]], streaming=True, **EXECUTORCH_LIMITS)
@@ -94,8 +94,8 @@ def executorch_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def compressed_export(tmp_path_factory):
     """bsbr-tiny-compressed exported once per session (ONNX only, full and streaming)."""
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-compressed"
     result = export_model("bsbr-tiny-compressed", out, [FORMATS["onnx"]], streaming=True)
@@ -105,8 +105,8 @@ def compressed_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_onnx_export(tmp_path_factory):
     """bsbr-tiny exported once per session as model.onnx alone: the cheapest real export dir."""
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
 
     out = tmp_path_factory.mktemp("exports") / "bsbr-tiny-onnx"
     export_model("bsbr-tiny", out, [FORMATS["onnx"]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import run_cli
 
-from bsbr_export.export import writers
+from bsbr_export.export import torchscript
 
 
 def test_export_prints_table(capsys, tmp_path):
@@ -59,7 +59,7 @@ def test_ctrl_c_leaves_nothing(capsys, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writers, "export_torchscript", interrupted)  # what the torchscript format calls
+    monkeypatch.setattr(torchscript, "export_torchscript", interrupted)  # what the torchscript format calls
     code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "torchscript")
     assert code == 130 and "interrupted" in err
     assert not list(tmp_path.iterdir())

@@ -24,11 +24,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 import user_models  # noqa: E402
 
 from bsbr_export import export_module  # noqa: E402
-from bsbr_export.compare.cases import stream_pieces  # noqa: E402
+from bsbr_export.compare.cases import (
+    Case,
+    stream_pieces,  # noqa: E402
+)
+from bsbr_export.compare.parity import check_parity  # noqa: E402
 from bsbr_export.runtime import OnnxRunner, TorchScriptRunner
 from bsbr_export.runtime.eager import EagerRunner  # noqa: E402
-from bsbr_export.compare.cases import Case
-from bsbr_export.compare.parity import check_parity  # noqa: E402
 
 KINDS = {
     "upstream-layer classifier (pooled)": user_models.upstream_classifier,

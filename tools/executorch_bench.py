@@ -235,8 +235,8 @@ def main() -> None:
     result = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "cpu": cpu(), "platform": platform.platform(),
               "versions": {**versions(), "executorch": _version("executorch")}, "limits": LIMITS,
               "delegation": shares}
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / args.model

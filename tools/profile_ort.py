@@ -193,10 +193,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_profile"))
     args = parser.parse_args()
 
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
-    from bsbr_export.model.zoo import get_preset
+    from bsbr_export.formats import FORMATS
     from bsbr_export.machine import machine_info
+    from bsbr_export.model.zoo import get_preset
 
     config = get_preset(args.model).config
     shutil.rmtree(args.work, ignore_errors=True)

@@ -105,8 +105,8 @@ def main() -> None:
     concurrency = [int(v) for v in args.concurrency.split(",")]
     contexts = [int(v) for v in args.contexts.split(",")]
 
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
     from bsbr_export.io import atomic_write
     from bsbr_export.serve.serve import TritonServer, find_env
     from bsbr_export.serve.triton import write_triton_repo

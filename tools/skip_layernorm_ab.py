@@ -98,10 +98,10 @@ def main() -> None:
     import onnx
     from sweep import time_onnx
 
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
-    from bsbr_export.model.zoo import get_preset
+    from bsbr_export.formats import FORMATS
     from bsbr_export.machine import machine_info
+    from bsbr_export.model.zoo import get_preset
 
     vocab = get_preset(args.model).config.vocab_size
     shutil.rmtree(args.work, ignore_errors=True)

@@ -126,16 +126,12 @@ def main() -> None:
         _child_time_onnx(args.child, [int(x) for x in args.lengths.split(",")], args.hidden, args.vocab, args.threads)
         return
 
-    from bsbr_export.proof.bench import (
-        bench_engines,
-        decode_latency,
-        machine_info,
-        model_flops,
-    )
-    from bsbr_export.formats import FORMATS
-    from bsbr_export.export.pipeline import export_model
     from bsbr_export.export.onnx import export_onnx
+    from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.machine import machine_info
     from bsbr_export.model.zoo import get_preset
+    from bsbr_export.proof.bench import bench_engines, decode_latency, model_flops
     from bsbr_export.proof.optimize import quantize_int8
 
     config = get_preset(args.model).config

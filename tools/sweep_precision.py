@@ -38,13 +38,13 @@ def main() -> None:
 
     from sweep import matmul_graph, target_lines, time_onnx
 
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
-    from bsbr_export.workflows import benchmark
+    from bsbr_export.formats import FORMATS
     from bsbr_export.model.zoo import get_preset
     from bsbr_export.proof.bench import model_flops
-from bsbr_export.runtime.engines import available_engines
     from bsbr_export.proof.optimize import optimize_export
+    from bsbr_export.runtime.engines import available_engines
+    from bsbr_export.workflows import benchmark
 
     config = get_preset(args.model).config
     export_dir = args.work / args.model

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from bsbr_export.model.config import BSBRConfig
 from bsbr_export.machine import machine_info
+from bsbr_export.model.config import BSBRConfig
+from bsbr_export.model.native import BSBRModel
 from bsbr_export.proof.evaltext import (
     BYTE_VOCAB,
     DEFAULT_EVAL_BYTES,
@@ -35,7 +36,6 @@ from bsbr_export.proof.evaltext import (
     read_corpus,
     stdlib_split,
 )
-from bsbr_export.model.native import BSBRModel
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bsbr-stdlib"

@@ -52,7 +52,7 @@ def _static_views(graph_module):
     (the others fix it); an expand to its input's own shape (what `matmul` emits around
     its `bmm`) is dropped."""
     from executorch.exir.dialects._ops import ops as exir_ops  # optional extra
-    from torch.fx.passes.infra.pass_base import PassResult
+    from torch.fx.passes.infra.pass_base import PassResult  # the pass protocol ExecuTorch's lowering calls
 
     view, expand = exir_ops.edge.aten.view_copy.default, exir_ops.edge.aten.expand_copy.default
     changed = False

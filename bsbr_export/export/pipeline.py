@@ -20,11 +20,11 @@ import torch
 from bsbr_export.compare.cases import DEFAULT_LONG_LENGTH, artifact_cases
 from bsbr_export.compare.parity import ParityReport, check_parity
 from bsbr_export.defaults import DEFAULT_OPSET, DEFAULT_TOLERANCE
+from bsbr_export.errors import UserError
 from bsbr_export.export.checks import check_kind
 from bsbr_export.export.onnx import check_opset, check_static_shape
 from bsbr_export.export.writers import check_options, describe_artifact, write_artifact
 from bsbr_export.formats import FORMATS, Format, artifact_name, export_jobs, parse_formats, recorded_kind
-from bsbr_export.errors import UserError
 from bsbr_export.io import atomic_dir, check_can_create
 from bsbr_export.manifest import MANIFEST, file_record, state_manifest
 from bsbr_export.model.sources import Source, load_source, write_source

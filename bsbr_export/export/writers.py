@@ -7,14 +7,14 @@ callers reach them through `WRITERS` with the options the format takes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bsbr_export.export import onnx, torchscript
 from bsbr_export.export.aoti import export_aoti, package_settings
 from bsbr_export.export.executorch import check_limits, export_executorch
-from bsbr_export.export.onnx import export_onnx
-from bsbr_export.export.torchscript import export_torchscript
 from bsbr_export.formats import Format
 from bsbr_export.runtime.executorch import program_settings
 
@@ -31,12 +31,12 @@ class Writer:
 
 
 def _onnx(model, path, kind, spec, **options):
-    return export_onnx(model, path, spec=spec, streaming=kind == "streaming", decode=kind == "decode", **options)
+    return onnx.export_onnx(model, path, spec=spec, streaming=kind == "streaming", decode=kind == "decode", **options)
 
 
 def _torchscript(mobile: bool):
     def write(model, path, kind, spec):
-        return [export_torchscript(model, path, spec=spec, streaming=kind == "streaming", decode=kind == "decode",
+        return [torchscript.export_torchscript(model, path, spec=spec, streaming=kind == "streaming", decode=kind == "decode",
                                    mobile=mobile)]
 
     return write
@@ -65,3 +65,16 @@ def check_options(fmt: Format, spec, **options) -> None:
 def describe_artifact(fmt: Format, path: Path) -> dict:
     """The settings the manifest records for an artifact of `fmt` at `path`."""
     return WRITERS[fmt.name].describe(path)
+
+
+# Where the README named them before the stages were layered: kept one release.
+MOVED = {"export_onnx": onnx, "export_torchscript": torchscript}
+
+
+def __getattr__(name: str):
+    if name in MOVED:
+        module = MOVED[name]
+        warnings.warn(f"bsbr_export.export.writers.{name} moved to {module.__name__}.{name}; the old path goes in "
+                      "the next release", DeprecationWarning, stacklevel=2)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

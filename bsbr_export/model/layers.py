@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bsbr_export.errors import UserError
 from bsbr_export.model.attention import (
     pack_chunks,
     packed_bsbr_attention,
@@ -28,7 +29,6 @@ from bsbr_export.model.attention import (
     pad_to_chunks,
     unpack_chunks,
 )
-from bsbr_export.errors import UserError
 
 __all__ = ["BSBRAttention", "LayerState", "LayerUpdate"]
 

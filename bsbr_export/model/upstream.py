@@ -28,6 +28,7 @@ always allowed in both masks), so excluding them is what the package computes.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -354,7 +355,7 @@ def _attention_config(attention: nn.Module, **extra) -> BSBRConfig:
 def _twin(original: nn.Module) -> nn.Module | None:
     """Our chunk-wise twin of a package `BSBRAttention` / `BSBRLayer`, weights copied
     (the twins keep the package's parameter names), or None for any other module."""
-    import bsbr
+    import bsbr  # optional: the upstream package, only to read its layers
 
     if isinstance(original, bsbr.BSBRAttention):
         twin = UpstreamAttention(_attention_config(original))
@@ -394,8 +395,6 @@ def swap_upstream_layers(module: nn.Module) -> list[dict]:
     at the example's chunk count. Each twin is checked against the original before it
     is accepted. Returns what was swapped (for the manifest); [] without the package.
     """
-    import importlib.util
-
     if importlib.util.find_spec("bsbr") is None:  # no package, so none of its layers
         return []
     swapped = []
@@ -419,7 +418,7 @@ def swap_upstream_layers(module: nn.Module) -> list[dict]:
 def from_upstream(model: nn.Module) -> UpstreamBSBRModel:
     """A bsbr 0.1.1 `BSBRModel` object in memory -> an eval-mode `UpstreamBSBRModel`,
     heads and chunk size read from its layers (nothing to re-enter by hand)."""
-    import bsbr
+    import bsbr  # optional: the upstream package, only to read its layers
 
     if not isinstance(model, bsbr.BSBRModel):
         raise UserError(f"from_upstream takes a bsbr.BSBRModel, got {type(model).__name__}")

@@ -14,14 +14,11 @@ from __future__ import annotations
 import ast
 import logging
 import shutil
-import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 import onnx
 import onnxruntime
 
@@ -167,7 +164,13 @@ def _quantize(source: Path, target: Path, include: list[str] | None = None, excl
     """int8 MatMul weights: dynamic (activations quantized per call) or, with
     `calibration` feeds, static QDQ (activation ranges fixed from those feeds)."""
     # onnxruntime.quantization pulls in onnx's reference ops and sympy: only when quantizing.
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" on every call
     # MatMul only: by default ORT would also quantize the embedding Gather, whose table

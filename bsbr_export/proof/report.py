@@ -16,6 +16,7 @@ from bsbr_export.io import atomic_write
 from bsbr_export.proof.bench import NOISY_SPREAD, round_sig
 from bsbr_export.runtime.engines import ENGINES
 
+
 def artifact_for(engine: str) -> str | None:
     """The file an engine runs (None for eager / torch.compile, which run the model)."""
     return ENGINES[engine].artifact if engine in ENGINES else None
@@ -258,7 +259,7 @@ def _merged(series: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[
 def _log_axes(ax, xs: list[int], xlabel: str, ylabel: str, title: str) -> None:
     """Log-log axes labelled at the measured x values, with plain-number y ticks at 1-2-5
     steps (so every line sits between labelled ticks)."""
-    from matplotlib.ticker import (
+    from matplotlib.ticker import (  # matplotlib is heavy: only when plotting
         FixedLocator,
         LogLocator,
         NullFormatter,
@@ -289,10 +290,10 @@ def _lines(ax, series: dict[str, list[tuple[int, float]]]) -> None:
 
 def plot(result, directory: Path) -> list[Path]:
     """latency.png and memory.png (log-log vs length), decode.png (vs context)."""
-    import matplotlib
+    import matplotlib  # heavy: only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only when plotting
 
     written = []
     for name, ylabel, value in (
@@ -318,7 +319,7 @@ def plot(result, directory: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only when plotting
 
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

@@ -8,6 +8,7 @@ Functions return measurements (`ValidationResult`); callers decide what a failur
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from bsbr_export.compare.parity import ParityReport, check_parity
 from bsbr_export.defaults import DEFAULT_ACCURACY_BUDGET, DEFAULT_TOLERANCE, PRECISION_TOLERANCES
 from bsbr_export.errors import UserError
 from bsbr_export.formats import FORMATS
+from bsbr_export.io import atomic_write, check_writable
 from bsbr_export.manifest import artifact_kind, read_manifest
 from bsbr_export.model.sources import Source, rebuild
 from bsbr_export.proof.evaltext import TextScore, bits_per_byte, check_budget, heldout_text, logits_of, scores_text
@@ -25,6 +27,7 @@ from bsbr_export.runtime.base import Runner
 from bsbr_export.runtime.eager import EagerRunner
 from bsbr_export.runtime.onnx import available_providers, provider_engine
 
+VALIDATION_FILE = "validation.json"
 VALIDATED_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 
 
@@ -124,6 +127,18 @@ def validate_export(
             checks.append(ArtifactCheck(artifact["name"], engine, report, layers, first_divergence(list(layers)),
                                         score))
     return ValidationResult(str(directory), tolerance, tuple(checks))
+
+
+def validate_and_record(export_dir, **options) -> ValidationResult:
+    """`validate_export`, its result written to EXPORT_DIR/validation.json (the directory
+    checked writable before the work, not after)."""
+    directory = Path(export_dir)
+    read_manifest(directory, verify=False)  # an export dir, and one validation.json can go into
+    check_writable(directory)
+    result = validate_export(directory, **options)
+    with atomic_write(directory / VALIDATION_FILE) as tmp:
+        tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
 
 
 def check_providers(providers: list[str] | None) -> list[str]:

@@ -24,9 +24,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from bsbr_export.errors import UserError
-from bsbr_export.manifest import read_manifest
 from bsbr_export.io import atomic_dir
+from bsbr_export.manifest import read_manifest
 from bsbr_export.model.spec import ModelSpec
 from bsbr_export.model.usercode import export_name
 
@@ -61,8 +63,6 @@ class TensorSpec:
 
 def graph_tensors(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """(inputs, outputs) of an ONNX graph, weights left on disk."""
-    import onnx
-
     graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {init.name for init in graph.initializer}
 

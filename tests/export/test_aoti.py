@@ -13,8 +13,7 @@ import user_models
 from conftest import EDGE_LENGTHS, random_ids, rehash, run_cli
 
 from bsbr_export import load_model
-from bsbr_export.runtime.aoti import host_isas, package_isa
-from bsbr_export.runtime.aoti import AotiRunner
+from bsbr_export.runtime.aoti import AotiRunner, host_isas, package_isa
 
 
 def test_export_writes_a_checked_package_with_its_isa(aoti_export):
@@ -47,9 +46,9 @@ def test_decode_package_rolls_out_like_eager_from_an_empty_state(aoti_export, ba
     """model.decode.pt2 stepped through splits that cross every chunk boundary off-step,
     from no past chunks (0 and 1 past chunks, and steps finishing 0, 1 and 2 chunks, are
     what the example never had), at batches other than the example's."""
+    from bsbr_export.compare.parity import advance_state
     from bsbr_export.model.graphs import flatten_state
     from bsbr_export.model.spec import spec_for
-    from bsbr_export.compare.parity import advance_state
 
     out, _ = aoti_export
     model = load_model(out).eval()
@@ -125,11 +124,12 @@ def test_streaming_step_exports_without_guards(kind, make):
     """The step's ExportedProgram keeps every named axis a plain, unbounded Dim and has no
     runtime assert: torch.export needed nothing of new_tokens, past_chunks or past_tokens,
     also where 2 key/value heads serve 4 query heads (a user's module)."""
+    from torch.utils._sympy.numbers import int_oo
+    from torch.utils._sympy.value_ranges import ValueRanges
+
     from bsbr_export.export.aoti import dynamic_program as export_program
     from bsbr_export.export.examples import graph_axes
     from bsbr_export.model.spec import spec_for
-    from torch.utils._sympy.value_ranges import ValueRanges
-    from torch.utils._sympy.numbers import int_oo
 
     model = make().eval()
     program = export_program(model, kind=kind)

@@ -12,10 +12,10 @@ import torch
 from conftest import random_ids, tiny_config
 
 from bsbr_export import BSBRConfig, UserError, build_model, load_model
-from bsbr_export.formats import FORMATS, artifact_name, export_jobs
-from bsbr_export.model.graphs import FullGraph, flatten_state
 from bsbr_export.export.onnx import export_onnx
 from bsbr_export.export.torchscript import check_trace, export_torchscript
+from bsbr_export.formats import FORMATS, artifact_name, export_jobs
+from bsbr_export.model.graphs import FullGraph, flatten_state
 from bsbr_export.model.spec import spec_for
 from bsbr_export.runtime.onnx import OnnxRunner
 
@@ -314,3 +314,14 @@ def test_torchscript_takes_input_ids_alone(tiny_export, name):
         mask = torch.ones_like(ids)
         mask[0, 7:] = 0
         assert (traced(ids, mask)[0, :7] - model(ids[:1, :7])[0]).abs().max() <= 1e-4
+
+
+def test_writers_table_covers_every_format_and_old_paths_warn():
+    """Every row of the format table has a writer and a runner; the module paths the
+    README named before the stages were layered still work, with a DeprecationWarning."""
+    from bsbr_export.export import onnx, writers
+    from bsbr_export.runtime import RUNNERS
+
+    assert set(writers.WRITERS) == set(FORMATS) == set(RUNNERS)
+    with pytest.warns(DeprecationWarning, match="moved to bsbr_export.export.onnx.export_onnx"):
+        assert writers.export_onnx is onnx.export_onnx

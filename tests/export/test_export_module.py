@@ -89,8 +89,8 @@ def test_value_head_every_output_matches(value_head_export):
 
 def test_a_wrong_second_head_is_caught(value_head_export):
     """A trace whose value head has other weights must fail: every output is compared."""
-    from bsbr_export.model.graphs import FullGraph
     from bsbr_export.export.torchscript import check_trace
+    from bsbr_export.model.graphs import FullGraph
 
     module, _, _ = value_head_export
     other = user_models.value_head_model()

@@ -105,8 +105,8 @@ def load_model_from(sd) -> UpstreamBSBRModel:
 
 @pytest.fixture(scope="module")
 def fixture_export(fixture_dir, tmp_path_factory):
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
 
     out = tmp_path_factory.mktemp("upstream-export") / "exp"
     result = export_model(fixture_dir, out, [FORMATS["onnx"], FORMATS["torchscript"]])
@@ -359,8 +359,8 @@ def test_matches_package_at_the_limit(tmp_path):
 
 
 def test_exports_match_package_at_unseen_lengths(tmp_path):
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
 
     upstream = package_model(4, 8, 4, 2, 32, seed=3)
     ours = import_cli(save_state(upstream, tmp_path / "up.safetensors"), tmp_path / "ours", 4, 8)

@@ -96,8 +96,8 @@ def test_speedups_have_two_significant_digits():
 @pytest.fixture(scope="module")
 def stdlib_export(tmp_path_factory):
     """The trained byte-level preset exported to ONNX, with a small held-out text file."""
-    from bsbr_export.formats import FORMATS
     from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
     from bsbr_export.proof.evaltext import heldout_text
 
     out = tmp_path_factory.mktemp("stdlib") / "bsbr-stdlib"

@@ -10,8 +10,8 @@ import pytest
 from conftest import run_cli
 
 from bsbr_export.proof.optimize import weight_matmuls
-from bsbr_export.runtime.onnx import available_providers
 from bsbr_export.proof.validate import validate_export
+from bsbr_export.runtime.onnx import available_providers
 
 
 def test_weight_matmuls_are_labelled_by_module(tiny_export):

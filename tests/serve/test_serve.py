@@ -23,8 +23,8 @@ import tritonclient.http as httpclient
 from conftest import print_uncaptured, run_cli
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from bsbr_export.errors import UserError
 from bsbr_export.compare.cases import stream_pieces
+from bsbr_export.errors import UserError
 from bsbr_export.model.checkpoint import load_model
 from bsbr_export.runtime.eager import EagerRunner
 from bsbr_export.serve.serve import TritonServer

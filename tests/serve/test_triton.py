@@ -13,11 +13,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from bsbr_export.cli import main
-from bsbr_export.errors import UserError
-from bsbr_export.formats import FORMATS
 from bsbr_export.compare.cases import stream_pieces
-from bsbr_export.manifest import sha256
+from bsbr_export.errors import UserError
 from bsbr_export.export.pipeline import export_model
+from bsbr_export.formats import FORMATS
+from bsbr_export.manifest import sha256
 from bsbr_export.model.checkpoint import load_model
 from bsbr_export.runtime.eager import EagerRunner
 from bsbr_export.runtime.onnx import OnnxRunner
