@@ -115,8 +115,9 @@ def export_for_bench(model_ref, directory: Path, formats: list[str] | None, stre
     # Non-causal models and modules without the streaming protocol have no streaming graphs.
     streams = streaming and source.spec.causal and source.spec.state is not None
     chosen = [FORMATS[f] for f in formats] if formats else [f for f in FORMATS.values() if f.installed]
+    planned = any("max_length" in f.options for f in chosen)  # formats that plan memory for a longest input
     export_model(source, directory, chosen, streaming=streams, overwrite=overwrite, tolerance=tolerance,
-                 long_length=long_length, max_length=max_length, progress=progress)
+                 long_length=long_length, max_length=max_length if planned else None, progress=progress)
 
 
 def check_engines(directory: Path, engines: list[str] | None) -> list[str]:
