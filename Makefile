@@ -1,0 +1,66 @@
+# The test commands (README "Quick start", development paragraph); .ci/run runs `make test`.
+#   make test    set up whatever is missing, then lint-imports and the whole suite (what CI runs)
+#   make quick   set up the project venv if needed, then the tests not marked slow (a few minutes)
+#   make lint    lint-imports (the package's layer contracts, pyproject.toml [tool.importlinter])
+#   make setup   only the setup that `make test` does
+# Extra pytest arguments: make test PYTEST_ARGS="-k onnx" (or make quick PYTEST_ARGS=...).
+# Every setup step is skipped when what it makes is already there.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+PYTEST_ARGS ?=
+VENV := .venv
+# Touched after the editable install: a pyproject.toml (or constraints.txt) newer than it
+# means a changed dependency list, so the install runs again.
+VENV_STAMP := $(VENV)/.bsbr-export-installed
+PYTRITON_VERSION := 0.7.0
+TRITON_STAMP := .venv-triton/.nvidia-pytriton-$(PYTRITON_VERSION)-installed
+# npm writes node_modules/.package-lock.json once an install has finished (npm ci starts by
+# removing node_modules, so a failed one leaves none).
+NODE_MODULES := samples/node/node_modules/.package-lock.json
+
+.PHONY: test quick lint setup toolchain
+
+test: setup
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+quick: $(VENV_STAMP)
+	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(VENV_STAMP)
+	$(VENV)/bin/lint-imports
+
+setup: toolchain $(NODE_MODULES) $(TRITON_STAMP) $(VENV_STAMP)
+
+# The C++ sample test builds against the torch wheel's libtorch: it needs cmake and a compiler.
+toolchain:
+	command -v cmake >/dev/null && command -v c++ >/dev/null || { apt-get update && apt-get install -y --no-install-recommends cmake g++; }
+
+# The Node.js sample: onnxruntime-node's CPU binaries ship in the npm package; its
+# postinstall would fetch from outside the registry, so it is skipped.
+$(NODE_MODULES): samples/node/package-lock.json
+	(cd samples/node && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund)
+	touch $@
+
+# The Triton tests start a real tritonserver from the nvidia-pytriton wheel, in a venv of its
+# own (README "Serving with Triton"): it needs numpy<2, the project's venv has numpy 2; its
+# own dependencies serve PyTriton's Python API, unused here (--no-deps).
+$(TRITON_STAMP):
+	$(PYTHON) -m venv .venv-triton && .venv-triton/bin/pip install "numpy<2" onnxruntime && .venv-triton/bin/pip install --no-deps "nvidia-pytriton==$(PYTRITON_VERSION)"
+	touch $@
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The README's venv, editable (the tests run this checkout) with the test extras; bsbr 0.1.1 is
+# the upstream package whose checkpoints we import: its wheel says Python >= 3.12 but runs on
+# 3.11 (--ignore-requires-python); --no-deps keeps pip from resolving its own requirements
+# (an unpinned torch>=2.6, numpy>=2.2.4, pandas, seaborn, matplotlib) outside constraints.txt.
+$(VENV_STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(VENV)/bin/pip install -c constraints.txt -e ".[dev,executorch,openvino]"
+	$(VENV)/bin/pip install --no-deps --ignore-requires-python bsbr==0.1.1
+	touch $@
