@@ -213,3 +213,60 @@ def triton_server(triton_env, triton_repo, request):
     print_uncaptured(request, f"tritonserver ready in {server.start_seconds:.2f}s (pid {server.pid})")
     yield server
     server.stop()
+
+
+# The `slow` marker (pyproject.toml): `make quick` runs `pytest -m "not slow"`, `make test`
+# and CI everything. Chosen from measured durations (the full suite with --durations=0 on
+# 2026-12-04, Intel(R) Xeon(R) Processor, 2 cores: 632 s of tests) so that the rest runs in
+# about 4 minutes, and every test file outside SLOW_FILES keeps quick tests.
+# Whole files (by basename): each compiles, lowers or builds before its first test.
+SLOW_FILES = (
+    "test_aoti.py",  # AOTInductor compiles bsbr-tiny (aoti_export): 80 s
+    "test_executorch.py",  # ExecuTorch lowering (executorch_export): 33 s
+    "test_samples_cpp.py",  # a cmake build against libtorch, and the AOTInductor package: 16 s + aoti_export
+)
+# Single tests: "file.py::test_name" matches that test (all its parameters), anything else
+# is a substring of the node id. A fixture's setup is paid by its first user, so every user
+# of an expensive fixture is listed, or the cost just moves to the next one.
+SLOW_TESTS = (
+    "test_export_module.py::test_bench_rebuilds_a_module_ref",  # 54 s
+    "test_export_module.py::test_rotary_gqa_decoder_full_and_streaming",  # decoder_export: 40 s
+    "test_export_module.py::test_a_broken_block_is_named_with_the_users_module_names",  # decoder_export
+    "test_precision.py::test_compiled_autocast_runner_keeps_its_fp32_groups_at_unseen_lengths",  # torch.compile: 42 s
+    "test_readme.py::test_readme_own_model_example_runs",  # 39 s
+    "test_readme.py::test_readme_deploy_blocks_run_in_order",  # every README Deploy block: minutes
+    "compressed_export]",  # tests parametrized over compressed_export (its export: 20 s)
+    "test_export.py::test_compressed_onnx_matches_eager",  # compressed_export
+    "test_bench.py::test_int8_over_the_accuracy_budget_fails_and_is_never_recommended",  # 17 s + stdlib_export 10 s
+    "test_bench.py::test_validate_scores_bits_per_byte_against_eager",  # stdlib_export
+    "test_bench.py::test_quick_bench_exports_and_times_its_subset_and_explicit_flags_win",  # 15 s
+    "test_cli_module.py::test_optimize_a_module_that_takes_no_mask",  # tokens_export: 20 s
+    "test_cli_module.py::test_bench_feeds_what_the_spec_names",  # tokens_export
+    "test_upstream.py::test_exports_match_package_at_unseen_lengths",  # 10 s
+    "test_serve.py::test_idle_sequence_is_released",  # a second tritonserver, and an idle wait: 7 s
+)
+
+
+def _stale_slow_names() -> list[str]:
+    """SLOW_FILES/SLOW_TESTS entries naming a test file or test function that is not there."""
+    files = {path.name: path for path in Path(__file__).parent.rglob("test_*.py")}
+    stale = [name for name in SLOW_FILES if name not in files]
+    for entry in SLOW_TESTS:
+        if "::" in entry:
+            file, test = entry.split("::", 1)
+            if file not in files or f"def {test}(" not in files[file].read_text():
+                stale.append(entry)
+    return stale
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark SLOW_FILES' and SLOW_TESTS' tests `slow`."""
+    stale = _stale_slow_names()
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py SLOW_FILES/SLOW_TESTS name tests that do not exist: {stale}")
+    for item in items:
+        nodeid = "/" + item.nodeid
+        if item.path.name in SLOW_FILES or any(
+            ("/" + entry if "::" in entry else entry) in nodeid for entry in SLOW_TESTS
+        ):
+            item.add_marker(pytest.mark.slow)
