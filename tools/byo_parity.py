@@ -71,7 +71,7 @@ def table_for(name: str, factory) -> dict:
             reference = EagerRunner(module, spec, kind)
             runner = OnnxRunner(out / file) if file.endswith(".onnx") else TorchScriptRunner(
                 out / file, reference.input_names, reference.output_names)
-            cases = [Case(b, n, pieces=tuple(stream_pieces(n, c)) if kind != "logits" else ()) for n in lengths
+            cases = [Case(b, n, pieces=tuple(stream_pieces(n, c)) if kind != "full" else ()) for n in lengths
                      for b in BATCHES]
             report = check_parity(file, reference, runner, cases, spec, seed=9000)
             for r in report.results:
