@@ -33,7 +33,7 @@ from bsbr_export.errors import UserError
 from bsbr_export.io import atomic_write, check_writable
 from bsbr_export.manifest import add_artifacts, manifest_spec, read_manifest
 from bsbr_export.model.spec import ModelSpec
-from bsbr_export.proof.bench import median_ms, spec_feeds
+from bsbr_export.proof.bench import first_output, median_ms, spec_feeds
 from bsbr_export.proof.evaltext import (
     DEFAULT_EVAL_BYTES,
     bits_per_byte_by_window,
@@ -108,13 +108,9 @@ def _runner(path: Path, level: str = "all", optimized_path: Path | None = None, 
     return OnnxRunner(path, optimization=level, threads=threads, optimized_path=optimized_path)
 
 
-def _first(runner: Runner, feeds: dict) -> np.ndarray:
-    return runner.infer(feeds)[runner.output_names[0]]
-
-
 def eager_output(export_dir: Path, feeds: dict, trust_code: bool = False) -> np.ndarray:
     """The eager model's first output (rebuilt from the export dir) on `feeds`."""
-    return _first(open_engine("eager", export_dir, trust_code=trust_code), feeds)
+    return first_output(open_engine("eager", export_dir, trust_code=trust_code), feeds)
 
 
 def choose_level(export_dir, *, length: int = 1024, tolerance: float = DEFAULT_TOLERANCE, threads: int = 2,
@@ -132,7 +128,7 @@ def choose_level(export_dir, *, length: int = 1024, tolerance: float = DEFAULT_T
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         for level in OPTIMIZATION_LEVELS:
             runner = _runner(source, level, Path(tmp) / f"{level}.onnx", threads)
-            diff = compare("output", want, _first(runner, feeds), tolerance)
+            diff = compare("output", want, first_output(runner, feeds), tolerance)
             timings.append(LevelTiming(level, median_ms(runner.infer, feeds, repeats=5), diff.max_abs, diff.passed))
         passing = [t for t in timings if t.passed]
         if not passing:
@@ -271,7 +267,7 @@ class Int8Judge:
     def score(self, runner: Runner) -> dict[int, float] | None:
         if self.text is None:
             return None
-        return bits_per_byte_by_window(lambda ids: _first(runner, text_feeds(self.spec, ids)), self.text,
+        return bits_per_byte_by_window(lambda ids: first_output(runner, text_feeds(self.spec, ids)), self.text,
                                        self.windows)
 
     def set_fp32(self, runner: Runner) -> dict[int, float] | None:
@@ -284,10 +280,10 @@ class Int8Judge:
     def loss(self, runner: Runner) -> float:
         """What sensitivity ranks by: lower is better."""
         moved = self.change(self.score(runner))
-        return moved if moved is not None else float(np.abs(_first(runner, self.feeds) - self.want).mean())
+        return moved if moved is not None else float(np.abs(first_output(runner, self.feeds) - self.want).mean())
 
     def step(self, kept_fp32: int, runner: Runner) -> QuantStep:
-        diff = compare("output", self.want, _first(runner, self.feeds), 0.0, top1=True)
+        diff = compare("output", self.want, first_output(runner, self.feeds), 0.0, top1=True)
         bpb = self.score(runner)
         return QuantStep(kept_fp32, diff.top1, diff.max_abs, median_ms(runner.infer, self.feeds, repeats=5), bpb,
                          self.change(bpb))

@@ -71,8 +71,8 @@ def why_not(engine: Engine, export_dir: Path) -> str | None:
         return f"no {engine.artifact} in {export_dir} (bsbr-export export / optimize write it)"
     if engine.provider and engine.provider not in available_providers():
         return f"ONNX Runtime's {engine.provider} is not available here"
-    if engine.runs == "openvino" and openvino_missing():
-        return openvino_missing()
+    if engine.runs == "openvino" and (missing := openvino_missing()):
+        return missing
     if engine.precision == "bf16":
         return bf16_missing()
     return None
@@ -83,14 +83,25 @@ def available_engines(export_dir: Path) -> list[str]:
     return [e.name for e in ENGINES.values() if why_not(e, export_dir) is None]
 
 
+def _source(export_dir: Path, trust_code: bool):
+    """The eager model the export dir came from (a user's module only with `trust_code`)."""
+    return rebuild(export_dir, read_manifest(export_dir, verify=False), trust_code=trust_code)
+
+
 def _eager(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:
-    source = rebuild(export_dir, read_manifest(export_dir, verify=False), trust_code=trust_code)
-    if engine.runs == "compile":
-        return CompiledRunner(source.module, source.spec)
-    if engine.runs == "autocast":
-        keep = read_plans(export_dir).get("eager-bf16", {}).get("keep_fp32", ())
-        return AutocastRunner(source.module, source.spec, keep, **engine.options)
+    source = _source(export_dir, trust_code)
     return EagerRunner(source.module, source.spec)
+
+
+def _compiled(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:
+    source = _source(export_dir, trust_code)
+    return CompiledRunner(source.module, source.spec)
+
+
+def _autocast(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:
+    source = _source(export_dir, trust_code)
+    keep = read_plans(export_dir).get("eager-bf16", {}).get("keep_fp32", ())
+    return AutocastRunner(source.module, source.spec, keep, **engine.options)
 
 
 def _artifact(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:
@@ -107,7 +118,7 @@ def _openvino(engine: Engine, export_dir: Path, threads: int, trust_code: bool) 
     return OpenVinoRunner(Path(export_dir) / engine.artifact, threads=threads, **engine.options)
 
 
-OPENERS = {"eager": _eager, "compile": _eager, "autocast": _eager, "openvino": _openvino}
+OPENERS = {"eager": _eager, "compile": _compiled, "autocast": _autocast, "openvino": _openvino}
 
 
 def open_engine(name: str, export_dir: Path, *, threads: int | None = None, trust_code: bool = False) -> Runner:
