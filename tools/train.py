@@ -1,11 +1,16 @@
 """Train the `bsbr-stdlib` preset: a byte-level BSBR LM on CPython's standard library.
 
-    python tools/train.py                     # the shipped run (see tools/results/train_bsbr-stdlib.md)
-    python tools/train.py --steps 20 --dry    # a smoke run that writes nothing to models/
+    python tools/train.py --steps 20 --dry              # a CPU smoke run that writes nothing to models/
+    python tools/train.py --device cuda --minutes 8 --out RUN --no-finish
+                                                         # train on a GPU, checkpointing into RUN
+    python tools/train.py --finish RUN                   # score RUN's weights on this machine, ship them
 
-The data split is `bsbr_export.proof.evaltext.stdlib_split` (held-out files are never read
-here). Writes the fp16 weights and the preset TOML into models/ (loaded as fp32), the
-loss curve and held-out bits per byte to tools/results/. A tool, never part of the tests.
+The data split is `bsbr_export.proof.evaltext.stdlib_split` of the interpreter running the
+training (held-out files are never read for training; the curve scores its held-out slice).
+A run writes its fp16 weights and record into `--out` every `--checkpoint-every` seconds, so
+a run cut off still yields weights. `--finish` scores them on *this* machine's held-out files
+at several window lengths and writes the preset TOML into models/, the loss curve and the
+scores to tools/results/. A tool, never part of the tests.
 """
 
 from __future__ import annotations
@@ -14,15 +19,17 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from bsbr_export.machine import machine_info
 from bsbr_export.model.config import BSBRConfig
@@ -41,61 +48,91 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = "bsbr-stdlib"
 CONFIG = BSBRConfig(vocab_size=BYTE_VOCAB, hidden_size=256, num_layers=4, num_heads=4, chunk_size=64, ff_size=1024)
 HELDOUT_BYTES = 256 * 1024  # the final held-out score (the presets' recorded slice is the first DEFAULT_EVAL_BYTES)
+SCORED_WINDOWS = (EVAL_WINDOW, 4096, 16384)  # --finish scores the held-out bytes in windows of each
+WEIGHTS, RECORD = "weights.safetensors", "train.json"  # what a run writes into --out
 
 
-def logits_fn(model):
+def logits_fn(model, device: torch.device):
     def logits_of(ids: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(ids)).numpy()
+            return model(torch.from_numpy(ids).to(device)).float().cpu().numpy()
 
     return logits_of
 
 
-def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
+def learning_rate(progress: float, step: int, peak: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to a tenth of the peak as
+    `progress` (the fraction of the run's steps or time spent) goes from 0 to 1."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(steps - warmup, 1)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def window_start(max_position: int, length: int, generator: torch.Generator) -> int:
-    """Where a training window's first byte sits: 0 a quarter of the time (as at inference),
-    else a chunk-aligned position drawn so the window ends below `max_position`. Absolute
-    sinusoid positions past the windows were never seen otherwise: the first preset,
-    trained on 512-byte windows from 0, scored 14.5 bits per byte at L = 4096."""
+def window_start(max_position: int, length: int, generator: torch.Generator, from_zero: float) -> int:
+    """Where a training window's first byte sits: 0 with probability `from_zero` (as at
+    inference), else a chunk-aligned position drawn so the window ends below
+    `max_position`. Absolute sinusoid positions past the windows were never seen
+    otherwise: the first preset, trained on 512-byte windows from 0, scored 14.5 bits
+    per byte at L = 4096."""
     chunks = max((max_position - length) // CONFIG.chunk_size, 0)
-    if chunks == 0 or torch.rand((), generator=generator).item() < 0.25:
+    if chunks == 0 or torch.rand((), generator=generator).item() < from_zero:
         return 0
     return int(torch.randint(0, chunks + 1, (), generator=generator)) * CONFIG.chunk_size
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=400, help="steps to train (a ceiling when --minutes is set)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="train for this long instead: the learning rate decays over the time, not the steps")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=EVAL_WINDOW, help="training sequence length")
     parser.add_argument("--max-position", type=int, default=16384,
                         help="windows start at random chunk-aligned positions below this minus --length "
-                             "(a quarter of them at 0), so the sinusoid's positions up to it are all trained")
+                             "(--from-zero of them at 0), so the sinusoid's positions up to it are all trained")
+    parser.add_argument("--from-zero", type=float, default=0.25, help="the share of windows that start at 0")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--embedding-std", type=float, default=0.2, help="std of the embedding's initial weights")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights and optimizer)")
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints in --out")
+    parser.add_argument("--out", type=Path, default=None, help="where the run's weights and record go "
+                        "(default: a folder in /tmp)")
+    parser.add_argument("--no-finish", action="store_true", help="train only; score and ship later with --finish")
+    parser.add_argument("--finish", type=Path, default=None, metavar="RUN",
+                        help="score RUN's weights on this machine and write the preset and results")
     parser.add_argument("--dry", action="store_true", help="write nothing to models/ (results go to /tmp)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    torch.manual_seed(args.seed)
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
-    train_files, heldout_files = stdlib_split()
-    train = torch.from_numpy(np.frombuffer(read_corpus(train_files), dtype=np.uint8).astype(np.int64))
-    heldout = read_corpus(heldout_files, HELDOUT_BYTES)
-    curve_text = heldout[:DEFAULT_EVAL_BYTES]
-    print(f"train {len(train_files)} files {len(train) / 1e6:.1f} MB; held out {len(heldout_files)} files", flush=True)
+    if args.finish is not None:
+        finish(args.finish, args.dry)
+        return
+    run = args.out or Path("/tmp/train-dry" if args.dry else "/tmp/train-run")
+    train(args, run)
+    if not args.no_finish:
+        finish(run, args.dry)
 
-    model = BSBRModel(CONFIG)
+
+def train(args: argparse.Namespace, run: Path) -> None:
+    """Train from scratch, writing fp16 weights and the record into `run` every
+    `--checkpoint-every` seconds and at the end."""
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    train_files, heldout_files = stdlib_split()
+    corpus = torch.from_numpy(np.frombuffer(read_corpus(train_files), dtype=np.uint8).copy()).to(device)
+    curve_text = read_corpus(heldout_files, DEFAULT_EVAL_BYTES)
+    print(f"train {len(train_files)} files {len(corpus) / 1e6:.1f} MB; held out {len(heldout_files)} files; "
+          f"{device}", flush=True)
+
+    model = BSBRModel(CONFIG).to(device)
     # The sinusoid added to the embedding has norm sqrt(hidden / 2) = 11.3, while a GPT-2
     # style 0.02 init gives a token row norm of 0.3: token identity is 3% of the input and
     # the first runs sat at the unigram loss (4.5 bits per byte after 200 steps). 0.2
@@ -104,58 +141,101 @@ def main() -> None:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95))
+                                  lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     generator = torch.Generator().manual_seed(args.seed)
-    curve, start = [], time.perf_counter()
-    for step in range(args.steps):
+    span = torch.arange(args.length + 1, device=device)
+    budget = args.minutes * 60 if args.minutes else None
+    record = {
+        "model": NAME, "config": CONFIG.to_dict(), "command": command_line(), "seed": args.seed,
+        "batch": args.batch, "length": args.length, "max_position": args.max_position, "from_zero": args.from_zero,
+        "lr": args.lr, "warmup": args.warmup, "threads": args.threads, "embedding_std": args.embedding_std,
+        "device": device_name(device), "bf16": args.bf16, "train_bytes": len(corpus),
+        "train_files": len(train_files), "heldout_files": len(heldout_files), "torch": torch.__version__,
+        "machine": machine_info(), "curve": [],
+    }
+    start = last_checkpoint = time.perf_counter()
+    step = 0
+    while step < args.steps and (budget is None or time.perf_counter() - start < budget):
         model.train()
-        offsets = torch.randint(0, len(train) - args.length - 1, (args.batch,), generator=generator)
-        batch = torch.stack([train[o:o + args.length + 1] for o in offsets.tolist()])
-        logits = model.forward_from(batch[:, :-1], window_start(args.max_position, args.length, generator))
-        loss = F.cross_entropy(logits.reshape(-1, BYTE_VOCAB), batch[:, 1:].reshape(-1))
+        offsets = torch.randint(0, len(corpus) - args.length - 1, (args.batch,), generator=generator).to(device)
+        batch = corpus[offsets[:, None] + span].long()
+        with autocast:
+            logits = model.forward_from(batch[:, :-1], window_start(args.max_position, args.length, generator,
+                                                                    args.from_zero))
+        loss = F.cross_entropy(logits.float().reshape(-1, BYTE_VOCAB), batch[:, 1:].reshape(-1))
+        elapsed = time.perf_counter() - start
+        progress = elapsed / budget if budget else step / args.steps
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+            group["lr"] = learning_rate(progress, step, args.lr, args.warmup)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        step += 1
+        if step % args.eval_every == 0:
             model.eval()
-            point = {"step": step + 1, "seconds": round(time.perf_counter() - start, 1),
+            point = {"step": step, "seconds": round(time.perf_counter() - start, 1),
                      "train_bpb": round(loss.item() / math.log(2), 4),
-                     "heldout_bpb": round(bits_per_byte(logits_fn(model), curve_text), 4)}
-            curve.append(point)
+                     "heldout_bpb": round(bits_per_byte(logits_fn(model, device), curve_text), 4)}
+            record["curve"].append(point)
             print(json.dumps(point), flush=True)
-    seconds = time.perf_counter() - start
+        if time.perf_counter() - last_checkpoint > args.checkpoint_every:
+            checkpoint(model, record, run, step, time.perf_counter() - start)
+            last_checkpoint = time.perf_counter()
+    checkpoint(model, record, run, step, time.perf_counter() - start)
+    print(f"{step} steps, {step * args.batch * args.length / 1e6:.1f} M bytes in "
+          f"{(time.perf_counter() - start) / 60:.1f} min -> {run}", flush=True)
 
-    # What ships is fp16: score the model as it will load (fp16 rounded, run in fp32).
+
+def checkpoint(model: BSBRModel, record: dict, run: Path, step: int, seconds: float) -> None:
+    """The fp16 weights as they ship and the record so far, each replaced whole."""
+    run.mkdir(parents=True, exist_ok=True)
+    record.update(steps=step, seconds=round(seconds, 1), tokens_seen=step * record["batch"] * record["length"])
+    shipped = {k: v.detach().half().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(shipped, run / f"{WEIGHTS}.tmp", metadata={"format": "pt"})
+    os.replace(run / f"{WEIGHTS}.tmp", run / WEIGHTS)
+    (run / f"{RECORD}.tmp").write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(run / f"{RECORD}.tmp", run / RECORD)
+
+
+def finish(run: Path, dry: bool) -> None:
+    """Score the run's fp16 weights (loaded as fp32, as the preset loads them) on this
+    machine's held-out text, and write the preset and the results."""
+    record = json.loads((run / RECORD).read_text())
+    model = BSBRModel(CONFIG)
+    model.load_state_dict({k: v.float() for k, v in load_file(run / WEIGHTS).items()})
     model.eval()
-    shipped = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    model.load_state_dict({k: v.float() for k, v in shipped.items()})
-    slice_bpb = bits_per_byte(logits_fn(model), curve_text)
-    heldout_bpb = bits_per_byte(logits_fn(model), heldout)
-    out_models = Path("/tmp/train-dry") if args.dry else ROOT / "models"
-    out_results = Path("/tmp/train-dry") if args.dry else ROOT / "tools" / "results"
+    logits_of = logits_fn(model, torch.device("cpu"))
+    heldout = heldout_text(HELDOUT_BYTES)
+    slice_bpb = bits_per_byte(logits_of, heldout[:DEFAULT_EVAL_BYTES])
+    scores = {}
+    for window in SCORED_WINDOWS:
+        scores[window] = round(bits_per_byte(logits_of, heldout, window=window), 4)
+        print(f"held-out bits per byte in windows of {window}: {scores[window]}", flush=True)
+    out_models = Path("/tmp/train-dry") if dry else ROOT / "models"
+    out_results = Path("/tmp/train-dry") if dry else ROOT / "tools" / "results"
     out_models.mkdir(parents=True, exist_ok=True)
     out_results.mkdir(parents=True, exist_ok=True)
     weights = out_models / f"{NAME}.safetensors"
-    save_file(shipped, weights, metadata={"format": "pt"})
-    command = "python " + " ".join(shlex.quote(a) for a in ["tools/train.py", *sys.argv[1:]])
-    write_preset(out_models / f"{NAME}.toml", weights.name, args.seed, slice_bpb, command)
-    record = {
-        "model": NAME, "config": CONFIG.to_dict(), "command": command, "seed": args.seed, "steps": args.steps,
-        "batch": args.batch, "length": args.length, "max_position": args.max_position, "lr": args.lr, "threads": args.threads,
-        "embedding_std": args.embedding_std,
-        "tokens_seen": args.steps * args.batch * args.length, "train_bytes": len(train),
-        "train_files": len(train_files), "heldout_files": len(heldout_files), "seconds": round(seconds, 1),
-        "heldout_bytes": len(heldout), "heldout_bpb": round(heldout_bpb, 4),
-        "slice_bytes": len(curve_text), "slice_bpb": slice_bpb, "weights_bytes": weights.stat().st_size,
-        "torch": torch.__version__, "machine": machine_info(), "curve": curve,
-    }
+    weights.write_bytes((run / WEIGHTS).read_bytes())
+    write_preset(out_models / f"{NAME}.toml", weights.name, record["seed"], slice_bpb, record["command"])
+    record.update(heldout_bytes=len(heldout), heldout_bpb=scores[EVAL_WINDOW],
+                  heldout_bpb_by_window={str(k): v for k, v in scores.items()}, slice_bytes=DEFAULT_EVAL_BYTES,
+                  slice_bpb=slice_bpb, weights_bytes=weights.stat().st_size, scored_on=machine_info(),
+                  finish_command=command_line())
     (out_results / f"train_{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
     write_report(out_results, record)
-    print(f"held-out bits per byte {heldout_bpb:.4f} ({len(heldout)} bytes); {seconds / 60:.1f} min; "
+    print(f"held-out bits per byte {scores[EVAL_WINDOW]:.4f} ({len(heldout)} bytes, windows of {EVAL_WINDOW}); "
           f"weights {weights.stat().st_size / 2**20:.2f} MiB -> {weights}")
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in ["tools/train.py", *sys.argv[1:]])
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else machine_info()["processor"]
 
 
 def write_preset(path: Path, weights: str, seed: int, slice_bpb: float, command: str) -> None:
@@ -187,21 +267,29 @@ def write_report(directory: Path, record: dict) -> None:
     ax.plot([p["step"] for p in curve], [p["heldout_bpb"] for p in curve], label="held-out slice")
     ax.set_xlabel("step")
     ax.set_ylabel("bits per byte")
-    ax.set_title(f"{NAME} on {record['machine']['processor']}")
+    ax.set_title(f"{NAME} on {record['device']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(directory / f"train_{NAME}.png", dpi=100)
     rows = "\n".join(f"| {p['step']} | {p['seconds']} | {p['train_bpb']} | {p['heldout_bpb']} |" for p in curve)
+    by_window = " / ".join(f"{v}" for v in record["heldout_bpb_by_window"].values())
+    windows_ = " / ".join(record["heldout_bpb_by_window"])
+    trained = record["machine"]
+    scored = record["scored_on"]
     (directory / f"train_{NAME}.md").write_text(
         f"# Training `{NAME}`\n\n"
-        f"`{record['command']}` — seed {record['seed']}, {record['steps']} steps of {record['batch']} x "
-        f"{record['length']} bytes ({record['tokens_seen'] / 1e6:.1f} M bytes seen of {record['train_bytes'] / 1e6:.1f} "
-        f"M in {record['train_files']} files), {record['threads']} threads, {record['seconds'] / 60:.1f} min on "
-        f"{record['machine']['processor']}, torch {record['torch']}.\n\n"
-        f"**Held-out bits per byte: {record['heldout_bpb']}** ({record['heldout_bytes']} bytes of the "
-        f"{record['heldout_files']} held-out files, windows of {EVAL_WINDOW}, fp16 weights as shipped); "
-        f"the first {record['slice_bytes']} bytes (the default `--eval-text`): {record['slice_bpb']:.4f}.\n"
+        f"`{record['command']}`, then `{record['finish_command']}` — seed {record['seed']}, {record['steps']} steps "
+        f"of {record['batch']} x {record['length']} bytes ({record['tokens_seen'] / 1e6:.1f} M bytes seen of "
+        f"{record['train_bytes'] / 1e6:.1f} M in {record['train_files']} files of Python "
+        f"{trained['versions']['python']}'s stdlib), {record['seconds'] / 60:.1f} min on {record['device']}"
+        f"{' (bf16 autocast)' if record['bf16'] else ''}, torch {record['torch']}.\n\n"
+        f"**Held-out bits per byte in windows of {windows_}: {by_window}** ({record['heldout_bytes']} bytes of "
+        f"the held-out files of Python {scored['versions']['python']}'s stdlib on {scored['processor']}, fp16 "
+        f"weights as shipped, run in fp32); the first {record['slice_bytes']} bytes (the default `--eval-text`) "
+        f"in windows of {EVAL_WINDOW}: {record['slice_bpb']:.4f}.\n"
         f"Weights: {record['weights_bytes'] / 2**20:.2f} MiB fp16.\n\n"
+        f"The curve's held-out column scores the training machine's own held-out slice (the same rule on "
+        f"its stdlib, first {DEFAULT_EVAL_BYTES} bytes, windows of {EVAL_WINDOW}).\n\n"
         f"![loss curve](train_{NAME}.png)\n\n| step | seconds | train bpb | held-out bpb |\n|---|---|---|---|\n{rows}\n"
     )
 
