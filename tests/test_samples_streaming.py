@@ -51,6 +51,36 @@ def test_matches_eager_greedy(request, which, length, tmp_path):
     assert "per-token latency median" in done.stdout
 
 
+@pytest.mark.parametrize("temperature, top_k", [(0.8, None), (1.5, 5)])
+def test_sampling_matches_eager_logits_drawn_with_the_same_seed(tiny_export, tmp_path, temperature, top_k):
+    """--temperature/--top-k/--seed: the draws the sample makes from its ONNX logits are
+    the ones the same generator makes from the full eager model's logits, step by step."""
+    import runpy
+
+    import numpy as np
+    import torch
+
+    out, _ = tiny_export
+    model = load_model(out)
+    prompt = prompt_of(13, model.config.vocab_size)
+    args = ["--temperature", temperature, "--seed", 7] + (["--top-k", top_k] if top_k else [])
+    done = run(out, *prompt, "--max-new-tokens", NEW_TOKENS, "--out", tmp_path / "out.json", *args)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "out.json").read_text())
+    pick = runpy.run_path(str(SCRIPT))["pick"]
+    rng, ids = np.random.default_rng(7), list(prompt)
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            ids.append(pick(model(torch.tensor([ids]))[0, -1].numpy(), temperature, top_k, rng))
+    assert result["generated"] == ids[len(prompt):]
+    assert result["generated"] != eager_greedy(model, prompt, NEW_TOKENS)  # it did sample
+    assert (result["temperature"], result["top_k"], result["seed"]) == (temperature, top_k, 7)
+    if top_k:  # every draw is among the k most likely of its step
+        logits = model(torch.tensor([ids[:-1]]))[0, len(prompt) - 1:].detach()
+        ranks = (logits > logits.gather(-1, torch.tensor(ids[len(prompt):])[:, None])).sum(-1)
+        assert int(ranks.max()) < top_k
+
+
 def test_imports_neither_torch_nor_bsbr_export(tiny_export):
     out, _ = tiny_export
     done = subprocess.run(
@@ -97,6 +127,9 @@ def test_bad_artifact_is_one_line_and_exit_2(tiny_export, tmp_path, make):
     (["1", "97"], "out of range"),  # bsbr-tiny's vocabulary is [0, 97)
     ([], "no prompt"),
     (["1", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["1", "--temperature", "-0.5"], "--temperature must be >= 0"),
+    (["1", "--temperature", "nan"], "--temperature must be >= 0"),
+    (["1", "--temperature", "1", "--top-k", "0"], "--top-k must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_export, args, message):
     out, _ = tiny_export

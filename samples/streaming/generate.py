@@ -1,8 +1,9 @@
-"""Greedy generation with an exported streaming BSBR graph, ONNX Runtime only.
+"""Generation with an exported streaming BSBR graph, ONNX Runtime only.
 
     python generate.py EXPORT_DIR ID [ID ...] --max-new-tokens 32
     python generate.py EXPORT_DIR --prompt-file PROMPT.txt --out result.json
     python generate.py EXPORT_DIR --text "def main(" --max-new-tokens 60   # byte-level models
+    python generate.py EXPORT_DIR --text "import " --temperature 0.8 --top-k 40 --seed 1
 
 EXPORT_DIR is what `bsbr-export export MODEL --format onnx --streaming` wrote. The prompt
 goes in with one call; then each call feeds one token and the state the previous call
@@ -12,7 +13,9 @@ the `new.*` rows of chunks it finished (usually none), which are appended here, 
 token costs the same at any context length. The state stays in ORT-owned OrtValues,
 bound (IOBinding) as the next call's `past.*` inputs; only an append, once per chunk,
 goes through numpy. Only the logits of the last position
-come back to pick the next token (argmax).
+come back to pick the next token: the most likely (greedy, the default), or with
+--temperature T > 0 a draw from softmax(logits / T), over the --top-k most likely when
+given, from a numpy generator seeded by --seed (the same seed gives the same tokens).
 
 Tokens are printed as they come, then the prefill time and the per-token latency (one
 call per token, after the prompt) as median and p90. --out writes the prompt, the
@@ -193,15 +196,31 @@ def text_prompt(text: str, manifest: dict) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-def generate(session: StreamingSession, prompt: list[int], max_new_tokens: int,
-             show=show_id) -> tuple[list[int], float, list[float]]:
-    """Greedy decoding: (new token ids, prefill seconds, seconds of each one-token call)."""
+def pick(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
+    """The next token: the most likely when `temperature` is 0, else a draw from
+    softmax(logits / temperature) over the `top_k` most likely (all when None)."""
+    logits = np.asarray(logits, dtype=np.float64).ravel()
+    if temperature == 0:
+        return int(logits.argmax())
+    scaled = logits / temperature
+    if top_k:
+        scaled = np.where(scaled >= np.sort(scaled)[-top_k], scaled, -np.inf)
+    weights = np.exp(scaled - scaled.max())
+    return int(rng.choice(len(weights), p=weights / weights.sum()))
+
+
+def generate(session: StreamingSession, prompt: list[int], max_new_tokens: int, show=show_id,
+             temperature: float = 0.0, top_k: int | None = None,
+             seed: int = 0) -> tuple[list[int], float, list[float]]:
+    """Decode `max_new_tokens` after `prompt` (see `pick`): (new token ids, prefill
+    seconds, seconds of each one-token call)."""
+    rng = np.random.default_rng(seed)
     start = time.perf_counter()
     logits = session.step(np.array([prompt], dtype=np.int64))
     prefill = time.perf_counter() - start
     tokens, latencies = [], []
     while True:
-        token = int(logits.argmax())
+        token = pick(logits, temperature, top_k, rng)
         tokens.append(token)
         show(token)
         if len(tokens) == max_new_tokens:
@@ -236,10 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate [default: 20]")
     parser.add_argument("--out", type=Path, metavar="FILE.json", help="write prompt, generated ids and latencies here")
     parser.add_argument("--threads", type=int, metavar="N", help="ORT intra-op threads [default: all cores]")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="sample from softmax(logits / T); 0 = greedy [default: 0]")
+    parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator [default: 0]")
     try:
         args = parser.parse_args(argv)
         if args.max_new_tokens < 1:
             raise SampleError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if not args.temperature >= 0:  # also refuses nan
+            raise SampleError(f"--temperature must be >= 0, got {args.temperature}")
+        if args.top_k is not None and args.top_k < 1:
+            raise SampleError(f"--top-k must be >= 1, got {args.top_k}")
         manifest = load_manifest(args.export_dir)
         listed = {a.get("name") for a in manifest["artifacts"]}
         name = next((n for n in ARTIFACTS if n in listed), ARTIFACTS[-1])
@@ -254,10 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.text is not None:
             print(args.text, end="", flush=True)
         tokens, prefill, latencies = generate(session, prompt, args.max_new_tokens,
-                                              show_byte if args.text is not None else show_id)
+                                              show_byte if args.text is not None else show_id,
+                                              args.temperature, args.top_k, args.seed)
         if args.out:
             write_json({"prompt": prompt, "generated": tokens, "prefill_ms": prefill * 1e3,
-                        "token_ms": [s * 1e3 for s in latencies]}, args.out)
+                        "token_ms": [s * 1e3 for s in latencies], "temperature": args.temperature,
+                        "top_k": args.top_k, "seed": args.seed}, args.out)
     except SampleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
