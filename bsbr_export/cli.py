@@ -215,8 +215,8 @@ def validate(export_dir, tolerance, lengths, batches, providers, trust_code, eva
         )
     stdout_console().print(validation_table(result))
     if not result.passed:
-        for check in result.checks:
-            for failure in check.parity.failures[:5]:
+        for check in (c for c in result.checks if not c.passed):
+            for failure in () if check.judged_by_text else check.parity.failures[:5]:
                 click.echo(f"FAILED {check.artifact} on {check.engine}: {failure}", err=True)
             if check.first_bad_layer:
                 click.echo(f"{check.artifact} first diverges at {check.first_bad_layer}", err=True)
@@ -239,6 +239,7 @@ QUICK_BENCH = {
     "decode": "",
     "validation_lengths": "1,500",
     "budget": 0.5,
+    "reduced_precision": False,  # the int8 sensitivity search alone takes minutes
 }
 
 
@@ -269,6 +270,9 @@ QUICK_BENCH = {
 @click.option("--force", is_flag=True, help="Export over a non-empty --out directory (its files are replaced).")
 @click.option("--trust-code", "trust_code", is_flag=True,
               help="Allow importing a module reference (file.py:factory) or rebuilding one from a manifest.")
+@click.option("--reduced-precision/--no-reduced-precision", default=True, show_default=True,
+              help="Make the int8 graph and bf16 plans this CPU can run (byte-level LMs, judged by held-out bits "
+                   "per byte in windows of each --lengths) and weigh them in the recommendation.")
 @EVAL_TEXT
 @ACCURACY_BUDGET
 @click.pass_context
@@ -293,7 +297,7 @@ def bench(ctx, target, quick, **options) -> None:
             tolerance=o["tolerance"], threads=o["threads"], budget_s=o["budget"], overwrite=o["force"],
             formats=[f.name for f in parse_formats(o["formats"])] if o["formats"] else None, streaming=o["streaming"],
             long_length=o["check_length"], trust_code=o["trust_code"], eval_text=o["eval_text"],
-            accuracy_budget=o["accuracy_budget"], progress=progress,
+            accuracy_budget=o["accuracy_budget"], reduced_precision=o["reduced_precision"], progress=progress,
         )
     stdout_console().print(bench_table(run.bench, o["tolerance"]))
     click.echo(f"reports: {', '.join(str(p) for p in run.reports)}")

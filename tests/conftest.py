@@ -113,6 +113,31 @@ def tiny_onnx_export(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def stdlib_export(tmp_path_factory):
+    """The trained byte-level preset exported to ONNX once per session, with a small
+    held-out text file. Tests that write into it take `stdlib_copy`."""
+    from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.proof.evaltext import heldout_text
+
+    out = tmp_path_factory.mktemp("stdlib") / "bsbr-stdlib"
+    export_model("bsbr-stdlib", out, [FORMATS["onnx"]])
+    text = out.parent / "heldout.py"
+    text.write_bytes(heldout_text(3000))
+    return out, text
+
+
+@pytest.fixture
+def stdlib_copy(stdlib_export, tmp_path):
+    """A private copy of the session's bsbr-stdlib export (and its text file)."""
+    import shutil
+
+    out, text = stdlib_export
+    shutil.copytree(out, tmp_path / "bsbr-stdlib")
+    return tmp_path / "bsbr-stdlib", text
+
+
 @pytest.fixture
 def export_copy(tiny_export, tmp_path):
     """A private copy of the session's bsbr-tiny export, for tests that change it."""
@@ -239,6 +264,8 @@ SLOW_TESTS = (
     "test_export.py::test_compressed_onnx_matches_eager",  # compressed_export
     "test_bench.py::test_int8_over_the_accuracy_budget_fails_and_is_never_recommended",  # 17 s + stdlib_export 10 s
     "test_bench.py::test_validate_scores_bits_per_byte_against_eager",  # stdlib_export
+    "test_workflows.py::test_bench_makes_int8_judged_at_its_lengths_and_weighs_it",  # int8 search: 30 s
+    "test_validate.py::test_reduced_precision_of_a_trained_lm_is_judged_by_its_loss_on_text",  # stdlib_copy
     "test_bench.py::test_quick_bench_exports_and_times_its_subset_and_explicit_flags_win",  # 15 s
     "test_cli_module.py::test_optimize_a_module_that_takes_no_mask",  # tokens_export: 20 s
     "test_cli_module.py::test_bench_feeds_what_the_spec_names",  # tokens_export

@@ -146,12 +146,13 @@ def recommendation_text(choice: dict | None) -> str:
 
 
 def markdown(result, rows: list[dict], validation: dict | None, title: str, note: str | None = None,
-             choice: dict | None = None) -> str:
-    """report.md: the recommendation, the engine table, decode latency, validation, plots."""
+             choice: dict | None = None, precisions: list[dict] | None = None) -> str:
+    """report.md: the recommendation, the precisions tried, the engine table, decode
+    latency, validation, plots."""
     lines = [f"# {title}", ""]
     if note:
         lines += [f"> **Note:** {note}", ""]
-    lines += [recommendation_text(choice), ""]
+    lines += [recommendation_text(choice), ""] + precision_lines(precisions)
     lines.append(
         f"batch {result.batch}, {result.threads} threads, warm-up {result.warmup}; latency = median ms "
         f"±half its p10-p90 spread (runs repeated until that spread is small or the time budget ends; "
@@ -168,6 +169,17 @@ def markdown(result, rows: list[dict], validation: dict | None, title: str, note
     if result.decode:
         lines += ["", "![decode](decode.png)"]
     return "\n".join(lines) + "\n"
+
+
+def precision_lines(precisions: list[dict] | None) -> list[str]:
+    """Which reduced precisions bench made, found or skipped, and why."""
+    if not precisions:
+        return []
+    lines = ["Reduced precision considered:", ""]
+    for p in precisions:
+        reason = f": {p['reason']}" if p["reason"] else ""
+        lines.append(f"- {p['precision']} ({', '.join(p['engines'])}): {p['outcome']}{reason}")
+    return lines + [""]
 
 
 def _engine_lines(rows: list[dict], lengths: list[int]) -> list[str]:
@@ -329,15 +341,16 @@ def _save(fig, path: Path) -> Path:
 
 def write_report(
     result, export_dir: str | os.PathLike, *, tolerance: float, validation: dict | None = None, title: str = "",
-    note: str | None = None, accuracy_budget: float = DEFAULT_ACCURACY_BUDGET,
+    note: str | None = None, accuracy_budget: float = DEFAULT_ACCURACY_BUDGET, precisions: list[dict] | None = None,
 ) -> tuple[list[Path], dict | None]:
     """Write report.json, report.md and the plots into `export_dir`; returns the paths
-    and the recommendation (`recommend`)."""
+    and the recommendation (`recommend`). `precisions`: the reduced precisions bench
+    considered (precision, engines, outcome, reason), listed under the recommendation."""
     directory = Path(export_dir)
     rows = engine_rows(result, directory, tolerance)
     choice = recommend(rows, accuracy_budget)
     data = {"bench": result.to_dict(), "table": rows, "recommendation": choice, "validation": validation,
-            "tolerance": tolerance, "note": note}
+            "tolerance": tolerance, "note": note, "precisions": precisions}
     written = []
     with atomic_write(directory / "report.json") as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -345,6 +358,6 @@ def write_report(
     written += plot(result, directory)
     with atomic_write(directory / "report.md") as tmp:
         tmp.write_text(markdown(result, rows, validation, title or f"bsbr-export report: {directory.name}", note,
-                                choice))
+                                choice, precisions))
     written.append(directory / "report.md")
     return written, choice

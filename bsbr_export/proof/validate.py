@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bsbr_export.compare.cases import artifact_cases, make_inputs
@@ -41,9 +41,19 @@ class ArtifactCheck:
     layers: tuple = ()  # LayerDiff per block, when localized
     first_bad_layer: str | None = None
     text: TextScore | None = None  # held-out bits per byte, for byte-level language models
+    precision: str = "fp32"
+
+    @property
+    def judged_by_text(self) -> bool:
+        """A reduced precision with a held-out text score passes on that score alone (its
+        parity is reported): random ids move a trained model's logits far more than text
+        does (int8 of bsbr-stdlib: top-1 0.34 on them, +1.6% bits per byte on text)."""
+        return self.precision != "fp32" and self.text is not None
 
     @property
     def passed(self) -> bool:
+        if self.judged_by_text:
+            return self.text.passed
         return self.parity.passed and (self.text is None or self.text.passed)
 
     def to_dict(self) -> dict:
@@ -54,6 +64,9 @@ class ArtifactCheck:
             "layers": [dataclasses.asdict(d) | {"passed": d.passed} for d in self.layers],
             "first_bad_layer": self.first_bad_layer,
             "text": self.text.to_dict() if self.text else None,
+            "precision": self.precision,
+            "judged_by": "held-out text" if self.judged_by_text else "parity",
+            "passed": self.passed,
         }
 
 
@@ -117,15 +130,19 @@ def validate_export(
     checks = []
     for artifact in manifest["artifacts"]:
         kind, settings = artifact_kind(artifact), artifact.get("settings", {})
-        allowed = PRECISION_TOLERANCES.get(settings.get("precision", "fp32"), tolerance)
+        precision = settings.get("precision", "fp32")
+        allowed = PRECISION_TOLERANCES.get(precision, tolerance)
         cases = artifact_cases(source.spec.chunk_size, kind != "full", settings, lengths=lengths, batches=batches)
         reference = EagerRunner(source.module, source.spec, kind)
         for engine, runner in artifact_engines(directory / artifact["name"], artifact["format"], reference, providers):
             report = check_parity(artifact["name"], reference, runner, cases, source.spec, allowed, seed)
-            layers = localized(report, directory / artifact["name"], artifact["format"], kind, source, allowed, seed)
             score = scorer.score(runner) if kind == "full" and not settings.get("static_shape") else None
-            checks.append(ArtifactCheck(artifact["name"], engine, report, layers, first_divergence(list(layers)),
-                                        score))
+            check = ArtifactCheck(artifact["name"], engine, report, text=score, precision=precision)
+            if not check.judged_by_text:
+                layers = localized(report, directory / artifact["name"], artifact["format"], kind, source, allowed,
+                                   seed)
+                check = replace(check, layers=layers, first_bad_layer=first_divergence(list(layers)))
+            checks.append(check)
     return ValidationResult(str(directory), tolerance, tuple(checks))
 
 

@@ -93,20 +93,6 @@ def test_speedups_have_two_significant_digits():
     assert round_sig(0.04567) == 0.046 and round_sig(1234.0) == 1200.0
 
 
-@pytest.fixture(scope="module")
-def stdlib_export(tmp_path_factory):
-    """The trained byte-level preset exported to ONNX, with a small held-out text file."""
-    from bsbr_export.export.pipeline import export_model
-    from bsbr_export.formats import FORMATS
-    from bsbr_export.proof.evaltext import heldout_text
-
-    out = tmp_path_factory.mktemp("stdlib") / "bsbr-stdlib"
-    export_model("bsbr-stdlib", out, [FORMATS["onnx"]])
-    text = out.parent / "heldout.py"
-    text.write_bytes(heldout_text(3000))
-    return out, text
-
-
 def test_validate_scores_bits_per_byte_against_eager(stdlib_export, capsys):
     out, text = stdlib_export
     code, stdout, _ = run_cli(capsys, "validate", out, "--lengths", "1,70", "--batches", "1", "--eval-text", text)
@@ -115,13 +101,13 @@ def test_validate_scores_bits_per_byte_against_eager(stdlib_export, capsys):
     assert 1.0 < score["bits_per_byte"] < 6.0 and abs(score["change"]) < 1e-4 and score["passed"]
 
 
-def test_int8_over_the_accuracy_budget_fails_and_is_never_recommended(stdlib_export, capsys):
+def test_int8_over_the_accuracy_budget_fails_and_is_never_recommended(stdlib_copy, capsys):
     """An all-int8 graph (accepted by a loose budget when written) benched under a tight
     one: reported as failing, exit 1, and the recommendation is an fp32 engine."""
     from bsbr_export.proof.evaltext import read_eval_text
     from bsbr_export.proof.optimize import quantize_int8
 
-    out, text = stdlib_export
+    out, text = stdlib_copy
     quant = quantize_int8(out, length=64, text=read_eval_text(text), budget=1.0)
     assert quant.fp32_nodes == () and quant.steps[0].change > 0 and set(quant.steps[0].bits_per_byte) == {512, 4096}
     code, stdout, err = run_cli(capsys, "bench", out, "--engines", "eager,ort-cpu-all,ort-cpu-int8", "--lengths",

@@ -80,3 +80,22 @@ def test_artifact_not_onnx(capsys, export_copy):
 def test_bad_options(capsys, export_copy, args, message):
     code, _, err = run_cli(capsys, "validate", export_copy, *args)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_reduced_precision_of_a_trained_lm_is_judged_by_its_loss_on_text(stdlib_copy):
+    """All-int8 bsbr-stdlib: far off eager on random ids (its parity fails and is reported),
+    yet within a loose budget on held-out text, which is what it passes on; a tight
+    budget fails it. The fp32 graph is still held to parity."""
+    from bsbr_export.proof.evaltext import read_eval_text
+    from bsbr_export.proof.optimize import optimize_export
+
+    out, text = stdlib_copy
+    optimize_export(out, length=64, fp16=False, eval_text=read_eval_text(text), accuracy_budget=1.0)
+    for budget, passes in ((1.0, True), (1e-5, False)):
+        result = validate_export(out, lengths=[70], batches=(1,), eval_text=read_eval_text(text),
+                                 accuracy_budget=budget)
+        checks = {c.artifact: c for c in result.checks}
+        int8, fp32 = checks["model.int8.onnx"], checks["model.onnx"]
+        assert int8.judged_by_text and not int8.parity.passed and int8.layers == ()
+        assert int8.passed is passes and int8.to_dict()["judged_by"] == "held-out text"
+        assert not fp32.judged_by_text and fp32.parity.passed and fp32.passed
