@@ -120,6 +120,8 @@ def main() -> None:
               "table": report["table"],
               "targets": [{"what": w, "measured": m, "target": t} for w, m, t in targets]}
     args.out.mkdir(parents=True, exist_ok=True)
+    previous_path = args.out / f"sweep_precision_{args.model}.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
     (args.out / f"sweep_precision_{args.model}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     lines = [f"# Precision sweep: {args.model}, batch 1, 2 threads", "",
              f"Machine: **{machine['processor']}** x{machine['cpu_count']} ({', '.join(machine['cpu_features'])}), "
@@ -134,8 +136,53 @@ def main() -> None:
         lines += ["", f"Caveat: eager fp32 scores over 8 bits per byte (worse than a uniform guess) at L="
                   f"{', '.join(map(str, broken))}: the model does not work at those lengths (trained on shorter "
                   "windows), so the changes measured there compare two broken predictions and prove nothing."]
+    if previous:
+        lines += ["", *changes_lines(previous, result)]
     (args.out / f"sweep_precision_{args.model}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def changes_lines(previous: dict, current: dict) -> list[str]:
+    """What moved since the previous sweep of this model (the file this run replaces):
+    the recommendation, the parts each reduced precision keeps in fp32, each engine's worst
+    bits-per-byte change and its speed-up at 4096."""
+    def fp32_parts(sweep: dict) -> dict[str, str]:
+        parts = {f"int8 {q['method']}": ", ".join(q["fp32_modules"]) or "none" for q in sweep["int8"]}
+        for engine, plan in sweep["bf16_plans"].items():
+            parts[engine] = ", ".join(plan.get("keep_fp32") or []) or "none"
+        return parts
+
+    def rows(sweep: dict) -> dict[str, dict]:
+        return {r["engine"]: r for r in sweep["table"]}
+
+    def rec(sweep: dict) -> str:
+        choice = sweep.get("recommendation") or {}
+        return f"{choice.get('engine')} ({choice.get('precision')})"
+
+    before, after = fp32_parts(previous), fp32_parts(current)
+    old_rows, new_rows = rows(previous), rows(current)
+    lines = ["## Against the previous sweep", "",
+             (f"Previous: {previous['machine']['processor']}, eager bits per byte {eager_bpb(old_rows)}; "
+              f"now: {current['machine']['processor']}, {eager_bpb(new_rows)}."), "",
+             f"Recommendation: {rec(previous)} -> {rec(current)}.", "",
+             "| reduced precision | kept in fp32 before | kept in fp32 now |", "|---|---|---|"]
+    lines += [f"| {k} | {before.get(k, '-')} | {after.get(k, '-')} |" for k in sorted(set(before) | set(after))]
+    lines += ["", "| engine | worst bits/byte change before | now | speed-up at 4096 before | now |", "|---|---|---|---|---|"]
+    for engine in [e for e in new_rows if e in old_rows]:
+        (wb, ub), (wa, ua) = change_cells(old_rows[engine]), change_cells(new_rows[engine])
+        lines.append(f"| {engine} | {wb} | {wa} | {ub} | {ua} |")
+    return lines
+
+
+def eager_bpb(rows: dict[str, dict]) -> str:
+    return " / ".join(f"{v:.3f}" for v in ((rows.get("eager") or {}).get("bits_per_byte") or {}).values())
+
+
+def change_cells(row: dict) -> tuple[str, str]:
+    """An engine's worst bits-per-byte change and its speed-up at 4096, as table cells."""
+    worst = row.get("bits_per_byte_change")
+    up = (row.get("speedup_vs_eager") or {}).get("4096")
+    return (f"{worst:+.2%}" if worst is not None else "-"), (f"{up}x" if up else "-")
 
 
 if __name__ == "__main__":
