@@ -40,6 +40,7 @@ from bsbr_export.render import (
     stdout_console,
     validation_table,
 )
+from bsbr_export.runtime.engines import DEVICES
 from bsbr_export.serve.serve import serve as run_server
 from bsbr_export.serve.triton import write_triton_repo
 from bsbr_export.summary import summarize
@@ -195,11 +196,14 @@ def _eval_text(path, budget: float) -> bytes | None:
 @click.option("--batches", default=None,
               help="Comma-separated batch sizes [default: 1,2,3, up to an artifact's --max-batch].")
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime provider(s) [default: all available].")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+              help="cuda: ONNX graphs on the CUDA provider, TorchScript on the GPU.")
 @click.option("--trust-code", "trust_code", is_flag=True,
               help="Allow rebuilding a user's module from the reference its manifest records (runs its code).")
 @EVAL_TEXT
 @ACCURACY_BUDGET
-def validate(export_dir, tolerance, lengths, batches, providers, trust_code, eval_text, accuracy_budget) -> None:
+def validate(export_dir, tolerance, lengths, batches, providers, device, trust_code, eval_text,
+             accuracy_budget) -> None:
     """Check every artifact in EXPORT_DIR against the eager model it came from.
 
     Writes EXPORT_DIR/validation.json. Exits 1 when any case fails, naming the case and,
@@ -211,7 +215,7 @@ def validate(export_dir, tolerance, lengths, batches, providers, trust_code, eva
         result = validate_and_record(
             export_dir, tolerance=tolerance, lengths=_int_list(lengths, "--lengths") if lengths else None,
             batches=tuple(_int_list(batches, "--batches")) if batches else None, providers=list(providers) or None,
-            trust_code=trust_code, eval_text=text, accuracy_budget=accuracy_budget,
+            trust_code=trust_code, eval_text=text, accuracy_budget=accuracy_budget, device=device,
         )
     stdout_console().print(validation_table(result))
     if not result.passed:
@@ -270,6 +274,9 @@ QUICK_BENCH = {
 @click.option("--force", is_flag=True, help="Export over a non-empty --out directory (its files are replaced).")
 @click.option("--trust-code", "trust_code", is_flag=True,
               help="Allow importing a module reference (file.py:factory) or rebuilding one from a manifest.")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+              help="Time the engines that compute there (cuda: eager, bf16 autocast, compile and TorchScript on the "
+                   "GPU, ONNX Runtime's CUDA provider), against eager on that device.")
 @click.option("--reduced-precision/--no-reduced-precision", default=True, show_default=True,
               help="Make the int8 graph and bf16 plans this CPU can run (byte-level LMs, judged by held-out bits "
                    "per byte in windows of each --lengths) and weigh them in the recommendation.")
@@ -297,7 +304,8 @@ def bench(ctx, target, quick, **options) -> None:
             tolerance=o["tolerance"], threads=o["threads"], budget_s=o["budget"], overwrite=o["force"],
             formats=[f.name for f in parse_formats(o["formats"])] if o["formats"] else None, streaming=o["streaming"],
             long_length=o["check_length"], trust_code=o["trust_code"], eval_text=o["eval_text"],
-            accuracy_budget=o["accuracy_budget"], reduced_precision=o["reduced_precision"], progress=progress,
+            accuracy_budget=o["accuracy_budget"], reduced_precision=o["reduced_precision"], device=o["device"],
+            progress=progress,
         )
     stdout_console().print(bench_table(run.bench, o["tolerance"]))
     click.echo(f"reports: {', '.join(str(p) for p in run.reports)}")

@@ -46,6 +46,7 @@ class Format:
     per_provider: bool = False  # validated once per ONNX Runtime execution provider
     needs_gpu: bool = False
     engine: bool = False  # bench times the artifact as an engine of its own, named like the format
+    on_cuda: bool = False  # its runner also computes on a CUDA GPU (`device="cuda"`)
     requires: str | None = None  # the module of an optional package it needs
     install: str = ""  # how to install that package
 
@@ -73,7 +74,8 @@ FORMATS: dict[str, Format] = {
     for f in (
         Format("onnx", ".onnx", "ONNX graph for ONNX Runtime (torch.export-based exporter)",
                frozenset({"static_shape", "opset", "metadata"}), per_provider=True),
-        Format("torchscript", ".pt", "traced TorchScript for torch.jit.load / torch::jit::load", engine=True),
+        Format("torchscript", ".pt", "traced TorchScript for torch.jit.load / torch::jit::load", engine=True,
+               on_cuda=True),
         Format("torchscript-mobile", ".ptl", "TorchScript for PyTorch Mobile's lite interpreter"),
         # The decode step for C++ generation loops; no full-state step (Triton's implicit
         # state is its only user, and Triton serves ONNX).

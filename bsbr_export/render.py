@@ -169,7 +169,7 @@ def bench_table(result, tolerance: float) -> Table:
     for n in result.lengths:
         table.add_column(f"L={n} ms", justify="right", no_wrap=True)
         table.add_column("vs eager", justify="right")
-    eager = result.engine("eager")
+    eager = result.reference()
     for engine in result.engines:
         cells = [engine.engine, status(engine, tolerance), f"{engine.max_abs:.0e}" if engine.max_abs is not None else "-"]
         for n in result.lengths:

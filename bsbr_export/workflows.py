@@ -24,7 +24,7 @@ from bsbr_export.proof.evaltext import read_eval_text, scores_text
 from bsbr_export.proof.optimize import optimize_export
 from bsbr_export.proof.report import text_changes, write_report
 from bsbr_export.proof.validate import ValidationResult, validate_export
-from bsbr_export.runtime.engines import BF16_PLAN, ENGINES, available_engines, why_not
+from bsbr_export.runtime.engines import BASELINES, BF16_PLAN, ENGINES, available_engines, check_device, why_not
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class BenchRun:
     @property
     def over_budget(self) -> list[str]:
         """Engines whose held-out bits per byte rose more than the accuracy budget allows."""
-        eager = self.bench.engine("eager")
+        eager = self.bench.reference()
         return [e.engine for e in self.bench.engines
                 if any(c > self.accuracy_budget for c in text_changes(e, eager).values())]
 
@@ -109,6 +109,7 @@ def benchmark(
     eval_text: str | os.PathLike | None = None,
     accuracy_budget: float = DEFAULT_ACCURACY_BUDGET,
     reduced_precision: bool = True,
+    device: str = "cpu",
     progress: Callable[[str], None] = lambda step: None,
 ) -> BenchRun:
     """Export (when `model_ref` is not an export dir yet), validate, benchmark, report.
@@ -119,13 +120,15 @@ def benchmark(
     `formats` (default: every format whose package is installed), with streaming graphs
     when `streaming` and the model can stream, each artifact checked up to `long_length`.
     Byte-level LMs are scored on `eval_text` (default: held-out stdlib text); the report
-    recommends the fastest engine within `accuracy_budget` of eager's bits per byte. With
+    recommends the fastest engine within `accuracy_budget` of eager's bits per byte. On
+    `device` "cuda", the engines that compute on the GPU are timed, against eager there. With
     `reduced_precision`, the int8 graph and bf16 plans this machine can run are made
     first (`make_reduced_precision`, judged in windows of the timed lengths), so the
     recommendation weighs them; the report lists what was tried and skipped.
     """
     if any(n < 1 for n in lengths) or batch < 1:
         raise UserError(f"lengths and batch must be >= 1, got lengths {lengths}, batch {batch}")
+    check_device(device)
     directory = Path(model_ref)
     if (directory / MANIFEST).is_file():
         check_writable(directory)  # the reports go in there: refuse before the work, not after
@@ -135,23 +138,24 @@ def benchmark(
         longest = max(*lengths, long_length, *(validation_lengths or [long_length]))
         export_for_bench(model_ref, directory, formats, streaming, overwrite, trust_code, tolerance, long_length,
                          longest, progress)
-    precisions = plan_reduced_precision(directory, engines) if reduced_precision else ()
+    precisions = plan_reduced_precision(directory, engines, device) if reduced_precision else ()
     # Every engine asked for must run once the planned artifacts exist: refuse before making them.
-    check_engines(directory, engines, coming={e for t in precisions if t.outcome == "made" for e in t.engines})
+    check_engines(directory, engines, device, coming={e for t in precisions if t.outcome == "made" for e in t.engines})
     text = read_eval_text(eval_text) if eval_text is not None else None
     windows = tuple(n for n in sorted(set(lengths)) if n >= 2) or DEFAULT_EVAL_WINDOWS  # a window scores n-1 bytes
     make_reduced_precision(directory, precisions, windows=windows, eval_text=text, accuracy_budget=accuracy_budget,
                            threads=threads, trust_code=trust_code, progress=progress)
-    engines = check_engines(directory, engines)
+    engines = check_engines(directory, engines, device)
     progress("validating")
     validation = validate_export(directory, tolerance=tolerance, lengths=validation_lengths, trust_code=trust_code,
-                                 eval_text=text, accuracy_budget=accuracy_budget)
+                                 eval_text=text, accuracy_budget=accuracy_budget, device=device)
     timings = bench_engines(directory, engines, lengths, batch=batch, threads=threads, budget_s=budget_s,
                             trust_code=trust_code, eval_text=eval_text, progress=progress)
     decode = ()
     if decode_contexts and any((directory / n).is_file() for n in ("model.decode.onnx", "model.streaming.onnx")):
         decode = tuple(decode_latency(directory, decode_contexts, threads=threads, progress=progress))
-    result = BenchResult(tuple(timings), tuple(sorted(lengths)), batch, threads, WARMUP, decode, machine_info())
+    result = BenchResult(tuple(timings), tuple(sorted(lengths)), batch, threads, WARMUP, decode, machine_info(),
+                         BASELINES[device])
     progress("writing report")
     note = read_manifest(directory, verify=False).get("note")
     reports, choice = write_report(result, directory, tolerance=tolerance, validation=validation.to_dict(), note=note,
@@ -159,10 +163,12 @@ def benchmark(
     return BenchRun(directory, validation, result, tuple(reports), choice, accuracy_budget, precisions)
 
 
-def plan_reduced_precision(directory: Path, engines: list[str] | None) -> tuple[PrecisionTrial, ...]:
-    """The reduced precisions that `engines` (None: every engine) would time, each with
-    whether bench makes it here, finds it made, or skips it and why."""
-    wanted = [p for p in PRECISIONS if engines is None or set(p.engines) & set(engines)]
+def plan_reduced_precision(directory: Path, engines: list[str] | None, device: str = "cpu"
+                           ) -> tuple[PrecisionTrial, ...]:
+    """The reduced precisions that `engines` (None: every engine on `device`) would time,
+    each with whether bench makes it here, finds it made, or skips it and why."""
+    wanted = [p for p in PRECISIONS if set(p.engines) & set(engines)] if engines else \
+        [p for p in PRECISIONS if any(ENGINES[e].device == device for e in p.engines)]
     if not scores_text(manifest_spec(directory)):
         return tuple(PrecisionTrial(p.name, p.engines, "skipped", NOT_A_BYTE_LM) for p in wanted)
     return tuple(precision_trial(p, directory) for p in wanted)
@@ -222,13 +228,15 @@ def export_for_bench(model_ref, directory: Path, formats: list[str] | None, stre
                  long_length=long_length, max_length=max_length if planned else None, progress=progress)
 
 
-def check_engines(directory: Path, engines: list[str] | None, coming: set[str] = frozenset()) -> list[str]:
-    """The engines to time: those asked for (each must run here, or be in `coming`: its
-    artifact is about to be made), or every available one."""
-    known = available_engines(directory)
+def check_engines(directory: Path, engines: list[str] | None, device: str = "cpu",
+                  coming: set[str] = frozenset()) -> list[str]:
+    """The engines to time: those asked for (each must run here on `device`, or be in
+    `coming`: its artifact is about to be made), or every one available on `device`."""
+    known = available_engines(directory, device)
     known += sorted(coming - set(known))
     unknown = [e for e in engines or known if e not in known]
-    reasons = {e: why_not(ENGINES[e], directory) for e in unknown if e in ENGINES}
+    reasons = {e: (f"it computes on {ENGINES[e].device}, not on --device {device}" if ENGINES[e].device != device
+                   else why_not(ENGINES[e], directory)) for e in unknown if e in ENGINES}
     if reasons:
         raise UserError("; ".join(f"engine {e} cannot run here: {r}" for e, r in reasons.items()))
     if unknown:

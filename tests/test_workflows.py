@@ -70,9 +70,10 @@ def test_an_engine_that_will_not_run_is_refused_before_any_work(stdlib_copy, cap
 def test_a_model_not_judged_by_text_gets_no_reduced_precision(export_copy):
     """Random-weight token models have no held-out loss to judge reduced precision by:
     every precision is skipped with that reason (so bench makes nothing)."""
-    trials = plan_reduced_precision(export_copy, None)
-    assert [t.precision for t in trials] == [p.name for p in PRECISIONS]
+    trials = plan_reduced_precision(export_copy, None)  # every engine on the CPU: no fp16, which is for CUDA
+    assert [t.precision for t in trials] == ["int8", "int8-static", "bf16"]
     assert {(t.outcome, t.reason) for t in trials} == {("skipped", NOT_A_BYTE_LM)}
+    assert [t.precision for t in plan_reduced_precision(export_copy, None, "cuda")] == ["fp16"]
 
 
 def test_precisions_this_machine_cannot_run_are_skipped_with_the_reason(export_copy, monkeypatch):

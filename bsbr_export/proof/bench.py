@@ -103,9 +103,14 @@ class BenchResult:
     warmup: int
     decode: tuple[DecodeResult, ...] = ()
     machine: dict = field(default_factory=dict)
+    baseline: str = "eager"  # the engine speed-ups are measured against (eager on the device timed)
 
     def engine(self, name: str) -> EngineResult | None:
         return next((e for e in self.engines if e.engine == name), None)
+
+    def reference(self) -> EngineResult | None:
+        """The baseline engine's result (None when it was not timed)."""
+        return self.engine(self.baseline)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -93,7 +93,7 @@ def recommend(rows: list[dict], accuracy_budget: float) -> dict | None:
 
 def engine_rows(result, export_dir: Path, tolerance: float) -> list[dict]:
     """The report table as data: one dict per engine."""
-    eager = result.engine("eager")
+    eager = result.reference()
     rows = []
     for engine in result.engines:
         artifact = artifact_for(engine.engine)

@@ -25,10 +25,12 @@ from bsbr_export.proof.localize import first_divergence, localize
 from bsbr_export.runtime import open_artifact
 from bsbr_export.runtime.base import Runner
 from bsbr_export.runtime.eager import EagerRunner
+from bsbr_export.runtime.engines import check_device
 from bsbr_export.runtime.onnx import available_providers, provider_engine
 
 VALIDATION_FILE = "validation.json"
-VALIDATED_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+VALIDATED_PROVIDERS = ("CPUExecutionProvider", CUDA_PROVIDER)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ def validate_export(
     module=None,
     eval_text: bytes | None = None,
     accuracy_budget: float = DEFAULT_ACCURACY_BUDGET,
+    device: str = "cpu",
 ) -> ValidationResult:
     """Check each artifact of `export_dir` (hashes first) against the eager model rebuilt
     from the directory (its config and weights; a user's module from the reference the
@@ -116,7 +119,8 @@ def validate_export(
     CPU and CUDA); a failing full-sequence ONNX graph is localized to its first bad block.
     Byte-level language models are also scored on held-out text (`eval_text`, default the
     held-out stdlib slice): each full-sequence artifact's bits per byte may exceed eager's
-    by at most `accuracy_budget` (relative).
+    by at most `accuracy_budget` (relative). On `device` "cuda", ONNX graphs run on the
+    CUDA provider and TorchScript on the GPU (the reference stays eager fp32 on the CPU).
     """
     if lengths is not None and any(n < 1 for n in lengths):
         raise UserError(f"lengths must be >= 1, got {lengths}")
@@ -125,7 +129,8 @@ def validate_export(
     directory = Path(export_dir)
     manifest = read_manifest(directory)
     source = rebuild(directory, manifest, trust_code=trust_code, module=module)
-    providers = check_providers(providers)
+    check_device(device)
+    providers = check_providers(providers, device)
     scorer = TextScorer.of(source, eval_text, accuracy_budget)
     checks = []
     for artifact in manifest["artifacts"]:
@@ -134,7 +139,8 @@ def validate_export(
         allowed = PRECISION_TOLERANCES.get(precision, tolerance)
         cases = artifact_cases(source.spec.chunk_size, kind != "full", settings, lengths=lengths, batches=batches)
         reference = EagerRunner(source.module, source.spec, kind)
-        for engine, runner in artifact_engines(directory / artifact["name"], artifact["format"], reference, providers):
+        for engine, runner in artifact_engines(directory / artifact["name"], artifact["format"], reference, providers,
+                                               device):
             report = check_parity(artifact["name"], reference, runner, cases, source.spec, allowed, seed)
             score = scorer.score(runner) if kind == "full" and not settings.get("static_shape") else None
             check = ArtifactCheck(artifact["name"], engine, report, text=score, precision=precision)
@@ -158,22 +164,31 @@ def validate_and_record(export_dir, **options) -> ValidationResult:
     return result
 
 
-def check_providers(providers: list[str] | None) -> list[str]:
+def check_providers(providers: list[str] | None, device: str = "cpu") -> list[str]:
     """The ONNX Runtime providers to validate on: those asked for (each must be
-    installed here), or every usable one."""
+    installed here), or every usable one (on `device` "cuda": the CUDA provider)."""
     usable = [p for p in available_providers() if p in VALIDATED_PROVIDERS]
     for provider in providers or ():
         if provider not in available_providers():
             raise UserError(f"execution provider {provider} is not installed here (available: {', '.join(usable)})")
+    if device == "cuda" and not providers:
+        if CUDA_PROVIDER not in usable:
+            raise UserError(f"--device cuda: ONNX Runtime's {CUDA_PROVIDER} is not available here: pip install "
+                            "onnxruntime-gpu, or pass --provider CPUExecutionProvider")
+        return [CUDA_PROVIDER]
     return providers or usable
 
 
-def artifact_engines(path: Path, fmt: str, reference: Runner, providers: list[str]) -> list[tuple[str, Runner]]:
+def artifact_engines(path: Path, fmt: str, reference: Runner, providers: list[str],
+                     device: str = "cpu") -> list[tuple[str, Runner]]:
     """(engine label, runner) for an artifact: one per ONNX Runtime provider for formats
-    validated per provider, else the format's own runner."""
+    validated per provider, else the format's own runner (on the GPU for `device`
+    "cuda" where its runner computes there; on the CPU otherwise)."""
     names = reference.input_names, reference.output_names
     if FORMATS[fmt].per_provider:
         return [(provider_engine(p), open_artifact(fmt, path, *names, provider=p)) for p in providers]
+    if device == "cuda" and FORMATS[fmt].on_cuda:
+        return [(f"{fmt}-cuda", open_artifact(fmt, path, *names, device="cuda"))]
     return [(fmt, open_artifact(fmt, path, *names))]
 
 

@@ -14,12 +14,15 @@ from bsbr_export.runtime.base import ModuleRunner
 
 
 class EagerRunner(ModuleRunner):
-    """The model's graph of one kind (`formats.KINDS`), run eagerly."""
+    """The model's graph of one kind (`formats.KINDS`), run eagerly on `device` (the
+    model is moved there)."""
 
     name = "eager"
 
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec | None = None, kind: str = "full") -> None:
-        self.module = export_graph(model, spec_for(model, spec), kind)
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec | None = None, kind: str = "full",
+                 device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.module = export_graph(model.to(self.device), spec_for(model, spec), kind)
         self.input_names, self.output_names = self.module.input_names, self.module.output_names
 
 
@@ -28,30 +31,31 @@ class CompiledRunner(EagerRunner):
 
     name = "compile"
 
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec | None = None) -> None:
-        super().__init__(model, spec)
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec | None = None, device: str = "cpu") -> None:
+        super().__init__(model, spec, device=device)
         self.module = torch.compile(self.module, dynamic=True)
 
 
 @contextlib.contextmanager
-def autocast_bf16(model: torch.nn.Module, keep_fp32: tuple[str, ...] = ()):
-    """Run `model` under bf16 autocast with the submodules `keep_fp32` in fp32 (their
-    inputs cast back to float, autocast off inside)."""
-    with fp32_groups(model, keep_fp32), torch.autocast("cpu", dtype=torch.bfloat16):
+def autocast_bf16(model: torch.nn.Module, keep_fp32: tuple[str, ...] = (), device_type: str = "cpu"):
+    """Run `model` under bf16 autocast on `device_type` with the submodules `keep_fp32`
+    in fp32 (their inputs cast back to float, autocast off inside)."""
+    with fp32_groups(model, keep_fp32, device_type), torch.autocast(device_type, dtype=torch.bfloat16):
         yield
 
 
 @contextlib.contextmanager
-def fp32_groups(model: torch.nn.Module, keep_fp32: tuple[str, ...]):
-    """Make the submodules `keep_fp32` of `model` run in fp32 under any autocast: their
-    inputs cast back to float and autocast off inside, until the context exits."""
+def fp32_groups(model: torch.nn.Module, keep_fp32: tuple[str, ...], device_type: str = "cpu"):
+    """Make the submodules `keep_fp32` of `model` run in fp32 under any autocast on
+    `device_type`: their inputs cast back to float and autocast off inside, until the
+    context exits."""
     patched = []
 
     def fp32_forward(forward):
         @functools.wraps(forward)
         def run(*args, **kwargs):
             args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-            with torch.autocast("cpu", enabled=False):
+            with torch.autocast(device_type, enabled=False):
                 return forward(*args, **kwargs)
 
         return run
@@ -81,15 +85,16 @@ class AutocastRunner(EagerRunner):
     name = "eager-bf16"
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec | None = None, keep_fp32: tuple[str, ...] = (),
-                 compile: bool = False) -> None:
-        super().__init__(model, spec)
+                 compile: bool = False, device: str = "cpu") -> None:
+        super().__init__(model, spec, device=device)
         self.model, self.keep_fp32 = model, tuple(keep_fp32)
-        self.autocast = functools.partial(autocast_bf16, model, self.keep_fp32)
+        kind = self.device.type
+        self.autocast = functools.partial(autocast_bf16, model, self.keep_fp32, kind)
         if compile:
             self.patched = contextlib.ExitStack()
-            self.patched.enter_context(fp32_groups(model, self.keep_fp32))
+            self.patched.enter_context(fp32_groups(model, self.keep_fp32, kind))
             self.module = torch.compile(self.module, dynamic=True)
-            self.autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+            self.autocast = functools.partial(torch.autocast, kind, dtype=torch.bfloat16)
 
     def call(self, *tensors: torch.Tensor):
         with self.autocast():

@@ -11,17 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bsbr_export.defaults import OPTIMIZATION_LEVELS
+from bsbr_export.errors import UserError
 from bsbr_export.formats import FORMATS, artifact_name
 from bsbr_export.machine import bf16_missing
 from bsbr_export.manifest import manifest_spec, read_manifest
 from bsbr_export.model.sources import rebuild
 from bsbr_export.runtime import open_artifact
-from bsbr_export.runtime.base import Runner
+from bsbr_export.runtime.base import Runner, cuda_missing
 from bsbr_export.runtime.eager import AutocastRunner, CompiledRunner, EagerRunner
 from bsbr_export.runtime.onnx import available_providers
 from bsbr_export.runtime.openvino import OpenVinoRunner, openvino_missing
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+ON_CUDA = {"device": "cuda"}  # the options of a torch runner that computes on the GPU
 BF16_PLAN = "bf16.json"  # in an export dir: the fp32 groups `optimize --bf16` measured, per engine
 
 
@@ -36,6 +38,7 @@ class Engine:
     precision: str = "fp32"
     provider: str | None = None  # ONNX Runtime's execution provider
     options: dict = field(default_factory=dict)  # what its runner is built with
+    device: str = "cpu"  # where it computes: "cpu" or "cuda"
 
 
 def _onnx_engines() -> list[Engine]:
@@ -43,11 +46,11 @@ def _onnx_engines() -> list[Engine]:
               for level in OPTIMIZATION_LEVELS]
     return [
         *levels,
-        Engine("ort-cuda-all", "onnx", "model.onnx", provider=CUDA),
+        Engine("ort-cuda-all", "onnx", "model.onnx", provider=CUDA, device="cuda"),
         Engine("ort-cpu-optimized", "onnx", "model.optimized.onnx", provider=CPU),
         Engine("ort-cpu-int8", "onnx", "model.int8.onnx", "int8", CPU),
         Engine("ort-cpu-int8-static", "onnx", "model.int8-static.onnx", "int8", CPU),
-        Engine("ort-cuda-fp16", "onnx", "model.fp16.onnx", "fp16", CUDA),
+        Engine("ort-cuda-fp16", "onnx", "model.fp16.onnx", "fp16", CUDA, device="cuda"),
     ]
 
 
@@ -62,7 +65,25 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
     Engine("compile-bf16", "autocast", precision="bf16", options={"compile": True}),
     Engine("openvino-fp32", "openvino", "model.onnx", options={"precision": "f32"}),
     Engine("openvino-bf16", "openvino", "model.onnx", "bf16", options={"precision": "bf16"}),
+    # torch on a CUDA GPU: the same runners, the model (or file) and the feeds moved there.
+    Engine("eager-cuda", "eager", options=ON_CUDA, device="cuda"),
+    Engine("eager-cuda-bf16", "autocast", precision="bf16", options=ON_CUDA, device="cuda"),
+    Engine("compile-cuda", "compile", options=ON_CUDA, device="cuda"),
+    Engine("torchscript-cuda", "torchscript", artifact_name(FORMATS["torchscript"], "full"), options=ON_CUDA,
+           device="cuda"),
 )}
+DEVICES = ("cpu", "cuda")
+BASELINES = {"cpu": "eager", "cuda": "eager-cuda"}  # what speed-ups on each device are measured against
+
+
+def check_device(device: str) -> str:
+    """`device` when engines can run on it here, else a UserError saying why."""
+    if device not in DEVICES:
+        raise UserError(f"unknown device {device!r}: choose from {', '.join(DEVICES)}")
+    if device == "cuda" and (missing := cuda_missing()):
+        raise UserError(f"--device cuda: {missing}; install a CUDA build of torch (and onnxruntime-gpu for the "
+                        "ort-cuda engines) on a machine with an NVIDIA GPU")
+    return device
 
 
 def why_not(engine: Engine, export_dir: Path) -> str | None:
@@ -73,14 +94,18 @@ def why_not(engine: Engine, export_dir: Path) -> str | None:
         return f"ONNX Runtime's {engine.provider} is not available here"
     if engine.runs == "openvino" and (missing := openvino_missing()):
         return missing
-    if engine.precision == "bf16":
+    if engine.device == "cuda" and engine.runs != "onnx" and (missing := cuda_missing()):
+        return missing
+    if engine.precision == "bf16" and engine.device == "cpu":
         return bf16_missing()
     return None
 
 
-def available_engines(export_dir: Path) -> list[str]:
-    """Engines that can run from `export_dir` here, in the table's order."""
-    return [e.name for e in ENGINES.values() if why_not(e, export_dir) is None]
+def available_engines(export_dir: Path, device: str | None = None) -> list[str]:
+    """Engines that can run from `export_dir` here (on `device` only, when given), in
+    the table's order."""
+    return [e.name for e in ENGINES.values()
+            if (device is None or e.device == device) and why_not(e, export_dir) is None]
 
 
 def _source(export_dir: Path, trust_code: bool):
@@ -90,12 +115,12 @@ def _source(export_dir: Path, trust_code: bool):
 
 def _eager(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:
     source = _source(export_dir, trust_code)
-    return EagerRunner(source.module, source.spec)
+    return EagerRunner(source.module, source.spec, **engine.options)
 
 
 def _compiled(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:
     source = _source(export_dir, trust_code)
-    return CompiledRunner(source.module, source.spec)
+    return CompiledRunner(source.module, source.spec, **engine.options)
 
 
 def _autocast(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:

@@ -12,12 +12,15 @@ from bsbr_export.runtime.base import ModuleRunner
 
 
 class TorchScriptRunner(ModuleRunner):
-    """A TorchScript file loaded with `torch.jit.load` (or the lite interpreter)."""
+    """A TorchScript file loaded with `torch.jit.load` onto `device` (or the lite
+    interpreter, CPU only)."""
 
     name = "torchscript"
 
-    def __init__(self, path: str | os.PathLike, input_names: list[str], output_names: list[str]) -> None:
+    def __init__(self, path: str | os.PathLike, input_names: list[str], output_names: list[str],
+                 device: str = "cpu") -> None:
         path = Path(path)
+        self.device = torch.device(device)
         if not path.is_file():
             raise UserError(f"TorchScript file {path} does not exist")
         try:
@@ -26,7 +29,7 @@ class TorchScriptRunner(ModuleRunner):
 
                 self.module = _load_for_lite_interpreter(str(path))
             else:
-                self.module = torch.jit.load(str(path), map_location="cpu")
+                self.module = torch.jit.load(str(path), map_location=self.device)
         except RuntimeError as exc:
             raise UserError(f"{path} is not a loadable TorchScript file: {str(exc).splitlines()[0]}") from None
         self.input_names, self.output_names = input_names, output_names

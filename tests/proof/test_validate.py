@@ -7,10 +7,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from conftest import rehash, run_cli, weight_used_only_in
 from onnx import numpy_helper
 
 from bsbr_export.compare.parity import compare
+from bsbr_export.errors import UserError
 from bsbr_export.proof.validate import validate_export
 
 
@@ -99,3 +101,23 @@ def test_reduced_precision_of_a_trained_lm_is_judged_by_its_loss_on_text(stdlib_
         assert int8.judged_by_text and not int8.parity.passed and int8.layers == ()
         assert int8.passed is passes and int8.to_dict()["judged_by"] == "held-out text"
         assert not fp32.judged_by_text and fp32.parity.passed and fp32.passed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: nothing to refuse")
+def test_validate_on_cuda_without_a_gpu_is_one_line_and_exit_2(export_copy, capsys):
+    code, _, err = run_cli(capsys, "validate", export_copy, "--device", "cuda")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--device cuda: torch" in err
+    assert not (export_copy / "validation.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (CI has none): run on one")
+def test_validate_on_cuda_runs_torchscript_on_the_gpu(tiny_export):
+    out, _ = tiny_export
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        result = validate_export(out, lengths=[13], batches=(2,), device="cuda")
+    except UserError as exc:  # torch sees a GPU, ONNX Runtime's CUDA provider may not be installed
+        pytest.skip(str(exc))
+    engines = {(c.artifact, c.engine) for c in result.checks}
+    assert ("model.pt", "torchscript-cuda") in engines
+    assert all(engine != "ort-cpu" for _, engine in engines) and result.passed
