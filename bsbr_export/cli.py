@@ -115,6 +115,8 @@ def run(model: str, length: int | None, batch: int) -> None:
               help="Longest input of an executorch program (memory is planned for it) [default: 2048].")
 @click.option("--max-batch", "max_batch", type=click.IntRange(min=1), default=None,
               help="Largest batch of an executorch program [default: 4].")
+@click.option("--device", "device", type=click.Choice(DEVICES), default=None,
+              help="What an aoti package is compiled for [default: cpu]; cuda needs a CUDA build of torch and the GPU.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True,
               help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).")
 @click.option("--force", is_flag=True,
@@ -129,8 +131,8 @@ def run(model: str, length: int | None, batch: int) -> None:
               help="JSON ModelSpec of a module reference's inputs/outputs [default: inferred].")
 @click.option("--chunk-size", "chunk_size", type=click.IntRange(min=1), default=None,
               help="Chunk size of a module with no BSBR layer to read it from.")
-def export(model, out_dir, formats, streaming, static, opset, max_length, max_batch, tolerance, force, triton_repo,
-           trust_code, weights, spec_file, chunk_size) -> None:
+def export(model, out_dir, formats, streaming, static, opset, max_length, max_batch, device, tolerance, force,
+           triton_repo, trust_code, weights, spec_file, chunk_size) -> None:
     """Export MODEL and check every artifact.
 
     MODEL is a preset name, a checkpoint directory, or your own module as a reference
@@ -156,7 +158,7 @@ def export(model, out_dir, formats, streaming, static, opset, max_length, max_ba
             model, out, chosen, spec=read_spec(spec_file) if spec_file else None, streaming=streaming,
             static_shape=_parse_static(static) if static else None, opset=opset, overwrite=force, tolerance=tolerance,
             trust_code=trust_code, weights=weights, chunk_size=chunk_size, max_length=max_length, max_batch=max_batch,
-            progress=progress,
+            device=device, progress=progress,
         )
     stdout_console().print(export_table(result))
     if result.note:

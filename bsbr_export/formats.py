@@ -80,7 +80,7 @@ FORMATS: dict[str, Format] = {
         # The decode step for C++ generation loops; no full-state step (Triton's implicit
         # state is its only user, and Triton serves ONNX).
         Format("aoti", ".pt2", "AOTInductor package for aoti_load_package / torch::inductor::AOTIModelPackageLoader",
-               kinds=("full", "decode"), engine=True),
+               options=frozenset({"device"}), kinds=("full", "decode"), engine=True),
         # Full graph only: see README "Deploy" for what the streaming step needs.
         Format("executorch", ".pte", "ExecuTorch program lowered to XNNPACK, for executorch.runtime / the C++ Module API",
                frozenset({"max_length", "max_batch"}), kinds=("full",), engine=True, requires="executorch",

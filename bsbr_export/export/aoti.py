@@ -14,25 +14,29 @@ from pathlib import Path
 import torch
 from torch._dynamo.exc import UserError as ExportUserError
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.utils._pytree import tree_map
 
+from bsbr_export.errors import UserError
 from bsbr_export.export.checks import FREEZE_HINT, DoesNotGeneralize, check_generalizes, check_kind
 from bsbr_export.export.examples import dynamic_shapes, example_args, graph_axes
 from bsbr_export.export.staging import quiet, staging
 from bsbr_export.model.graphs import export_graph
 from bsbr_export.model.spec import spec_for
-from bsbr_export.runtime.aoti import AotiRunner, package_isa
+from bsbr_export.runtime.aoti import AotiRunner, package_device, package_isa
+from bsbr_export.runtime.base import cuda_missing
 
 
-def dynamic_program(model, spec=None, kind: str = "full") -> torch.export.ExportedProgram:
+def dynamic_program(model, spec=None, kind: str = "full", device: str = "cpu") -> torch.export.ExportedProgram:
     """`torch.export` of one artifact kind of `model` (described by `spec`) with plain
     `Dim`s on every named axis (batch, sequence or new_tokens, the state's growing axes):
     DoesNotGeneralize when export needs a constraint on them or leaves a runtime assert in
-    the graph, which the compiled package would keep and fail at other shapes."""
-    model = model.eval()
+    the graph, which the compiled package would keep and fail at other shapes. The model
+    and the example inputs are moved to `device` (what AOTInductor compiles for)."""
+    model = model.eval().to(device)
     spec = spec_for(model, spec)
     check_kind(model, spec, kind)
     graph = export_graph(model, spec, kind)
-    args = example_args(model, spec, kind)
+    args = tree_map(lambda x: x.to(device) if torch.is_tensor(x) else x, example_args(model, spec, kind))
     shapes = dynamic_shapes(graph, graph_axes(spec, kind), kind != "full")
     # A streaming step exports size-obliviously, as torch.onnx does: a size that can be 0
     # or 1 (the chunks it finishes, the past chunks) takes the general path instead of a
@@ -55,18 +59,19 @@ def dynamic_program(model, spec=None, kind: str = "full") -> torch.export.Export
     return program
 
 
-def export_aoti(model, path: str | os.PathLike, spec=None, kind: str = "full") -> Path:
+def export_aoti(model, path: str | os.PathLike, spec=None, kind: str = "full", device: str | None = None) -> Path:
     """Compile one artifact kind of `model` (the full forward, or a streaming / decode
-    step) to an AOTInductor package at `path`, from `dynamic_program`'s graph; refuses to
-    write a package that disagrees with eager at lengths, batches and states it was not
-    exported with."""
+    step) to an AOTInductor package at `path` for `device` (default the CPU), from
+    `dynamic_program`'s graph; refuses to write a package that disagrees with eager (on
+    the CPU) at lengths, batches and states it was not exported with."""
     path = Path(path)
     spec = spec_for(model, spec)
-    program = dynamic_program(model, spec, kind)
+    program = dynamic_program(model, spec, kind, device or "cpu")
     with staging(path) as tmp:
         staged = tmp / path.name
         with quiet():
             torch._inductor.aoti_compile_and_package(program, package_path=str(staged))
+        model.to("cpu")  # the eager reference below runs where every other check does
         check_generalizes(model, lambda inputs, outputs: AotiRunner(staged, inputs, outputs), kind, spec,
                           "AOTInductor package")
         os.replace(staged, path)
@@ -74,5 +79,13 @@ def export_aoti(model, path: str | os.PathLike, spec=None, kind: str = "full") -
 
 
 def package_settings(path: str | os.PathLike) -> dict:
-    """What the manifest records about a `.pt2`: the CPU ISA it was compiled for."""
-    return {"cpu_isa": package_isa(path)}
+    """What the manifest records about a `.pt2`: the device and CPU ISA it was compiled for."""
+    return {"cpu_isa": package_isa(path), "device": package_device(path)}
+
+
+def check_device_option(spec, device: str | None = None) -> None:
+    """UserError, before any work, when --device cuda is asked for and torch has no GPU."""
+    if device not in (None, "cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and (missing := cuda_missing()):
+        raise UserError(f"--format aoti --device cuda: {missing}; compile on a machine with the GPU it will run on")

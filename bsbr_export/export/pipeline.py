@@ -85,6 +85,7 @@ def export_model(
     long_length: int = DEFAULT_LONG_LENGTH,
     max_length: int | None = None,
     max_batch: int | None = None,
+    device: str | None = None,
     progress: Callable[[str], None] = lambda step: None,
 ) -> ExportResult:
     """Export MODEL to `out_dir` in `formats` and check each artifact against eager (at
@@ -95,16 +96,18 @@ def export_model(
     `nn.Module` or a loaded `Source`. Its spec (`spec`, or the defaults) is computed once
     and passed down. `max_length` / `max_batch`: the largest input of formats that plan
     memory ahead (ExecuTorch; default: theirs); each such artifact is checked up to them.
+    `device`: what compiled formats (AOTInductor) compile for, "cpu" (default) or "cuda".
     """
     check_opset(opset)
     check_static_shape(static_shape, streaming)
-    check_flags_apply(formats, max_length=max_length, max_batch=max_batch)
+    check_flags_apply(formats, max_length=max_length, max_batch=max_batch, device=device)
     check_can_create(Path(out_dir), overwrite)  # before the model is even loaded
     progress("loading model")
     source = model_ref if isinstance(model_ref, Source) else load_source(
         model_ref, trust_code=trust_code, weights=weights, spec=spec, chunk_size=chunk_size)
-    jobs = plan_jobs(source, formats, streaming, max_length=max_length, max_batch=max_batch)
+    jobs = plan_jobs(source, formats, streaming, max_length=max_length, max_batch=max_batch, device=device)
     options = {"static_shape": static_shape, "opset": opset, "max_length": max_length, "max_batch": max_batch,
+               "device": device,
                "metadata": {"bsbr.model": str(source_label(source))}}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         checkpoint = write_source(source, tmp)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bsbr_export.export import onnx, torchscript
-from bsbr_export.export.aoti import export_aoti, package_settings
+from bsbr_export.export.aoti import check_device_option, export_aoti, package_settings
 from bsbr_export.export.executorch import check_limits, export_executorch
 from bsbr_export.formats import Format
 from bsbr_export.runtime.executorch import program_settings
@@ -46,7 +46,8 @@ WRITERS: dict[str, Writer] = {
     "onnx": Writer(_onnx),
     "torchscript": Writer(_torchscript(mobile=False)),
     "torchscript-mobile": Writer(_torchscript(mobile=True)),
-    "aoti": Writer(lambda model, path, kind, spec: [export_aoti(model, path, spec, kind)], describe=package_settings),
+    "aoti": Writer(lambda model, path, kind, spec, device=None: [export_aoti(model, path, spec, kind, device)],
+                   check=check_device_option, describe=package_settings),
     "executorch": Writer(lambda model, path, kind, spec, **limits: [export_executorch(model, path, spec, **limits)],
                          check=check_limits, describe=program_settings),
 }

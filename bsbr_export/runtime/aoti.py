@@ -16,18 +16,28 @@ import numpy as np
 import torch
 
 from bsbr_export.errors import UserError
-from bsbr_export.runtime.base import ModuleRunner
+from bsbr_export.runtime.base import ModuleRunner, cuda_missing
 
 
-def package_isa(path: str | os.PathLike) -> str:
-    """The CPU vector ISA a `.pt2` was compiled for ('AVX512 AVX512_VNNI', '' for none),
-    read from the package without loading its library; UserError if it is no package."""
+def package_metadata(path: str | os.PathLike) -> dict:
+    """What a `.pt2` records about its compiled code, read without loading its library;
+    UserError if it is no package."""
     try:
         with zipfile.ZipFile(path) as archive:
             name = next(n for n in archive.namelist() if n.endswith("wrapper_metadata.json"))
-            return json.loads(archive.read(name)).get("AOTI_CPU_ISA", "")
+            return json.loads(archive.read(name))
     except (zipfile.BadZipFile, StopIteration, KeyError, json.JSONDecodeError, OSError):
         raise UserError(f"{path} is not an AOTInductor package (.pt2): re-export it with --format aoti") from None
+
+
+def package_isa(path: str | os.PathLike) -> str:
+    """The CPU vector ISA a `.pt2` was compiled for ('AVX512 AVX512_VNNI', '' for none)."""
+    return package_metadata(path).get("AOTI_CPU_ISA", "")
+
+
+def package_device(path: str | os.PathLike) -> str:
+    """The device a `.pt2`'s kernels run on: "cpu" or "cuda"."""
+    return package_metadata(path).get("AOTI_DEVICE_KEY", "cpu")
 
 
 def host_isas() -> list[str]:
@@ -47,8 +57,8 @@ def check_isa(path: str | os.PathLike) -> str:
 
 
 class AotiRunner(ModuleRunner):
-    """An AOTInductor package, after checking that this CPU has the vector ISA it was
-    compiled for."""
+    """An AOTInductor package on the device it was compiled for, after checking that
+    this machine has it (a CUDA GPU, or the CPU vector ISA)."""
 
     name = "aoti"
 
@@ -56,7 +66,12 @@ class AotiRunner(ModuleRunner):
         path = Path(path)
         if not path.is_file():
             raise UserError(f"AOTInductor package {path} does not exist")
-        check_isa(path)
+        self.device = torch.device(package_device(path))
+        if self.device.type == "cuda" and (missing := cuda_missing()):
+            raise UserError(f"{path} is compiled for a CUDA GPU, and {missing}: run it on one, or re-export without "
+                            "--device cuda")
+        if self.device.type == "cpu":
+            check_isa(path)
         try:
             self.module = torch._inductor.aoti_load_package(str(path))
         except (RuntimeError, ValueError, OSError) as exc:
@@ -66,4 +81,4 @@ class AotiRunner(ModuleRunner):
     def tensor(self, array: np.ndarray) -> torch.Tensor:
         # The compiled code indexes every input as contiguous and checks no strides: a
         # sliced feed (a streamed piece of the ids) would be read as the wrong tokens.
-        return torch.from_numpy(np.ascontiguousarray(array))
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)

@@ -13,7 +13,7 @@ import user_models
 from conftest import EDGE_LENGTHS, random_ids, rehash, run_cli
 
 from bsbr_export import load_model
-from bsbr_export.runtime.aoti import AotiRunner, host_isas, package_isa
+from bsbr_export.runtime.aoti import AotiRunner, host_isas, package_device, package_isa
 
 
 def test_export_writes_a_checked_package_with_its_isa(aoti_export):
@@ -22,6 +22,7 @@ def test_export_writes_a_checked_package_with_its_isa(aoti_export):
     manifest = json.loads((out / "manifest.json").read_text())
     for artifact in manifest["artifacts"]:
         assert artifact["settings"]["cpu_isa"] == package_isa(out / artifact["name"])
+        assert artifact["settings"]["device"] == package_device(out / artifact["name"]) == "cpu"
         assert artifact["checks"]["passed"]
     assert package_isa(out / "model.pt2").upper() in host_isas()
 
@@ -82,14 +83,14 @@ def test_validate_and_bench_list_aoti(aoti_export, capsys):
     assert code == 0 and "model.pt2" in stdout
 
 
-def _with_isa(path, isa):
-    """Rewrite the ISA a package says it was compiled for (as another machine's would)."""
+def _with_metadata(path, **entries):
+    """Rewrite what a package says it was compiled for (as another machine's would)."""
     with zipfile.ZipFile(path) as archive:
-        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+        files = {info.filename: archive.read(info) for info in archive.infolist()}
     with zipfile.ZipFile(path, "w") as archive:
-        for name, data in entries.items():
+        for name, data in files.items():
             if name.endswith("wrapper_metadata.json"):
-                data = json.dumps({**json.loads(data), "AOTI_CPU_ISA": isa}).encode()
+                data = json.dumps({**json.loads(data), **entries}).encode()
             archive.writestr(name, data)
 
 
@@ -99,10 +100,47 @@ def test_package_for_another_isa_is_refused_in_one_line(aoti_export, tmp_path, c
     out, _ = aoti_export
     copy = tmp_path / "export"
     shutil.copytree(out, copy)
-    _with_isa(copy / "model.pt2", "AVX512 AMX_FP16 SVE256")
+    _with_metadata(copy / "model.pt2", AOTI_CPU_ISA="AVX512 AMX_FP16 SVE256")
     rehash(copy, "model.pt2")
     code, _, err = run_cli(capsys, "validate", copy)
     assert code == 2 and "AMX_FP16 SVE256, which this CPU lacks" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: nothing to refuse")
+def test_package_for_a_gpu_is_refused_in_one_line_without_one(aoti_export, tmp_path, capsys):
+    import shutil
+
+    out, _ = aoti_export
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    _with_metadata(copy / "model.pt2", AOTI_DEVICE_KEY="cuda")
+    rehash(copy, "model.pt2")
+    code, _, err = run_cli(capsys, "validate", copy)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "is compiled for a CUDA GPU, and torch" in err and "sees no CUDA GPU here" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: nothing to refuse")
+def test_export_for_a_gpu_without_one_is_one_line_and_writes_nothing(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "aoti", "--device", "cuda", "--out",
+                           tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--format aoti --device cuda: torch" in err and not (tmp_path / "out").exists()
+
+
+def test_device_is_refused_for_formats_that_do_not_take_it(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "onnx", "--device", "cpu", "--out",
+                           tmp_path / "out")
+    assert code == 2 and "--device applies to --format aoti only" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (CI has none): run on one")
+def test_a_gpu_package_matches_eager_and_is_recorded(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "aoti", "--device", "cuda", "--out",
+                           tmp_path / "out")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["artifacts"][0]["settings"]["device"] == "cuda" and manifest["artifacts"][0]["checks"]["passed"]
 
 
 def test_corrupt_package_is_refused_in_one_line(aoti_export, tmp_path, capsys):
