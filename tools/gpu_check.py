@@ -10,7 +10,8 @@ fp32 on the GPU and an fp64 CPU reference (max abs, top-1; bits per byte on held
 for bsbr-stdlib); forward latency and tokens/s at each batch and length (CUDA events,
 after warm-up; compile time reported apart); decode per token at each context (the
 stream state carried, one token per call); peak GPU memory. Then BSBR attention against
-`scaled_dot_product_attention` (flash, causal) at the same sizes, attention alone.
+`scaled_dot_product_attention` (flash, causal) at the same sizes, attention alone, and the
+torch engines once more through the product (`benchmark(..., device="cuda")`).
 
 Each figure is written to DIR/gpu_check.json as soon as it is measured, so a run cut off
 by its deadline still returns what it measured; sections past the deadline are skipped
@@ -230,6 +231,22 @@ def attention_race(args, device: torch.device, results: Results, deadline: Deadl
         results.add(**row)
 
 
+def product_bench(args, device: torch.device, results: Results, deadline: Deadline) -> None:
+    """The same engines through the product: `bsbr-export bench MODEL --device cuda` (the
+    python call under it), so the figures above are not only a script's."""
+    from bsbr_export.workflows import benchmark
+
+    if not deadline.allows("product bench", 60):
+        return
+    engines = ["eager", "torchscript"] if device.type == "cpu" else [
+        "eager-cuda", "eager-cuda-bf16", "compile-cuda", "torchscript-cuda"]
+    run = benchmark(args.models[0], out_dir=args.out / "product_bench", lengths=args.lengths[:2], engines=engines,
+                    formats=["torchscript"], streaming=False, long_length=args.lengths[-1], budget_s=0.5,
+                    reduced_precision=False, device=device.type, overwrite=True)
+    results.add(what="product bench", device=device.type, validated=run.validation.passed,
+                table=json.loads((run.directory / "report.json").read_text())["table"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, tiny sizes (tests the script)")
@@ -262,6 +279,7 @@ def main() -> None:
     attention_race(args, device, results, deadline)
     for name in args.models:
         check_model(name, args, device, results, deadline)
+    product_bench(args, device, results, deadline)
     # Last: a compile can take a minute; what the deadline leaves goes to the first model.
     check_model(args.models[0], args, device, results, deadline, compiled=True)
     results.data["skipped"] = deadline.skipped

@@ -130,7 +130,8 @@ def validate_export(
     manifest = read_manifest(directory)
     source = rebuild(directory, manifest, trust_code=trust_code, module=module)
     check_device(device)
-    providers = check_providers(providers, device)
+    providers = check_providers(providers, device, any(FORMATS[a["format"]].per_provider
+                                                      for a in manifest["artifacts"]))
     scorer = TextScorer.of(source, eval_text, accuracy_budget)
     checks = []
     for artifact in manifest["artifacts"]:
@@ -164,14 +165,17 @@ def validate_and_record(export_dir, **options) -> ValidationResult:
     return result
 
 
-def check_providers(providers: list[str] | None, device: str = "cpu") -> list[str]:
+def check_providers(providers: list[str] | None, device: str = "cpu", onnx_graphs: bool = True) -> list[str]:
     """The ONNX Runtime providers to validate on: those asked for (each must be
-    installed here), or every usable one (on `device` "cuda": the CUDA provider)."""
+    installed here), or every usable one (on `device` "cuda": the CUDA provider, needed
+    only when there are `onnx_graphs` to run)."""
     usable = [p for p in available_providers() if p in VALIDATED_PROVIDERS]
     for provider in providers or ():
         if provider not in available_providers():
             raise UserError(f"execution provider {provider} is not installed here (available: {', '.join(usable)})")
     if device == "cuda" and not providers:
+        if not onnx_graphs:
+            return []
         if CUDA_PROVIDER not in usable:
             raise UserError(f"--device cuda: ONNX Runtime's {CUDA_PROVIDER} is not available here: pip install "
                             "onnxruntime-gpu, or pass --provider CPUExecutionProvider")

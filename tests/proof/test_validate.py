@@ -121,3 +121,16 @@ def test_validate_on_cuda_runs_torchscript_on_the_gpu(tiny_export):
     engines = {(c.artifact, c.engine) for c in result.checks}
     assert ("model.pt", "torchscript-cuda") in engines
     assert all(engine != "ort-cpu" for _, engine in engines) and result.passed
+
+
+def test_on_cuda_the_onnx_graphs_need_the_cuda_provider_and_nothing_else_does():
+    from bsbr_export.proof.validate import check_providers
+    from bsbr_export.runtime.onnx import available_providers
+
+    assert check_providers(None, "cuda", onnx_graphs=False) == []  # a TorchScript-only export
+    if "CUDAExecutionProvider" in available_providers():
+        assert check_providers(None, "cuda") == ["CUDAExecutionProvider"]
+    else:
+        with pytest.raises(UserError, match="pip install onnxruntime-gpu"):
+            check_providers(None, "cuda")
+    assert check_providers(["CPUExecutionProvider"], "cuda") == ["CPUExecutionProvider"]  # asked for: kept
