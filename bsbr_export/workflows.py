@@ -206,7 +206,8 @@ def precision_trial(precision: Precision, directory: Path) -> PrecisionTrial:
     runnable = tuple(e for e, reason in reasons.items() if reason is None)
     if not runnable:
         return skipped("; ".join(f"{e}: {reason}" for e, reason in reasons.items()))
-    units = [u.upper() for u in precision.units if u in cpu_features()]
+    features = cpu_features()
+    units = [u.upper() for u in precision.units if u in features]
     detail = (f"matrix units here: {', '.join(units)}" if units else
               f"no {' or '.join(u.upper() for u in precision.units)} here" if precision.units else "")
     return PrecisionTrial(precision.name, runnable, "made", detail)

@@ -219,7 +219,8 @@ def finish(run: Path, dry: bool) -> None:
     out_results.mkdir(parents=True, exist_ok=True)
     weights = out_models / f"{NAME}.safetensors"
     weights.write_bytes((run / WEIGHTS).read_bytes())
-    write_preset(out_models / f"{NAME}.toml", weights.name, record["seed"], slice_bpb, record["command"])
+    write_preset(out_models / f"{NAME}.toml", weights.name, record["seed"], slice_bpb, heldout[:DEFAULT_EVAL_BYTES],
+                 record["command"])
     record.update(heldout_bytes=len(heldout), heldout_bpb=scores[EVAL_WINDOW],
                   heldout_bpb_by_window={str(k): v for k, v in scores.items()}, slice_bytes=DEFAULT_EVAL_BYTES,
                   slice_bpb=slice_bpb, weights_bytes=weights.stat().st_size, scored_on=machine_info(),
@@ -238,7 +239,7 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else machine_info()["processor"]
 
 
-def write_preset(path: Path, weights: str, seed: int, slice_bpb: float, command: str) -> None:
+def write_preset(path: Path, weights: str, seed: int, slice_bpb: float, slice_text: bytes, command: str) -> None:
     config = "\n".join(f"{k} = {json.dumps(v)}" for k, v in CONFIG.to_dict().items() if v is not None
                        and k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_size", "ff_size"))
     path.write_text(
@@ -250,7 +251,7 @@ def write_preset(path: Path, weights: str, seed: int, slice_bpb: float, command:
         f"# Held-out bits per byte of the first {DEFAULT_EVAL_BYTES} held-out bytes (windows of {EVAL_WINDOW}),\n"
         f"# as shipped; tests check the preset still scores this.\n"
         f"heldout_bpb = {slice_bpb!r}\n"
-        f'heldout_sha256 = "{hashlib.sha256(heldout_text()).hexdigest()}"  # of that text, as this machine read it\n'
+        f'heldout_sha256 = "{hashlib.sha256(slice_text).hexdigest()}"  # of that text, as this machine read it\n'
         f"\n[config]\n{config}\n"
     )
 

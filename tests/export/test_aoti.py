@@ -94,28 +94,27 @@ def _with_metadata(path, **entries):
             archive.writestr(name, data)
 
 
-def test_package_for_another_isa_is_refused_in_one_line(aoti_export, tmp_path, capsys):
+def _validate_with_metadata(aoti_export, tmp_path, capsys, **entries) -> tuple[int, str]:
+    """`validate` on a copy of the export whose model.pt2 says `entries` (rehashed)."""
     import shutil
 
     out, _ = aoti_export
     copy = tmp_path / "export"
     shutil.copytree(out, copy)
-    _with_metadata(copy / "model.pt2", AOTI_CPU_ISA="AVX512 AMX_FP16 SVE256")
+    _with_metadata(copy / "model.pt2", **entries)
     rehash(copy, "model.pt2")
     code, _, err = run_cli(capsys, "validate", copy)
+    return code, err
+
+
+def test_package_for_another_isa_is_refused_in_one_line(aoti_export, tmp_path, capsys):
+    code, err = _validate_with_metadata(aoti_export, tmp_path, capsys, AOTI_CPU_ISA="AVX512 AMX_FP16 SVE256")
     assert code == 2 and "AMX_FP16 SVE256, which this CPU lacks" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: nothing to refuse")
 def test_package_for_a_gpu_is_refused_in_one_line_without_one(aoti_export, tmp_path, capsys):
-    import shutil
-
-    out, _ = aoti_export
-    copy = tmp_path / "export"
-    shutil.copytree(out, copy)
-    _with_metadata(copy / "model.pt2", AOTI_DEVICE_KEY="cuda")
-    rehash(copy, "model.pt2")
-    code, _, err = run_cli(capsys, "validate", copy)
+    code, err = _validate_with_metadata(aoti_export, tmp_path, capsys, AOTI_DEVICE_KEY="cuda")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "is compiled for a CUDA GPU, and torch" in err and "sees no CUDA GPU here" in err
 
