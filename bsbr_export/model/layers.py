@@ -161,9 +161,6 @@ class BSBRAttention(nn.Module):
         if compression is not None:
             self.compress = nn.Linear(e * e, compression, bias=False)
             self.decompress = nn.Linear(compression, e * e, bias=False)
-        if rope_theta is not None:
-            # A function of the arguments only: not saved in checkpoints.
-            self.register_buffer("rope_freqs", rope_frequencies(e, rope_theta).float(), persistent=False)
 
     @property
     def state_size(self) -> int:
@@ -183,8 +180,13 @@ class BSBRAttention(nn.Module):
         """q [B, H, L, e], k and v [B, G, L, e] of x [B, L, hidden] at positions start.."""
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if self.rope_theta is not None:
+            # Computed from the arguments, not kept in a buffer: transformers (v5) builds a
+            # model on the meta device and leaves buffers no checkpoint holds uninitialized.
+            # Rounded to float32 as the exported graphs hold them; float64 inputs compute on.
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            freqs = rope_frequencies(self.head_dim, self.rope_theta).float().to(x.device, dtype)
             positions = torch.arange(x.shape[1], device=x.device) + start
-            q, k = apply_rope(q, positions, self.rope_freqs), apply_rope(k, positions, self.rope_freqs)
+            q, k = apply_rope(q, positions, freqs), apply_rope(k, positions, freqs)
         return q, k, v
 
     def _packed(self, x: Tensor) -> Tensor:
