@@ -102,7 +102,9 @@ class StateSpec:
         return axes
 
 
-TOKENIZERS = (None, "bytes")  # "bytes": token id = one UTF-8 byte (vocabulary 256)
+# "bytes": token id = one UTF-8 byte (vocabulary 256); "tokenizer.json": the ids of the
+# export directory's tokenizer.json (the `tokenizers` library's file).
+TOKENIZERS = (None, "bytes", "tokenizer.json")
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,8 @@ class ModelSpec:
     note: str | None = None  # what the artifacts' users must know (e.g. "not causal")
     block_path: str | None = None  # where the repeated blocks live, for localizing failures
     num_blocks: int = 0
-    # "bytes": the token ids are UTF-8 bytes, so held-out text scores the model in bits per byte
+    # "bytes": the token ids are UTF-8 bytes, so held-out text scores the model in bits per
+    # byte; "tokenizer.json": ids of the tokenizer shipped beside the weights (see TOKENIZERS)
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
@@ -423,7 +426,29 @@ def infer_state(module: nn.Module, tokens: InputSpec, chunk_size: int) -> StateS
                 label = f"past_{name.split('.', 1)[1].replace('.', '_')}_{axis}"
             dims.append(label if label else sizes[0])
         inputs[name] = dims
-    return StateSpec(inputs)
+    return StateSpec(inputs, **_appended(module, spec, tokens, inputs))
+
+
+def _appended(module: nn.Module, spec: ModelSpec, tokens: InputSpec, inputs: dict[str, list]) -> dict:
+    """Which entries `stream_update` returns as the rows of chunks it finished (to append)
+    rather than whole: after one finished chunk and two cached tokens, a one-token update
+    that finishes none returns 0 rows of those along their `past_chunks` axis."""
+    if not callable(getattr(module, "stream_update", None)):
+        return {}
+    c, batch = spec.chunk_size, 2
+    with torch.no_grad():
+        _, state = module.stream(example_inputs(spec, batch, c + 2)[tokens.name], module.init_state(batch))
+        _, updates = module.stream_update(example_inputs(spec, batch, 1)[tokens.name], state)
+    leaves = pytree.tree_leaves(updates)
+    if len(leaves) != len(inputs):
+        raise UserError(f"{type(module).__name__}.stream_update returns {len(leaves)} tensors for a state of "
+                        f"{len(inputs)}: it must return one per state entry")
+    appended = {name: dims.index("past_chunks") for (name, dims), leaf in zip(inputs.items(), leaves)
+                if "past_chunks" in dims and leaf.shape[dims.index("past_chunks")] == 0}
+    if len(set(appended.values())) > 1:
+        raise UserError(f"{type(module).__name__}'s appended state entries grow along different axes: "
+                        f"{appended}; the decode protocol appends along one")
+    return {"appended": tuple(appended), "append_axis": next(iter(appended.values()), 2)}
 
 
 # ---------------------------------------------------------------------------
