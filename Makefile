@@ -61,6 +61,6 @@ $(VENV)/bin/python:
 # 3.11 (--ignore-requires-python); --no-deps keeps pip from resolving its own requirements
 # (an unpinned torch>=2.6, numpy>=2.2.4, pandas, seaborn, matplotlib) outside constraints.txt.
 $(VENV_STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
-	$(VENV)/bin/pip install -c constraints.txt -e ".[dev,executorch,openvino]"
+	$(VENV)/bin/pip install -c constraints.txt -e ".[dev,executorch,openvino,hf]"
 	$(VENV)/bin/pip install --no-deps --ignore-requires-python bsbr==0.1.1
 	touch $@

@@ -181,6 +181,77 @@ def print_uncaptured(request, text: str) -> None:
         print(f"\n{text}")
 
 
+HF_MODELING = Path(__file__).parent / "fixtures" / "hf" / "modeling_bsbr_lm.py"
+
+
+def hf_modeling():
+    """tests/fixtures/hf/modeling_bsbr_lm.py imported as `modeling_bsbr_lm`, the name
+    save_pretrained's `auto_map` records (once per process)."""
+    import importlib.util
+    import sys
+
+    if "modeling_bsbr_lm" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("modeling_bsbr_lm", HF_MODELING)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["modeling_bsbr_lm"] = module
+        spec.loader.exec_module(module)
+        module.BSBRLMConfig.register_for_auto_class()
+        module.BSBRForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    return sys.modules["modeling_bsbr_lm"]
+
+
+def train_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained here with the tokenizers library on the standard
+    library's json package, with an <|endoftext|> special token (id 0)."""
+    import json as json_package
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    sources = sorted(Path(json_package.__file__).parent.glob("*.py"))
+    tokenizer.train_from_iterator([p.read_text() for p in sources], trainer)
+    return tokenizer
+
+
+def save_hf_model(directory: Path, tokenizer=None, **save_options):
+    """A `BSBRForCausalLM` (seed 0) saved with save_pretrained into `directory` (config.json
+    with auto_map, its modeling file, the weights), and `tokenizer` as tokenizer.json beside
+    it. Returns the model that was saved."""
+    modeling = hf_modeling()
+    config = {"vocab_size": tokenizer.get_vocab_size(), "eos_token_id": tokenizer.token_to_id("<|endoftext|>")} \
+        if tokenizer else {}
+    torch.manual_seed(0)
+    model = modeling.BSBRForCausalLM(modeling.BSBRLMConfig(**config)).eval()
+    model.save_pretrained(directory, **save_options)
+    if tokenizer is not None:
+        tokenizer.save(str(directory / "tokenizer.json"))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory) -> Path:
+    """A Hugging Face model directory written by save_pretrained, with its own modeling
+    file (BSBR attention, rotary positions, grouped-query heads) and a tokenizer.json."""
+    directory = tmp_path_factory.mktemp("hf") / "bsbr-lm"
+    save_hf_model(directory, train_tokenizer())
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_export(hf_model_dir, tmp_path_factory):
+    """`hf_model_dir` exported once per session (ONNX + TorchScript, full and streaming)."""
+    from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
+
+    out = tmp_path_factory.mktemp("exports") / "bsbr-lm"
+    export_model(str(hf_model_dir), out, [FORMATS["onnx"], FORMATS["torchscript"]], streaming=True, trust_code=True)
+    return out
+
+
 def prompt_of(length: int, vocab_size: int) -> list[int]:
     """A deterministic prompt of `length` ids."""
     return [(11 * i + 5) % vocab_size for i in range(length)]

@@ -1,7 +1,8 @@
 """Where an export's eager model comes from, and how validate and bench rebuild it.
 
-Three adapters, one shape: a preset or checkpoint directory (a `BSBRConfig` model, either
-flavor), a user's module by reference (`file.py:factory`, imported only with
+Four adapters, one shape: a preset or checkpoint directory (a `BSBRConfig` model, either
+flavor), a Hugging Face model directory (loaded by transformers, custom code only with
+`trust_code`), a user's module by reference (`file.py:factory`, imported only with
 `trust_code`), or a module object in memory (`export_module`). Each becomes a `Source`:
 the module, its `ModelSpec` (computed once, here) and the record the manifest keeps.
 Upstream bsbr 0.1.1 layers inside a user's module are swapped for their chunk-wise twins.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from torch import nn
 
 from bsbr_export.errors import UserError
 from bsbr_export.model.checkpoint import WEIGHTS_FILE, load_model, write_checkpoint
+from bsbr_export.model.pretrained import directory_kind, load_pretrained, pretrained_record, tokenizer_files
 from bsbr_export.model.spec import ModelSpec, spec_for
 from bsbr_export.model.upstream import NOT_CAUSAL, from_upstream, swap_upstream_layers
 from bsbr_export.model.usercode import build_module, is_module_ref
@@ -33,8 +36,9 @@ class Source:
 
     module: nn.Module
     spec: ModelSpec
-    record: dict  # {"kind": "preset" | "checkpoint" | "module" | "object", "ref": ...}
+    record: dict  # {"kind": "preset" | "checkpoint" | "pretrained" | "module" | "object", "ref": ...}
     swapped: tuple[dict, ...] = ()
+    tokenizer_files: tuple[Path, ...] = ()  # copied into the export beside the weights
 
     @property
     def config(self):
@@ -99,14 +103,31 @@ def load_source(
         # Recorded with an absolute file path: validate and bench may run from another directory.
         ref = f"{Path(target).resolve()}:{factory}" if target.endswith(".py") else str(model_ref)
         return from_module(module, spec, ref=ref, chunk_size=chunk_size)
+    if Path(model_ref).is_dir() and directory_kind(model_ref) == "pretrained":
+        if weights is not None:
+            raise UserError("--weights applies to a module reference (file.py:factory): a Hugging Face model "
+                            "directory holds its own weights")
+        return from_pretrained(model_ref, trust_code, spec, chunk_size)
     if weights is not None or spec is not None:
-        raise UserError("--weights and --spec apply to a module reference (file.py:factory), not to a preset "
-                        "or checkpoint directory")
+        raise UserError("--weights and --spec apply to a module reference (file.py:factory) or a Hugging Face "
+                        "model directory, not to a preset or checkpoint directory")
     model = load_model(model_ref)
     if Path(model_ref).is_dir():
         return Source(model, spec_for(model), {"kind": "checkpoint", "ref": str(model_ref)})
     spec = dataclasses.replace(spec_for(model), tokenizer=get_preset(str(model_ref)).tokenizer)
     return Source(model, spec, {"kind": "preset", "ref": str(model_ref)})
+
+
+def from_pretrained(directory: str | os.PathLike, trust_code: bool, spec: ModelSpec | None = None,
+                    chunk_size: int | None = None) -> Source:
+    """A transformers model directory: the module transformers loads, its spec (text in
+    and out through the directory's tokenizer.json when it has one), its tokenizer files."""
+    directory = Path(directory).resolve()  # validate and bench may run from another directory
+    source = from_module(load_pretrained(directory, trust_code), spec, ref=str(directory), chunk_size=chunk_size)
+    tokenizer = tuple(tokenizer_files(directory))
+    spec = dataclasses.replace(source.spec, tokenizer="tokenizer.json") if tokenizer else source.spec
+    record = {**source.record, "kind": "pretrained", **pretrained_record(directory)}
+    return Source(source.module, spec, record, source.swapped, tokenizer)
 
 
 def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
@@ -119,10 +140,14 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
 def write_source(source: Source, directory: Path) -> list[Path]:
     """The eager model's files in an export directory: a config model's checkpoint
     (config.json + model.safetensors), or a user's module's weights."""
+    tokenizer = []
+    for path in source.tokenizer_files:
+        shutil.copyfile(path, directory / path.name)
+        tokenizer.append(directory / path.name)
     if source.config is not None:
-        return write_checkpoint(source.module, directory)
+        return write_checkpoint(source.module, directory) + tokenizer
     save_model(source.module, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})  # shared weights deduped
-    return [directory / WEIGHTS_FILE]
+    return [directory / WEIGHTS_FILE, *tokenizer]
 
 
 def rebuild(directory: Path, manifest: dict, *, trust_code: bool = False, module: nn.Module | None = None) -> Source:
@@ -139,7 +164,8 @@ def rebuild(directory: Path, manifest: dict, *, trust_code: bool = False, module
                 f"{directory} was exported from a module object in memory: validate it from Python with "
                 "validate_export(dir, module=your_module), or export with a MODULE_REF (file.py:factory)"
             )
-        module = build_module(record["ref"], trust_code)
+        rebuilders = {"pretrained": load_pretrained, "module": build_module}
+        module = rebuilders[record["kind"]](record["ref"], trust_code)
     source = from_module(module, spec, ref=record.get("ref"))
     try:
         load_safetensors(source.module, str(directory / WEIGHTS_FILE))
