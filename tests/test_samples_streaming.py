@@ -1,6 +1,6 @@
-"""samples/streaming: generate.py (onnxruntime only, state carried in ORT-owned OrtValues)
-generates exactly the ids that greedy decoding with the full eager model does, and rejects
-bad input with one line, exit 2."""
+"""samples/streaming: generate.py (a command line over runtime.generate) generates exactly
+the ids that greedy decoding with the full eager model does, and rejects bad input with
+one line, exit 2."""
 
 from __future__ import annotations
 
@@ -17,15 +17,6 @@ from bsbr_export.model.checkpoint import load_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "samples" / "streaming" / "generate.py"
 NEW_TOKENS = 30  # with c = 8: crosses 3-4 chunk boundaries after any of the prompts below
-
-# Calls generate.py's main() in this interpreter, then reports which heavy modules got imported.
-WRAPPER = """
-import json, runpy, sys
-main = runpy.run_path(sys.argv[1])["main"]
-status = main(sys.argv[2:])
-print(json.dumps({"status": status, "imported": sorted(m for m in ("torch", "bsbr_export") if m in sys.modules)}))
-"""
-
 
 def run(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120)
@@ -55,10 +46,10 @@ def test_matches_eager_greedy(request, which, length, tmp_path):
 def test_sampling_matches_eager_logits_drawn_with_the_same_seed(tiny_export, tmp_path, temperature, top_k):
     """--temperature/--top-k/--seed: the draws the sample makes from its ONNX logits are
     the ones the same generator makes from the full eager model's logits, step by step."""
-    import runpy
-
     import numpy as np
     import torch
+
+    from bsbr_export.runtime.generate import Sampling, pick
 
     out, _ = tiny_export
     model = load_model(out)
@@ -67,11 +58,10 @@ def test_sampling_matches_eager_logits_drawn_with_the_same_seed(tiny_export, tmp
     done = run(out, *prompt, "--max-new-tokens", NEW_TOKENS, "--out", tmp_path / "out.json", *args)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "out.json").read_text())
-    pick = runpy.run_path(str(SCRIPT))["pick"]
     rng, ids = np.random.default_rng(7), list(prompt)
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
-            ids.append(pick(model(torch.tensor([ids]))[0, -1].numpy(), temperature, top_k, rng))
+            ids.append(pick(model(torch.tensor([ids]))[0, -1].numpy(), Sampling(temperature, top_k), rng))
     assert result["generated"] == ids[len(prompt):]
     assert result["generated"] != eager_greedy(model, prompt, NEW_TOKENS)  # it did sample
     assert (result["temperature"], result["top_k"], result["seed"]) == (temperature, top_k, 7)
@@ -79,16 +69,6 @@ def test_sampling_matches_eager_logits_drawn_with_the_same_seed(tiny_export, tmp
         logits = model(torch.tensor([ids[:-1]]))[0, len(prompt) - 1:].detach()
         ranks = (logits > logits.gather(-1, torch.tensor(ids[len(prompt):])[:, None])).sum(-1)
         assert int(ranks.max()) < top_k
-
-
-def test_imports_neither_torch_nor_bsbr_export(tiny_export):
-    out, _ = tiny_export
-    done = subprocess.run(
-        [sys.executable, "-c", WRAPPER, str(SCRIPT), str(out), "1", "2", "3", "--max-new-tokens", "3"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == {"status": 0, "imported": []}
 
 
 def _without_streaming(out: Path, tmp_path: Path) -> tuple[Path, str]:
@@ -99,7 +79,7 @@ def _without_streaming(out: Path, tmp_path: Path) -> tuple[Path, str]:
     streaming = ("model.streaming.onnx", "model.decode.onnx")
     manifest["artifacts"] = [a for a in manifest["artifacts"] if a["name"] not in streaming]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    return copy, "lists no model.streaming.onnx"
+    return copy, "has no streaming graph to run here"
 
 
 def _changed_model(out: Path, tmp_path: Path) -> tuple[Path, str]:
@@ -107,11 +87,11 @@ def _changed_model(out: Path, tmp_path: Path) -> tuple[Path, str]:
     shutil.copytree(out, copy)
     with open(copy / "model.decode.onnx", "ab") as f:  # the graph the sample prefers
         f.write(b"\0")
-    return copy, "does not match its sha256"
+    return copy, "does not match the sha256"
 
 
 def _missing_dir(out: Path, tmp_path: Path) -> tuple[Path, str]:
-    return tmp_path / "nowhere", "is not a directory"
+    return tmp_path / "nowhere", "is not an export directory"
 
 
 @pytest.mark.parametrize("make", [_missing_dir, _without_streaming, _changed_model])
@@ -126,10 +106,14 @@ def test_bad_artifact_is_one_line_and_exit_2(tiny_export, tmp_path, make):
 @pytest.mark.parametrize("args, message", [
     (["1", "97"], "out of range"),  # bsbr-tiny's vocabulary is [0, 97)
     ([], "no prompt"),
-    (["1", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["1", "--temperature", "-0.5"], "--temperature must be >= 0"),
-    (["1", "--temperature", "nan"], "--temperature must be >= 0"),
-    (["1", "--temperature", "1", "--top-k", "0"], "--top-k must be >= 1"),
+    (["1", "--text", "a"], "pass one prompt: token ids and --text given"),
+    (["--text", "def"], "has no tokenizer"),  # bsbr-tiny's ids are no bytes
+    (["1", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    (["1", "--temperature", "-0.5"], "temperature must be a number >= 0"),
+    (["1", "--temperature", "nan"], "temperature must be a number >= 0"),
+    (["1", "--temperature", "1", "--top-k", "0"], "top_k must be an integer >= 1"),
+    (["1", "--temperature", "1", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["1", "--engine", "eager"], "engine 'eager' cannot generate"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_export, args, message):
     out, _ = tiny_export
@@ -152,3 +136,14 @@ def test_full_state_streaming_graph_when_no_decode_graph(tiny_export, tmp_path):
     done = run(copy, *prompt, "--max-new-tokens", NEW_TOKENS, "--out", tmp_path / "out.json")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "out.json").read_text())["generated"] == eager_greedy(model, prompt, NEW_TOKENS)
+
+
+def test_text_through_the_exports_tokenizer_json(hf_export, tmp_path):
+    """An export of a Hugging Face model directory: --text goes in through its tokenizer.json."""
+    from bsbr_export.runtime.generate import load_generator
+
+    done = run(hf_export, "--text", "def f(x):", "--max-new-tokens", 12, "--out", tmp_path / "out.json")
+    assert done.returncode == 0, done.stderr
+    expected = load_generator(hf_export).generate("def f(x):", 12)
+    assert json.loads((tmp_path / "out.json").read_text())["generated"] == expected.ids
+    assert done.stdout.startswith("def f(x):")
