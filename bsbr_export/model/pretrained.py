@@ -6,7 +6,8 @@ causal-LM class) loads it with `from_pretrained`, which reads sharded safetensor
 any saved dtype; it is loaded as float32, the precision every check compares in. Custom
 code (`auto_map`) is imported only with `trust_code`, like `trust_remote_code`; without
 it transformers is never asked (it would prompt on a terminal). Tokenizer files beside
-the weights travel with the export (`tokenizer_files`).
+the weights travel with the export (`tokenizer_files`), converted to a tokenizer.json by
+transformers when they are another tokenizer's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ TRANSFORMERS_KEYS = ("architectures", "auto_map", "model_type")
 # What the `tokenizers` library reads, and the transformers files that say which ids are special.
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
+# Other tokenizers' files, which transformers converts to a tokenizer.json.
+CONVERTIBLE_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "vocab.txt")
 INSTALL = 'pip install -c constraints.txt "bsbr-export[hf]" (in a checkout: ".[hf]")'
 
 
@@ -95,11 +98,27 @@ def pretrained_record(directory: str | Path) -> dict:
             "eos_token_id": config.get("eos_token_id"), "transformers": _transformers().__version__}
 
 
-def tokenizer_files(directory: str | Path) -> list[Path]:
-    """The tokenizer files beside a model (only with a `tokenizer.json`, the file the
-    `tokenizers` library reads; the others say which of its ids are special)."""
+def tokenizer_files(directory: str | Path, trust_code: bool) -> dict[str, bytes]:
+    """The tokenizer an export of `directory` carries, file name -> content: its
+    `tokenizer.json` (the `tokenizers` library's file) with the transformers files that
+    name its special tokens, as they are; else, when it holds another tokenizer's files
+    (vocab.json + merges.txt, a SentencePiece model, vocab.txt), the tokenizer.json that
+    transformers' AutoTokenizer converts them to; else nothing (ids in, ids out)."""
     directory = Path(directory)
-    if not (directory / TOKENIZER_FILE).is_file():
-        return []
-    return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
-
+    if (directory / TOKENIZER_FILE).is_file():
+        return {name: (directory / name).read_bytes() for name in TOKENIZER_FILES if (directory / name).is_file()}
+    if not any((directory / name).is_file() for name in CONVERTIBLE_FILES):
+        return {}
+    settings = directory / "tokenizer_config.json"
+    if settings.is_file() and "auto_map" in read_json(settings) and not trust_code:
+        raise UserError(f"{directory}'s tokenizer ships its own code: pass --trust-code if you trust it")
+    transformers = _transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_code,
+                                                               local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # transformers' errors for files it cannot read
+        raise UserError(f"transformers cannot load the tokenizer in {directory}: {str(exc).splitlines()[0]}") from None
+    if not tokenizer.is_fast:
+        raise UserError(f"the tokenizer in {directory} ({type(tokenizer).__name__}) has no tokenizer.json form; "
+                        "save it with a fast tokenizer (tokenizer.save_pretrained) to carry it into the export")
+    return {TOKENIZER_FILE: tokenizer.backend_tokenizer.to_str().encode()}

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import load_model as load_safetensors
@@ -38,7 +37,7 @@ class Source:
     spec: ModelSpec
     record: dict  # {"kind": "preset" | "checkpoint" | "pretrained" | "module" | "object", "ref": ...}
     swapped: tuple[dict, ...] = ()
-    tokenizer_files: tuple[Path, ...] = ()  # copied into the export beside the weights
+    tokenizer: dict[str, bytes] = field(default_factory=dict)  # its files, written beside the weights
 
     @property
     def config(self):
@@ -124,7 +123,7 @@ def from_pretrained(directory: str | os.PathLike, trust_code: bool, spec: ModelS
     and out through the directory's tokenizer.json when it has one), its tokenizer files."""
     directory = Path(directory).resolve()  # validate and bench may run from another directory
     source = from_module(load_pretrained(directory, trust_code), spec, ref=str(directory), chunk_size=chunk_size)
-    tokenizer = tuple(tokenizer_files(directory))
+    tokenizer = tokenizer_files(directory, trust_code)
     spec = dataclasses.replace(source.spec, tokenizer="tokenizer.json") if tokenizer else source.spec
     record = {**source.record, "kind": "pretrained", **pretrained_record(directory)}
     return Source(source.module, spec, record, source.swapped, tokenizer)
@@ -141,9 +140,9 @@ def write_source(source: Source, directory: Path) -> list[Path]:
     """The eager model's files in an export directory: a config model's checkpoint
     (config.json + model.safetensors), or a user's module's weights."""
     tokenizer = []
-    for path in source.tokenizer_files:
-        shutil.copyfile(path, directory / path.name)
-        tokenizer.append(directory / path.name)
+    for name, content in source.tokenizer.items():
+        (directory / name).write_bytes(content)
+        tokenizer.append(directory / name)
     if source.config is not None:
         return write_checkpoint(source.module, directory) + tokenizer
     save_model(source.module, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})  # shared weights deduped

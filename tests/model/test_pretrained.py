@@ -150,3 +150,24 @@ def test_the_modeling_file_travels_with_save_pretrained(hf_model_dir):
     assert (hf_model_dir / HF_MODELING.name).read_text() == HF_MODELING.read_text()
     assert json.loads((hf_model_dir / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
         "modeling_bsbr_lm.BSBRForCausalLM"
+
+
+def test_another_tokenizers_files_are_converted_to_tokenizer_json(tmp_path):
+    """A directory with a GPT-2 style vocab.json + merges.txt and no tokenizer.json: the
+    export carries the tokenizer.json transformers converts them to, encoding as they do."""
+    from tokenizers import Tokenizer
+
+    tokenizer = train_tokenizer()
+    directory = tmp_path / "slow-tokenizer"
+    save_hf_model(directory, tokenizer)
+    (directory / "tokenizer.json").unlink()
+    tokenizer.model.save(str(directory))  # vocab.json + merges.txt
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    out = tmp_path / "out"
+    export_model(str(directory), out, [FORMATS["onnx"]], streaming=True, trust_code=True)
+    assert read_manifest(out)["spec"]["tokenizer"] == "tokenizer.json"
+    carried = Tokenizer.from_file(str(out / "tokenizer.json"))
+    text = "class Parser:\n    def parse(self, s):\n        return json.loads(s)"
+    assert carried.encode(text).ids == tokenizer.encode(text).ids
+    generation = load_generator(out).generate(text, max_new_tokens=5)
+    assert generation.prompt == tokenizer.encode(text).ids
