@@ -320,6 +320,7 @@ SLOW_FILES = (
     "test_aoti.py",  # AOTInductor compiles bsbr-tiny (aoti_export): 80 s
     "test_executorch.py",  # ExecuTorch lowering (executorch_export): 33 s
     "test_samples_cpp.py",  # a cmake build against libtorch, and the AOTInductor package: 16 s + aoti_export
+    "test_pretrained.py",  # transformers model directories exported (hf_export 41 s, three more): 94 s
 )
 # Single tests: "file.py::test_name" matches that test (all its parameters), anything else
 # is a substring of the node id. A fixture's setup is paid by its first user, so every user
@@ -341,6 +342,9 @@ SLOW_TESTS = (
     "test_cli_module.py::test_optimize_a_module_that_takes_no_mask",  # tokens_export: 20 s
     "test_cli_module.py::test_bench_feeds_what_the_spec_names",  # tokens_export
     "test_upstream.py::test_exports_match_package_at_unseen_lengths",  # 10 s
+    "test_generate.py::test_byte_level_text_streams_as_it_comes",  # bsbr-stdlib exported with streaming: 62 s
+    "test_generate.py::test_a_user_modules_decode_graph_appends_finished_chunks",  # a module exported: 41 s
+    "test_samples_streaming.py::test_text_through_the_exports_tokenizer_json",  # hf_export
     "test_serve.py::test_idle_sequence_is_released",  # a second tritonserver, and an idle wait: 7 s
 )
 
