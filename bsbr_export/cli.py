@@ -20,10 +20,11 @@ from bsbr_export.export.pipeline import export_model
 from bsbr_export.formats import FORMATS, parse_formats
 from bsbr_export.io import check_can_create
 from bsbr_export.model.checkpoint import parameter_count, save_model
+from bsbr_export.model.sources import load_module
 from bsbr_export.model.spec import read_spec
 from bsbr_export.model.upstream import NOT_CAUSAL
 from bsbr_export.model.upstream import import_upstream as load_upstream
-from bsbr_export.model.usercode import build_module, export_name
+from bsbr_export.model.usercode import export_name
 from bsbr_export.model.zoo import get_preset, list_presets, presets_dir
 from bsbr_export.proof.doctor import diagnose
 from bsbr_export.proof.evaltext import check_budget, read_eval_text
@@ -124,7 +125,8 @@ def run(model: str, length: int | None, batch: int) -> None:
 @click.option("--triton-repo", "triton_repo", type=click.Path(), default=None,
               help="Also write the ONNX graphs as a Triton Inference Server model repository here.")
 @click.option("--trust-code", "trust_code", is_flag=True,
-              help="Allow importing MODEL when it is a module reference (file.py:factory): that runs its code.")
+              help="Allow importing MODEL's code when it is a module reference (file.py:factory) or a Hugging Face "
+                   "directory with its own modeling file (auto_map): that runs it.")
 @click.option("--weights", type=click.Path(), default=None,
               help="State dict to load into a module reference's module (.safetensors, or .pt with weights_only).")
 @click.option("--spec", "spec_file", type=click.Path(), default=None,
@@ -135,9 +137,10 @@ def export(model, out_dir, formats, streaming, static, opset, max_length, max_ba
            triton_repo, trust_code, weights, spec_file, chunk_size) -> None:
     """Export MODEL and check every artifact.
 
-    MODEL is a preset name, a checkpoint directory, or your own module as a reference
-    `path/to/file.py:factory` / `package.module:factory` (a callable returning the
-    nn.Module; needs --trust-code). Graphs that run only at the example's chunk count are
+    MODEL is a preset name, a checkpoint directory, a Hugging Face model directory
+    (save_pretrained's; its own modeling file needs --trust-code), or your own module as
+    a reference `path/to/file.py:factory` / `package.module:factory` (a callable returning
+    the nn.Module; needs --trust-code). Graphs that run only at the example's chunk count are
     refused before anything is written.
 
     Each artifact is compared with the eager model at lengths 1, c-1, c, c+1, 3c+5 and
@@ -201,7 +204,8 @@ def _eval_text(path, budget: float) -> bytes | None:
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="cuda: ONNX graphs on the CUDA provider, TorchScript on the GPU.")
 @click.option("--trust-code", "trust_code", is_flag=True,
-              help="Allow rebuilding a user's module from the reference its manifest records (runs its code).")
+              help="Allow rebuilding a user's module (a module reference or a Hugging Face directory's code) "
+                   "from what its manifest records (runs its code).")
 @EVAL_TEXT
 @ACCURACY_BUDGET
 def validate(export_dir, tolerance, lengths, batches, providers, device, trust_code, eval_text,
@@ -275,7 +279,8 @@ QUICK_BENCH = {
               help="Most seconds of timing per engine and length (stops sooner once the spread is small).")
 @click.option("--force", is_flag=True, help="Export over a non-empty --out directory (its files are replaced).")
 @click.option("--trust-code", "trust_code", is_flag=True,
-              help="Allow importing a module reference (file.py:factory) or rebuilding one from a manifest.")
+              help="Allow importing a module reference (file.py:factory) or a Hugging Face directory's code, or "
+                   "rebuilding one from a manifest.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="Time the engines that compute there (cuda: eager, bf16 autocast, compile and TorchScript on the "
                    "GPU, ONNX Runtime's CUDA provider), against eager on that device.")
@@ -288,7 +293,8 @@ QUICK_BENCH = {
 def bench(ctx, target, quick, **options) -> None:
     """Export (if TARGET is a model), validate and benchmark every engine side by side.
 
-    TARGET is an export directory, a preset name or a checkpoint directory. Writes
+    TARGET is an export directory, or a model as export takes it (a preset, a checkpoint
+    or Hugging Face model directory, a module reference). Writes
     report.json, report.md and plots into the export directory and prints the table.
     """
 
@@ -372,7 +378,8 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
                    "--accuracy-budget in each (int8 loses most in short windows, bf16 at long positions).")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--trust-code", "trust_code", is_flag=True,
-              help="Allow rebuilding a user's module from the reference its manifest records (runs its code).")
+              help="Allow rebuilding a user's module (a module reference or a Hugging Face directory's code) "
+                   "from what its manifest records (runs its code).")
 @EVAL_TEXT
 @ACCURACY_BUDGET
 def optimize(export_dir, length, int8, static_int8, target_top1, fp16, bf16, eval_windows, threads, trust_code,
@@ -416,19 +423,21 @@ def optimize(export_dir, length, int8, static_int8, target_top1, fp16, bf16, eva
 
 
 @cli.command()
-@click.argument("module_ref")
-@click.option("--trust-code", is_flag=True, help="Allow importing MODULE_REF: it runs that file's code.")
-def doctor(module_ref: str, trust_code: bool) -> None:
-    """Check that MODULE_REF exports with a dynamic batch and sequence.
+@click.argument("model")
+@click.option("--trust-code", is_flag=True, help="Allow importing MODEL's code (a module reference, or a "
+              "Hugging Face directory's modeling file).")
+def doctor(model: str, trust_code: bool) -> None:
+    """Check that MODEL exports with a dynamic batch and sequence.
 
-    MODULE_REF is path/to/file.py:factory or package.module:factory, a callable that
-    returns an nn.Module. Its example input is input_ids (vocab of the first
+    MODEL is path/to/file.py:factory or package.module:factory (a callable that returns
+    an nn.Module), a Hugging Face model directory, a checkpoint directory or a preset.
+    Its example input is input_ids (vocab of the first
     nn.Embedding) or [2, L, hidden] floats (the first nn.Linear's width), L = 3c + 1.
     Prints each line that ties the graph to the example's shape, with what to change;
     exit 1 when there is one.
     """
 
-    report = diagnose(build_module(module_ref, trust_code))
+    report = diagnose(load_module(model, trust_code=trust_code))
     click.echo(report.to_text())
     if not report:
         raise SystemExit(1)

@@ -129,6 +129,16 @@ def from_pretrained(directory: str | os.PathLike, trust_code: bool, spec: ModelS
     return Source(source.module, spec, record, source.swapped, tokenizer)
 
 
+def load_module(model_ref: str, *, trust_code: bool = False) -> nn.Module:
+    """The bare eager module `model_ref` names (a module reference's factory called, a
+    model directory or preset loaded), before any spec is computed: what `doctor` checks."""
+    if is_module_ref(str(model_ref)):
+        return build_module(str(model_ref), trust_code)
+    if Path(model_ref).is_dir() and directory_kind(model_ref) == "pretrained":
+        return load_pretrained(model_ref, trust_code)
+    return load_model(model_ref)
+
+
 def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
     """Load a state dict file (safetensors, or a pickle with weights_only) into `module`;
     one UserError listing every key or shape that does not fit, or every NaN weight."""
