@@ -200,3 +200,35 @@ def test_torch_export_is_clean_and_runs_at_other_shapes(variant):
         for batch, length in [(1, 1), (3, C - 1), (1, C), (3, C + 1), (2, 9 * C + 3)]:
             x = hidden(batch, length, seed=length).float()
             assert (exported(x) - layer(x)).abs().max() < 1e-5
+
+
+def cache_rows(states, chunk_size: int):
+    """Each row's current chunk padded to c - 1 rows, and its S_i, stacked over rows."""
+    def pad(x):
+        return torch.nn.functional.pad(x, (0, 0, 0, chunk_size - 1 - x.shape[-2]))
+
+    return (torch.cat([pad(s.keys) for s in states]), torch.cat([pad(s.values) for s in states]),
+            torch.cat([s.retrieved for s in states]))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_step_rows_advances_each_row_as_its_own_stream(variant):
+    """One token for rows at positions 0 .. 7c+2 (each its own fill of the current chunk
+    and its own count of finished chunks) equals each row's own `step`."""
+    layer = make_layer(variant)
+    positions = [0, 1, C - 2, C, C + 1, 3 * C + 2, 7 * C + 2]  # never the last of a chunk
+    x = [hidden(1, p + 1, seed=p) for p in positions]
+    states, expected = [], []
+    with torch.no_grad():
+        for p, xs in zip(positions, x):
+            state = layer.init_state(1)
+            if p:
+                _, state = layer.stream(xs[:, :p], state)
+            states.append(state)
+            expected.append(layer.step(xs[:, p:], state))
+        out, keys, values = layer.step_rows(torch.cat([xs[:, p:] for p, xs in zip(positions, x)]),
+                                            torch.tensor(positions), *cache_rows(states, C))
+    for row, (want, update) in enumerate(expected):
+        assert (out[row] - want[0]).abs().max() <= 1e-12
+        assert (keys[row, :, -1] - update.keys[0, :, -1]).abs().max() <= 1e-12
+        assert (values[row, :, -1] - update.values[0, :, -1]).abs().max() <= 1e-12

@@ -27,6 +27,7 @@ from bsbr_export.model.attention import (
     packed_bsbr_attention,
     packed_stream_attention,
     pad_to_chunks,
+    repeat_kv,
     unpack_chunks,
 )
 
@@ -106,8 +107,10 @@ def rope_frequencies(head_dim: int, theta: float) -> Tensor:
 def apply_rope(x: Tensor, positions: Tensor, frequencies: Tensor) -> Tensor:
     """Rotary position embedding (the rotate-half layout of GPT-NeoX / Llama): the pair
     (x_i, x_{i + e/2}) is turned by the angle `position * frequency_i`.
-    x: [B, heads, L, e]; positions: [L] -> [B, heads, L, e]."""
-    angles = positions.to(frequencies.dtype)[:, None] * frequencies  # [L, e/2]
+    x: [B, heads, L, e]; positions: [L], or [B, L] (each row at its own) -> [B, heads, L, e]."""
+    angles = positions.to(frequencies.dtype)[..., None] * frequencies  # [L, e/2] or [B, L, e/2]
+    if positions.dim() == 2:
+        angles = angles.unsqueeze(1)  # [B, 1, L, e/2]: the same for every head
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -177,7 +180,8 @@ class BSBRAttention(nn.Module):
         return self.compress.weight, self.decompress.weight
 
     def _qkv(self, x: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q [B, H, L, e], k and v [B, G, L, e] of x [B, L, hidden] at positions start.."""
+        """q [B, H, L, e], k and v [B, G, L, e] of x [B, L, hidden] at positions start..
+        (`start` [B, 1]: each row from its own)."""
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if self.rope_theta is not None:
             # Computed from the arguments, not kept in a buffer: transformers (v5) builds a
@@ -288,6 +292,31 @@ class BSBRAttention(nn.Module):
             retrieved=out.retrieved,
         )
         return self.out_proj(o), update
+
+
+    def step_rows(self, x: Tensor, positions: Tensor, keys: Tensor, values: Tensor,
+                  retrieved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One token for each of B sequences, each at its own position (in-flight batching).
+
+        x [B, 1, hidden]; positions [B], the tokens' positions, none the last of its chunk
+        (`positions % c < c - 1`: a token that closes a chunk needs the sequence's finished
+        chunks, `step` does that); keys / values [B, G, c - 1, e], each row's current chunk
+        with its first `positions % c` rows filled (the rest is never read); retrieved
+        [B, H, e, e], each row's S_i. The cost is the same at any context: nothing of the
+        finished chunks is read. Returns (out [B, 1, hidden], the tokens' keys and values
+        [B, G, 1, e]), which the caller writes at row `positions % c` of its cache.
+        """
+        q, k, v = self._qkv(x, positions[:, None])
+        fill = positions % self.chunk_size
+        slots = torch.arange(keys.shape[-2] + 1, device=x.device)
+        # Cached rows below each row's fill, and the token itself (the last slot).
+        visible = (slots[None, :] < fill[:, None]) | (slots[None, :] == keys.shape[-2])  # [B, c]
+        heads = q.shape[1]
+        local = F.scaled_dot_product_attention(q, repeat_kv(torch.cat([keys, k], dim=-2), heads),
+                                               repeat_kv(torch.cat([values, v], dim=-2), heads),
+                                               attn_mask=visible[:, None, None, :])
+        o = local + q @ retrieved  # o_t = local_t + q_t S_i
+        return self.out_proj(o.transpose(1, 2).flatten(-2)), k, v
 
 
 def _check_arguments(

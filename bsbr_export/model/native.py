@@ -104,6 +104,11 @@ class Block(nn.Module):
         x = x + self.dropout(a)
         return x + self.dropout(self.ff(self.ln_2(x))), update
 
+    def step_rows(self, x: Tensor, positions: Tensor, cache: tuple[Tensor, Tensor, Tensor]):
+        a, key, value = self.attn.step_rows(self.ln_1(x), positions, *cache)
+        x = x + self.dropout(a)
+        return x + self.dropout(self.ff(self.ln_2(x))), (key, value)
+
 
 class BSBRModel(nn.Module):
     """A causal BSBR language model (or encoder of hidden states when `lm_head` is off)."""
@@ -190,6 +195,21 @@ class BSBRModel(nn.Module):
             x, update = block.step(x, layer_state)
             updates.append(update)
         return self._head(x), updates
+
+
+    def step_rows(self, input_ids: Tensor, positions: Tensor,
+                  cache: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """One token for each of B sequences at their own positions, none closing its chunk
+        (see `BSBRAttention.step_rows`): input_ids [B, 1], positions [B], per layer the
+        rows' (keys, values [B, H, c - 1, e], retrieved [B, H, e, e]). Returns the logits
+        [B, 1, vocab] and per layer the tokens' (key, value) [B, H, 1, e] for the cache."""
+        x = self.dropout(self.embedding(input_ids)
+                         + sinusoidal_positions(positions, self.position_freqs, self.config.hidden_size)[:, None])
+        rows = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, row = block.step_rows(x, positions, layer_cache)
+            rows.append(row)
+        return self._head(x), rows
 
 
 def _init_weights(module: nn.Module) -> None:

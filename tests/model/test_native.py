@@ -8,6 +8,7 @@ from conftest import EDGE_LENGTHS, random_ids, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_attention import _Sizes
+from test_nn import cache_rows
 
 from bsbr_export import UserError, build_model
 from bsbr_export.model.native import position_frequencies, sinusoidal_positions
@@ -254,3 +255,52 @@ def test_bad_states_are_user_errors_naming_the_state(tiny_model, make_state, mes
     ids = random_ids(tiny_model.config, 2, 5)
     with pytest.raises(UserError, match=message):
         tiny_model.stream(ids, make_state(tiny_model))
+
+
+def test_rows_in_flight_equal_each_sequence_alone():
+    """In-flight batching as a server runs it: every step advances each active sequence by
+    one token, the ones whose token closes a chunk alone through `stream_update` (that
+    needs their finished chunks), all others in one `step_rows` call over their fixed-size
+    caches; sequences join between steps (their prompt prefilled in one call, one of
+    16390 tokens) and leave. Each logit equals the full forward of its own sequence."""
+    model = build_model(tiny_config(chunk_size=8, num_heads=4, hidden_size=32), seed=3).double()
+    c, vocab = 8, model.config.vocab_size
+    # sequence -> (step it joins at, prompt length, tokens it generates)
+    plan = {0: (0, 5, 40), 1: (0, 16390, 30), 2: (3, 1, 25), 3: (7, 8, 20), 4: (7, 23, 33), 5: (20, 7, 9)}
+    ids = {s: torch.randint(0, vocab, (1, p + n), generator=torch.Generator().manual_seed(s))
+           for s, (_, p, n) in plan.items()}
+    rows, logits = {}, {s: [] for s in plan}  # active sequence -> [position, state]; its logits
+    with torch.no_grad():
+        for step in range(60):
+            for s, (start, prompt, _) in plan.items():
+                if start == step:
+                    out, updates = model.stream_update(ids[s][:, :prompt], model.init_state(1))
+                    rows[s] = [prompt, [st.advance(u) for st, u in zip(model.init_state(1), updates)]]
+                    logits[s].append(out[0, -1])
+            for s in [s for s, (pos, _) in rows.items() if pos == ids[s].shape[1] - 1]:
+                del rows[s]  # done: it leaves, the others go on
+            closing = [s for s, (pos, _) in rows.items() if pos % c == c - 1]
+            for s in closing:
+                pos, state = rows[s]
+                out, updates = model.stream_update(ids[s][:, pos:pos + 1], state)
+                rows[s] = [pos + 1, [st.advance(u) for st, u in zip(state, updates)]]
+                logits[s].append(out[0, -1])
+            batch = [s for s in rows if s not in closing]
+            if not batch:
+                continue
+            cache = [cache_rows([rows[s][1][layer] for s in batch], c) for layer in range(model.config.num_layers)]
+            positions = torch.tensor([rows[s][0] for s in batch])
+            tokens = torch.cat([ids[s][:, pos:pos + 1] for s, (pos, _) in ((s, rows[s]) for s in batch)])
+            out, new = model.step_rows(tokens, positions, cache)
+            for row, s in enumerate(batch):
+                pos, state = rows[s]
+                state = [st._replace(keys=torch.cat([st.keys, k[row:row + 1]], -2),
+                                     values=torch.cat([st.values, v[row:row + 1]], -2))
+                         for st, (k, v) in zip(state, new)]
+                rows[s] = [pos + 1, state]
+                logits[s].append(out[row, -1])
+        assert not rows  # every sequence ran to its end
+        for s, (_, prompt, n) in plan.items():
+            full = model(ids[s])[0, prompt - 1:-1]
+            assert len(logits[s]) == n
+            assert (torch.stack(logits[s]) - full).abs().max() <= 1e-10, s
