@@ -15,6 +15,7 @@ from bsbr_export.compare.cases import Case, make_inputs
 from bsbr_export.defaults import DEFAULT_TOLERANCE
 from bsbr_export.model.spec import ModelSpec
 from bsbr_export.runtime.base import Runner
+from bsbr_export.runtime.state import advance_state, empty_state_tensor
 
 
 @dataclass(frozen=True)
@@ -174,23 +175,3 @@ def _rollout(runner: Runner, spec: ModelSpec, ids: np.ndarray, pieces: tuple[int
     joined = {o.name: np.concatenate([step[o.name] for step in outputs], axis=1) if o.per_position
               else outputs[-1][o.name] for o in spec.outputs}
     return joined, {p.replace("past.", "present.", 1): v for p, v in state.items()}
-
-
-def advance_state(state: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The `past.*` feeds for the next step: `present.*` outputs replace their entry; a
-    decode graph's `new.*` rows (chunks it finished) are appended, and only when there
-    are any, so a step that finishes no chunk copies nothing."""
-    advanced = {}
-    for name, value in state.items():
-        appended = outputs.get(name.replace("past.", "new.", 1))
-        if appended is None:
-            advanced[name] = outputs[name.replace("past.", "present.", 1)]
-        else:
-            advanced[name] = np.concatenate([value, appended], axis=2) if appended.shape[2] else value
-    return advanced
-
-
-def empty_state_tensor(shape: list, batch: int) -> np.ndarray:
-    """One tensor of the initial (empty) state: its named dims are 0 except `batch`."""
-    dims = [batch if d == "batch" else (d if isinstance(d, int) else 0) for d in shape]
-    return np.zeros(dims, dtype=np.float32)

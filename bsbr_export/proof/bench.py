@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bsbr_export.compare.parity import advance_state, compare, empty_state_tensor, output_scale
+from bsbr_export.compare.parity import compare, output_scale
 from bsbr_export.errors import UserError
 from bsbr_export.manifest import manifest_spec
 from bsbr_export.proof.evaltext import bits_per_byte, read_eval_text, scores_text, text_feeds
 from bsbr_export.runtime.base import Runner
 from bsbr_export.runtime.engines import open_engine
 from bsbr_export.runtime.onnx import OnnxRunner
+from bsbr_export.runtime.state import advance_state, empty_state_tensor
 
 WARMUP = 3  # untimed runs per engine and length (TorchScript's profiling executor needs ~2)
 MIN_ITERS = 10  # timed runs before the spread means anything

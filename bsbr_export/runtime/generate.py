@@ -34,6 +34,7 @@ from bsbr_export.model.spec import ModelSpec
 from bsbr_export.runtime import open_artifact
 from bsbr_export.runtime.base import Runner
 from bsbr_export.runtime.engines import ENGINES, Engine, why_not
+from bsbr_export.runtime.state import advance_state, empty_state_tensor
 
 GRAPH_KINDS = ("decode", "streaming")  # the graph a generator runs, preferred first
 DEFAULT_ENGINE = "ort-cpu-all"
@@ -162,23 +163,15 @@ class Generation:
 
 
 class DecodeState:
-    """One sequence's state for a streaming or decode graph, as numpy arrays: zeros with
-    batch 1 and no finished chunks or cached tokens to start; `present.*` outputs replace
-    their `past.*`, `new.*` rows (a decode step's finished chunks) are appended."""
+    """One sequence's state for a streaming or decode graph, as numpy arrays (see
+    `runtime.state`): empty to start, advanced by each step's outputs."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        state = spec.state
-        self.append_axis = state.append_axis
-        self.past = {name: np.zeros([1 if d == "batch" else 0 if isinstance(d, str) else d for d in shape],
-                                    np.dtype(state.dtype)) for name, shape in state.inputs.items()}
+        self.append_axis = spec.state.append_axis
+        self.past = {name: empty_state_tensor(shape, 1) for name, shape in spec.state.inputs.items()}
 
     def update(self, outputs: dict[str, np.ndarray]) -> None:
-        for name, value in outputs.items():
-            if name.startswith("present."):
-                self.past[name.replace("present.", "past.", 1)] = value
-            elif name.startswith("new.") and value.shape[self.append_axis]:
-                past = name.replace("new.", "past.", 1)
-                self.past[past] = np.concatenate([self.past[past], value], axis=self.append_axis)
+        self.past = advance_state(self.past, outputs, self.append_axis)
 
 
 class Generator:

@@ -47,9 +47,9 @@ def test_decode_package_rolls_out_like_eager_from_an_empty_state(aoti_export, ba
     """model.decode.pt2 stepped through splits that cross every chunk boundary off-step,
     from no past chunks (0 and 1 past chunks, and steps finishing 0, 1 and 2 chunks, are
     what the example never had), at batches other than the example's."""
-    from bsbr_export.compare.parity import advance_state
     from bsbr_export.model.graphs import flatten_state
     from bsbr_export.model.spec import spec_for
+    from bsbr_export.runtime.state import advance_state
 
     out, _ = aoti_export
     model = load_model(out).eval()

@@ -255,7 +255,7 @@ def test_external_data_above_threshold(tmp_path, monkeypatch):
 def test_decode_graph_returns_only_what_changed(which, request):
     """model.decode.onnx: the caller appends new.* rows; logits and the accumulated state
     equal the full forward and eager streaming."""
-    from bsbr_export.compare.parity import advance_state
+    from bsbr_export.runtime.state import advance_state
 
     out, _ = request.getfixturevalue(which)
     model = load_model(out)
@@ -281,7 +281,7 @@ def test_decode_graph_returns_only_what_changed(which, request):
 
 
 def test_decode_torchscript_rollout(tiny_export):
-    from bsbr_export.compare.parity import advance_state
+    from bsbr_export.runtime.state import advance_state
 
     out, _ = tiny_export
     model = load_model(out)

@@ -12,9 +12,9 @@ from torch.jit.mobile import _load_for_lite_interpreter
 
 from bsbr_export.cli import main
 from bsbr_export.compare.cases import stream_pieces
-from bsbr_export.compare.parity import empty_state_tensor
 from bsbr_export.model.checkpoint import load_model
 from bsbr_export.runtime.eager import EagerRunner
+from bsbr_export.runtime.state import empty_state_tensor
 
 TOLERANCE = 1e-4  # max abs error against eager
 
