@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from bsbr_export.errors import UserError
 
 # What an artifact computes: the full forward, one streaming step returning the whole
-# state (Triton's implicit state needs that), or one step returning only what changed.
-KINDS = ("full", "streaming", "decode")
+# state (Triton's implicit state needs that), one step returning only what changed, or
+# one token for each of many sequences at their own positions (in-flight batching).
+KINDS = ("full", "streaming", "decode", "rows")
+TRACED_KINDS = ("full", "streaming", "decode")  # what a format holds unless its row says otherwise
 # Manifests and ONNX metadata name the full forward "logits", as they always have: the
 # files users' tools read keep their values; only the code calls it "full".
 RECORDED_KINDS = {"full": "logits"}
@@ -42,7 +44,7 @@ class Format:
     suffix: str
     description: str
     options: frozenset[str] = frozenset()
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = TRACED_KINDS
     per_provider: bool = False  # validated once per ONNX Runtime execution provider
     needs_gpu: bool = False
     engine: bool = False  # bench times the artifact as an engine of its own, named like the format
@@ -73,7 +75,7 @@ FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         Format("onnx", ".onnx", "ONNX graph for ONNX Runtime (torch.export-based exporter)",
-               frozenset({"static_shape", "opset", "metadata"}), per_provider=True),
+               frozenset({"static_shape", "opset", "metadata"}), kinds=KINDS, per_provider=True),
         Format("torchscript", ".pt", "traced TorchScript for torch.jit.load / torch::jit::load", engine=True,
                on_cuda=True),
         Format("torchscript-mobile", ".ptl", "TorchScript for PyTorch Mobile's lite interpreter"),
@@ -106,9 +108,9 @@ def parse_formats(text: str) -> list[Format]:
     return chosen
 
 
-def kind_of(streaming: bool, decode: bool) -> str:
-    """The artifact kind for export flags: decode implies streaming."""
-    return "decode" if decode else "streaming" if streaming else "full"
+def kind_of(streaming: bool, decode: bool, rows: bool = False) -> str:
+    """The artifact kind for export flags: decode and rows imply streaming."""
+    return "rows" if rows else "decode" if decode else "streaming" if streaming else "full"
 
 
 def artifact_name(fmt: Format, kind: str) -> str:
@@ -118,8 +120,9 @@ def artifact_name(fmt: Format, kind: str) -> str:
 
 def export_jobs(formats: list[Format], streaming: bool) -> list[tuple[Format, str]]:
     """(format, kind) pairs to export: full graphs, then with `streaming` the full-state
-    streaming steps and the decode steps (whose caller appends finished chunks itself)."""
+    streaming steps, the decode steps (whose caller appends finished chunks itself) and
+    the row steps (a server's batched step over sequences at different positions)."""
     jobs = [(fmt, "full") for fmt in formats]
     if streaming:
-        jobs += [(fmt, kind) for kind in ("streaming", "decode") for fmt in formats if kind in fmt.kinds]
+        jobs += [(fmt, kind) for kind in KINDS[1:] for fmt in formats if kind in fmt.kinds]
     return jobs

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bsbr_export.model.spec import ModelSpec, example_inputs
+from bsbr_export.model.spec import ModelSpec, example_inputs, row_inputs
 
 DEFAULT_BATCHES = (1, 2, 3)
 DEFAULT_LONG_LENGTH = 2048  # the long case of validation and of export's checks
@@ -17,15 +17,18 @@ DEFAULT_LONG_LENGTH = 2048  # the long case of validation and of export's checks
 @dataclass(frozen=True)
 class Case:
     """One input shape to check: right-padded with a mask when `masked`, streamed in
-    `pieces` for streaming graphs."""
+    `pieces` for streaming graphs; for a row step, one token per row at `rows` positions."""
 
     batch: int
     length: int
     masked: bool = False
     pieces: tuple[int, ...] = ()
+    rows: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
+        if self.rows:
+            return f"{self.batch} rows at positions {', '.join(map(str, self.rows))}"
         text = f"batch {self.batch} x length {self.length}"
         if self.masked:
             text += " (right-padded, masked)"
@@ -61,23 +64,36 @@ def stream_pieces(length: int, chunk_size: int) -> list[int]:
     return out
 
 
+def row_positions(chunk_size: int, long_length: int) -> list[int]:
+    """Positions of a row step's checks, a mix of contexts from 0 to past 16384: fills 0,
+    1 and c - 2 of a chunk, 0, 1, 3 and many finished chunks, never a chunk's last token."""
+    c = chunk_size
+    wanted = [0, 1, max(c - 2, 0), c, c + 1, 3 * c + 5, long_length, 16384 + 3]
+    return list(dict.fromkeys(p - 1 if p % c == c - 1 else p for p in wanted))
+
+
 def default_cases(
     chunk_size: int,
-    streaming: bool = False,
+    kind: str = "full",
     long_length: int = DEFAULT_LONG_LENGTH,
     lengths: list[int] | None = None,
     batches: tuple[int, ...] = DEFAULT_BATCHES,
 ) -> list[Case]:
     """Every length x batch, plus a right-padded masked batch (full graphs) or uneven
-    stream splits (streaming graphs)."""
+    stream splits (streaming graphs); for a row step, each batch of rows at a mix of
+    positions, and all of the mix in one batch."""
+    if kind == "rows":
+        mix = row_positions(chunk_size, max(lengths or [long_length]))
+        picks = [tuple(mix[(i * 3 + b) % len(mix)] for i in range(b)) for b in batches]
+        return [Case(len(rows), max(rows) + 1, rows=rows) for rows in [*picks, tuple(mix)]]
     lengths = lengths or default_lengths(chunk_size, long_length)
     cases = [Case(batch, length) for length in lengths for batch in batches]
-    if streaming:
+    if kind != "full":
         return [dataclasses.replace(k, pieces=tuple(stream_pieces(k.length, chunk_size))) for k in cases]
     return [*cases, Case(max(batches), max(lengths), masked=True)]
 
 
-def artifact_cases(chunk_size: int, streaming: bool, settings: dict, *, lengths: list[int] | None = None,
+def artifact_cases(chunk_size: int, kind: str, settings: dict, *, lengths: list[int] | None = None,
                    batches: tuple[int, ...] | None = None, long_length: int = DEFAULT_LONG_LENGTH) -> list[Case]:
     """The cases of one artifact, from the settings its manifest entry records: its
     static shape alone, or the default cases (`lengths` and `batches` when asked for),
@@ -87,7 +103,7 @@ def artifact_cases(chunk_size: int, streaming: bool, settings: dict, *, lengths:
     if static:
         cases = [Case(*static)]
     else:
-        cases = default_cases(chunk_size, streaming, long_length, lengths, batches or DEFAULT_BATCHES)
+        cases = default_cases(chunk_size, kind, long_length, lengths, batches or DEFAULT_BATCHES)
     return fit_cases(cases, chunk_size, settings.get("max_batch") if batches is None else None,
                      settings.get("max_length") if lengths is None else None)
 
@@ -98,6 +114,9 @@ def fit_cases(cases: list[Case], chunk_size: int, max_batch: int | None, max_len
     instead of shapes the artifact refuses by design."""
     fitted = []
     for case in cases:
+        if case.rows:  # one token per row: no length to clamp
+            fitted.append(case)
+            continue
         batch, length = min(case.batch, max_batch or case.batch), min(case.length, max_length or case.length)
         pieces = tuple(stream_pieces(length, chunk_size)) if case.pieces else ()
         fitted.append(dataclasses.replace(case, batch=batch, length=length, pieces=pieces))
@@ -106,6 +125,9 @@ def fit_cases(cases: list[Case], chunk_size: int, max_batch: int | None, max_len
 
 def make_inputs(case: Case, spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
     """Fresh random inputs for one case, drawn as the spec says (token ids below their
-    vocabulary, floats, and a right-padding mask that pads only `masked` cases)."""
+    vocabulary, floats, and a right-padding mask that pads only `masked` cases; a row
+    step's tokens, positions and caches)."""
+    if case.rows:
+        return row_inputs(spec, list(case.rows), seed)
     inputs = example_inputs(spec, case.batch, case.length, seed=seed, masked=case.masked)
     return {name: tensor.numpy() for name, tensor in inputs.items()}

@@ -156,8 +156,10 @@ def check_parity(
             want = reference.infer({n: inputs[n] for n in reference.input_names})
             got = runner.infer({n: inputs[n] for n in runner.input_names})
             mask = spec.mask
-            valid = inputs[mask.name].astype(bool) if mask is not None else None
+            valid = inputs[mask.name].astype(bool) if mask is not None and mask.name in inputs else None
             diffs = compare_outputs(spec, want, got, valid, tolerance)
+            # A row step's `row.*` outputs (each row's new key and value) besides the model's.
+            diffs += [compare(n, want[n], got[n], tolerance) for n in want if n not in spec.output_names]
         results.append(CaseResult(case, tuple(diffs)))
     return ParityReport(artifact, tuple(results))
 

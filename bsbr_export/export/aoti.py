@@ -37,7 +37,7 @@ def dynamic_program(model, spec=None, kind: str = "full", device: str = "cpu") -
     check_kind(model, spec, kind)
     graph = export_graph(model, spec, kind)
     args = tree_map(lambda x: x.to(device) if torch.is_tensor(x) else x, example_args(model, spec, kind))
-    shapes = dynamic_shapes(graph, graph_axes(spec, kind), kind != "full")
+    shapes = dynamic_shapes(graph, graph_axes(spec, kind))
     # A streaming step exports size-obliviously, as torch.onnx does: a size that can be 0
     # or 1 (the chunks it finishes, the past chunks) takes the general path instead of a
     # guard pinning it to the example's value, which AOTInductor would compile in

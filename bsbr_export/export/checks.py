@@ -24,6 +24,9 @@ class DoesNotGeneralize(UserError):
     over chunks, float math on sizes, `.item()`): the user's code must change."""
 
 
+# The method a module needs for each step kind beyond the full-state streaming step.
+STEP_METHODS = {"decode": "stream_update", "rows": "step_rows"}
+
 FREEZE_HINT = ("`bsbr-export doctor` names the line that freezes it (a Python loop over chunks, math.ceil on a "
                "size, .item(), a reshape before padding), or build on bsbr_export.nn.BSBRAttention")
 
@@ -39,8 +42,11 @@ def check_kind(model, spec: ModelSpec, kind: str) -> None:
             f"{type(model).__name__} does not implement the streaming protocol (init_state(batch) and "
             "stream(inputs, state) -> (outputs, state)): drop --streaming"
         )
-    if kind == "decode" and not callable(getattr(model, "stream_update", None)):
-        raise UserError(f"{type(model).__name__} has no stream_update(inputs, state): it has no decode graph")
+    method = STEP_METHODS.get(kind)
+    if method and not callable(getattr(model, method, None)):
+        raise UserError(f"{type(model).__name__} has no {method}: it has no {kind} graph")
+    if kind == "rows" and spec.chunk_size < 2:
+        raise UserError("with chunk size 1 every token closes its chunk: there is no row step (it needs c >= 2)")
 
 
 def check_generalizes(model: nn.Module, make_runner: Callable[[list[str], list[str]], Runner], kind: str,
@@ -50,7 +56,7 @@ def check_generalizes(model: nn.Module, make_runner: Callable[[list[str], list[s
     not exported with; `what` names it in the message ("TorchScript trace")."""
     reference = EagerRunner(model, spec, kind)
     runner = make_runner(reference.input_names, reference.output_names)
-    cases = default_cases(spec.chunk_size, kind != "full", long_length=self_check_length(spec.chunk_size))
+    cases = default_cases(spec.chunk_size, kind, long_length=self_check_length(spec.chunk_size))
     try:
         report = check_parity(what, reference, runner, cases, spec)
     except UserError:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from bsbr_export.model.graphs import flatten_state
-from bsbr_export.model.spec import EXAMPLE_BATCH, ModelSpec, example_inputs, example_length
+from bsbr_export.model.spec import EXAMPLE_BATCH, ModelSpec, example_inputs, example_length, row_inputs
 
 
 def example_state(model, spec: ModelSpec, batch: int, seed: int = 0) -> list[Tensor]:
@@ -37,6 +37,8 @@ def example_args(model, spec: ModelSpec, kind: str, batch: int = EXAMPLE_BATCH,
     `length` tokens (default `example_length`), or for a streaming step
     `example_new_tokens` after `example_state`."""
     c = spec.chunk_size
+    if kind == "rows":
+        return example_rows(spec, batch)
     if kind != "full":
         ids = example_inputs(spec, batch, length or example_new_tokens(c))[spec.tokens.name]
         return (ids, *example_state(model, spec, batch))
@@ -44,8 +46,17 @@ def example_args(model, spec: ModelSpec, kind: str, batch: int = EXAMPLE_BATCH,
     return tuple(inputs[name] for name in spec.input_names)
 
 
+def example_rows(spec: ModelSpec, batch: int, seed: int = 0) -> tuple[Tensor, ...]:
+    """A row step's example: one token per row, rows at positions that differ (fills 0 and
+    c - 2, finished chunks 0 and 2), random caches."""
+    inputs = row_inputs(spec, [2 * spec.chunk_size + max(spec.chunk_size - 2, 0), 0] * batch, seed)
+    return tuple(torch.from_numpy(inputs[name]) for name in spec.state.row_input_names(spec.tokens.name))
+
+
 def graph_axes(spec: ModelSpec, kind: str) -> dict[str, dict[int, str]]:
     """Named dynamic axes of an artifact's inputs."""
+    if kind == "rows":  # the rows are the only dim that moves
+        return {name: {0: "batch"} for name in spec.state.row_input_names(spec.tokens.name)}
     if kind != "full":
         return {spec.tokens.name: {0: "batch", 1: "new_tokens"}, **spec.state.axes("past")}
     return {i.name: {0: "batch", 1: "sequence"} for i in spec.inputs}
@@ -53,6 +64,8 @@ def graph_axes(spec: ModelSpec, kind: str) -> dict[str, dict[int, str]]:
 
 def output_axes(spec: ModelSpec, kind: str) -> dict[str, dict[int, str]]:
     """Named dynamic axes of an artifact's outputs (computed dims come out as `Min(...)`)."""
+    if kind == "rows":
+        return {name: {0: "batch"} for name in [*spec.output_names, *spec.state.row_outputs()]}
     seq = "sequence" if kind == "full" else "new_tokens"
     axes = {o.name: ({0: "batch", 1: seq} if o.per_position else {0: "batch"}) for o in spec.outputs}
     if kind == "streaming":
@@ -62,7 +75,7 @@ def output_axes(spec: ModelSpec, kind: str) -> dict[str, dict[int, str]]:
     return axes
 
 
-def dynamic_shapes(graph, axes: dict[str, dict[int, str]], streaming: bool, bounds: dict[str, int] | None = None):
+def dynamic_shapes(graph, axes: dict[str, dict[int, str]], bounds: dict[str, int] | None = None):
     """torch.export's dynamic_shapes for a graph: one `Dim` per axis label, with a
     maximum where `bounds` gives one."""
     dims: dict[str, torch.export.Dim] = {}
@@ -73,5 +86,6 @@ def dynamic_shapes(graph, axes: dict[str, dict[int, str]], streaming: bool, boun
                 for axis, label in axes[name].items()}
 
     specs = [spec(name) for name in graph.input_names]
-    # The graphs' forward(tokens, *past) / forward(*inputs): varargs are one tuple argument.
-    return [specs[0], tuple(specs[1:])] if streaming else [tuple(specs)]
+    # The graphs' forward(*inputs) / (tokens, *past) / (tokens, positions, *cache): the
+    # varargs after the graph's `positional` arguments are one tuple argument.
+    return [*specs[:graph.positional], tuple(specs[graph.positional:])]

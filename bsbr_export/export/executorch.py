@@ -97,7 +97,7 @@ def bounded_program(model, spec, limits: dict[str, int]):
     axes = {name: {a: label for a, label in dims.items() if bounds[label] > 1}
             for name, dims in graph_axes(spec, "full").items()}
     with torch.no_grad():
-        return torch.export.export(graph, args, dynamic_shapes=dynamic_shapes(graph, axes, False, bounds))
+        return torch.export.export(graph, args, dynamic_shapes=dynamic_shapes(graph, axes, bounds))
 
 
 def export_executorch(model, path: str | os.PathLike, spec=None, max_length: int | None = None,

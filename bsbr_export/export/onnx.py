@@ -62,6 +62,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     streaming: bool = False,
     decode: bool = False,
+    kind: str | None = None,
     attention_mask: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> list[Path]:
@@ -72,14 +73,15 @@ def export_onnx(
     `static_shape=(batch, length)` fixes them instead. streaming: export one streaming
     step (tokens + `past.*` -> outputs + `present.*`) instead of the full forward.
     decode: a streaming step that returns only what changed (`new.*` finished chunks to
-    append, `present.*` for the current chunk; see `DecodeGraph`). attention_mask=False
+    append, `present.*` for the current chunk; see `DecodeGraph`). kind: the graph kind by
+    name (`formats.KINDS`, "rows" among them), instead of the two flags. attention_mask=False
     leaves an optional padding mask out of the graph. The spec, export settings and
     library versions go into `metadata_props`. Before anything is written the graph runs
     at lengths and batches it was not exported with (`DoesNotGeneralize` if it cannot).
     Returns the files written (the .onnx first).
     """
     path = Path(path)
-    kind = kind_of(streaming or decode, decode)
+    kind = kind or kind_of(streaming or decode, decode)
     check_opset(opset)
     check_static_shape(static_shape, kind != "full")
     model = model.eval()
@@ -96,7 +98,7 @@ def export_onnx(
                 "static_shape": list(static_shape) if static_shape else None, "opset": opset,
                 "example_shape": list(args[0].shape[:2]), "attention_mask": spec.mask is not None and kind == "full"}
     with staging(path) as tmp, quiet():
-        program = _torch_onnx_export(model, graph, args, axes, opset, streaming=kind != "full")
+        program = _torch_onnx_export(model, graph, args, axes, opset)
         if dynamic:
             _rename_output_dims(program.model, output_axes(spec, kind))
         program.model.metadata_props.update(graph_metadata(model, spec, settings, metadata))
@@ -132,9 +134,9 @@ def graph_metadata(model: nn.Module, spec: ModelSpec, settings: dict, extra: dic
     return props
 
 
-def _torch_onnx_export(model: nn.Module, graph: nn.Module, args: tuple, axes: dict, opset: int, streaming: bool):
+def _torch_onnx_export(model: nn.Module, graph: nn.Module, args: tuple, axes: dict, opset: int):
     """torch.onnx's program of `graph` on `args`, dynamic on `axes` (none: static)."""
-    shapes = dynamic_shapes(graph, axes, streaming) if axes else None
+    shapes = dynamic_shapes(graph, axes) if axes else None
     try:
         with torch.no_grad():
             return torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=shapes, input_names=graph.input_names,

@@ -21,7 +21,7 @@ from bsbr_export.compare.cases import DEFAULT_LONG_LENGTH, artifact_cases
 from bsbr_export.compare.parity import ParityReport, check_parity
 from bsbr_export.defaults import DEFAULT_OPSET, DEFAULT_TOLERANCE
 from bsbr_export.errors import UserError
-from bsbr_export.export.checks import check_kind
+from bsbr_export.export.checks import STEP_METHODS, check_kind
 from bsbr_export.export.onnx import check_opset, check_static_shape
 from bsbr_export.export.writers import check_options, describe_artifact, write_artifact
 from bsbr_export.formats import FORMATS, Format, artifact_name, export_jobs, parse_formats, recorded_kind
@@ -40,7 +40,7 @@ class ArtifactResult:
 
     name: str
     format: str
-    kind: str  # full, streaming or decode (formats.KINDS)
+    kind: str  # full, streaming, decode or rows (formats.KINDS)
     files: dict[str, dict]  # file name -> {"sha256", "bytes"}
     seconds: float
     parity: ParityReport
@@ -138,11 +138,12 @@ def source_label(source: Source) -> str:
 def plan_jobs(source: Source, formats: list[Format], streaming: bool, **options) -> list[tuple[Format, str]]:
     """The (format, kind) pairs to export, every one checked possible before any work:
     each format's options for this model, and each streaming kind the module gives (a
-    decode graph needs its `stream_update`; other streamers get the full-state step)."""
+    decode graph needs its `stream_update`, a row step its `step_rows`; other streamers
+    get the full-state step)."""
     for fmt in formats:
         check_options(fmt, source.spec, **options)
-    decodes = callable(getattr(source.module, "stream_update", None))
-    jobs = [(fmt, kind) for fmt, kind in export_jobs(formats, streaming) if kind != "decode" or decodes]
+    gives = {kind: callable(getattr(source.module, method, None)) for kind, method in STEP_METHODS.items()}
+    jobs = [(fmt, kind) for fmt, kind in export_jobs(formats, streaming) if gives.get(kind, True)]
     for _, kind in jobs:
         check_kind(source.module, source.spec, kind)
     return jobs
@@ -161,7 +162,7 @@ def export_artifact(source: Source, fmt: Format, kind: str, directory: Path, opt
     static = options["static_shape"] if "static_shape" in fmt.options else None
     reference = EagerRunner(source.module, source.spec, kind)
     runner = open_artifact(fmt.name, directory / name, reference.input_names, reference.output_names)
-    cases = artifact_cases(source.spec.chunk_size, kind != "full", {"static_shape": static, **settings},
+    cases = artifact_cases(source.spec.chunk_size, kind, {"static_shape": static, **settings},
                            long_length=long_length)
     parity = check_parity(name, reference, runner, cases, source.spec, tolerance)
     return ArtifactResult(name, fmt.name, kind, {f.name: file_record(f) for f in files}, seconds, parity, settings)

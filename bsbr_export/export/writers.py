@@ -31,7 +31,7 @@ class Writer:
 
 
 def _onnx(model, path, kind, spec, **options):
-    return onnx.export_onnx(model, path, spec=spec, streaming=kind == "streaming", decode=kind == "decode", **options)
+    return onnx.export_onnx(model, path, spec=spec, kind=kind, **options)
 
 
 def _torchscript(mobile: bool):

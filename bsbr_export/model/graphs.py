@@ -2,7 +2,7 @@
 
 They take any module plus its `ModelSpec` and call only the module's public API
 (`forward`, and for streaming `init_state` / `stream`, plus `stream_update` for a decode
-step), so export code never touches model internals. Outputs come out as a flat tuple in
+step and `step_rows` for a row step), so export code never touches model internals. Outputs come out as a flat tuple in
 the spec's order; a streaming state travels as flat `past.*` inputs and `present.*`
 outputs, named from the state's pytree (`past.0.meta_keys` for a list of `LayerState`).
 """
@@ -29,6 +29,8 @@ class FullGraph(nn.Module):
     """The full forward: the spec's inputs -> its outputs, as a flat tuple (the tensor
     itself when there is one output, as C++ callers of a traced module expect)."""
 
+    positional = 0  # arguments before the varargs (torch.export's dynamic_shapes follow them)
+
     def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
         super().__init__()
         self.model = model
@@ -43,6 +45,8 @@ class FullGraph(nn.Module):
 
 class StreamingGraph(nn.Module):
     """One streaming step: (tokens [batch, new_tokens], *past) -> (*outputs, *present)."""
+
+    positional = 1
 
     def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
         super().__init__()
@@ -92,9 +96,39 @@ class DefaultMask(nn.Module):
         return self.traced(input_ids, attention_mask)
 
 
-GRAPHS = {"full": FullGraph, "streaming": StreamingGraph, "decode": DecodeGraph}
+class RowsGraph(nn.Module):
+    """One token for each of many sequences at their own positions (in-flight batching):
+    (tokens [rows, 1], positions [rows], *cache) -> (*outputs, *row). The caches are, per
+    layer, the state entries a step does not append (`cache.*`: the current chunk's keys
+    and values in `c - 1` slots, `S_i`); `row.*` are each row's new key and value, for
+    the caller to write at slot `position % c`. Needs the module's `step_rows(tokens,
+    positions, cache)`, `cache` a list of per-layer tuples in state order; no row may be
+    the last token of its chunk (those need their finished chunks: the decode step)."""
+
+    positional = 2
+
+    def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.input_names = spec.state.row_input_names(spec.tokens.name)
+        self.output_names = [*spec.output_names, *spec.state.row_outputs()]
+        cached = self.input_names[2:]
+        self.layers = [sum(1 for n in cached if n.split(".")[1] == layer)
+                       for layer in dict.fromkeys(n.split(".")[1] for n in cached)]
+
+    def forward(self, tokens: Tensor, positions: Tensor, *cache: Tensor) -> tuple[Tensor, ...]:
+        per_layer, at = [], 0
+        for size in self.layers:
+            per_layer.append(tuple(cache[at:at + size]))
+            at += size
+        out, rows = self.model.step_rows(tokens, positions, per_layer)
+        return (*_flat_outputs(out), *pytree.tree_leaves(rows))
+
+
+GRAPHS = {"full": FullGraph, "streaming": StreamingGraph, "decode": DecodeGraph, "rows": RowsGraph}
 
 
 def export_graph(model: nn.Module, spec: ModelSpec, kind: str) -> nn.Module:
-    """The module exported for an artifact kind (`formats.KINDS`): full, streaming or decode."""
+    """The module exported for an artifact kind (`formats.KINDS`): full, streaming, decode or rows."""
     return GRAPHS[kind](model, spec)

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
@@ -91,6 +92,22 @@ class StateSpec:
     def update_names(self) -> list[str]:
         """A decode step's state outputs, in state order: `new.*` for appended entries."""
         return [n.replace("past.", "new.", 1) if n in self.appended else present_name(n) for n in self.inputs]
+
+    def cache_inputs(self, chunk_size: int) -> dict[str, list]:
+        """A row step's per-row caches (`step_rows`): the entries a step does not append,
+        named `cache.*`, the current chunk's rows (`past_tokens`) as `c - 1` slots."""
+        return {name.replace("past.", "cache.", 1): [chunk_size - 1 if d == "past_tokens" else d for d in shape]
+                for name, shape in self.inputs.items() if name not in self.appended}
+
+    def row_outputs(self) -> dict[str, list]:
+        """A row step's outputs besides the model's: each row's new entry (`row.*`, one
+        slot) of the caches that hold the current chunk's rows."""
+        return {name.replace("past.", "row.", 1): [1 if d == "past_tokens" else d for d in shape]
+                for name, shape in self.inputs.items() if name not in self.appended and "past_tokens" in shape}
+
+    def row_input_names(self, tokens: str) -> list[str]:
+        """A row step's inputs: one token per row, the rows' positions, their caches."""
+        return [tokens, ROW_POSITIONS, *(n.replace("past.", "cache.", 1) for n in self.inputs if n not in self.appended)]
 
     def update_axes(self) -> dict[str, dict[int, str]]:
         """Dynamic axes of a decode step's state outputs."""
@@ -207,6 +224,21 @@ def probe_lengths(chunk_size: int) -> list[int]:
     c = chunk_size
     example = example_length(c)
     return sorted({1, max(c - 1, 1), c + 1, 4 * c + 3, 9 * c + 7} - {example})
+
+
+ROW_POSITIONS = "positions"  # a row step's input: each row's position, int64 [batch]
+
+
+def row_inputs(spec: ModelSpec, positions: list[int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of a row step for rows at `positions` (none the last of its chunk): a
+    token per row below the vocabulary, and caches drawn at the scale of real states."""
+    rng = np.random.default_rng(seed)
+    batch = len(positions)
+    out = {spec.tokens.name: rng.integers(0, spec.tokens.high, (batch, 1), dtype=np.int64),
+           ROW_POSITIONS: np.asarray(positions, dtype=np.int64)}
+    for name, shape in spec.state.cache_inputs(spec.chunk_size).items():
+        out[name] = rng.standard_normal([batch if d == "batch" else d for d in shape]).astype(np.float32)
+    return out
 
 
 def example_inputs(spec: ModelSpec, batch: int, length: int, seed: int = 0, masked: bool = False) -> dict[str, Tensor]:

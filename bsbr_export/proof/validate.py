@@ -138,7 +138,7 @@ def validate_export(
         kind, settings = artifact_kind(artifact), artifact.get("settings", {})
         precision = settings.get("precision", "fp32")
         allowed = PRECISION_TOLERANCES.get(precision, tolerance)
-        cases = artifact_cases(source.spec.chunk_size, kind != "full", settings, lengths=lengths, batches=batches)
+        cases = artifact_cases(source.spec.chunk_size, kind, settings, lengths=lengths, batches=batches)
         reference = EagerRunner(source.module, source.spec, kind)
         for engine, runner in artifact_engines(directory / artifact["name"], artifact["format"], reference, providers,
                                                device):

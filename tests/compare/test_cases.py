@@ -29,16 +29,27 @@ def test_stream_pieces_sum_to_the_length_and_straddle_chunks(length, c):
 
 
 def test_full_graphs_get_a_masked_case_and_streaming_graphs_splits():
-    full = default_cases(4, streaming=False, long_length=30)
+    full = default_cases(4, "full", long_length=30)
     assert full[-1] == Case(3, 30, masked=True) and not any(k.pieces for k in full)
-    streamed = default_cases(4, streaming=True, long_length=30)
+    streamed = default_cases(4, "decode", long_length=30)
     assert all(sum(k.pieces) == k.length for k in streamed) and not any(k.masked for k in streamed)
 
 
 def test_an_artifact_is_checked_within_its_limits():
-    assert artifact_cases(4, False, {"static_shape": [2, 10]}) == [Case(2, 10)]
-    limited = artifact_cases(4, False, {"max_length": 20, "max_batch": 2}, long_length=50)
+    assert artifact_cases(4, "full", {"static_shape": [2, 10]}) == [Case(2, 10)]
+    limited = artifact_cases(4, "full", {"max_length": 20, "max_batch": 2}, long_length=50)
     assert max(k.length for k in limited) == 20 and max(k.batch for k in limited) == 2
     # Shapes asked for are kept past the limits: the artifact must refuse them itself.
-    asked = artifact_cases(4, False, {"max_length": 20}, lengths=[50], batches=(1,))
+    asked = artifact_cases(4, "full", {"max_length": 20}, lengths=[50], batches=(1,))
     assert Case(1, 50) in asked
+
+
+@pytest.mark.parametrize("c", [2, 4, 64])
+def test_row_cases_mix_contexts_and_never_close_a_chunk(c):
+    cases = default_cases(c, "rows", long_length=2048)
+    positions = {p for k in cases for p in k.rows}
+    assert all(k.batch == len(k.rows) for k in cases) and [k.batch for k in cases[:3]] == [1, 2, 3]
+    assert all(p % c != c - 1 for p in positions)  # a chunk's last token goes through the decode step
+    assert {0, c} <= positions and max(positions) > 16384  # fills and contexts from 0 to past 16384
+    assert c == 2 or 1 in positions  # (with c = 2, position 1 closes its chunk)
+    assert len(set(cases[-1].rows)) == len(cases[-1].rows) > 3  # one batch holds the whole mix

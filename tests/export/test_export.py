@@ -325,3 +325,35 @@ def test_writers_table_covers_every_format_and_old_paths_warn():
     assert set(writers.WRITERS) == set(FORMATS) == set(RUNNERS)
     with pytest.warns(DeprecationWarning, match="moved to bsbr_export.export.onnx.export_onnx"):
         assert writers.export_onnx is onnx.export_onnx
+
+
+def test_row_step_graph_advances_real_sequences_as_each_alone(tiny_export):
+    """model.rows.onnx on the states of real sequences at positions from 0 to 16390 (each
+    its own fill and count of finished chunks) gives each row what its own stream does."""
+    out, _ = tiny_export
+    model = load_model(out)
+    c = model.config.chunk_size
+    positions = [0, 1, c - 2, c, 3 * c + 5, 16389]  # 16389 % 8 == 5: mid-chunk
+    runner = OnnxRunner(out / "model.rows.onnx")
+    feeds = {"input_ids": [], "positions": np.array(positions), **{n: [] for n in runner.input_names[2:]}}
+    expected = []
+    with torch.no_grad():
+        for p in positions:
+            ids = random_ids(model.config, 1, p + 1, seed=p)
+            state = model.init_state(1)
+            if p:
+                _, state = model.stream(ids[:, :p], state)
+            logits, updates = model.stream_update(ids[:, p:], state)
+            expected.append((logits, updates))
+            feeds["input_ids"].append(ids[:, p:].numpy())
+            for i, layer in enumerate(state):
+                pad = (0, 0, 0, c - 1 - layer.keys.shape[-2])
+                feeds[f"cache.{i}.keys"].append(torch.nn.functional.pad(layer.keys, pad).numpy())
+                feeds[f"cache.{i}.values"].append(torch.nn.functional.pad(layer.values, pad).numpy())
+                feeds[f"cache.{i}.retrieved"].append(layer.retrieved.numpy())
+    got = runner.infer({n: v if n == "positions" else np.concatenate(v) for n, v in feeds.items()})
+    for row, (logits, updates) in enumerate(expected):
+        assert np.abs(got["logits"][row] - logits[0].numpy()).max() <= 1e-5
+        for i, update in enumerate(updates):
+            assert np.abs(got[f"row.{i}.keys"][row, :, 0] - update.keys[0, :, -1].numpy()).max() <= 1e-5
+            assert np.abs(got[f"row.{i}.values"][row, :, 0] - update.values[0, :, -1].numpy()).max() <= 1e-5
