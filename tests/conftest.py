@@ -345,6 +345,7 @@ SLOW_TESTS = (
     "test_generate.py::test_byte_level_text_streams_as_it_comes",  # bsbr-stdlib exported with streaming: 62 s
     "test_generate.py::test_a_user_modules_decode_graph_appends_finished_chunks",  # a module exported: 41 s
     "test_samples_streaming.py::test_text_through_the_exports_tokenizer_json",  # hf_export
+    "test_batching.py::test_an_export_without_a_row_step_is_refused",  # hf_export
     "test_serve.py::test_idle_sequence_is_released",  # a second tritonserver, and an idle wait: 7 s
 )
 
