@@ -27,7 +27,7 @@ import numpy as np
 
 from bsbr_export.errors import UserError
 from bsbr_export.model.spec import ROW_POSITIONS
-from bsbr_export.runtime.generate import DEFAULT_ENGINE, DecodeState, Generation, Generator, Sampling, Token, pick
+from bsbr_export.runtime.generate import DEFAULT_ENGINE, DecodeState, Generation, Generator, Request, Token
 from bsbr_export.runtime.onnx import OnnxRunner
 from bsbr_export.runtime.state import advance_state
 
@@ -36,19 +36,12 @@ ROWS_GRAPH = "model.rows.onnx"
 
 @dataclass
 class Running:
-    """One generation in the batch: its result so far, how it samples and stops, the token
-    it feeds next and at which position, and its finished chunks (`past.*` appended entries)."""
+    """One generation in the batch: its request, the token it feeds next and at which
+    position, and its finished chunks (the `past.*` entries a decode step appends)."""
 
-    result: Generation
-    max_new_tokens: int
-    sampling: Sampling
-    rng: np.random.Generator
-    stop_ids: set[int]
-    stop_texts: list[str]
-    decode: object  # step(id) -> text, or None for ids-only models
-    position: int = 0
+    request: Request
+    position: int
     next_token: int = 0
-    done: bool = False
     chunks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -78,27 +71,22 @@ class Batcher:
         """Start a generation (options as `Generator.generate`): its prompt is prefilled now
         and its first token picked; it goes on with every `step` until it stops. Returns its
         `Generation`, which fills as it goes."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        sampling = Sampling(temperature, top_k, top_p, seed)
-        ids = self.generator.encode(prompt)
-        text = self.generator.text
-        sequence = Running(Generation(ids), max_new_tokens, sampling, np.random.default_rng(seed),
-                             {s for s in stop if isinstance(s, int)}, [s for s in stop if isinstance(s, str) and s],
-                             text.decoder(ids) if text is not None else None, position=len(ids))
+        request = self.generator.request(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                         seed=seed, stop=stop)
+        ids = request.result.prompt
         state = DecodeState(self.spec)
         start = time.perf_counter()
         outputs = self.generator.runner.infer({self.spec.tokens.name: np.array([ids], np.int64), **state.past})
-        sequence.result.prefill_seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
         state.update(outputs)
-        sequence.chunks = {n: v for n, v in state.past.items() if n in self.spec.state.appended}
-        self._emit(sequence, outputs[self.generator.logits][0, -1], sequence.result.prefill_seconds)
-        if not sequence.done:
+        token = request.take(outputs[self.generator.logits][0, -1], seconds)
+        if not request.done:
             slot = self._slot()
             for name, past in self.past.items():
                 self._write(name, slot, state.past[past][0])
-            self.active.append(sequence)
-        return sequence.result
+            chunks = {n: v for n, v in state.past.items() if n in self.spec.state.appended}
+            self.active.append(Running(request, len(ids), token.id, chunks))
+        return request.result
 
     def step(self) -> list[tuple[Generation, Token]]:
         """Advance every active sequence by one token: one row-step call for all of them,
@@ -125,9 +113,10 @@ class Batcher:
         seconds = time.perf_counter() - start
         made, done = [], []
         for row, sequence in enumerate(self.active):
-            sequence.position += 1
-            made.append((sequence.result, self._emit(sequence, logits[row], seconds)))
-            if sequence.done:
+            token = sequence.request.take(logits[row], seconds)
+            sequence.position, sequence.next_token = sequence.position + 1, token.id
+            made.append((sequence.request.result, token))
+            if sequence.request.done:
                 done.append(row)
         for row in reversed(done):
             self._leave(row)
@@ -142,28 +131,6 @@ class Batcher:
         while self.active:
             self.step()
         return results
-
-    def _emit(self, sequence: Running, logits: np.ndarray, seconds: float) -> Token:
-        """Pick the sequence's next token and record it; when it is the last, the sequence
-        is done and its result says why it stopped (the whole text decoded then, as
-        `Generation` says)."""
-        result = sequence.result
-        token = pick(logits, sequence.sampling, sequence.rng)
-        text = sequence.decode(token) if sequence.decode is not None else ""
-        result.ids.append(token)
-        result.text += text
-        if len(result.ids) > 1:
-            result.token_seconds.append(seconds)
-        sequence.next_token = token
-        if token in self.generator.eos_ids:
-            result.stopped, sequence.done = "eos", True
-        elif token in sequence.stop_ids or any(result.text.endswith(s) for s in sequence.stop_texts):
-            result.stopped, sequence.done = "stop", True
-        elif len(result.ids) == sequence.max_new_tokens:
-            result.stopped, sequence.done = "length", True
-        if sequence.done and self.generator.text is not None:
-            result.text = self.generator.text.decode(result.ids)
-        return Token(token, text, seconds)
 
     def _close_chunk(self, row: int) -> np.ndarray:
         """Feed a row's token that closes its chunk through the decode step (it needs the

@@ -174,6 +174,50 @@ class DecodeState:
         self.past = advance_state(self.past, outputs, self.append_axis)
 
 
+@dataclass
+class Request:
+    """One generation under way: its result so far, how it samples (its own seeded
+    generator) and when it stops; `take` turns each step's logits into its next token."""
+
+    result: Generation
+    max_new_tokens: int
+    sampling: Sampling
+    stop_ids: set[int]
+    stop_texts: list[str]
+    eos_ids: set[int]
+    text: ByteText | TokenizerText | None
+    rng: np.random.Generator = field(init=False)
+    decode: object = field(init=False)  # step(id) -> the text a token completes (None: ids only)
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.sampling.seed)
+        self.decode = self.text.decoder(self.result.prompt) if self.text is not None else None
+
+    def take(self, logits: np.ndarray, seconds: float) -> Token:
+        """The next token from the logits of the call that took `seconds` (the prompt's
+        call for the first); once it is the last, `done` and the result says why, its whole
+        text decoded."""
+        result = self.result
+        if result.ids:
+            result.token_seconds.append(seconds)
+        else:
+            result.prefill_seconds = seconds
+        token = pick(logits, self.sampling, self.rng)
+        piece = self.decode(token) if self.decode is not None else ""
+        result.ids.append(token)
+        result.text += piece
+        if token in self.eos_ids:
+            result.stopped, self.done = "eos", True
+        elif token in self.stop_ids or any(result.text.endswith(s) for s in self.stop_texts):
+            result.stopped, self.done = "stop", True
+        elif len(result.ids) == self.max_new_tokens:
+            result.stopped, self.done = "length", True
+        if self.done and self.text is not None:
+            result.text = self.text.decode(result.ids)
+        return Token(token, piece, seconds)
+
+
 class Generator:
     """An export directory's decode (or streaming) graph on one engine, and its tokenizer."""
 
@@ -218,53 +262,37 @@ class Generator:
         `Sampling` says. Stops early at the model's end-of-text id or at any of `stop`
         (token ids, or strings the generated text ends with). `stream=True` returns an
         iterator of `Token`s as they are made; else the finished `Generation`."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        sampling = Sampling(temperature, top_k, top_p, seed)
-        ids = self.encode(prompt)
-        stop_ids = {s for s in stop if isinstance(s, int)}
-        stop_texts = [s for s in stop if isinstance(s, str) and s]
-        result = Generation(ids)
-        tokens = self._tokens(result, max_new_tokens, sampling, stop_ids, stop_texts)
-        if self.text is not None:
-            tokens = self._decoded_at_end(tokens, result)
+        request = self.request(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                               stop=stop)
+        tokens = self._tokens(request)
         if stream:
             return tokens
         for _ in tokens:
             pass
-        return result
+        return request.result
 
-    def _decoded_at_end(self, tokens: Iterator[Token], result: Generation) -> Iterator[Token]:
-        yield from tokens
-        result.text = self.text.decode(result.ids)
+    def request(self, prompt: str | Sequence[int], max_new_tokens: int = 20, *, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                stop: Sequence[str | int] = ()) -> Request:
+        """A generation's `Request` (arguments as `generate`), every one of them checked."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        return Request(Generation(self.encode(prompt)), max_new_tokens, sampling,
+                       {s for s in stop if isinstance(s, int)}, [s for s in stop if isinstance(s, str) and s],
+                       self.eos_ids, self.text)
 
-    def _tokens(self, result: Generation, max_new_tokens: int, sampling: Sampling, stop_ids: set[int],
-                stop_texts: list[str]) -> Iterator[Token]:
-        rng = np.random.default_rng(sampling.seed)
+    def _tokens(self, request: Request) -> Iterator[Token]:
         state = DecodeState(self.spec)
-        decode = self.text.decoder(result.prompt) if self.text is not None else None
-        feed = result.prompt
-        while len(result.ids) < max_new_tokens:
+        feed = request.result.prompt
+        while not request.done:
             start = time.perf_counter()
             outputs = self.runner.infer({self.spec.tokens.name: np.array([feed], np.int64), **state.past})
             seconds = time.perf_counter() - start
             state.update(outputs)
-            if result.ids:
-                result.token_seconds.append(seconds)
-            else:
-                result.prefill_seconds = seconds
-            token = pick(outputs[self.logits][0, -1], sampling, rng)
-            text = decode(token) if decode is not None else ""
-            result.ids.append(token)
-            result.text += text
-            yield Token(token, text, seconds)
-            if token in self.eos_ids:
-                result.stopped = "eos"
-                return
-            if token in stop_ids or any(result.text.endswith(s) for s in stop_texts):
-                result.stopped = "stop"
-                return
-            feed = [token]
+            token = request.take(outputs[self.logits][0, -1], seconds)
+            yield token
+            feed = [token.id]
 
 
 def generation_engines(export_dir: str | Path) -> list[str]:
