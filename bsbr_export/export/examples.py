@@ -49,7 +49,8 @@ def example_args(model, spec: ModelSpec, kind: str, batch: int = EXAMPLE_BATCH,
 def example_rows(spec: ModelSpec, batch: int, seed: int = 0) -> tuple[Tensor, ...]:
     """A row step's example: one token per row, rows at positions that differ (fills 0 and
     c - 2, finished chunks 0 and 2), random caches."""
-    inputs = row_inputs(spec, [2 * spec.chunk_size + max(spec.chunk_size - 2, 0), 0] * batch, seed)
+    c = spec.chunk_size
+    inputs = row_inputs(spec, [2 * c + max(c - 2, 0) if row % 2 == 0 else 0 for row in range(batch)], seed)
     return tuple(torch.from_numpy(inputs[name]) for name in spec.state.row_input_names(spec.tokens.name))
 
 
