@@ -130,14 +130,22 @@ def _autocast(engine: Engine, export_dir: Path, threads: int, trust_code: bool) 
     return AutocastRunner(source.module, source.spec, keep, **engine.options)
 
 
-def _artifact(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:
-    spec = manifest_spec(export_dir)
+def open_engine_file(engine: Engine, path: Path, input_names: list[str], output_names: list[str],
+                     threads: int | None, spinning: bool = False) -> Runner:
+    """A runner of `engine`'s kind over the artifact file `path` (its own, or another graph
+    of the same format, e.g. the decode step): ONNX Runtime on the engine's provider with
+    `threads` (`spinning` threads only where the session is alone in its process)."""
     options = dict(engine.options)
     if engine.runs == "onnx":
-        # Alone in a bench worker process: spinning threads steal from nobody (ORT's default).
-        options |= {"provider": engine.provider, "threads": threads, "spinning": True}
-    return open_artifact(engine.runs, Path(export_dir) / engine.artifact, spec.input_names, spec.output_names,
-                         **options)
+        options |= {"provider": engine.provider, "threads": threads, "spinning": spinning}
+    return open_artifact(engine.runs, path, input_names, output_names, **options)
+
+
+def _artifact(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:
+    spec = manifest_spec(export_dir)
+    # Alone in a bench worker process: spinning threads steal from nobody (ORT's default).
+    return open_engine_file(engine, Path(export_dir) / engine.artifact, spec.input_names, spec.output_names,
+                            threads, spinning=True)
 
 
 def _openvino(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:

@@ -29,11 +29,10 @@ import numpy as np
 
 from bsbr_export.errors import UserError
 from bsbr_export.formats import FORMATS, artifact_name
-from bsbr_export.manifest import manifest_spec, read_manifest
+from bsbr_export.manifest import read_manifest
 from bsbr_export.model.spec import ModelSpec
-from bsbr_export.runtime import open_artifact
 from bsbr_export.runtime.base import Runner
-from bsbr_export.runtime.engines import ENGINES, Engine, why_not
+from bsbr_export.runtime.engines import ENGINES, Engine, open_engine_file, why_not
 from bsbr_export.runtime.state import advance_state, empty_state_tensor
 
 GRAPH_KINDS = ("decode", "streaming")  # the graph a generator runs, preferred first
@@ -224,7 +223,7 @@ class Generator:
     def __init__(self, export_dir: str | Path, engine: str = DEFAULT_ENGINE, threads: int | None = None) -> None:
         self.export_dir = Path(export_dir)
         manifest = read_manifest(self.export_dir)  # every file checked against its sha256
-        self.spec = manifest_spec(self.export_dir)
+        self.spec = ModelSpec.from_dict(manifest["spec"])
         if manifest.get("state") is None:
             raise UserError(f"{self.export_dir} has no streaming graphs: export with --streaming to generate")
         self.logits = next((o.name for o in self.spec.outputs if o.logits), None)
@@ -297,8 +296,11 @@ class Generator:
 
 def generation_engines(export_dir: str | Path) -> list[str]:
     """The engines that can generate from `export_dir` here, in the engine table's order."""
-    manifest = read_manifest(export_dir, verify=False)
-    return [e.name for e in ENGINES.values() if _graph(e, manifest) and why_not(e, Path(export_dir)) is None]
+    return _usable(Path(export_dir), read_manifest(export_dir, verify=False))
+
+
+def _usable(export_dir: Path, manifest: dict) -> list[str]:
+    return [e.name for e in ENGINES.values() if _graph(e, manifest) and why_not(e, export_dir) is None]
 
 
 def _graph(engine: Engine, manifest: dict) -> str | None:
@@ -314,7 +316,7 @@ def _graph(engine: Engine, manifest: dict) -> str | None:
 
 def _open(export_dir: Path, manifest: dict, spec: ModelSpec, engine_name: str,
           threads: int | None) -> tuple[Engine, str, Runner]:
-    usable = generation_engines(export_dir)
+    usable = _usable(export_dir, manifest)
     engine = ENGINES.get(engine_name)
     if engine is None or engine_name not in usable:
         reason = "unknown" if engine is None else why_not(engine, export_dir) or "has no streaming graph to run here"
@@ -324,10 +326,7 @@ def _open(export_dir: Path, manifest: dict, spec: ModelSpec, engine_name: str,
     kind = next(k for k in GRAPH_KINDS if name == artifact_name(FORMATS[engine.runs], k))
     state = spec.state
     outputs = spec.output_names + (state.update_names() if kind == "decode" else list(state.outputs))
-    options = dict(engine.options)
-    if engine.runs == "onnx":
-        options |= {"provider": engine.provider, "threads": threads}
-    runner = open_artifact(engine.runs, export_dir / name, [spec.tokens.name, *state.inputs], outputs, **options)
+    runner = open_engine_file(engine, export_dir / name, [spec.tokens.name, *state.inputs], outputs, threads)
     return engine, kind, runner
 
 
