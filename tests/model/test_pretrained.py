@@ -49,7 +49,7 @@ def test_a_directory_of_neither_kind_is_one_line_and_exit_2(capsys, tmp_path, co
     directory.mkdir()
     if config is not None:
         (directory / "config.json").write_text(json.dumps(config))
-    code, out, err = run_cli(capsys, "export", directory, "--out", tmp_path / "out")
+    code, _, err = run_cli(capsys, "export", directory, "--out", tmp_path / "out")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "neither a bsbr-export checkpoint" in err and message in err, err
     assert not (tmp_path / "out").exists()
