@@ -17,7 +17,7 @@ VENV := .venv
 # means a changed dependency list, so the install runs again.
 VENV_STAMP := $(VENV)/.bsbr-export-installed
 PYTRITON_VERSION := 0.7.0
-TRITON_STAMP := .venv-triton/.nvidia-pytriton-$(PYTRITON_VERSION)-installed
+TRITON_STAMP := .venv-triton/.nvidia-pytriton-$(PYTRITON_VERSION)-tokenizers-installed
 # npm writes node_modules/.package-lock.json once an install has finished (npm ci starts by
 # removing node_modules, so a failed one leaves none).
 NODE_MODULES := samples/node/node_modules/.package-lock.json
@@ -48,9 +48,10 @@ $(NODE_MODULES): samples/node/package-lock.json
 
 # The Triton tests start a real tritonserver from the nvidia-pytriton wheel, in a venv of its
 # own (README "Serving with Triton"): it needs numpy<2, the project's venv has numpy 2; its
-# own dependencies serve PyTriton's Python API, unused here (--no-deps).
+# own dependencies serve PyTriton's Python API, unused here (--no-deps). tokenizers: the
+# generate model's text for exports with a tokenizer.json.
 $(TRITON_STAMP):
-	$(PYTHON) -m venv .venv-triton && .venv-triton/bin/pip install "numpy<2" onnxruntime && .venv-triton/bin/pip install --no-deps "nvidia-pytriton==$(PYTRITON_VERSION)"
+	$(PYTHON) -m venv .venv-triton && .venv-triton/bin/pip install "numpy<2" onnxruntime tokenizers && .venv-triton/bin/pip install --no-deps "nvidia-pytriton==$(PYTRITON_VERSION)"
 	touch $@
 
 $(VENV)/bin/python:

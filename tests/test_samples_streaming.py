@@ -49,7 +49,7 @@ def test_sampling_matches_eager_logits_drawn_with_the_same_seed(tiny_export, tmp
     import numpy as np
     import torch
 
-    from bsbr_export.runtime.generate import Sampling, pick
+    from bsbr_export.runtime.requests import Sampling, pick
 
     out, _ = tiny_export
     model = load_model(out)

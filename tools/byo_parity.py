@@ -29,8 +29,9 @@ from bsbr_export.compare.cases import (
     stream_pieces,  # noqa: E402
 )
 from bsbr_export.compare.parity import check_parity  # noqa: E402
-from bsbr_export.runtime import OnnxRunner, TorchScriptRunner
 from bsbr_export.runtime.eager import EagerRunner  # noqa: E402
+from bsbr_export.runtime.onnx import OnnxRunner
+from bsbr_export.runtime.torchscript import TorchScriptRunner
 
 KINDS = {
     "upstream-layer classifier (pooled)": user_models.upstream_classifier,

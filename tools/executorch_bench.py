@@ -222,7 +222,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from bsbr_export import load_model
-    from bsbr_export.model.spec import spec_for
+    from bsbr_export.model.probe import spec_for
     from bsbr_export.versions import versions
 
     model = load_model(args.model).eval()

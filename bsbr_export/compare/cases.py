@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bsbr_export.model.spec import ModelSpec, example_inputs, row_inputs
+from bsbr_export.model.probe import example_inputs
+from bsbr_export.model.spec import ModelSpec, row_inputs
 
 DEFAULT_BATCHES = (1, 2, 3)
 DEFAULT_LONG_LENGTH = 2048  # the long case of validation and of export's checks

@@ -21,7 +21,7 @@ from bsbr_export.export.checks import FREEZE_HINT, DoesNotGeneralize, check_gene
 from bsbr_export.export.examples import dynamic_shapes, example_args, graph_axes
 from bsbr_export.export.staging import quiet, staging
 from bsbr_export.model.graphs import export_graph
-from bsbr_export.model.spec import spec_for
+from bsbr_export.model.probe import spec_for
 from bsbr_export.runtime.aoti import AotiRunner, package_device, package_isa
 from bsbr_export.runtime.base import cuda_missing
 

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from bsbr_export.model.graphs import flatten_state
-from bsbr_export.model.spec import EXAMPLE_BATCH, ModelSpec, example_inputs, example_length, row_inputs
+from bsbr_export.model.probe import example_inputs
+from bsbr_export.model.spec import EXAMPLE_BATCH, ModelSpec, example_length, row_inputs
 
 
 def example_state(model, spec: ModelSpec, batch: int, seed: int = 0) -> list[Tensor]:

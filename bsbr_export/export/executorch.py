@@ -23,7 +23,8 @@ from bsbr_export.errors import UserError
 from bsbr_export.export.examples import dynamic_shapes, example_args, graph_axes
 from bsbr_export.export.staging import quiet, staging
 from bsbr_export.model.graphs import export_graph
-from bsbr_export.model.spec import EXAMPLE_BATCH, example_length, spec_for
+from bsbr_export.model.probe import spec_for
+from bsbr_export.model.spec import EXAMPLE_BATCH, example_length
 from bsbr_export.runtime.executorch import quiet_runtime, require_executorch
 
 # Memory is planned for the largest input, so the defaults cover the validation lengths

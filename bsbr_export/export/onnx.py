@@ -24,7 +24,8 @@ from bsbr_export.export.staging import quiet, staging
 from bsbr_export.formats import kind_of, recorded_kind
 from bsbr_export.manifest import state_manifest
 from bsbr_export.model.graphs import export_graph
-from bsbr_export.model.spec import EXAMPLE_BATCH, ModelSpec, spec_for
+from bsbr_export.model.probe import spec_for
+from bsbr_export.model.spec import EXAMPLE_BATCH, ModelSpec
 from bsbr_export.runtime.onnx import OnnxRunner
 from bsbr_export.versions import versions
 

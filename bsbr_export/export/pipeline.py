@@ -29,7 +29,7 @@ from bsbr_export.io import atomic_dir, check_can_create
 from bsbr_export.manifest import MANIFEST, file_record, state_manifest
 from bsbr_export.model.sources import Source, load_source, write_source
 from bsbr_export.model.spec import ModelSpec
-from bsbr_export.runtime import open_artifact
+from bsbr_export.runtime.artifacts import open_artifact
 from bsbr_export.runtime.eager import EagerRunner
 from bsbr_export.versions import versions
 

@@ -14,7 +14,8 @@ from bsbr_export.export.examples import example_args
 from bsbr_export.export.staging import quiet, staging
 from bsbr_export.formats import kind_of
 from bsbr_export.model.graphs import DefaultMask, export_graph
-from bsbr_export.model.spec import ModelSpec, spec_for
+from bsbr_export.model.probe import spec_for
+from bsbr_export.model.spec import ModelSpec
 from bsbr_export.runtime.torchscript import TorchScriptRunner
 
 

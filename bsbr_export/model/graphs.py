@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from bsbr_export.model.spec import ModelSpec, call_module, output_leaves
+from bsbr_export.model.probe import call_module, output_leaves
+from bsbr_export.model.spec import ModelSpec
 
 
 def flatten_state(state) -> list[Tensor]:

@@ -22,7 +22,8 @@ from torch import nn
 from bsbr_export.errors import UserError
 from bsbr_export.model.checkpoint import WEIGHTS_FILE, load_model, write_checkpoint
 from bsbr_export.model.pretrained import directory_kind, load_pretrained, pretrained_record, tokenizer_files
-from bsbr_export.model.spec import ModelSpec, spec_for
+from bsbr_export.model.probe import spec_for
+from bsbr_export.model.spec import ModelSpec
 from bsbr_export.model.upstream import NOT_CAUSAL, from_upstream, swap_upstream_layers
 from bsbr_export.model.usercode import build_module, is_module_ref
 from bsbr_export.model.weights import apply_state_dict, few_names, load_state_dict, nonfinite_tensors

@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 
 from bsbr_export.compare.parity import compare
-from bsbr_export.model.spec import ModelSpec, output_leaves
+from bsbr_export.model.probe import output_leaves
+from bsbr_export.model.spec import ModelSpec
 from bsbr_export.runtime.eager import EagerRunner
 from bsbr_export.runtime.onnx import OnnxRunner
 

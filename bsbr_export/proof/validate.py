@@ -22,7 +22,7 @@ from bsbr_export.manifest import artifact_kind, read_manifest
 from bsbr_export.model.sources import Source, rebuild
 from bsbr_export.proof.evaltext import TextScore, bits_per_byte, check_budget, heldout_text, logits_of, scores_text
 from bsbr_export.proof.localize import first_divergence, localize
-from bsbr_export.runtime import open_artifact
+from bsbr_export.runtime.artifacts import open_artifact
 from bsbr_export.runtime.base import Runner
 from bsbr_export.runtime.eager import EagerRunner
 from bsbr_export.runtime.engines import check_device

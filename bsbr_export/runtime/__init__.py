@@ -1,23 +1,8 @@
 """Runners: load an artifact (or the eager model) and run it, behind one contract
 (`runtime.base.Runner`), below export and proof as Polygraphy's backends sit below its
-comparator. `RUNNERS` gives each format of `formats.FORMATS` its runner, by name."""
+comparator. `runtime.artifacts.RUNNERS` gives each format of `formats.FORMATS` its runner.
 
-from bsbr_export.runtime.aoti import AotiRunner
-from bsbr_export.runtime.base import Runner
-from bsbr_export.runtime.executorch import ExecuTorchRunner
-from bsbr_export.runtime.onnx import OnnxRunner
-from bsbr_export.runtime.torchscript import TorchScriptRunner
-
-# format name -> runner class, each built as cls(path, input_names, output_names, **options).
-RUNNERS: dict[str, type] = {
-    "onnx": OnnxRunner,
-    "torchscript": TorchScriptRunner,
-    "torchscript-mobile": TorchScriptRunner,
-    "aoti": AotiRunner,
-    "executorch": ExecuTorchRunner,
-}
-
-
-def open_artifact(fmt: str, path, input_names: list[str], output_names: list[str], **options) -> Runner:
-    """A runner over an artifact file of format `fmt`, named as the graph it mirrors."""
-    return RUNNERS[fmt](path, input_names, output_names, **options)
+Importing this package imports no torch: generation and batching over ONNX Runtime
+(`runtime.generate`'s sampling, `runtime.batching`) run in a serving process that has
+numpy, onnxruntime and tokenizers only.
+"""

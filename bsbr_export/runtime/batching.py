@@ -1,4 +1,4 @@
-"""In-flight batching: many generations advanced together, one row step per iteration.
+"""In-flight batching: many sequences advanced together, one row step per iteration.
 
     from bsbr_export.runtime.batching import load_batcher
 
@@ -6,121 +6,250 @@
     for generation in batcher.generate_many(["def main(", "import ", "class Parser:"], max_new_tokens=60):
         print(generation.text)
 
-Each iteration advances every active sequence by one token with one call of the export's
-row step (`model.rows.onnx`: each row at its own position, reading only its current chunk
-and `S_i`, so the call costs the same at any context). A row whose token closes its chunk
-needs its finished chunks for the next `S_i`: its token goes through the decode step alone,
-once per `c` tokens. A new sequence joins at the next iteration (its prompt prefilled in
-one decode call), a finished one leaves at once; the rows' caches sit in one pool whose
-first `rows` slots are the active sequences, so the row step reads them without a copy.
-Every sequence generates what `runtime.generate` generates for it alone.
+Two layers. `Sequences` holds the state of many sequences, each under a key, and feeds
+them tokens: every sequence fed one token that does not close its chunk goes into one call
+of the export's row step (`model.rows.onnx`: each row at its own position, reading only
+its current chunk and `S_i`, so the call costs the same at any context); a token that
+closes its chunk needs the finished chunks for the next `S_i` and goes through the decode
+step alone, once per `c` tokens, as does a prompt (prefilled in one call, never token by
+token). The rows' caches sit in one pool whose first slots are the open sequences (a
+closed one's slot takes the last one's), so a step over all of them reads the pool without
+a copy. `Batcher` samples on top: a new generation joins at the next step, a finished one
+leaves at once, and every one generates what `runtime.generate` generates for it alone.
+
+Numpy and onnxruntime only (no torch): Triton's Python-backend models run this module.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bsbr_export.errors import UserError
-from bsbr_export.model.spec import ROW_POSITIONS
-from bsbr_export.runtime.generate import DEFAULT_ENGINE, DecodeState, Generation, Generator, Request, Token
+from bsbr_export.manifest import read_manifest
+from bsbr_export.model.spec import ROW_POSITIONS, ModelSpec
 from bsbr_export.runtime.onnx import OnnxRunner
+from bsbr_export.runtime.requests import DecodeState, Generation, Prompts, Request, Token, logits_output
 from bsbr_export.runtime.state import advance_state
 
 ROWS_GRAPH = "model.rows.onnx"
+DECODE_GRAPH = "model.decode.onnx"
 
 
 @dataclass
-class Running:
-    """One generation in the batch: its request, the token it feeds next and at which
-    position, and its finished chunks (the `past.*` entries a decode step appends)."""
+class Held:
+    """One open sequence: its tokens so far, its pool slot, and its finished chunks (the
+    `past.*` entries a decode step appends, which only a chunk-closing token reads)."""
 
-    request: Request
     position: int
-    next_token: int = 0
+    slot: int
     chunks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-class Batcher:
-    """An export's row step and decode step, and the sequences being generated."""
+class Sequences:
+    """Open sequences of an export with a row step and a decode step, by key."""
 
     def __init__(self, export_dir: str | Path, threads: int | None = None, capacity: int = 8) -> None:
-        self.generator = Generator(export_dir, DEFAULT_ENGINE, threads)  # checks every file's sha256
-        if self.generator.kind != "decode" or not (Path(export_dir) / ROWS_GRAPH).is_file():
-            raise UserError(f"{export_dir} has no {ROWS_GRAPH} and model.decode.onnx: export a model with step_rows "
+        export_dir = Path(export_dir)
+        manifest = read_manifest(export_dir)  # every file checked against its sha256
+        listed = {a["name"] for a in manifest["artifacts"]}
+        if manifest.get("state") is None:
+            raise UserError(f"{export_dir} has no streaming graphs: export with --streaming to generate")
+        if not {ROWS_GRAPH, DECODE_GRAPH} <= listed:
+            raise UserError(f"{export_dir} has no {ROWS_GRAPH} and {DECODE_GRAPH}: export a model with step_rows "
                             "(the native presets) with --format onnx --streaming")
-        spec = self.generator.spec
-        self.spec, self.chunk_size = spec, spec.chunk_size
-        self.rows_runner = OnnxRunner(Path(export_dir) / ROWS_GRAPH, threads=threads)
+        self.export_dir, self.manifest = export_dir, manifest
+        self.spec = spec = ModelSpec.from_dict(manifest["spec"])
+        self.logits = logits_output(spec, export_dir)
+        self.chunk_size = spec.chunk_size
         state = spec.state
+        self.decode_runner = OnnxRunner(export_dir / DECODE_GRAPH, [spec.tokens.name, *state.inputs],
+                                        spec.output_names + state.update_names(), threads=threads)
+        self.rows_runner = OnnxRunner(export_dir / ROWS_GRAPH, threads=threads)
         self.cache_shapes = state.cache_inputs(self.chunk_size)
         # cache.* name -> its past.* entry, and the axis of the current chunk's rows (if any)
         self.past = {name: name.replace("cache.", "past.", 1) for name in self.cache_shapes}
         self.token_axis = {name: state.inputs[past].index("past_tokens") for name, past in self.past.items()
                            if "past_tokens" in state.inputs[past]}
         self.pool = {name: np.zeros([capacity, *shape[1:]], np.float32) for name, shape in self.cache_shapes.items()}
-        self.active: list[Running] = []
+        self.held: dict[Hashable, Held] = {}
+        self.order: list[Hashable] = []  # slot -> key
 
-    def add(self, prompt: str | Sequence[int], max_new_tokens: int = 20, *, temperature: float = 0.0,
-            top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-            stop: Sequence[str | int] = ()) -> Generation:
-        """Start a generation (options as `Generator.generate`): its prompt is prefilled now
-        and its first token picked; it goes on with every `step` until it stops. Returns its
-        `Generation`, which fills as it goes."""
-        request = self.generator.request(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                         seed=seed, stop=stop)
-        ids = request.result.prompt
-        state = DecodeState(self.spec)
-        start = time.perf_counter()
-        outputs = self.generator.runner.infer({self.spec.tokens.name: np.array([ids], np.int64), **state.past})
-        seconds = time.perf_counter() - start
-        state.update(outputs)
-        token = request.take(outputs[self.generator.logits][0, -1], seconds)
-        if not request.done:
-            slot = self._slot()
-            for name, past in self.past.items():
-                self._write(name, slot, state.past[past][0])
-            chunks = {n: v for n, v in state.past.items() if n in self.spec.state.appended}
-            self.active.append(Running(request, len(ids), token.id, chunks))
-        return request.result
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.held
 
-    def step(self) -> list[tuple[Generation, Token]]:
-        """Advance every active sequence by one token: one row-step call for all of them,
-        a decode call for each whose token closes its chunk. Returns the tokens made."""
-        rows = len(self.active)
-        if not rows:
-            return []
-        start = time.perf_counter()
-        positions = np.array([s.position for s in self.active], np.int64)
-        feeds = {self.spec.tokens.name: np.array([[s.next_token] for s in self.active], np.int64),
-                 ROW_POSITIONS: positions, **{name: pool[:rows] for name, pool in self.pool.items()}}
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def open(self, key: Hashable, ids: Sequence[int]) -> np.ndarray:
+        """Open a sequence under `key` with its prompt `ids` (one decode call); their logits,
+        [tokens, vocab]."""
+        if key in self.held:
+            raise UserError(f"sequence {key!r} is already open")
+        slot = self._slot()
+        for pool in self.pool.values():  # a closed sequence left its state there
+            pool[slot] = 0
+        self.held[key] = Held(0, slot, {n: v for n, v in DecodeState(self.spec).past.items()
+                                        if n in self.spec.state.appended})
+        self.order.append(key)
+        return self._decode(key, list(ids))
+
+    def feed(self, tokens: dict[Hashable, Sequence[int]]) -> dict[Hashable, np.ndarray]:
+        """Feed open sequences their next tokens; each one's logits, [tokens, vocab]. The
+        sequences fed one token that leaves its chunk open go through one row-step call."""
+        missing = [key for key in tokens if key not in self.held]
+        if missing:
+            raise UserError(f"sequence {missing[0]!r} is not open")
+        c = self.chunk_size
+        rows = [key for key, ids in tokens.items() if len(ids) == 1 and self.held[key].position % c != c - 1]
+        logits = self._rows(rows, [tokens[key][0] for key in rows]) if rows else {}
+        for key, ids in tokens.items():
+            if key not in logits:
+                logits[key] = self._decode(key, list(ids))
+        return logits
+
+    def close(self, key: Hashable) -> None:
+        """Forget a sequence: the last slot's sequence moves into its slot."""
+        slot = self.held.pop(key).slot
+        last = len(self.order) - 1
+        if slot != last:
+            moved = self.order[last]
+            for pool in self.pool.values():
+                pool[slot] = pool[last]
+            self.order[slot] = moved
+            self.held[moved].slot = slot
+        self.order.pop()
+
+    def position(self, key: Hashable) -> int:
+        """How many tokens a sequence has been fed."""
+        return self.held[key].position
+
+    def state_bytes(self, key: Hashable | None = None, position: int | None = None) -> int:
+        """Bytes of one sequence's state: its pool slot plus its finished chunks; of `key`'s,
+        or of any sequence at `position` tokens."""
+        slot = sum(pool[0].nbytes for pool in self.pool.values())
+        chunks = (self.held[key].position if position is None else position) // self.chunk_size
+        axis = self.spec.state.append_axis
+        per_chunk = sum(int(np.prod([d for i, d in enumerate(self.spec.state.inputs[n]) if i != axis and
+                                     isinstance(d, int)])) * 4 for n in self.spec.state.appended)
+        return slot + chunks * per_chunk
+
+    def _rows(self, keys: list[Hashable], tokens: list[int]) -> dict[Hashable, np.ndarray]:
+        """One row-step call for `keys` (none closing its chunk); their logits, [1, vocab]."""
+        held = [self.held[key] for key in keys]
+        slots = np.array([h.slot for h in held])
+        positions = np.array([h.position for h in held], np.int64)
+        in_order = np.array_equal(slots, np.arange(len(slots)))  # the pool's first rows: no gather
+        feeds = {self.spec.tokens.name: np.array(tokens, np.int64)[:, None], ROW_POSITIONS: positions,
+                 **{name: pool[:len(slots)] if in_order else pool[slots] for name, pool in self.pool.items()}}
         outputs = self.rows_runner.infer(feeds)
-        logits = outputs[self.generator.logits][:, 0]
         fills = positions % self.chunk_size
-        closing = fills == self.chunk_size - 1
-        open_rows = np.flatnonzero(~closing)
         for name, axis in self.token_axis.items():  # each row's new key / value into its slot of the chunk
             index = [slice(None)] * self.pool[name].ndim
-            index[0], index[axis] = open_rows, fills[open_rows]
-            self.pool[name][tuple(index)] = outputs[name.replace("cache.", "row.", 1)][open_rows].take(0, axis=axis)
-        logits = logits.copy()
-        for row in np.flatnonzero(closing):
-            logits[row] = self._close_chunk(row)
-        seconds = time.perf_counter() - start
-        made, done = [], []
-        for row, sequence in enumerate(self.active):
-            token = sequence.request.take(logits[row], seconds)
-            sequence.position, sequence.next_token = sequence.position + 1, token.id
-            made.append((sequence.request.result, token))
-            if sequence.request.done:
-                done.append(row)
-        for row in reversed(done):
-            self._leave(row)
+            index[0], index[axis] = slots, fills
+            self.pool[name][tuple(index)] = outputs[name.replace("cache.", "row.", 1)].take(0, axis=axis)
+        for h in held:
+            h.position += 1
+        logits = outputs[self.logits]
+        return {key: logits[row] for row, key in enumerate(keys)}
+
+    def _decode(self, key: Hashable, ids: list[int]) -> np.ndarray:
+        """Feed a sequence `ids` through the decode step with its whole state (its finished
+        chunks and its pool slot's current chunk); its logits, [tokens, vocab]."""
+        held = self.held[key]
+        fill = held.position % self.chunk_size
+        past = dict(held.chunks)
+        for name, pool in self.pool.items():
+            entry = pool[held.slot:held.slot + 1]
+            past[self.past[name]] = entry.take(range(fill), axis=self.token_axis[name]) \
+                if name in self.token_axis else entry
+        outputs = self.decode_runner.infer({self.spec.tokens.name: np.array([ids], np.int64), **past})
+        past = advance_state(past, outputs, self.spec.state.append_axis)
+        held.chunks = {n: past[n] for n in held.chunks}
+        held.position += len(ids)
+        for name, past_name in self.past.items():
+            self._write(name, held.slot, past[past_name][0])
+        return outputs[self.logits][0]
+
+    def _write(self, name: str, slot: int, value: np.ndarray) -> None:
+        """A sequence's cache entry into its pool slot (the current chunk's rows first)."""
+        if name in self.token_axis:
+            axis = self.token_axis[name] - 1  # the pool slot holds one row: no batch axis
+            index = [slice(None)] * value.ndim
+            index[axis] = slice(0, value.shape[axis])
+            self.pool[name][slot][tuple(index)] = value
+        else:
+            self.pool[name][slot] = value
+
+    def _slot(self) -> int:
+        """The pool slot of an opening sequence (the pool doubles when full)."""
+        slot = len(self.order)
+        for name, pool in self.pool.items():
+            if slot == pool.shape[0]:
+                self.pool[name] = np.concatenate([pool, np.zeros_like(pool)])
+        return slot
+
+
+class Batcher:
+    """Generations over `Sequences`: each step advances every active one by one token."""
+
+    def __init__(self, export_dir: str | Path, threads: int | None = None, capacity: int = 8) -> None:
+        self.sequences = Sequences(export_dir, threads, capacity)
+        self.prompts = Prompts(export_dir, self.sequences.spec, self.sequences.manifest)
+        self.active: dict[int, Request] = {}  # key in `sequences` -> its request
+        self.next_token: dict[int, int] = {}
+        self._keys = iter(range(2**62))
+
+    def add(self, prompt: str | Sequence[int], max_new_tokens: int = 20, **options) -> Generation:
+        """Start a generation (options as `Generator.generate`: temperature, top_k, top_p,
+        seed, stop): its prompt is prefilled now and its first token picked; it goes on with
+        every `step` until it stops. Returns its `Generation`, which fills as it goes."""
+        request = self.prompts.request(prompt, max_new_tokens, **options)
+        self.start(request)
+        return request.result
+
+    def start(self, request: Request) -> tuple[int, Token]:
+        """Start a checked `Request` (see `Prompts.request`): its key while it runs (in
+        `active`, and in what `step` returns), and its first token."""
+        key = next(self._keys)
+        begin = time.perf_counter()
+        logits = self.sequences.open(key, request.result.prompt)
+        token = request.take(logits[-1], time.perf_counter() - begin)
+        if request.done:
+            self.sequences.close(key)
+        else:
+            self.active[key], self.next_token[key] = request, token.id
+        return key, token
+
+    def step(self) -> list[tuple[int, Token]]:
+        """Advance every active generation by one token; the tokens made, by key (a
+        generation whose token was its last has left `active`)."""
+        if not self.active:
+            return []
+        begin = time.perf_counter()
+        # In slot order, so the row step reads the pool's first rows as they are.
+        keys = list(self.sequences.order)
+        logits = self.sequences.feed({key: [self.next_token[key]] for key in keys})
+        seconds = time.perf_counter() - begin
+        made = []
+        for key in keys:
+            request = self.active[key]
+            token = request.take(logits[key][-1], seconds)
+            made.append((key, token))
+            if request.done:
+                self.cancel(key)
+            else:
+                self.next_token[key] = token.id
         return made
+
+    def cancel(self, key: int) -> None:
+        """Stop a generation now (finished, or its client went away) and free its state."""
+        del self.active[key], self.next_token[key]
+        self.sequences.close(key)
 
     def generate_many(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 20,
                       **options) -> list[Generation]:
@@ -131,50 +260,6 @@ class Batcher:
         while self.active:
             self.step()
         return results
-
-    def _close_chunk(self, row: int) -> np.ndarray:
-        """Feed a row's token that closes its chunk through the decode step (it needs the
-        row's finished chunks); append the finished chunk, reset the row's cache."""
-        sequence, fill = self.active[row], self.chunk_size - 1
-        past = dict(sequence.chunks)
-        for name, pool in self.pool.items():
-            entry = pool[row:row + 1]
-            past[self.past[name]] = entry.take(range(fill), axis=self.token_axis[name]) \
-                if name in self.token_axis else entry
-        outputs = self.generator.runner.infer({self.spec.tokens.name: np.array([[sequence.next_token]], np.int64),
-                                               **past})
-        past = advance_state(past, outputs, self.spec.state.append_axis)
-        sequence.chunks = {n: past[n] for n in sequence.chunks}
-        for name, past_name in self.past.items():
-            self._write(name, row, past[past_name][0])
-        return outputs[self.generator.logits][0, -1]
-
-    def _write(self, name: str, slot: int, value: np.ndarray) -> None:
-        """A row's cache entry into its pool slot (the current chunk's rows first)."""
-        if name in self.token_axis:
-            axis = self.token_axis[name] - 1  # the pool slot holds one row: no batch axis
-            index = [slice(None)] * value.ndim
-            index[axis] = slice(0, value.shape[axis])
-            self.pool[name][slot][tuple(index)] = value
-        else:
-            self.pool[name][slot] = value
-
-    def _slot(self) -> int:
-        """The pool slot of a joining sequence (the pool doubles when full)."""
-        slot = len(self.active)
-        for name, pool in self.pool.items():
-            if slot == pool.shape[0]:
-                self.pool[name] = np.concatenate([pool, np.zeros_like(pool)])
-        return slot
-
-    def _leave(self, row: int) -> None:
-        """Drop a finished sequence: the last active one moves into its slot."""
-        last = len(self.active) - 1
-        if row != last:
-            for pool in self.pool.values():
-                pool[row] = pool[last]
-        self.active[row] = self.active[last]
-        self.active.pop()
 
 
 def load_batcher(export_dir: str | Path, threads: int | None = None) -> Batcher:

@@ -9,7 +9,8 @@ import functools
 import torch
 
 from bsbr_export.model.graphs import export_graph
-from bsbr_export.model.spec import ModelSpec, spec_for
+from bsbr_export.model.probe import spec_for
+from bsbr_export.model.spec import ModelSpec
 from bsbr_export.runtime.base import ModuleRunner
 
 

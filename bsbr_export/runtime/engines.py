@@ -16,7 +16,7 @@ from bsbr_export.formats import FORMATS, artifact_name
 from bsbr_export.machine import bf16_missing
 from bsbr_export.manifest import manifest_spec, read_manifest
 from bsbr_export.model.sources import rebuild
-from bsbr_export.runtime import open_artifact
+from bsbr_export.runtime.artifacts import open_artifact
 from bsbr_export.runtime.base import Runner, cuda_missing
 from bsbr_export.runtime.eager import AutocastRunner, CompiledRunner, EagerRunner
 from bsbr_export.runtime.onnx import available_providers

@@ -33,7 +33,7 @@ from bsbr_export.manifest import MANIFEST
 ENV_VAR = "BSBR_TRITON_ENV"
 # --no-deps: the wheel's dependencies serve PyTriton's Python API, which is not used here;
 # the server binary brings its own libraries.
-INSTALL = ('python3 -m venv .venv-triton && .venv-triton/bin/pip install "numpy<2" onnxruntime && '
+INSTALL = ('python3 -m venv .venv-triton && .venv-triton/bin/pip install "numpy<2" onnxruntime tokenizers && '
            '.venv-triton/bin/pip install --no-deps "nvidia-pytriton==0.7.0"')
 START_TIMEOUT_S = 60.0
 # On SIGTERM, Triton waits this long for in-flight work (open sequences count) before exiting;

@@ -7,9 +7,17 @@
   of a sequence (implicit state, `sequence_batching.state`);
 - `<model>_python`: the full-sequence graph on Triton's Python backend (onnxruntime
   inside `model.py`), for servers that only have that backend;
-- `<model>_streaming_python` (with a streaming export): the decode graph on the Python
-  backend, which keeps each sequence's state itself and appends finished chunks, so a
-  token costs the same at any context length (see `triton_model.py`).
+- `<model>_streaming_python` (with a streaming export): the step model on the Python
+  backend behind the sequence batcher's "oldest" strategy, which keeps each sequence's
+  state itself: the one-token requests of the sequences in one call go through one
+  row-step call (`runtime.batching.Sequences`; the decode graph alone, one sequence at a
+  time, for exports without a row step), so a token costs the same at any context length;
+- `<model>_generate` (with a row step): a prompt in, tokens streamed back as they are
+  made, all running generations advanced together (in-flight batching), with the tensor
+  names of Triton's vLLM backend (`text_input`, `max_tokens`, `sampling_parameters`,
+  `stream`, `exclude_input_in_output` -> `text_output`), so `generate_stream` works.
+The `rows` and `generate` models carry the torch-free modules of this package they run
+(`1/bsbr_export/`) and their graphs with a manifest of them (`1/export/`); see `triton_model.py`.
 Names, dtypes and dims are read from the ONNX graphs themselves, and the state's from the
 export's manifest, so the configs cannot drift from them.
 """
@@ -21,6 +29,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +38,7 @@ import onnx
 
 from bsbr_export.errors import UserError
 from bsbr_export.io import atomic_dir
-from bsbr_export.manifest import read_manifest
+from bsbr_export.manifest import MANIFEST, read_manifest
 from bsbr_export.model.spec import ModelSpec
 from bsbr_export.model.usercode import export_name
 
@@ -38,8 +48,16 @@ MAX_BATCH_SIZE = 8
 IDLE_SECONDS = 60
 # The Python-backend model.py: this package's triton_model.py, copied.
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
-# Streaming sequences one Python-backend instance keeps open at once (Triton queues more).
+# Streaming sequences (or generations) one Python-backend instance keeps open at once;
+# past it, a new one gets an error response.
 MAX_SEQUENCES = 1024
+# The state those sequences may hold together, and the longest prompt a generation takes.
+MAX_STATE_BYTES = 4 << 30
+MAX_PROMPT_TOKENS = 65536
+# What the rows / generate models run: this module and the package modules it imports.
+SERVING_MODULE = "bsbr_export.runtime.batching"
+ROWS_GRAPH, DECODE_GRAPH = "model.rows.onnx", "model.decode.onnx"
+TOKENIZER_FILE = "tokenizer.json"
 # ONNX element type name -> Triton data type (the ones an export can hold).
 TRITON_TYPES = {
     "FLOAT": "TYPE_FP32",
@@ -114,27 +132,63 @@ def write_triton_repo(
         streaming = f"{name}_streaming"
         config = streaming_config(streaming, export_dir / "model.streaming.onnx", manifest["state"])
         models[streaming] = (artifacts["model.streaming.onnx"], config, False)
-    if "model.decode.onnx" in artifacts:
+    limits = {"max_sequences": MAX_SEQUENCES, "max_state_bytes": MAX_STATE_BYTES,
+              "max_prompt_tokens": MAX_PROMPT_TOKENS}
+    if ROWS_GRAPH in artifacts:
+        step = f"{name}_streaming_python"
+        models[step] = (None, rows_config(step, export_dir / DECODE_GRAPH, idle_seconds, limits), True)
+        generate = f"{name}_generate"
+        models[generate] = (None, generate_config(generate, limits), True)
+    elif DECODE_GRAPH in artifacts:
         streaming = f"{name}_streaming_python"
-        config = python_decode_config(streaming, export_dir / "model.decode.onnx", manifest["state"], vocab_size,
+        config = python_decode_config(streaming, export_dir / DECODE_GRAPH, manifest["state"], vocab_size,
                                       idle_seconds)
-        models[streaming] = (artifacts["model.decode.onnx"], config, True)
-
+        models[streaming] = (artifacts[DECODE_GRAPH], config, True)
     # Stage every model before publishing any: a failure leaves the repository as it was.
     with contextlib.ExitStack() as stack:
         for model, (artifact, config, python) in models.items():
             tmp = stack.enter_context(atomic_dir(repo_dir / model, overwrite=overwrite))
             version = tmp / "1"
             version.mkdir()
-            for file in artifact["files"]:
-                # Triton's ONNX Runtime backend loads `model.onnx`; external weights keep
-                # their name, since the graph refers to them by it. model.py is told the name.
-                target = "model.onnx" if file == artifact["name"] and not python else file
-                shutil.copyfile(export_dir / file, version / target)
+            if artifact is None:  # a model that runs runtime.batching over the export's step graphs
+                copy_serving_package(version)
+                write_serving_export(export_dir, manifest, version / "export")
+            else:
+                for file in artifact["files"]:
+                    # Triton's ONNX Runtime backend loads `model.onnx`; external weights keep
+                    # their name, since the graph refers to them by it. model.py is told the name.
+                    target = "model.onnx" if file == artifact["name"] and not python else file
+                    shutil.copyfile(export_dir / file, version / target)
             if python:
                 shutil.copyfile(PYTHON_MODEL, version / "model.py")
             (tmp / "config.pbtxt").write_text(config)
     return repo_dir
+
+
+def copy_serving_package(target: Path) -> None:
+    """Copy the modules of this package that `SERVING_MODULE` imports into
+    `target/bsbr_export/` (found by importing it in a fresh interpreter; none of them
+    imports torch, which import-linter keeps so)."""
+    code = ("import sys, importlib; importlib.import_module(sys.argv[1]); print('\\n'.join(sorted("
+            "m.__file__ for n, m in list(sys.modules.items()) if n.split('.')[0] == 'bsbr_export')))")
+    done = subprocess.run([sys.executable, "-c", code, SERVING_MODULE], capture_output=True, text=True, check=True)
+    root = Path(__file__).resolve().parents[1]  # the bsbr_export package
+    for file in done.stdout.split():
+        path = Path(file).resolve()
+        copy = target / "bsbr_export" / path.relative_to(root)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy)
+
+
+def write_serving_export(export_dir: Path, manifest: dict, target: Path) -> None:
+    """The decode and row graphs (and a tokenizer.json) of an export, in `target` with a
+    manifest that lists just them (with their sha256, checked when the model loads)."""
+    target.mkdir()
+    artifacts = [a for a in manifest["artifacts"] if a["name"] in (ROWS_GRAPH, DECODE_GRAPH)]
+    checkpoint = {n: r for n, r in manifest.get("checkpoint", {}).items() if n == TOKENIZER_FILE}
+    for file in [*checkpoint, *(f for a in artifacts for f in a["files"])]:
+        shutil.copyfile(export_dir / file, target / file)
+    (target / MANIFEST).write_text(json.dumps({**manifest, "artifacts": artifacts, "checkpoint": checkpoint}, indent=2))
 
 
 def logits_config(name: str, path: Path, backend: str = "onnxruntime") -> str:
@@ -228,6 +282,64 @@ def python_decode_config(name: str, path: Path, state: dict, vocab_size: int, id
         *_io("input", [t for t in inputs if t.name not in state["inputs"]], True),
         *_io("output", [outputs[0], opened], True),
         "instance_group [ { kind: KIND_CPU, count: 1 } ]",
+        *_sequence_batching(idle_seconds),
+        *_parameters({"mode": "decode", "onnx_file": path.name, "vocab_size": vocab_size,
+                      "idle_seconds": idle_seconds, "state_shapes": json.dumps(state["inputs"])}),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def rows_config(name: str, decode_path: Path, idle_seconds: int, limits: dict) -> str:
+    """config.pbtxt of the step model over `runtime.batching.Sequences` (mode `rows`).
+
+    The protocol of `python_decode_config` (input_ids of batch 1 per request, the sequence
+    batcher's START / END / CORRID, logits and open_sequences out); the "oldest" strategy
+    hands one `execute` the requests of up to max_batch_size sequences, whose one-token
+    requests then run as one row-step call.
+    """
+    inputs, outputs = graph_tensors(decode_path)
+    tokens = next(t for t in inputs if not t.name.startswith("past."))
+    opened = TensorSpec("open_sequences", "TYPE_INT64", (-1, 1))
+    lines = [
+        *_header(name, decode_path, "python"),
+        f"max_batch_size: {MAX_BATCH_SIZE}",
+        *_io("input", [tokens], True),
+        *_io("output", [outputs[0], opened], True),
+        "instance_group [ { kind: KIND_CPU, count: 1 } ]",
+        *_sequence_batching(idle_seconds),
+        *_parameters({"mode": "rows", "idle_seconds": idle_seconds, **limits}),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def generate_config(name: str, limits: dict) -> str:
+    """config.pbtxt of the generate model (mode `generate`): decoupled, so one request gets
+    a response per token; inputs and outputs named as Triton's vLLM backend's, plus
+    `input_ids` (a prompt as token ids) and `output_ids` (the new tokens' ids)."""
+    optional = [("text_input", "TYPE_STRING", 1), ("input_ids", "TYPE_INT64", -1), ("max_tokens", "TYPE_INT32", 1),
+                ("sampling_parameters", "TYPE_STRING", 1), ("stream", "TYPE_BOOL", 1),
+                ("exclude_input_in_output", "TYPE_BOOL", 1)]
+    lines = [
+        f"# Written by bsbr-export: in-flight batching over {ROWS_GRAPH} and {DECODE_GRAPH} (1/export/).",
+        f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
+        "model_transaction_policy { decoupled: true }",
+        "input [",
+        ",\n".join(f'  {{ name: "{n}", data_type: {t}, dims: [ {d} ], optional: true }}' for n, t, d in optional),
+        "]",
+        "output [",
+        '  { name: "text_output", data_type: TYPE_STRING, dims: [ -1 ] },',
+        '  { name: "output_ids", data_type: TYPE_INT64, dims: [ -1 ] }',
+        "]",
+        "instance_group [ { kind: KIND_CPU, count: 1 } ]",
+        *_parameters({"mode": "generate", **limits}),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _sequence_batching(idle_seconds: int) -> list[str]:
+    """The sequence batcher's "oldest" strategy: any number of sequences interleave on one
+    instance, told apart by the CORRID control input; their states never leave model.py."""
+    return [
         "sequence_batching {",
         f"  max_sequence_idle_microseconds: {idle_seconds * 1_000_000}",
         f"  oldest {{ max_candidate_sequences: {MAX_SEQUENCES}, max_queue_delay_microseconds: 0 }}",
@@ -237,10 +349,7 @@ def python_decode_config(name: str, path: Path, state: dict, vocab_size: int, id
         '    { name: "CORRID", control [ { kind: CONTROL_SEQUENCE_CORRID, data_type: TYPE_UINT64 } ] }',
         "  ]",
         "}",
-        *_parameters({"mode": "decode", "onnx_file": path.name, "vocab_size": vocab_size,
-                      "idle_seconds": idle_seconds, "state_shapes": json.dumps(state["inputs"])}),
     ]
-    return "\n".join(lines) + "\n"
 
 
 def _header(name: str, path: Path, backend: str) -> list[str]:

@@ -1,30 +1,45 @@
 """The `model.py` of bsbr-export's Triton Python-backend models (copied into each one).
 
-It runs inside Triton's Python backend stub, in the serving venv (numpy < 2 and
-onnxruntime; not this package), so it imports nothing from bsbr_export. The bsbr-export
-package never imports it: `triton.write_triton_repo` copies it as `1/model.py`.
+It runs inside Triton's Python backend stub, in the serving venv (numpy < 2, onnxruntime
+and tokenizers; no torch). The bsbr-export package never imports it:
+`triton.write_triton_repo` copies it as `1/model.py`, and for the `rows` and `generate`
+models also the torch-free modules it runs (`runtime.batching` and what that imports) as
+`1/bsbr_export/`, with the export's graphs and manifest in `1/export/`, so the model runs
+the code of the bsbr-export that wrote it.
 
-Two models share it; the config picks which (`parameters { key: "mode" }`):
+The config picks the mode (`parameters { key: "mode" }`):
 - `full`: `model.onnx`, input_ids + attention_mask -> logits, one session run per request.
-- `decode`: `model.decode.onnx` behind Triton's sequence batcher (START / END / CORRID
-  control inputs). This model keeps each sequence's state itself, in a dict keyed by
-  correlation id, because Triton's implicit state does not reach Python-backend models
-  (it feeds zeros). A decode step returns the current chunk's `present.*` (replacing
-  the held one) and the `new.*` rows of the chunks it finished (usually none), which are
-  appended; nothing copies the finished chunks on a token that finishes none, so a token
-  costs the same at any context length. END frees the sequence's state; a sequence idle
-  for longer than `idle_seconds` is dropped (Triton forgets it after the same timeout).
+- `rows`: the step model behind Triton's sequence batcher (START / END / CORRID control
+  inputs, the "oldest" strategy, so one `execute` gets several sequences' requests). The
+  sequences' states live here (Triton's implicit state does not reach Python-backend
+  models), in a `runtime.batching.Sequences`: every request of one token that leaves its
+  chunk open goes into one row-step call; a prompt, several tokens, or a token that closes
+  a chunk go through the decode step. END frees the state; a sequence idle for longer than
+  `idle_seconds` is dropped (Triton forgets it after the same timeout).
+- `decode`: the same protocol for exports without a row step: each request one decode
+  call, on a state kept as the decode step returns it (finished chunks appended).
+- `generate` (decoupled): a prompt in, tokens streamed out as they are made, every running
+  generation advanced by one row-step call per iteration of a loop thread (in-flight
+  batching, `runtime.batching.Batcher`); tensor names as Triton's vLLM backend.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import sys
+import threading
 import time
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# vLLM's sampling_parameters keys this model reads (others are refused by name).
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids")
+DEFAULT_MAX_TOKENS = 16  # vLLM's default
 
 
 class TritonPythonModel:
@@ -33,60 +48,149 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.mode = params["mode"]
-        self.vocab_size = int(params["vocab_size"])
-        self.idle_seconds = float(params.get("idle_seconds", "0"))
-        self.state_shapes = json.loads(params.get("state_shapes", "{}"))
-        options = ort.SessionOptions()
-        # Triton runs other models beside this one; idle ORT threads must not spin on its cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        path = os.path.join(args["model_repository"], args["model_version"], params["onnx_file"])
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.sequences: dict[int, dict[str, np.ndarray]] = {}  # correlation id -> past.* arrays
-        self.last_used: dict[int, float] = {}
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        modes = {"full": FullModel, "decode": DecodeModel, "rows": RowsModel, "generate": GenerateModel}
+        self.model = modes[params["mode"]](version_dir, params)
 
-    def execute(self, requests: list) -> list:
-        step = self._decode if self.mode == "decode" else self._full
-        if self.mode == "decode":
-            self._drop_idle()
-        responses = []
-        for request in requests:
-            # One bad request gets its own error; the others in the batch are still served.
-            try:
-                responses.append(step(request))
-            except RequestError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
-        return responses
+    def execute(self, requests: list) -> list | None:
+        return self.model.execute(requests)
 
     def finalize(self) -> None:
-        self.sequences.clear()
+        self.model.finalize()
 
-    def _ids(self, request) -> np.ndarray:
-        ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise RequestError(f"input_ids must be [batch, tokens] with at least one token, got shape {list(ids.shape)}")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise RequestError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
-        return ids
 
-    def _full(self, request):
-        ids = self._ids(request)
+class RequestError(Exception):
+    """What was wrong with one request: sent back to its client as the response's error."""
+
+
+def error_response(message: str):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+
+
+def serve_each(requests: list, respond) -> list:
+    """`respond(request)` for each request; one bad request gets its own error and the
+    others are still served."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(respond(request))
+        except RequestError as exc:
+            responses.append(error_response(str(exc)))
+    return responses
+
+
+def session(path: str):
+    options = ort.SessionOptions()
+    # Triton runs other models beside this one; idle ORT threads must not spin on its cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def input_ids(request, vocab_size: int) -> np.ndarray:
+    ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise RequestError(f"input_ids must be [batch, tokens] with at least one token, got shape {list(ids.shape)}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise RequestError(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    return ids
+
+
+def control(request, name: str) -> int:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise RequestError(f"{name} control input missing: send the request as part of a sequence (sequence_id)")
+    return int(tensor.as_numpy().reshape(-1)[0])
+
+
+def not_open(sequence: int, idle_seconds: float) -> RequestError:
+    return RequestError(f"sequence {sequence} is not open here (ended, idle for over {idle_seconds:g} s, never "
+                        "started, or the server restarted since): send its first request with sequence_start")
+
+
+def import_bsbr_export():
+    """The bsbr_export modules copied beside this file (the version that wrote the model)."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    from bsbr_export.errors import UserError
+    from bsbr_export.runtime import batching
+
+    return batching, UserError
+
+
+def log(message: str) -> None:
+    pb_utils.Logger.log_info(message)
+
+
+class FullModel:
+    """The full-sequence graph, one session run per request."""
+
+    def __init__(self, version_dir: str, params: dict) -> None:
+        self.vocab_size = int(params["vocab_size"])
+        self.session = session(os.path.join(version_dir, params["onnx_file"]))
+        self.logits = self.session.get_outputs()[0].name
+
+    def execute(self, requests: list) -> list:
+        return serve_each(requests, self._respond)
+
+    def _respond(self, request):
+        ids = input_ids(request, self.vocab_size)
         mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()  # Triton requires it
         if mask.shape != ids.shape:
             raise RequestError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: they must match")
-        (logits,) = self.session.run(self.output_names[:1], {"input_ids": ids, "attention_mask": mask})
-        return pb_utils.InferenceResponse([pb_utils.Tensor(self.output_names[0], logits)])
+        (logits,) = self.session.run([self.logits], {"input_ids": ids, "attention_mask": mask})
+        return pb_utils.InferenceResponse([pb_utils.Tensor(self.logits, logits)])
 
-    def _decode(self, request):
-        ids = self._ids(request)  # of batch 1: Triton's sequence batcher refuses any other
-        start, end = (bool(_control(request, name)) for name in ("START", "END"))
-        sequence = int(_control(request, "CORRID"))
+    def finalize(self) -> None:
+        pass
+
+
+class Expiry:
+    """When each open sequence was last used; those idle for over `seconds` are dropped."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.last_used: dict[int, float] = {}
+
+    def touch(self, sequence: int) -> None:
+        self.last_used[sequence] = time.monotonic()
+
+    def forget(self, sequence: int) -> None:
+        self.last_used.pop(sequence, None)
+
+    def idle(self) -> list[int]:
+        """The sequences idle for too long, now forgotten here."""
+        if self.seconds <= 0:
+            return []
+        now = time.monotonic()
+        idle = [s for s, t in self.last_used.items() if now - t > self.seconds]
+        for sequence in idle:
+            del self.last_used[sequence]
+        return idle
+
+
+class DecodeModel:
+    """The decode graph on one sequence per call (exports without a row step)."""
+
+    def __init__(self, version_dir: str, params: dict) -> None:
+        self.vocab_size = int(params["vocab_size"])
+        self.state_shapes = json.loads(params["state_shapes"])
+        self.session = session(os.path.join(version_dir, params["onnx_file"]))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.sequences: dict[int, dict[str, np.ndarray]] = {}  # correlation id -> past.* arrays
+        self.expiry = Expiry(float(params.get("idle_seconds", "0")))
+
+    def execute(self, requests: list) -> list:
+        for sequence in self.expiry.idle():
+            self.sequences.pop(sequence, None)
+        return serve_each(requests, self._respond)
+
+    def _respond(self, request):
+        ids = input_ids(request, self.vocab_size)  # of batch 1: Triton's sequence batcher refuses any other
+        start, end, sequence = control(request, "START"), control(request, "END"), control(request, "CORRID")
         if start:
             self.sequences[sequence] = self._empty_state()
         elif sequence not in self.sequences:
-            raise RequestError(f"sequence {sequence} is not open here (ended, idle for over {self.idle_seconds:g} s, "
-                               "or never started): send its first request with sequence_start")
+            raise not_open(sequence, self.expiry.seconds)
         past = self.sequences[sequence]
         outputs = self.session.run(self.output_names, {"input_ids": ids, **past})
         for name, value in zip(self.output_names[1:], outputs[1:]):
@@ -97,9 +201,9 @@ class TritonPythonModel:
                 past[key] = np.concatenate([past[key], value], axis=2)
         if end:
             del self.sequences[sequence]
-            self.last_used.pop(sequence, None)
+            self.expiry.forget(sequence)
         else:
-            self.last_used[sequence] = time.monotonic()
+            self.expiry.touch(sequence)
         held = np.array([[len(self.sequences)]], dtype=np.int64)  # [batch 1, 1]
         return pb_utils.InferenceResponse([pb_utils.Tensor(self.output_names[0], outputs[0]),
                                            pb_utils.Tensor("open_sequences", held)])
@@ -109,21 +213,223 @@ class TritonPythonModel:
         return {name: np.zeros([1 if d == "batch" else 0 if isinstance(d, str) else d for d in shape], np.float32)
                 for name, shape in self.state_shapes.items()}
 
-    def _drop_idle(self) -> None:
-        if self.idle_seconds <= 0:
-            return
-        now = time.monotonic()
-        for sequence in [s for s, t in self.last_used.items() if now - t > self.idle_seconds]:
-            self.sequences.pop(sequence, None)
-            del self.last_used[sequence]
+    def finalize(self) -> None:
+        self.sequences.clear()
 
 
-class RequestError(Exception):
-    """What was wrong with one request: sent back to its client as the response's error."""
+class Limits:
+    """How many sequences, and how many bytes of their state, a model holds at once."""
+
+    def __init__(self, params: dict, sequences) -> None:
+        self.max_sequences = int(params["max_sequences"])
+        self.max_state_bytes = int(params["max_state_bytes"])
+        self.max_prompt_tokens = int(params["max_prompt_tokens"])
+        self.sequences = sequences
+        per = {n: sequences.state_bytes(position=n) for n in (0, 4096, 65536)}
+        log(f"state per sequence: {per[0]} bytes at 0 tokens, {per[4096]} at 4096, {per[65536]} at 65536; "
+            f"at most {self.max_sequences} sequences and {self.max_state_bytes} state bytes")
+
+    def check_open(self, tokens: int, final_tokens: int, held_bytes: int) -> None:
+        """Refuse a new sequence of `tokens` prompt tokens (`final_tokens` when it ends) when
+        it would pass a limit."""
+        if tokens > self.max_prompt_tokens:
+            raise RequestError(f"the prompt has {tokens} tokens, over this model's max_prompt_tokens "
+                               f"({self.max_prompt_tokens})")
+        if len(self.sequences) >= self.max_sequences:
+            raise RequestError(f"{len(self.sequences)} sequences are open, this model's max_sequences: "
+                               "retry when one ends")
+        needed = self.sequences.state_bytes(position=final_tokens)
+        if held_bytes + needed > self.max_state_bytes:
+            raise RequestError(f"the open sequences hold {held_bytes} state bytes; this one needs {needed} more, "
+                               f"over this model's max_state_bytes ({self.max_state_bytes}): retry when one ends")
 
 
-def _control(request, name: str) -> int:
+class RowsModel:
+    """The step model over `Sequences`: one row-step call for a batch's one-token requests."""
+
+    def __init__(self, version_dir: str, params: dict) -> None:
+        batching, self.UserError = import_bsbr_export()
+        self.sequences = batching.Sequences(os.path.join(version_dir, "export"))
+        self.vocab_size = self.sequences.spec.tokens.high
+        self.limits = Limits(params, self.sequences)
+        self.expiry = Expiry(float(params.get("idle_seconds", "0")))
+
+    def execute(self, requests: list) -> list:
+        for sequence in self.expiry.idle():
+            if sequence in self.sequences:
+                self.sequences.close(sequence)
+        responses: list = [None] * len(requests)
+        feeds, ends = {}, {}  # correlation id -> its tokens / (request index, END)
+        for i, request in enumerate(requests):
+            try:
+                ids = input_ids(request, self.vocab_size)[0]
+                start, end, sequence = control(request, "START"), control(request, "END"), control(request, "CORRID")
+                if start:
+                    if sequence in self.sequences:  # a new sequence reusing an id starts afresh
+                        self.sequences.close(sequence)
+                    held = sum(self.sequences.state_bytes(s) for s in self.sequences.held)
+                    self.limits.check_open(len(ids), len(ids), held)
+                    responses[i] = self.sequences.open(sequence, ids.tolist())
+                elif sequence not in self.sequences:
+                    raise not_open(sequence, self.expiry.seconds)
+                else:
+                    feeds[sequence] = ids.tolist()
+                ends[sequence] = (i, end)
+            except (RequestError, self.UserError) as exc:
+                responses[i] = error_response(str(exc))
+        if feeds:
+            for sequence, logits in self.sequences.feed(feeds).items():
+                responses[ends[sequence][0]] = logits
+        for sequence, (i, end) in ends.items():
+            if end:
+                self.sequences.close(sequence)
+                self.expiry.forget(sequence)
+            else:
+                self.expiry.touch(sequence)
+        held = np.array([[len(self.sequences)]], dtype=np.int64)
+        logits_name = self.sequences.logits
+        return [r if not isinstance(r, np.ndarray) else
+                pb_utils.InferenceResponse([pb_utils.Tensor(logits_name, r[None].astype(np.float32)),
+                                            pb_utils.Tensor("open_sequences", held)]) for r in responses]
+
+    def finalize(self) -> None:
+        pass
+
+
+def optional_input(request, name: str):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        raise RequestError(f"{name} control input missing: send the request as part of a sequence (sequence_id)")
-    return int(tensor.as_numpy().reshape(-1)[0])
+    return None if tensor is None else tensor.as_numpy().reshape(-1)
+
+
+def text_of(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class Job:
+    """A generation request on its way: its checked request, how to answer, its sender."""
+
+    def __init__(self, request, sender, stream: bool, prefix: str) -> None:
+        self.request, self.sender, self.stream, self.prefix = request, sender, stream, prefix
+
+
+class GenerateModel:
+    """In-flight batching behind Triton's decoupled mode: `execute` checks each request and
+    queues it; a loop thread starts queued generations and advances all running ones by one
+    `Batcher.step` per iteration, sending each token as a response as it is made."""
+
+    def __init__(self, version_dir: str, params: dict) -> None:
+        batching, self.UserError = import_bsbr_export()
+        self.batcher = batching.Batcher(os.path.join(version_dir, "export"))
+        self.limits = Limits(params, self.batcher.sequences)
+        self.queued: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs: dict[int, Job] = {}  # batcher key -> its job
+        self.stopping = threading.Event()
+        self.loop = threading.Thread(target=self._run, name="bsbr-generate", daemon=True)
+        self.loop.start()
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self.queued.put(self._job(request, sender))
+            except (RequestError, self.UserError) as exc:
+                sender.send(error_response(str(exc)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def finalize(self) -> None:
+        self.stopping.set()
+        self.loop.join(timeout=10)
+
+    def _job(self, request, sender) -> Job:
+        """A request's checked `Job` (vLLM's tensor names), or a RequestError saying what is wrong."""
+        text = optional_input(request, "text_input")
+        ids = optional_input(request, "input_ids")
+        if (text is None) == (ids is None):
+            raise RequestError("send the prompt as text_input or as input_ids (one of them)")
+        raw = optional_input(request, "sampling_parameters")
+        try:
+            sampling = json.loads(text_of(raw[0])) if raw is not None and len(raw) else {}
+        except ValueError as exc:
+            raise RequestError(f"sampling_parameters is not JSON: {exc}") from None
+        if not isinstance(sampling, dict):
+            raise RequestError("sampling_parameters must be a JSON object")
+        unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+        if unknown:
+            raise RequestError(f"unknown sampling parameter {unknown[0]!r}: this model reads {', '.join(SAMPLING_KEYS)}")
+        max_tokens = optional_input(request, "max_tokens")
+        max_tokens = int(max_tokens[0]) if max_tokens is not None else sampling.get("max_tokens", DEFAULT_MAX_TOKENS)
+        stop = sampling.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        top_k = sampling.get("top_k")
+        options = {"temperature": sampling.get("temperature", 0.0),
+                   "top_k": None if top_k in (None, -1, 0) else top_k,  # vLLM: -1 (or 0) means all
+                   "top_p": sampling.get("top_p"), "seed": sampling.get("seed", 0),
+                   "stop": stop + list(sampling.get("stop_token_ids") or [])}
+        prompt = text_of(text[0]) if text is not None else [int(i) for i in ids]
+        checked = self.batcher.prompts.request(prompt, max_tokens, **options)
+        stream = optional_input(request, "stream")
+        exclude = optional_input(request, "exclude_input_in_output")
+        streaming = True if stream is None else bool(stream[0])
+        prefix = prompt if isinstance(prompt, str) and not streaming and not (exclude is not None and exclude[0]) else ""
+        return Job(checked, sender, streaming, prefix)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                # Block while nothing runs; else take what queued since the last step.
+                job = self.queued.get(timeout=0.1) if not self.batcher.active else self.queued.get_nowait()
+            except queue.Empty:
+                job = None
+            while job is not None:
+                self._start(job)
+                try:
+                    job = self.queued.get_nowait()
+                except queue.Empty:
+                    job = None
+            for key in [k for k, j in self.jobs.items() if j.sender.is_cancelled()]:
+                self._drop(key)  # the client went away: free its slot now
+            for key, token in self.batcher.step():
+                self._send(key, token)
+
+    def _start(self, job: Job) -> None:
+        prompt = job.request.result.prompt
+        try:
+            held = sum(self.batcher.sequences.state_bytes(k) for k in self.batcher.sequences.held)
+            self.limits.check_open(len(prompt), len(prompt) + job.request.max_new_tokens, held)
+            key, token = self.batcher.start(job.request)
+        except (RequestError, self.UserError) as exc:
+            job.sender.send(error_response(str(exc)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        self.jobs[key] = job
+        self._send(key, token)
+
+    def _send(self, key: int, token) -> None:
+        job = self.jobs[key]
+        done = job.request.done
+        if job.stream:
+            response = self._response(token.text, [token.id])
+        elif done:
+            result = job.request.result
+            response = self._response(job.prefix + result.text, result.ids)
+        else:
+            response = None
+        try:
+            if response is not None:
+                job.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if done else 0)
+        except Exception:  # the client is gone (Triton raises its own error types)
+            done = True
+            if key in self.batcher.active:
+                self.batcher.cancel(key)
+        if done:
+            del self.jobs[key]
+
+    def _drop(self, key: int) -> None:
+        self.batcher.cancel(key)
+        del self.jobs[key]
+
+    @staticmethod
+    def _response(text: str, ids: list[int]):
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int64)),
+        ])

@@ -48,7 +48,7 @@ def test_decode_package_rolls_out_like_eager_from_an_empty_state(aoti_export, ba
     from no past chunks (0 and 1 past chunks, and steps finishing 0, 1 and 2 chunks, are
     what the example never had), at batches other than the example's."""
     from bsbr_export.model.graphs import flatten_state
-    from bsbr_export.model.spec import spec_for
+    from bsbr_export.model.probe import spec_for
     from bsbr_export.runtime.state import advance_state
 
     out, _ = aoti_export
@@ -166,7 +166,7 @@ def test_streaming_step_exports_without_guards(kind, make):
 
     from bsbr_export.export.aoti import dynamic_program as export_program
     from bsbr_export.export.examples import graph_axes
-    from bsbr_export.model.spec import spec_for
+    from bsbr_export.model.probe import spec_for
 
     model = make().eval()
     program = export_program(model, kind=kind)

@@ -16,7 +16,7 @@ from bsbr_export.export.onnx import export_onnx
 from bsbr_export.export.torchscript import check_trace, export_torchscript
 from bsbr_export.formats import FORMATS, artifact_name, export_jobs
 from bsbr_export.model.graphs import FullGraph, flatten_state
-from bsbr_export.model.spec import spec_for
+from bsbr_export.model.probe import spec_for
 from bsbr_export.runtime.onnx import OnnxRunner
 
 C = 8  # bsbr-tiny's chunk size
@@ -320,7 +320,7 @@ def test_writers_table_covers_every_format_and_old_paths_warn():
     """Every row of the format table has a writer and a runner; the module paths the
     README named before the stages were layered still work, with a DeprecationWarning."""
     from bsbr_export.export import onnx, writers
-    from bsbr_export.runtime import RUNNERS
+    from bsbr_export.runtime.artifacts import RUNNERS
 
     assert set(writers.WRITERS) == set(FORMATS) == set(RUNNERS)
     with pytest.warns(DeprecationWarning, match="moved to bsbr_export.export.onnx.export_onnx"):

@@ -37,7 +37,7 @@ def eager_outputs(module, spec, feeds):
 
 
 def feeds_for(spec, batch, length, seed):
-    from bsbr_export.model.spec import example_inputs
+    from bsbr_export.model.probe import example_inputs
 
     return {k: v.numpy() for k, v in example_inputs(spec, batch, length, seed=seed).items()}
 

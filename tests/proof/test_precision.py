@@ -9,7 +9,7 @@ import torch
 from conftest import random_ids, run_cli
 
 from bsbr_export import load_model
-from bsbr_export.model.spec import spec_for
+from bsbr_export.model.probe import spec_for
 from bsbr_export.proof.precision import choose_fp32, module_groups
 from bsbr_export.runtime.eager import AutocastRunner, EagerRunner, autocast_bf16
 from bsbr_export.runtime.openvino import OpenVinoRunner, openvino_missing

@@ -3,12 +3,14 @@ for every sequence, exactly what it generates alone, whatever joins and leaves a
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import prompt_of
 
 from bsbr_export.errors import UserError
-from bsbr_export.runtime.batching import load_batcher
+from bsbr_export.runtime.batching import Sequences, load_batcher
 from bsbr_export.runtime.generate import load_generator
+from bsbr_export.runtime.onnx import OnnxRunner
 
 # bsbr-tiny (c = 8): one token, a chunk less one, exactly one chunk, ragged tails, a long one.
 PROMPTS = [prompt_of(n, 97) for n in (1, 7, 8, 13, 30, 301)]
@@ -85,3 +87,63 @@ def test_a_bad_request_fails_alone(tiny_export, call, message):
     while batcher.active:
         batcher.step()
     assert running.ids == load_generator(out).generate(PROMPTS[3], 12).ids
+
+
+def test_sequences_fed_in_any_mix_equal_the_full_forward(tiny_export):
+    """`Sequences` under a random schedule (seeded): sequences open with ragged prompts
+    (into the slots closed ones left), are fed one token (row step, rows in any slot order)
+    or several (decode step) or nothing, and close when done; each one's logits, all its
+    feeds together, equal the full graph's over its whole sequence."""
+    out, _ = tiny_export
+    sequences, full = Sequences(out), OnnxRunner(out / "model.onnx")
+    rng = np.random.default_rng(7)
+    ids = {k: rng.integers(0, 97, int(rng.integers(1, 60))).tolist() for k in range(30)}
+    pending, fed, logits, row_calls = list(ids), {}, {k: [] for k in ids}, 0
+    while pending or len(sequences):
+        for _ in range(int(rng.integers(0, 4))):
+            if pending:
+                key = pending.pop()
+                fed[key] = int(rng.integers(1, len(ids[key]) + 1))
+                logits[key].append(sequences.open(key, ids[key][: fed[key]]))
+        feeds = {}
+        for key in rng.permutation([k for k in ids if k in sequences and fed[k] < len(ids[k])]).tolist():
+            if rng.random() < 0.7:
+                n = 1 if rng.random() < 0.8 else int(rng.integers(1, len(ids[key]) - fed[key] + 1))
+                feeds[key] = ids[key][fed[key]: fed[key] + n]
+        row_calls += sum(len(v) == 1 for v in feeds.values()) > 1
+        for key, out_logits in sequences.feed(feeds).items():
+            logits[key].append(out_logits)
+            fed[key] += len(feeds[key])
+        for key in [k for k in ids if k in sequences and fed[k] == len(ids[k])]:
+            sequences.close(key)
+    assert row_calls > 10  # the schedule did batch rows
+    for key, sequence in ids.items():
+        expected = full.infer({"input_ids": np.array([sequence]), "attention_mask": np.ones((1, len(sequence)),
+                                                                                           np.int64)})["logits"][0]
+        assert np.abs(np.concatenate(logits[key]) - expected).max() <= 1e-4, key
+
+
+def test_a_sequence_not_open_is_refused(tiny_export):
+    out, _ = tiny_export
+    sequences = Sequences(out)
+    sequences.open("a", [1, 2, 3])
+    with pytest.raises(UserError, match="sequence 'b' is not open"):
+        sequences.feed({"a": [4], "b": [5]})
+    with pytest.raises(UserError, match="already open"):
+        sequences.open("a", [1])
+    assert sequences.position("a") == 3  # nothing was fed
+
+
+def test_state_bytes_grow_by_one_chunk_row_per_chunk(tiny_export):
+    out, _ = tiny_export
+    sequences = Sequences(out)
+    spec = sequences.spec
+    c, layers = spec.chunk_size, spec.num_blocks
+    heads, _, head_dim = spec.state.inputs["past.0.keys"][1:]
+    state_size = spec.state.inputs["past.0.chunk_states"][3]
+    per_chunk = layers * heads * (head_dim + state_size) * 4  # meta_keys + chunk_states, float32
+    slot = layers * heads * (2 * (c - 1) * head_dim + head_dim * head_dim) * 4  # keys, values, retrieved
+    assert sequences.state_bytes(position=0) == slot
+    assert sequences.state_bytes(position=10 * c + 3) == slot + 10 * per_chunk
+    sequences.open("a", list(range(2 * c + 1)))
+    assert sequences.state_bytes("a") == slot + 2 * per_chunk

@@ -15,7 +15,8 @@ from bsbr_export.errors import UserError
 from bsbr_export.export.pipeline import export_model
 from bsbr_export.formats import FORMATS
 from bsbr_export.model.checkpoint import load_model
-from bsbr_export.runtime.generate import Sampling, generation_engines, load_generator, pick
+from bsbr_export.runtime.generate import generation_engines, load_generator
+from bsbr_export.runtime.requests import Sampling, pick
 
 NEW_TOKENS = 30  # with c = 8: crosses 3-4 chunk boundaries after any of the prompts below
 

@@ -32,7 +32,7 @@ from bsbr_export.serve.triton import write_triton_repo
 
 TOLERANCE = 1e-4  # max abs error of served logits against eager
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
-FULL, STREAMING = "bsbr-tiny_python", "bsbr-tiny_streaming_python"
+FULL, STREAMING, GENERATE = "bsbr-tiny_python", "bsbr-tiny_streaming_python", "bsbr-tiny_generate"
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_serve_names_what_it_skipped_and_stops_on_ctrl_c(triton_env, triton_repo
             lines.append(line.strip())
         assert re.fullmatch(rf"tritonserver ready in [\d.]+ s \(pid \d+\): HTTP 127.0.0.1:{http}, "
                             rf"gRPC 127.0.0.1:{grpc}", lines[0])
-        assert lines[1] == f"models: {FULL}, {STREAMING}"
+        assert lines[1] == f"models: {GENERATE}, {FULL}, {STREAMING}"
         assert sorted(lines[2:4]) == [
             "skipped bsbr-tiny: needs the onnxruntime backend, which this server lacks",
             "skipped bsbr-tiny_streaming: needs the onnxruntime backend, which this server lacks",

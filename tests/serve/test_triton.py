@@ -5,6 +5,8 @@ with the ONNX graphs it serves; the streaming model's implicit state runs as Tri
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,18 +14,22 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+import bsbr_export
 from bsbr_export.cli import main
 from bsbr_export.compare.cases import stream_pieces
 from bsbr_export.errors import UserError
 from bsbr_export.export.pipeline import export_model
 from bsbr_export.formats import FORMATS
-from bsbr_export.manifest import sha256
+from bsbr_export.manifest import read_manifest, sha256
 from bsbr_export.model.checkpoint import load_model
 from bsbr_export.runtime.eager import EagerRunner
 from bsbr_export.runtime.onnx import OnnxRunner
 from bsbr_export.serve.triton import (
     IDLE_SECONDS,
     MAX_BATCH_SIZE,
+    MAX_PROMPT_TOKENS,
+    MAX_SEQUENCES,
+    MAX_STATE_BYTES,
     PYTHON_MODEL,
     write_triton_repo,
 )
@@ -64,14 +70,35 @@ def assert_matches_graph(entries, graph, batched: bool):
 def test_layout_and_files(repo):
     models, out = repo
     assert sorted(p.name for p in models.iterdir()) == [
-        "bsbr-tiny", "bsbr-tiny_python", "bsbr-tiny_streaming", "bsbr-tiny_streaming_python"]
+        "bsbr-tiny", "bsbr-tiny_generate", "bsbr-tiny_python", "bsbr-tiny_streaming", "bsbr-tiny_streaming_python"]
     for name, source in (("bsbr-tiny", "model.onnx"), ("bsbr-tiny_streaming", "model.streaming.onnx")):
         assert sorted(p.name for p in (models / name).iterdir()) == ["1", "config.pbtxt"]
         assert sha256(models / name / "1" / "model.onnx") == sha256(out / source)
-    for name, source in (("bsbr-tiny_python", "model.onnx"), ("bsbr-tiny_streaming_python", "model.decode.onnx")):
-        assert sorted(p.name for p in (models / name / "1").iterdir()) == sorted([source, "model.py"])
-        assert sha256(models / name / "1" / source) == sha256(out / source)
-        assert sha256(models / name / "1" / "model.py") == sha256(PYTHON_MODEL)
+    version = models / "bsbr-tiny_python" / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "model.py"]
+    assert sha256(version / "model.onnx") == sha256(out / "model.onnx")
+    for name in ("bsbr-tiny_streaming_python", "bsbr-tiny_generate"):
+        version = models / name / "1"
+        assert sorted(p.name for p in version.iterdir()) == ["bsbr_export", "export", "model.py"]
+        assert sha256(version / "model.py") == sha256(PYTHON_MODEL)
+        served = read_manifest(version / "export")  # checks each file's sha256
+        assert sorted(a["name"] for a in served["artifacts"]) == ["model.decode.onnx", "model.rows.onnx"]
+        assert served["spec"] == read_manifest(out)["spec"]
+        assert sorted(p.name for p in (version / "export").iterdir()) == [
+            "manifest.json", "model.decode.onnx", "model.rows.onnx"]
+
+
+def test_served_package_is_the_torch_free_modules_of_this_one(repo):
+    """1/bsbr_export holds runtime.batching and what it imports, byte for byte, and no
+    module that imports torch (the serving venv has none)."""
+    models, _ = repo
+    copied = models / "bsbr-tiny_generate" / "1" / "bsbr_export"
+    files = sorted(p.relative_to(copied).as_posix() for p in copied.rglob("*.py"))
+    assert {"runtime/batching.py", "runtime/requests.py", "runtime/onnx.py", "manifest.py"} <= set(files)
+    root = Path(bsbr_export.__file__).parent
+    for file in files:
+        assert (copied / file).read_bytes() == (root / file).read_bytes()
+        assert not re.search(r"^\s*(import|from) torch\b", (copied / file).read_text(), re.M), file
 
 
 def parameters(config) -> dict[str, str]:
@@ -90,28 +117,70 @@ def test_python_logits_config_matches_graph(repo):
     assert not config.HasField("sequence_batching")
 
 
-def test_python_streaming_config_keeps_state_in_the_model(repo, tiny_export):
-    """The decode twin: no implicit state (it would feed zeros to a Python model), the
-    START/END/CORRID controls model.py reads, and the state shapes of the manifest."""
-    models, out = repo
-    config = parse(models / "bsbr-tiny_streaming_python" / "config.pbtxt")
-    graph = graph_io(models / "bsbr-tiny_streaming_python" / "1" / "model.decode.onnx")
-    assert config.backend == "python"
-    assert [i.name for i in config.input] == ["input_ids"]
-    assert [o.name for o in config.output] == ["logits", "open_sequences"]
-    assert_matches_graph([*config.input, config.output[0]], graph, batched=True)
+def assert_sequence_batching(config, idle_seconds: int = IDLE_SECONDS) -> None:
+    """No implicit state (it would feed zeros to a Python model), the "oldest" strategy
+    (one execute gets several sequences' requests), the controls model.py reads."""
     batching = config.sequence_batching
+    assert config.max_batch_size == MAX_BATCH_SIZE
     assert not batching.state and batching.HasField("oldest")
-    assert batching.max_sequence_idle_microseconds == IDLE_SECONDS * 1_000_000
+    assert batching.max_sequence_idle_microseconds == idle_seconds * 1_000_000
     controls = {c.name: c.control[0] for c in batching.control_input}
     assert controls["START"].kind == model_config_pb2.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START
     assert controls["END"].kind == model_config_pb2.ModelSequenceBatching.Control.CONTROL_SEQUENCE_END
     assert controls["CORRID"].kind == model_config_pb2.ModelSequenceBatching.Control.CONTROL_SEQUENCE_CORRID
+
+
+def test_python_streaming_config_batches_rows(repo):
+    """The step model of an export with a row step: mode rows, with its limits."""
+    models, _ = repo
+    config = parse(models / "bsbr-tiny_streaming_python" / "config.pbtxt")
+    graph = graph_io(models / "bsbr-tiny_streaming_python" / "1" / "export" / "model.decode.onnx")
+    assert config.backend == "python"
+    assert [i.name for i in config.input] == ["input_ids"]
+    assert [o.name for o in config.output] == ["logits", "open_sequences"]
+    assert_matches_graph([*config.input, config.output[0]], graph, batched=True)
+    assert_sequence_batching(config)
+    assert parameters(config) == {"mode": "rows", "idle_seconds": str(IDLE_SECONDS),
+                                  "max_sequences": str(MAX_SEQUENCES), "max_state_bytes": str(MAX_STATE_BYTES),
+                                  "max_prompt_tokens": str(MAX_PROMPT_TOKENS)}
+
+
+def test_generate_config_is_decoupled_with_vllm_names(repo):
+    models, _ = repo
+    config = parse(models / "bsbr-tiny_generate" / "config.pbtxt")
+    assert config.backend == "python" and config.max_batch_size == 0
+    assert config.model_transaction_policy.decoupled
+    assert {i.name: (i.data_type, list(i.dims), i.optional) for i in config.input} == {
+        "text_input": (model_config_pb2.TYPE_STRING, [1], True),
+        "input_ids": (model_config_pb2.TYPE_INT64, [-1], True),
+        "max_tokens": (model_config_pb2.TYPE_INT32, [1], True),
+        "sampling_parameters": (model_config_pb2.TYPE_STRING, [1], True),
+        "stream": (model_config_pb2.TYPE_BOOL, [1], True),
+        "exclude_input_in_output": (model_config_pb2.TYPE_BOOL, [1], True),
+    }
+    assert {o.name: (o.data_type, list(o.dims)) for o in config.output} == {
+        "text_output": (model_config_pb2.TYPE_STRING, [-1]), "output_ids": (model_config_pb2.TYPE_INT64, [-1])}
+    assert parameters(config)["mode"] == "generate"
+
+
+def test_python_streaming_config_without_row_step_keeps_state_in_the_model(hf_export, tmp_path):
+    """An export with a decode graph but no row step (a module without step_rows): the
+    decode twin, one sequence per call, with the state shapes of the manifest; no
+    generate model."""
+    models = write_triton_repo(hf_export, tmp_path / "models", "lm")
+    assert sorted(p.name for p in models.iterdir()) == ["lm", "lm_python", "lm_streaming", "lm_streaming_python"]
+    config = parse(models / "lm_streaming_python" / "config.pbtxt")
+    graph = graph_io(models / "lm_streaming_python" / "1" / "model.decode.onnx")
+    assert config.backend == "python"
+    assert [i.name for i in config.input] == ["input_ids"]
+    assert [o.name for o in config.output] == ["logits", "open_sequences"]
+    assert_matches_graph([*config.input, config.output[0]], graph, batched=True)
+    assert_sequence_batching(config)
     params = parameters(config)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((hf_export / "manifest.json").read_text())
     assert json.loads(params.pop("state_shapes")) == manifest["state"]["inputs"]
-    assert params == {"mode": "decode", "onnx_file": "model.decode.onnx", "vocab_size": "97",
-                      "idle_seconds": str(IDLE_SECONDS)}
+    assert params == {"mode": "decode", "onnx_file": "model.decode.onnx",
+                      "vocab_size": str(manifest["spec"]["inputs"][0]["high"]), "idle_seconds": str(IDLE_SECONDS)}
 
 
 def test_logits_config_matches_graph(repo):
@@ -185,12 +254,12 @@ def test_other_models_kept_and_existing_needs_overwrite(repo, tmp_path):
     (target / "other" / "1").mkdir(parents=True)
     write_triton_repo(out, target, "tiny")
     assert sorted(p.name for p in target.iterdir()) == [
-        "other", "tiny", "tiny_python", "tiny_streaming", "tiny_streaming_python"]
+        "other", "tiny", "tiny_generate", "tiny_python", "tiny_streaming", "tiny_streaming_python"]
     with pytest.raises(UserError, match="already exists and is not empty"):
         write_triton_repo(out, target, "tiny")
     write_triton_repo(out, target, "tiny", overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == [
-        "other", "tiny", "tiny_python", "tiny_streaming", "tiny_streaming_python"]
+        "other", "tiny", "tiny_generate", "tiny_python", "tiny_streaming", "tiny_streaming_python"]
 
 
 def test_export_without_onnx_is_a_user_error(tmp_path):
