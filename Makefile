@@ -37,8 +37,9 @@ lint: $(VENV_STAMP)
 setup: toolchain $(NODE_MODULES) $(TRITON_STAMP) $(VENV_STAMP)
 
 # The C++ sample test builds against the torch wheel's libtorch: it needs cmake and a compiler.
+# The generate model's tests call Triton's generate extension with curl, as its users do.
 toolchain:
-	command -v cmake >/dev/null && command -v c++ >/dev/null || { apt-get update && apt-get install -y --no-install-recommends cmake g++; }
+	command -v cmake >/dev/null && command -v c++ >/dev/null && command -v curl >/dev/null || { apt-get update && apt-get install -y --no-install-recommends cmake g++ curl; }
 
 # The Node.js sample: onnxruntime-node's CPU binaries ship in the npm package; its
 # postinstall would fetch from outside the registry, so it is skipped.

@@ -103,6 +103,9 @@ def write_triton_repo(
     *,
     overwrite: bool = False,
     idle_seconds: int = IDLE_SECONDS,
+    max_sequences: int = MAX_SEQUENCES,
+    max_state_bytes: int = MAX_STATE_BYTES,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
 ) -> Path:
     """Write Triton models for the ONNX graphs in `export_dir` into `repo_dir`.
 
@@ -110,7 +113,9 @@ def write_triton_repo(
     directory's). Each model directory appears whole or not at all; other models already
     in `repo_dir` are left alone, and an existing one of the same name is replaced only
     with `overwrite`. A streaming sequence idle for `idle_seconds` is dropped by the
-    Python-backend model. Returns `repo_dir`, the path to give `tritonserver --model-repository`.
+    Python-backend model. The step and generate models each hold at most `max_sequences`
+    sequences and `max_state_bytes` of their state, and take prompts of up to
+    `max_prompt_tokens`; past a limit, a request gets an error response. Returns `repo_dir`, the path to give `tritonserver --model-repository`.
     """
     export_dir, repo_dir = Path(export_dir), Path(repo_dir)
     manifest = read_manifest(export_dir)
@@ -132,8 +137,8 @@ def write_triton_repo(
         streaming = f"{name}_streaming"
         config = streaming_config(streaming, export_dir / "model.streaming.onnx", manifest["state"])
         models[streaming] = (artifacts["model.streaming.onnx"], config, False)
-    limits = {"max_sequences": MAX_SEQUENCES, "max_state_bytes": MAX_STATE_BYTES,
-              "max_prompt_tokens": MAX_PROMPT_TOKENS}
+    limits = {"max_sequences": max_sequences, "max_state_bytes": max_state_bytes,
+              "max_prompt_tokens": max_prompt_tokens}
     if ROWS_GRAPH in artifacts:
         step = f"{name}_streaming_python"
         models[step] = (None, rows_config(step, export_dir / DECODE_GRAPH, idle_seconds, limits), True)

@@ -346,6 +346,8 @@ class GenerateModel:
         ids = optional_input(request, "input_ids")
         if (text is None) == (ids is None):
             raise RequestError("send the prompt as text_input or as input_ids (one of them)")
+        if text is not None and self.batcher.prompts.text is None:
+            raise RequestError("this model has no tokenizer: send the prompt as input_ids")
         raw = optional_input(request, "sampling_parameters")
         try:
             sampling = json.loads(text_of(raw[0])) if raw is not None and len(raw) else {}
@@ -358,6 +360,8 @@ class GenerateModel:
             raise RequestError(f"unknown sampling parameter {unknown[0]!r}: this model reads {', '.join(SAMPLING_KEYS)}")
         max_tokens = optional_input(request, "max_tokens")
         max_tokens = int(max_tokens[0]) if max_tokens is not None else sampling.get("max_tokens", DEFAULT_MAX_TOKENS)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise RequestError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
         stop = sampling.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
         top_k = sampling.get("top_k")
