@@ -128,6 +128,18 @@ def stdlib_export(tmp_path_factory):
     return out, text
 
 
+@pytest.fixture(scope="session")
+def stdlib_streaming_export(tmp_path_factory):
+    """The trained byte-level preset exported to ONNX with its streaming, decode and row
+    graphs, once per session."""
+    from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
+
+    out = tmp_path_factory.mktemp("stdlib-streaming") / "bsbr-stdlib"
+    export_model("bsbr-stdlib", out, [FORMATS["onnx"]], streaming=True)
+    return out
+
+
 @pytest.fixture
 def stdlib_copy(stdlib_export, tmp_path):
     """A private copy of the session's bsbr-stdlib export (and its text file)."""
@@ -342,7 +354,7 @@ SLOW_TESTS = (
     "test_cli_module.py::test_optimize_a_module_that_takes_no_mask",  # tokens_export: 20 s
     "test_cli_module.py::test_bench_feeds_what_the_spec_names",  # tokens_export
     "test_upstream.py::test_exports_match_package_at_unseen_lengths",  # 10 s
-    "test_generate.py::test_byte_level_text_streams_as_it_comes",  # bsbr-stdlib exported with streaming: 62 s
+    "test_generate.py::test_byte_level_text_streams_as_it_comes",  # stdlib_streaming_export: 62 s
     "test_generate.py::test_a_user_modules_decode_graph_appends_finished_chunks",  # a module exported: 41 s
     "test_samples_streaming.py::test_text_through_the_exports_tokenizer_json",  # hf_export
     "test_batching.py::test_an_export_without_a_row_step_is_refused",  # hf_export
@@ -350,6 +362,7 @@ SLOW_TESTS = (
     "test_triton.py::test_python_streaming_config_without_row_step_keeps_state_in_the_model",  # hf_export
     "test_triton_generate.py::test_memory_is_back_after_ten_thousand_sequences",  # 10,000 sequences: 21 s
     "test_triton_generate.py::test_a_killed_server_restarted_refuses_old_sequences",  # two more servers
+    "test_triton_generate.py::test_text_in_text_out_as_vllm_clients_send_it",  # stdlib_streaming_export
 )
 
 

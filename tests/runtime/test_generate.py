@@ -74,12 +74,10 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert {pick(logits, Sampling(1.0, top_k=3), rng) for _ in range(500)} == {0, 1, 2}
 
 
-def test_byte_level_text_streams_as_it_comes(tmp_path):
+def test_byte_level_text_streams_as_it_comes(stdlib_streaming_export):
     """bsbr-stdlib: text in, tokens out one by one, each with the text it completes; a
     prompt with a multi-byte character goes in as its UTF-8 bytes."""
-    out = tmp_path / "stdlib"
-    export_model("bsbr-stdlib", out, [FORMATS["onnx"]], streaming=True)
-    generator = load_generator(out)
+    generator = load_generator(stdlib_streaming_export)
     tokens = list(generator.generate("def grüße(", max_new_tokens=40, temperature=0.9, seed=1, stream=True))
     assert len(tokens) == 40 and all(isinstance(t.text, str) for t in tokens)
     ids, streamed = [t.id for t in tokens], "".join(t.text for t in tokens)

@@ -138,6 +138,38 @@ def test_concurrent_generations_each_equal_alone(triton_server, alone, request):
     print_uncaptured(request, f"generate: {len(plans)} streams, {tokens} tokens in {seconds:.2f}s")
 
 
+def test_text_in_text_out_as_vllm_clients_send_it(triton_env, stdlib_streaming_export, tmp_path):
+    """bsbr-stdlib (byte-level) behind its own server: text_input in, text_output pieces
+    out that make up what generation alone makes (a multi-byte character whole, with its
+    last byte); not streamed, the prompt comes first unless exclude_input_in_output; stop
+    strings end it."""
+    repo = write_triton_repo(stdlib_streaming_export, tmp_path / "models")
+    alone = load_generator(stdlib_streaming_export)
+    prompt, options = "def grüße(", {"temperature": 0.9, "seed": 1}
+    expected = alone.generate(prompt, 40, **options)
+    pieces = [t.text for t in alone.generate(prompt, 40, stream=True, **options)]
+    with TritonServer(repo, triton_env, http_port=0, grpc_port=0) as server:
+        def generate(body: dict, endpoint: str = "generate_stream") -> list[dict]:
+            done = subprocess.run(["curl", "-sN", "--max-time", "60", "-d", json.dumps(body),
+                                   f"http://{server.http_url}/v2/models/bsbr-stdlib_generate/{endpoint}"],
+                                  capture_output=True, text=True, check=True)
+            lines = [line.removeprefix("data: ") for line in done.stdout.splitlines() if line.strip()]
+            return [json.loads(line) for line in lines]
+
+        body = {"text_input": prompt, "max_tokens": 40, "sampling_parameters": json.dumps(options)}
+        events = generate(body)
+        assert [e["output_ids"] for e in events] == expected.ids
+        assert [e["text_output"] for e in events] == pieces
+        (whole,) = generate({**body, "stream": False}, "generate")
+        assert whole["text_output"] == prompt + expected.text
+        (whole,) = generate({**body, "stream": False, "exclude_input_in_output": True}, "generate")
+        assert whole["text_output"] == expected.text
+        stop = "".join(pieces)[10]
+        events = generate({**body, "sampling_parameters": json.dumps({**options, "stop": [stop]})})
+        text = "".join(e["text_output"] for e in events)
+        assert text.endswith(stop) and stop not in text[:-1]
+
+
 # ---- bad requests ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, message", [
