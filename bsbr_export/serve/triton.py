@@ -106,6 +106,7 @@ def write_triton_repo(
     max_sequences: int = MAX_SEQUENCES,
     max_state_bytes: int = MAX_STATE_BYTES,
     max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    threads: int = 0,
 ) -> Path:
     """Write Triton models for the ONNX graphs in `export_dir` into `repo_dir`.
 
@@ -115,7 +116,8 @@ def write_triton_repo(
     with `overwrite`. A streaming sequence idle for `idle_seconds` is dropped by the
     Python-backend model. The step and generate models each hold at most `max_sequences`
     sequences and `max_state_bytes` of their state, and take prompts of up to
-    `max_prompt_tokens`; past a limit, a request gets an error response. Returns `repo_dir`, the path to give `tritonserver --model-repository`.
+    `max_prompt_tokens`; past a limit, a request gets an error response; they run ONNX
+    Runtime with `threads` intra-op threads (0: its default, one per core). Returns `repo_dir`, the path to give `tritonserver --model-repository`.
     """
     export_dir, repo_dir = Path(export_dir), Path(repo_dir)
     manifest = read_manifest(export_dir)
@@ -138,7 +140,7 @@ def write_triton_repo(
         config = streaming_config(streaming, export_dir / "model.streaming.onnx", manifest["state"])
         models[streaming] = (artifacts["model.streaming.onnx"], config, False)
     limits = {"max_sequences": max_sequences, "max_state_bytes": max_state_bytes,
-              "max_prompt_tokens": max_prompt_tokens}
+              "max_prompt_tokens": max_prompt_tokens, "threads": threads}
     if ROWS_GRAPH in artifacts:
         step = f"{name}_streaming_python"
         models[step] = (None, rows_config(step, export_dir / DECODE_GRAPH, idle_seconds, limits), True)

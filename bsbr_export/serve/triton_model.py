@@ -249,7 +249,7 @@ class RowsModel:
 
     def __init__(self, version_dir: str, params: dict) -> None:
         batching, self.UserError = import_bsbr_export()
-        self.sequences = batching.Sequences(os.path.join(version_dir, "export"))
+        self.sequences = batching.Sequences(os.path.join(version_dir, "export"), int(params["threads"]) or None)
         self.vocab_size = self.sequences.spec.tokens.high
         self.limits = Limits(params, self.sequences)
         self.expiry = Expiry(float(params.get("idle_seconds", "0")))
@@ -319,7 +319,7 @@ class GenerateModel:
 
     def __init__(self, version_dir: str, params: dict) -> None:
         batching, self.UserError = import_bsbr_export()
-        self.batcher = batching.Batcher(os.path.join(version_dir, "export"))
+        self.batcher = batching.Batcher(os.path.join(version_dir, "export"), int(params["threads"]) or None)
         self.limits = Limits(params, self.batcher.sequences)
         self.queued: queue.SimpleQueue = queue.SimpleQueue()
         self.jobs: dict[int, Job] = {}  # batcher key -> its job

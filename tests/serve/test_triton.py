@@ -142,7 +142,7 @@ def test_python_streaming_config_batches_rows(repo):
     assert_sequence_batching(config)
     assert parameters(config) == {"mode": "rows", "idle_seconds": str(IDLE_SECONDS),
                                   "max_sequences": str(MAX_SEQUENCES), "max_state_bytes": str(MAX_STATE_BYTES),
-                                  "max_prompt_tokens": str(MAX_PROMPT_TOKENS)}
+                                  "max_prompt_tokens": str(MAX_PROMPT_TOKENS), "threads": "0"}
 
 
 def test_generate_config_is_decoupled_with_vllm_names(repo):
