@@ -218,7 +218,8 @@ def measure(model: str, args, triton_env) -> dict:
                             "--tokens", str(args.tokens)], stdout=subprocess.PIPE, text=True, check=True)
     reference = json.loads(child.stdout.strip().splitlines()[-1])
     print(f"{model}: direct {reference}", file=sys.stderr)
-    repo = write_triton_repo(out, work / "models", model, threads=1)  # the server has one core
+    # One core for the server; state for 64 generations at 16384 tokens (4.4 GB) allowed.
+    repo = write_triton_repo(out, work / "models", model, threads=1, max_state_bytes=16 << 30)
     result = {"model": model, "direct": reference, "generate": [], "perf_analyzer": []}
     with TritonServer(repo, triton_env, http_port=0, grpc_port=0) as server:
         pin_group(server.pid, SERVER_CORE)

@@ -308,13 +308,16 @@ class BSBRAttention(nn.Module):
         """
         q, k, v = self._qkv(x, positions[:, None])
         fill = positions % self.chunk_size
-        slots = torch.arange(keys.shape[-2] + 1, device=x.device)
-        # Cached rows below each row's fill, and the token itself (the last slot).
-        visible = (slots[None, :] < fill[:, None]) | (slots[None, :] == keys.shape[-2])  # [B, c]
-        heads = q.shape[1]
-        local = F.scaled_dot_product_attention(q, repeat_kv(torch.cat([keys, k], dim=-2), heads),
-                                               repeat_kv(torch.cat([values, v], dim=-2), heads),
-                                               attn_mask=visible[:, None, None, :])
+        slots = torch.arange(keys.shape[-2], device=x.device)
+        cached = slots[None, :] < fill[:, None]  # [B, c - 1]: the rows of the chunk so far
+        heads, scale = q.shape[1], q.shape[-1] ** -0.5
+        # softmax over [the cached rows, the token itself], computed apart: the cache is read
+        # in place (joining it with the token would copy every row's cache, every layer).
+        scores = (q @ repeat_kv(keys, heads).transpose(-1, -2)) * scale  # [B, H, 1, c - 1]
+        scores = scores.masked_fill(~cached[:, None, None, :], float("-inf"))
+        own = (q * repeat_kv(k, heads)).sum(-1, keepdim=True) * scale  # [B, H, 1, 1]
+        weights = torch.softmax(torch.cat([scores, own], dim=-1), dim=-1)
+        local = weights[..., :-1] @ repeat_kv(values, heads) + weights[..., -1:] * repeat_kv(v, heads)
         o = local + q @ retrieved  # o_t = local_t + q_t S_i
         return self.out_proj(o.transpose(1, 2).flatten(-2)), k, v
 

@@ -246,8 +246,8 @@ def test_serve_names_what_it_skipped_and_stops_on_ctrl_c(triton_env, triton_repo
     # Python started with SIGINT ignored never raises KeyboardInterrupt).
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
     try:
-        lines = []
         while not lines or lines[-1] != "Ctrl-C stops it":
             line = process.stdout.readline()
             assert line, f"serve exited early ({process.wait(10)}): {process.stderr.read()}"
@@ -267,8 +267,17 @@ def test_serve_names_what_it_skipped_and_stops_on_ctrl_c(triton_env, triton_repo
         assert "interrupted" in process.stderr.read()
         assert not _running(pid)
     finally:
+        # A failed assertion must not orphan the server: Ctrl-C first (serve stops it), and
+        # the server's own process group if serve could not.
         if process.poll() is None:
-            process.kill()
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        started = re.search(r"pid (\d+)", lines[0]) if lines else None
+        if started and _running(int(started.group(1))):
+            os.killpg(int(started.group(1)), signal.SIGKILL)
 
 
 def _free_port() -> int:
