@@ -21,6 +21,9 @@ TRITON_STAMP := .venv-triton/.nvidia-pytriton-$(PYTRITON_VERSION)-tokenizers-ins
 # npm writes node_modules/.package-lock.json once an install has finished (npm ci starts by
 # removing node_modules, so a failed one leaves none).
 NODE_MODULES := samples/node/node_modules/.package-lock.json
+# --format web copies onnxruntime-web's files from here; the browser tests drive Chromium
+# with puppeteer-core (no browser download: the system's chromium).
+WEB_MODULES := web/node_modules/.package-lock.json
 
 .PHONY: test quick lint setup toolchain
 
@@ -34,17 +37,22 @@ quick: $(VENV_STAMP)
 lint: $(VENV_STAMP)
 	$(VENV)/bin/lint-imports
 
-setup: toolchain $(NODE_MODULES) $(TRITON_STAMP) $(VENV_STAMP)
+setup: toolchain $(NODE_MODULES) $(WEB_MODULES) $(TRITON_STAMP) $(VENV_STAMP)
 
 # The C++ sample test builds against the torch wheel's libtorch: it needs cmake and a compiler.
-# The generate model's tests call Triton's generate extension with curl, as its users do.
+# The generate model's tests call Triton's generate extension with curl, as its users do;
+# the web page's tests run it in Debian's Chromium, headless.
 toolchain:
-	command -v cmake >/dev/null && command -v c++ >/dev/null && command -v curl >/dev/null || { apt-get update && apt-get install -y --no-install-recommends cmake g++ curl; }
+	command -v cmake >/dev/null && command -v c++ >/dev/null && command -v curl >/dev/null && command -v chromium >/dev/null || { apt-get update && apt-get install -y --no-install-recommends cmake g++ curl chromium; }
 
 # The Node.js sample: onnxruntime-node's CPU binaries ship in the npm package; its
 # postinstall would fetch from outside the registry, so it is skipped.
 $(NODE_MODULES): samples/node/package-lock.json
 	(cd samples/node && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund)
+	touch $@
+
+$(WEB_MODULES): web/package-lock.json
+	npm ci --prefix web --no-audit --no-fund --ignore-scripts
 	touch $@
 
 # The Triton tests start a real tritonserver from the nvidia-pytriton wheel, in a venv of its

@@ -44,6 +44,7 @@ from bsbr_export.render import (
 from bsbr_export.runtime.engines import DEVICES
 from bsbr_export.serve.serve import serve as run_server
 from bsbr_export.serve.triton import write_triton_repo
+from bsbr_export.serve.web import page_server, web_dir
 from bsbr_export.summary import summarize
 from bsbr_export.workflows import benchmark
 
@@ -470,6 +471,22 @@ def serve(repo, http_port, grpc_port, triton_env, timeout) -> None:
         click.echo("Ctrl-C stops it")
 
     run_server(repo, triton_env, http_port=http_port, grpc_port=grpc_port, timeout_s=timeout, on_ready=ready)
+
+
+@cli.command("serve-web")
+@click.argument("export_dir", type=click.Path())
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port on 127.0.0.1 (0: any free one).")
+@click.option("--no-isolation", is_flag=True,
+              help="Leave out the cross-origin isolation headers (wasm then runs on one thread).")
+def serve_web(export_dir, port, no_isolation) -> None:
+    """Serve EXPORT_DIR's web page (--format web) on 127.0.0.1 until Ctrl-C."""
+    server = page_server(export_dir, port, isolated=not no_isolation)
+    host, bound = server.server_address[:2]
+    click.echo(f"serving {web_dir(export_dir)} at http://{host}:{bound}/ "
+               f"({'not ' if no_isolation else ''}cross-origin isolated); Ctrl-C stops it", err=False)
+    with server:
+        server.serve_forever()
 
 
 def _check_triton_repo(repo, name: str, streaming: bool, force: bool) -> None:

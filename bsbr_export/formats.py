@@ -51,6 +51,7 @@ class Format:
     on_cuda: bool = False  # its runner also computes on a CUDA GPU (`device="cuda"`)
     requires: str | None = None  # the module of an optional package it needs
     install: str = ""  # how to install that package
+    directory: str = ""  # the export's subdirectory its files go in (none: beside the manifest)
 
     @property
     def installed(self) -> bool:
@@ -87,6 +88,9 @@ FORMATS: dict[str, Format] = {
         Format("executorch", ".pte", "ExecuTorch program lowered to XNNPACK, for executorch.runtime / the C++ Module API",
                frozenset({"max_length", "max_batch"}), kinds=("full",), engine=True, requires="executorch",
                install='pip install -c constraints.txt "bsbr-export[executorch]" (in a checkout: ".[executorch]")'),
+        # The page generates with the decode step (export with --streaming); opset 18 graphs.
+        Format("web", ".onnx", "static web page generating with onnxruntime-web (wasm, WebGPU) in the browser",
+               kinds=("full", "decode"), directory="web"),
     )
 }
 
@@ -114,8 +118,9 @@ def kind_of(streaming: bool, decode: bool, rows: bool = False) -> str:
 
 
 def artifact_name(fmt: Format, kind: str) -> str:
-    """File name of an artifact inside an export directory: model[.streaming|.decode].suffix."""
-    return f"model{'' if kind == 'full' else '.' + kind}{fmt.suffix}"
+    """Path of an artifact inside an export directory: [directory/]model[.streaming|.decode].suffix."""
+    name = f"model{'' if kind == 'full' else '.' + kind}{fmt.suffix}"
+    return f"{fmt.directory}/{name}" if fmt.directory else name
 
 
 def export_jobs(formats: list[Format], streaming: bool) -> list[tuple[Format, str]]:

@@ -165,7 +165,8 @@ def export_artifact(source: Source, fmt: Format, kind: str, directory: Path, opt
     cases = artifact_cases(source.spec.chunk_size, kind, {"static_shape": static, **settings},
                            long_length=long_length)
     parity = check_parity(name, reference, runner, cases, source.spec, tolerance)
-    return ArtifactResult(name, fmt.name, kind, {f.name: file_record(f) for f in files}, seconds, parity, settings)
+    return ArtifactResult(name, fmt.name, kind, {f.relative_to(directory).as_posix(): file_record(f) for f in files},
+                          seconds, parity, settings)
 
 
 def export_manifest(source: Source, checkpoint: list[Path], settings: dict, artifacts: list[ArtifactResult],

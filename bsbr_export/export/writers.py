@@ -15,6 +15,7 @@ from pathlib import Path
 from bsbr_export.export import onnx, torchscript
 from bsbr_export.export.aoti import check_device_option, export_aoti, package_settings
 from bsbr_export.export.executorch import check_limits, export_executorch
+from bsbr_export.export.web import check_web, write_web
 from bsbr_export.formats import Format
 from bsbr_export.runtime.executorch import program_settings
 
@@ -50,6 +51,7 @@ WRITERS: dict[str, Writer] = {
                    check=check_device_option, describe=package_settings),
     "executorch": Writer(lambda model, path, kind, spec, **limits: [export_executorch(model, path, spec, **limits)],
                          check=check_limits, describe=program_settings),
+    "web": Writer(write_web, check=lambda spec, **options: check_web(spec)),
 }
 
 

@@ -13,6 +13,7 @@ RUNNERS: dict[str, type] = {
     "torchscript-mobile": TorchScriptRunner,
     "aoti": AotiRunner,
     "executorch": ExecuTorchRunner,
+    "web": OnnxRunner,  # the page's graphs, checked on native ONNX Runtime
 }
 
 

@@ -1,0 +1,101 @@
+"""`--format web`: a static page that generates in the browser with onnxruntime-web.
+
+The export's `web/` holds the graphs at the opset onnxruntime-web runs (`model.onnx`, the
+full forward, and `model.decode.onnx`, the step the page generates with), the page
+(`index.html`, `app.js`), onnxruntime-web's own files for its wasm and WebGPU backends
+(`ort/`, copied from the npm package: nothing is fetched from a CDN) and `web.json` (the
+tensor names, state shapes and every graph's sha256, which the page checks). Plain files:
+any static host serves them; `bsbr-export serve-web` adds the cross-origin isolation
+headers that give wasm its threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from bsbr_export.errors import UserError
+from bsbr_export.export.onnx import export_onnx
+from bsbr_export.io import read_json
+from bsbr_export.manifest import sha256
+from bsbr_export.model.spec import ModelSpec
+
+# The opset whose ops onnxruntime-web's wasm and WebGPU backends run (23's fused
+# Attention is not in its WebGPU kernels); the graphs spell attention out below it.
+WEB_OPSET = 18
+ORT_WEB_VERSION = "1.31.1"  # web/package.json pins it
+ENV_VAR = "BSBR_ORT_WEB"
+# The page's two backends: each a bundle and the wasm build it loads.
+RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
+                 "ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
+PAGE = Path(__file__).with_name("webpage")
+PAGE_FILES = ("index.html", "app.js")
+INSTALL = (f"run `npm ci --prefix web` in a bsbr-export checkout, or `npm install onnxruntime-web@{ORT_WEB_VERSION}` "
+           f"and set {ENV_VAR}=node_modules/onnxruntime-web/dist")
+
+
+def ort_web_dist() -> Path:
+    """onnxruntime-web's `dist/` ($BSBR_ORT_WEB, else the checkout's web/node_modules), checked."""
+    default = Path(__file__).resolve().parents[2] / "web" / "node_modules" / "onnxruntime-web" / "dist"
+    dist = Path(os.environ.get(ENV_VAR) or default)
+    missing = [f for f in RUNTIME_FILES if not (dist / f).is_file()]
+    if missing:
+        raise UserError(f"--format web copies onnxruntime-web's files, and {dist} lacks {missing[0]}: {INSTALL}")
+    package = dist.parent / "package.json"
+    version = read_json(package).get("version") if package.is_file() else None
+    if version != ORT_WEB_VERSION:
+        raise UserError(f"--format web needs onnxruntime-web {ORT_WEB_VERSION}, {dist.parent} is {version}: {INSTALL}")
+    return dist
+
+
+def check_web(spec: ModelSpec) -> None:
+    """UserError, before any work, when the page could not run this model."""
+    if not any(o.logits for o in spec.outputs):
+        raise UserError(f"--format web generates text: the model must output logits, it outputs "
+                        f"{', '.join(spec.output_names)}")
+    ort_web_dist()
+
+
+def write_web(model: nn.Module, path: Path, kind: str, spec: ModelSpec) -> list[Path]:
+    """One web graph at `path` (`web/model.onnx` or `web/model.decode.onnx`); with the full
+    graph the page and onnxruntime-web's files, with the decode step `web.json`."""
+    path.parent.mkdir(exist_ok=True)
+    files = export_onnx(model, path, spec=spec, kind=kind, opset=WEB_OPSET)
+    if kind == "full":
+        runtime = path.parent / "ort"
+        runtime.mkdir(exist_ok=True)
+        dist = ort_web_dist()
+        for name in RUNTIME_FILES:
+            files.append(Path(shutil.copyfile(dist / name, runtime / name)))
+        for name in PAGE_FILES:
+            files.append(Path(shutil.copyfile(PAGE / name, path.parent / name)))
+    elif kind == "decode":
+        files.append(write_page_facts(path.parent, spec, type(model).__name__))
+    return files
+
+
+def write_page_facts(web: Path, spec: ModelSpec, model_name: str) -> Path:
+    """web.json: what the page needs to know (names, vocabulary, state) and the graphs' sha256."""
+    state = spec.state
+    graphs = {"full": "model.onnx", "decode": "model.decode.onnx"}
+    facts = {
+        "model": model_name,
+        "tokens": spec.tokens.name,
+        "vocab_size": spec.tokens.high,
+        "tokenizer": spec.tokenizer,
+        "logits": next(o.name for o in spec.outputs if o.logits),
+        "chunk_size": spec.chunk_size,
+        "state": state.inputs,
+        "state_outputs": state.update_names(),
+        "append_axis": state.append_axis,
+        "graphs": graphs,
+        "files": {name: sha256(web / name) for name in graphs.values()},
+        "runtime": f"onnxruntime-web {ORT_WEB_VERSION}",
+    }
+    path = web / "web.json"
+    path.write_text(json.dumps(facts, indent=2) + "\n")
+    return path

@@ -1,0 +1,222 @@
+"""--format web in a real browser: Debian's Chromium, headless, driven by puppeteer-core
+(web/drive.mjs), loads the page from `serve-web`'s server and generates with
+onnxruntime-web; the token ids and the first steps' logits equal native onnxruntime's on
+the same graphs, on one wasm thread and on several when the page is cross-origin isolated."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import print_uncaptured, prompt_of, run_cli
+
+from bsbr_export.export.pipeline import export_model
+from bsbr_export.formats import FORMATS
+from bsbr_export.manifest import read_manifest
+from bsbr_export.model.spec import ModelSpec
+from bsbr_export.runtime.onnx import OnnxRunner
+from bsbr_export.runtime.state import advance_state, empty_state_tensor
+from bsbr_export.serve.web import page_server, serve_in_thread
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = ROOT / "web" / "drive.mjs"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+TOLERANCE = 1e-4  # x logit scale, as every other parity check
+VOCAB = 97  # bsbr-tiny
+
+
+def _skip_unless_ci(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the browser tests: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """What driving the page needs: node, web/node_modules (npm ci --prefix web), Chromium."""
+    if not shutil.which("node"):
+        _skip_unless_ci("no node")
+    if not (ROOT / "web" / "node_modules" / "puppeteer-core").is_dir():
+        _skip_unless_ci("no web/node_modules: run `npm ci --prefix web`")
+    if not Path(CHROMIUM).is_file():
+        _skip_unless_ci(f"no Chromium at {CHROMIUM}: apt-get install chromium")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def web_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("web") / "bsbr-tiny"
+    export_model("bsbr-tiny", out, [FORMATS["web"]], streaming=True)
+    return out
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["one-thread", "isolated"])
+def page(request, web_export):
+    """The page served on a free 127.0.0.1 port, without and with cross-origin isolation."""
+    server = page_server(web_export, 0, isolated=request.param)
+    serve_in_thread(server)
+    yield f"http://127.0.0.1:{server.server_address[1]}/", request.param
+    server.shutdown()
+    server.server_close()
+
+
+def drive(url: str, options: dict, *extra: str, env: dict | None = None) -> dict:
+    done = subprocess.run(["node", str(DRIVER), url, json.dumps(options), *extra], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "CHROMIUM": CHROMIUM, **(env or {})})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def native_greedy(web: Path, prompt: list[int], tokens: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy generation on native onnxruntime over the page's own decode graph."""
+    spec = ModelSpec.from_dict(read_manifest(web.parent)["spec"])
+    runner = OnnxRunner(web / "model.decode.onnx")
+    state = {name: empty_state_tensor(shape, 1) for name, shape in spec.state.inputs.items()}
+    feed, ids, logits = prompt, [], []
+    for _ in range(tokens):
+        out = runner.infer({"input_ids": np.array([feed], np.int64), **state})
+        row = out["logits"][0, -1]
+        logits.append(row)
+        ids.append(int(row.argmax()))
+        state = advance_state(state, out, spec.state.append_axis)
+        feed = [ids[-1]]
+    return ids, logits
+
+
+def test_export_writes_the_page_graphs_and_runtime(web_export):
+    web = web_export / "web"
+    manifest = read_manifest(web_export)  # every file's sha256 checked
+    names = {a["name"]: a for a in manifest["artifacts"]}
+    assert set(names) == {"web/model.onnx", "web/model.decode.onnx"}
+    files = set(names["web/model.onnx"]["files"]) | set(names["web/model.decode.onnx"]["files"])
+    assert {"web/index.html", "web/app.js", "web/web.json", "web/ort/ort.wasm.min.mjs",
+            "web/ort/ort-wasm-simd-threaded.wasm", "web/ort/ort.webgpu.min.mjs"} <= files
+    import onnx
+
+    for graph in ("model.onnx", "model.decode.onnx"):
+        opset = {o.domain: o.version for o in onnx.load(str(web / graph), load_external_data=False).opset_import}
+        assert opset[""] == 18
+    facts = json.loads((web / "web.json").read_text())
+    assert facts["vocab_size"] == VOCAB and facts["graphs"]["decode"] == "model.decode.onnx"
+    for page in ("index.html", "app.js"):  # nothing fetched from elsewhere (no CDN)
+        assert "http://" not in (web / page).read_text() and "https://" not in (web / page).read_text()
+
+
+def test_the_page_generates_what_native_onnxruntime_generates(browser, page, web_export, request):
+    """24 greedy tokens after a 13-token prompt (c = 8: chunks close on the way): the same
+    ids, and the first 6 steps' logits within 1e-4 x their scale of native onnxruntime."""
+    url, isolated = page
+    prompt = prompt_of(13, VOCAB)
+    result = drive(url, {"prompt": prompt, "tokens": 24, "keepLogits": 6})
+    assert "error" not in result, result
+    assert result["backend"] == "wasm" and result["isolated"] is isolated
+    assert (result["threads"] > 1) is isolated or os.cpu_count() == 1
+    ids, logits = native_greedy(web_export / "web", prompt, 24)
+    assert result["ids"] == ids
+    worst = max(float(np.abs(np.array(got, np.float32) - want).max() / max(1.0, np.abs(want).max()))
+                for got, want in zip(result["logits"], logits))
+    assert len(result["logits"]) == 6 and worst <= TOLERANCE
+    print_uncaptured(request, f"browser wasm ({result['threads']} thread(s)): {result['token_ms']:.2f} ms/token, "
+                              f"max error {worst:.1e} x scale, page load {result['load_ms']:.0f} ms")
+
+
+def test_webgpu_where_the_browser_gives_an_adapter(browser, page, web_export):
+    url, isolated = page
+    if isolated:
+        pytest.skip("WebGPU is tried once, on the page without isolation")
+    prompt = prompt_of(13, VOCAB)
+    result = drive(url, {"prompt": prompt, "tokens": 12, "keepLogits": 3, "backend": "webgpu"},
+                   env={"BSBR_WEBGPU": "1"})
+    assert "error" not in result, result
+    if result["backend"] != "webgpu":
+        assert "fell back to wasm" in result["note"]
+        pytest.skip(f"no WebGPU here: {result['note']}")
+    ids, logits = native_greedy(web_export / "web", prompt, 12)
+    assert result["ids"] == ids
+
+
+def test_the_page_after_generation(browser, page, tmp_path, request):
+    """The form, as a person uses it: ids typed in, Generate pressed, tokens shown with
+    their speed; the screenshot is kept (BSBR_TEST_ARTIFACTS, else the test's tmp dir)."""
+    url, isolated = page
+    if isolated:
+        pytest.skip("one screenshot is enough")
+    target = Path(os.environ.get("BSBR_TEST_ARTIFACTS", tmp_path)) / "web_page.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    result = drive(url, {"text": "5, 17, 3, 60", "tokens": 20}, "--ui", str(target))
+    assert result["status"] == "Done.", result
+    assert result["output"].startswith("5, 17, 3, 60") and len(result["output"].split()) >= 20
+    assert "tokens/s" in result["stats"] and "ms per token" in result["stats"]
+    assert target.stat().st_size > 10_000 and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print_uncaptured(request, f"web page screenshot: {target}")
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([1, 97], "token id 97 is out of range"),
+    ([], "the prompt is empty"),
+])
+def test_a_bad_prompt_is_a_message_on_the_page(browser, page, prompt, message):
+    url, _ = page
+    result = drive(url, {"prompt": prompt, "tokens": 4})
+    assert message in result["error"] and not result["errors"]
+
+
+def test_a_changed_or_missing_graph_is_a_message_on_the_page(browser, web_export, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(web_export, copy)
+    graph = copy / "web" / "model.decode.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    server = page_server(copy, 0)
+    serve_in_thread(server)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        changed = drive(url, {"prompt": [1, 2], "tokens": 2})
+        graph.unlink()
+        missing = drive(url, {"prompt": [1, 2], "tokens": 2})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "model.decode.onnx does not match the sha256 in web.json" in changed["error"]
+    assert "could not load model.decode.onnx (HTTP 404)" in missing["error"]
+
+
+# ---- serve-web and export, as commands -------------------------------------------------------
+
+def test_serve_web_sends_the_isolation_headers_and_stops_on_ctrl_c(web_export):
+    process = subprocess.Popen([sys.executable, "-m", "bsbr_export.cli", "serve-web", str(web_export), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        line = process.stdout.readline()
+        url = line.split(" at ", 1)[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url + "ort/ort-wasm-simd-threaded.wasm", timeout=10) as response:
+            assert response.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+            assert response.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+            assert response.headers["Content-Type"] == "application/wasm"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_serve_web_of_a_directory_without_a_page(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "serve-web", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and "has no web page (index.html)" in err
+
+
+def test_format_web_without_onnxruntime_web_files_writes_nothing(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("BSBR_ORT_WEB", str(tmp_path / "nowhere"))
+    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "web", "--streaming", "--out",
+                           str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and "copies onnxruntime-web's files" in err
+    assert not (tmp_path / "out").exists()
