@@ -320,9 +320,10 @@ def main() -> None:
         print(json.dumps(direct(args.direct, [int(c) for c in args.contexts.split(",")],
                                 [int(c) for c in args.concurrency.split(",")], args.tokens)))
         return
+    from sweep import matmul_graph, time_onnx
+
     from bsbr_export.machine import cpu_model
     from bsbr_export.serve.serve import find_env
-    from sweep import matmul_graph, time_onnx
 
     triton_env = find_env(args.triton_env)
     results = [measure(model, args, triton_env) for model in args.models.split(",")]

@@ -12,7 +12,6 @@ headers that give wasm its threads.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,36 +19,19 @@ from torch import nn
 
 from bsbr_export.errors import UserError
 from bsbr_export.export.onnx import export_onnx
-from bsbr_export.io import read_json
 from bsbr_export.manifest import sha256
 from bsbr_export.model.spec import ModelSpec
+from bsbr_export.runtime.ortweb import VERSION as ORT_WEB_VERSION
+from bsbr_export.runtime.ortweb import ort_web_dist
 
 # The opset whose ops onnxruntime-web's wasm and WebGPU backends run (23's fused
 # Attention is not in its WebGPU kernels); the graphs spell attention out below it.
 WEB_OPSET = 18
-ORT_WEB_VERSION = "1.31.1"  # web/package.json pins it
-ENV_VAR = "BSBR_ORT_WEB"
 # The page's two backends: each a bundle and the wasm build it loads.
 RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
                  "ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
 PAGE = Path(__file__).with_name("webpage")
 PAGE_FILES = ("index.html", "app.js")
-INSTALL = (f"run `npm ci --prefix web` in a bsbr-export checkout, or `npm install onnxruntime-web@{ORT_WEB_VERSION}` "
-           f"and set {ENV_VAR}=node_modules/onnxruntime-web/dist")
-
-
-def ort_web_dist() -> Path:
-    """onnxruntime-web's `dist/` ($BSBR_ORT_WEB, else the checkout's web/node_modules), checked."""
-    default = Path(__file__).resolve().parents[2] / "web" / "node_modules" / "onnxruntime-web" / "dist"
-    dist = Path(os.environ.get(ENV_VAR) or default)
-    missing = [f for f in RUNTIME_FILES if not (dist / f).is_file()]
-    if missing:
-        raise UserError(f"--format web copies onnxruntime-web's files, and {dist} lacks {missing[0]}: {INSTALL}")
-    package = dist.parent / "package.json"
-    version = read_json(package).get("version") if package.is_file() else None
-    if version != ORT_WEB_VERSION:
-        raise UserError(f"--format web needs onnxruntime-web {ORT_WEB_VERSION}, {dist.parent} is {version}: {INSTALL}")
-    return dist
 
 
 def check_web(spec: ModelSpec) -> None:
@@ -57,7 +39,7 @@ def check_web(spec: ModelSpec) -> None:
     if not any(o.logits for o in spec.outputs):
         raise UserError(f"--format web generates text: the model must output logits, it outputs "
                         f"{', '.join(spec.output_names)}")
-    ort_web_dist()
+    ort_web_dist(RUNTIME_FILES + ("ort.node.min.mjs",))
 
 
 def write_web(model: nn.Module, path: Path, kind: str, spec: ModelSpec) -> list[Path]:
@@ -68,7 +50,7 @@ def write_web(model: nn.Module, path: Path, kind: str, spec: ModelSpec) -> list[
     if kind == "full":
         runtime = path.parent / "ort"
         runtime.mkdir(exist_ok=True)
-        dist = ort_web_dist()
+        dist = ort_web_dist(RUNTIME_FILES)
         for name in RUNTIME_FILES:
             files.append(Path(shutil.copyfile(dist / name, runtime / name)))
         for name in PAGE_FILES:

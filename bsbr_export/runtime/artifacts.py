@@ -4,6 +4,7 @@ from bsbr_export.runtime.aoti import AotiRunner
 from bsbr_export.runtime.base import Runner
 from bsbr_export.runtime.executorch import ExecuTorchRunner
 from bsbr_export.runtime.onnx import OnnxRunner
+from bsbr_export.runtime.ortweb import OrtWebRunner
 from bsbr_export.runtime.torchscript import TorchScriptRunner
 
 # format name -> runner class, each built as cls(path, input_names, output_names, **options).
@@ -13,7 +14,7 @@ RUNNERS: dict[str, type] = {
     "torchscript-mobile": TorchScriptRunner,
     "aoti": AotiRunner,
     "executorch": ExecuTorchRunner,
-    "web": OnnxRunner,  # the page's graphs, checked on native ONNX Runtime
+    "web": OrtWebRunner,  # the page's graphs, in the runtime the page runs
 }
 
 

@@ -218,5 +218,30 @@ def test_format_web_without_onnxruntime_web_files_writes_nothing(capsys, monkeyp
     monkeypatch.setenv("BSBR_ORT_WEB", str(tmp_path / "nowhere"))
     code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "web", "--streaming", "--out",
                            str(tmp_path / "out"))
-    assert code == 2 and err.count("\n") == 1 and "copies onnxruntime-web's files" in err
+    assert code == 2 and err.count("\n") == 1 and "onnxruntime-web's files are needed for the web format" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_graph_onnxruntime_web_cannot_run_is_refused_naming_the_op(browser, tmp_path):
+    """The web format's runner is onnxruntime-web itself (wasm, under Node), so export and
+    validate refuse a graph it cannot run, with its message naming the op."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bsbr_export.errors import UserError
+    from bsbr_export.runtime.ortweb import OrtWebRunner
+
+    node = helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)],
+                              ir_version=10)
+    onnx.save(model, tmp_path / "odd.onnx")
+    with pytest.raises(UserError, match="onnxruntime-web cannot load odd.onnx: .*Frobnicate"):
+        OrtWebRunner(tmp_path / "odd.onnx")
+
+
+def test_validate_runs_the_web_graphs_in_onnxruntime_web(browser, web_export, capsys):
+    code, out, _ = run_cli(capsys, "validate", str(web_export))
+    assert code == 0
+    assert "web/model.onnx" in out and "web/model.decode.onnx" in out

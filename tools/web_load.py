@@ -1,0 +1,175 @@
+"""The web page (`--format web`) in headless Chromium beside native onnxruntime, on the
+same graphs: per-token latency and tokens/s at two contexts, page load time and bytes.
+
+    python tools/web_load.py [--models bsbr-tiny,bsbr-small,bsbr-stdlib] [--contexts 256,4096]
+        [--tokens 32] [--out tools/results]
+
+Each model is exported with `--format web --streaming` into a temp dir. For each context
+a random prompt of that many tokens goes in (prefill, timed apart), then `--tokens` greedy
+tokens; the figure is the median per-token call. Engines, each in its own process:
+Chromium (Debian's, driven by puppeteer-core through web/drive.mjs) on wasm with one thread
+(page served without cross-origin isolation), on wasm with threads (isolated), and on
+WebGPU (Chromium's SwiftShader adapter: the CPU; the page falls back to wasm when WebGPU
+cannot run the graph, and the reason is recorded); native onnxruntime on the page's own
+decode graph with 1 and 2 threads. ORT's float32 MatMul rate is measured in the same run
+(tools/sweep.py). Writes web_load.json and .md to --out. No number is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # sweep.py, for ORT's MatMul rate
+DRIVER = HERE.parent / "web" / "drive.mjs"
+
+
+def native(web: str, context: int, tokens: int, threads: int) -> dict:
+    """Child: greedy generation on native onnxruntime over the page's decode graph."""
+    from bsbr_export.manifest import read_manifest
+    from bsbr_export.model.spec import ModelSpec
+    from bsbr_export.runtime.onnx import OnnxRunner
+    from bsbr_export.runtime.state import advance_state, empty_state_tensor
+
+    web = Path(web)
+    spec = ModelSpec.from_dict(read_manifest(web.parent)["spec"])
+    runner = OnnxRunner(web / "model.decode.onnx", threads=threads)
+    state = {name: empty_state_tensor(shape, 1) for name, shape in spec.state.inputs.items()}
+    feed = np.random.default_rng(context).integers(0, spec.tokens.high, context).tolist()
+    seconds = []
+    for _ in range(tokens + 1):
+        start = time.perf_counter()
+        out = runner.infer({"input_ids": np.array([feed], np.int64), **state})
+        seconds.append(time.perf_counter() - start)
+        state = advance_state(state, out, spec.state.append_axis)
+        feed = [int(out["logits"][0, -1].argmax())]
+    return {"prefill_ms": seconds[0] * 1e3, "token_ms": statistics.median(seconds[1:]) * 1e3}
+
+
+def browser(web: Path, context: int, tokens: int, backend: str, isolated: bool) -> dict:
+    from bsbr_export.serve.web import page_server, serve_in_thread
+
+    server = page_server(web, 0, isolated=isolated)
+    serve_in_thread(server)
+    prompt = np.random.default_rng(context).integers(0, json.loads((web / "web.json").read_text())["vocab_size"],
+                                                     context).tolist()
+    try:
+        done = subprocess.run(["node", str(DRIVER), f"http://127.0.0.1:{server.server_address[1]}/",
+                               json.dumps({"prompt": prompt, "tokens": tokens + 1, "backend": backend})],
+                              capture_output=True, text=True, timeout=1200,
+                              env={**os.environ, "BSBR_WEBGPU": "1" if backend == "webgpu" else "0"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1:]}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {key: result.get(key) for key in ("prefill_ms", "token_ms", "tokens_per_s", "backend", "threads", "note",
+                                              "load_ms", "transferred_bytes", "error")}
+
+
+def measure(model: str, contexts: list[int], tokens: int) -> dict:
+    from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
+
+    out = Path(tempfile.mkdtemp(prefix="web-load-")) / model
+    export_model(model, out, [FORMATS["web"]], streaming=True)
+    web = out / "web"
+    rows = []
+    for context in contexts:
+        row = {"context": context}
+        for threads in (1, 2):
+            child = subprocess.run([sys.executable, __file__, "--native", str(web), "--contexts", str(context),
+                                    "--tokens", str(tokens), "--threads", str(threads)],
+                                   stdout=subprocess.PIPE, text=True, check=True)
+            row[f"native_{threads}"] = json.loads(child.stdout.strip().splitlines()[-1])
+        row["wasm_1"] = browser(web, context, tokens, "wasm", isolated=False)
+        row["wasm_threads"] = browser(web, context, tokens, "wasm", isolated=True)
+        row["webgpu"] = browser(web, context, tokens, "webgpu", isolated=False)
+        print(f"{model} {context}: {json.dumps(row)}", file=sys.stderr)
+        rows.append(row)
+    size = sum(f.stat().st_size for f in web.rglob("*") if f.is_file())
+    return {"model": model, "rows": rows, "web_bytes": size}
+
+
+def report(results: list[dict], machine: dict, tokens: int) -> str:
+    lines = ["# The web page in headless Chromium beside native onnxruntime", "",
+             f"CPU: {machine['processor']}, {machine['cores']} cores; ORT float32 MatMul {machine['matmul_gflops']:.0f} "
+             "GFLOP/s (2 threads, [4096, 256] x [256, 1024], same run). Chromium "
+             f"{machine['chromium']}, onnxruntime-web 1.31.1; native onnxruntime {machine['onnxruntime']} on the "
+             f"page's own opset-18 decode graph. Greedy, {tokens} tokens after a random prompt of `context` tokens; "
+             "ms per token is the median call, prefill the prompt's one call. WebGPU is Chromium's SwiftShader "
+             "adapter (no GPU here).", ""]
+    for result in results:
+        lines += [f"## {result['model']}", "",
+                  f"web/ holds {result['web_bytes'] / 1e6:.1f} MB (graphs, page, onnxruntime-web's wasm and WebGPU "
+                  "builds).", "",
+                  "| context | engine | ms/token | tokens/s | prefill ms | vs native 1 thread | page load ms | bytes loaded |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in result["rows"]:
+            base = row["native_1"]["token_ms"]
+            for name, label in (("native_1", "native ORT, 1 thread"), ("native_2", "native ORT, 2 threads"),
+                                ("wasm_1", "Chromium wasm, 1 thread"), ("wasm_threads", "Chromium wasm, threaded"),
+                                ("webgpu", "Chromium WebGPU")):
+                r = row[name]
+                if r.get("error"):
+                    lines.append(f"| {row['context']} | {label} | failed: {r['error']} | | | | | |")
+                    continue
+                if name == "webgpu" and r.get("backend") != "webgpu":
+                    label += f" (fell back: {r.get('note')})"
+                if name == "wasm_threads":
+                    label = f"Chromium wasm, {r.get('threads')} threads"
+                load = f"{r['load_ms']:.0f}" if r.get("load_ms") is not None else ""
+                loaded = f"{r['transferred_bytes'] / 1e6:.1f} MB" if r.get("transferred_bytes") else ""
+                lines.append(f"| {row['context']} | {label} | {r['token_ms']:.2f} | {1e3 / r['token_ms']:.0f} | "
+                             f"{r['prefill_ms']:.1f} | {r['token_ms'] / base:.2f}x | {load} | {loaded} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="bsbr-tiny,bsbr-small,bsbr-stdlib")
+    parser.add_argument("--contexts", default="256,4096")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--native", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.native:
+        print(json.dumps(native(args.native, int(args.contexts), args.tokens, args.threads)))
+        return
+    import onnxruntime
+    from sweep import matmul_graph, time_onnx
+
+    from bsbr_export.machine import cpu_model
+
+    results = [measure(m, [int(c) for c in args.contexts.split(",")], args.tokens) for m in args.models.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "matmul.onnx"
+        matmul_graph(path, 256)
+        timing = time_onnx(path, [4096], vocab=2, hidden=256, threads=2)["timings"][0]
+    chromium = subprocess.run(["chromium", "--version"], capture_output=True, text=True).stdout.split()[1]
+    machine = {"processor": cpu_model(), "cores": os.cpu_count(), "chromium": chromium,
+               "onnxruntime": onnxruntime.__version__,
+               "matmul_gflops": 2 * 4096 * 256 * 1024 / (timing["p50_ms"] / 1e3) / 1e9}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "web_load.json").write_text(json.dumps({"machine": machine, "tokens": args.tokens,
+                                                        "results": results}, indent=2))
+    text = report(results, machine, args.tokens)
+    (args.out / "web_load.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
