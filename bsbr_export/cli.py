@@ -268,8 +268,8 @@ QUICK_BENCH = {
 @click.option("--out", "out_dir", type=click.Path(), default=None,
               help="Export directory when TARGET is a model [default: ./export/<model>].")
 @click.option("--formats", default=None,
-              help="Formats to export when TARGET is a model [default: every one installed: "
-                   + ", ".join(FORMATS) + "].")
+              help="Formats to export when TARGET is a model [default: every one installed of "
+                   + ", ".join(f.name for f in FORMATS.values() if f.benched) + "].")
 @click.option("--streaming/--no-streaming", default=True, show_default=True,
               help="Export streaming graphs too when TARGET is a model (decode latency needs them).")
 @click.option("--check-length", type=click.IntRange(min=1), default=2048, show_default=True,

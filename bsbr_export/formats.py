@@ -52,6 +52,7 @@ class Format:
     requires: str | None = None  # the module of an optional package it needs
     install: str = ""  # how to install that package
     directory: str = ""  # the export's subdirectory its files go in (none: beside the manifest)
+    benched: bool = True  # bench exports it by default (its runners time it, or ONNX Runtime's engines do)
 
     @property
     def installed(self) -> bool:
@@ -89,8 +90,9 @@ FORMATS: dict[str, Format] = {
                frozenset({"max_length", "max_batch"}), kinds=("full",), engine=True, requires="executorch",
                install='pip install -c constraints.txt "bsbr-export[executorch]" (in a checkout: ".[executorch]")'),
         # The page generates with the decode step (export with --streaming); opset 18 graphs.
+        # Timed in a browser (tools/web_load.py), not by bench.
         Format("web", ".onnx", "static web page generating with onnxruntime-web (wasm, WebGPU) in the browser",
-               kinds=("full", "decode"), directory="web"),
+               kinds=("full", "decode"), directory="web", benched=False),
     )
 }
 

@@ -217,13 +217,13 @@ def export_for_bench(model_ref, directory: Path, formats: list[str] | None, stre
                      trust_code: bool, tolerance: float, long_length: int, max_length: int,
                      progress: Callable[[str], None]) -> None:
     """Export a model for bench into a new or empty `directory`: in `formats` (default:
-    every format installed here), with streaming graphs when the model can stream."""
+    every format bench times that is installed here), with streaming graphs when the model can stream."""
     check_bench_out(directory, overwrite)
     progress(f"exporting {model_ref} to {directory}")
     source = load_source(model_ref, trust_code=trust_code)
     # Non-causal models and modules without the streaming protocol have no streaming graphs.
     streams = streaming and source.spec.causal and source.spec.state is not None
-    chosen = [FORMATS[f] for f in formats] if formats else [f for f in FORMATS.values() if f.installed]
+    chosen = [FORMATS[f] for f in formats] if formats else [f for f in FORMATS.values() if f.installed and f.benched]
     planned = any("max_length" in f.options for f in chosen)  # formats that plan memory for a longest input
     export_model(source, directory, chosen, streaming=streams, overwrite=overwrite, tolerance=tolerance,
                  long_length=long_length, max_length=max_length if planned else None, progress=progress)

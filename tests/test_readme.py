@@ -21,7 +21,7 @@ MARKED = re.compile(r"<!-- readme-test(?::\s*needs ([^>]*?))?\s*-->\n```bash\n(.
 # What a fresh clone does not have, and what the blocks may write.
 NOT_COPIED = (".venv", ".venv-triton", ".git", "export", "build", "node_modules", "__pycache__", ".pytest_cache", ".hypothesis",
               "*.egg-info")
-OUTPUTS = ("export", "build", "samples/node/node_modules")
+OUTPUTS = ("export", "build", "samples/node/node_modules", "web/node_modules")
 
 
 def readme_blocks() -> list[tuple[list[str], str]]:

@@ -35,6 +35,8 @@ try {
       document.getElementById('prompt').value = o.text ?? o.prompt;
       document.getElementById('tokens').value = String(o.tokens ?? 32);
       document.getElementById('backend').value = o.backend ?? 'wasm';
+      document.getElementById('temperature').value = String(o.temperature ?? 0);
+      document.getElementById('seed').value = String(o.seed ?? 0);
     }, options);
     await page.click('#generate');
     await page.waitForFunction(() => ['Done.'].includes(document.getElementById('status').textContent)

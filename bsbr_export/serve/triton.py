@@ -178,8 +178,10 @@ def copy_serving_package(target: Path) -> None:
     imports torch, which import-linter keeps so)."""
     code = ("import sys, importlib; importlib.import_module(sys.argv[1]); print('\\n'.join(sorted("
             "m.__file__ for n, m in list(sys.modules.items()) if n.split('.')[0] == 'bsbr_export')))")
-    done = subprocess.run([sys.executable, "-c", code, SERVING_MODULE], capture_output=True, text=True, check=True)
     root = Path(__file__).resolve().parents[1]  # the bsbr_export package
+    # Run beside this package, so `-c` imports it (not one in the caller's directory).
+    done = subprocess.run([sys.executable, "-c", code, SERVING_MODULE], capture_output=True, text=True, check=True,
+                          cwd=root.parent)
     for file in done.stdout.split():
         path = Path(file).resolve()
         copy = target / "bsbr_export" / path.relative_to(root)
