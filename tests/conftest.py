@@ -333,6 +333,7 @@ SLOW_FILES = (
     "test_executorch.py",  # ExecuTorch lowering (executorch_export): 33 s
     "test_samples_cpp.py",  # a cmake build against libtorch, and the AOTInductor package: 16 s + aoti_export
     "test_pretrained.py",  # transformers model directories exported (hf_export 41 s, three more): 94 s
+    "test_web.py",  # bsbr-tiny exported for the web (checked in onnxruntime-web) and driven in Chromium: 90 s
 )
 # Single tests: "file.py::test_name" matches that test (all its parameters), anything else
 # is a substring of the node id. A fixture's setup is paid by its first user, so every user

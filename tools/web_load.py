@@ -110,6 +110,7 @@ def report(results: list[dict], machine: dict, tokens: int) -> str:
              f"page's own opset-18 decode graph. Greedy, {tokens} tokens after a random prompt of `context` tokens; "
              "ms per token is the median call, prefill the prompt's one call. WebGPU is Chromium's SwiftShader "
              "adapter (no GPU here).", ""]
+    fallbacks: set[str] = set()
     for result in results:
         lines += [f"## {result['model']}", "",
                   f"web/ holds {result['web_bytes'] / 1e6:.1f} MB (graphs, page, onnxruntime-web's wasm and WebGPU "
@@ -126,7 +127,8 @@ def report(results: list[dict], machine: dict, tokens: int) -> str:
                     lines.append(f"| {row['context']} | {label} | failed: {r['error']} | | | | | |")
                     continue
                 if name == "webgpu" and r.get("backend") != "webgpu":
-                    label += f" (fell back: {r.get('note')})"
+                    label += " (fell back to wasm, see below)"
+                    fallbacks.add(r.get("note"))
                 if name == "wasm_threads":
                     label = f"Chromium wasm, {r.get('threads')} threads"
                 load = f"{r['load_ms']:.0f}" if r.get("load_ms") is not None else ""
@@ -134,6 +136,7 @@ def report(results: list[dict], machine: dict, tokens: int) -> str:
                 lines.append(f"| {row['context']} | {label} | {r['token_ms']:.2f} | {1e3 / r['token_ms']:.0f} | "
                              f"{r['prefill_ms']:.1f} | {r['token_ms'] / base:.2f}x | {load} | {loaded} |")
         lines.append("")
+    lines += [f"WebGPU: {note}" for note in sorted(filter(None, fallbacks))]
     return "\n".join(lines) + "\n"
 
 
