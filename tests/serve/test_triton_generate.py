@@ -255,6 +255,28 @@ def test_step_model_refuses_past_max_sequences(small_server):
     step(12, end=True)
 
 
+def test_state_memory_bound_answers_with_an_error(triton_env, tiny_export, tmp_path):
+    """max_state_bytes: a sequence whose state would take the model past it is refused
+    with the figures, and fits once another one ends (bsbr-tiny: 5632 bytes per sequence
+    plus 2304 per finished 8-token chunk)."""
+    out, _ = tiny_export
+    repo = write_triton_repo(out, tmp_path / "models", max_state_bytes=12_000)
+    with TritonServer(repo, triton_env, http_port=0, grpc_port=0) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+
+        def step(sequence, ids, start=False, end=False):
+            return client.infer(STEP, [tensor("input_ids", [ids], np.int64)], sequence_id=sequence,
+                                sequence_start=start, sequence_end=end)
+
+        step(21, list(range(20)), start=True)  # 2 finished chunks: 10240 bytes
+        with pytest.raises(InferenceServerException, match="the open sequences hold 10240 state bytes; this one "
+                                                           "needs 5632 more, over this model's max_state_bytes"):
+            step(22, [1, 2, 3], start=True)
+        step(21, [5], end=True)
+        step(22, [1, 2, 3], start=True, end=True)
+        assert server.healthy()
+
+
 def _stub_rss(server, model: str) -> int:
     """Resident bytes of the Python-backend stub process that runs `model`."""
     for status in Path("/proc").glob("[0-9]*/cmdline"):
