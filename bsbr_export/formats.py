@@ -53,6 +53,7 @@ class Format:
     install: str = ""  # how to install that package
     directory: str = ""  # the export's subdirectory its files go in (none: beside the manifest)
     benched: bool = True  # bench exports it by default (its runners time it, or ONNX Runtime's engines do)
+    needs_streaming: bool = False  # it is of no use without its streaming graphs (export with --streaming)
 
     @property
     def installed(self) -> bool:
@@ -92,7 +93,7 @@ FORMATS: dict[str, Format] = {
         # The page generates with the decode step (export with --streaming); opset 18 graphs.
         # Timed in a browser (tools/web_load.py), not by bench.
         Format("web", ".onnx", "static web page generating with onnxruntime-web (wasm, WebGPU) in the browser",
-               kinds=("full", "decode"), directory="web", benched=False),
+               kinds=("full", "decode"), directory="web", benched=False, needs_streaming=True),
     )
 }
 

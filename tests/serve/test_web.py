@@ -245,3 +245,9 @@ def test_validate_runs_the_web_graphs_in_onnxruntime_web(browser, web_export, ca
     code, out, _ = run_cli(capsys, "validate", str(web_export))
     assert code == 0
     assert "web/model.onnx" in out and "web/model.decode.onnx" in out
+
+
+def test_format_web_without_streaming_is_refused_before_any_work(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "web", "--out", str(tmp_path / "out"))
+    assert code == 2 and err.strip() == "bsbr-export: error: --format web generates with the decode step: add --streaming"
+    assert not (tmp_path / "out").exists()

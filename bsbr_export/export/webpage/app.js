@@ -181,7 +181,7 @@ async function generate({ prompt, tokens = 64, temperature = 0, seed = 0, backen
 async function main() {
   try {
     const response = await fetch('web.json');
-    if (!response.ok) throw new Error(`could not load web.json (HTTP ${response.status}): export with --format web --streaming`);
+    if (!response.ok) throw new Error(`could not load web.json (HTTP ${response.status}): is the export's web/ served whole?`);
     meta = await response.json();
   } catch (exc) {
     show(exc.message, true);
