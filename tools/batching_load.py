@@ -31,11 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # sweep.py, for ORT's MatMul rate
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+from sweep import matmul_rate, percentile  # noqa: E402
 
 
 def measure_model(model: str, concurrency: list[int], contexts: list[int], tokens: int, threads: int) -> dict:
@@ -75,17 +71,6 @@ def measure_model(model: str, concurrency: list[int], contexts: list[int], token
             print(f"{model} context {context} x {n}: {rows[-1]['tokens_per_s']:.0f} tokens/s, "
                   f"p50 {rows[-1]['p50_ms']:.2f} ms (decode alone {single_ms:.2f} ms)", file=sys.stderr)
     return {"model": model, "export_seconds": export_seconds, "rows": rows}
-
-
-def matmul_rate(hidden: int, threads: int) -> float:
-    """ORT's own float32 MatMul GFLOP/s here: [4096, hidden] x [hidden, 4 hidden]."""
-    from sweep import matmul_graph, time_onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "matmul.onnx"
-        matmul_graph(path, hidden)
-        timing = time_onnx(path, [4096], vocab=2, hidden=hidden, threads=threads)["timings"][0]
-    return 2 * 4096 * hidden * 4 * hidden / (timing["p50_ms"] / 1e3) / 1e9
 
 
 def report(results: list[dict], machine: dict, tokens: int, threads: int) -> str:

@@ -55,12 +55,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # sweep.py, for ORT's MatMul rate
+from sweep import matmul_rate, percentile  # noqa: E402
+
 SERVER_CORE, CLIENT_CORE = 0, 1
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def pin_group(pgid: int, core: int) -> None:
@@ -320,20 +317,13 @@ def main() -> None:
         print(json.dumps(direct(args.direct, [int(c) for c in args.contexts.split(",")],
                                 [int(c) for c in args.concurrency.split(",")], args.tokens)))
         return
-    from sweep import matmul_graph, time_onnx
-
     from bsbr_export.machine import cpu_model
     from bsbr_export.serve.serve import find_env
 
     triton_env = find_env(args.triton_env)
     results = [measure(model, args, triton_env) for model in args.models.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "matmul.onnx"
-        matmul_graph(path, 256)
-        os.sched_setaffinity(0, {SERVER_CORE})  # the sweep child inherits core 0
-        timing = time_onnx(path, [4096], vocab=2, hidden=256, threads=1)["timings"][0]
-    machine = {"processor": cpu_model(), "cores": os.cpu_count(),
-               "matmul_gflops": 2 * 4096 * 256 * 1024 / (timing["p50_ms"] / 1e3) / 1e9}
+    os.sched_setaffinity(0, {SERVER_CORE})  # the sweep child inherits core 0
+    machine = {"processor": cpu_model(), "cores": os.cpu_count(), "matmul_gflops": matmul_rate(256, threads=1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "generate_load.json").write_text(json.dumps({"machine": machine, "tokens": args.tokens,
                                                              "results": results}, indent=2))

@@ -24,6 +24,24 @@ LENGTHS = [256, 1024, 4096, 16384]
 DECODE = [256, 1024, 4096, 16384]
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile of `values` (nearest rank; nan when there are none)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def matmul_rate(hidden: int, threads: int) -> float:
+    """ORT's own float32 MatMul GFLOP/s here: [4096, hidden] x [hidden, 4 hidden], timed in a
+    child process (which inherits this process's CPU affinity)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "matmul.onnx"
+        matmul_graph(path, hidden)
+        timing = time_onnx(path, [4096], vocab=2, hidden=hidden, threads=threads)["timings"][0]
+    return 2 * 4096 * hidden * 4 * hidden / (timing["p50_ms"] / 1e3) / 1e9
+
+
 def sdpa_model(config, seed: int = 0):
     """bsbr-small's family with every BSBR attention swapped for causal SDPA (same weights)."""
     import torch

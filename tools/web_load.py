@@ -31,6 +31,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # sweep.py, for ORT's MatMul rate
+from sweep import matmul_rate  # noqa: E402
+
 DRIVER = HERE.parent / "web" / "drive.mjs"
 
 
@@ -153,19 +155,14 @@ def main() -> None:
         print(json.dumps(native(args.native, int(args.contexts), args.tokens, args.threads)))
         return
     import onnxruntime
-    from sweep import matmul_graph, time_onnx
 
     from bsbr_export.machine import cpu_model
 
     results = [measure(m, [int(c) for c in args.contexts.split(",")], args.tokens) for m in args.models.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "matmul.onnx"
-        matmul_graph(path, 256)
-        timing = time_onnx(path, [4096], vocab=2, hidden=256, threads=2)["timings"][0]
     chromium = subprocess.run(["chromium", "--version"], capture_output=True, text=True).stdout.split()[1]
     machine = {"processor": cpu_model(), "cores": os.cpu_count(), "chromium": chromium,
                "onnxruntime": onnxruntime.__version__,
-               "matmul_gflops": 2 * 4096 * 256 * 1024 / (timing["p50_ms"] / 1e3) / 1e9}
+               "matmul_gflops": matmul_rate(256, threads=2)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "web_load.json").write_text(json.dumps({"machine": machine, "tokens": args.tokens,
                                                         "results": results}, indent=2))

@@ -76,6 +76,11 @@ class Sequences:
         self.token_axis = {name: state.inputs[past].index("past_tokens") for name, past in self.past.items()
                            if "past_tokens" in state.inputs[past]}
         self.pool = {name: np.zeros([capacity, *shape[1:]], np.float32) for name, shape in self.cache_shapes.items()}
+        # A sequence's state in bytes: its pool slot, plus one row of each appended entry per finished chunk.
+        self.slot_bytes = sum(pool[0].nbytes for pool in self.pool.values())
+        self.chunk_bytes = sum(4 * int(np.prod([d for i, d in enumerate(state.inputs[name])
+                                                if i != state.append_axis and isinstance(d, int)]))
+                               for name in state.appended)
         self.held: dict[Hashable, Held] = {}
         self.order: list[Hashable] = []  # slot -> key
 
@@ -131,12 +136,8 @@ class Sequences:
     def state_bytes(self, key: Hashable | None = None, position: int | None = None) -> int:
         """Bytes of one sequence's state: its pool slot plus its finished chunks; of `key`'s,
         or of any sequence at `position` tokens."""
-        slot = sum(pool[0].nbytes for pool in self.pool.values())
         chunks = (self.held[key].position if position is None else position) // self.chunk_size
-        axis = self.spec.state.append_axis
-        per_chunk = sum(int(np.prod([d for i, d in enumerate(self.spec.state.inputs[n]) if i != axis and
-                                     isinstance(d, int)])) * 4 for n in self.spec.state.appended)
-        return slot + chunks * per_chunk
+        return self.slot_bytes + chunks * self.chunk_bytes
 
     def _rows(self, keys: list[Hashable], tokens: list[int]) -> dict[Hashable, np.ndarray]:
         """One row-step call for `keys` (none closing its chunk); their logits, [1, vocab]."""

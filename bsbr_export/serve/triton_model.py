@@ -327,14 +327,13 @@ class GenerateModel:
         self.loop = threading.Thread(target=self._run, name="bsbr-generate", daemon=True)
         self.loop.start()
 
-    def execute(self, requests: list) -> None:
+    def execute(self, requests: list) -> None:  # decoupled: responses go through each request's sender
         for request in requests:
             sender = request.get_response_sender()
             try:
                 self.queued.put(self._job(request, sender))
             except (RequestError, self.UserError) as exc:
                 sender.send(error_response(str(exc)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
 
     def finalize(self) -> None:
         self.stopping.set()
