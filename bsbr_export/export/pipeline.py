@@ -147,10 +147,15 @@ def plan_jobs(source: Source, formats: list[Format], streaming: bool, **options)
     """The (format, kind) pairs to export, every one checked possible before any work:
     each format's options for this model, and each streaming kind the module gives (a
     decode graph needs its `stream_update`, a row step its `step_rows`; other streamers
-    get the full-state step)."""
+    get the full-state step; a format of no use without its streaming graphs is refused for them)."""
     for fmt in formats:
         check_options(fmt, source.spec, **options)
     gives = {kind: callable(getattr(source.module, method, None)) for kind, method in STEP_METHODS.items()}
+    for fmt in formats:
+        if fmt.needs_streaming and not all(gives.get(kind, True) for kind in fmt.kinds):
+            raise UserError(f"--format {fmt.name} needs the {' and '.join(fmt.kinds[1:])} step, which "
+                            f"{type(source.module).__name__} cannot give: it needs init_state, stream and "
+                            "stream_update (README, \"Your own model\")")
     jobs = [(fmt, kind) for fmt, kind in export_jobs(formats, streaming) if gives.get(kind, True)]
     for _, kind in jobs:
         check_kind(source.module, source.spec, kind)

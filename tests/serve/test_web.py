@@ -251,3 +251,22 @@ def test_format_web_without_streaming_is_refused_before_any_work(capsys, tmp_pat
     code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "web", "--out", str(tmp_path / "out"))
     assert code == 2 and err.strip() == "bsbr-export: error: --format web generates with the decode step: add --streaming"
     assert not (tmp_path / "out").exists()
+
+
+def test_format_web_of_a_module_that_cannot_stream_is_refused(capsys, tmp_path):
+    """A language model without the decode step gets one line, not a page that cannot generate."""
+    (tmp_path / "lm.py").write_text(
+        "from torch import nn\n"
+        "from bsbr_export.nn import BSBRAttention\n\n"
+        "class LM(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.embed, self.attn, self.head = nn.Embedding(50, 16), BSBRAttention(16, 2, 4), nn.Linear(16, 50)\n\n"
+        "    def forward(self, input_ids):\n"
+        "        return self.head(self.attn(self.embed(input_ids)))\n\n"
+        "def build():\n"
+        "    return LM().eval()\n")
+    code, _, err = run_cli(capsys, "export", f"{tmp_path / 'lm.py'}:build", "--trust-code", "--format", "web",
+                           "--streaming", "--out", str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and "--format web needs the decode step, which LM cannot give" in err
+    assert not (tmp_path / "out").exists()
