@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from bsbr_export.errors import UserError
 
 # What an artifact computes: the full forward, one streaming step returning the whole
-# state (Triton's implicit state needs that), one step returning only what changed, or
-# one token for each of many sequences at their own positions (in-flight batching).
-KINDS = ("full", "streaming", "decode", "rows")
+# state (Triton's implicit state needs that), one token for each of many sequences at
+# their own positions (in-flight batching), or one step returning only what changed.
+# Export writes them in this order: a web page's facts go out with its decode step, last.
+KINDS = ("full", "streaming", "rows", "decode")
 TRACED_KINDS = ("full", "streaming", "decode")  # what a format holds unless its row says otherwise
 # Manifests and ONNX metadata name the full forward "logits", as they always have: the
 # files users' tools read keep their values; only the code calls it "full".
@@ -54,6 +55,7 @@ class Format:
     directory: str = ""  # the export's subdirectory its files go in (none: beside the manifest)
     benched: bool = True  # bench exports it by default (its runners time it, or ONNX Runtime's engines do)
     needs_streaming: bool = False  # it is of no use without its streaming graphs (export with --streaming)
+    optional_kinds: tuple[str, ...] = ()  # kinds it holds when the module gives them, and does without
 
     @property
     def installed(self) -> bool:
@@ -68,6 +70,11 @@ class Format:
     @property
     def streaming(self) -> bool:
         return len(self.kinds) > 1
+
+    @property
+    def needed_kinds(self) -> tuple[str, ...]:
+        """The streaming kinds it cannot do without (when it `needs_streaming`)."""
+        return tuple(k for k in self.kinds[1:] if k not in self.optional_kinds)
 
     def own(self, options: dict) -> dict:
         """The entries of `options` this format takes (the others are not its business)."""
@@ -90,10 +97,12 @@ FORMATS: dict[str, Format] = {
         Format("executorch", ".pte", "ExecuTorch program lowered to XNNPACK, for executorch.runtime / the C++ Module API",
                frozenset({"max_length", "max_batch"}), kinds=("full",), engine=True, requires="executorch",
                install='pip install -c constraints.txt "bsbr-export[executorch]" (in a checkout: ".[executorch]")'),
-        # The page generates with the decode step (export with --streaming); opset 18 graphs.
-        # Timed in a browser (tools/web_load.py), not by bench.
+        # The page generates with the decode step (export with --streaming) and, where the
+        # module has one, the row step (the one WebGPU runs); opset 18 graphs. Timed in a
+        # browser (tools/web_load.py), not by bench.
         Format("web", ".onnx", "static web page generating with onnxruntime-web (wasm, WebGPU) in the browser",
-               kinds=("full", "decode"), directory="web", benched=False, needs_streaming=True),
+               kinds=("full", "rows", "decode"), directory="web", benched=False, needs_streaming=True,
+               optional_kinds=("rows",)),
     )
 }
 

@@ -152,8 +152,8 @@ def plan_jobs(source: Source, formats: list[Format], streaming: bool, **options)
         check_options(fmt, source.spec, **options)
     gives = {kind: callable(getattr(source.module, method, None)) for kind, method in STEP_METHODS.items()}
     for fmt in formats:
-        if fmt.needs_streaming and not all(gives.get(kind, True) for kind in fmt.kinds):
-            raise UserError(f"--format {fmt.name} needs the {' and '.join(fmt.kinds[1:])} step, which "
+        if fmt.needs_streaming and not all(gives.get(kind, True) for kind in fmt.needed_kinds):
+            raise UserError(f"--format {fmt.name} needs the {' and '.join(fmt.needed_kinds)} step, which "
                             f"{type(source.module).__name__} cannot give: it needs init_state, stream and "
                             "stream_update (README, \"Your own model\")")
     jobs = [(fmt, kind) for fmt, kind in export_jobs(formats, streaming) if gives.get(kind, True)]

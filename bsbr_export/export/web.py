@@ -1,12 +1,18 @@
 """`--format web`: a static page that generates in the browser with onnxruntime-web.
 
 The export's `web/` holds the graphs at the opset onnxruntime-web runs (`model.onnx`, the
-full forward, and `model.decode.onnx`, the step the page generates with), the page
-(`index.html`, `app.js`), onnxruntime-web's own files for its wasm and WebGPU backends
-(`ort/`, copied from the npm package: nothing is fetched from a CDN) and `web.json` (the
-tensor names, state shapes and every graph's sha256, which the page checks). Plain files:
-any static host serves them; `bsbr-export serve-web` adds the cross-origin isolation
-headers that give wasm its threads.
+full forward; `model.decode.onnx`, the step that takes the prompt and every token that
+closes a chunk; `model.rows.onnx`, the row step every other token goes through, where the
+module has one), the page (`index.html`, `app.js`), onnxruntime-web's own files for its
+wasm and WebGPU backends (`ort/`, copied from the npm package: nothing is fetched from a
+CDN) and `web.json` (the tensor names, state shapes and every graph's sha256, which the
+page checks). Plain files: any static host serves them; `bsbr-export serve-web` adds the
+cross-origin isolation headers that give wasm its threads.
+
+WebGPU runs the row step only: its shapes are fixed (`c - 1` cache slots), while a decode
+step always holds zero-sized tensors (the chunks it finished, usually none; the tokens it
+leaves open, none after a chunk closes), which onnxruntime-web's WebGPU kernels cannot
+dispatch. So the page runs the decode step on wasm, one token in `c`.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from torch import nn
 from bsbr_export.errors import UserError
 from bsbr_export.export.onnx import export_onnx
 from bsbr_export.manifest import sha256
-from bsbr_export.model.spec import ModelSpec
+from bsbr_export.model.spec import ROW_POSITIONS, ModelSpec
 from bsbr_export.runtime.ortweb import VERSION as ORT_WEB_VERSION
 from bsbr_export.runtime.ortweb import ort_web_dist
 
@@ -32,6 +38,7 @@ RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-sim
                  "ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
 PAGE = Path(__file__).with_name("webpage")
 PAGE_FILES = ("index.html", "app.js")
+GRAPHS = {"full": "model.onnx", "rows": "model.rows.onnx", "decode": "model.decode.onnx"}
 
 
 def check_web(spec: ModelSpec) -> None:
@@ -43,8 +50,8 @@ def check_web(spec: ModelSpec) -> None:
 
 
 def write_web(model: nn.Module, path: Path, kind: str, spec: ModelSpec) -> list[Path]:
-    """One web graph at `path` (`web/model.onnx` or `web/model.decode.onnx`); with the full
-    graph the page and onnxruntime-web's files, with the decode step `web.json`."""
+    """One web graph at `path` (`web/model.onnx`, `.decode.onnx` or `.rows.onnx`); with the
+    full graph the page and onnxruntime-web's files, with a step its entry in `web.json`."""
     path.parent.mkdir(exist_ok=True)
     files = export_onnx(model, path, spec=spec, kind=kind, opset=WEB_OPSET)
     if kind == "full":
@@ -55,15 +62,16 @@ def write_web(model: nn.Module, path: Path, kind: str, spec: ModelSpec) -> list[
             files.append(Path(shutil.copyfile(dist / name, runtime / name)))
         for name in PAGE_FILES:
             files.append(Path(shutil.copyfile(PAGE / name, path.parent / name)))
-    elif kind == "decode":
+    elif kind == "decode":  # written last (formats.KINDS): every graph is there to hash
         files.append(write_page_facts(path.parent, spec, type(model).__name__))
     return files
 
 
 def write_page_facts(web: Path, spec: ModelSpec, model_name: str) -> Path:
-    """web.json: what the page needs to know (names, vocabulary, state) and the graphs' sha256."""
+    """web.json: what the page needs to know (names, vocabulary, state, the row step's
+    caches) and the sha256 of its graphs (the row step's where the module has one)."""
     state = spec.state
-    graphs = {"full": "model.onnx", "decode": "model.decode.onnx"}
+    graphs = {kind: name for kind, name in GRAPHS.items() if (web / name).is_file()}
     facts = {
         "model": model_name,
         "tokens": spec.tokens.name,
@@ -74,6 +82,11 @@ def write_page_facts(web: Path, spec: ModelSpec, model_name: str) -> Path:
         "state": state.inputs,
         "state_outputs": state.update_names(),
         "append_axis": state.append_axis,
+        # The row step: each `cache.*` is a `past.*` entry, its current chunk's rows in
+        # `c - 1` slots; `row.*` is the token's own row of it, appended by the page.
+        "positions": ROW_POSITIONS,
+        "cache": state.cache_inputs(spec.chunk_size),
+        "row_outputs": list(state.row_outputs()),
         "graphs": graphs,
         "files": {name: sha256(web / name) for name in graphs.values()},
         "runtime": f"onnxruntime-web {ORT_WEB_VERSION}",

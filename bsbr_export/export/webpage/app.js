@@ -1,9 +1,12 @@
-// Generation in the browser with onnxruntime-web, over the export's decode graph
-// (model.decode.onnx): the prompt in one call, then one token per call, the state kept
-// between calls. A decode step returns the current chunk's present.* (which replaces the
-// held entry) and the new.* rows of the chunks it finished (usually none), appended here,
-// so a token costs the same at any context. web.json (written by bsbr-export) names the
-// inputs, outputs, state shapes and every file's sha256, checked before a graph is used.
+// Generation in the browser with onnxruntime-web, over the export's step graphs: a token
+// that leaves its chunk open goes through the row step (model.rows.onnx: the current
+// chunk's keys and values in c - 1 slots, fixed shapes, so WebGPU runs it); the prompt
+// and every token that closes a chunk go through the decode step (model.decode.onnx, on
+// wasm: its zero-sized tensors are what onnxruntime-web's WebGPU kernels cannot dispatch).
+// The state stays here between calls: the row step's `row.*` and the decode step's `new.*`
+// rows (the chunks it finished) are appended, its `present.*` replace their entry, so a
+// token costs the same at any context. web.json (written by bsbr-export) names the inputs,
+// outputs, state shapes and every file's sha256, checked before a graph is used.
 // `window.bsbr.generate(options)` is what the form calls; tests call it too.
 
 const $ = (id) => document.getElementById(id);
@@ -44,57 +47,112 @@ async function backendFor(wanted) {
   return { backend: wanted, note: '' };
 }
 
+async function session(ort, graph, backend) {
+  return ort.InferenceSession.create(await fetchChecked(meta.graphs[graph]), { executionProviders: [backend] });
+}
+
 async function open(wanted) {
+  // The row step on the backend asked for; the decode step always on wasm.
   const choice = await backendFor(wanted);
+  if (choice.backend === 'webgpu' && !meta.graphs.rows) {
+    return { ...(await open('wasm')), note: 'WebGPU runs the row step only, and this export has none: fell back to wasm' };
+  }
   const key = choice.backend;
   if (!sessions[key]) {
     const ort = await import(ORT[key]);
     ort.env.wasm.wasmPaths = new URL('./ort/', location.href).href;  // served here, never a CDN
     // Threads need cross-origin isolation (SharedArrayBuffer); without it, one thread.
     ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(navigator.hardwareConcurrency || 1, 8) : 1;
-    const bytes = await fetchChecked(meta.graphs.decode);
-    const options = { executionProviders: [key] };
-    if (key === 'webgpu') {
-      // The current chunk's state stays on the GPU between calls.
-      options.preferredOutputLocation = Object.fromEntries(meta.state_outputs.filter((n) => n.startsWith('present.'))
-        .map((n) => [n, 'gpu-buffer']));
-    }
-    let session;
+    let rows = null;
     try {
-      session = await ort.InferenceSession.create(bytes, options);
+      rows = meta.graphs.rows ? await session(ort, 'rows', key) : null;
     } catch (exc) {
       if (key === 'wasm') throw exc;
-      const fallback = await open('wasm');
-      return { ...fallback, note: `WebGPU failed to load the graph (${exc.message}): fell back to wasm` };
+      return { ...(await open('wasm')), note: `WebGPU failed to load the row step (${firstLine(exc)}): fell back to wasm` };
     }
-    sessions[key] = { ort, session, backend: key, threads: ort.env.wasm.numThreads };
+    sessions[key] = { ort, rows, decode: await session(ort, 'decode', 'wasm'), backend: key,
+                      threads: ort.env.wasm.numThreads };
   }
   return { ...sessions[key], note: choice.note };
+}
+
+function firstLine(exc) {
+  return exc.message.split('\n')[0].slice(0, 300);
+}
+
+function tensor(ort, dims) {
+  return new ort.Tensor('float32', new Float32Array(dims.reduce((a, b) => a * b, 1)), dims);
 }
 
 function emptyState(ort) {
   const state = {};
   for (const [name, shape] of Object.entries(meta.state)) {
-    const dims = shape.map((d) => (d === 'batch' ? 1 : typeof d === 'number' ? d : 0));
-    state[name] = new ort.Tensor('float32', new Float32Array(dims.reduce((a, b) => a * b, 1)), dims);
+    state[name] = tensor(ort, shape.map((d) => (d === 'batch' ? 1 : typeof d === 'number' ? d : 0)));
   }
   return state;
 }
 
+function copyAlong(from, to, axis, offset) {
+  // from's blocks into to's along `axis` at `offset` (row-major: each outer block in turn).
+  const inner = from.dims.slice(axis + 1).reduce((a, b) => a * b, 1);
+  const outer = from.dims.slice(0, axis).reduce((a, b) => a * b, 1);
+  const sf = from.dims[axis] * inner, st = to.dims[axis] * inner;
+  for (let o = 0; o < outer; o++) to.data.set(from.data.subarray(o * sf, (o + 1) * sf), o * st + offset * inner);
+}
+
 function append(ort, past, rows, axis) {
-  // past and rows along `axis` (row-major): each outer block is past's, then rows'.
   if (!rows.dims[axis]) return past;
   const dims = past.dims.slice();
   dims[axis] += rows.dims[axis];
-  const inner = past.dims.slice(axis + 1).reduce((a, b) => a * b, 1);
-  const outer = past.dims.slice(0, axis).reduce((a, b) => a * b, 1);
-  const a = past.data, b = rows.data, out = new Float32Array(a.length + b.length);
-  const sa = past.dims[axis] * inner, sb = rows.dims[axis] * inner;
-  for (let o = 0; o < outer; o++) {
-    out.set(a.subarray(o * sa, (o + 1) * sa), o * (sa + sb));
-    out.set(b.subarray(o * sb, (o + 1) * sb), o * (sa + sb) + sa);
+  const out = tensor(ort, dims);
+  copyAlong(past, out, axis, 0);
+  copyAlong(rows, out, axis, past.dims[axis]);
+  return out;
+}
+
+function tokensAxis(name) {
+  return meta.state[name].indexOf('past_tokens');
+}
+
+function rowFeeds(ort, token, position, state) {
+  // The row step's caches from the state: the current chunk's rows in c - 1 slots.
+  const feeds = { [meta.tokens]: new ort.Tensor('int64', BigInt64Array.from([BigInt(token)]), [1, 1]),
+                  [meta.positions]: new ort.Tensor('int64', BigInt64Array.from([BigInt(position)]), [1]) };
+  for (const [name, shape] of Object.entries(meta.cache)) {
+    const past = state[name.replace('cache.', 'past.')];
+    const axis = tokensAxis(name.replace('cache.', 'past.'));
+    if (axis < 0) {
+      feeds[name] = past;
+      continue;
+    }
+    const slots = tensor(ort, shape.map((d) => (d === 'batch' ? 1 : d)));
+    copyAlong(past, slots, axis, 0);
+    feeds[name] = slots;
   }
-  return new ort.Tensor('float32', out, dims);
+  return feeds;
+}
+
+async function step(ort, sessions, feed, position, state) {
+  // One call: the row step for a token that leaves its chunk open, else the decode step.
+  // Returns the last position's logits and the state after it.
+  const c = meta.chunk_size;
+  if (sessions.rows && feed.length === 1 && position % c !== c - 1) {
+    const out = await sessions.rows.run(rowFeeds(ort, feed[0], position, state));
+    const next = { ...state };
+    for (const name of meta.row_outputs) {
+      const past = name.replace('row.', 'past.');
+      next[past] = append(ort, state[past], out[name], tokensAxis(past));
+    }
+    return { logits: out[meta.logits].data, state: next, graph: 'rows' };
+  }
+  const input = new ort.Tensor('int64', BigInt64Array.from(feed.map(BigInt)), [1, feed.length]);
+  const out = await sessions.decode.run({ [meta.tokens]: input, ...state });
+  const next = {};
+  for (const name of Object.keys(state)) {
+    const rows = out[name.replace('past.', 'new.')];
+    next[name] = rows ? append(ort, state[name], rows, meta.append_axis) : out[name.replace('past.', 'present.')];
+  }
+  return { logits: out[meta.logits].data, state: next, graph: 'decode' };
 }
 
 function seeded(seed) {  // mulberry32: the same seed draws the same tokens
@@ -130,40 +188,32 @@ async function generate({ prompt, tokens = 64, temperature = 0, seed = 0, backen
   if (!ids.length) throw new Error('the prompt is empty');
   const bad = ids.find((i) => i < 0 || i >= meta.vocab_size);
   if (bad !== undefined) throw new Error(`token id ${bad} is out of range: this model's vocabulary is [0, ${meta.vocab_size})`);
-  let { ort, session, note, backend: used, threads } = await open(backend);
-  if (used !== 'wasm') {
+  let opened = await open(backend);
+  if (opened.backend !== 'wasm') {
     // A backend that loads the graph may still fail to run it (an op, the adapter): try
-    // the prompt there once, and fall back to wasm with the reason if it fails.
+    // one row step there, and fall back to wasm with the reason if it fails.
     try {
-      const probe = new ort.Tensor('int64', BigInt64Array.from(ids.map(BigInt)), [1, ids.length]);
-      await session.run({ [meta.tokens]: probe, ...emptyState(ort) });
+      await opened.rows.run(rowFeeds(opened.ort, 0, 0, emptyState(opened.ort)));
     } catch (exc) {
-      delete sessions[used];
-      ({ ort, session, backend: used, threads } = await open('wasm'));
-      note = `WebGPU failed to run the graph (${exc.message.split('\n')[0].slice(0, 300)}): ` +
-        'fell back to wasm';
+      delete sessions[opened.backend];
+      opened = { ...(await open('wasm')), note: `WebGPU failed to run the row step (${firstLine(exc)}): fell back to wasm` };
     }
   }
+  const { ort, note, backend: used, threads } = opened;
   const random = seeded(seed);
   const utf8 = new TextDecoder('utf-8');
-  let state = emptyState(ort), feed = ids;
-  const made = [], logits = [], seconds = [];
+  let state = emptyState(ort), feed = ids, position = 0;
+  const made = [], logits = [], seconds = [], graphs = { rows: 0, decode: 0 };
   let text = '';
-  for (let step = 0; step < tokens; step++) {
-    const input = new ort.Tensor('int64', BigInt64Array.from(feed.map(BigInt)), [1, feed.length]);
+  for (let n = 0; n < tokens; n++) {
     const start = performance.now();
-    const out = await session.run({ [meta.tokens]: input, ...state });
-    const last = out[meta.logits];
-    const data = last.location === 'cpu' ? last.data : await last.getData();
-    const row = data.subarray(data.length - meta.vocab_size);
+    const done = await step(ort, opened, feed, position, state);
+    const row = done.logits.subarray(done.logits.length - meta.vocab_size);
     seconds.push((performance.now() - start) / 1000);
-    const next = {};
-    for (const name of Object.keys(state)) {
-      const rows = out[name.replace('past.', 'new.')];
-      next[name] = rows ? append(ort, state[name], rows, meta.append_axis) : out[name.replace('past.', 'present.')];
-    }
-    state = next;
-    if (step < keepLogits) logits.push(Array.from(row));
+    graphs[done.graph] += 1;
+    state = done.state;
+    position += feed.length;
+    if (n < keepLogits) logits.push(Array.from(row));
     const token = pick(row, temperature, random);
     made.push(token);
     const piece = meta.tokenizer === 'bytes' ? utf8.decode(new Uint8Array([token]), { stream: true }) : `${token} `;
@@ -174,7 +224,7 @@ async function generate({ prompt, tokens = 64, temperature = 0, seed = 0, backen
   const decode = seconds.slice(1).sort((a, b) => a - b);
   const median = decode.length ? decode[Math.floor(decode.length / 2)] : NaN;
   return { ids: made, text, logits, prefill_ms: seconds[0] * 1000, token_ms: median * 1000,
-           tokens_per_s: decode.length / decode.reduce((a, b) => a + b, 0), backend: used, threads, note,
+           tokens_per_s: decode.length / decode.reduce((a, b) => a + b, 0), backend: used, threads, note, graphs,
            isolated: self.crossOriginIsolated };
 }
 
@@ -211,8 +261,10 @@ async function main() {
         seed: Number($('seed').value), backend: $('backend').value,
         onToken: (token, piece) => $('output').append(piece),
       });
-      $('backend-note').textContent = result.note || `Backend: ${result.backend}` +
-        (result.backend === 'wasm' ? `, ${result.threads} thread(s)` : '');
+      $('backend-note').textContent = (result.note || `Backend: ${result.backend}` +
+        (result.backend === 'wasm' ? `, ${result.threads} thread(s)` : '')) +
+        `. ${result.graphs.rows} tokens went through the row step (${result.backend}), ` +
+        `${result.graphs.decode} through the decode step (the prompt and chunk-closing tokens, wasm).`;
       $('stats').textContent = `${result.ids.length} tokens: ${result.tokens_per_s.toFixed(1)} tokens/s, ` +
         `${result.token_ms.toFixed(2)} ms per token (median), prompt ${result.prefill_ms.toFixed(1)} ms`;
       show('Done.');
