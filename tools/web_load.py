@@ -9,9 +9,10 @@ a random prompt of that many tokens goes in (prefill, timed apart), then `--toke
 tokens; the figure is the median per-token call. Engines, each in its own process:
 Chromium (Debian's, driven by puppeteer-core through web/drive.mjs) on wasm with one thread
 (page served without cross-origin isolation), on wasm with threads (isolated), and on
-WebGPU (Chromium's SwiftShader adapter: the CPU; the page falls back to wasm when WebGPU
-cannot run the graph, and the reason is recorded); native onnxruntime on the page's own
-decode graph with 1 and 2 threads. ORT's float32 MatMul rate is measured in the same run
+WebGPU (Chromium's SwiftShader adapter: the CPU; the row step there, the decode step on
+wasm; the page falls back to wasm when WebGPU cannot run the row step, and the reason is
+recorded); native onnxruntime on the page's own
+graphs with 1 and 2 threads, called as the page calls them. ORT's float32 MatMul rate is measured in the same run
 (tools/sweep.py). Writes web_load.json and .md to --out. No number is asserted.
 """
 
@@ -37,24 +38,21 @@ DRIVER = HERE.parent / "web" / "drive.mjs"
 
 
 def native(web: str, context: int, tokens: int, threads: int) -> dict:
-    """Child: greedy generation on native onnxruntime over the page's decode graph."""
-    from bsbr_export.manifest import read_manifest
-    from bsbr_export.model.spec import ModelSpec
-    from bsbr_export.runtime.onnx import OnnxRunner
-    from bsbr_export.runtime.state import advance_state, empty_state_tensor
+    """Child: greedy generation on native onnxruntime over the page's own graphs, the way
+    the page runs them (runtime.batching.Sequences: the row step for a token that leaves
+    its chunk open, the decode step for the prompt and chunk-closing tokens)."""
+    from bsbr_export.runtime.batching import Sequences
 
     web = Path(web)
-    spec = ModelSpec.from_dict(read_manifest(web.parent)["spec"])
-    runner = OnnxRunner(web / "model.decode.onnx", threads=threads)
-    state = {name: empty_state_tensor(shape, 1) for name, shape in spec.state.inputs.items()}
-    feed = np.random.default_rng(context).integers(0, spec.tokens.high, context).tolist()
-    seconds = []
-    for _ in range(tokens + 1):
+    sequences = Sequences(web.parent, threads=threads, capacity=1, graphs=web.name)
+    prompt = np.random.default_rng(context).integers(0, sequences.spec.tokens.high, context).tolist()
+    start = time.perf_counter()
+    logits = sequences.open(0, prompt)[-1]
+    seconds = [time.perf_counter() - start]
+    for _ in range(tokens):
         start = time.perf_counter()
-        out = runner.infer({"input_ids": np.array([feed], np.int64), **state})
+        logits = sequences.feed({0: [int(logits.argmax())]})[0][-1]
         seconds.append(time.perf_counter() - start)
-        state = advance_state(state, out, spec.state.append_axis)
-        feed = [int(out["logits"][0, -1].argmax())]
     return {"prefill_ms": seconds[0] * 1e3, "token_ms": statistics.median(seconds[1:]) * 1e3}
 
 
@@ -109,9 +107,11 @@ def report(results: list[dict], machine: dict, tokens: int) -> str:
              f"CPU: {machine['processor']}, {machine['cores']} cores; ORT float32 MatMul {machine['matmul_gflops']:.0f} "
              "GFLOP/s (2 threads, [4096, 256] x [256, 1024], same run). Chromium "
              f"{machine['chromium']}, onnxruntime-web 1.31.1; native onnxruntime {machine['onnxruntime']} on the "
-             f"page's own opset-18 decode graph. Greedy, {tokens} tokens after a random prompt of `context` tokens; "
+             f"page's own opset-18 graphs, called as the page calls them (the row step for a token that leaves its chunk "
+             "open, the decode step for the prompt and chunk-closing tokens). Greedy, {tokens} tokens after a random prompt of `context` tokens; "
              "ms per token is the median call, prefill the prompt's one call. WebGPU is Chromium's SwiftShader "
-             "adapter (no GPU here).", ""]
+             "adapter (no GPU here: it emulates the GPU on the CPU, so its figures say the page runs there, not how "
+             "fast a GPU is); WebGPU runs the row step, the decode step stays on wasm.", ""]
     fallbacks: set[str] = set()
     for result in results:
         lines += [f"## {result['model']}", "",

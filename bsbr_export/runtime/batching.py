@@ -53,23 +53,27 @@ class Held:
 class Sequences:
     """Open sequences of an export with a row step and a decode step, by key."""
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None, capacity: int = 8) -> None:
+    def __init__(self, export_dir: str | Path, threads: int | None = None, capacity: int = 8,
+                 graphs: str = "") -> None:
+        """`graphs`: the export's subdirectory of the two graphs ("web" for the web page's
+        opset-18 ones), none for the ONNX format's."""
         export_dir = Path(export_dir)
         manifest = read_manifest(export_dir)  # every file checked against its sha256
         listed = {a["name"] for a in manifest["artifacts"]}
+        rows_graph, decode_graph = (f"{graphs}/{name}" if graphs else name for name in (ROWS_GRAPH, DECODE_GRAPH))
         if manifest.get("state") is None:
             raise UserError(f"{export_dir} has no streaming graphs: export with --streaming to generate")
-        if not {ROWS_GRAPH, DECODE_GRAPH} <= listed:
-            raise UserError(f"{export_dir} has no {ROWS_GRAPH} and {DECODE_GRAPH}: export a model with step_rows "
+        if not {rows_graph, decode_graph} <= listed:
+            raise UserError(f"{export_dir} has no {rows_graph} and {decode_graph}: export a model with step_rows "
                             "(the native presets) with --format onnx --streaming")
         self.export_dir, self.manifest = export_dir, manifest
         self.spec = spec = ModelSpec.from_dict(manifest["spec"])
         self.logits = logits_output(spec, export_dir)
         self.chunk_size = spec.chunk_size
         state = spec.state
-        self.decode_runner = OnnxRunner(export_dir / DECODE_GRAPH, [spec.tokens.name, *state.inputs],
+        self.decode_runner = OnnxRunner(export_dir / decode_graph, [spec.tokens.name, *state.inputs],
                                         spec.output_names + state.update_names(), threads=threads)
-        self.rows_runner = OnnxRunner(export_dir / ROWS_GRAPH, threads=threads)
+        self.rows_runner = OnnxRunner(export_dir / rows_graph, threads=threads)
         self.cache_shapes = state.cache_inputs(self.chunk_size)
         # cache.* name -> its past.* entry, and the axis of the current chunk's rows (if any)
         self.past = {name: name.replace("cache.", "past.", 1) for name in self.cache_shapes}

@@ -149,6 +149,7 @@ def test_webgpu_where_the_browser_gives_an_adapter(browser, page, web_export, re
         assert "WebGPU unavailable" in result["note"], result["note"]
         pytest.skip(f"no WebGPU here: {result['note']}")
     assert result["graphs"] == {"decode": 4, "rows": 20} and not result["note"]
+    assert result["cache"] == "gpu-buffer"  # the row step's caches stay on the GPU between calls
     ids, logits = native_greedy(web_export / "web", prompt, 24)
     assert result["ids"] == ids
     worst = worst_error(result["logits"], logits)

@@ -114,10 +114,9 @@ function tokensAxis(name) {
   return meta.state[name].indexOf('past_tokens');
 }
 
-function rowFeeds(ort, token, position, state) {
+function caches(ort, state) {
   // The row step's caches from the state: the current chunk's rows in c - 1 slots.
-  const feeds = { [meta.tokens]: new ort.Tensor('int64', BigInt64Array.from([BigInt(token)]), [1, 1]),
-                  [meta.positions]: new ort.Tensor('int64', BigInt64Array.from([BigInt(position)]), [1]) };
+  const feeds = {};
   for (const [name, shape] of Object.entries(meta.cache)) {
     const past = state[name.replace('cache.', 'past.')];
     const axis = tokensAxis(name.replace('cache.', 'past.'));
@@ -125,33 +124,86 @@ function rowFeeds(ort, token, position, state) {
       feeds[name] = past;
       continue;
     }
-    const slots = tensor(ort, shape.map((d) => (d === 'batch' ? 1 : d)));
-    copyAlong(past, slots, axis, 0);
-    feeds[name] = slots;
+    feeds[name] = tensor(ort, shape.map((d) => (d === 'batch' ? 1 : d)));
+    copyAlong(past, feeds[name], axis, 0);
   }
   return feeds;
 }
 
-async function step(ort, sessions, feed, position, state) {
+function rowInputs(ort, token, position) {
+  return { [meta.tokens]: new ort.Tensor('int64', BigInt64Array.from([BigInt(token)]), [1, 1]),
+           [meta.positions]: new ort.Tensor('int64', BigInt64Array.from([BigInt(position)]), [1]) };
+}
+
+class GpuCache {
+  // The row step's caches kept in GPU buffers between calls (WebGPU): written whole after
+  // a decode step (the prompt, a chunk closing), then only each token's new rows, so the
+  // state is not uploaded again for every token.
+  static async create(ort) {
+    return new GpuCache(ort, await ort.env.webgpu.device);
+  }
+
+  constructor(ort, device) {
+    this.ort = ort;
+    this.device = device;
+    this.buffers = {};
+    this.feeds = {};
+    for (const [name, shape] of Object.entries(meta.cache)) {
+      const dims = shape.map((d) => (d === 'batch' ? 1 : d));
+      this.buffers[name] = device.createBuffer({
+        size: dims.reduce((a, b) => a * b, 4),
+        usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST });
+      this.feeds[name] = ort.Tensor.fromGpuBuffer(this.buffers[name], { dataType: 'float32', dims });
+    }
+  }
+
+  load(state) {
+    for (const [name, cache] of Object.entries(caches(this.ort, state))) {
+      this.device.queue.writeBuffer(this.buffers[name], 0, cache.data);
+    }
+  }
+
+  write(out, position) {
+    // Each row.* ([1, ..., 1, ...]) into its cache's slot position % c, block by block.
+    const slots = meta.chunk_size - 1, slot = position % meta.chunk_size;
+    for (const name of meta.row_outputs) {
+      const rows = out[name], cache = name.replace('row.', 'cache.');
+      const axis = tokensAxis(name.replace('row.', 'past.'));
+      const inner = rows.dims.slice(axis + 1).reduce((a, b) => a * b, 1);
+      const outer = rows.dims.slice(0, axis).reduce((a, b) => a * b, 1);
+      for (let o = 0; o < outer; o++) {
+        this.device.queue.writeBuffer(this.buffers[cache], (o * slots + slot) * inner * 4, rows.data, o * inner, inner);
+      }
+    }
+  }
+
+  dispose() {
+    for (const buffer of Object.values(this.buffers)) buffer.destroy();
+  }
+}
+
+async function step(ort, opened, feed, position, state, gpu) {
   // One call: the row step for a token that leaves its chunk open, else the decode step.
-  // Returns the last position's logits and the state after it.
+  // Returns the last position's logits and the state after it (and keeps `gpu` current).
   const c = meta.chunk_size;
-  if (sessions.rows && feed.length === 1 && position % c !== c - 1) {
-    const out = await sessions.rows.run(rowFeeds(ort, feed[0], position, state));
+  if (opened.rows && feed.length === 1 && position % c !== c - 1) {
+    const out = await opened.rows.run({ ...rowInputs(ort, feed[0], position), ...(gpu ? gpu.feeds : caches(ort, state)) });
     const next = { ...state };
     for (const name of meta.row_outputs) {
       const past = name.replace('row.', 'past.');
       next[past] = append(ort, state[past], out[name], tokensAxis(past));
     }
+    if (gpu) gpu.write(out, position);
     return { logits: out[meta.logits].data, state: next, graph: 'rows' };
   }
   const input = new ort.Tensor('int64', BigInt64Array.from(feed.map(BigInt)), [1, feed.length]);
-  const out = await sessions.decode.run({ [meta.tokens]: input, ...state });
+  const out = await opened.decode.run({ [meta.tokens]: input, ...state });
   const next = {};
   for (const name of Object.keys(state)) {
     const rows = out[name.replace('past.', 'new.')];
     next[name] = rows ? append(ort, state[name], rows, meta.append_axis) : out[name.replace('past.', 'present.')];
   }
+  if (gpu) gpu.load(next);
   return { logits: out[meta.logits].data, state: next, graph: 'decode' };
 }
 
@@ -193,39 +245,44 @@ async function generate({ prompt, tokens = 64, temperature = 0, seed = 0, backen
     // A backend that loads the graph may still fail to run it (an op, the adapter): try
     // one row step there, and fall back to wasm with the reason if it fails.
     try {
-      await opened.rows.run(rowFeeds(opened.ort, 0, 0, emptyState(opened.ort)));
+      await opened.rows.run({ ...rowInputs(opened.ort, 0, 0), ...caches(opened.ort, emptyState(opened.ort)) });
     } catch (exc) {
       delete sessions[opened.backend];
       opened = { ...(await open('wasm')), note: `WebGPU failed to run the row step (${firstLine(exc)}): fell back to wasm` };
     }
   }
   const { ort, note, backend: used, threads } = opened;
+  const gpu = used === 'webgpu' ? await GpuCache.create(ort) : null;
   const random = seeded(seed);
   const utf8 = new TextDecoder('utf-8');
   let state = emptyState(ort), feed = ids, position = 0;
   const made = [], logits = [], seconds = [], graphs = { rows: 0, decode: 0 };
   let text = '';
-  for (let n = 0; n < tokens; n++) {
-    const start = performance.now();
-    const done = await step(ort, opened, feed, position, state);
-    const row = done.logits.subarray(done.logits.length - meta.vocab_size);
-    seconds.push((performance.now() - start) / 1000);
-    graphs[done.graph] += 1;
-    state = done.state;
-    position += feed.length;
-    if (n < keepLogits) logits.push(Array.from(row));
-    const token = pick(row, temperature, random);
-    made.push(token);
-    const piece = meta.tokenizer === 'bytes' ? utf8.decode(new Uint8Array([token]), { stream: true }) : `${token} `;
-    text += piece;
-    onToken(token, piece);
-    feed = [token];
+  try {
+    for (let n = 0; n < tokens; n++) {
+      const start = performance.now();
+      const done = await step(ort, opened, feed, position, state, gpu);
+      const row = done.logits.subarray(done.logits.length - meta.vocab_size);
+      seconds.push((performance.now() - start) / 1000);
+      graphs[done.graph] += 1;
+      state = done.state;
+      position += feed.length;
+      if (n < keepLogits) logits.push(Array.from(row));
+      const token = pick(row, temperature, random);
+      made.push(token);
+      const piece = meta.tokenizer === 'bytes' ? utf8.decode(new Uint8Array([token]), { stream: true }) : `${token} `;
+      text += piece;
+      onToken(token, piece);
+      feed = [token];
+    }
+  } finally {
+    if (gpu) gpu.dispose();
   }
   const decode = seconds.slice(1).sort((a, b) => a - b);
   const median = decode.length ? decode[Math.floor(decode.length / 2)] : NaN;
   return { ids: made, text, logits, prefill_ms: seconds[0] * 1000, token_ms: median * 1000,
            tokens_per_s: decode.length / decode.reduce((a, b) => a + b, 0), backend: used, threads, note, graphs,
-           isolated: self.crossOriginIsolated };
+           cache: gpu ? 'gpu-buffer' : 'cpu', isolated: self.crossOriginIsolated };
 }
 
 async function main() {
