@@ -82,23 +82,24 @@ def measure(model: str, contexts: list[int], tokens: int) -> dict:
     from bsbr_export.export.pipeline import export_model
     from bsbr_export.formats import FORMATS
 
-    out = Path(tempfile.mkdtemp(prefix="web-load-")) / model
-    export_model(model, out, [FORMATS["web"]], streaming=True)
-    web = out / "web"
-    rows = []
-    for context in contexts:
-        row = {"context": context}
-        for threads in (1, 2):
-            child = subprocess.run([sys.executable, __file__, "--native", str(web), "--contexts", str(context),
-                                    "--tokens", str(tokens), "--threads", str(threads)],
-                                   stdout=subprocess.PIPE, text=True, check=True)
-            row[f"native_{threads}"] = json.loads(child.stdout.strip().splitlines()[-1])
-        row["wasm_1"] = browser(web, context, tokens, "wasm", isolated=False)
-        row["wasm_threads"] = browser(web, context, tokens, "wasm", isolated=True)
-        row["webgpu"] = browser(web, context, tokens, "webgpu", isolated=False)
-        print(f"{model} {context}: {json.dumps(row)}", file=sys.stderr)
-        rows.append(row)
-    size = sum(f.stat().st_size for f in web.rglob("*") if f.is_file())
+    with tempfile.TemporaryDirectory(prefix="web-load-") as tmp:  # the exports are large: none is left behind
+        out = Path(tmp) / model
+        export_model(model, out, [FORMATS["web"]], streaming=True)
+        web = out / "web"
+        rows = []
+        for context in contexts:
+            row = {"context": context}
+            for threads in (1, 2):
+                child = subprocess.run([sys.executable, __file__, "--native", str(web), "--contexts", str(context),
+                                        "--tokens", str(tokens), "--threads", str(threads)],
+                                       stdout=subprocess.PIPE, text=True, check=True)
+                row[f"native_{threads}"] = json.loads(child.stdout.strip().splitlines()[-1])
+            row["wasm_1"] = browser(web, context, tokens, "wasm", isolated=False)
+            row["wasm_threads"] = browser(web, context, tokens, "wasm", isolated=True)
+            row["webgpu"] = browser(web, context, tokens, "webgpu", isolated=False)
+            print(f"{model} {context}: {json.dumps(row)}", file=sys.stderr)
+            rows.append(row)
+        size = sum(f.stat().st_size for f in web.rglob("*") if f.is_file())
     return {"model": model, "rows": rows, "web_bytes": size}
 
 
@@ -107,8 +108,9 @@ def report(results: list[dict], machine: dict, tokens: int) -> str:
              f"CPU: {machine['processor']}, {machine['cores']} cores; ORT float32 MatMul {machine['matmul_gflops']:.0f} "
              "GFLOP/s (2 threads, [4096, 256] x [256, 1024], same run). Chromium "
              f"{machine['chromium']}, onnxruntime-web 1.31.1; native onnxruntime {machine['onnxruntime']} on the "
-             f"page's own opset-18 graphs, called as the page calls them (the row step for a token that leaves its chunk "
-             "open, the decode step for the prompt and chunk-closing tokens). Greedy, {tokens} tokens after a random prompt of `context` tokens; "
+             "page's own opset-18 graphs, called as the page calls them (the row step for a token that leaves its "
+             "chunk open, the decode step for the prompt and chunk-closing tokens). "
+             f"Greedy, {tokens} tokens after a random prompt of `context` tokens; "
              "ms per token is the median call, prefill the prompt's one call. WebGPU is Chromium's SwiftShader "
              "adapter (no GPU here: it emulates the GPU on the CPU, so its figures say the page runs there, not how "
              "fast a GPU is); WebGPU runs the row step, the decode step stays on wasm.", ""]
