@@ -48,7 +48,12 @@ async function backendFor(wanted) {
 }
 
 async function session(ort, graph, backend) {
-  return ort.InferenceSession.create(await fetchChecked(meta.graphs[graph]), { executionProviders: [backend] });
+  const options = { executionProviders: [backend] };
+  if (graph === 'rows' && backend === 'webgpu') {
+    // The token's new key/value rows stay on the GPU, copied there into the caches.
+    options.preferredOutputLocation = Object.fromEntries(meta.row_outputs.map((name) => [name, 'gpu-buffer']));
+  }
+  return ort.InferenceSession.create(await fetchChecked(meta.graphs[graph]), options);
 }
 
 async function open(wanted) {
@@ -92,12 +97,17 @@ function emptyState(ort) {
   return state;
 }
 
+function blocks(dims, axis) {
+  // A row-major tensor as `outer` blocks along `axis`, each row of them `inner` long.
+  return { inner: dims.slice(axis + 1).reduce((a, b) => a * b, 1), outer: dims.slice(0, axis).reduce((a, b) => a * b, 1) };
+}
+
 function copyAlong(from, to, axis, offset) {
-  // from's blocks into to's along `axis` at `offset` (row-major: each outer block in turn).
-  const inner = from.dims.slice(axis + 1).reduce((a, b) => a * b, 1);
-  const outer = from.dims.slice(0, axis).reduce((a, b) => a * b, 1);
+  // from's blocks into to's along `axis` at `offset`, and only as many rows as both hold.
+  const { inner, outer } = blocks(from.dims, axis);
   const sf = from.dims[axis] * inner, st = to.dims[axis] * inner;
-  for (let o = 0; o < outer; o++) to.data.set(from.data.subarray(o * sf, (o + 1) * sf), o * st + offset * inner);
+  const size = Math.min(from.dims[axis], to.dims[axis] - offset) * inner;
+  for (let o = 0; o < outer; o++) to.data.set(from.data.subarray(o * sf, o * sf + size), o * st + offset * inner);
 }
 
 function append(ort, past, rows, axis) {
@@ -137,8 +147,10 @@ function rowInputs(ort, token, position) {
 
 class GpuCache {
   // The row step's caches kept in GPU buffers between calls (WebGPU): written whole after
-  // a decode step (the prompt, a chunk closing), then only each token's new rows, so the
-  // state is not uploaded again for every token.
+  // a decode step (the prompt, a chunk closing); each row step's new key/value rows come
+  // out on the GPU (preferredOutputLocation) and are copied into their slot there, so per
+  // token only the logits cross to the CPU. The current chunk's rows are read back once,
+  // before the decode step that closes it.
   static async create(ort) {
     return new GpuCache(ort, await ort.env.webgpu.device);
   }
@@ -164,17 +176,42 @@ class GpuCache {
   }
 
   write(out, position) {
-    // Each row.* ([1, ..., 1, ...]) into its cache's slot position % c, block by block.
+    // Each row.* ([1, ..., 1, ...], on the GPU) into its cache's slot position % c, block by block.
     const slots = meta.chunk_size - 1, slot = position % meta.chunk_size;
+    const encoder = this.device.createCommandEncoder();
     for (const name of meta.row_outputs) {
       const rows = out[name], cache = name.replace('row.', 'cache.');
-      const axis = tokensAxis(name.replace('row.', 'past.'));
-      const inner = rows.dims.slice(axis + 1).reduce((a, b) => a * b, 1);
-      const outer = rows.dims.slice(0, axis).reduce((a, b) => a * b, 1);
+      const { inner, outer } = blocks(rows.dims, tokensAxis(name.replace('row.', 'past.')));
       for (let o = 0; o < outer; o++) {
-        this.device.queue.writeBuffer(this.buffers[cache], (o * slots + slot) * inner * 4, rows.data, o * inner, inner);
+        encoder.copyBufferToBuffer(rows.gpuBuffer, o * inner * 4, this.buffers[cache], (o * slots + slot) * inner * 4,
+                                   inner * 4);
       }
     }
+    this.device.queue.submit([encoder.finish()]);
+    for (const name of meta.row_outputs) out[name].dispose();
+  }
+
+  async read(state, position) {
+    // The state with its current chunk's rows (position % c of them) read back from the GPU.
+    const held = position % meta.chunk_size, next = { ...state };
+    for (const name of meta.row_outputs) {
+      const cache = name.replace('row.', 'cache.'), past = name.replace('row.', 'past.');
+      const staging = this.device.createBuffer({ size: this.buffers[cache].size,
+                                                 usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+      const encoder = this.device.createCommandEncoder();
+      encoder.copyBufferToBuffer(this.buffers[cache], 0, staging, 0, staging.size);
+      this.device.queue.submit([encoder.finish()]);
+      await staging.mapAsync(GPUMapMode.READ);
+      const slots = new this.ort.Tensor('float32', new Float32Array(staging.getMappedRange().slice(0)),
+                                        this.feeds[cache].dims);
+      staging.unmap();
+      staging.destroy();
+      const axis = tokensAxis(past), dims = slots.dims.slice();
+      dims[axis] = held;
+      next[past] = tensor(this.ort, dims);
+      copyAlong(slots, next[past], axis, 0);
+    }
+    return next;
   }
 
   dispose() {
@@ -188,14 +225,18 @@ async function step(ort, opened, feed, position, state, gpu) {
   const c = meta.chunk_size;
   if (opened.rows && feed.length === 1 && position % c !== c - 1) {
     const out = await opened.rows.run({ ...rowInputs(ort, feed[0], position), ...(gpu ? gpu.feeds : caches(ort, state)) });
+    if (gpu) {
+      gpu.write(out, position);
+      return { logits: out[meta.logits].data, state, graph: 'rows' };  // its current chunk lives on the GPU
+    }
     const next = { ...state };
     for (const name of meta.row_outputs) {
       const past = name.replace('row.', 'past.');
       next[past] = append(ort, state[past], out[name], tokensAxis(past));
     }
-    if (gpu) gpu.write(out, position);
     return { logits: out[meta.logits].data, state: next, graph: 'rows' };
   }
+  if (gpu) state = await gpu.read(state, position);
   const input = new ort.Tensor('int64', BigInt64Array.from(feed.map(BigInt)), [1, feed.length]);
   const out = await opened.decode.run({ [meta.tokens]: input, ...state });
   const next = {};
