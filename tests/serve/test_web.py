@@ -158,6 +158,31 @@ def test_webgpu_where_the_browser_gives_an_adapter(browser, page, web_export, re
                               "x scale")
 
 
+def test_a_module_without_a_row_step_generates_with_the_decode_step(browser, hf_model_dir, tmp_path):
+    """A module with stream_update but no step_rows (a transformers model on BSBRAttention):
+    web/ has no row step, the page generates with the decode step alone, and asked for
+    WebGPU it says why it stayed on wasm."""
+    out = tmp_path / "lm"
+    export_model(str(hf_model_dir), out, [FORMATS["web"]], streaming=True, trust_code=True)
+    facts = json.loads((out / "web" / "web.json").read_text())
+    assert "rows" not in facts["graphs"] and not (out / "web" / "model.rows.onnx").exists()
+    server = page_server(out, 0)
+    serve_in_thread(server)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    prompt = prompt_of(11, facts["vocab_size"])
+    try:
+        wasm = drive(url, {"prompt": prompt, "tokens": 10})
+        webgpu = drive(url, {"prompt": prompt, "tokens": 10, "backend": "webgpu"}, env={"BSBR_WEBGPU": "1"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    ids, _ = native_greedy(out / "web", prompt, 10)
+    assert wasm["ids"] == ids and wasm["graphs"] == {"rows": 0, "decode": 10}
+    assert webgpu["ids"] == ids and webgpu["backend"] == "wasm"
+    assert webgpu["note"] in ("WebGPU runs the row step only, and this export has none: fell back to wasm",
+                              "WebGPU unavailable (requestAdapter() gave no adapter): fell back to wasm")
+
+
 def test_the_page_after_generation(browser, page, tmp_path, request):
     """The form, as a person uses it: ids typed in, Generate pressed, tokens shown with
     their speed; the screenshot is kept (BSBR_TEST_ARTIFACTS, else the test's tmp dir)."""
