@@ -360,6 +360,7 @@ SLOW_TESTS = (
     "test_samples_streaming.py::test_text_through_the_exports_tokenizer_json",  # hf_export
     "test_batching.py::test_an_export_without_a_row_step_is_refused",  # hf_export
     "test_serve.py::test_idle_sequence_is_released",  # a second tritonserver, and an idle wait: 7 s
+    "test_serve.py::test_a_module_without_a_row_step_streams_through_its_decode_graph",  # hf_export, a server
     "test_triton.py::test_python_streaming_config_without_row_step_keeps_state_in_the_model",  # hf_export
     "test_triton_generate.py::test_memory_is_back_after_ten_thousand_sequences",  # 10,000 sequences: 21 s
     "test_triton_generate.py::test_a_killed_server_restarted_refuses_old_sequences",  # two more servers

@@ -130,35 +130,37 @@ def write_triton_repo(
 
     vocab_size = ModelSpec.from_dict(manifest["spec"]).tokens.high
     full = export_dir / "model.onnx"
-    # model -> (artifact, config, Python backend?)
+    # model -> (artifact, config, Python backend?, carries the serving package?)
     models = {
-        name: (artifacts["model.onnx"], logits_config(name, full), False),
-        f"{name}_python": (artifacts["model.onnx"], python_logits_config(f"{name}_python", full, vocab_size), True),
+        name: (artifacts["model.onnx"], logits_config(name, full), False, False),
+        f"{name}_python": (artifacts["model.onnx"], python_logits_config(f"{name}_python", full, vocab_size), True,
+                           False),
     }
     if "model.streaming.onnx" in artifacts:
         streaming = f"{name}_streaming"
         config = streaming_config(streaming, export_dir / "model.streaming.onnx", manifest["state"])
-        models[streaming] = (artifacts["model.streaming.onnx"], config, False)
+        models[streaming] = (artifacts["model.streaming.onnx"], config, False, False)
     limits = {"max_sequences": max_sequences, "max_state_bytes": max_state_bytes,
               "max_prompt_tokens": max_prompt_tokens, "threads": threads}
     if ROWS_GRAPH in artifacts:
         step = f"{name}_streaming_python"
-        models[step] = (None, rows_config(step, export_dir / DECODE_GRAPH, idle_seconds, limits), True)
+        models[step] = (None, rows_config(step, export_dir / DECODE_GRAPH, idle_seconds, limits), True, True)
         generate = f"{name}_generate"
-        models[generate] = (None, generate_config(generate, limits), True)
+        models[generate] = (None, generate_config(generate, limits), True, True)
     elif DECODE_GRAPH in artifacts:
         streaming = f"{name}_streaming_python"
         config = python_decode_config(streaming, export_dir / DECODE_GRAPH, manifest["state"], vocab_size,
                                       idle_seconds)
-        models[streaming] = (artifacts[DECODE_GRAPH], config, True)
+        models[streaming] = (artifacts[DECODE_GRAPH], config, True, True)  # its state advances as runtime.state says
     # Stage every model before publishing any: a failure leaves the repository as it was.
     with contextlib.ExitStack() as stack:
-        for model, (artifact, config, python) in models.items():
+        for model, (artifact, config, python, package) in models.items():
             tmp = stack.enter_context(atomic_dir(repo_dir / model, overwrite=overwrite))
             version = tmp / "1"
             version.mkdir()
-            if artifact is None:  # a model that runs runtime.batching over the export's step graphs
+            if package:
                 copy_serving_package(version)
+            if artifact is None:  # a model that runs runtime.batching over the export's step graphs
                 write_serving_export(export_dir, manifest, version / "export")
             else:
                 for file in artifact["files"]:

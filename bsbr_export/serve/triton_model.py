@@ -172,6 +172,10 @@ class DecodeModel:
     """The decode graph on one sequence per call (exports without a row step)."""
 
     def __init__(self, version_dir: str, params: dict) -> None:
+        import_bsbr_export()
+        from bsbr_export.runtime import state
+
+        self.state = state  # how a state starts, and how a step's outputs advance it
         self.vocab_size = int(params["vocab_size"])
         self.state_shapes = json.loads(params["state_shapes"])
         self.session = session(os.path.join(version_dir, params["onnx_file"]))
@@ -192,26 +196,20 @@ class DecodeModel:
         elif sequence not in self.sequences:
             raise not_open(sequence, self.expiry.seconds)
         past = self.sequences[sequence]
-        outputs = self.session.run(self.output_names, {"input_ids": ids, **past})
-        for name, value in zip(self.output_names[1:], outputs[1:]):
-            if name.startswith("present."):
-                past[name.replace("present.", "past.", 1)] = value
-            elif value.shape[2]:  # new.*: chunks this step finished, appended to the past
-                key = name.replace("new.", "past.", 1)
-                past[key] = np.concatenate([past[key], value], axis=2)
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, {"input_ids": ids, **past})))
+        self.sequences[sequence] = self.state.advance_state(past, outputs)
         if end:
             del self.sequences[sequence]
             self.expiry.forget(sequence)
         else:
             self.expiry.touch(sequence)
         held = np.array([[len(self.sequences)]], dtype=np.int64)  # [batch 1, 1]
-        return pb_utils.InferenceResponse([pb_utils.Tensor(self.output_names[0], outputs[0]),
+        return pb_utils.InferenceResponse([pb_utils.Tensor(self.output_names[0], outputs[self.output_names[0]]),
                                            pb_utils.Tensor("open_sequences", held)])
 
     def _empty_state(self) -> dict[str, np.ndarray]:
         """Zeros of batch 1 with no finished chunks and no cached tokens."""
-        return {name: np.zeros([1 if d == "batch" else 0 if isinstance(d, str) else d for d in shape], np.float32)
-                for name, shape in self.state_shapes.items()}
+        return {name: self.state.empty_state_tensor(shape, 1) for name, shape in self.state_shapes.items()}
 
     def finalize(self) -> None:
         self.sequences.clear()

@@ -25,8 +25,11 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from bsbr_export.compare.cases import stream_pieces
 from bsbr_export.errors import UserError
+from bsbr_export.manifest import read_manifest
 from bsbr_export.model.checkpoint import load_model
+from bsbr_export.model.spec import ModelSpec
 from bsbr_export.runtime.eager import EagerRunner
+from bsbr_export.runtime.onnx import OnnxRunner
 from bsbr_export.serve.serve import TritonServer
 from bsbr_export.serve.triton import write_triton_repo
 
@@ -166,6 +169,33 @@ def test_idle_sequence_is_released(triton_env, tiny_export, tmp_path):
         with pytest.raises(InferenceServerException, match="must specify the START flag"):
             step(client, "http", 801, np.array([[5]]))
         assert server.healthy()
+
+
+def test_a_module_without_a_row_step_streams_through_its_decode_graph(triton_env, hf_export, tmp_path):
+    """A module with stream_update but no step_rows (the transformers fixture): its step
+    model runs the decode graph one sequence per call (mode decode). Two sequences fed in
+    uneven pieces, interleaved, each equal the full graph over the whole sequence."""
+    repo = write_triton_repo(hf_export, tmp_path / "models", "lm")
+    full = OnnxRunner(hf_export / "model.onnx")
+    spec = ModelSpec.from_dict(read_manifest(hf_export)["spec"])
+    rng = np.random.default_rng(5)
+    ids = {901: rng.integers(0, spec.tokens.high, (1, 37)), 902: rng.integers(0, spec.tokens.high, (1, 20))}
+    pieces = {s: stream_pieces(i.shape[1], spec.chunk_size) for s, i in ids.items()}
+    got, at = {s: [] for s in ids}, dict.fromkeys(ids, 0)
+    with TritonServer(repo, triton_env, http_port=0, grpc_port=0) as server:
+        client = connect(server, "http")
+        for round_ in range(max(map(len, pieces.values()))):
+            for s in ids:
+                if round_ < len(pieces[s]):
+                    chunk = ids[s][:, at[s] : at[s] + pieces[s][round_]]
+                    result = client.infer("lm_streaming_python", [tensor("http", "input_ids", chunk)], sequence_id=s,
+                                          sequence_start=round_ == 0, sequence_end=round_ == len(pieces[s]) - 1)
+                    got[s].append(result.as_numpy("logits"))
+                    at[s] += chunk.shape[1]
+        assert server.healthy()
+    for s, sequence in ids.items():
+        feeds = {name: sequence if name == spec.tokens.name else np.ones_like(sequence) for name in full.input_names}
+        assert np.abs(np.concatenate(got[s], axis=1) - full.infer(feeds)["logits"]).max() <= TOLERANCE
 
 
 def test_bounded_load(triton_server, model, request):
