@@ -22,6 +22,7 @@ from bsbr_export.export.pipeline import export_model
 from bsbr_export.formats import FORMATS
 from bsbr_export.manifest import read_manifest
 from bsbr_export.model.spec import ModelSpec
+from bsbr_export.runtime.batching import Sequences
 from bsbr_export.runtime.onnx import OnnxRunner
 from bsbr_export.runtime.state import advance_state, empty_state_tensor
 from bsbr_export.serve.web import page_server, serve_in_thread
@@ -115,6 +116,17 @@ def test_export_writes_the_page_graphs_and_runtime(web_export):
 def worst_error(got: list, want: list[np.ndarray]) -> float:
     """The largest logit difference over steps, relative to each step's logit scale."""
     return max(float(np.abs(np.array(g, np.float32) - w).max() / max(1.0, np.abs(w).max())) for g, w in zip(got, want))
+
+
+def test_sequences_run_the_page_graphs_as_the_page_does(web_export):
+    """runtime.batching over web/'s graphs (tools/web_load.py's native engine): the row step
+    and the decode step in turn give the decode step's own logits."""
+    sequences = Sequences(web_export, capacity=1, graphs="web")
+    prompt = prompt_of(13, VOCAB)
+    ids, want = native_greedy(web_export / "web", prompt, 24)
+    got = [sequences.open(0, prompt)[-1]]
+    got += [sequences.feed({0: [token]})[0][-1] for token in ids[:-1]]
+    assert worst_error(got, want) <= TOLERANCE
 
 
 def test_the_page_generates_what_native_onnxruntime_generates(browser, page, web_export, request):
