@@ -25,6 +25,7 @@ from torch import nn
 
 from bsbr_export.errors import UserError
 from bsbr_export.export.onnx import export_onnx
+from bsbr_export.formats import FORMATS, artifact_name
 from bsbr_export.manifest import sha256
 from bsbr_export.model.spec import ROW_POSITIONS, ModelSpec
 from bsbr_export.runtime.ortweb import VERSION as ORT_WEB_VERSION
@@ -38,7 +39,6 @@ RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-sim
                  "ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
 PAGE = Path(__file__).with_name("webpage")
 PAGE_FILES = ("index.html", "app.js")
-GRAPHS = {"full": "model.onnx", "rows": "model.rows.onnx", "decode": "model.decode.onnx"}
 
 
 def check_web(spec: ModelSpec) -> None:
@@ -71,7 +71,8 @@ def write_page_facts(web: Path, spec: ModelSpec, model_name: str) -> Path:
     """web.json: what the page needs to know (names, vocabulary, state, the row step's
     caches) and the sha256 of its graphs (the row step's where the module has one)."""
     state = spec.state
-    graphs = {kind: name for kind, name in GRAPHS.items() if (web / name).is_file()}
+    names = {kind: Path(artifact_name(FORMATS["web"], kind)).name for kind in FORMATS["web"].kinds}
+    graphs = {kind: name for kind, name in names.items() if (web / name).is_file()}
     facts = {
         "model": model_name,
         "tokens": spec.tokens.name,
