@@ -20,12 +20,18 @@ VARIANTS = {
     "compressed": dict(num_heads=2, compression=5),
     "rope": dict(num_heads=2, rope_theta=100.0),
     "gqa-rope-compressed-nobias": dict(num_heads=4, num_kv_heads=1, rope_theta=10000.0, compression=3, bias=False),
+    "gated": dict(num_heads=2, retrieval="gated"),
+    "gqa-rope-compressed-gated": dict(num_heads=4, num_kv_heads=2, rope_theta=100.0, compression=5, retrieval="gated"),
 }
 
 
 def make_layer(variant: str, seed: int = 0) -> BSBRAttention:
     torch.manual_seed(seed)
     layer = BSBRAttention(hidden_size=16, chunk_size=C, **VARIANTS[variant]).double()
+    if layer.retrieval == "gated":  # away from their initial values, so each head's gate and scale count
+        with torch.no_grad():
+            layer.retrieval_gate.normal_(0.0, 2.0)
+            layer.retrieval_norm.normal_(1.0, 0.5)
     return layer.eval()
 
 
@@ -76,7 +82,13 @@ def dense_reference(layer: BSBRAttention, x: torch.Tensor) -> torch.Tensor:
     if layer.compression is not None:
         s = s @ layer.decompress.weight.T
     s = s.unflatten(-1, (e, e))[:, :, chunk]  # [B, H, L, e, e]: S_i of each token's chunk
-    o = local + (q.unsqueeze(-2) @ s).squeeze(-2)  # o_t = local_t + q_t S_i
+    read = (q.unsqueeze(-2) @ s).squeeze(-2)  # q_t S_i
+    if layer.retrieval == "sum":
+        o = local + read  # o_t = local_t + q_t S_i
+    else:  # o_t = (1 - g_h) local_t + g_h RMSNorm_h(q_t S_i)
+        g = torch.sigmoid(layer.retrieval_gate)[:, None, None]
+        rms = (read.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+        o = (1 - g) * local + g * read / rms * layer.retrieval_norm[:, None, :]
     return layer.out_proj(o.transpose(1, 2).flatten(-2))
 
 
@@ -181,6 +193,7 @@ def test_op_rejects_kv_heads_that_do_not_divide():
         (dict(num_heads=3), "not divisible by num_heads 3"),
         (dict(num_heads=16, rope_theta=1e4), "even head dim"),
         (dict(num_heads=2, compression=0), "compression must be"),
+        (dict(num_heads=2, retrieval="normed"), "retrieval must be one of 'sum', 'gated'"),
     ],
 )
 def test_bad_arguments_are_one_user_error(kwargs, message):
@@ -188,7 +201,7 @@ def test_bad_arguments_are_one_user_error(kwargs, message):
         BSBRAttention(hidden_size=16, chunk_size=C, **kwargs)
 
 
-@pytest.mark.parametrize("variant", ["plain", "gqa-rope-compressed-nobias"])
+@pytest.mark.parametrize("variant", ["plain", "gqa-rope-compressed-nobias", "gqa-rope-compressed-gated"])
 def test_torch_export_is_clean_and_runs_at_other_shapes(variant):
     from torch.export import Dim
 
@@ -232,3 +245,18 @@ def test_step_rows_advances_each_row_as_its_own_stream(variant):
         assert (out[row] - want[0]).abs().max() <= 1e-12
         assert (keys[row, :, -1] - update.keys[0, :, -1]).abs().max() <= 1e-12
         assert (values[row, :, -1] - update.values[0, :, -1]).abs().max() <= 1e-12
+
+
+def test_gated_form_reads_nothing_in_the_first_chunk_and_learns_its_gate():
+    """S_0 = 0: the first chunk's tokens get (1 - g) local and no NaN from the norm; the
+    gate and norm scale get gradients (they are what the form learns)."""
+    layer = make_layer("gated")
+    x = hidden(2, 3 * C + 1, seed=3)
+    out = layer(x)
+    assert torch.isfinite(out).all()
+    out.square().sum().backward()
+    assert layer.retrieval_gate.grad.abs().min() > 0 and layer.retrieval_norm.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.retrieval_norm.mul_(7.0)  # scales only the retrieved term
+        scaled = layer(x)
+    assert torch.equal(scaled[:, :C], out[:, :C]) and not torch.allclose(scaled[:, C:], out[:, C:])

@@ -23,6 +23,34 @@ from torch import Tensor
 
 from bsbr_export.errors import UserError
 
+RMS_EPS = 1e-6  # RMSNorm_h's epsilon: S_0 = 0 reads 0, and 0 stays 0
+
+
+class RetrievalMix(NamedTuple):
+    """The learned numbers of retrieval form `gated`, per query head `h` (`H` heads, head dim `e`)."""
+
+    gate_logits: Tensor  # [H] beta_h, the gate g_h = sigmoid(beta_h)
+    norm_scale: Tensor  # [H, e] RMSNorm_h's scale
+
+
+def combine(local: Tensor, read: Tensor, mix: RetrievalMix | None = None) -> Tensor:
+    """A token's output from its local term and what it reads from the retrieved state,
+    `read = q_t S_i`; both [B, H, .., e] (heads on dim 1).
+
+    Form `sum` (`mix` None): `o_t = local_t + q_t S_i`, the brief's and upstream's.
+    Form `gated`: `o_t = (1 - g_h) local_t + g_h RMSNorm_h(q_t S_i)`. The unnormalized
+    read sums `(q . k_s) v_s` over every token of the retrieved chunks, so it swamps the
+    local term and its gradients are unbounded; normed and gated, it is one more input
+    of the local term's size (TransNormer's NormAttention, Infini-attention's gate).
+    """
+    if mix is None:
+        return local + read
+    per_head = (-1,) + (1,) * (local.dim() - 2)
+    gate = torch.sigmoid(mix.gate_logits).to(local.dtype).view(per_head)
+    scale = mix.norm_scale.to(local.dtype).view(mix.norm_scale.shape[0], *(1,) * (local.dim() - 3), -1)
+    normed = read * torch.rsqrt(read.pow(2).mean(-1, keepdim=True) + RMS_EPS) * scale
+    return (1 - gate) * local + gate * normed
+
 
 def num_chunks(length: int, chunk_size: int) -> int:
     """n = ceil(L / c), in integer math so tracing keeps it symbolic."""
@@ -153,6 +181,7 @@ def chunked_attention(
     first_retrieved: Tensor,
     compress: Tensor | None = None,
     decompress: Tensor | None = None,
+    mix: RetrievalMix | None = None,
 ) -> Tensor:
     """BSBR over a block of whole chunks that starts a sequence.
 
@@ -165,7 +194,7 @@ def chunked_attention(
     states = chunk_states(k, v, compress)
     following = retrieve(meta_queries[..., : q.shape[-3] - 1, :], meta_keys, states, decompress=decompress)
     per_chunk = torch.cat([first_retrieved.unsqueeze(-3), following], dim=-3)  # S_i of each chunk
-    return local + q @ per_chunk  # o_t = local_t + q_t S_i
+    return combine(local, q @ per_chunk, mix)
 
 
 def pack_chunks(x: Tensor, chunk_size: int) -> Tensor:
@@ -185,30 +214,17 @@ def unpack_chunks(x: Tensor, batch: int) -> Tensor:
     return x.flatten(0, 1).unflatten(0, (batch, -1))
 
 
-def packed_bsbr_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    meta_queries: Tensor,
-    meta_keys: Tensor,
-    chunks: int,
-    compress: Tensor | None = None,
-    decompress: Tensor | None = None,
-) -> Tensor:
-    """Causal BSBR over whole sequences in the `pack_chunks` layout.
+def packed_retrieval_weights(meta_queries: Tensor, meta_keys: Tensor, chunks: int) -> Tensor:
+    """The chunk weights `a_ij` of every chunk row in the `pack_chunks` layout: meta_queries
+    [B*n, H, e] and meta_keys [B*n, H, e] from each chunk's last token, `chunks` = n ->
+    [H, B*n, B*n]; row `i` weighs the chunks before it in its own sequence (`M_out`), and a
+    sequence's first chunk's row is all zeros (`S_0 = 0`).
 
-    q: [B*n, H, c, e], k, v: [B*n, G, c, e]; meta_queries [B*n, H, e], meta_keys
-    [B*n, G, e] from each chunk's last token (G key/value heads dividing H); `chunks` = n.
-    Returns [B*n, H, c, e]. Retrieval scores every chunk row
-    against every row of the batch under `M_out` restricted to the row's own sequence:
-    the extra `B`x work is on the small chunk-level term only, and `n` alone never
-    becomes a dim.
+    Every chunk row is scored against every row of the batch: the extra `B`x work is on
+    the small chunk-level term only, and `n` alone never becomes a dim.
     """
-    e, heads = q.shape[-1], q.shape[1]
-    k, v, meta_keys = repeat_kv(k, heads), repeat_kv(v, heads), repeat_kv(meta_keys, heads)
-    local = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # M_in, one fused op per chunk row
-    states = chunk_states(k, v, compress)  # [B*n, H, s]
-    rows = torch.arange(q.shape[0], device=q.device)
+    e = meta_queries.shape[-1]
+    rows = torch.arange(meta_queries.shape[0], device=meta_queries.device)
     sequence = rows // chunks
     chunk = rows - sequence * chunks  # not `%`: the ONNX exporter has no remainder by a symbolic size
     first = chunk == 0  # a sequence's first chunk reads nothing: S_0 = 0
@@ -220,11 +236,35 @@ def packed_bsbr_attention(
     # A first chunk's row keeps its own column, so its softmax is finite; its weights are zeroed.
     m_out = m_out | (first[:, None] & (rows[None, :] == rows[:, None]))
     scores = asking.transpose(0, 1) @ meta_keys.permute(1, 2, 0) / math.sqrt(e)  # [H, B*n, B*n]
-    weights = scores.masked_fill(~m_out, float("-inf")).softmax(dim=-1).masked_fill(first[:, None], 0.0)
-    retrieved = weights @ states.transpose(0, 1)  # [H, B*n, s]
+    return scores.masked_fill(~m_out, float("-inf")).softmax(dim=-1).masked_fill(first[:, None], 0.0)
+
+
+def packed_bsbr_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    meta_queries: Tensor,
+    meta_keys: Tensor,
+    chunks: int,
+    compress: Tensor | None = None,
+    decompress: Tensor | None = None,
+    mix: RetrievalMix | None = None,
+) -> Tensor:
+    """Causal BSBR over whole sequences in the `pack_chunks` layout.
+
+    q: [B*n, H, c, e], k, v: [B*n, G, c, e]; meta_queries [B*n, H, e], meta_keys
+    [B*n, G, e] from each chunk's last token (G key/value heads dividing H); `chunks` = n.
+    Returns [B*n, H, c, e]. Retrieval runs under `M_out` restricted to each row's own
+    sequence (see `packed_retrieval_weights`).
+    """
+    e, heads = q.shape[-1], q.shape[1]
+    k, v, meta_keys = repeat_kv(k, heads), repeat_kv(v, heads), repeat_kv(meta_keys, heads)
+    local = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # M_in, one fused op per chunk row
+    states = chunk_states(k, v, compress)  # [B*n, H, s]
+    retrieved = packed_retrieval_weights(meta_queries, meta_keys, chunks) @ states.transpose(0, 1)  # [H, B*n, s]
     if decompress is not None:
         retrieved = retrieved @ decompress.T
-    return local + q @ retrieved.transpose(0, 1).unflatten(-1, (e, e))  # o_t = local_t + q_t S_i
+    return combine(local, q @ retrieved.transpose(0, 1).unflatten(-1, (e, e)), mix)
 
 
 class StreamOutput(NamedTuple):
@@ -249,6 +289,7 @@ def packed_stream_attention(
     past_states: Tensor,
     compress: Tensor | None = None,
     decompress: Tensor | None = None,
+    mix: RetrievalMix | None = None,
 ) -> StreamOutput:
     """One streaming block in the `pack_chunks` layout: `finished` complete chunks, then
     one more (partial, maybe empty) that the next step continues, so `n = finished + 1`
@@ -271,7 +312,7 @@ def packed_stream_attention(
     following = retrieve(finished_rows(meta_queries), new_meta_keys, new_states, past_meta_keys, past_states,
                          decompress)  # [B, H, finished, e, e]: S of chunks 1..finished
     per_chunk = torch.cat([first_retrieved.unsqueeze(1), following.transpose(1, 2)], dim=1)  # [B, n, H, e, e]
-    output = local + batched_matmul(q, per_chunk.flatten(0, 1))  # o_t = local_t + q_t S_i
+    output = combine(local, batched_matmul(q, per_chunk.flatten(0, 1)), mix)
     return StreamOutput(output, new_meta_keys, new_states, per_chunk[:, -1])
 
 
@@ -284,6 +325,7 @@ def bsbr_attention(
     chunk_size: int,
     compress: Tensor | None = None,
     decompress: Tensor | None = None,
+    mix: RetrievalMix | None = None,
 ) -> Tensor:
     """Causal BSBR attention over a whole sequence of any length.
 
@@ -291,7 +333,8 @@ def bsbr_attention(
     (grouped-query heads; `G = H` is plain multi-head). Meta queries and keys come for
     every position; only chunk-boundary positions are read: `h_j` from the last token of
     chunk `j`, `r_i` from the last token of chunk `i - 1`. Returns [B, H, L, e].
-    Optional compression: `compress` [m, e^2] and `decompress` [e^2, m].
+    Optional compression: `compress` [m, e^2] and `decompress` [e^2, m]; `mix` gives
+    retrieval form `gated` (see `combine`).
     """
     length = q.shape[-2]
     q, k, v, meta_q, meta_k = (pad_to_chunks(t, chunk_size) for t in (q, k, v, meta_q, meta_k))
@@ -304,6 +347,7 @@ def bsbr_attention(
         chunk_size,
         compress,
         decompress,
+        mix,
     )[..., :length, :]
 
 
@@ -316,6 +360,7 @@ def bsbr_attention_at_boundaries(
     chunk_size: int,
     compress: Tensor | None = None,
     decompress: Tensor | None = None,
+    mix: RetrievalMix | None = None,
 ) -> Tensor:
     """`bsbr_attention` on whole chunks, with meta queries/keys already taken at chunk
     boundaries.
@@ -335,5 +380,6 @@ def bsbr_attention_at_boundaries(
         first,
         compress=compress,
         decompress=decompress,
+        mix=mix,
     )
     return out.flatten(-3, -2)

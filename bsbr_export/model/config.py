@@ -9,6 +9,7 @@ from typing import Any
 from bsbr_export.errors import UserError
 
 FLAVORS = ("native", "bsbr-0.1.1")
+RETRIEVAL_FORMS = ("sum", "gated")  # how a token's output joins the local and retrieved terms
 UPSTREAM_POSITIONS = 5000  # rows of bsbr 0.1.1's positional table (`pos_encoding.pe`)
 
 
@@ -32,6 +33,9 @@ class BSBRConfig:
     # 5000-row positional table (None keeps the package's limit).
     flavor: str = "native"
     max_positions: int | None = None
+    # How a token's output joins the local and retrieved terms (DESIGN.md): "sum", the
+    # brief's and bsbr-0.1.1's `local + q S`, or "gated", `(1 - g) local + g RMSNorm(q S)`.
+    retrieval: str = "sum"
 
     def __post_init__(self) -> None:
         problems = []
@@ -53,6 +57,8 @@ class BSBRConfig:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout!r})")
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             problems.append(f"layer_norm_eps must be > 0 (got {self.layer_norm_eps!r})")
+        if self.retrieval not in RETRIEVAL_FORMS:
+            problems.append(f"retrieval must be one of {', '.join(map(repr, RETRIEVAL_FORMS))} (got {self.retrieval!r})")
         problems += self._flavor_problems()
         if problems:
             raise UserError("invalid BSBRConfig: " + "; ".join(problems))
@@ -63,6 +69,8 @@ class BSBRConfig:
         if self.flavor == "native":
             return [] if self.max_positions is None else ["max_positions applies to flavor 'bsbr-0.1.1' only"]
         problems = []
+        if self.retrieval != "sum":
+            problems.append("flavor 'bsbr-0.1.1' has retrieval 'sum' only")
         if self.lm_head is not False:
             problems.append("flavor 'bsbr-0.1.1' has no LM head: set lm_head to false")
         if isinstance(self.hidden_size, int) and self.hidden_size % 2:

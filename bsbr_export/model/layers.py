@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from bsbr_export.errors import UserError
 from bsbr_export.model.attention import (
+    RetrievalMix,
+    combine,
     pack_chunks,
     packed_bsbr_attention,
     packed_stream_attention,
@@ -30,6 +32,7 @@ from bsbr_export.model.attention import (
     repeat_kv,
     unpack_chunks,
 )
+from bsbr_export.model.config import RETRIEVAL_FORMS
 
 __all__ = ["BSBRAttention", "LayerState", "LayerUpdate"]
 
@@ -132,6 +135,10 @@ class BSBRAttention(nn.Module):
         rope_theta: rotary position embedding of q and k with this base (e.g. 10000);
             None: no positions inside the layer. Positions count from the sequence's
             start, also when streaming. Meta queries and keys are not rotated.
+        retrieval: how a token's output joins the local and retrieved terms: "sum"
+            (`local + q S`, the brief's and upstream bsbr's) or "gated" (`(1 - g) local
+            + g RMSNorm(q S)`, a learned gate and norm scale per head; trains far better).
+            Both carry the same streaming state.
 
     `forward` takes `[batch, length, hidden]` at any length (with an optional
     right-padding `attention_mask` [batch, length]); `init_state` / `stream` process a
@@ -147,12 +154,14 @@ class BSBRAttention(nn.Module):
         compression: int | None = None,
         bias: bool = True,
         rope_theta: float | None = None,
+        retrieval: str = "sum",
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _check_arguments(hidden_size, num_heads, chunk_size, num_kv_heads, compression, rope_theta)
+        _check_arguments(hidden_size, num_heads, chunk_size, num_kv_heads, compression, rope_theta, retrieval)
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.chunk_size, self.compression, self.rope_theta = chunk_size, compression, rope_theta
+        self.retrieval = retrieval
         self.head_dim = e = hidden_size // num_heads
         kv_size = num_kv_heads * e
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
@@ -164,6 +173,9 @@ class BSBRAttention(nn.Module):
         if compression is not None:
             self.compress = nn.Linear(e * e, compression, bias=False)
             self.decompress = nn.Linear(compression, e * e, bias=False)
+        if retrieval == "gated":
+            self.retrieval_gate = nn.Parameter(torch.zeros(num_heads))  # beta_h: g_h = 1/2, an even mix
+            self.retrieval_norm = nn.Parameter(torch.ones(num_heads, e))  # RMSNorm_h's scale
 
     @property
     def state_size(self) -> int:
@@ -178,6 +190,10 @@ class BSBRAttention(nn.Module):
         if self.compression is None:
             return None, None
         return self.compress.weight, self.decompress.weight
+
+    def _mix(self) -> RetrievalMix | None:
+        """The gate and norm of retrieval form `gated`; None for `sum`."""
+        return RetrievalMix(self.retrieval_gate, self.retrieval_norm) if self.retrieval == "gated" else None
 
     def _qkv(self, x: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, L, e], k and v [B, G, L, e] of x [B, L, hidden] at positions start..
@@ -212,7 +228,7 @@ class BSBRAttention(nn.Module):
         slice."""
         q, k, v = self._qkv(x, 0)  # [B, H|G, n*c, e]
         o = packed_bsbr_attention(self._packed(q), self._packed(k), self._packed(v), *self._packed_meta(x),
-                                  x.shape[1] // self.chunk_size, *self._compression())
+                                  x.shape[1] // self.chunk_size, *self._compression(), self._mix())
         return unpack_chunks(self.out_proj(o.transpose(1, 2).flatten(-2)), x.shape[0])
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -278,7 +294,7 @@ class BSBRAttention(nn.Module):
         out = packed_stream_attention(
             self._packed(pad(q, t)), self._packed(pad(k)), self._packed(pad(v)),
             *self._packed_meta(pad(x, t)), batch, finished,
-            state.retrieved, state.meta_keys, state.chunk_states, *self._compression())
+            state.retrieved, state.meta_keys, state.chunk_states, *self._compression(), self._mix())
         # Gather rather than slice the new tokens' outputs and the unfinished chunk's keys:
         # a slice makes torch.export guard on where it starts and ends.
         o = unpack_chunks(out.output.transpose(1, 2).flatten(-2), batch)  # [B, n*c, hidden]
@@ -318,7 +334,7 @@ class BSBRAttention(nn.Module):
         own = (q * repeat_kv(k, heads)).sum(-1, keepdim=True) * scale  # [B, H, 1, 1]
         weights = torch.softmax(torch.cat([scores, own], dim=-1), dim=-1)
         local = weights[..., :-1] @ repeat_kv(values, heads) + weights[..., -1:] * repeat_kv(v, heads)
-        o = local + q @ retrieved  # o_t = local_t + q_t S_i
+        o = combine(local, q @ retrieved, self._mix())
         return self.out_proj(o.transpose(1, 2).flatten(-2)), k, v
 
 
@@ -329,6 +345,7 @@ def _check_arguments(
     num_kv_heads: int,
     compression: int | None,
     rope_theta: float | None,
+    retrieval: str,
 ) -> None:
     """Collect every problem with the layer's arguments and raise one UserError."""
     problems = []
@@ -347,5 +364,7 @@ def _check_arguments(
         problems.append(f"compression must be a positive integer or None (got {compression!r})")
     if rope_theta is not None and (isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or rope_theta <= 1):
         problems.append(f"rope_theta must be a number > 1 or None (got {rope_theta!r})")
+    if retrieval not in RETRIEVAL_FORMS:
+        problems.append(f"retrieval must be one of {', '.join(map(repr, RETRIEVAL_FORMS))} (got {retrieval!r})")
     if problems:
         raise UserError("invalid BSBRAttention arguments: " + "; ".join(problems))

@@ -72,7 +72,8 @@ class NativeAttention(BSBRAttention):
     called on inputs the model has already padded to whole chunks."""
 
     def __init__(self, config: BSBRConfig) -> None:
-        super().__init__(config.hidden_size, config.num_heads, config.chunk_size, compression=config.compression)
+        super().__init__(config.hidden_size, config.num_heads, config.chunk_size, compression=config.compression,
+                         retrieval=config.retrieval)
         self.config = config
 
     def forward(self, x: Tensor) -> Tensor:

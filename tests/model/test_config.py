@@ -29,6 +29,8 @@ def test_frozen():
         (dict(dropout=1.5), "dropout must be in"),
         (dict(layer_norm_eps=0), "layer_norm_eps must be > 0"),
         (dict(vocab_size=2.5), "vocab_size must be a positive integer"),
+        (dict(retrieval="linear"), "retrieval must be one of 'sum', 'gated'"),
+        (dict(flavor="bsbr-0.1.1", lm_head=False, retrieval="gated"), "flavor 'bsbr-0.1.1' has retrieval 'sum' only"),
     ],
 )
 def test_impossible_values_are_user_errors(kwargs, message):

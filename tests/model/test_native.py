@@ -131,11 +131,11 @@ def splits(draw):
     return length, [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-@pytest.mark.parametrize("compression", [None, 5])
+@pytest.mark.parametrize("compression, retrieval", [(None, "sum"), (5, "sum"), (5, "gated")])
 @settings(max_examples=25, deadline=None)
 @given(split=splits(), seed=st.integers(0, 2**16))
-def test_streaming_equals_parallel(compression, split, seed):
-    model = build_model(tiny_config(compression=compression), seed=2).double()
+def test_streaming_equals_parallel(compression, retrieval, split, seed):
+    model = build_model(tiny_config(compression=compression, retrieval=retrieval), seed=2).double()
     length, pieces = split
     ids = random_ids(model.config, 2, length, seed=seed)
     streamed, state = _stream(model, ids, pieces)
@@ -257,13 +257,14 @@ def test_bad_states_are_user_errors_naming_the_state(tiny_model, make_state, mes
         tiny_model.stream(ids, make_state(tiny_model))
 
 
-def test_rows_in_flight_equal_each_sequence_alone():
+@pytest.mark.parametrize("retrieval", ["sum", "gated"])
+def test_rows_in_flight_equal_each_sequence_alone(retrieval):
     """In-flight batching as a server runs it: every step advances each active sequence by
     one token, the ones whose token closes a chunk alone through `stream_update` (that
     needs their finished chunks), all others in one `step_rows` call over their fixed-size
     caches; sequences join between steps (their prompt prefilled in one call, one of
     16390 tokens) and leave. Each logit equals the full forward of its own sequence."""
-    model = build_model(tiny_config(chunk_size=8, num_heads=4, hidden_size=32), seed=3).double()
+    model = build_model(tiny_config(chunk_size=8, num_heads=4, hidden_size=32, retrieval=retrieval), seed=3).double()
     c, vocab = 8, model.config.vocab_size
     # sequence -> (step it joins at, prompt length, tokens it generates)
     plan = {0: (0, 5, 40), 1: (0, 16390, 30), 2: (3, 1, 25), 3: (7, 8, 20), 4: (7, 23, 33), 5: (20, 7, 9)}
