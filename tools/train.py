@@ -26,14 +26,17 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from bsbr_export.machine import machine_info
+from bsbr_export.model.attention import packed_retrieval_weights, unpack_chunks
 from bsbr_export.model.config import BSBRConfig
-from bsbr_export.model.native import BSBRModel
+from bsbr_export.model.native import BSBRModel, NativeAttention
 from bsbr_export.proof.evaltext import (
     BYTE_VOCAB,
     DEFAULT_EVAL_BYTES,
@@ -46,10 +49,56 @@ from bsbr_export.proof.evaltext import (
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bsbr-stdlib"
-CONFIG = BSBRConfig(vocab_size=BYTE_VOCAB, hidden_size=256, num_layers=4, num_heads=4, chunk_size=64, ff_size=1024)
+CONFIG = BSBRConfig(vocab_size=BYTE_VOCAB, hidden_size=256, num_layers=4, num_heads=4, chunk_size=64, ff_size=1024,
+                    retrieval="gated")
 HELDOUT_BYTES = 256 * 1024  # the final held-out score (the presets' recorded slice is the first DEFAULT_EVAL_BYTES)
 SCORED_WINDOWS = (EVAL_WINDOW, 4096, 16384)  # --finish scores the held-out bytes in windows of each
 WEIGHTS, RECORD = "weights.safetensors", "train.json"  # what a run writes into --out
+
+
+class LocalOnly(NativeAttention):
+    """Ablation arm `none`: within-chunk attention only, no block retrieval (training and
+    eager scoring only; not a BSBR model)."""
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self._packed(t) for t in self._qkv(x, 0))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return unpack_chunks(self.out_proj(o.transpose(1, 2).flatten(-2)), x.shape[0])
+
+
+class LinearRetrieval(NativeAttention):
+    """Ablation arm `linear`: the retrieved term normalized as linear attention,
+    `local_t + phi(q_t) S'_i / (phi(q_t) . z_i)`, `phi = elu + 1`, `S'_i = sum_j a_ij
+    phi(K_j)^T V_j`, `z_i = sum_j a_ij sum_s phi(k_s)` with BSBR's chunk weights `a_ij`.
+    It needs one more state vector per chunk (`z`), so it is trained and scored here only."""
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self._packed(t) for t in self._qkv(x, 0))  # [B*n, H, c, e]
+        e = q.shape[-1]
+        local = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        weights = packed_retrieval_weights(*self._packed_meta(x), x.shape[1] // self.chunk_size)  # [H, B*n, B*n]
+        fq, fk = F.elu(q) + 1, F.elu(k) + 1
+        states = (weights @ (fk.transpose(-1, -2) @ v).flatten(-2).transpose(0, 1)).transpose(0, 1)
+        sums = (weights @ fk.sum(-2).transpose(0, 1)).transpose(0, 1)  # [B*n, H, e]
+        read = fq @ states.unflatten(-1, (e, e))
+        norm = (fq * sums[:, :, None, :]).sum(-1, keepdim=True)  # 0 in a first chunk, where read is 0 too
+        o = local + read / norm.clamp(min=1e-6)
+        return unpack_chunks(self.out_proj(o.transpose(1, 2).flatten(-2)), x.shape[0])
+
+
+ARMS = {"none": LocalOnly, "linear": LinearRetrieval}  # ablation arms beyond the package's forms
+FORMS = ("sum", "gated", *ARMS)
+
+
+def build_model(form: str) -> BSBRModel:
+    """The preset's model with retrieval `form`: one of the package's forms, or an
+    ablation arm swapped into every block."""
+    model = BSBRModel(dataclasses.replace(CONFIG, retrieval=form if form not in ARMS else "sum"))
+    for block in model.blocks if form in ARMS else ():
+        arm = ARMS[form](model.config)
+        arm.load_state_dict(block.attn.state_dict())  # every arm starts from the same weights
+        block.attn = arm
+    return model
 
 
 def logits_fn(model, device: torch.device):
@@ -92,6 +141,10 @@ def parse_args() -> argparse.Namespace:
                              "(--from-zero of them at 0), so the sinusoid's positions up to it are all trained")
     parser.add_argument("--from-zero", type=float, default=0.25, help="the share of windows that start at 0")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--gate-lr", type=float, default=1e-2,
+                        help="peak learning rate of the gated form's per-head gates (no weight decay)")
+    parser.add_argument("--retrieval", choices=FORMS, default=CONFIG.retrieval,
+                        help="retrieval form: the package's sum or gated, or an ablation arm (none, linear)")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--embedding-std", type=float, default=0.2, help="std of the embedding's initial weights")
@@ -132,22 +185,31 @@ def train(args: argparse.Namespace, run: Path) -> None:
     print(f"train {len(train_files)} files {len(corpus) / 1e6:.1f} MB; held out {len(heldout_files)} files; "
           f"{device}", flush=True)
 
-    model = BSBRModel(CONFIG).to(device)
+    model = build_model(args.retrieval).to(device)
     # The sinusoid added to the embedding has norm sqrt(hidden / 2) = 11.3, while a GPT-2
     # style 0.02 init gives a token row norm of 0.3: token identity is 3% of the input and
     # the first runs sat at the unigram loss (4.5 bits per byte after 200 steps). 0.2
     # makes it 28% (the original Transformer balances them by scaling the embedding).
     torch.nn.init.normal_(model.embedding.weight, std=args.embedding_std)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+    # Matrices decay; biases, norms and the gated form's scales do not. The gates get their
+    # own, higher rate: Hugging Face's Infini-attention reproduction found a gate trained at
+    # the model's rate barely moves.
+    groups = {"decay": [], "rest": [], "gates": []}
+    for name, p in model.named_parameters():
+        kind = "gates" if name.endswith("retrieval_gate") else "rest" if p.dim() < 2 or "retrieval_norm" in name \
+            else "decay"
+        groups[kind].append(p)
+    optimizer = torch.optim.AdamW([{"params": groups["decay"], "weight_decay": 0.1, "peak": args.lr},
+                                   {"params": groups["rest"], "weight_decay": 0.0, "peak": args.lr},
+                                   {"params": groups["gates"], "weight_decay": 0.0, "peak": args.gate_lr}],
                                   lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     generator = torch.Generator().manual_seed(args.seed)
     span = torch.arange(args.length + 1, device=device)
     budget = args.minutes * 60 if args.minutes else None
     record = {
-        "model": NAME, "config": CONFIG.to_dict(), "command": command_line(), "seed": args.seed,
+        "model": NAME, "config": model.config.to_dict(), "retrieval": args.retrieval, "command": command_line(),
+        "seed": args.seed, "gate_lr": args.gate_lr,
         "batch": args.batch, "length": args.length, "max_position": args.max_position, "from_zero": args.from_zero,
         "lr": args.lr, "warmup": args.warmup, "threads": args.threads, "embedding_std": args.embedding_std,
         "device": device_name(device), "bf16": args.bf16, "train_bytes": len(corpus),
@@ -167,7 +229,7 @@ def train(args: argparse.Namespace, run: Path) -> None:
         elapsed = time.perf_counter() - start
         progress = elapsed / budget if budget else step / args.steps
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(progress, step, args.lr, args.warmup)
+            group["lr"] = learning_rate(progress, step, group["peak"], args.warmup)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -203,7 +265,7 @@ def finish(run: Path, dry: bool) -> None:
     """Score the run's fp16 weights (loaded as fp32, as the preset loads them) on this
     machine's held-out text, and write the preset and the results."""
     record = json.loads((run / RECORD).read_text())
-    model = BSBRModel(CONFIG)
+    model = build_model(record.get("retrieval", "sum"))
     model.load_state_dict({k: v.float() for k, v in load_file(run / WEIGHTS).items()})
     model.eval()
     logits_of = logits_fn(model, torch.device("cpu"))
@@ -219,8 +281,8 @@ def finish(run: Path, dry: bool) -> None:
     out_results.mkdir(parents=True, exist_ok=True)
     weights = out_models / f"{NAME}.safetensors"
     weights.write_bytes((run / WEIGHTS).read_bytes())
-    write_preset(out_models / f"{NAME}.toml", weights.name, record["seed"], slice_bpb, heldout[:DEFAULT_EVAL_BYTES],
-                 record["command"])
+    write_preset(out_models / f"{NAME}.toml", model.config, weights.name, record["seed"], slice_bpb,
+                 heldout[:DEFAULT_EVAL_BYTES], record["command"])
     record.update(heldout_bytes=len(heldout), heldout_bpb=scores[EVAL_WINDOW],
                   heldout_bpb_by_window={str(k): v for k, v in scores.items()}, slice_bytes=DEFAULT_EVAL_BYTES,
                   slice_bpb=slice_bpb, weights_bytes=weights.stat().st_size, scored_on=machine_info(),
@@ -239,9 +301,10 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else machine_info()["processor"]
 
 
-def write_preset(path: Path, weights: str, seed: int, slice_bpb: float, slice_text: bytes, command: str) -> None:
-    config = "\n".join(f"{k} = {json.dumps(v)}" for k, v in CONFIG.to_dict().items() if v is not None
-                       and k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_size", "ff_size"))
+def write_preset(path: Path, config: BSBRConfig, weights: str, seed: int, slice_bpb: float, slice_text: bytes,
+                 command: str) -> None:
+    config = "\n".join(f"{k} = {json.dumps(v)}" for k, v in config.to_dict().items() if v is not None and k in
+                       ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_size", "ff_size", "retrieval"))
     path.write_text(
         f"# {NAME}: trained, not random. Written by `{command}` (tools/results/train_{NAME}.md).\n"
         f'description = "Byte-level BSBR LM trained on CPython\'s stdlib: 4 layers, hidden 256, 4 heads, chunk 64"\n'

@@ -106,26 +106,34 @@ def windows(text: bytes, window: int = EVAL_WINDOW) -> list[np.ndarray]:
     return [r for r in rows if len(r) > 1]
 
 
-def bits_per_byte(logits_of: Callable[[np.ndarray], np.ndarray], text: bytes, window: int = EVAL_WINDOW,
-                  batch: int = 4) -> float:
-    """Bits per byte of `text` under a byte-level model: `logits_of(ids [B, L]) -> logits
-    [B, L, 256]`, scored on each window's next-byte predictions (mean -log2 p)."""
-    rows = windows(text, window)
-    total, count = 0.0, 0
+def byte_bits(logits_of: Callable[[np.ndarray], np.ndarray], text: bytes, window: int = EVAL_WINDOW,
+              batch: int = 4) -> np.ndarray:
+    """-log2 p of each byte of `text` under a byte-level model (`logits_of(ids [B, L]) ->
+    logits [B, L, 256]`) reading it in windows of `window`: [len(text)], NaN where a
+    byte starts its window (nothing before it predicts it)."""
+    bits = np.full(len(text), np.nan)
     # Rows of one length go together (the tail is its own batch).
-    by_length: dict[int, list[np.ndarray]] = {}
-    for row in rows:
-        by_length.setdefault(len(row), []).append(row)
+    by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
+    for index, row in enumerate(windows(text, window)):  # row `index` starts at byte index * window
+        by_length.setdefault(len(row), []).append((index * window, row))
     for group in by_length.values():
         for i in range(0, len(group), batch):
-            ids = np.stack(group[i:i + batch])
+            offsets, rows = zip(*group[i:i + batch])
+            ids = np.stack(rows)
             logits = np.asarray(logits_of(ids), dtype=np.float64)[:, :-1]
             logits = logits - logits.max(-1, keepdims=True)
             log_z = np.log(np.exp(logits).sum(-1))
             target = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
-            total += float((log_z - target).sum())
-            count += target.size
-    return total / count / math.log(2)
+            for offset, row_bits in zip(offsets, (log_z - target) / math.log(2)):
+                bits[offset + 1:offset + 1 + len(row_bits)] = row_bits
+    return bits
+
+
+def bits_per_byte(logits_of: Callable[[np.ndarray], np.ndarray], text: bytes, window: int = EVAL_WINDOW,
+                  batch: int = 4) -> float:
+    """Bits per byte of `text` under a byte-level model: the mean of `byte_bits` over the
+    bytes it scores."""
+    return float(np.nanmean(byte_bits(logits_of, text, window, batch)))
 
 
 def bits_per_byte_by_window(logits_of: Callable[[np.ndarray], np.ndarray], text: bytes,
