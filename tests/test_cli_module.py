@@ -46,6 +46,23 @@ def test_weights_that_do_not_fit(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_module_with_gated_retrieval_through_doctor_export_validate(capsys, tmp_path):
+    """A user's decoder on the public layer with retrieval="gated": doctor finds it clean,
+    its full, streaming and decode graphs export and validate at unseen lengths."""
+    ref = f"{MODELS}:gated_decoder"
+    code, stdout, err = run_cli(capsys, "doctor", ref, "--trust-code")
+    assert code == 0, err + stdout
+    out = tmp_path / "gated"
+    code, _, err = run_cli(capsys, "export", ref, "--trust-code", "--format", "onnx,torchscript", "--streaming",
+                           "--out", out)
+    assert code == 0, err
+    code, stdout, err = run_cli(capsys, "validate", out, "--lengths", "3,9,22", "--trust-code")
+    assert code == 0, err + stdout
+    checks = json.loads((out / "validation.json").read_text())["checks"]
+    assert {c["artifact"] for c in checks if c["passed"]} == {
+        f"model{kind}{suffix}" for kind in ("", ".streaming", ".decode") for suffix in (".onnx", ".pt")}
+
+
 def test_export_and_validate_a_module_ref(capsys, tmp_path):
     out = tmp_path / "vh"
     code, _, err = run_cli(capsys, "export", f"{MODELS}:value_head_model", "--trust-code", "--format", "onnx",

@@ -125,12 +125,13 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, retrieval: str = "sum") -> None:
         from bsbr_export.nn import BSBRAttention
 
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
-        self.attn = BSBRAttention(hidden_size=hidden, num_heads=4, chunk_size=4, num_kv_heads=2, rope_theta=10000.0)
+        self.attn = BSBRAttention(hidden_size=hidden, num_heads=4, chunk_size=4, num_kv_heads=2, rope_theta=10000.0,
+                                  retrieval=retrieval)
         self.mlp = SwiGLU(hidden, 2 * hidden)
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -152,11 +153,11 @@ class RotaryDecoder(nn.Module):
     """A decoder on `bsbr_export.nn.BSBRAttention`: rotary positions, RMSNorm, SwiGLU,
     grouped-query heads (4 query heads, 2 key/value heads), tied LM head, streaming."""
 
-    def __init__(self, vocab: int = 67, hidden: int = 32, layers: int = 2) -> None:
+    def __init__(self, vocab: int = 67, hidden: int = 32, layers: int = 2, retrieval: str = "sum") -> None:
         super().__init__()
         torch.manual_seed(11)
         self.embed = nn.Embedding(vocab, hidden)
-        self.layers = nn.ModuleList(DecoderBlock(hidden) for _ in range(layers))
+        self.layers = nn.ModuleList(DecoderBlock(hidden, retrieval) for _ in range(layers))
         self.norm = nn.RMSNorm(hidden)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -186,6 +187,18 @@ class RotaryDecoder(nn.Module):
 
 def rotary_decoder() -> RotaryDecoder:
     return RotaryDecoder().eval()
+
+
+def gated_decoder() -> RotaryDecoder:
+    """`rotary_decoder` with retrieval form `gated`, its gates and norm scales moved off
+    their initial values (seeded) so each head's count."""
+    model = RotaryDecoder(retrieval="gated")
+    generator = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.retrieval_gate.copy_(torch.randn(layer.attn.retrieval_gate.shape, generator=generator) * 2)
+            layer.attn.retrieval_norm.copy_(1 + torch.randn(layer.attn.retrieval_norm.shape, generator=generator) / 2)
+    return model.eval()
 
 
 class TokensOnly(nn.Module):

@@ -27,6 +27,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import dataclasses
+import lzma
+import zlib
 
 import numpy as np
 import torch
@@ -272,9 +274,11 @@ def finish(run: Path, dry: bool) -> None:
     heldout = heldout_text(HELDOUT_BYTES)
     slice_bpb = bits_per_byte(logits_of, heldout[:DEFAULT_EVAL_BYTES])
     scores = {}
+    compressors = {}
     for window in SCORED_WINDOWS:
         scores[window] = round(bits_per_byte(logits_of, heldout, window=window), 4)
-        print(f"held-out bits per byte in windows of {window}: {scores[window]}", flush=True)
+        compressors[window] = compressor_bpb(heldout, window)
+        print(f"held-out bits per byte in windows of {window}: {scores[window]} ({compressors[window]})", flush=True)
     out_models = Path("/tmp/train-dry") if dry else ROOT / "models"
     out_results = Path("/tmp/train-dry") if dry else ROOT / "tools" / "results"
     out_models.mkdir(parents=True, exist_ok=True)
@@ -284,13 +288,35 @@ def finish(run: Path, dry: bool) -> None:
     write_preset(out_models / f"{NAME}.toml", model.config, weights.name, record["seed"], slice_bpb,
                  heldout[:DEFAULT_EVAL_BYTES], record["command"])
     record.update(heldout_bytes=len(heldout), heldout_bpb=scores[EVAL_WINDOW],
-                  heldout_bpb_by_window={str(k): v for k, v in scores.items()}, slice_bytes=DEFAULT_EVAL_BYTES,
+                  heldout_bpb_by_window={str(k): v for k, v in scores.items()},
+                  compressors_by_window={str(k): v for k, v in compressors.items()}, slice_bytes=DEFAULT_EVAL_BYTES,
                   slice_bpb=slice_bpb, weights_bytes=weights.stat().st_size, scored_on=machine_info(),
                   finish_command=command_line())
     (out_results / f"train_{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
     write_report(out_results, record)
     print(f"held-out bits per byte {scores[EVAL_WINDOW]:.4f} ({len(heldout)} bytes, windows of {EVAL_WINDOW}); "
           f"weights {weights.stat().st_size / 2**20:.2f} MiB -> {weights}")
+
+
+def raw_deflate(data: bytes) -> int:
+    """Bytes of gzip -9's deflate stream, without gzip's 18 bytes of header and trailer."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return len(packer.compress(data) + packer.flush())
+
+
+def raw_xz(data: bytes) -> int:
+    """Bytes of xz -9e's LZMA2 stream, without the .xz container."""
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+    return len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=filters))
+
+
+def compressor_bpb(text: bytes, window: int) -> dict[str, float]:
+    """gzip -9 and xz -9e bits per byte of `text`, each window compressed alone (nothing
+    learned beforehand), their raw streams without file headers (a model's code lengths
+    have none): what the model's scores stand beside."""
+    pieces = [text[i:i + window] for i in range(0, len(text), window)]
+    sizes = {"gzip -9": raw_deflate, "xz -9e": raw_xz}
+    return {name: round(8 * sum(map(size, pieces)) / len(text), 4) for name, size in sizes.items()}
 
 
 def command_line() -> str:

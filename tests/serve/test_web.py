@@ -54,8 +54,10 @@ def browser():
 
 @pytest.fixture(scope="session")
 def web_export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("web") / "bsbr-tiny"
-    export_model("bsbr-tiny", out, [FORMATS["web"]], streaming=True)
+    """The page of bsbr-tiny-gated (retrieval form `gated`); the decode-only page below is
+    of a module with form `sum`, so the browser runs both."""
+    out = tmp_path_factory.mktemp("web") / "bsbr-tiny-gated"
+    export_model("bsbr-tiny-gated", out, [FORMATS["web"]], streaming=True)
     return out
 
 
