@@ -316,7 +316,7 @@ def bench(ctx, target, quick, **options) -> None:
             accuracy_budget=o["accuracy_budget"], reduced_precision=o["reduced_precision"], device=o["device"],
             progress=progress,
         )
-    stdout_console().print(bench_table(run.bench, o["tolerance"]))
+    stdout_console().print(bench_table(run.bench, o["tolerance"], run.accuracy_budget))
     click.echo(f"reports: {', '.join(str(p) for p in run.reports)}")
     stdout_console().print(recommendation_text(run.recommendation))
     for engine in run.over_budget:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bsbr_export.defaults import DEFAULT_ACCURACY_BUDGET
 from bsbr_export.proof.bench import NOISY_SPREAD
 from bsbr_export.proof.evaltext import worst_change
 from bsbr_export.proof.report import human_bytes, ms_text, speedup_text, status
@@ -156,7 +157,7 @@ def text_cells(score) -> tuple[str, str]:
     return f"{score.bits_per_byte:.4f}", change if score.passed else f"[red]{change}[/]"
 
 
-def bench_table(result, tolerance: float) -> Table:
+def bench_table(result, tolerance: float, accuracy_budget: float = DEFAULT_ACCURACY_BUDGET) -> Table:
     """Engine, status, max abs err, median latency and speed-up vs eager per length."""
     table = Table(
         title=f"bench: batch {result.batch}, {result.threads} threads",
@@ -171,7 +172,8 @@ def bench_table(result, tolerance: float) -> Table:
         table.add_column("vs eager", justify="right")
     eager = result.reference()
     for engine in result.engines:
-        cells = [engine.engine, status(engine, tolerance), f"{engine.max_abs:.0e}" if engine.max_abs is not None else "-"]
+        cells = [engine.engine, status(engine, tolerance, eager, accuracy_budget),
+                 f"{engine.max_abs:.0e}" if engine.max_abs is not None else "-"]
         for n in result.lengths:
             timing = engine.at(n)
             base = eager.at(n) if eager and eager.ok else None

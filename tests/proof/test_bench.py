@@ -117,7 +117,9 @@ def test_int8_over_the_accuracy_budget_fails_and_is_never_recommended(stdlib_cop
     report = json.loads((out / "report.json").read_text())
     rows = {r["engine"]: r for r in report["table"]}
     assert rows["ort-cpu-int8"]["bits_per_byte_change"] > 1e-5
+    assert rows["ort-cpu-int8"]["status"] == "❎"  # judged by its loss, as validate judges it
     assert abs(rows["ort-cpu-all"]["bits_per_byte_change"]) < 1e-5
+    assert "None" not in (out / "report.md").read_text().split("## Validation")[1]
     assert report["recommendation"]["engine"] in ("eager", "ort-cpu-all")
     assert "Recommended here" in stdout and "Recommended here" in (out / "report.md").read_text()
 

@@ -34,3 +34,23 @@ def test_without_text_parity_decides():
     assert recommend(rows, 0.01)["engine"] == "ort-cpu-all"
     assert recommend([row("x", {})], 0.01) is None
     assert "nothing to recommend" in recommendation_text(None)
+
+
+def test_status_judges_reduced_precision_by_held_out_loss_as_validate_does():
+    """int8 of a trained byte-level LM: off by random-id parity but within the budget on
+    text is ✅ (bench's table and recommendation agree with validate); over it, ❎. fp32
+    stays judged by parity; without text, int8 falls back to its parity tolerance."""
+    from types import SimpleNamespace
+
+    from bsbr_export.proof.report import status
+
+    def engine(name, max_abs, bpb=None):
+        return SimpleNamespace(engine=name, ok=True, max_abs=max_abs, logit_scale=10.0, bits_per_byte=bpb)
+
+    eager = engine("eager", 0.0, {256: 2.0, 4096: 1.8})
+    assert status(engine("ort-cpu-int8", 5.0, {256: 2.014, 4096: 1.801}), 1e-4, eager) == "✅"  # +0.7%
+    assert status(engine("ort-cpu-int8", 5.0, {256: 2.03, 4096: 1.8}), 1e-4, eager) == "❎"  # +1.5%
+    assert status(engine("ort-cpu-int8", 5.0, {256: 2.03, 4096: 1.8}), 1e-4, eager, accuracy_budget=0.02) == "✅"
+    assert status(engine("ort-cpu-all", 5.0, {256: 2.0, 4096: 1.8}), 1e-4, eager) == "❎"
+    assert status(engine("ort-cpu-int8", 5.0), 1e-4, None) == "❎"
+    assert status(SimpleNamespace(engine="aoti", ok=False), 1e-4, eager) == "❌"
