@@ -1,7 +1,8 @@
 # The test commands (README "Quick start", development paragraph); .ci/run runs `make test`.
-#   make test    set up whatever is missing, then lint-imports and the whole suite (what CI runs)
+#   make test    set up whatever is missing, then `make lint` and the whole suite (what CI runs)
 #   make quick   set up the project venv if needed, then the tests not marked slow (a few minutes)
-#   make lint    lint-imports (the package's layer contracts, pyproject.toml [tool.importlinter])
+#   make lint    lint-imports (the package's layer contracts, pyproject.toml [tool.importlinter]),
+#                ruff check and ruff format --check on the whole tree (pyproject.toml [tool.ruff])
 #   make setup   only the setup that `make test` does
 # Extra pytest arguments: make test PYTEST_ARGS="-k onnx" (or make quick PYTEST_ARGS=...).
 # Every setup step is skipped when what it makes is already there.
@@ -27,8 +28,7 @@ WEB_MODULES := web/node_modules/.package-lock.json
 
 .PHONY: test quick lint setup toolchain
 
-test: setup
-	$(VENV)/bin/lint-imports
+test: setup lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 quick: $(VENV_STAMP)
@@ -36,6 +36,8 @@ quick: $(VENV_STAMP)
 
 lint: $(VENV_STAMP)
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 setup: toolchain $(NODE_MODULES) $(WEB_MODULES) $(TRITON_STAMP) $(VENV_STAMP)
 

@@ -108,34 +108,101 @@ def run(model: str, length: int | None, batch: int) -> None:
 @cli.command()
 @click.argument("model")
 @click.option("--out", "out_dir", type=click.Path(), default=None, help="Export directory [default: ./export/<model>].")
-@click.option("--format", "formats", default="onnx,torchscript", show_default=True,
-              help="Comma-separated formats: " + ", ".join(FORMATS) + ".")
+@click.option(
+    "--format",
+    "formats",
+    default="onnx,torchscript",
+    show_default=True,
+    help="Comma-separated formats: " + ", ".join(FORMATS) + ".",
+)
 @click.option("--streaming", is_flag=True, help="Also export streaming-step graphs (past.* -> present.*).")
-@click.option("--static", "static", default=None, metavar="BATCHxLENGTH", help="Fixed-shape ONNX graph instead of dynamic axes.")
+@click.option(
+    "--static", "static", default=None, metavar="BATCHxLENGTH", help="Fixed-shape ONNX graph instead of dynamic axes."
+)
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
-@click.option("--max-length", "max_length", type=click.IntRange(min=1), default=None,
-              help="Longest input of an executorch program (memory is planned for it) [default: 2048].")
-@click.option("--max-batch", "max_batch", type=click.IntRange(min=1), default=None,
-              help="Largest batch of an executorch program [default: 4].")
-@click.option("--device", "device", type=click.Choice(DEVICES), default=None,
-              help="What an aoti package is compiled for [default: cpu]; cuda needs a CUDA build of torch and the GPU.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True,
-              help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).")
-@click.option("--force", is_flag=True,
-              help="Replace a non-empty export directory (and Triton models of the same name).")
-@click.option("--triton-repo", "triton_repo", type=click.Path(), default=None,
-              help="Also write the ONNX graphs as a Triton Inference Server model repository here.")
-@click.option("--trust-code", "trust_code", is_flag=True,
-              help="Allow importing MODEL's code when it is a module reference (file.py:factory) or a Hugging Face "
-                   "directory with its own modeling file (auto_map): that runs it.")
-@click.option("--weights", type=click.Path(), default=None,
-              help="State dict to load into a module reference's module (.safetensors, or .pt with weights_only).")
-@click.option("--spec", "spec_file", type=click.Path(), default=None,
-              help="JSON ModelSpec of a module reference's inputs/outputs [default: inferred].")
-@click.option("--chunk-size", "chunk_size", type=click.IntRange(min=1), default=None,
-              help="Chunk size of a module with no BSBR layer to read it from.")
-def export(model, out_dir, formats, streaming, static, opset, max_length, max_batch, device, tolerance, force,
-           triton_repo, trust_code, weights, spec_file, chunk_size) -> None:
+@click.option(
+    "--max-length",
+    "max_length",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Longest input of an executorch program (memory is planned for it) [default: 2048].",
+)
+@click.option(
+    "--max-batch",
+    "max_batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Largest batch of an executorch program [default: 4].",
+)
+@click.option(
+    "--device",
+    "device",
+    type=click.Choice(DEVICES),
+    default=None,
+    help="What an aoti package is compiled for [default: cpu]; cuda needs a CUDA build of torch and the GPU.",
+)
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_TOLERANCE,
+    show_default=True,
+    help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).",
+)
+@click.option(
+    "--force", is_flag=True, help="Replace a non-empty export directory (and Triton models of the same name)."
+)
+@click.option(
+    "--triton-repo",
+    "triton_repo",
+    type=click.Path(),
+    default=None,
+    help="Also write the ONNX graphs as a Triton Inference Server model repository here.",
+)
+@click.option(
+    "--trust-code",
+    "trust_code",
+    is_flag=True,
+    help="Allow importing MODEL's code when it is a module reference (file.py:factory) or a Hugging Face "
+    "directory with its own modeling file (auto_map): that runs it.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(),
+    default=None,
+    help="State dict to load into a module reference's module (.safetensors, or .pt with weights_only).",
+)
+@click.option(
+    "--spec",
+    "spec_file",
+    type=click.Path(),
+    default=None,
+    help="JSON ModelSpec of a module reference's inputs/outputs [default: inferred].",
+)
+@click.option(
+    "--chunk-size",
+    "chunk_size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Chunk size of a module with no BSBR layer to read it from.",
+)
+def export(
+    model,
+    out_dir,
+    formats,
+    streaming,
+    static,
+    opset,
+    max_length,
+    max_batch,
+    device,
+    tolerance,
+    force,
+    triton_repo,
+    trust_code,
+    weights,
+    spec_file,
+    chunk_size,
+) -> None:
     """Export MODEL and check every artifact.
 
     MODEL is a preset name, a checkpoint directory, a Hugging Face model directory
@@ -159,10 +226,22 @@ def export(model, out_dir, formats, streaming, static, opset, max_length, max_ba
     out = Path(out_dir) if out_dir else Path("export") / export_name(model)
     with progress_steps(Console(stderr=True)) as progress:
         result = export_model(
-            model, out, chosen, spec=read_spec(spec_file) if spec_file else None, streaming=streaming,
-            static_shape=_parse_static(static) if static else None, opset=opset, overwrite=force, tolerance=tolerance,
-            trust_code=trust_code, weights=weights, chunk_size=chunk_size, max_length=max_length, max_batch=max_batch,
-            device=device, progress=progress,
+            model,
+            out,
+            chosen,
+            spec=read_spec(spec_file) if spec_file else None,
+            streaming=streaming,
+            static_shape=_parse_static(static) if static else None,
+            opset=opset,
+            overwrite=force,
+            tolerance=tolerance,
+            trust_code=trust_code,
+            weights=weights,
+            chunk_size=chunk_size,
+            max_length=max_length,
+            max_batch=max_batch,
+            device=device,
+            progress=progress,
         )
     stdout_console().print(export_table(result))
     if result.note:
@@ -179,11 +258,20 @@ def export(model, out_dir, formats, streaming, static, opset, max_length, max_ba
 
 # Byte-level language models are also judged by held-out text (validate, optimize, bench).
 EVAL_TEXT = click.option(
-    "--eval-text", "eval_text", type=click.Path(), default=None,
-    help="UTF-8 file or directory to score byte-level LMs on (bits per byte) [default: held-out stdlib files].")
+    "--eval-text",
+    "eval_text",
+    type=click.Path(),
+    default=None,
+    help="UTF-8 file or directory to score byte-level LMs on (bits per byte) [default: held-out stdlib files].",
+)
 ACCURACY_BUDGET = click.option(
-    "--accuracy-budget", "accuracy_budget", type=float, default=DEFAULT_ACCURACY_BUDGET, show_default=True,
-    help="Largest relative rise of held-out bits per byte over eager that passes (0.01 = 1%).")
+    "--accuracy-budget",
+    "accuracy_budget",
+    type=float,
+    default=DEFAULT_ACCURACY_BUDGET,
+    show_default=True,
+    help="Largest relative rise of held-out bits per byte over eager that passes (0.01 = 1%).",
+)
 
 
 def _eval_text(path, budget: float) -> bytes | None:
@@ -195,22 +283,41 @@ def _eval_text(path, budget: float) -> bytes | None:
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True,
-              help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).")
-@click.option("--lengths", default=None,
-              help="Comma-separated lengths [default: 1,c-1,c,c+1,3c+5,2048, up to an artifact's --max-length].")
-@click.option("--batches", default=None,
-              help="Comma-separated batch sizes [default: 1,2,3, up to an artifact's --max-batch].")
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_TOLERANCE,
+    show_default=True,
+    help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).",
+)
+@click.option(
+    "--lengths",
+    default=None,
+    help="Comma-separated lengths [default: 1,c-1,c,c+1,3c+5,2048, up to an artifact's --max-length].",
+)
+@click.option(
+    "--batches", default=None, help="Comma-separated batch sizes [default: 1,2,3, up to an artifact's --max-batch]."
+)
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime provider(s) [default: all available].")
-@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
-              help="cuda: ONNX graphs on the CUDA provider, TorchScript on the GPU.")
-@click.option("--trust-code", "trust_code", is_flag=True,
-              help="Allow rebuilding a user's module (a module reference or a Hugging Face directory's code) "
-                   "from what its manifest records (runs its code).")
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="cpu",
+    show_default=True,
+    help="cuda: ONNX graphs on the CUDA provider, TorchScript on the GPU.",
+)
+@click.option(
+    "--trust-code",
+    "trust_code",
+    is_flag=True,
+    help="Allow rebuilding a user's module (a module reference or a Hugging Face directory's code) "
+    "from what its manifest records (runs its code).",
+)
 @EVAL_TEXT
 @ACCURACY_BUDGET
-def validate(export_dir, tolerance, lengths, batches, providers, device, trust_code, eval_text,
-             accuracy_budget) -> None:
+def validate(
+    export_dir, tolerance, lengths, batches, providers, device, trust_code, eval_text, accuracy_budget
+) -> None:
     """Check every artifact in EXPORT_DIR against the eager model it came from.
 
     Writes EXPORT_DIR/validation.json. Exits 1 when any case fails, naming the case and,
@@ -220,9 +327,15 @@ def validate(export_dir, tolerance, lengths, batches, providers, device, trust_c
     with progress_steps(Console(stderr=True)) as progress:
         progress("validating every artifact against eager")
         result = validate_and_record(
-            export_dir, tolerance=tolerance, lengths=_int_list(lengths, "--lengths") if lengths else None,
-            batches=tuple(_int_list(batches, "--batches")) if batches else None, providers=list(providers) or None,
-            trust_code=trust_code, eval_text=text, accuracy_budget=accuracy_budget, device=device,
+            export_dir,
+            tolerance=tolerance,
+            lengths=_int_list(lengths, "--lengths") if lengths else None,
+            batches=tuple(_int_list(batches, "--batches")) if batches else None,
+            providers=list(providers) or None,
+            trust_code=trust_code,
+            eval_text=text,
+            accuracy_budget=accuracy_budget,
+            device=device,
         )
     stdout_console().print(validation_table(result))
     if not result.passed:
@@ -232,9 +345,12 @@ def validate(export_dir, tolerance, lengths, batches, providers, device, trust_c
             if check.first_bad_layer:
                 click.echo(f"{check.artifact} first diverges at {check.first_bad_layer}", err=True)
             if check.text and not check.text.passed:
-                click.echo(f"FAILED {check.artifact} on {check.engine}: held-out bits per byte "
-                           f"{check.text.bits_per_byte:.4f} is {check.text.change:+.2%} against eager's "
-                           f"{check.text.reference:.4f} (budget {check.text.budget:+.2%})", err=True)
+                click.echo(
+                    f"FAILED {check.artifact} on {check.engine}: held-out bits per byte "
+                    f"{check.text.bits_per_byte:.4f} is {check.text.change:+.2%} against eager's "
+                    f"{check.text.reference:.4f} (budget {check.text.budget:+.2%})",
+                    err=True,
+                )
         raise SystemExit(1)
 
 
@@ -256,38 +372,82 @@ QUICK_BENCH = {
 
 @cli.command()
 @click.argument("target")
-@click.option("--quick", is_flag=True,
-              help="A first look (about a minute on 2 cores): " + "; ".join(f"{k.replace('_', '-')} "
-                                                                          f"{v!r}" for k, v in QUICK_BENCH.items()))
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="A first look (about a minute on 2 cores): "
+    + "; ".join(f"{k.replace('_', '-')} {v!r}" for k, v in QUICK_BENCH.items()),
+)
 @click.option("--lengths", default="256,1024,4096", show_default=True, help="Comma-separated sequence lengths.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size.")
 @click.option("--engines", default=None, help="Comma-separated engines [default: all available].")
-@click.option("--decode", "decode", default="256,1024,4096", show_default=True,
-              help="Context lengths for streaming decode latency ('' to skip).")
+@click.option(
+    "--decode",
+    "decode",
+    default="256,1024,4096",
+    show_default=True,
+    help="Context lengths for streaming decode latency ('' to skip).",
+)
 @click.option("--validation-lengths", default=None, help="Lengths for the validation pass [default: validate's].")
-@click.option("--out", "out_dir", type=click.Path(), default=None,
-              help="Export directory when TARGET is a model [default: ./export/<model>].")
-@click.option("--formats", default=None,
-              help="Formats to export when TARGET is a model [default: every one installed of "
-                   + ", ".join(f.name for f in FORMATS.values() if f.benched) + "].")
-@click.option("--streaming/--no-streaming", default=True, show_default=True,
-              help="Export streaming graphs too when TARGET is a model (decode latency needs them).")
-@click.option("--check-length", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Longest length each exported artifact is checked at.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(),
+    default=None,
+    help="Export directory when TARGET is a model [default: ./export/<model>].",
+)
+@click.option(
+    "--formats",
+    default=None,
+    help="Formats to export when TARGET is a model [default: every one installed of "
+    + ", ".join(f.name for f in FORMATS.values() if f.benched)
+    + "].",
+)
+@click.option(
+    "--streaming/--no-streaming",
+    default=True,
+    show_default=True,
+    help="Export streaming graphs too when TARGET is a model (decode latency needs them).",
+)
+@click.option(
+    "--check-length",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Longest length each exported artifact is checked at.",
+)
 @click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Threads per engine.")
-@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Most seconds of timing per engine and length (stops sooner once the spread is small).")
+@click.option(
+    "--budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Most seconds of timing per engine and length (stops sooner once the spread is small).",
+)
 @click.option("--force", is_flag=True, help="Export over a non-empty --out directory (its files are replaced).")
-@click.option("--trust-code", "trust_code", is_flag=True,
-              help="Allow importing a module reference (file.py:factory) or a Hugging Face directory's code, or "
-                   "rebuilding one from a manifest.")
-@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
-              help="Time the engines that compute there (cuda: eager, bf16 autocast, compile and TorchScript on the "
-                   "GPU, ONNX Runtime's CUDA provider), against eager on that device.")
-@click.option("--reduced-precision/--no-reduced-precision", default=True, show_default=True,
-              help="Make the int8 graph and bf16 plans this CPU can run (byte-level LMs, judged by held-out bits "
-                   "per byte in windows of each --lengths) and weigh them in the recommendation.")
+@click.option(
+    "--trust-code",
+    "trust_code",
+    is_flag=True,
+    help="Allow importing a module reference (file.py:factory) or a Hugging Face directory's code, or "
+    "rebuilding one from a manifest.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="cpu",
+    show_default=True,
+    help="Time the engines that compute there (cuda: eager, bf16 autocast, compile and TorchScript on the "
+    "GPU, ONNX Runtime's CUDA provider), against eager on that device.",
+)
+@click.option(
+    "--reduced-precision/--no-reduced-precision",
+    default=True,
+    show_default=True,
+    help="Make the int8 graph and bf16 plans this CPU can run (byte-level LMs, judged by held-out bits "
+    "per byte in windows of each --lengths) and weigh them in the recommendation.",
+)
 @EVAL_TEXT
 @ACCURACY_BUDGET
 @click.pass_context
@@ -305,26 +465,42 @@ def bench(ctx, target, quick, **options) -> None:
     _eval_text(o["eval_text"], o["accuracy_budget"])
     with progress_steps(Console(stderr=True)) as progress:
         run = benchmark(
-            target, out_dir=o["out_dir"], lengths=_int_list(o["lengths"], "--lengths"), batch=o["batch"],
+            target,
+            out_dir=o["out_dir"],
+            lengths=_int_list(o["lengths"], "--lengths"),
+            batch=o["batch"],
             engines=[e.strip() for e in o["engines"].split(",")] if o["engines"] else None,
             decode_contexts=_int_list(o["decode"], "--decode") if o["decode"] else None,
-            validation_lengths=(_int_list(o["validation_lengths"], "--validation-lengths")
-                                if o["validation_lengths"] else None),
-            tolerance=o["tolerance"], threads=o["threads"], budget_s=o["budget"], overwrite=o["force"],
-            formats=[f.name for f in parse_formats(o["formats"])] if o["formats"] else None, streaming=o["streaming"],
-            long_length=o["check_length"], trust_code=o["trust_code"], eval_text=o["eval_text"],
-            accuracy_budget=o["accuracy_budget"], reduced_precision=o["reduced_precision"], device=o["device"],
+            validation_lengths=(
+                _int_list(o["validation_lengths"], "--validation-lengths") if o["validation_lengths"] else None
+            ),
+            tolerance=o["tolerance"],
+            threads=o["threads"],
+            budget_s=o["budget"],
+            overwrite=o["force"],
+            formats=[f.name for f in parse_formats(o["formats"])] if o["formats"] else None,
+            streaming=o["streaming"],
+            long_length=o["check_length"],
+            trust_code=o["trust_code"],
+            eval_text=o["eval_text"],
+            accuracy_budget=o["accuracy_budget"],
+            reduced_precision=o["reduced_precision"],
+            device=o["device"],
             progress=progress,
         )
     stdout_console().print(bench_table(run.bench, o["tolerance"], run.accuracy_budget))
     click.echo(f"reports: {', '.join(str(p) for p in run.reports)}")
     stdout_console().print(recommendation_text(run.recommendation))
     for engine in run.over_budget:
-        click.echo(f"FAILED {engine}: held-out bits per byte rose more than the accuracy budget "
-                   f"({o['accuracy_budget']:+.0%}); see report.md", err=True)
+        click.echo(
+            f"FAILED {engine}: held-out bits per byte rose more than the accuracy budget "
+            f"({o['accuracy_budget']:+.0%}); see report.md",
+            err=True,
+        )
     if quick:
-        click.echo("quick run: drop --quick for every format, streaming decode, torch.compile, every ORT level and "
-                   "3 lengths")
+        click.echo(
+            "quick run: drop --quick for every format, streaming decode, torch.compile, every ORT level and 3 lengths"
+        )
     if not run.validation.passed or any(not e.ok for e in run.bench.engines) or run.over_budget:
         raise SystemExit(1)
 
@@ -333,10 +509,20 @@ def bench(ctx, target, quick, **options) -> None:
 @click.argument("checkpoint", type=click.Path())
 @click.option("--heads", type=int, required=True, help="num_heads the model was built with (shapes cannot tell).")
 @click.option("--chunk-size", "chunk_size", type=int, required=True, help="chunk_size it was built with.")
-@click.option("--out", "out_dir", type=click.Path(), default=None,
-              help="Checkpoint directory to write [default: CHECKPOINT without its suffix].")
-@click.option("--max-positions", "max_positions", type=int, default=None,
-              help="Extend the package's 5000-row positional table to this many rows [default: keep 5000].")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(),
+    default=None,
+    help="Checkpoint directory to write [default: CHECKPOINT without its suffix].",
+)
+@click.option(
+    "--max-positions",
+    "max_positions",
+    type=int,
+    default=None,
+    help="Extend the package's 5000-row positional table to this many rows [default: keep 5000].",
+)
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force) -> None:
     """Import a state dict saved from the PyPI package bsbr 0.1.1 (`BSBRModel`).
@@ -361,41 +547,91 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option("--length", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Sequence length to time levels and measure int8 at.")
+@click.option(
+    "--length",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Sequence length to time levels and measure int8 at.",
+)
 @click.option("--int8/--no-int8", default=True, show_default=True, help="Also write an int8 dynamic-quantized graph.")
-@click.option("--static-int8", "static_int8", is_flag=True,
-              help="Also write a static (QDQ) int8 graph, calibrated on held-out text (model.int8-static.onnx).")
-@click.option("--target-top1", type=click.FloatRange(min=0, max=1, min_open=True), default=0.97, show_default=True,
-              help="int8 of models without text: keep the most sensitive MatMuls in fp32 until top-1 agreement "
-                   "reaches this (byte-level LMs are held to --accuracy-budget instead).")
-@click.option("--fp16/--no-fp16", default=None,
-              help="Also write an fp16 graph for ONNX Runtime's CUDA provider [default: when it is available].")
-@click.option("--bf16", is_flag=True,
-              help="Measure which parts eager-bf16 and compile-bf16 keep in fp32, and whether all-bf16 "
-                   "openvino-bf16 fits the budget (bf16.json).")
-@click.option("--eval-windows", default=",".join(map(str, DEFAULT_EVAL_WINDOWS)), show_default=True,
-              help="Window lengths int8 and bf16 are judged at: held-out bits per byte must stay within "
-                   "--accuracy-budget in each (int8 loses most in short windows, bf16 at long positions).")
+@click.option(
+    "--static-int8",
+    "static_int8",
+    is_flag=True,
+    help="Also write a static (QDQ) int8 graph, calibrated on held-out text (model.int8-static.onnx).",
+)
+@click.option(
+    "--target-top1",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=0.97,
+    show_default=True,
+    help="int8 of models without text: keep the most sensitive MatMuls in fp32 until top-1 agreement "
+    "reaches this (byte-level LMs are held to --accuracy-budget instead).",
+)
+@click.option(
+    "--fp16/--no-fp16",
+    default=None,
+    help="Also write an fp16 graph for ONNX Runtime's CUDA provider [default: when it is available].",
+)
+@click.option(
+    "--bf16",
+    is_flag=True,
+    help="Measure which parts eager-bf16 and compile-bf16 keep in fp32, and whether all-bf16 "
+    "openvino-bf16 fits the budget (bf16.json).",
+)
+@click.option(
+    "--eval-windows",
+    default=",".join(map(str, DEFAULT_EVAL_WINDOWS)),
+    show_default=True,
+    help="Window lengths int8 and bf16 are judged at: held-out bits per byte must stay within "
+    "--accuracy-budget in each (int8 loses most in short windows, bf16 at long positions).",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--trust-code", "trust_code", is_flag=True,
-              help="Allow rebuilding a user's module (a module reference or a Hugging Face directory's code) "
-                   "from what its manifest records (runs its code).")
+@click.option(
+    "--trust-code",
+    "trust_code",
+    is_flag=True,
+    help="Allow rebuilding a user's module (a module reference or a Hugging Face directory's code) "
+    "from what its manifest records (runs its code).",
+)
 @EVAL_TEXT
 @ACCURACY_BUDGET
-def optimize(export_dir, length, int8, static_int8, target_top1, fp16, bf16, eval_windows, threads, trust_code,
-             eval_text, accuracy_budget) -> None:
+def optimize(
+    export_dir,
+    length,
+    int8,
+    static_int8,
+    target_top1,
+    fp16,
+    bf16,
+    eval_windows,
+    threads,
+    trust_code,
+    eval_text,
+    accuracy_budget,
+) -> None:
     """Measure ONNX Runtime's optimization levels here and save the fastest that still
     matches eager (model.optimized.onnx); quantize to int8 keeping sensitive nodes fp32;
     convert to fp16 for the CUDA provider (model.fp16.onnx); plan bf16. Check the graphs
     with `validate`, time them with `bench`."""
     text = _eval_text(eval_text, accuracy_budget)
     with progress_steps(Console(stderr=True)) as progress:
-        done = optimize_export(export_dir, length=length, int8=int8, target_top1=target_top1, threads=threads,
-                               fp16=fp16, static_int8=static_int8, bf16=bf16,
-                               eval_windows=tuple(_int_list(eval_windows, "--eval-windows")),
-                               eval_text=text, accuracy_budget=accuracy_budget, trust_code=trust_code,
-                               progress=progress)
+        done = optimize_export(
+            export_dir,
+            length=length,
+            int8=int8,
+            target_top1=target_top1,
+            threads=threads,
+            fp16=fp16,
+            static_int8=static_int8,
+            bf16=bf16,
+            eval_windows=tuple(_int_list(eval_windows, "--eval-windows")),
+            eval_text=text,
+            accuracy_budget=accuracy_budget,
+            trust_code=trust_code,
+            progress=progress,
+        )
     console = stdout_console()
     console.print(levels_table(done.level))
     if done.fp16_path is not None:
@@ -408,25 +644,35 @@ def optimize(export_dir, length, int8, static_int8, target_top1, fp16, bf16, eva
         if not quant.reached:
             failed = True
             if quant.fp32_bits_per_byte is not None:
-                click.echo(f"FAILED {quant.path.name}: no int8 graph stays within the accuracy budget "
-                           f"({accuracy_budget:+.0%} held-out bits per byte)", err=True)
+                click.echo(
+                    f"FAILED {quant.path.name}: no int8 graph stays within the accuracy budget "
+                    f"({accuracy_budget:+.0%} held-out bits per byte)",
+                    err=True,
+                )
             else:
-                click.echo(f"int8 never reached top-1 {target_top1} (best {max(s.top1 for s in quant.steps):.3f})",
-                           err=True)
+                click.echo(
+                    f"int8 never reached top-1 {target_top1} (best {max(s.top1 for s in quant.steps):.3f})", err=True
+                )
     for plan in done.bf16:
         console.print(bf16_table(plan))
         if not plan.passed:
             failed = True
-            click.echo(f"FAILED {plan.engine}: held-out bits per byte {plan.change:+.2%} vs fp32 in its worst "
-                       f"window even with {', '.join(plan.keep_fp32) or 'nothing'} in fp32", err=True)
+            click.echo(
+                f"FAILED {plan.engine}: held-out bits per byte {plan.change:+.2%} vs fp32 in its worst "
+                f"window even with {', '.join(plan.keep_fp32) or 'nothing'} in fp32",
+                err=True,
+            )
     if failed:
         raise SystemExit(1)
 
 
 @cli.command()
 @click.argument("model")
-@click.option("--trust-code", is_flag=True, help="Allow importing MODEL's code (a module reference, or a "
-              "Hugging Face directory's modeling file).")
+@click.option(
+    "--trust-code",
+    is_flag=True,
+    help="Allow importing MODEL's code (a module reference, or a Hugging Face directory's modeling file).",
+)
 def doctor(model: str, trust_code: bool) -> None:
     """Check that MODEL exports with a dynamic batch and sequence.
 
@@ -446,14 +692,34 @@ def doctor(model: str, trust_code: bool) -> None:
 
 @cli.command()
 @click.argument("repo", type=click.Path())
-@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True,
-              help="HTTP port on 127.0.0.1 (0: any free one).")
-@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True,
-              help="gRPC port on 127.0.0.1 (0: any free one).")
-@click.option("--triton-env", type=click.Path(), envvar="BSBR_TRITON_ENV", default=None,
-              help="The venv holding nvidia-pytriton, numpy<2 and onnxruntime [default: $BSBR_TRITON_ENV].")
-@click.option("--timeout", type=click.FloatRange(min=1), default=60, show_default=True,
-              help="Seconds to wait for the server to be ready.")
+@click.option(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="HTTP port on 127.0.0.1 (0: any free one).",
+)
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    default=8001,
+    show_default=True,
+    help="gRPC port on 127.0.0.1 (0: any free one).",
+)
+@click.option(
+    "--triton-env",
+    type=click.Path(),
+    envvar="BSBR_TRITON_ENV",
+    default=None,
+    help="The venv holding nvidia-pytriton, numpy<2 and onnxruntime [default: $BSBR_TRITON_ENV].",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=60,
+    show_default=True,
+    help="Seconds to wait for the server to be ready.",
+)
 def serve(repo, http_port, grpc_port, triton_env, timeout) -> None:
     """Serve REPO (a --triton-repo directory) with a real tritonserver on 127.0.0.1.
 
@@ -463,8 +729,10 @@ def serve(repo, http_port, grpc_port, triton_env, timeout) -> None:
     """
 
     def ready(server) -> None:
-        click.echo(f"tritonserver ready in {server.start_seconds:.1f} s (pid {server.pid}): "
-                   f"HTTP {server.http_url}, gRPC {server.grpc_url}")
+        click.echo(
+            f"tritonserver ready in {server.start_seconds:.1f} s (pid {server.pid}): "
+            f"HTTP {server.http_url}, gRPC {server.grpc_url}"
+        )
         click.echo(f"models: {', '.join(server.models.loaded)}")
         for model, backend in server.models.skipped.items():
             click.echo(f"skipped {model}: needs the {backend} backend, which this server lacks")
@@ -475,16 +743,25 @@ def serve(repo, http_port, grpc_port, triton_env, timeout) -> None:
 
 @cli.command("serve-web")
 @click.argument("export_dir", type=click.Path())
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
-              help="Port on 127.0.0.1 (0: any free one).")
-@click.option("--no-isolation", is_flag=True,
-              help="Leave out the cross-origin isolation headers (wasm then runs on one thread).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port on 127.0.0.1 (0: any free one).",
+)
+@click.option(
+    "--no-isolation", is_flag=True, help="Leave out the cross-origin isolation headers (wasm then runs on one thread)."
+)
 def serve_web(export_dir, port, no_isolation) -> None:
     """Serve EXPORT_DIR's web page (--format web) on 127.0.0.1 until Ctrl-C."""
     server = page_server(export_dir, port, isolated=not no_isolation)
     host, bound = server.server_address[:2]
-    click.echo(f"serving {web_dir(export_dir)} at http://{host}:{bound}/ "
-               f"({'not ' if no_isolation else ''}cross-origin isolated); Ctrl-C stops it", err=False)
+    click.echo(
+        f"serving {web_dir(export_dir)} at http://{host}:{bound}/ "
+        f"({'not ' if no_isolation else ''}cross-origin isolated); Ctrl-C stops it",
+        err=False,
+    )
     with server:
         server.serve_forever()
 
@@ -496,7 +773,9 @@ def _check_triton_repo(repo, name: str, streaming: bool, force: bool) -> None:
         raise UserError(f"--triton-repo {repo} is a file: pass a directory")
     check_can_create(repo / name, overwrite=True)  # a writable place; an existing model is checked below
     if repo.resolve() == presets_dir().resolve():
-        raise UserError(f"--triton-repo {repo} is bsbr-export's preset folder: pass another directory (e.g. export/triton)")
+        raise UserError(
+            f"--triton-repo {repo} is bsbr-export's preset folder: pass another directory (e.g. export/triton)"
+        )
     if not force:
         names = [name, f"{name}_python"] + ([f"{name}_streaming", f"{name}_streaming_python"] if streaming else [])
         for model in names:

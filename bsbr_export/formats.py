@@ -84,25 +84,52 @@ class Format:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("onnx", ".onnx", "ONNX graph for ONNX Runtime (torch.export-based exporter)",
-               frozenset({"static_shape", "opset", "metadata"}), kinds=KINDS, per_provider=True),
-        Format("torchscript", ".pt", "traced TorchScript for torch.jit.load / torch::jit::load", engine=True,
-               on_cuda=True),
+        Format(
+            "onnx",
+            ".onnx",
+            "ONNX graph for ONNX Runtime (torch.export-based exporter)",
+            frozenset({"static_shape", "opset", "metadata"}),
+            kinds=KINDS,
+            per_provider=True,
+        ),
+        Format(
+            "torchscript", ".pt", "traced TorchScript for torch.jit.load / torch::jit::load", engine=True, on_cuda=True
+        ),
         Format("torchscript-mobile", ".ptl", "TorchScript for PyTorch Mobile's lite interpreter"),
         # The decode step for C++ generation loops; no full-state step (Triton's implicit
         # state is its only user, and Triton serves ONNX).
-        Format("aoti", ".pt2", "AOTInductor package for aoti_load_package / torch::inductor::AOTIModelPackageLoader",
-               options=frozenset({"device"}), kinds=("full", "decode"), engine=True),
+        Format(
+            "aoti",
+            ".pt2",
+            "AOTInductor package for aoti_load_package / torch::inductor::AOTIModelPackageLoader",
+            options=frozenset({"device"}),
+            kinds=("full", "decode"),
+            engine=True,
+        ),
         # Full graph only: see README "Deploy" for what the streaming step needs.
-        Format("executorch", ".pte", "ExecuTorch program lowered to XNNPACK, for executorch.runtime / the C++ Module API",
-               frozenset({"max_length", "max_batch"}), kinds=("full",), engine=True, requires="executorch",
-               install='pip install -c constraints.txt "bsbr-export[executorch]" (in a checkout: ".[executorch]")'),
+        Format(
+            "executorch",
+            ".pte",
+            "ExecuTorch program lowered to XNNPACK, for executorch.runtime / the C++ Module API",
+            frozenset({"max_length", "max_batch"}),
+            kinds=("full",),
+            engine=True,
+            requires="executorch",
+            install='pip install -c constraints.txt "bsbr-export[executorch]" (in a checkout: ".[executorch]")',
+        ),
         # The page generates with the decode step (export with --streaming) and, where the
         # module has one, the row step (the one WebGPU runs); opset 18 graphs. Timed in a
         # browser (tools/web_load.py), not by bench.
-        Format("web", ".onnx", "static web page generating with onnxruntime-web (wasm, WebGPU) in the browser",
-               kinds=("full", "rows", "decode"), directory="web", benched=False, needs_streaming=True,
-               optional_kinds=("rows",)),
+        Format(
+            "web",
+            ".onnx",
+            "static web page generating with onnxruntime-web (wasm, WebGPU) in the browser",
+            kinds=("full", "rows", "decode"),
+            directory="web",
+            benched=False,
+            needs_streaming=True,
+            optional_kinds=("rows",),
+        ),
     )
 }
 

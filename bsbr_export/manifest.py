@@ -88,8 +88,13 @@ def add_artifacts(export_dir: str | os.PathLike, entries: list[dict]) -> dict:
     names = {e["name"] for e in entries}
     manifest["artifacts"] = [a for a in manifest["artifacts"] if a["name"] not in names]
     for entry in entries:
-        manifest["artifacts"].append({**entry, "kind": recorded_kind(entry["kind"]),
-                                      "files": {entry["name"]: file_record(directory / entry["name"])}})
+        manifest["artifacts"].append(
+            {
+                **entry,
+                "kind": recorded_kind(entry["kind"]),
+                "files": {entry["name"]: file_record(directory / entry["name"])},
+            }
+        )
     with atomic_write(directory / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -33,8 +33,12 @@ def progress_steps(console: Console) -> Iterator[Callable[[str], None]]:
         yield from _plain_steps(start)
         return
 
-    with Progress(SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        SpinnerColumn(finished_text="[green]✓[/]"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         current = []
 
         def step(name: str) -> None:
@@ -125,11 +129,21 @@ def validation_table(result) -> Table:
     """One row per artifact and engine: cases, worst errors, top-1, verdict."""
     table = Table(title=f"validation of {result.export_dir} (tolerance {result.tolerance:g} x logit scale)")
     scored = any(c.text for c in result.checks)
-    columns = ("artifact", "engine", "cases", "max abs", "top-1", *(("bits/byte", "vs eager") if scored else ()),
-               "status")
+    columns = (
+        "artifact",
+        "engine",
+        "cases",
+        "max abs",
+        "top-1",
+        *(("bits/byte", "vs eager") if scored else ()),
+        "status",
+    )
     for column in columns:
-        table.add_column(column, justify="left" if column in ("artifact", "engine", "status") else "right",
-                         no_wrap=column == "artifact")
+        table.add_column(
+            column,
+            justify="left" if column in ("artifact", "engine", "status") else "right",
+            no_wrap=column == "artifact",
+        )
     for check in result.checks:
         diffs = [d for r in check.parity.results for d in r.diffs]
         top1 = [d.top1 for d in diffs if d.top1 is not None]
@@ -162,7 +176,7 @@ def bench_table(result, tolerance: float, accuracy_budget: float = DEFAULT_ACCUR
     table = Table(
         title=f"bench: batch {result.batch}, {result.threads} threads",
         caption=f"median ms ±half the p10-p90 spread, and speed-up vs eager; ⚠ spread over "
-                f"{NOISY_SPREAD:.0%} of the median: a noisy figure (rerun on a quieter machine)",
+        f"{NOISY_SPREAD:.0%} of the median: a noisy figure (rerun on a quieter machine)",
     )
     table.add_column("engine", no_wrap=True)
     table.add_column("ok")
@@ -172,8 +186,11 @@ def bench_table(result, tolerance: float, accuracy_budget: float = DEFAULT_ACCUR
         table.add_column("vs eager", justify="right")
     eager = result.reference()
     for engine in result.engines:
-        cells = [engine.engine, status(engine, tolerance, eager, accuracy_budget),
-                 f"{engine.max_abs:.0e}" if engine.max_abs is not None else "-"]
+        cells = [
+            engine.engine,
+            status(engine, tolerance, eager, accuracy_budget),
+            f"{engine.max_abs:.0e}" if engine.max_abs is not None else "-",
+        ]
         for n in result.lengths:
             timing = engine.at(n)
             base = eager.at(n) if eager and eager.ok else None
@@ -191,7 +208,11 @@ def levels_table(choice) -> Table:
     for column in ("level", "ms", "max abs err", "matches eager", "chosen"):
         table.add_column(column, justify="right" if column in ("ms", "max abs err") else "left")
     for t in choice.timings:
-        chosen = "<- saved" + (" (this machine only)" if choice.hardware_specific else "") if t.level == choice.chosen else ""
+        chosen = (
+            "<- saved" + (" (this machine only)" if choice.hardware_specific else "")
+            if t.level == choice.chosen
+            else ""
+        )
         table.add_row(t.level, f"{t.p50_ms:.1f}", f"{t.max_abs:.1e}", "yes" if t.passed else "NO", chosen)
     return table
 
@@ -212,16 +233,30 @@ def quant_table(quant) -> Table:
     else:
         title += ")"
     table = Table(title=title)
-    columns = ("fp32 MatMuls", "last kept in fp32", "top-1", "max abs err",
-               *(("bits/byte", "worst vs fp32") if scored else ()), "ms", "vs fp32")
+    columns = (
+        "fp32 MatMuls",
+        "last kept in fp32",
+        "top-1",
+        "max abs err",
+        *(("bits/byte", "worst vs fp32") if scored else ()),
+        "ms",
+        "vs fp32",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "last kept in fp32" else "right")
     ranked = sorted(quant.sensitivity, key=quant.sensitivity.get, reverse=True)
     for step in quant.steps:
         last = quant.modules[ranked[step.kept_fp32 - 1]] if step.kept_fp32 else "-"
         text = (bpb_text(step.bits_per_byte), f"{step.change:+.2%}") if scored else ()
-        table.add_row(str(step.kept_fp32), last, f"{step.top1:.3f}", f"{step.max_abs:.3f}", *text,
-                      f"{step.p50_ms:.1f}", speedup_text(quant.fp32_p50_ms / step.p50_ms))
+        table.add_row(
+            str(step.kept_fp32),
+            last,
+            f"{step.top1:.3f}",
+            f"{step.max_abs:.3f}",
+            *text,
+            f"{step.p50_ms:.1f}",
+            speedup_text(quant.fp32_p50_ms / step.p50_ms),
+        )
     return table
 
 
@@ -230,8 +265,10 @@ def bf16_table(plan) -> Table:
     back in fp32, and the groups kept fp32; changes are the worst window's."""
     windows = "/".join(map(str, plan.windows))
     all_bf16 = worst_change(plan.all_bf16_bpb, plan.fp32_bpb)
-    table = Table(title=f"{plan.engine} in windows of {windows}: fp32 {bpb_text(plan.fp32_bpb)} bits/byte, "
-                        f"all bf16 {bpb_text(plan.all_bf16_bpb)} ({all_bf16:+.2%})")
+    table = Table(
+        title=f"{plan.engine} in windows of {windows}: fp32 {bpb_text(plan.fp32_bpb)} bits/byte, "
+        f"all bf16 {bpb_text(plan.all_bf16_bpb)} ({all_bf16:+.2%})"
+    )
     table.add_column("back in fp32")
     table.add_column("bits/byte", justify="right")
     table.add_column("worst vs fp32", justify="right")

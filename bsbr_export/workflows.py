@@ -38,8 +38,12 @@ class PrecisionTrial:
     reason: str = ""
 
     def to_dict(self) -> dict:
-        return {"precision": self.precision, "engines": list(self.engines), "outcome": self.outcome,
-                "reason": self.reason}
+        return {
+            "precision": self.precision,
+            "engines": list(self.engines),
+            "outcome": self.outcome,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)
@@ -59,14 +63,28 @@ class Precision:
 PRECISIONS = (
     Precision("int8", "int8", "model.int8.onnx", ("ort-cpu-int8",), units=("avx512_vnni", "amx_int8")),
     # Calibrated QDQ takes a calibration pass on top of the sensitivity search.
-    Precision("int8-static", "static_int8", "model.int8-static.onnx", ("ort-cpu-int8-static",),
-              units=("avx512_vnni", "amx_int8"), by_bench=False),
-    Precision("bf16", "bf16", BF16_PLAN, ("eager-bf16", "compile-bf16", "openvino-bf16"), source=None,
-              units=("avx512_bf16", "amx_bf16")),
+    Precision(
+        "int8-static",
+        "static_int8",
+        "model.int8-static.onnx",
+        ("ort-cpu-int8-static",),
+        units=("avx512_vnni", "amx_int8"),
+        by_bench=False,
+    ),
+    Precision(
+        "bf16",
+        "bf16",
+        BF16_PLAN,
+        ("eager-bf16", "compile-bf16", "openvino-bf16"),
+        source=None,
+        units=("avx512_bf16", "amx_bf16"),
+    ),
     Precision("fp16", "fp16", "model.fp16.onnx", ("ort-cuda-fp16",)),
 )
-NOT_A_BYTE_LM = ("reduced precision is judged by held-out bits per byte, so only for byte-level language models "
-                 "(tokenizer \"bytes\", logits)")
+NOT_A_BYTE_LM = (
+    "reduced precision is judged by held-out bits per byte, so only for byte-level language models "
+    '(tokenizer "bytes", logits)'
+)
 
 
 @dataclass(frozen=True)
@@ -85,8 +103,11 @@ class BenchRun:
     def over_budget(self) -> list[str]:
         """Engines whose held-out bits per byte rose more than the accuracy budget allows."""
         eager = self.bench.reference()
-        return [e.engine for e in self.bench.engines
-                if any(c > self.accuracy_budget for c in text_changes(e, eager).values())]
+        return [
+            e.engine
+            for e in self.bench.engines
+            if any(c > self.accuracy_budget for c in text_changes(e, eager).values())
+        ]
 
 
 def benchmark(
@@ -136,62 +157,118 @@ def benchmark(
         directory = Path(out_dir) if out_dir else Path("export") / export_name(model_ref)
         # Formats with a planned maximum length are exported for every length timed or checked here.
         longest = max(*lengths, long_length, *(validation_lengths or [long_length]))
-        export_for_bench(model_ref, directory, formats, streaming, overwrite, trust_code, tolerance, long_length,
-                         longest, progress)
+        export_for_bench(
+            model_ref, directory, formats, streaming, overwrite, trust_code, tolerance, long_length, longest, progress
+        )
     precisions = plan_reduced_precision(directory, engines, device) if reduced_precision else ()
     # Every engine asked for must run once the planned artifacts exist: refuse before making them.
     check_engines(directory, engines, device, coming={e for t in precisions if t.outcome == "made" for e in t.engines})
     text = read_eval_text(eval_text) if eval_text is not None else None
     windows = tuple(n for n in sorted(set(lengths)) if n >= 2) or DEFAULT_EVAL_WINDOWS  # a window scores n-1 bytes
-    make_reduced_precision(directory, precisions, windows=windows, eval_text=text, accuracy_budget=accuracy_budget,
-                           threads=threads, trust_code=trust_code, progress=progress)
+    make_reduced_precision(
+        directory,
+        precisions,
+        windows=windows,
+        eval_text=text,
+        accuracy_budget=accuracy_budget,
+        threads=threads,
+        trust_code=trust_code,
+        progress=progress,
+    )
     engines = check_engines(directory, engines, device)
     progress("validating")
-    validation = validate_export(directory, tolerance=tolerance, lengths=validation_lengths, trust_code=trust_code,
-                                 eval_text=text, accuracy_budget=accuracy_budget, device=device)
-    timings = bench_engines(directory, engines, lengths, batch=batch, threads=threads, budget_s=budget_s,
-                            trust_code=trust_code, eval_text=eval_text, progress=progress)
+    validation = validate_export(
+        directory,
+        tolerance=tolerance,
+        lengths=validation_lengths,
+        trust_code=trust_code,
+        eval_text=text,
+        accuracy_budget=accuracy_budget,
+        device=device,
+    )
+    timings = bench_engines(
+        directory,
+        engines,
+        lengths,
+        batch=batch,
+        threads=threads,
+        budget_s=budget_s,
+        trust_code=trust_code,
+        eval_text=eval_text,
+        progress=progress,
+    )
     decode = ()
     if decode_contexts and any((directory / n).is_file() for n in ("model.decode.onnx", "model.streaming.onnx")):
         decode = tuple(decode_latency(directory, decode_contexts, threads=threads, progress=progress))
-    result = BenchResult(tuple(timings), tuple(sorted(lengths)), batch, threads, WARMUP, decode, machine_info(),
-                         BASELINES[device])
+    result = BenchResult(
+        tuple(timings), tuple(sorted(lengths)), batch, threads, WARMUP, decode, machine_info(), BASELINES[device]
+    )
     progress("writing report")
     note = read_manifest(directory, verify=False).get("note")
-    reports, choice = write_report(result, directory, tolerance=tolerance, validation=validation.to_dict(), note=note,
-                                   accuracy_budget=accuracy_budget, precisions=[p.to_dict() for p in precisions])
+    reports, choice = write_report(
+        result,
+        directory,
+        tolerance=tolerance,
+        validation=validation.to_dict(),
+        note=note,
+        accuracy_budget=accuracy_budget,
+        precisions=[p.to_dict() for p in precisions],
+    )
     return BenchRun(directory, validation, result, tuple(reports), choice, accuracy_budget, precisions)
 
 
-def plan_reduced_precision(directory: Path, engines: list[str] | None, device: str = "cpu"
-                           ) -> tuple[PrecisionTrial, ...]:
+def plan_reduced_precision(
+    directory: Path, engines: list[str] | None, device: str = "cpu"
+) -> tuple[PrecisionTrial, ...]:
     """The reduced precisions that `engines` (None: every engine on `device`) would time,
     each with whether bench makes it here, finds it made, or skips it and why."""
-    wanted = [p for p in PRECISIONS if set(p.engines) & set(engines)] if engines else \
-        [p for p in PRECISIONS if any(ENGINES[e].device == device for e in p.engines)]
+    wanted = (
+        [p for p in PRECISIONS if set(p.engines) & set(engines)]
+        if engines
+        else [p for p in PRECISIONS if any(ENGINES[e].device == device for e in p.engines)]
+    )
     if not scores_text(manifest_spec(directory)):
         return tuple(PrecisionTrial(p.name, p.engines, "skipped", NOT_A_BYTE_LM) for p in wanted)
     return tuple(precision_trial(p, directory) for p in wanted)
 
 
-def make_reduced_precision(directory: Path, trials: tuple[PrecisionTrial, ...], *, windows: tuple[int, ...],
-                           eval_text: bytes | None, accuracy_budget: float, threads: int, trust_code: bool,
-                           progress: Callable[[str], None]) -> None:
+def make_reduced_precision(
+    directory: Path,
+    trials: tuple[PrecisionTrial, ...],
+    *,
+    windows: tuple[int, ...],
+    eval_text: bytes | None,
+    accuracy_budget: float,
+    threads: int,
+    trust_code: bool,
+    progress: Callable[[str], None],
+) -> None:
     """Make, through `optimize`, the precisions `trials` plan to make, each judged by
     held-out bits per byte (`eval_text`, default the held-out stdlib) in windows of each
     length in `windows`."""
     made = [p for p in PRECISIONS if any(t.precision == p.name and t.outcome == "made" for t in trials)]
     if not made:
         return
-    progress(f"making {', '.join(p.name for p in made)} (judged by held-out bits per byte; --no-reduced-precision "
-             "skips this)")
+    progress(
+        f"making {', '.join(p.name for p in made)} (judged by held-out bits per byte; --no-reduced-precision "
+        "skips this)"
+    )
     flags = {p.made_as: p in made for p in PRECISIONS}  # fp16 too: optimize defaults it to "if CUDA is here"
-    optimize_export(directory, eval_windows=windows, eval_text=eval_text, accuracy_budget=accuracy_budget,
-                    threads=threads, trust_code=trust_code, progress=progress, **flags)
+    optimize_export(
+        directory,
+        eval_windows=windows,
+        eval_text=eval_text,
+        accuracy_budget=accuracy_budget,
+        threads=threads,
+        trust_code=trust_code,
+        progress=progress,
+        **flags,
+    )
 
 
 def precision_trial(precision: Precision, directory: Path) -> PrecisionTrial:
     """Whether bench makes `precision` for the export in `directory`, and why not."""
+
     def skipped(reason: str) -> PrecisionTrial:
         return PrecisionTrial(precision.name, precision.engines, "skipped", reason)
 
@@ -208,14 +285,28 @@ def precision_trial(precision: Precision, directory: Path) -> PrecisionTrial:
         return skipped("; ".join(f"{e}: {reason}" for e, reason in reasons.items()))
     features = cpu_features()
     units = [u.upper() for u in precision.units if u in features]
-    detail = (f"matrix units here: {', '.join(units)}" if units else
-              f"no {' or '.join(u.upper() for u in precision.units)} here" if precision.units else "")
+    detail = (
+        f"matrix units here: {', '.join(units)}"
+        if units
+        else f"no {' or '.join(u.upper() for u in precision.units)} here"
+        if precision.units
+        else ""
+    )
     return PrecisionTrial(precision.name, runnable, "made", detail)
 
 
-def export_for_bench(model_ref, directory: Path, formats: list[str] | None, streaming: bool, overwrite: bool,
-                     trust_code: bool, tolerance: float, long_length: int, max_length: int,
-                     progress: Callable[[str], None]) -> None:
+def export_for_bench(
+    model_ref,
+    directory: Path,
+    formats: list[str] | None,
+    streaming: bool,
+    overwrite: bool,
+    trust_code: bool,
+    tolerance: float,
+    long_length: int,
+    max_length: int,
+    progress: Callable[[str], None],
+) -> None:
     """Export a model for bench into a new or empty `directory`: in `formats` (default:
     every format bench times that is installed here), with streaming graphs when the model can stream."""
     check_bench_out(directory, overwrite)
@@ -225,19 +316,36 @@ def export_for_bench(model_ref, directory: Path, formats: list[str] | None, stre
     streams = streaming and source.spec.causal and source.spec.state is not None
     chosen = [FORMATS[f] for f in formats] if formats else [f for f in FORMATS.values() if f.installed and f.benched]
     planned = any("max_length" in f.options for f in chosen)  # formats that plan memory for a longest input
-    export_model(source, directory, chosen, streaming=streams, overwrite=overwrite, tolerance=tolerance,
-                 long_length=long_length, max_length=max_length if planned else None, progress=progress)
+    export_model(
+        source,
+        directory,
+        chosen,
+        streaming=streams,
+        overwrite=overwrite,
+        tolerance=tolerance,
+        long_length=long_length,
+        max_length=max_length if planned else None,
+        progress=progress,
+    )
 
 
-def check_engines(directory: Path, engines: list[str] | None, device: str = "cpu",
-                  coming: set[str] = frozenset()) -> list[str]:
+def check_engines(
+    directory: Path, engines: list[str] | None, device: str = "cpu", coming: set[str] = frozenset()
+) -> list[str]:
     """The engines to time: those asked for (each must run here on `device`, or be in
     `coming`: its artifact is about to be made), or every one available on `device`."""
     known = available_engines(directory, device)
     known += sorted(coming - set(known))
     unknown = [e for e in engines or known if e not in known]
-    reasons = {e: (f"it computes on {ENGINES[e].device}, not on --device {device}" if ENGINES[e].device != device
-                   else why_not(ENGINES[e], directory)) for e in unknown if e in ENGINES}
+    reasons = {
+        e: (
+            f"it computes on {ENGINES[e].device}, not on --device {device}"
+            if ENGINES[e].device != device
+            else why_not(ENGINES[e], directory)
+        )
+        for e in unknown
+        if e in ENGINES
+    }
     if reasons:
         raise UserError("; ".join(f"engine {e} cannot run here: {r}" for e, r in reasons.items()))
     if unknown:
@@ -251,6 +359,8 @@ def check_bench_out(directory: Path, overwrite: bool) -> None:
     if overwrite or not directory.is_dir() or not any(directory.iterdir()):
         return
     if (directory / MANIFEST).is_file():
-        raise UserError(f"{directory} already holds an export: bench it with `bsbr-export bench {directory}`, "
-                        "or pass --force to export again over it")
+        raise UserError(
+            f"{directory} already holds an export: bench it with `bsbr-export bench {directory}`, "
+            "or pass --force to export again over it"
+        )
     raise UserError(f"{directory} already exists and is not empty: choose another --out, or pass --force to replace it")

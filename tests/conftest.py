@@ -182,8 +182,7 @@ def weight_used_only_in(proto, scope: str, block_path: str = "blocks", skip: str
         for name in node.input:
             readers.setdefault(name, set()).add(block_scope(node, block_path))
     return next(
-        i for i in proto.graph.initializer
-        if len(i.dims) == 2 and readers.get(i.name) == {scope} and skip not in i.name
+        i for i in proto.graph.initializer if len(i.dims) == 2 and readers.get(i.name) == {scope} and skip not in i.name
     )
 
 
@@ -222,8 +221,9 @@ def train_tokenizer(vocab_size: int = 300):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     sources = sorted(Path(json_package.__file__).parent.glob("*.py"))
     tokenizer.train_from_iterator([p.read_text() for p in sources], trainer)
     return tokenizer
@@ -234,8 +234,11 @@ def save_hf_model(directory: Path, tokenizer=None, **save_options):
     with auto_map, its modeling file, the weights), and `tokenizer` as tokenizer.json beside
     it. Returns the model that was saved."""
     modeling = hf_modeling()
-    config = {"vocab_size": tokenizer.get_vocab_size(), "eos_token_id": tokenizer.token_to_id("<|endoftext|>")} \
-        if tokenizer else {}
+    config = (
+        {"vocab_size": tokenizer.get_vocab_size(), "eos_token_id": tokenizer.token_to_id("<|endoftext|>")}
+        if tokenizer
+        else {}
+    )
     torch.manual_seed(0)
     model = modeling.BSBRForCausalLM(modeling.BSBRLMConfig(**config)).eval()
     model.save_pretrained(directory, **save_options)
@@ -275,7 +278,7 @@ def eager_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     with torch.no_grad():
         for _ in range(new_tokens):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.fixture(scope="session")

@@ -60,19 +60,37 @@ IN_PROCESS, SUBPROCESS, READ_ONLY, TINY_DISK = "in-process", "subprocess", "read
 # kind -> (how it runs, argv builder (tmp, export) -> args, message fragment)
 CASES = {
     "config.json not UTF-8": (IN_PROCESS, lambda t, e: ["run", _checkpoint(t, b"\xff\xfe{}")], "is not UTF-8"),
-    "vocab_size 1e10": (IN_PROCESS, lambda t, e: ["run", _checkpoint(t, b'{"vocab_size": 10000000000}')],
-                        "more than this machine's"),
-    "vocab_size as float 1e10": (IN_PROCESS, lambda t, e: ["run", _checkpoint(t, b'{"vocab_size": 1e10}')],
-                                 "vocab_size must be a positive integer"),
+    "vocab_size 1e10": (
+        IN_PROCESS,
+        lambda t, e: ["run", _checkpoint(t, b'{"vocab_size": 10000000000}')],
+        "more than this machine's",
+    ),
+    "vocab_size as float 1e10": (
+        IN_PROCESS,
+        lambda t, e: ["run", _checkpoint(t, b'{"vocab_size": 1e10}')],
+        "vocab_size must be a positive integer",
+    ),
     "manifest artifact without files": (
-        IN_PROCESS, lambda t, e: ["validate", _damaged_manifest(e, lambda m: m["artifacts"][0].pop("files"))],
-        "'files' must map"),
+        IN_PROCESS,
+        lambda t, e: ["validate", _damaged_manifest(e, lambda m: m["artifacts"][0].pop("files"))],
+        "'files' must map",
+    ),
     "manifest file without sha256": (
-        IN_PROCESS, lambda t, e: ["validate", _damaged_manifest(
-            e, lambda m: next(iter(m["artifacts"][0]["files"].values())).pop("sha256"))], "has no sha256"),
+        IN_PROCESS,
+        lambda t, e: [
+            "validate",
+            _damaged_manifest(e, lambda m: next(iter(m["artifacts"][0]["files"].values())).pop("sha256")),
+        ],
+        "has no sha256",
+    ),
     "manifest artifacts as strings": (
-        IN_PROCESS, lambda t, e: ["validate", _damaged_manifest(
-            e, lambda m: m.update(artifacts=[a["name"] for a in m["artifacts"]]))], "must be an object"),
+        IN_PROCESS,
+        lambda t, e: [
+            "validate",
+            _damaged_manifest(e, lambda m: m.update(artifacts=[a["name"] for a in m["artifacts"]])),
+        ],
+        "must be an object",
+    ),
     "--out /proc/x": (IN_PROCESS, lambda t, e: ["export", "bsbr-tiny", "--out", "/proc/x"], "cannot write to /proc"),
     "bench --threads 0": (IN_PROCESS, lambda t, e: ["bench", e, "--threads", "0"], "--threads"),
     "bench --threads -1": (IN_PROCESS, lambda t, e: ["bench", e, "--threads", "-1"], "--threads"),
@@ -82,27 +100,60 @@ CASES = {
     "optimize --target-top1 2": (IN_PROCESS, lambda t, e: ["optimize", e, "--target-top1", "2"], "--target-top1"),
     "optimize --threads 0": (IN_PROCESS, lambda t, e: ["optimize", e, "--threads", "0"], "--threads"),
     "--triton-repo is a file": (
-        IN_PROCESS, lambda t, e: ["export", "bsbr-tiny", "--out", t / "x", "--format", "onnx", "--triton-repo",
-                                  (t / "file", (t / "file").write_text("mine"))[0]], "is a file"),
+        IN_PROCESS,
+        lambda t, e: [
+            "export",
+            "bsbr-tiny",
+            "--out",
+            t / "x",
+            "--format",
+            "onnx",
+            "--triton-repo",
+            (t / "file", (t / "file").write_text("mine"))[0],
+        ],
+        "is a file",
+    ),
     "--triton-repo holds the model": (
-        IN_PROCESS, lambda t, e: ["export", "bsbr-tiny", "--out", t / "x", "--format", "onnx", "--triton-repo",
-                                  _repo_holding_model(t)], "already exists: pass --force"),
+        IN_PROCESS,
+        lambda t, e: [
+            "export",
+            "bsbr-tiny",
+            "--out",
+            t / "x",
+            "--format",
+            "onnx",
+            "--triton-repo",
+            _repo_holding_model(t),
+        ],
+        "already exists: pass --force",
+    ),
     "NaN weights": (IN_PROCESS, lambda t, e: ["run", _checkpoint(t, nan=True)], "NaN or infinite weights"),
-    "raw pickle .bin": (SUBPROCESS, lambda t, e: ["import-upstream", _raw_pickle(t), "--heads", "4",
-                                                  "--chunk-size", "8", "--out", t / "imported"], "refusing to load"),
+    "raw pickle .bin": (
+        SUBPROCESS,
+        lambda t, e: ["import-upstream", _raw_pickle(t), "--heads", "4", "--chunk-size", "8", "--out", t / "imported"],
+        "refusing to load",
+    ),
     "validate on a read-only export": (READ_ONLY, lambda t, e: ["validate", e], "Read-only file system"),
-    "bench on a read-only export": (READ_ONLY, lambda t, e: ["bench", e, "--lengths", "8", "--decode", ""],
-                                    "Read-only file system"),
+    "bench on a read-only export": (
+        READ_ONLY,
+        lambda t, e: ["bench", e, "--lengths", "8", "--decode", ""],
+        "Read-only file system",
+    ),
     "optimize on a read-only export": (READ_ONLY, lambda t, e: ["optimize", e], "Read-only file system"),
-    "export onto a full disk": (TINY_DISK, lambda t, e: ["export", "bsbr-tiny", "--out", t / "disk" / "x",
-                                                         "--format", "onnx"], "No space left on device"),
+    "export onto a full disk": (
+        TINY_DISK,
+        lambda t, e: ["export", "bsbr-tiny", "--out", t / "disk" / "x", "--format", "onnx"],
+        "No space left on device",
+    ),
 }
 
 
 def _namespace_ok() -> bool:
     if not shutil.which("unshare"):
         return False
-    return subprocess.run(["unshare", "-m", "mount", "-t", "tmpfs", "tmpfs", "/mnt"], capture_output=True).returncode == 0
+    return (
+        subprocess.run(["unshare", "-m", "mount", "-t", "tmpfs", "tmpfs", "/mnt"], capture_output=True).returncode == 0
+    )
 
 
 def _run_subprocess(args: list, mount: str = "", after: str = "") -> tuple[int, str, str]:
@@ -110,8 +161,15 @@ def _run_subprocess(args: list, mount: str = "", after: str = "") -> tuple[int, 
     by that shell command, running `after` there before the namespace goes away."""
     command = [sys.executable, "-m", "bsbr_export.cli", *map(str, args)]
     if mount:
-        command = ["unshare", "-m", "sh", "-c", f'{mount} || exit 99; "$@"; rc=$?; {after or ":"}; exit $rc',
-                   "sh", *command]
+        command = [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f'{mount} || exit 99; "$@"; rc=$?; {after or ":"}; exit $rc',
+            "sh",
+            *command,
+        ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     return done.returncode, done.stdout, done.stderr
 
@@ -147,11 +205,15 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, onnx_copy, kind):
     elif where == SUBPROCESS:
         code, _, err = _run_subprocess(args)
     elif where == READ_ONLY:
-        code, _, err = _run_subprocess(args, f"mount --bind {export_copy} {export_copy} && "
-                                             f"mount -o remount,bind,ro {export_copy}")
+        code, _, err = _run_subprocess(
+            args, f"mount --bind {export_copy} {export_copy} && mount -o remount,bind,ro {export_copy}"
+        )
     else:
-        code, _, err = _run_subprocess(args, f"mount -t tmpfs -o size=64k tmpfs {work / 'disk'}",
-                                       after=f"ls -A {work / 'disk'} > {tmp_path / 'left.txt'}")
+        code, _, err = _run_subprocess(
+            args,
+            f"mount -t tmpfs -o size=64k tmpfs {work / 'disk'}",
+            after=f"ls -A {work / 'disk'} > {tmp_path / 'left.txt'}",
+        )
     assert code == 2, err
     if where == TINY_DISK:  # found while writing: progress lines may come first, the error is the last line
         err = err.splitlines()[-1] + "\n"

@@ -16,7 +16,10 @@ def test_export_prints_table(capsys, tmp_path):
     steps = [line.split("] ", 1)[1] for line in err.splitlines()]
     assert steps == ["loading model", "exporting model.pt", "checking model.pt against eager"], err
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
-        "config.json", "manifest.json", "model.pt", "model.safetensors"
+        "config.json",
+        "manifest.json",
+        "model.pt",
+        "model.safetensors",
     ]
 
 
@@ -67,8 +70,9 @@ def test_ctrl_c_leaves_nothing(capsys, tmp_path, monkeypatch):
 
 def test_failed_parity_exits_1(capsys, tmp_path):
     # ONNX Runtime's float32 results differ from eager by ~1e-6: a 1e-12 tolerance must fail.
-    code, out, err = run_cli(capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "onnx",
-                         "--tolerance", "1e-12")
+    code, out, err = run_cli(
+        capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "onnx", "--tolerance", "1e-12"
+    )
     assert code == 1
     assert "FAILED model.onnx: batch 1 x length 1" in err
     assert "FAILED" in out

@@ -40,8 +40,16 @@ def test_weights_that_do_not_fit(capsys, tmp_path):
     from safetensors.torch import save_file
 
     save_file({"body.embedding.weight": torch.zeros(3, 3)}, tmp_path / "w.safetensors")
-    code, _, err = run_cli(capsys, "export", f"{MODELS}:pooled_model", "--trust-code",
-                           "--weights", tmp_path / "w.safetensors", "--out", tmp_path / "out")
+    code, _, err = run_cli(
+        capsys,
+        "export",
+        f"{MODELS}:pooled_model",
+        "--trust-code",
+        "--weights",
+        tmp_path / "w.safetensors",
+        "--out",
+        tmp_path / "out",
+    )
     assert code == 2 and "do not fit MeanPooled" in err and "missing" in err and "wrong shapes" in err
     assert not (tmp_path / "out").exists()
 
@@ -53,23 +61,28 @@ def test_a_module_with_gated_retrieval_through_doctor_export_validate(capsys, tm
     code, stdout, err = run_cli(capsys, "doctor", ref, "--trust-code")
     assert code == 0, err + stdout
     out = tmp_path / "gated"
-    code, _, err = run_cli(capsys, "export", ref, "--trust-code", "--format", "onnx,torchscript", "--streaming",
-                           "--out", out)
+    code, _, err = run_cli(
+        capsys, "export", ref, "--trust-code", "--format", "onnx,torchscript", "--streaming", "--out", out
+    )
     assert code == 0, err
     code, stdout, err = run_cli(capsys, "validate", out, "--lengths", "3,9,22", "--trust-code")
     assert code == 0, err + stdout
     checks = json.loads((out / "validation.json").read_text())["checks"]
     assert {c["artifact"] for c in checks if c["passed"]} == {
-        f"model{kind}{suffix}" for kind in ("", ".streaming", ".decode") for suffix in (".onnx", ".pt")}
+        f"model{kind}{suffix}" for kind in ("", ".streaming", ".decode") for suffix in (".onnx", ".pt")
+    }
 
 
 def test_export_and_validate_a_module_ref(capsys, tmp_path):
     out = tmp_path / "vh"
-    code, _, err = run_cli(capsys, "export", f"{MODELS}:value_head_model", "--trust-code", "--format", "onnx",
-                           "--out", out)
+    code, _, err = run_cli(
+        capsys, "export", f"{MODELS}:value_head_model", "--trust-code", "--format", "onnx", "--out", out
+    )
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["source"]["kind"] == "module" and manifest["source"]["ref"].endswith("user_models.py:value_head_model")
+    assert manifest["source"]["kind"] == "module" and manifest["source"]["ref"].endswith(
+        "user_models.py:value_head_model"
+    )
     assert [o["name"] for o in manifest["spec"]["outputs"]] == ["logits", "value"]
     code, _, err = run_cli(capsys, "validate", out, "--lengths", "5,14")
     assert code == 2 and "--trust-code" in err
@@ -102,16 +115,31 @@ def test_optimize_a_module_that_takes_no_mask(capsys, tokens_export):
     """optimize feeds what the spec names: a graph without an attention_mask input is not
     handed one (ONNX Runtime refuses unknown inputs), and its token input is `tokens`."""
     out = tokens_export
-    code, stdout, err = run_cli(capsys, "optimize", out, "--trust-code", "--length", "21", "--static-int8",
-                                "--target-top1", "0.5", "--no-fp16")
+    code, stdout, err = run_cli(
+        capsys, "optimize", out, "--trust-code", "--length", "21", "--static-int8", "--target-top1", "0.5", "--no-fp16"
+    )
     assert code == 0, err
     assert all((out / name).is_file() for name in ("model.optimized.onnx", "model.int8.onnx", "model.int8-static.onnx"))
 
 
 def test_bench_feeds_what_the_spec_names(capsys, tokens_export):
     """bench's timing, parity and decode inputs are named by the spec, not `input_ids`."""
-    code, _, err = run_cli(capsys, "bench", tokens_export, "--trust-code", "--engines", "eager,ort-cpu-all",
-                           "--lengths", "9,14", "--decode", "5", "--validation-lengths", "3", "--budget", "0.05")
+    code, _, err = run_cli(
+        capsys,
+        "bench",
+        tokens_export,
+        "--trust-code",
+        "--engines",
+        "eager,ort-cpu-all",
+        "--lengths",
+        "9,14",
+        "--decode",
+        "5",
+        "--validation-lengths",
+        "3",
+        "--budget",
+        "0.05",
+    )
     assert code == 0, err
     report = json.loads((tokens_export / "report.json").read_text())
     assert {row["engine"]: row["status"] for row in report["table"]} == {"eager": "✅", "ort-cpu-all": "✅"}

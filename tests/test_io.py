@@ -22,7 +22,8 @@ def test_sigkilled_export_leaves_a_temp_dir_that_the_next_run_removes(tmp_path):
     out = tmp_path / "exp"
     export = subprocess.Popen(
         [sys.executable, "-m", "bsbr_export.cli", "export", "bsbr-tiny", "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 180
     # Kill it once it is writing artifacts into its staging dir (its checkpoint is there).

@@ -172,8 +172,10 @@ def test_grouped_op_equals_op_on_repeated_heads(which, compressed):
     k, v, mk = (torch.randn(2, kv_heads, length, e, generator=g, dtype=torch.float64) for _ in range(3))
     compression = ()
     if compressed:
-        compression = (torch.randn(5, e * e, generator=g, dtype=torch.float64),
-                       torch.randn(e * e, 5, generator=g, dtype=torch.float64))
+        compression = (
+            torch.randn(5, e * e, generator=g, dtype=torch.float64),
+            torch.randn(e * e, 5, generator=g, dtype=torch.float64),
+        )
     grouped = bsbr_attention(q, k, v, mq, mk, C, *compression)
     k, v, mk = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v, mk))
     assert (grouped - bsbr_attention(q, k, v, mq, mk, C, *compression)).abs().max() <= 1e-12
@@ -217,11 +219,15 @@ def test_torch_export_is_clean_and_runs_at_other_shapes(variant):
 
 def cache_rows(states, chunk_size: int):
     """Each row's current chunk padded to c - 1 rows, and its S_i, stacked over rows."""
+
     def pad(x):
         return torch.nn.functional.pad(x, (0, 0, 0, chunk_size - 1 - x.shape[-2]))
 
-    return (torch.cat([pad(s.keys) for s in states]), torch.cat([pad(s.values) for s in states]),
-            torch.cat([s.retrieved for s in states]))
+    return (
+        torch.cat([pad(s.keys) for s in states]),
+        torch.cat([pad(s.values) for s in states]),
+        torch.cat([s.retrieved for s in states]),
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -239,8 +245,9 @@ def test_step_rows_advances_each_row_as_its_own_stream(variant):
                 _, state = layer.stream(xs[:, :p], state)
             states.append(state)
             expected.append(layer.step(xs[:, p:], state))
-        out, keys, values = layer.step_rows(torch.cat([xs[:, p:] for p, xs in zip(positions, x)]),
-                                            torch.tensor(positions), *cache_rows(states, C))
+        out, keys, values = layer.step_rows(
+            torch.cat([xs[:, p:] for p, xs in zip(positions, x)]), torch.tensor(positions), *cache_rows(states, C)
+        )
     for row, (want, update) in enumerate(expected):
         assert (out[row] - want[0]).abs().max() <= 1e-12
         assert (keys[row, :, -1] - update.keys[0, :, -1]).abs().max() <= 1e-12

@@ -19,8 +19,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MARKED = re.compile(r"<!-- readme-test(?::\s*needs ([^>]*?))?\s*-->\n```bash\n(.*?)```", re.DOTALL)
 # What a fresh clone does not have, and what the blocks may write.
-NOT_COPIED = (".venv", ".venv-triton", ".git", "export", "build", "node_modules", "__pycache__", ".pytest_cache", ".hypothesis",
-              "*.egg-info")
+NOT_COPIED = (
+    ".venv",
+    ".venv-triton",
+    ".git",
+    "export",
+    "build",
+    "node_modules",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    "*.egg-info",
+)
 OUTPUTS = ("export", "build", "samples/node/node_modules", "web/node_modules")
 
 
@@ -30,8 +40,11 @@ def readme_blocks() -> list[tuple[list[str], str]]:
 
 
 def files_under(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
-            and not any(str(p.relative_to(root)).startswith(o + os.sep) for o in OUTPUTS)}
+    return {
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and not any(str(p.relative_to(root)).startswith(o + os.sep) for o in OUTPUTS)
+    }
 
 
 def test_readme_marks_its_blocks_and_stays_inside_the_repo():
@@ -55,8 +68,9 @@ def test_readme_deploy_blocks_run_in_order(tmp_path):
             assert not os.environ.get("CI"), f"CI must have {', '.join(missing)} for this README block:\n{body}"
             skipped.append(f"{', '.join(missing)} missing")
             continue
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=copy, env=env, capture_output=True,
-                              text=True, timeout=900)
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", body], cwd=copy, env=env, capture_output=True, text=True, timeout=900
+        )
         assert done.returncode == 0, f"README block failed:\n{body}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     written = files_under(copy) - before
     assert not written, f"README blocks wrote outside export/ and build/: {sorted(written)}"
@@ -66,15 +80,22 @@ def test_readme_deploy_blocks_run_in_order(tmp_path):
 
 
 def test_readme_own_model_example_runs(tmp_path):
-    """"Your own model": the README's `my_model.py` and the Python that exports it, verbatim."""
+    """ "Your own model": the README's `my_model.py` and the Python that exports it, verbatim."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
     model_file = next(b for b in blocks if b.startswith("# my_model.py"))
     usage = next(b for b in blocks if "from my_model import build" in b)
     (tmp_path / "my_model.py").write_text(model_file)
     (tmp_path / "use.py").write_text(usage)
-    done = subprocess.run([sys.executable, "use.py"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    done = subprocess.run(
+        [sys.executable, "use.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr
     assert "chunk_size=16" in done.stdout  # the printed spec: c read from the layers
     assert {"model.onnx", "model.pt", "model.streaming.onnx", "manifest.json"} <= {
-        p.name for p in (tmp_path / "export" / "my-decoder").iterdir()}
+        p.name for p in (tmp_path / "export" / "my-decoder").iterdir()
+    }

@@ -86,10 +86,13 @@ def test_padded_batch_to_file(node, exported, tmp_path):
         assert np.abs(logits[row, : len(ids)] - eager(model, ids)).max() <= TOLERANCE
 
 
-@pytest.mark.parametrize("change, message", [
-    ("delete", "is listed in manifest.json but missing"),
-    ("append", "does not match its sha256"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("delete", "is listed in manifest.json but missing"),
+        ("append", "does not match its sha256"),
+    ],
+)
 def test_bad_artifact_is_one_line_and_exit_2(node, exported, tmp_path, change, message):
     out, _ = exported
     copy = tmp_path / "export"

@@ -74,7 +74,9 @@ def test_imports_neither_torch_nor_bsbr_export(exported, tmp_path):
     out, _ = exported
     done = subprocess.run(
         [sys.executable, "-c", WRAPPER, str(SCRIPT), str(out), "1", "2", "3", "--out", str(tmp_path / "l.npy")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
@@ -132,12 +134,15 @@ def test_bad_artifact_is_one_line_and_exit_2(exported, tmp_path, make):
     assert not (tmp_path / "logits.npy").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["1", "x"], "is not a non-negative integer"),
-    (["1", "97"], "out of range"),  # bsbr-tiny's vocabulary is [0, 97)
-    ([], "no token ids"),
-    (["--bogus"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["1", "x"], "is not a non-negative integer"),
+        (["1", "97"], "out of range"),  # bsbr-tiny's vocabulary is [0, 97)
+        ([], "no token ids"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
 def test_bad_ids_are_one_line_and_exit_2(exported, args, message):
     out, _ = exported
     done = run(out, *args)

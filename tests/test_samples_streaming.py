@@ -18,6 +18,7 @@ from bsbr_export.model.checkpoint import load_model
 SCRIPT = Path(__file__).resolve().parents[1] / "samples" / "streaming" / "generate.py"
 NEW_TOKENS = 30  # with c = 8: crosses 3-4 chunk boundaries after any of the prompts below
 
+
 def run(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120)
 
@@ -62,12 +63,12 @@ def test_sampling_matches_eager_logits_drawn_with_the_same_seed(tiny_export, tmp
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
             ids.append(pick(model(torch.tensor([ids]))[0, -1].numpy(), Sampling(temperature, top_k), rng))
-    assert result["generated"] == ids[len(prompt):]
+    assert result["generated"] == ids[len(prompt) :]
     assert result["generated"] != eager_greedy(model, prompt, NEW_TOKENS)  # it did sample
     assert (result["temperature"], result["top_k"], result["seed"]) == (temperature, top_k, 7)
     if top_k:  # every draw is among the k most likely of its step
-        logits = model(torch.tensor([ids[:-1]]))[0, len(prompt) - 1:].detach()
-        ranks = (logits > logits.gather(-1, torch.tensor(ids[len(prompt):])[:, None])).sum(-1)
+        logits = model(torch.tensor([ids[:-1]]))[0, len(prompt) - 1 :].detach()
+        ranks = (logits > logits.gather(-1, torch.tensor(ids[len(prompt) :])[:, None])).sum(-1)
         assert int(ranks.max()) < top_k
 
 
@@ -103,18 +104,21 @@ def test_bad_artifact_is_one_line_and_exit_2(tiny_export, tmp_path, make):
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["1", "97"], "out of range"),  # bsbr-tiny's vocabulary is [0, 97)
-    ([], "no prompt"),
-    (["1", "--text", "a"], "pass one prompt: token ids and --text given"),
-    (["--text", "def"], "has no tokenizer"),  # bsbr-tiny's ids are no bytes
-    (["1", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
-    (["1", "--temperature", "-0.5"], "temperature must be a number >= 0"),
-    (["1", "--temperature", "nan"], "temperature must be a number >= 0"),
-    (["1", "--temperature", "1", "--top-k", "0"], "top_k must be an integer >= 1"),
-    (["1", "--temperature", "1", "--top-p", "0"], "top_p must be in (0, 1]"),
-    (["1", "--engine", "eager"], "engine 'eager' cannot generate"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["1", "97"], "out of range"),  # bsbr-tiny's vocabulary is [0, 97)
+        ([], "no prompt"),
+        (["1", "--text", "a"], "pass one prompt: token ids and --text given"),
+        (["--text", "def"], "has no tokenizer"),  # bsbr-tiny's ids are no bytes
+        (["1", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+        (["1", "--temperature", "-0.5"], "temperature must be a number >= 0"),
+        (["1", "--temperature", "nan"], "temperature must be a number >= 0"),
+        (["1", "--temperature", "1", "--top-k", "0"], "top_k must be an integer >= 1"),
+        (["1", "--temperature", "1", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["1", "--engine", "eager"], "engine 'eager' cannot generate"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tiny_export, args, message):
     out, _ = tiny_export
     done = run(out, *args)

@@ -33,8 +33,18 @@ def test_matches_eager_greedy(triton_server, tiny_export, tmp_path, protocol, le
     out, _ = tiny_export
     model = load_model(out)
     prompt = prompt_of(length, model.config.vocab_size)
-    done = run(MODEL, *prompt, "--protocol", protocol, "--url", url(triton_server, protocol),
-               "--max-new-tokens", NEW_TOKENS, "--out", tmp_path / "out.json")
+    done = run(
+        MODEL,
+        *prompt,
+        "--protocol",
+        protocol,
+        "--url",
+        url(triton_server, protocol),
+        "--max-new-tokens",
+        NEW_TOKENS,
+        "--out",
+        tmp_path / "out.json",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "out.json").read_text())
     expected = eager_greedy(model, prompt, NEW_TOKENS)
@@ -53,8 +63,20 @@ def test_last_request_ends_the_sequence(triton_server, tiny_export, tmp_path):
     out, _ = tiny_export
     model = load_model(out)
     for new_tokens, sequence in ((1, 42), (4, 43)):
-        done = run(MODEL, 5, 6, 7, "--url", triton_server.http_url, "--max-new-tokens", new_tokens,
-                   "--sequence-id", sequence, "--out", tmp_path / "out.json")
+        done = run(
+            MODEL,
+            5,
+            6,
+            7,
+            "--url",
+            triton_server.http_url,
+            "--max-new-tokens",
+            new_tokens,
+            "--sequence-id",
+            sequence,
+            "--out",
+            tmp_path / "out.json",
+        )
         assert done.returncode == 0, done.stderr
         result = json.loads((tmp_path / "out.json").read_text())
         assert result["generated"] == eager_greedy(model, [5, 6, 7], new_tokens)
@@ -64,13 +86,16 @@ def test_last_request_ends_the_sequence(triton_server, tiny_export, tmp_path):
             httpclient.InferenceServerClient(triton_server.http_url).infer(MODEL, [ids], sequence_id=sequence)
 
 
-@pytest.mark.parametrize("args, message", [
-    ([MODEL, "1", "97"], "refused the request: token ids must be in [0, 97)"),  # bsbr-tiny's vocabulary
-    ([MODEL], "no prompt"),
-    ([MODEL, "1", "x"], "token id 'x' is not a non-negative integer"),
-    (["no-such-model", "1"], "model no-such-model is not ready"),
-    ([MODEL, "1", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([MODEL, "1", "97"], "refused the request: token ids must be in [0, 97)"),  # bsbr-tiny's vocabulary
+        ([MODEL], "no prompt"),
+        ([MODEL, "1", "x"], "token id 'x' is not a non-negative integer"),
+        (["no-such-model", "1"], "model no-such-model is not ready"),
+        ([MODEL, "1", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(triton_server, args, message):
     done = run(*args, "--url", triton_server.http_url)
     assert done.returncode == 2

@@ -22,13 +22,32 @@ def test_bench_makes_int8_judged_at_its_lengths_and_weighs_it(stdlib_copy, capsy
     calls = []
     real = workflows.optimize_export
     monkeypatch.setattr(workflows, "optimize_export", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    code, stdout, err = run_cli(capsys, "bench", out, "--engines", "eager,ort-cpu-all,ort-cpu-int8",
-                                "--lengths", "64,130", "--decode", "", "--validation-lengths", "1,70", "--budget",
-                                "0.2", "--eval-text", text, "--accuracy-budget", "0.5")
+    code, stdout, err = run_cli(
+        capsys,
+        "bench",
+        out,
+        "--engines",
+        "eager,ort-cpu-all,ort-cpu-int8",
+        "--lengths",
+        "64,130",
+        "--decode",
+        "",
+        "--validation-lengths",
+        "1,70",
+        "--budget",
+        "0.2",
+        "--eval-text",
+        text,
+        "--accuracy-budget",
+        "0.5",
+    )
     assert code == 0, err
-    assert [(c["int8"], c["static_int8"], c["bf16"], c["fp16"], c["eval_windows"]) for c in calls] == \
-        [(True, False, False, False, (64, 130))]
-    assert (out / "model.int8.onnx").is_file() and "model.int8.onnx" in [a["name"] for a in read_manifest(out)["artifacts"]]
+    assert [(c["int8"], c["static_int8"], c["bf16"], c["fp16"], c["eval_windows"]) for c in calls] == [
+        (True, False, False, False, (64, 130))
+    ]
+    assert (out / "model.int8.onnx").is_file() and "model.int8.onnx" in [
+        a["name"] for a in read_manifest(out)["artifacts"]
+    ]
     report = json.loads((out / "report.json").read_text())
     trials = {p["precision"]: p for p in report["precisions"]}
     assert set(trials) == {"int8"}  # no other reduced-precision engine was asked for
@@ -39,9 +58,25 @@ def test_bench_makes_int8_judged_at_its_lengths_and_weighs_it(stdlib_copy, capsy
 
     # A second run finds it there and makes nothing.
     calls.clear()
-    code, _, err = run_cli(capsys, "bench", out, "--engines", "eager,ort-cpu-int8", "--lengths", "64", "--decode", "",
-                           "--validation-lengths", "1", "--budget", "0.1", "--eval-text", text, "--accuracy-budget",
-                           "0.5")
+    code, _, err = run_cli(
+        capsys,
+        "bench",
+        out,
+        "--engines",
+        "eager,ort-cpu-int8",
+        "--lengths",
+        "64",
+        "--decode",
+        "",
+        "--validation-lengths",
+        "1",
+        "--budget",
+        "0.1",
+        "--eval-text",
+        text,
+        "--accuracy-budget",
+        "0.5",
+    )
     assert code == 0, err
     assert calls == []
     assert json.loads((out / "report.json").read_text())["precisions"][0]["outcome"] == "present"
@@ -49,16 +84,31 @@ def test_bench_makes_int8_judged_at_its_lengths_and_weighs_it(stdlib_copy, capsy
 
 def test_without_reduced_precision_nothing_is_made_and_int8_cannot_run(stdlib_copy, capsys):
     out, text = stdlib_copy
-    code, _, err = run_cli(capsys, "bench", out, "--no-reduced-precision", "--engines", "eager,ort-cpu-int8",
-                           "--lengths", "64", "--decode", "", "--eval-text", text)
+    code, _, err = run_cli(
+        capsys,
+        "bench",
+        out,
+        "--no-reduced-precision",
+        "--engines",
+        "eager,ort-cpu-int8",
+        "--lengths",
+        "64",
+        "--decode",
+        "",
+        "--eval-text",
+        text,
+    )
     assert code == 2 and "engine ort-cpu-int8 cannot run here: no model.int8.onnx" in err
     assert not (out / "model.int8.onnx").exists() and not (out / "model.optimized.onnx").exists()
 
 
-@pytest.mark.parametrize("engine, message", [
-    ("warp-drive", "unknown or unavailable engine(s) warp-drive"),
-    ("ort-cpu-int8-static", "engine ort-cpu-int8-static cannot run here: no model.int8-static.onnx"),
-])
+@pytest.mark.parametrize(
+    "engine, message",
+    [
+        ("warp-drive", "unknown or unavailable engine(s) warp-drive"),
+        ("ort-cpu-int8-static", "engine ort-cpu-int8-static cannot run here: no model.int8-static.onnx"),
+    ],
+)
 def test_an_engine_that_will_not_run_is_refused_before_any_work(stdlib_copy, capsys, engine, message):
     """Asked for beside one bench would make (int8): refused at once, nothing made."""
     out, text = stdlib_copy

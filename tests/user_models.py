@@ -130,8 +130,9 @@ class DecoderBlock(nn.Module):
 
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
-        self.attn = BSBRAttention(hidden_size=hidden, num_heads=4, chunk_size=4, num_kv_heads=2, rope_theta=10000.0,
-                                  retrieval=retrieval)
+        self.attn = BSBRAttention(
+            hidden_size=hidden, num_heads=4, chunk_size=4, num_kv_heads=2, rope_theta=10000.0, retrieval=retrieval
+        )
         self.mlp = SwiGLU(hidden, 2 * hidden)
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:

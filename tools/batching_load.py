@@ -65,29 +65,49 @@ def measure_model(model: str, concurrency: list[int], contexts: list[int], token
                 batcher.step()
                 steps.append(time.perf_counter() - begin)
             wall = time.perf_counter() - start
-            rows.append({"context": context, "concurrency": n, "tokens_per_s": n * tokens / wall,
-                         "p50_ms": statistics.median(steps) * 1e3, "p99_ms": percentile(steps, 0.99) * 1e3,
-                         "single_decode_ms": single_ms})
-            print(f"{model} context {context} x {n}: {rows[-1]['tokens_per_s']:.0f} tokens/s, "
-                  f"p50 {rows[-1]['p50_ms']:.2f} ms (decode alone {single_ms:.2f} ms)", file=sys.stderr)
+            rows.append(
+                {
+                    "context": context,
+                    "concurrency": n,
+                    "tokens_per_s": n * tokens / wall,
+                    "p50_ms": statistics.median(steps) * 1e3,
+                    "p99_ms": percentile(steps, 0.99) * 1e3,
+                    "single_decode_ms": single_ms,
+                }
+            )
+            print(
+                f"{model} context {context} x {n}: {rows[-1]['tokens_per_s']:.0f} tokens/s, "
+                f"p50 {rows[-1]['p50_ms']:.2f} ms (decode alone {single_ms:.2f} ms)",
+                file=sys.stderr,
+            )
     return {"model": model, "export_seconds": export_seconds, "rows": rows}
 
 
 def report(results: list[dict], machine: dict, tokens: int, threads: int) -> str:
-    lines = ["# In-flight batching: tokens/s and inter-token latency vs concurrent generations", "",
-             f"CPU: {machine['processor']}, {machine['cores']} cores; {threads} ORT threads; "
-             f"ORT float32 MatMul {machine['matmul_gflops']:.0f} GFLOP/s ([4096, 256] x [256, 1024], same run). "
-             f"Greedy, {tokens} timed tokens per generation after a prefill of `context` random tokens; client "
-             "and model in one process (runtime.batching.Batcher), each model in a process of its own.", ""]
+    lines = [
+        "# In-flight batching: tokens/s and inter-token latency vs concurrent generations",
+        "",
+        f"CPU: {machine['processor']}, {machine['cores']} cores; {threads} ORT threads; "
+        f"ORT float32 MatMul {machine['matmul_gflops']:.0f} GFLOP/s ([4096, 256] x [256, 1024], same run). "
+        f"Greedy, {tokens} timed tokens per generation after a prefill of `context` random tokens; client "
+        "and model in one process (runtime.batching.Batcher), each model in a process of its own.",
+        "",
+    ]
     for result in results:
-        lines += [f"## {result['model']}", "",
-                  "| context | generations | tokens/s | vs one | p50 ms/token | p99 ms/token | decode alone ms | "
-                  "p50 / decode alone |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {result['model']}",
+            "",
+            "| context | generations | tokens/s | vs one | p50 ms/token | p99 ms/token | decode alone ms | "
+            "p50 / decode alone |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         one = {r["context"]: r["tokens_per_s"] for r in result["rows"] if r["concurrency"] == 1}
         for r in result["rows"]:
-            lines.append(f"| {r['context']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | "
-                         f"{r['tokens_per_s'] / one[r['context']]:.1f}x | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                         f"{r['single_decode_ms']:.2f} | {r['p50_ms'] / r['single_decode_ms']:.2f} |")
+            lines.append(
+                f"| {r['context']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | "
+                f"{r['tokens_per_s'] / one[r['context']]:.1f}x | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                f"{r['single_decode_ms']:.2f} | {r['p50_ms'] / r['single_decode_ms']:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -111,15 +131,35 @@ def main() -> None:
 
     results = []
     for model in args.models.split(","):
-        done = subprocess.run([sys.executable, __file__, "--child", model, "--concurrency", args.concurrency,
-                               "--contexts", args.contexts, "--tokens", str(args.tokens), "--threads",
-                               str(args.threads)], stdout=subprocess.PIPE, text=True, check=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                model,
+                "--concurrency",
+                args.concurrency,
+                "--contexts",
+                args.contexts,
+                "--tokens",
+                str(args.tokens),
+                "--threads",
+                str(args.threads),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    machine = {"processor": cpu_model() or platform.processor(), "cores": os.cpu_count(),
-               "matmul_gflops": matmul_rate(256, args.threads)}
+    machine = {
+        "processor": cpu_model() or platform.processor(),
+        "cores": os.cpu_count(),
+        "matmul_gflops": matmul_rate(256, args.threads),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batching_load.json").write_text(json.dumps({"machine": machine, "tokens": args.tokens,
-                                                             "threads": args.threads, "results": results}, indent=2))
+    (args.out / "batching_load.json").write_text(
+        json.dumps({"machine": machine, "tokens": args.tokens, "threads": args.threads, "results": results}, indent=2)
+    )
     (args.out / "batching_load.md").write_text(report(results, machine, args.tokens, args.threads))
     print(report(results, machine, args.tokens, args.threads))
 

@@ -159,8 +159,19 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--prepare", str(max(lengths)), "--work", str(work)], check=True)
         for length in lengths:
             for engine in ENGINES:
-                cmd = [sys.executable, __file__, "--worker", engine, str(length), "--work", str(work),
-                       "--threads", str(args.threads), "--budget", str(args.budget)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    engine,
+                    str(length),
+                    "--work",
+                    str(work),
+                    "--threads",
+                    str(args.threads),
+                    "--budget",
+                    str(args.budget),
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode:
                     tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -169,19 +180,27 @@ def main() -> None:
                     continue
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 results.append(row)
-                print(f"{engine:8} L={length}: p50 {row['p50_ms']:.1f} ms, forward peak +{row['forward_peak_mib']:.0f} "
-                      f"MiB (peak RSS {row['peak_rss_mib']:.0f} MiB)", flush=True)
+                print(
+                    f"{engine:8} L={length}: p50 {row['p50_ms']:.1f} ms, forward peak +{row['forward_peak_mib']:.0f} "
+                    f"MiB (peak RSS {row['peak_rss_mib']:.0f} MiB)",
+                    flush=True,
+                )
             _parity(work, length, results)
-    torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
-                                   capture_output=True, text=True).stdout.strip()
+    torch_version = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
     report = {
         "model": MODEL | {"compression_factor": None, "batch": 1},
         "threads": args.threads,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+        },
         "torch": torch_version,
         "note": "each engine and length in its own process; forward_peak_mib = peak RSS - RSS before the "
-                "first forward; lengths > 5000 run with the positional table extended on both sides",
+        "first forward; lengths > 5000 run with the positional table extended on both sides",
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,14 +24,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 import user_models  # noqa: E402
 
 from bsbr_export import export_module  # noqa: E402
-from bsbr_export.compare.cases import (
-    Case,
-    stream_pieces,  # noqa: E402
-)
+from bsbr_export.compare.cases import Case, stream_pieces  # noqa: E402
 from bsbr_export.compare.parity import check_parity  # noqa: E402
 from bsbr_export.runtime.eager import EagerRunner  # noqa: E402
-from bsbr_export.runtime.onnx import OnnxRunner
-from bsbr_export.runtime.torchscript import TorchScriptRunner
+from bsbr_export.runtime.onnx import OnnxRunner  # noqa: E402
+from bsbr_export.runtime.torchscript import TorchScriptRunner  # noqa: E402
 
 KINDS = {
     "upstream-layer classifier (pooled)": user_models.upstream_classifier,
@@ -70,18 +67,29 @@ def table_for(name: str, factory) -> dict:
             artifacts["streaming onnx"] = ("model.streaming.onnx", "streaming")
         for label, (file, kind) in artifacts.items():
             reference = EagerRunner(module, spec, kind)
-            runner = OnnxRunner(out / file) if file.endswith(".onnx") else TorchScriptRunner(
-                out / file, reference.input_names, reference.output_names)
-            cases = [Case(b, n, pieces=tuple(stream_pieces(n, c)) if kind != "full" else ()) for n in lengths
-                     for b in BATCHES]
+            runner = (
+                OnnxRunner(out / file)
+                if file.endswith(".onnx")
+                else TorchScriptRunner(out / file, reference.input_names, reference.output_names)
+            )
+            cases = [
+                Case(b, n, pieces=tuple(stream_pieces(n, c)) if kind != "full" else ())
+                for n in lengths
+                for b in BATCHES
+            ]
             report = check_parity(file, reference, runner, cases, spec, seed=9000)
             for r in report.results:
                 for d in r.diffs:
                     if d.name in spec.output_names:
                         rows.setdefault(label, {}).setdefault(d.name, {})[f"{r.case.batch}x{r.case.length}"] = d.max_abs
-        return {"model": name, "chunk_size": c, "outputs": spec.output_names, "passed": result.passed,
-                "swapped": [s["module"] for s in json.loads((out / "manifest.json").read_text()).get("swapped", [])],
-                "errors": rows}
+        return {
+            "model": name,
+            "chunk_size": c,
+            "outputs": spec.output_names,
+            "passed": result.passed,
+            "swapped": [s["module"] for s in json.loads((out / "manifest.json").read_text()).get("swapped", [])],
+            "errors": rows,
+        }
 
 
 def main() -> None:
@@ -92,8 +100,10 @@ def main() -> None:
     (out / "byo_parity.json").write_text(json.dumps(info, indent=2) + "\n")
     lines = ["# Bring-your-own-model parity (max abs error vs eager)\n", f"CPU: {info['cpu']}; torch {info['torch']}\n"]
     for r in results:
-        lines.append(f"## {r['model']} (c = {r['chunk_size']}, outputs {', '.join(r['outputs'])}"
-                     f"{', swapped ' + ', '.join(r['swapped']) if r['swapped'] else ''})\n")
+        lines.append(
+            f"## {r['model']} (c = {r['chunk_size']}, outputs {', '.join(r['outputs'])}"
+            f"{', swapped ' + ', '.join(r['swapped']) if r['swapped'] else ''})\n"
+        )
         for artifact, outputs in r["errors"].items():
             shapes = list(next(iter(outputs.values())))
             lines.append(f"| {artifact} | " + " | ".join(shapes) + " |")

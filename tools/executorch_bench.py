@@ -31,10 +31,39 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 LENGTHS = [256, 1000]
 LIMITS = {"max_length": 1024, "max_batch": 4}
-MOVES = {"view_copy", "permute_copy", "expand_copy", "clone", "_clone_dim_order", "_to_dim_order_copy", "cat",
-         "slice_copy", "select_copy", "unsqueeze_copy", "squeeze_copy", "index_select", "embedding", "arange", "full",
-         "full_like", "scalar_tensor", "alias_copy", "constant_pad_nd", "where", "logical_not", "logical_and",
-         "bitwise_and", "bitwise_not", "eq", "le", "lt", "ge", "gt", "any", "sym_size"}
+MOVES = {
+    "view_copy",
+    "permute_copy",
+    "expand_copy",
+    "clone",
+    "_clone_dim_order",
+    "_to_dim_order_copy",
+    "cat",
+    "slice_copy",
+    "select_copy",
+    "unsqueeze_copy",
+    "squeeze_copy",
+    "index_select",
+    "embedding",
+    "arange",
+    "full",
+    "full_like",
+    "scalar_tensor",
+    "alias_copy",
+    "constant_pad_nd",
+    "where",
+    "logical_not",
+    "logical_and",
+    "bitwise_and",
+    "bitwise_not",
+    "eq",
+    "le",
+    "lt",
+    "ge",
+    "gt",
+    "any",
+    "sym_size",
+}
 WEIGHTED = {"_softmax": 4, "gelu": 4, "native_layer_norm": 5}
 
 
@@ -93,8 +122,9 @@ def flops_by_place(edge, batch: int, length: int) -> Counter:
             return name, 2 * concrete(x.numel()) // concrete(x.shape[-1]) * concrete(w.numel())
         packet = getattr(op, "overloadpacket", None)
         if packet in flop_registry:
-            args, kwargs = pytree.tree_map(lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a,
-                                           (node.args, node.kwargs))
+            args, kwargs = pytree.tree_map(
+                lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a, (node.args, node.kwargs)
+            )
             return name, concrete(flop_registry[packet](*args, **kwargs, out_val=node.meta["val"]))
         if name in MOVES or not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
             return name, 0
@@ -104,8 +134,11 @@ def flops_by_place(edge, batch: int, length: int) -> Counter:
 
     def walk(graph, where: str) -> None:
         for node in graph.nodes:
-            if node.op == "call_function" and "call_delegate" not in str(node.target) and \
-                    getattr(node.target, "__name__", "") != "getitem":
+            if (
+                node.op == "call_function"
+                and "call_delegate" not in str(node.target)
+                and getattr(node.target, "__name__", "") != "getitem"
+            ):
                 name, flops = node_flops(node)
                 totals[(where, name)] += flops
 
@@ -132,8 +165,11 @@ def delegation(model, spec, stage: str) -> dict:
         flops = flops_by_place(edge, 1, length)
         total = sum(flops.values())
         outside = Counter({op: f for (where, op), f in flops.items() if where == "portable" and f})
-        shares[str(length)] = {"delegated": sum(f for (w, _), f in flops.items() if w == "xnnpack") / total,
-                               "gflop": total / 1e9, "outside_xnnpack": dict(outside.most_common(6))}
+        shares[str(length)] = {
+            "delegated": sum(f for (w, _), f in flops.items() if w == "xnnpack") / total,
+            "gflop": total / 1e9,
+            "outside_xnnpack": dict(outside.most_common(6)),
+        }
     return {"stage": stage, "lowering_s": round(seconds, 1), "load": load(), **dict(nodes), "flops": shares}
 
 
@@ -147,13 +183,21 @@ def parity(out: Path, model) -> list[dict]:
     c, rows = model.config.chunk_size, []
     for length in (1, c - 1, c, c + 1, 3 * c + 5, 1000, LIMITS["max_length"]):
         for batch in (1, LIMITS["max_batch"]):
-            ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length))
+            ids = torch.randint(
+                0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length)
+            )
             mask = torch.ones_like(ids)
             with torch.no_grad():
                 want = model(ids, mask).numpy()
             got = runner.infer({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["logits"]
-            rows.append({"batch": batch, "length": length, "max_abs": float(abs(got - want).max()),
-                         "logit_scale": float(abs(want).max())})
+            rows.append(
+                {
+                    "batch": batch,
+                    "length": length,
+                    "max_abs": float(abs(got - want).max()),
+                    "logit_scale": float(abs(want).max()),
+                }
+            )
     return rows
 
 
@@ -164,49 +208,91 @@ def latency(out: Path) -> list[dict]:
     rows = []
     for threads in (1, 2):
         before = load()
-        results = {r.engine: r for r in bench_engines(out, ["eager", "executorch"], LENGTHS, threads=threads,
-                                                      budget_s=3.0)}
+        results = {
+            r.engine: r for r in bench_engines(out, ["eager", "executorch"], LENGTHS, threads=threads, budget_s=3.0)
+        }
         for i, length in enumerate(LENGTHS):
             eager, et = results["eager"].timings[i], results["executorch"].timings[i]
-            rows.append({"threads": threads, "length": length, "eager_ms": eager.p50_ms, "executorch_ms": et.p50_ms,
-                         "ratio": et.p50_ms / eager.p50_ms, "spread": max(eager.spread, et.spread),
-                         "load": f"{before} -> {load()}"})
+            rows.append(
+                {
+                    "threads": threads,
+                    "length": length,
+                    "eager_ms": eager.p50_ms,
+                    "executorch_ms": et.p50_ms,
+                    "ratio": et.p50_ms / eager.p50_ms,
+                    "spread": max(eager.spread, et.spread),
+                    "load": f"{before} -> {load()}",
+                }
+            )
     return rows
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# ExecuTorch (XNNPACK) on {result['model']}", "",
-             f"Measured {result['date']} on {result['cpu']} (AVX-512 incl. AVX512_BF16/VNNI, no AMX), "
-             f"torch {result['versions'].get('torch')}, executorch {result['versions'].get('executorch')}. "
-             "Load average (1 min) is given next to each figure; above half the core count it is marked "
-             "'(loaded)': other jobs shared the cores, so times are noisy and ratios (measured side by side) "
-             "are the figures to read.", ""]
+    lines = [
+        f"# ExecuTorch (XNNPACK) on {result['model']}",
+        "",
+        f"Measured {result['date']} on {result['cpu']} (AVX-512 incl. AVX512_BF16/VNNI, no AMX), "
+        f"torch {result['versions'].get('torch')}, executorch {result['versions'].get('executorch')}. "
+        "Load average (1 min) is given next to each figure; above half the core count it is marked "
+        "'(loaded)': other jobs shared the cores, so times are noisy and ratios (measured side by side) "
+        "are the figures to read.",
+        "",
+    ]
     if "export" in result:
         e = result["export"]
-        lines += ["## Export", "", f"`bsbr-export export {result['model']} --format executorch --max-length "
-                  f"{LIMITS['max_length']} --max-batch {LIMITS['max_batch']}`: {e['seconds']:.1f} s in all (torch.export, "
-                  f"lowering, serialization and the parity checks), `.pte` {e['bytes'] / 1e6:.1f} MB; load {e['load']}.", ""]
-    lines += ["## FLOPs delegated to XNNPACK", "", "| stage | lowering s | delegate calls | portable nodes | xnnpack nodes | "
-              + " | ".join(f"delegated at L={n}" for n in LENGTHS) + " | largest FLOPs outside | load |",
-              "|---|---:|---:|---:|---:|" + "---:|" * len(LENGTHS) + "---|---|"]
+        lines += [
+            "## Export",
+            "",
+            f"`bsbr-export export {result['model']} --format executorch --max-length "
+            f"{LIMITS['max_length']} --max-batch {LIMITS['max_batch']}`: {e['seconds']:.1f} s in all (torch.export, "
+            f"lowering, serialization and the parity checks), `.pte` {e['bytes'] / 1e6:.1f} MB; load {e['load']}.",
+            "",
+        ]
+    lines += [
+        "## FLOPs delegated to XNNPACK",
+        "",
+        "| stage | lowering s | delegate calls | portable nodes | xnnpack nodes | "
+        + " | ".join(f"delegated at L={n}" for n in LENGTHS)
+        + " | largest FLOPs outside | load |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(LENGTHS) + "---|---|",
+    ]
     for d in result["delegation"]:
         outside = {op: f for op, f in d["flops"][str(LENGTHS[-1])]["outside_xnnpack"].items() if op}
-        lines.append(f"| {d.get('label', d['stage'])} | {d['lowering_s']} | {d.get('delegate calls', 0)} | "
-                     f"{d.get('portable nodes', 0)} | {d.get('xnnpack nodes', 0)} | "
-                     + " | ".join(f"{100 * d['flops'][str(n)]['delegated']:.2f}%" for n in LENGTHS)
-                     + f" | {', '.join(f'{k} {v / 1e6:.1f}M' for k, v in outside.items()) or '-'} | {d['load']} |")
+        lines.append(
+            f"| {d.get('label', d['stage'])} | {d['lowering_s']} | {d.get('delegate calls', 0)} | "
+            f"{d.get('portable nodes', 0)} | {d.get('xnnpack nodes', 0)} | "
+            + " | ".join(f"{100 * d['flops'][str(n)]['delegated']:.2f}%" for n in LENGTHS)
+            + f" | {', '.join(f'{k} {v / 1e6:.1f}M' for k, v in outside.items()) or '-'} | {d['load']} |"
+        )
     if "parity" in result:
-        lines += ["", "## Max abs error vs eager", "", "| batch | length | max abs | logit scale |", "|---:|---:|---:|---:|"]
-        lines += [f"| {r['batch']} | {r['length']} | {r['max_abs']:.2e} | {r['logit_scale']:.2f} |" for r in result["parity"]]
+        lines += [
+            "",
+            "## Max abs error vs eager",
+            "",
+            "| batch | length | max abs | logit scale |",
+            "|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['batch']} | {r['length']} | {r['max_abs']:.2e} | {r['logit_scale']:.2f} |" for r in result["parity"]
+        ]
     if "latency" in result:
-        lines += ["", "## Latency, batch 1 (p50; each engine in its own process, one after the other)", "",
-                  "| threads | L | eager ms | ExecuTorch ms | ExecuTorch / eager | spread | load before -> after |",
-                  "|---:|---:|---:|---:|---:|---:|---|"]
-        lines += [f"| {r['threads']} | {r['length']} | {r['eager_ms']:.1f} | {r['executorch_ms']:.1f} | "
-                  f"{r['ratio']:.2f} | {100 * r['spread']:.0f}%{' ⚠' if r['spread'] > 0.25 else ''} | {r['load']} |"
-                  for r in result["latency"]]
-        lines += ["", "⚠: the p10-p90 spread of a timing is over 25% of its median (as in `bench`): rerun on a "
-                  "quieter machine before reading that ratio."]
+        lines += [
+            "",
+            "## Latency, batch 1 (p50; each engine in its own process, one after the other)",
+            "",
+            "| threads | L | eager ms | ExecuTorch ms | ExecuTorch / eager | spread | load before -> after |",
+            "|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        lines += [
+            f"| {r['threads']} | {r['length']} | {r['eager_ms']:.1f} | {r['executorch_ms']:.1f} | "
+            f"{r['ratio']:.2f} | {100 * r['spread']:.0f}%{' ⚠' if r['spread'] > 0.25 else ''} | {r['load']} |"
+            for r in result["latency"]
+        ]
+        lines += [
+            "",
+            "⚠: the p10-p90 spread of a timing is over 25% of its median (as in `bench`): rerun on a "
+            "quieter machine before reading that ratio.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -217,8 +303,12 @@ def main() -> None:
     parser.add_argument("--stages", default="standard,shipped", help="lowering stages to count FLOPs for")
     parser.add_argument("--label", default="", help="prefix for the stage names (e.g. 'main')")
     parser.add_argument("--flops-only", action="store_true", help="only the FLOP shares (printed as JSON)")
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="a --flops-only JSON from another checkout (e.g. main) to report first")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a --flops-only JSON from another checkout (e.g. main) to report first",
+    )
     args = parser.parse_args()
 
     from bsbr_export import load_model
@@ -232,9 +322,15 @@ def main() -> None:
     if args.flops_only:
         print(json.dumps(shares, indent=2))
         return
-    result = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "cpu": cpu(), "platform": platform.platform(),
-              "versions": {**versions(), "executorch": _version("executorch")}, "limits": LIMITS,
-              "delegation": shares}
+    result = {
+        "model": args.model,
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu(),
+        "platform": platform.platform(),
+        "versions": {**versions(), "executorch": _version("executorch")},
+        "limits": LIMITS,
+        "delegation": shares,
+    }
     from bsbr_export.export.pipeline import export_model
     from bsbr_export.formats import FORMATS
 
@@ -242,8 +338,11 @@ def main() -> None:
         out = Path(tmp) / args.model
         start, before = time.perf_counter(), load()
         export_model(args.model, out, [FORMATS["executorch"]], **LIMITS)
-        result["export"] = {"seconds": time.perf_counter() - start, "bytes": (out / "model.pte").stat().st_size,
-                            "load": f"{before} -> {load()}"}
+        result["export"] = {
+            "seconds": time.perf_counter() - start,
+            "bytes": (out / "model.pte").stat().st_size,
+            "load": f"{before} -> {load()}",
+        }
         result["parity"] = parity(out, model)
         result["latency"] = latency(out)
     args.out.mkdir(parents=True, exist_ok=True)

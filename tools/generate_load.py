@@ -31,7 +31,8 @@ perf_analyzer: `--perf-analyzer DIR` is a directory with `perf_analyzer` and
 `libcudart.so.12` (it links against it, without a GPU). Make one with:
 
     pip download --no-deps tritonclient==2.41.0 nvidia-cuda-runtime-cu12 -d /tmp/pa
-    (cd /tmp/pa && unzip -jo 'tritonclient-*.whl' '*/bin/perf_analyzer' && unzip -jo 'nvidia_cuda_runtime*.whl' '*/libcudart.so.12')
+    (cd /tmp/pa && unzip -jo 'tritonclient-*.whl' '*/bin/perf_analyzer' \\
+        && unzip -jo 'nvidia_cuda_runtime*.whl' '*/libcudart.so.12')
     apt-get install libb64-0d   # Debian
 """
 
@@ -73,6 +74,7 @@ def pin_group(pgid: int, core: int) -> None:
 
 # ---- the direct references (their own process, core 0) --------------------------------
 
+
 def direct(export_dir: str, contexts: list[int], concurrency: list[int], tokens: int) -> dict:
     """Child: the decode graph per token, the full graph at 4096, and a Batcher step's parts."""
     from bsbr_export.runtime.batching import Batcher
@@ -103,15 +105,23 @@ def direct(export_dir: str, contexts: list[int], concurrency: list[int], tokens:
             if all(sequences.position(k) % sequences.chunk_size != sequences.chunk_size - 1 for k in keys):
                 rows = sequences.rows_runner
                 probe = {name: pool[:n] for name, pool in sequences.pool.items()}
-                probe |= {"input_ids": np.zeros((n, 1), np.int64),
-                          "positions": np.array([sequences.position(k) for k in keys], np.int64)}
-                graph.append(_seconds(lambda: rows.infer(probe)))
+                probe |= {
+                    "input_ids": np.zeros((n, 1), np.int64),
+                    "positions": np.array([sequences.position(k) for k in keys], np.int64),
+                }
+                graph.append(_seconds(lambda rows=rows, probe=probe: rows.infer(probe)))
             original = sequences.feed
-            sequences.feed = lambda tokens_, original=original: _timed(feed, original, tokens_)
+            sequences.feed = lambda tokens_, original=original, feed=feed: _timed(feed, original, tokens_)
             step.append(_seconds(batcher.step))
             sequences.feed = original
-        parts.append({"concurrency": n, "graph_ms": statistics.median(graph) * 1e3,
-                      "feed_ms": statistics.median(feed) * 1e3, "step_ms": statistics.median(step) * 1e3})
+        parts.append(
+            {
+                "concurrency": n,
+                "graph_ms": statistics.median(graph) * 1e3,
+                "feed_ms": statistics.median(feed) * 1e3,
+                "step_ms": statistics.median(step) * 1e3,
+            }
+        )
     return {"decode_ms": decode_ms, "full_4096_ms": full_ms, "step_parts": parts}
 
 
@@ -129,6 +139,7 @@ def _timed(into: list, call, *args):
 
 
 # ---- the generate model under concurrent streams --------------------------------------
+
 
 def stream(url: str, model: str, prompt: np.ndarray, tokens: int, barrier: threading.Barrier) -> list[float]:
     """One gRPC stream: the arrival time of each response (perf_counter seconds)."""
@@ -167,12 +178,19 @@ def generate_cell(url: str, model: str, vocab: int, context: int, n: int, tokens
     begin, end = max(r[1] for r in runs), min(r[-1] for r in runs)
     gaps = [b - a for r in runs for a, b in zip(r[1:], r[2:]) if a >= begin and b <= end]
     made = sum(1 for r in runs for t in r[2:] if begin < t <= end)
-    return {"context": context, "concurrency": n, "ttft_p50_ms": statistics.median(r[1] - r[0] for r in runs) * 1e3,
-            "itl_p50_ms": percentile(gaps, 0.5) * 1e3, "itl_p99_ms": percentile(gaps, 0.99) * 1e3,
-            "tokens_per_s": made / (end - begin) if end > begin else float("nan"), "window_tokens": made}
+    return {
+        "context": context,
+        "concurrency": n,
+        "ttft_p50_ms": statistics.median(r[1] - r[0] for r in runs) * 1e3,
+        "itl_p50_ms": percentile(gaps, 0.5) * 1e3,
+        "itl_p99_ms": percentile(gaps, 0.99) * 1e3,
+        "tokens_per_s": made / (end - begin) if end > begin else float("nan"),
+        "window_tokens": made,
+    }
 
 
 # ---- perf_analyzer against the step model ----------------------------------------------
+
 
 def perf_analyzer(tool: Path, url: str, model: str, vocab: int, concurrency: list[int], work: Path) -> list[dict]:
     data = work / "input_ids.json"
@@ -180,10 +198,34 @@ def perf_analyzer(tool: Path, url: str, model: str, vocab: int, concurrency: lis
     rows = []
     for n in concurrency:
         report = work / f"pa_{n}.csv"
-        command = ["taskset", "-c", str(CLIENT_CORE), str(tool / "perf_analyzer"), "-m", model, "-i", "grpc",
-                   "-u", url, "--input-data", str(data), "--shape", "input_ids:1", "--sequence-length", "64",
-                   "--concurrency-range", f"{n}:{n}", "--measurement-interval", "4000",
-                   "--stability-percentage", "25", "--max-trials", "6", "-f", str(report)]
+        command = [
+            "taskset",
+            "-c",
+            str(CLIENT_CORE),
+            str(tool / "perf_analyzer"),
+            "-m",
+            model,
+            "-i",
+            "grpc",
+            "-u",
+            url,
+            "--input-data",
+            str(data),
+            "--shape",
+            "input_ids:1",
+            "--sequence-length",
+            "64",
+            "--concurrency-range",
+            f"{n}:{n}",
+            "--measurement-interval",
+            "4000",
+            "--stability-percentage",
+            "25",
+            "--max-trials",
+            "6",
+            "-f",
+            str(report),
+        ]
         env = {**os.environ, "LD_LIBRARY_PATH": f"{tool}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         if done.returncode != 0 or not report.is_file():
@@ -191,14 +233,23 @@ def perf_analyzer(tool: Path, url: str, model: str, vocab: int, concurrency: lis
             continue
         with open(report) as file:
             row = next(csv.DictReader(file))
-        rows.append({"concurrency": n, "tokens_per_s": float(row["Inferences/Second"]),
-                     "p50_ms": float(row["p50 latency"]) / 1e3, "p99_ms": float(row["p99 latency"]) / 1e3})
-        print(f"  perf_analyzer x{n}: {rows[-1]['tokens_per_s']:.0f} tokens/s, p99 {rows[-1]['p99_ms']:.1f} ms",
-              file=sys.stderr)
+        rows.append(
+            {
+                "concurrency": n,
+                "tokens_per_s": float(row["Inferences/Second"]),
+                "p50_ms": float(row["p50 latency"]) / 1e3,
+                "p99_ms": float(row["p99 latency"]) / 1e3,
+            }
+        )
+        print(
+            f"  perf_analyzer x{n}: {rows[-1]['tokens_per_s']:.0f} tokens/s, p99 {rows[-1]['p99_ms']:.1f} ms",
+            file=sys.stderr,
+        )
     return rows
 
 
 # ---- one model, then the report ----------------------------------------------------------
+
 
 def measure(model: str, args, triton_env) -> dict:
     from bsbr_export.export.pipeline import export_model
@@ -210,9 +261,26 @@ def measure(model: str, args, triton_env) -> dict:
     out = work / model
     export_model(model, out, [FORMATS["onnx"]], streaming=True)
     vocab = json.loads((out / "manifest.json").read_text())["spec"]["inputs"][0]["high"]
-    child = subprocess.run(["taskset", "-c", str(SERVER_CORE), sys.executable, __file__, "--direct", str(out),
-                            "--contexts", args.contexts, "--concurrency", args.concurrency,
-                            "--tokens", str(args.tokens)], stdout=subprocess.PIPE, text=True, check=True)
+    child = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            str(SERVER_CORE),
+            sys.executable,
+            __file__,
+            "--direct",
+            str(out),
+            "--contexts",
+            args.contexts,
+            "--concurrency",
+            args.concurrency,
+            "--tokens",
+            str(args.tokens),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
     reference = json.loads(child.stdout.strip().splitlines()[-1])
     print(f"{model}: direct {reference}", file=sys.stderr)
     # One core for the server; state for 64 generations at 16384 tokens (4.4 GB) allowed.
@@ -225,12 +293,15 @@ def measure(model: str, args, triton_env) -> dict:
             for n in [int(c) for c in args.concurrency.split(",")]:
                 cell = generate_cell(server.grpc_url, f"{model}_generate", vocab, context, n, args.tokens)
                 result["generate"].append(cell)
-                print(f"  generate {context} x {n}: {cell['tokens_per_s']:.0f} tokens/s, itl p50 "
-                      f"{cell['itl_p50_ms']:.2f} p99 {cell['itl_p99_ms']:.2f} ms, ttft {cell['ttft_p50_ms']:.1f} ms",
-                      file=sys.stderr)
+                print(
+                    f"  generate {context} x {n}: {cell['tokens_per_s']:.0f} tokens/s, itl p50 "
+                    f"{cell['itl_p50_ms']:.2f} p99 {cell['itl_p99_ms']:.2f} ms, ttft {cell['ttft_p50_ms']:.1f} ms",
+                    file=sys.stderr,
+                )
         if args.perf_analyzer:
-            result["perf_analyzer"] = perf_analyzer(args.perf_analyzer, server.grpc_url, f"{model}_streaming_python",
-                                                    vocab, [1, 4, 16, 64], work)
+            result["perf_analyzer"] = perf_analyzer(
+                args.perf_analyzer, server.grpc_url, f"{model}_streaming_python", vocab, [1, 4, 16, 64], work
+            )
         result["healthy_after"] = server.healthy()
         os.sched_setaffinity(0, set(range(os.cpu_count())))
     return result
@@ -246,8 +317,13 @@ def targets(result: dict) -> list[tuple[str, str, bool]]:
         rows.append(("tokens/s at 32 concurrent >= 8x one (context 256)", f"{ratio:.1f}x", ratio >= 8))
     if (256, 1) in cells:
         ratio = cells[256, 1]["itl_p50_ms"] / direct_["decode_ms"]["256"]
-        rows.append(("one generation's inter-token latency <= 1.5x the decode graph direct (256)", f"{ratio:.2f}x",
-                     ratio <= 1.5))
+        rows.append(
+            (
+                "one generation's inter-token latency <= 1.5x the decode graph direct (256)",
+                f"{ratio:.2f}x",
+                ratio <= 1.5,
+            )
+        )
     if (256, 32) in cells:
         p99 = cells[256, 32]["itl_p99_ms"]
         rows.append(("inter-token p99 at 32 concurrent <= 50 ms (256)", f"{p99:.1f} ms", p99 <= 50))
@@ -256,46 +332,72 @@ def targets(result: dict) -> list[tuple[str, str, bool]]:
         rows.append(("per-token cost at 16384 <= 1.1x at 256 (one generation)", f"{ratio:.2f}x", ratio <= 1.1))
     if (4096, 1) in cells:
         ratio = cells[4096, 1]["ttft_p50_ms"] / direct_["full_4096_ms"]
-        rows.append(("time to first token, 4096-token prompt <= 1.5x the full forward at 4096", f"{ratio:.2f}x",
-                     ratio <= 1.5))
+        rows.append(
+            ("time to first token, 4096-token prompt <= 1.5x the full forward at 4096", f"{ratio:.2f}x", ratio <= 1.5)
+        )
     return rows
 
 
 def report(results: list[dict], machine: dict, args) -> str:
-    lines = ["# Serving many users at once: the generate model through tritonserver", "",
-             f"CPU: {machine['processor']}, {machine['cores']} cores; ORT float32 MatMul on core 0: "
-             f"{machine['matmul_gflops']:.0f} GFLOP/s (1 thread, [4096, 256] x [256, 1024], same run). "
-             f"Server (tritonserver + stubs + ORT, 1 thread per session) pinned to core {SERVER_CORE}, clients "
-             f"(gRPC streams, perf_analyzer) to core {CLIENT_CORE}; direct references alone on core {SERVER_CORE}, "
-             f"1 ORT thread. Greedy, {args.tokens} new tokens per generation; latency and tokens/s taken while "
-             "all streams of a cell run together.", ""]
+    lines = [
+        "# Serving many users at once: the generate model through tritonserver",
+        "",
+        f"CPU: {machine['processor']}, {machine['cores']} cores; ORT float32 MatMul on core 0: "
+        f"{machine['matmul_gflops']:.0f} GFLOP/s (1 thread, [4096, 256] x [256, 1024], same run). "
+        f"Server (tritonserver + stubs + ORT, 1 thread per session) pinned to core {SERVER_CORE}, clients "
+        f"(gRPC streams, perf_analyzer) to core {CLIENT_CORE}; direct references alone on core {SERVER_CORE}, "
+        f"1 ORT thread. Greedy, {args.tokens} new tokens per generation; latency and tokens/s taken while "
+        "all streams of a cell run together.",
+        "",
+    ]
     for result in results:
         d = result["direct"]
-        lines += [f"## {result['model']}", "",
-                  "| context | streams | tokens/s | vs one | TTFT p50 ms | ITL p50 ms | ITL p99 ms | decode direct ms |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {result['model']}",
+            "",
+            "| context | streams | tokens/s | vs one | TTFT p50 ms | ITL p50 ms | ITL p99 ms | decode direct ms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         one = {c["context"]: c["tokens_per_s"] for c in result["generate"] if c["concurrency"] == 1}
         for c in result["generate"]:
-            lines.append(f"| {c['context']} | {c['concurrency']} | {c['tokens_per_s']:.0f} | "
-                         f"{c['tokens_per_s'] / one[c['context']]:.1f}x | {c['ttft_p50_ms']:.1f} | "
-                         f"{c['itl_p50_ms']:.2f} | {c['itl_p99_ms']:.2f} | {d['decode_ms'][str(c['context'])]:.2f} |")
-        lines += ["", f"Full graph over a 4096-token prompt, direct: {d['full_4096_ms']:.1f} ms.", "",
-                  "Where an in-process `Batcher.step` goes (context 256, direct, 1 thread): the row-step graph "
-                  "call, the rest of `Sequences.feed` (gather caches, write rows back, chunk-closing decode calls), "
-                  "the rest of the step (sampling, bookkeeping); the served ITL adds Triton, responses and the "
-                  "client.", "",
-                  "| streams | graph ms | feed ms | step ms | served ITL p50 ms |", "|---|---|---|---|---|"]
+            lines.append(
+                f"| {c['context']} | {c['concurrency']} | {c['tokens_per_s']:.0f} | "
+                f"{c['tokens_per_s'] / one[c['context']]:.1f}x | {c['ttft_p50_ms']:.1f} | "
+                f"{c['itl_p50_ms']:.2f} | {c['itl_p99_ms']:.2f} | {d['decode_ms'][str(c['context'])]:.2f} |"
+            )
+        lines += [
+            "",
+            f"Full graph over a 4096-token prompt, direct: {d['full_4096_ms']:.1f} ms.",
+            "",
+            "Where an in-process `Batcher.step` goes (context 256, direct, 1 thread): the row-step graph "
+            "call, the rest of `Sequences.feed` (gather caches, write rows back, chunk-closing decode calls), "
+            "the rest of the step (sampling, bookkeeping); the served ITL adds Triton, responses and the "
+            "client.",
+            "",
+            "| streams | graph ms | feed ms | step ms | served ITL p50 ms |",
+            "|---|---|---|---|---|",
+        ]
         served = {c["concurrency"]: c["itl_p50_ms"] for c in result["generate"] if c["context"] == 256}
         for p in d["step_parts"]:
-            lines.append(f"| {p['concurrency']} | {p['graph_ms']:.2f} | {p['feed_ms']:.2f} | {p['step_ms']:.2f} | "
-                         f"{served.get(p['concurrency'], float('nan')):.2f} |")
+            lines.append(
+                f"| {p['concurrency']} | {p['graph_ms']:.2f} | {p['feed_ms']:.2f} | {p['step_ms']:.2f} | "
+                f"{served.get(p['concurrency'], float('nan')):.2f} |"
+            )
         if result["perf_analyzer"]:
-            lines += ["", "perf_analyzer (tritonclient 2.41.0) on the step model `_streaming_python`, gRPC, "
-                      "sequences of 64 one-token requests:", "",
-                      "| concurrency | tokens/s | p50 ms | p99 ms |", "|---|---|---|---|"]
+            lines += [
+                "",
+                "perf_analyzer (tritonclient 2.41.0) on the step model `_streaming_python`, gRPC, "
+                "sequences of 64 one-token requests:",
+                "",
+                "| concurrency | tokens/s | p50 ms | p99 ms |",
+                "|---|---|---|---|",
+            ]
             for r in result["perf_analyzer"]:
-                lines.append(f"| {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
-                             if "error" not in r else f"| {r['concurrency']} | failed: {r['error']} | | |")
+                lines.append(
+                    f"| {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
+                    if "error" not in r
+                    else f"| {r['concurrency']} | failed: {r['error']} | | |"
+                )
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {what} | {value} | {'yes' if met else 'no'} |" for what, value, met in targets(result)]
         lines += ["", f"Server healthy after the run: {result['healthy_after']}.", ""]
@@ -314,8 +416,16 @@ def main() -> None:
     parser.add_argument("--direct", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.direct:
-        print(json.dumps(direct(args.direct, [int(c) for c in args.contexts.split(",")],
-                                [int(c) for c in args.concurrency.split(",")], args.tokens)))
+        print(
+            json.dumps(
+                direct(
+                    args.direct,
+                    [int(c) for c in args.contexts.split(",")],
+                    [int(c) for c in args.concurrency.split(",")],
+                    args.tokens,
+                )
+            )
+        )
         return
     from bsbr_export.machine import cpu_model
     from bsbr_export.serve.serve import find_env
@@ -325,8 +435,9 @@ def main() -> None:
     os.sched_setaffinity(0, {SERVER_CORE})  # the sweep child inherits core 0
     machine = {"processor": cpu_model(), "cores": os.cpu_count(), "matmul_gflops": matmul_rate(256, threads=1)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "generate_load.json").write_text(json.dumps({"machine": machine, "tokens": args.tokens,
-                                                             "results": results}, indent=2))
+    (args.out / "generate_load.json").write_text(
+        json.dumps({"machine": machine, "tokens": args.tokens, "results": results}, indent=2)
+    )
     text = report(results, machine, args)
     (args.out / "generate_load.md").write_text(text)
     print(text)

@@ -37,10 +37,20 @@ from bsbr_export.model.attention import bsbr_attention
 from bsbr_export.model.sources import load_source
 from bsbr_export.proof.evaltext import bits_per_byte, heldout_text
 
-FULL = {"models": "bsbr-small,bsbr-stdlib", "lengths": "1024,8192,32768", "batches": "1,8",
-        "contexts": "256,1024,4096,16384,65536", "attention_lengths": "1024,8192,32768,65536"}
-DRY = {"models": "bsbr-tiny,bsbr-stdlib", "lengths": "70,130", "batches": "1,2", "contexts": "8,40",
-       "attention_lengths": "128,300"}
+FULL = {
+    "models": "bsbr-small,bsbr-stdlib",
+    "lengths": "1024,8192,32768",
+    "batches": "1,8",
+    "contexts": "256,1024,4096,16384,65536",
+    "attention_lengths": "1024,8192,32768,65536",
+}
+DRY = {
+    "models": "bsbr-tiny,bsbr-stdlib",
+    "lengths": "70,130",
+    "batches": "1,2",
+    "contexts": "8,40",
+    "attention_lengths": "128,300",
+}
 
 
 class Deadline:
@@ -128,13 +138,16 @@ def engines(model, device: torch.device, compiled: bool) -> dict:
 
 def compare(out: torch.Tensor, reference: torch.Tensor) -> dict:
     out, reference = out.double().cpu(), reference.double().cpu()
-    return {"max_abs": float((out - reference).abs().max()),
-            "top1": float((out.argmax(-1) == reference.argmax(-1)).double().mean()),
-            "logit_scale": float(reference.abs().max())}
+    return {
+        "max_abs": float((out - reference).abs().max()),
+        "top1": float((out.argmax(-1) == reference.argmax(-1)).double().mean()),
+        "logit_scale": float(reference.abs().max()),
+    }
 
 
-def check_model(name: str, args, device: torch.device, results: Results, deadline: Deadline,
-                compiled: bool = False) -> None:
+def check_model(
+    name: str, args, device: torch.device, results: Results, deadline: Deadline, compiled: bool = False
+) -> None:
     """Parity and latency of the model's engines (`engines`), then its decode latency
     (eager only)."""
     source = load_source(name)
@@ -157,9 +170,17 @@ def check_model(name: str, args, device: torch.device, results: Results, deadlin
         out = run(reference_ids.to(device))  # the first call compiles
         if device.type == "cuda":
             torch.cuda.synchronize()
-        row = {"model": name, "engine": engine, "what": "parity", "first_call_s": round(time.perf_counter() - start, 2),
-               "vs_gpu_fp32": compare(out, fp32_gpu), "vs_cpu_fp64": compare(out, fp64), "length": args.lengths[0]}
+        row = {
+            "model": name,
+            "engine": engine,
+            "what": "parity",
+            "first_call_s": round(time.perf_counter() - start, 2),
+            "vs_gpu_fp32": compare(out, fp32_gpu),
+            "vs_cpu_fp64": compare(out, fp64),
+            "length": args.lengths[0],
+        }
         if text is not None:
+
             def logits_of(ids, run=run):
                 return run(torch.from_numpy(ids).to(device)).float().cpu().numpy()
 
@@ -176,8 +197,16 @@ def check_model(name: str, args, device: torch.device, results: Results, deadlin
                 except torch.OutOfMemoryError:
                     results.add(model=name, engine=engine, what="latency", batch=batch, length=length, error="OOM")
                     continue
-                results.add(model=name, engine=engine, what="latency", batch=batch, length=length, ms=round(ms, 3),
-                            tokens_per_s=round(batch * length / ms * 1e3), peak_mib=peak_mib(device))
+                results.add(
+                    model=name,
+                    engine=engine,
+                    what="latency",
+                    batch=batch,
+                    length=length,
+                    ms=round(ms, 3),
+                    tokens_per_s=round(batch * length / ms * 1e3),
+                    peak_mib=peak_mib(device),
+                )
     if not compiled:
         decode(name, model, vocab, args, device, results, deadline)
 
@@ -203,8 +232,14 @@ def decode(name: str, model, vocab: int, args, device: torch.device, results: Re
                 step()
             for _ in range(args.decode_tokens):
                 steps.append(timed(step, device, repeats=1, warmup=0))
-        results.add(model=name, what="decode", context=context, ms_per_token=round(statistics.median(steps), 4),
-                    p90_ms=round(sorted(steps)[int(0.9 * (len(steps) - 1))], 4), peak_mib=peak_mib(device))
+        results.add(
+            model=name,
+            what="decode",
+            context=context,
+            ms_per_token=round(statistics.median(steps), 4),
+            p90_ms=round(sorted(steps)[int(0.9 * (len(steps) - 1))], 4),
+            peak_mib=peak_mib(device),
+        )
 
 
 def attention_race(args, device: torch.device, results: Results, deadline: Deadline) -> None:
@@ -214,11 +249,14 @@ def attention_race(args, device: torch.device, results: Results, deadline: Deadl
     for length in args.attention_lengths:
         if not deadline.allows(f"attention L{length}", 10):
             continue
-        q, k, v, mq, mk = (torch.randn(1, heads, length, e, device=device, dtype=dtype) / math.sqrt(e)
-                           for _ in range(5))
+        q, k, v, mq, mk = (
+            torch.randn(1, heads, length, e, device=device, dtype=dtype) / math.sqrt(e) for _ in range(5)
+        )
         row = {"what": "attention", "length": length, "dtype": str(dtype)}
-        for label, fn in (("bsbr", lambda q=q, k=k, v=v, mq=mq, mk=mk: bsbr_attention(q, k, v, mq, mk, c)),
-                          ("sdpa", lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True))):
+        for label, fn in (
+            ("bsbr", lambda q=q, k=k, v=v, mq=mq, mk=mk: bsbr_attention(q, k, v, mq, mk, c)),
+            ("sdpa", lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+        ):
             reset_peak(device)
             try:
                 with torch.inference_mode():
@@ -238,13 +276,30 @@ def product_bench(args, device: torch.device, results: Results, deadline: Deadli
 
     if not deadline.allows("product bench", 60):
         return
-    engines = ["eager", "torchscript"] if device.type == "cpu" else [
-        "eager-cuda", "eager-cuda-bf16", "compile-cuda", "torchscript-cuda"]
-    run = benchmark(args.models[0], out_dir=args.out / "product_bench", lengths=args.lengths[:2], engines=engines,
-                    formats=["torchscript"], streaming=False, long_length=args.lengths[-1], budget_s=0.5,
-                    reduced_precision=False, device=device.type, overwrite=True)
-    results.add(what="product bench", device=device.type, validated=run.validation.passed,
-                table=json.loads((run.directory / "report.json").read_text())["table"])
+    engines = (
+        ["eager", "torchscript"]
+        if device.type == "cpu"
+        else ["eager-cuda", "eager-cuda-bf16", "compile-cuda", "torchscript-cuda"]
+    )
+    run = benchmark(
+        args.models[0],
+        out_dir=args.out / "product_bench",
+        lengths=args.lengths[:2],
+        engines=engines,
+        formats=["torchscript"],
+        streaming=False,
+        long_length=args.lengths[-1],
+        budget_s=0.5,
+        reduced_precision=False,
+        device=device.type,
+        overwrite=True,
+    )
+    results.add(
+        what="product bench",
+        device=device.type,
+        validated=run.validation.passed,
+        table=json.loads((run.directory / "report.json").read_text())["table"],
+    )
 
 
 def main() -> None:
@@ -271,9 +326,15 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     args.out.mkdir(parents=True, exist_ok=True)
-    header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-              "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-              "numpy": np.__version__, "tf32": False, "dry_run": args.dry_run}
+    header = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "tf32": False,
+        "dry_run": args.dry_run,
+    }
     results = Results(args.out / "gpu_check.json", header)
     deadline = Deadline(args.minutes * 60)
     attention_race(args, device, results, deadline)

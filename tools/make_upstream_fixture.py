@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import save_file
 
 # Small on purpose: the committed files stay ~170 KB (mostly the 5000-row `pos_encoding.pe`).
-ARGS = dict(vocab_size=40, hidden_dim=8, num_layers=2, num_heads=2, chunk_size=4, ff_dim=16,
-            dropout=0.1, compression_factor=2)
+ARGS = dict(
+    vocab_size=40, hidden_dim=8, num_layers=2, num_heads=2, chunk_size=4, ff_dim=16, dropout=0.1, compression_factor=2
+)
 LENGTHS = [1, 2, 3, 4, 5, 8, 11, 17, 37]
 SEED = 5
 
@@ -53,8 +54,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     save_file(expected, out / "expected.safetensors")
-    info = {"bsbr": version("bsbr"), "torch": torch.__version__, "constructor": ARGS, "lengths": LENGTHS,
-            "seed": SEED, "import": ["--heads", str(ARGS["num_heads"]), "--chunk-size", str(ARGS["chunk_size"])]}
+    info = {
+        "bsbr": version("bsbr"),
+        "torch": torch.__version__,
+        "constructor": ARGS,
+        "lengths": LENGTHS,
+        "seed": SEED,
+        "import": ["--heads", str(ARGS["num_heads"]), "--chunk-size", str(ARGS["chunk_size"])],
+    }
     (out / "fixture.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
 

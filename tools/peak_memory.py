@@ -56,7 +56,9 @@ def main() -> None:
         row = json.loads(out.strip().splitlines()[-1])
         row["forward_extra_mib"] = row["peak_rss_mib"] - row["rss_before_mib"]
         rows.append(row)
-        print(f"L={length:6d}  peak RSS {row['peak_rss_mib']:8.1f} MiB  forward adds {row['forward_extra_mib']:8.1f} MiB")
+        print(
+            f"L={length:6d}  peak RSS {row['peak_rss_mib']:8.1f} MiB  forward adds {row['forward_extra_mib']:8.1f} MiB"
+        )
     for a, b in zip(rows, rows[1:]):
         ratio = b["peak_rss_mib"] / a["peak_rss_mib"]
         extra = b["forward_extra_mib"] / max(a["forward_extra_mib"], 1e-9)

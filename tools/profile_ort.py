@@ -72,8 +72,9 @@ def profile(path: Path, config, length: int, threads: int) -> dict:
     feeds = random_feeds(config.vocab_size, 1, length)
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        session = OnnxRunner(path, threads=threads, spinning=True, profile_prefix=Path(tmp) / "ort",
-                             optimized_path=optimized).session
+        session = OnnxRunner(
+            path, threads=threads, spinning=True, profile_prefix=Path(tmp) / "ort", optimized_path=optimized
+        ).session
         feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
         times = run_times(lambda: session.run(None, feeds), RUNS)
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -108,9 +109,15 @@ def node_times(events: list[dict], steady: int) -> dict[str, dict]:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < steady:
             continue
         outputs = e["args"].get("output_type_shape") or [{}]
-        node = nodes.setdefault(e["name"].removesuffix("_kernel_time"), {
-            "op": e["args"]["op_name"], "ms": 0.0, "shape": next(iter(outputs[0].values()), []),
-            "inputs": [next(iter(d.items())) for d in e["args"].get("input_type_shape", [])]})
+        node = nodes.setdefault(
+            e["name"].removesuffix("_kernel_time"),
+            {
+                "op": e["args"]["op_name"],
+                "ms": 0.0,
+                "shape": next(iter(outputs[0].values()), []),
+                "inputs": [next(iter(d.items())) for d in e["args"].get("input_type_shape", [])],
+            },
+        )
         node["ms"] += e["dur"] / RUNS / 1e3
     return nodes
 
@@ -143,43 +150,73 @@ def time_alone(optimized: Path, nodes: dict[str, dict], threads: int, runs: int 
                 used.append(weights[name])
             elif name and dtype in RANDOM_TYPES:
                 feeds[name] = rng.standard_normal(shape).astype(RANDOM_TYPES[dtype])
-                graph_inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(
-                    feeds[name].dtype), shape))
+                graph_inputs.append(
+                    helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(feeds[name].dtype), shape)
+                )
             elif name:
                 break  # an index or shape input: its values matter, so random ones would not do
         else:
             outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in node.output if o]
-            one = helper.make_model(helper.make_graph([node], op, graph_inputs, outputs, used),
-                                    opset_imports=model.opset_import, ir_version=model.ir_version)
+            one = helper.make_model(
+                helper.make_graph([node], op, graph_inputs, outputs, used),
+                opset_imports=model.opset_import,
+                ir_version=model.ir_version,
+            )
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             session = ort.InferenceSession(one.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            times = run_times(lambda: session.run(None, feeds), runs)
-            rows.append({"op": op, "node": info["node"], "shape": info["inputs"][0][1], "in_graph_ms": info["ms"],
-                         "alone_ms": statistics.median(times)})
+            times = run_times(lambda session=session, feeds=feeds: session.run(None, feeds), runs)
+            rows.append(
+                {
+                    "op": op,
+                    "node": info["node"],
+                    "shape": info["inputs"][0][1],
+                    "in_graph_ms": info["ms"],
+                    "alone_ms": statistics.median(times),
+                }
+            )
     return sorted(rows, key=lambda r: -r["in_graph_ms"])
 
 
 def markdown(model: str, machine: dict, results: list[dict]) -> str:
-    lines = [f"# Where ONNX Runtime's time goes: {model}, batch 1, 2 threads, ORT_ENABLE_ALL", "",
-             f"Machine: {machine['processor']} x{machine['cpu_count']}, {machine['platform']}; onnxruntime "
-             f"{machine['versions'].get('onnxruntime')}."
-             f" Kernel time from ORT's profiler over {RUNS} runs after {WARMUP} warm-ups.", ""]
+    lines = [
+        f"# Where ONNX Runtime's time goes: {model}, batch 1, 2 threads, ORT_ENABLE_ALL",
+        "",
+        f"Machine: {machine['processor']} x{machine['cpu_count']}, {machine['platform']}; onnxruntime "
+        f"{machine['versions'].get('onnxruntime')}."
+        f" Kernel time from ORT's profiler over {RUNS} runs after {WARMUP} warm-ups.",
+        "",
+    ]
     for r in results:
-        lines += [f"## L = {r['length']}: median {r['p50_ms']:.1f} ms (profiler on)", "",
-                  "| category | ms per run | share of kernel time |", "|---|---|---|"]
+        lines += [
+            f"## L = {r['length']}: median {r['p50_ms']:.1f} ms (profiler on)",
+            "",
+            "| category | ms per run | share of kernel time |",
+            "|---|---|---|",
+        ]
         for name, ms in r["categories"].items():
             lines.append(f"| {name} | {ms:.2f} | {100 * ms / r['kernel_ms']:.1f}% |")
         if r["dense_gemm_gflops"]:
-            lines += ["", f"The dense GEMMs are {100 * r['dense_flop_share']:.0f}% of the model's FLOPs and run at "
-                      f"{r['dense_gemm_gflops']:.0f} GFLOP/s inside the graph.", ""]
+            lines += [
+                "",
+                f"The dense GEMMs are {100 * r['dense_flop_share']:.0f}% of the model's FLOPs and run at "
+                f"{r['dense_gemm_gflops']:.0f} GFLOP/s inside the graph.",
+                "",
+            ]
         if r["alone"]:
-            lines += ["The costliest node of each op type, in the graph and alone (one-node graph, same weights, "
-                      "inputs hot in cache, median of 20):", "",
-                      "| op | node | first input | in graph ms | alone ms | in graph / alone |", "|---|---|---|---|---|---|"]
-            lines += [f"| {a['op']} | {a['node']} | {a['shape']} | {a['in_graph_ms']:.2f} | {a['alone_ms']:.2f} | "
-                      f"{a['in_graph_ms'] / a['alone_ms']:.1f} |" for a in r["alone"]]
+            lines += [
+                "The costliest node of each op type, in the graph and alone (one-node graph, same weights, "
+                "inputs hot in cache, median of 20):",
+                "",
+                "| op | node | first input | in graph ms | alone ms | in graph / alone |",
+                "|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {a['op']} | {a['node']} | {a['shape']} | {a['in_graph_ms']:.2f} | {a['alone_ms']:.2f} | "
+                f"{a['in_graph_ms'] / a['alone_ms']:.1f} |"
+                for a in r["alone"]
+            ]
             lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -205,7 +242,8 @@ def main() -> None:
     machine = machine_info()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"profile_{args.model}.json").write_text(
-        json.dumps({"model": args.model, "machine": machine, "results": results}, indent=2) + "\n")
+        json.dumps({"model": args.model, "machine": machine, "results": results}, indent=2) + "\n"
+    )
     (args.out / f"profile_{args.model}.md").write_text(markdown(args.model, machine, results))
     print(markdown(args.model, machine, results))
 

@@ -62,10 +62,28 @@ def train_arms(arms: list[str], args: argparse.Namespace) -> None:
     while pending or running:
         while pending and len(running) < args.jobs:
             arm = pending.pop(0)
-            command = [sys.executable, str(HERE / "train.py"), "--retrieval", arm, "--steps", str(args.steps),
-                       "--batch", str(args.batch), "--length", str(args.length), "--lr", str(args.lr),
-                       "--bf16", "--threads", "1", "--eval-every", "250", "--out", str(args.runs / arm),
-                       "--no-finish"]
+            command = [
+                sys.executable,
+                str(HERE / "train.py"),
+                "--retrieval",
+                arm,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--length",
+                str(args.length),
+                "--lr",
+                str(args.lr),
+                "--bf16",
+                "--threads",
+                "1",
+                "--eval-every",
+                "250",
+                "--out",
+                str(args.runs / arm),
+                "--no-finish",
+            ]
             (args.runs / arm).mkdir(parents=True, exist_ok=True)
             log = (args.runs / arm / "train.log").open("w")
             running.append((arm, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
@@ -92,7 +110,9 @@ def score(run: Path, heldout_bytes: int) -> dict:
         "bpb": {str(w): round(float(np.nanmean(bits[w])), 4) for w in WINDOWS},
         "chunk_alone_bpb": round(float(np.nanmean(bits[chunk])), 4),
         "gain_from_retrieval": round(float(bits[chunk][both].mean() - bits[4096][both].mean()), 4),
-        "steps": record["steps"], "bytes_seen": record["tokens_seen"], "train_seconds": record["seconds"],
+        "steps": record["steps"],
+        "bytes_seen": record["tokens_seen"],
+        "train_seconds": record["seconds"],
         "curve": record["curve"],
     }
     if record["retrieval"] == "gated":
@@ -103,24 +123,39 @@ def score(run: Path, heldout_bytes: int) -> dict:
 
 def learned_mix(model) -> list[dict]:
     """Per layer: each head's gate g_h = sigmoid(beta_h) and the mean of its norm scale."""
-    return [{"layer": i, "gate": [round(g, 3) for g in torch.sigmoid(block.attn.retrieval_gate).tolist()],
-             "norm_scale_mean": [round(s, 3) for s in block.attn.retrieval_norm.mean(-1).tolist()]}
-            for i, block in enumerate(model.blocks)]
+    return [
+        {
+            "layer": i,
+            "gate": [round(g, 3) for g in torch.sigmoid(block.attn.retrieval_gate).tolist()],
+            "norm_scale_mean": [round(s, 3) for s in block.attn.retrieval_norm.mean(-1).tolist()],
+        }
+        for i, block in enumerate(model.blocks)
+    ]
 
 
 def write(results: dict, args: argparse.Namespace) -> None:
     machine = machine_info()
     first = next(iter(results.values()))
-    record = {"arms": results, "steps": args.steps, "batch": args.batch, "length": args.length, "lr": args.lr,
-              "heldout_bytes": args.heldout_bytes, "machine": machine}
+    record = {
+        "arms": results,
+        "steps": args.steps,
+        "batch": args.batch,
+        "length": args.length,
+        "lr": args.lr,
+        "heldout_bytes": args.heldout_bytes,
+        "machine": machine,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "retrieval_ablation.json").write_text(json.dumps(record, indent=2) + "\n")
     rows = "\n".join(
         f"| `{arm}` | {' | '.join(str(r['bpb'][str(w)]) for w in WINDOWS)} | {r['chunk_alone_bpb']} | "
-        f"{r['gain_from_retrieval']:+.4f} | {r['train_seconds'] / 60:.0f} |" for arm, r in results.items())
+        f"{r['gain_from_retrieval']:+.4f} | {r['train_seconds'] / 60:.0f} |"
+        for arm, r in results.items()
+    )
     learned = "".join(
         f"\n| {row['layer']} | {', '.join(map(str, row['gate']))} | {', '.join(map(str, row['norm_scale_mean']))} |"
-        for row in results.get("gated", {}).get("learned", []))
+        for row in results.get("gated", {}).get("learned", [])
+    )
     (args.out / "retrieval_ablation.md").write_text(
         "# Retrieval ablation\n\n"
         f"`bsbr-stdlib`'s shape (4 layers, hidden 256, 4 heads, chunk 64), seed 0, the same initial weights and "
@@ -134,8 +169,13 @@ def write(results: dict, args: argparse.Namespace) -> None:
         "|---|---|---|---|---|---|---|\n" + rows + "\n\n"
         "Gain from retrieval: chunk-alone minus 4096-window bits per byte on the same bytes (positive: what a "
         "token reads from earlier chunks helps).\n"
-        + ("\n## What the gated arm learned\n\n| layer | gate g_h per head | norm scale (mean) per head |\n"
-           "|---|---|---|" + learned + "\n" if learned else ""))
+        + (
+            "\n## What the gated arm learned\n\n| layer | gate g_h per head | norm scale (mean) per head |\n"
+            "|---|---|---|" + learned + "\n"
+            if learned
+            else ""
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,12 +39,20 @@ def cpu_name() -> str:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     except OSError:
         return platform.processor() or platform.machine()
-    fields = {k.strip(): " ".join(v.split()) for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
-    return f"{fields.get('Model name', platform.machine())} (family {fields.get('CPU family', '?')} model {fields.get('Model', '?')})"
+    fields = {
+        k.strip(): " ".join(v.split()) for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)
+    }
+    name, family, model = (
+        fields.get("Model name", platform.machine()),
+        fields.get("CPU family", "?"),
+        fields.get("Model", "?"),
+    )
+    return f"{name} (family {family} model {model})"
 
 
-def run_cell(server, protocol: str, model: str, vocab: int, context: int, concurrency: int, tokens: int,
-             first_id: int) -> dict:
+def run_cell(
+    server, protocol: str, model: str, vocab: int, context: int, concurrency: int, tokens: int, first_id: int
+) -> dict:
     """One (context, concurrency) cell: prefill every sequence, then time `tokens` steps each."""
     if protocol == "grpc":
         import tritonclient.grpc as client
@@ -59,8 +67,14 @@ def run_cell(server, protocol: str, model: str, vocab: int, context: int, concur
     def infer(connection, sequence: int, ids: np.ndarray, start: bool, end: bool) -> np.ndarray:
         tensor = client.InferInput("input_ids", list(ids.shape), "INT64")
         tensor.set_data_from_numpy(ids)
-        result = connection.infer(model, [tensor], outputs=[client.InferRequestedOutput("logits")],
-                                  sequence_id=sequence, sequence_start=start, sequence_end=end)
+        result = connection.infer(
+            model,
+            [tensor],
+            outputs=[client.InferRequestedOutput("logits")],
+            sequence_id=sequence,
+            sequence_start=start,
+            sequence_end=end,
+        )
         return result.as_numpy("logits")
 
     def sequence(index: int) -> list[float]:
@@ -85,15 +99,23 @@ def run_cell(server, protocol: str, model: str, vocab: int, context: int, concur
         latencies = [s for f in futures for s in f.result()]
         wall = time.perf_counter() - start
     ms = np.array(latencies) * 1e3
-    return {"context": context, "concurrency": concurrency, "tokens_per_sequence": tokens,
-            "tokens_per_s": concurrency * tokens / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "wall_s": wall}
+    return {
+        "context": context,
+        "concurrency": concurrency,
+        "tokens_per_sequence": tokens,
+        "tokens_per_s": concurrency * tokens / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "wall_s": wall,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bsbr-small")
-    parser.add_argument("--export", type=Path, help="an existing `--streaming` export of MODEL [default: export it now]")
+    parser.add_argument(
+        "--export", type=Path, help="an existing `--streaming` export of MODEL [default: export it now]"
+    )
     parser.add_argument("--triton-env", default=os.environ.get("BSBR_TRITON_ENV", ".venv-triton"))
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--contexts", default="256,512,1024,2048,4096,8192")
@@ -128,29 +150,55 @@ def main() -> None:
             cells, first_id = [], 2
             for context in contexts:
                 for n in concurrency:
-                    cell = run_cell(server, args.protocol, f"{args.model}_streaming_python", vocab, context, n,
-                                    args.tokens, first_id)
+                    cell = run_cell(
+                        server,
+                        args.protocol,
+                        f"{args.model}_streaming_python",
+                        vocab,
+                        context,
+                        n,
+                        args.tokens,
+                        first_id,
+                    )
                     first_id += n
                     cells.append(cell)
-                    print(f"context {context:5d} x {n:2d} sequences: {cell['tokens_per_s']:7.1f} tokens/s, "
-                          f"p50 {cell['p50_ms']:6.2f} ms, p99 {cell['p99_ms']:6.2f} ms", flush=True)
+                    print(
+                        f"context {context:5d} x {n:2d} sequences: {cell['tokens_per_s']:7.1f} tokens/s, "
+                        f"p50 {cell['p50_ms']:6.2f} ms, p99 {cell['p99_ms']:6.2f} ms",
+                        flush=True,
+                    )
             healthy = server.healthy()
             start_seconds = server.start_seconds
 
-    result = {"model": args.model, "protocol": args.protocol, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-              "platform": platform.platform(), "versions": versions(), "note": args.note,
-              "server_start_s": start_seconds, "healthy_after": healthy, "cells": cells}
+    result = {
+        "model": args.model,
+        "protocol": args.protocol,
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "versions": versions(),
+        "note": args.note,
+        "server_start_s": start_seconds,
+        "healthy_after": healthy,
+        "cells": cells,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out / f"serve_load_{args.model}.json") as path:
         path.write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"# Triton serving load: {args.model}_streaming_python ({args.protocol}, one model instance)", "",
+        f"# Triton serving load: {args.model}_streaming_python ({args.protocol}, one model instance)",
+        "",
         f"CPU: {result['cpu']} x{result['cpu_count']}; {result['platform']}. Server ready in {start_seconds:.2f} s; "
         f"healthy after the run: {healthy}. {args.tokens} timed one-token requests per sequence after a "
-        "prefill of `context` tokens.", *(["", f"Note: {args.note}"] if args.note else []), "",
-        "| context | sequences | tokens/s | p50 ms/token | p99 ms/token |", "|---|---|---|---|---|",
-        *(f"| {c['context']} | {c['concurrency']} | {c['tokens_per_s']:.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} |"
-          for c in cells),
+        "prefill of `context` tokens.",
+        *(["", f"Note: {args.note}"] if args.note else []),
+        "",
+        "| context | sequences | tokens/s | p50 ms/token | p99 ms/token |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {c['context']} | {c['concurrency']} | {c['tokens_per_s']:.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} |"
+            for c in cells
+        ),
     ]
     with atomic_write(args.out / f"serve_load_{args.model}.md") as path:
         path.write_text("\n".join(lines) + "\n")

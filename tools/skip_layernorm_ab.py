@@ -46,17 +46,26 @@ def fuse_skip_layer_norm(model, fold_bias: bool) -> int:
         residual, skip = add.input
         bias = []
         bias_add = producer[skip]
-        if (fold_bias and bias_add.op_type == "Add" and len(consumers[skip]) == 1
-                and bias_add.input[1] in constants and len(constants[bias_add.input[1]].dims) == 1):
+        if (
+            fold_bias
+            and bias_add.op_type == "Add"
+            and len(consumers[skip]) == 1
+            and bias_add.input[1] in constants
+            and len(constants[bias_add.input[1]].dims) == 1
+        ):
             skip, bias = bias_add.input[0], [bias_add.input[1]]
             dropped.add(id(bias_add))
         epsilon = next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-5)
         # The residual stream goes on to the next block: the sum is the 4th output.
         keep_sum = add.output[0] in outputs or len(consumers[add.output[0]]) > 1
         replaced[id(norm)] = helper.make_node(
-            "SkipLayerNormalization", [residual, skip, *norm.input[1:3], *bias],
+            "SkipLayerNormalization",
+            [residual, skip, *norm.input[1:3], *bias],
             [norm.output[0], "", "", add.output[0]] if keep_sum else [norm.output[0]],
-            name=f"{norm.name}_skip", domain="com.microsoft", epsilon=epsilon)
+            name=f"{norm.name}_skip",
+            domain="com.microsoft",
+            epsilon=epsilon,
+        )
         dropped.add(id(add))
     # Each fused node takes its LayerNorm's place, after everything the Adds it absorbed read.
     nodes = [replaced.get(id(n), n) for n in graph.node if id(n) not in dropped]
@@ -78,7 +87,7 @@ def max_abs_difference(a: Path, b: Path, vocab: int, lengths: list[int]) -> floa
     for length in (n + 7 for n in lengths):
         rng = np.random.default_rng(length)
         mask = np.ones((2, length), dtype=np.int64)
-        mask[1, length - 5:] = 0
+        mask[1, length - 5 :] = 0
         feeds = {"input_ids": rng.integers(0, vocab, (2, length)), "attention_mask": mask}
         got, want = second.run(None, feeds)[0], first.run(None, feeds)[0]
         worst = max(worst, float(np.abs(got - want)[mask.astype(bool)].max()))
@@ -123,20 +132,40 @@ def main() -> None:
                 times[name][timing["length"]].append(timing["p50_ms"])
     machine = machine_info()
     median = {name: {n: statistics.median(ts) for n, ts in by.items()} for name, by in times.items()}
-    record = {"model": args.model, "machine": machine, "rounds": args.rounds, "fused_nodes": fused,
-              "max_abs_vs_exported": parity, "p50_ms_per_round": times, "median_of_rounds_ms": median}
+    record = {
+        "model": args.model,
+        "machine": machine,
+        "rounds": args.rounds,
+        "fused_nodes": fused,
+        "max_abs_vs_exported": parity,
+        "p50_ms_per_round": times,
+        "median_of_rounds_ms": median,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"skip_layernorm_ab_{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
     head = " | ".join(f"L={n} ms (rounds)" for n in lengths)
-    rows = [f"| {name} | {fused.get(name, 0)} | {parity[name]:.1e} | " + " | ".join(
-        f"{median[name][n]:.1f} ({', '.join(f'{t:.1f}' for t in times[name][n])}) x{median['exported'][n] / median[name][n]:.2f}"
-        for n in lengths) + " |" for name in files]
-    lines = [f"# SkipLayerNormalization rewrite vs the exported graph: {args.model}", "",
-             f"Machine: **{machine['processor']}** x{machine['cpu_count']} ({', '.join(machine['cpu_features'])}), "
-             f"{machine['platform']}; onnxruntime {machine['versions'].get('onnxruntime', '?')}. Batch 1, 2 threads, "
-             f"ORT_ENABLE_ALL; each file in its own process, alternating, {args.rounds} rounds; median of the rounds' "
-             "p50 and, after x, speed-up vs the exported graph.", "",
-             f"| graph | fused | max abs vs exported | {head} |", "|---|---|---|" + "---|" * len(lengths), *rows]
+    rows = [
+        f"| {name} | {fused.get(name, 0)} | {parity[name]:.1e} | "
+        + " | ".join(
+            f"{median[name][n]:.1f} ({', '.join(f'{t:.1f}' for t in times[name][n])}) "
+            f"x{median['exported'][n] / median[name][n]:.2f}"
+            for n in lengths
+        )
+        + " |"
+        for name in files
+    ]
+    lines = [
+        f"# SkipLayerNormalization rewrite vs the exported graph: {args.model}",
+        "",
+        f"Machine: **{machine['processor']}** x{machine['cpu_count']} ({', '.join(machine['cpu_features'])}), "
+        f"{machine['platform']}; onnxruntime {machine['versions'].get('onnxruntime', '?')}. Batch 1, 2 threads, "
+        f"ORT_ENABLE_ALL; each file in its own process, alternating, {args.rounds} rounds; median of the rounds' "
+        "p50 and, after x, speed-up vs the exported graph.",
+        "",
+        f"| graph | fused | max abs vs exported | {head} |",
+        "|---|---|---|" + "---|" * len(lengths),
+        *rows,
+    ]
     (args.out / f"skip_layernorm_ab_{args.model}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

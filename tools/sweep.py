@@ -77,11 +77,15 @@ def matmul_graph(path: Path, hidden: int) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((hidden, 4 * hidden), dtype=np.float32), "w")
+    weight = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((hidden, 4 * hidden), dtype=np.float32), "w"
+    )
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "matmul",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["L", hidden])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["L", 4 * hidden])], [weight],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["L", 4 * hidden])],
+        [weight],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10), str(path))
 
@@ -95,12 +99,15 @@ def _child_time_onnx(path: str, lengths: list[int], hidden: int | None, vocab: i
 
     runner = OnnxRunner(path, threads=threads, spinning=True)  # alone in this child process
     if hidden:
+
         def call(feeds):
             x = np.ones((feeds["input_ids"].shape[1], hidden), dtype=np.float32)
             return runner.session.run(None, {"x": x})
     else:
+
         def call(feeds):
             return runner.session.run(None, {n: feeds[n] for n in runner.input_names})
+
     base = peak_rss_mib()
     timings = time_lengths(call, lambda n: random_feeds(vocab, 1, n), lengths, warmup=1, min_iters=3, budget_s=1.0)
     print(json.dumps({"load_rss_mib": base, "timings": [t.__dict__ for t in timings]}))
@@ -108,9 +115,22 @@ def _child_time_onnx(path: str, lengths: list[int], hidden: int | None, vocab: i
 
 def time_onnx(path: Path, lengths: list[int], vocab: int, hidden: int | None = None, threads: int = 2) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", str(path), "--lengths", ",".join(map(str, lengths)),
-         "--vocab", str(vocab), "--hidden", str(hidden or 0), "--threads", str(threads)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            str(path),
+            "--lengths",
+            ",".join(map(str, lengths)),
+            "--vocab",
+            str(vocab),
+            "--hidden",
+            str(hidden or 0),
+            "--threads",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
     )
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -165,8 +185,12 @@ def main() -> None:
     quant = quantize_int8(export_dir)
 
     print("timing engines", flush=True)
-    engines = {e.engine: e for e in bench_engines(
-        export_dir, ["eager", "ort-cpu-all", "ort-cpu-disabled", "ort-cpu-int8"], LENGTHS, budget_s=2.0)}
+    engines = {
+        e.engine: e
+        for e in bench_engines(
+            export_dir, ["eager", "ort-cpu-all", "ort-cpu-disabled", "ort-cpu-int8"], LENGTHS, budget_s=2.0
+        )
+    }
     print("timing sdpa and matmul", flush=True)
     sdpa = time_onnx(sdpa_path, LENGTHS, config.vocab_size)
     matmul = time_onnx(matmul_path, [4096], config.vocab_size, hidden=config.hidden_size)
@@ -185,15 +209,23 @@ def main() -> None:
     best_ort = {n: min(x for x in (p50("ort-cpu-all", n), p50("ort-cpu-disabled", n)) if x) for n in LENGTHS}
     flops_4096 = model_flops(config, 4096)
     achieved = flops_4096 / (best_ort[4096] / 1e3) / 1e9
-    matmul_gflops = 2 * 4096 * config.hidden_size * 4 * config.hidden_size / (matmul["timings"][0]["p50_ms"] / 1e3) / 1e9
+    matmul_gflops = (
+        2 * 4096 * config.hidden_size * 4 * config.hidden_size / (matmul["timings"][0]["p50_ms"] / 1e3) / 1e9
+    )
     by_context = {d.context: d for d in decode}
     rows = [
         ("ORT / eager latency, L=256", best_ort[256] / p50("eager", 256), "<= 0.50"),
         ("ORT / eager latency, L=4096", best_ort[4096] / p50("eager", 4096), "<= 0.40"),
-        ("SDPA-ORT / BSBR-ORT latency, L=16384",
-         sdpa_at[16384]["p50_ms"] / best_ort[16384] if 16384 in sdpa_at else float("nan"), ">= 15"),
-        ("SDPA-ORT / BSBR-ORT peak RSS, L=16384",
-         sdpa_at[16384]["peak_rss_mib"] / peak("ort-cpu-all", 16384) if 16384 in sdpa_at else float("nan"), ">= 10"),
+        (
+            "SDPA-ORT / BSBR-ORT latency, L=16384",
+            sdpa_at[16384]["p50_ms"] / best_ort[16384] if 16384 in sdpa_at else float("nan"),
+            ">= 15",
+        ),
+        (
+            "SDPA-ORT / BSBR-ORT peak RSS, L=16384",
+            sdpa_at[16384]["peak_rss_mib"] / peak("ort-cpu-all", 16384) if 16384 in sdpa_at else float("nan"),
+            ">= 10",
+        ),
         ("decode per-token 16384 / 256", by_context[16384].step_p50_ms / by_context[256].step_p50_ms, "<= 1.2"),
         ("decode speed-up vs full forward, 4096", by_context[4096].speedup, ">= 50"),
         ("model GFLOP/s / ORT MatMul GFLOP/s, L=4096", achieved / matmul_gflops, ">= 0.85"),
@@ -205,7 +237,9 @@ def main() -> None:
         "batch": 1,
         "threads": 2,
         "lengths": LENGTHS,
-        "engines": {k: {"ok": v.ok, "error": v.error, "timings": [t.__dict__ for t in v.timings]} for k, v in engines.items()},
+        "engines": {
+            k: {"ok": v.ok, "error": v.error, "timings": [t.__dict__ for t in v.timings]} for k, v in engines.items()
+        },
         "sdpa_ort": sdpa,
         "ort_matmul_gflops": matmul_gflops,
         "model_gflops_4096": achieved,
@@ -216,24 +250,41 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"sweep_{args.model}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    lines = [f"# Sweep: {args.model}, batch 1, 2 threads", "",
-             f"Machine: {result['machine']['processor']} x{result['machine']['cpu_count']}, "
-             f"{result['machine']['platform']}; versions {result['machine']['versions']}.", "",
-             "| length | eager ms | ORT all ms | ORT disabled ms | int8 ms | SDPA-ORT ms | eager MiB | ORT MiB | SDPA-ORT MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Sweep: {args.model}, batch 1, 2 threads",
+        "",
+        f"Machine: {result['machine']['processor']} x{result['machine']['cpu_count']}, "
+        f"{result['machine']['platform']}; versions {result['machine']['versions']}.",
+        "",
+        "| length | eager ms | ORT all ms | ORT disabled ms | int8 ms | SDPA-ORT ms | eager MiB | ORT MiB "
+        "| SDPA-ORT MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for n in LENGTHS:
         s = sdpa_at.get(n, {})
-        cells = [p50("eager", n), p50("ort-cpu-all", n), p50("ort-cpu-disabled", n), p50("ort-cpu-int8", n),
-                 s.get("p50_ms"), peak("eager", n), peak("ort-cpu-all", n), s.get("peak_rss_mib")]
+        cells = [
+            p50("eager", n),
+            p50("ort-cpu-all", n),
+            p50("ort-cpu-disabled", n),
+            p50("ort-cpu-int8", n),
+            s.get("p50_ms"),
+            peak("eager", n),
+            peak("ort-cpu-all", n),
+            s.get("peak_rss_mib"),
+        ]
         lines.append(f"| {n} | " + " | ".join(f"{c:.1f}" if c else "-" for c in cells) + " |")
     lines += ["", "| context | decode ms/token | full forward ms | speed-up |", "|---|---|---|---|"]
     lines += [f"| {d.context} | {d.step_p50_ms:.2f} | {d.full_forward_p50_ms:.1f} | {d.speedup:.0f}x |" for d in decode]
-    lines += ["", f"Model: {result['mflop_per_token']:.2f} MFLOP/token; at L=4096 ORT runs it at {achieved:.0f} GFLOP/s; "
-              f"ORT's own MatMul [4096,{config.hidden_size}]x[{config.hidden_size},{4 * config.hidden_size}]: "
-              f"{matmul_gflops:.0f} GFLOP/s (same run).",
-              f"int8 top-1 agreement {result['int8']['top1']:.3f} with fp32 kept for: "
-              f"{', '.join(result['int8']['fp32_modules']) or 'none'}.", "",
-              *target_lines(rows)]
+    lines += [
+        "",
+        f"Model: {result['mflop_per_token']:.2f} MFLOP/token; at L=4096 ORT runs it at {achieved:.0f} GFLOP/s; "
+        f"ORT's own MatMul [4096,{config.hidden_size}]x[{config.hidden_size},{4 * config.hidden_size}]: "
+        f"{matmul_gflops:.0f} GFLOP/s (same run).",
+        f"int8 top-1 agreement {result['int8']['top1']:.3f} with fp32 kept for: "
+        f"{', '.join(result['int8']['fp32_modules']) or 'none'}.",
+        "",
+        *target_lines(rows),
+    ]
     (args.out / f"sweep_{args.model}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -21,8 +21,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-ENGINES = ["eager", "ort-cpu-all", "ort-cpu-optimized", "ort-cpu-int8", "ort-cpu-int8-static", "eager-bf16",
-           "compile-bf16", "openvino-fp32", "openvino-bf16"]
+ENGINES = [
+    "eager",
+    "ort-cpu-all",
+    "ort-cpu-optimized",
+    "ort-cpu-int8",
+    "ort-cpu-int8-static",
+    "eager-bf16",
+    "compile-bf16",
+    "openvino-fp32",
+    "openvino-bf16",
+]
 
 
 def main() -> None:
@@ -57,22 +66,37 @@ def main() -> None:
         print("optimizing", flush=True)
         # int8 and bf16 plans must hold in windows of every length benched: int8 loses most in
         # short windows, bf16 at long positions.
-        done = optimize_export(export_dir, length=1024, static_int8=True, bf16=True, eval_windows=tuple(lengths),
-                               progress=lambda step: print(step, flush=True))
+        done = optimize_export(
+            export_dir,
+            length=1024,
+            static_int8=True,
+            bf16=True,
+            eval_windows=tuple(lengths),
+            progress=lambda step: print(step, flush=True),
+        )
     engines = [e for e in ENGINES if e in available_engines(export_dir)]
     print("benchmarking", engines, flush=True)
-    run = benchmark(export_dir, lengths=lengths, engines=engines, decode_contexts=None, budget_s=args.budget,
-                    progress=lambda step: print(step, flush=True))
+    run = benchmark(
+        export_dir,
+        lengths=lengths,
+        engines=engines,
+        decode_contexts=None,
+        budget_s=args.budget,
+        progress=lambda step: print(step, flush=True),
+    )
     matmul_path = args.work / "matmul.onnx"
     matmul_graph(matmul_path, config.hidden_size)
     matmul = time_onnx(matmul_path, [4096], config.vocab_size, hidden=config.hidden_size)
-    matmul_gflops = 2 * 4096 * config.hidden_size * 4 * config.hidden_size / (matmul["timings"][0]["p50_ms"] / 1e3) / 1e9
+    matmul_gflops = (
+        2 * 4096 * config.hidden_size * 4 * config.hidden_size / (matmul["timings"][0]["p50_ms"] / 1e3) / 1e9
+    )
     report = json.loads((export_dir / "report.json").read_text())
     rows = {r["engine"]: r for r in report["table"]}
 
     def speedup(engine, n):
-        return (rows.get(engine) or {}).get("speedup_vs_eager", {}).get(str(n)) or \
-            (rows.get(engine) or {}).get("speedup_vs_eager", {}).get(n)
+        return (rows.get(engine) or {}).get("speedup_vs_eager", {}).get(str(n)) or (rows.get(engine) or {}).get(
+            "speedup_vs_eager", {}
+        ).get(n)
 
     def change(engine, n):
         by = (rows.get(engine) or {}).get("bits_per_byte_change_by_length") or {}
@@ -92,50 +116,85 @@ def main() -> None:
     bf16 = [e for e in ("openvino-bf16", "eager-bf16", "compile-bf16") if e in rows and rows[e]["status"] != "❌"]
     # The best bf16 artifact: the fastest at 4096 of those within 1% of eager at 4096 and
     # 16384 (the bf16 trap is at long positions); the fastest of all when none is.
-    within = [e for e in bf16 if all((distance(e, n) if distance(e, n) is not None else 1) <= 0.01
-                                     for n in (4096, 16384))]
+    within = [
+        e for e in bf16 if all((distance(e, n) if distance(e, n) is not None else 1) <= 0.01 for n in (4096, 16384))
+    ]
     best_bf16 = min(within or bf16, key=lambda e: p50(e, 4096) or float("inf")) if bf16 else None
-    int8 = [e for e in ("ort-cpu-int8", "ort-cpu-int8-static") if e in rows
-            and (rows[e]["bits_per_byte_change"] or 1) <= 0.01]
+    int8 = [
+        e
+        for e in ("ort-cpu-int8", "ort-cpu-int8-static")
+        if e in rows and (rows[e]["bits_per_byte_change"] or 1) <= 0.01
+    ]
     best_int8 = min(int8, key=lambda e: p50(e, 1024) or p50(e, 4096) or float("inf")) if int8 else None
     choice = run.recommendation or {}
     targets = [
         ("recommended / eager speed-up, L=4096", speedup(choice.get("engine"), 4096), ">= 2.5"),
         ("recommended / eager speed-up, L=256", speedup(choice.get("engine"), 256), ">= 2.0"),
         ("recommended: worst bits-per-byte change", choice.get("bits_per_byte_change"), "<= 0.01"),
-        (f"best bf16 ({best_bf16}, {speedup(best_bf16, 4096)}x at L=4096) bits-per-byte distance from eager, L=4096",
-         distance(best_bf16, 4096), "<= 0.01"),
+        (
+            f"best bf16 ({best_bf16}, {speedup(best_bf16, 4096)}x at L=4096) bits-per-byte distance from eager, L=4096",
+            distance(best_bf16, 4096),
+            "<= 0.01",
+        ),
         (f"best bf16 ({best_bf16}) bits-per-byte distance from eager, L=16384", distance(best_bf16, 16384), "<= 0.01"),
-        (f"int8 ({best_int8}) speed-up vs fp32 ORT, L=4096",
-         (p50("ort-cpu-all", 4096) / p50(best_int8, 4096)) if best_int8 and p50(best_int8, 4096) else None, ">= 1.5"),
+        (
+            f"int8 ({best_int8}) speed-up vs fp32 ORT, L=4096",
+            (p50("ort-cpu-all", 4096) / p50(best_int8, 4096)) if best_int8 and p50(best_int8, 4096) else None,
+            ">= 1.5",
+        ),
         ("fp32 ORT model GFLOP/s / ORT MatMul GFLOP/s, L=4096", model_gflops / matmul_gflops, ">= 0.75"),
     ]
     machine = report["bench"]["machine"]
-    result = {"model": args.model, "machine": machine, "lengths": lengths, "engines": engines,
-              "recommendation": run.recommendation, "ort_matmul_gflops": matmul_gflops,
-              "model_gflops_4096": model_gflops, "bf16_plans": json.loads((export_dir / "bf16.json").read_text()),
-              "int8": [{"method": q.method, "fp32_modules": [q.modules[n] for n in q.fp32_nodes],
-                        "reached": q.reached, "steps": [s.__dict__ for s in q.steps]} for q in done.int8]
-              if done else json.loads((args.out / f"sweep_precision_{args.model}.json").read_text())["int8"],
-              "table": report["table"],
-              "targets": [{"what": w, "measured": m, "target": t} for w, m, t in targets]}
+    result = {
+        "model": args.model,
+        "machine": machine,
+        "lengths": lengths,
+        "engines": engines,
+        "recommendation": run.recommendation,
+        "ort_matmul_gflops": matmul_gflops,
+        "model_gflops_4096": model_gflops,
+        "bf16_plans": json.loads((export_dir / "bf16.json").read_text()),
+        "int8": [
+            {
+                "method": q.method,
+                "fp32_modules": [q.modules[n] for n in q.fp32_nodes],
+                "reached": q.reached,
+                "steps": [s.__dict__ for s in q.steps],
+            }
+            for q in done.int8
+        ]
+        if done
+        else json.loads((args.out / f"sweep_precision_{args.model}.json").read_text())["int8"],
+        "table": report["table"],
+        "targets": [{"what": w, "measured": m, "target": t} for w, m, t in targets],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     previous_path = args.out / f"sweep_precision_{args.model}.json"
     previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
     (args.out / f"sweep_precision_{args.model}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    lines = [f"# Precision sweep: {args.model}, batch 1, 2 threads", "",
-             f"Machine: **{machine['processor']}** x{machine['cpu_count']} ({', '.join(machine['cpu_features'])}), "
-             f"{machine['platform']}.", "",
-             "Each engine in its own process, one run; bits per byte on the held-out slice in windows of each length.",
-             "", (export_dir / "report.md").read_text().split("\n", 2)[2].split("Peak RSS")[0].strip(), "",
-             f"ORT's own fp32 MatMul [4096,{config.hidden_size}]x[{config.hidden_size},{4 * config.hidden_size}]: "
-             f"{matmul_gflops:.0f} GFLOP/s; the model under fp32 ORT at L=4096: {model_gflops:.0f} GFLOP/s (same run).",
-             "", *target_lines(targets)]
+    lines = [
+        f"# Precision sweep: {args.model}, batch 1, 2 threads",
+        "",
+        f"Machine: **{machine['processor']}** x{machine['cpu_count']} ({', '.join(machine['cpu_features'])}), "
+        f"{machine['platform']}.",
+        "",
+        "Each engine in its own process, one run; bits per byte on the held-out slice in windows of each length.",
+        "",
+        (export_dir / "report.md").read_text().split("\n", 2)[2].split("Peak RSS")[0].strip(),
+        "",
+        f"ORT's own fp32 MatMul [4096,{config.hidden_size}]x[{config.hidden_size},{4 * config.hidden_size}]: "
+        f"{matmul_gflops:.0f} GFLOP/s; the model under fp32 ORT at L=4096: {model_gflops:.0f} GFLOP/s (same run).",
+        "",
+        *target_lines(targets),
+    ]
     broken = [n for n, bpb in ((rows.get("eager") or {}).get("bits_per_byte") or {}).items() if bpb > 8]
     if broken:
-        lines += ["", f"Caveat: eager fp32 scores over 8 bits per byte (worse than a uniform guess) at L="
-                  f"{', '.join(map(str, broken))}: the model does not work at those lengths (trained on shorter "
-                  "windows), so the changes measured there compare two broken predictions and prove nothing."]
+        lines += [
+            "",
+            f"Caveat: eager fp32 scores over 8 bits per byte (worse than a uniform guess) at L="
+            f"{', '.join(map(str, broken))}: the model does not work at those lengths (trained on shorter "
+            "windows), so the changes measured there compare two broken predictions and prove nothing.",
+        ]
     if previous:
         lines += ["", *changes_lines(previous, result)]
     (args.out / f"sweep_precision_{args.model}.md").write_text("\n".join(lines) + "\n")
@@ -146,6 +205,7 @@ def changes_lines(previous: dict, current: dict) -> list[str]:
     """What moved since the previous sweep of this model (the file this run replaces):
     the recommendation, the parts each reduced precision keeps in fp32, each engine's worst
     bits-per-byte change and its speed-up at 4096."""
+
     def fp32_parts(sweep: dict) -> dict[str, str]:
         parts = {f"int8 {q['method']}": ", ".join(q["fp32_modules"]) or "none" for q in sweep["int8"]}
         for engine, plan in sweep["bf16_plans"].items():
@@ -161,13 +221,25 @@ def changes_lines(previous: dict, current: dict) -> list[str]:
 
     before, after = fp32_parts(previous), fp32_parts(current)
     old_rows, new_rows = rows(previous), rows(current)
-    lines = ["## Against the previous sweep", "",
-             (f"Previous: {previous['machine']['processor']}, eager bits per byte {eager_bpb(old_rows)}; "
-              f"now: {current['machine']['processor']}, {eager_bpb(new_rows)}."), "",
-             f"Recommendation: {rec(previous)} -> {rec(current)}.", "",
-             "| reduced precision | kept in fp32 before | kept in fp32 now |", "|---|---|---|"]
+    lines = [
+        "## Against the previous sweep",
+        "",
+        (
+            f"Previous: {previous['machine']['processor']}, eager bits per byte {eager_bpb(old_rows)}; "
+            f"now: {current['machine']['processor']}, {eager_bpb(new_rows)}."
+        ),
+        "",
+        f"Recommendation: {rec(previous)} -> {rec(current)}.",
+        "",
+        "| reduced precision | kept in fp32 before | kept in fp32 now |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {before.get(k, '-')} | {after.get(k, '-')} |" for k in sorted(set(before) | set(after))]
-    lines += ["", "| engine | worst bits/byte change before | now | speed-up at 4096 before | now |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| engine | worst bits/byte change before | now | speed-up at 4096 before | now |",
+        "|---|---|---|---|---|",
+    ]
     for engine in [e for e in new_rows if e in old_rows]:
         (wb, ub), (wa, ua) = change_cells(old_rows[engine]), change_cells(new_rows[engine])
         lines.append(f"| {engine} | {wb} | {wa} | {ub} | {ua} |")

@@ -16,19 +16,18 @@ scores to tools/results/. A tool, never part of the tests.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import lzma
 import math
 import os
 import shlex
 import sys
 import time
+import zlib
 from contextlib import nullcontext
 from pathlib import Path
-
-import dataclasses
-import lzma
-import zlib
 
 import numpy as np
 import torch
@@ -51,8 +50,9 @@ from bsbr_export.proof.evaltext import (
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bsbr-stdlib"
-CONFIG = BSBRConfig(vocab_size=BYTE_VOCAB, hidden_size=256, num_layers=4, num_heads=4, chunk_size=64, ff_size=1024,
-                    retrieval="gated")
+CONFIG = BSBRConfig(
+    vocab_size=BYTE_VOCAB, hidden_size=256, num_layers=4, num_heads=4, chunk_size=64, ff_size=1024, retrieval="gated"
+)
 HELDOUT_BYTES = 256 * 1024  # the final held-out score (the presets' recorded slice is the first DEFAULT_EVAL_BYTES)
 SCORED_WINDOWS = (EVAL_WINDOW, 4096, 16384)  # --finish scores the held-out bytes in windows of each
 WEIGHTS, RECORD = "weights.safetensors", "train.json"  # what a run writes into --out
@@ -134,19 +134,35 @@ def window_start(max_position: int, length: int, generator: torch.Generator, fro
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400, help="steps to train (a ceiling when --minutes is set)")
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="train for this long instead: the learning rate decays over the time, not the steps")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="train for this long instead: the learning rate decays over the time, not the steps",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=EVAL_WINDOW, help="training sequence length")
-    parser.add_argument("--max-position", type=int, default=16384,
-                        help="windows start at random chunk-aligned positions below this minus --length "
-                             "(--from-zero of them at 0), so the sinusoid's positions up to it are all trained")
+    parser.add_argument(
+        "--max-position",
+        type=int,
+        default=16384,
+        help="windows start at random chunk-aligned positions below this minus --length "
+        "(--from-zero of them at 0), so the sinusoid's positions up to it are all trained",
+    )
     parser.add_argument("--from-zero", type=float, default=0.25, help="the share of windows that start at 0")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--gate-lr", type=float, default=1e-2,
-                        help="peak learning rate of the gated form's per-head gates (no weight decay)")
-    parser.add_argument("--retrieval", choices=FORMS, default=CONFIG.retrieval,
-                        help="retrieval form: the package's sum or gated, or an ablation arm (none, linear)")
+    parser.add_argument(
+        "--gate-lr",
+        type=float,
+        default=1e-2,
+        help="peak learning rate of the gated form's per-head gates (no weight decay)",
+    )
+    parser.add_argument(
+        "--retrieval",
+        choices=FORMS,
+        default=CONFIG.retrieval,
+        help="retrieval form: the package's sum or gated, or an ablation arm (none, linear)",
+    )
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--embedding-std", type=float, default=0.2, help="std of the embedding's initial weights")
@@ -155,11 +171,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights and optimizer)")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints in --out")
-    parser.add_argument("--out", type=Path, default=None, help="where the run's weights and record go "
-                        "(default: a folder in /tmp)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where the run's weights and record go (default: a folder in /tmp)"
+    )
     parser.add_argument("--no-finish", action="store_true", help="train only; score and ship later with --finish")
-    parser.add_argument("--finish", type=Path, default=None, metavar="RUN",
-                        help="score RUN's weights on this machine and write the preset and results")
+    parser.add_argument(
+        "--finish",
+        type=Path,
+        default=None,
+        metavar="RUN",
+        help="score RUN's weights on this machine and write the preset and results",
+    )
     parser.add_argument("--dry", action="store_true", help="write nothing to models/ (results go to /tmp)")
     return parser.parse_args()
 
@@ -184,8 +206,10 @@ def train(args: argparse.Namespace, run: Path) -> None:
     train_files, heldout_files = stdlib_split()
     corpus = torch.from_numpy(np.frombuffer(read_corpus(train_files), dtype=np.uint8).copy()).to(device)
     curve_text = read_corpus(heldout_files, DEFAULT_EVAL_BYTES)
-    print(f"train {len(train_files)} files {len(corpus) / 1e6:.1f} MB; held out {len(heldout_files)} files; "
-          f"{device}", flush=True)
+    print(
+        f"train {len(train_files)} files {len(corpus) / 1e6:.1f} MB; held out {len(heldout_files)} files; {device}",
+        flush=True,
+    )
 
     model = build_model(args.retrieval).to(device)
     # The sinusoid added to the embedding has norm sqrt(hidden / 2) = 11.3, while a GPT-2
@@ -198,25 +222,51 @@ def train(args: argparse.Namespace, run: Path) -> None:
     # the model's rate barely moves.
     groups = {"decay": [], "rest": [], "gates": []}
     for name, p in model.named_parameters():
-        kind = "gates" if name.endswith("retrieval_gate") else "rest" if p.dim() < 2 or "retrieval_norm" in name \
+        kind = (
+            "gates"
+            if name.endswith("retrieval_gate")
+            else "rest"
+            if p.dim() < 2 or "retrieval_norm" in name
             else "decay"
+        )
         groups[kind].append(p)
-    optimizer = torch.optim.AdamW([{"params": groups["decay"], "weight_decay": 0.1, "peak": args.lr},
-                                   {"params": groups["rest"], "weight_decay": 0.0, "peak": args.lr},
-                                   {"params": groups["gates"], "weight_decay": 0.0, "peak": args.gate_lr}],
-                                  lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": groups["decay"], "weight_decay": 0.1, "peak": args.lr},
+            {"params": groups["rest"], "weight_decay": 0.0, "peak": args.lr},
+            {"params": groups["gates"], "weight_decay": 0.0, "peak": args.gate_lr},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     generator = torch.Generator().manual_seed(args.seed)
     span = torch.arange(args.length + 1, device=device)
     budget = args.minutes * 60 if args.minutes else None
     record = {
-        "model": NAME, "config": model.config.to_dict(), "retrieval": args.retrieval, "command": command_line(),
-        "seed": args.seed, "gate_lr": args.gate_lr,
-        "batch": args.batch, "length": args.length, "max_position": args.max_position, "from_zero": args.from_zero,
-        "lr": args.lr, "warmup": args.warmup, "threads": args.threads, "embedding_std": args.embedding_std,
-        "device": device_name(device), "bf16": args.bf16, "train_bytes": len(corpus),
-        "train_files": len(train_files), "heldout_files": len(heldout_files), "torch": torch.__version__,
-        "machine": machine_info(), "curve": [],
+        "model": NAME,
+        "config": model.config.to_dict(),
+        "retrieval": args.retrieval,
+        "command": command_line(),
+        "seed": args.seed,
+        "gate_lr": args.gate_lr,
+        "batch": args.batch,
+        "length": args.length,
+        "max_position": args.max_position,
+        "from_zero": args.from_zero,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "embedding_std": args.embedding_std,
+        "device": device_name(device),
+        "bf16": args.bf16,
+        "train_bytes": len(corpus),
+        "train_files": len(train_files),
+        "heldout_files": len(heldout_files),
+        "torch": torch.__version__,
+        "machine": machine_info(),
+        "curve": [],
     }
     start = last_checkpoint = time.perf_counter()
     step = 0
@@ -225,8 +275,9 @@ def train(args: argparse.Namespace, run: Path) -> None:
         offsets = torch.randint(0, len(corpus) - args.length - 1, (args.batch,), generator=generator).to(device)
         batch = corpus[offsets[:, None] + span].long()
         with autocast:
-            logits = model.forward_from(batch[:, :-1], window_start(args.max_position, args.length, generator,
-                                                                    args.from_zero))
+            logits = model.forward_from(
+                batch[:, :-1], window_start(args.max_position, args.length, generator, args.from_zero)
+            )
         loss = F.cross_entropy(logits.float().reshape(-1, BYTE_VOCAB), batch[:, 1:].reshape(-1))
         elapsed = time.perf_counter() - start
         progress = elapsed / budget if budget else step / args.steps
@@ -239,17 +290,23 @@ def train(args: argparse.Namespace, run: Path) -> None:
         step += 1
         if step % args.eval_every == 0:
             model.eval()
-            point = {"step": step, "seconds": round(time.perf_counter() - start, 1),
-                     "train_bpb": round(loss.item() / math.log(2), 4),
-                     "heldout_bpb": round(bits_per_byte(logits_fn(model, device), curve_text), 4)}
+            point = {
+                "step": step,
+                "seconds": round(time.perf_counter() - start, 1),
+                "train_bpb": round(loss.item() / math.log(2), 4),
+                "heldout_bpb": round(bits_per_byte(logits_fn(model, device), curve_text), 4),
+            }
             record["curve"].append(point)
             print(json.dumps(point), flush=True)
         if time.perf_counter() - last_checkpoint > args.checkpoint_every:
             checkpoint(model, record, run, step, time.perf_counter() - start)
             last_checkpoint = time.perf_counter()
     checkpoint(model, record, run, step, time.perf_counter() - start)
-    print(f"{step} steps, {step * args.batch * args.length / 1e6:.1f} M bytes in "
-          f"{(time.perf_counter() - start) / 60:.1f} min -> {run}", flush=True)
+    print(
+        f"{step} steps, {step * args.batch * args.length / 1e6:.1f} M bytes in "
+        f"{(time.perf_counter() - start) / 60:.1f} min -> {run}",
+        flush=True,
+    )
 
 
 def checkpoint(model: BSBRModel, record: dict, run: Path, step: int, seconds: float) -> None:
@@ -285,17 +342,32 @@ def finish(run: Path, dry: bool) -> None:
     out_results.mkdir(parents=True, exist_ok=True)
     weights = out_models / f"{NAME}.safetensors"
     weights.write_bytes((run / WEIGHTS).read_bytes())
-    write_preset(out_models / f"{NAME}.toml", model.config, weights.name, record["seed"], slice_bpb,
-                 heldout[:DEFAULT_EVAL_BYTES], record["command"])
-    record.update(heldout_bytes=len(heldout), heldout_bpb=scores[EVAL_WINDOW],
-                  heldout_bpb_by_window={str(k): v for k, v in scores.items()},
-                  compressors_by_window={str(k): v for k, v in compressors.items()}, slice_bytes=DEFAULT_EVAL_BYTES,
-                  slice_bpb=slice_bpb, weights_bytes=weights.stat().st_size, scored_on=machine_info(),
-                  finish_command=command_line())
+    write_preset(
+        out_models / f"{NAME}.toml",
+        model.config,
+        weights.name,
+        record["seed"],
+        slice_bpb,
+        heldout[:DEFAULT_EVAL_BYTES],
+        record["command"],
+    )
+    record.update(
+        heldout_bytes=len(heldout),
+        heldout_bpb=scores[EVAL_WINDOW],
+        heldout_bpb_by_window={str(k): v for k, v in scores.items()},
+        compressors_by_window={str(k): v for k, v in compressors.items()},
+        slice_bytes=DEFAULT_EVAL_BYTES,
+        slice_bpb=slice_bpb,
+        weights_bytes=weights.stat().st_size,
+        scored_on=machine_info(),
+        finish_command=command_line(),
+    )
     (out_results / f"train_{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
     write_report(out_results, record)
-    print(f"held-out bits per byte {scores[EVAL_WINDOW]:.4f} ({len(heldout)} bytes, windows of {EVAL_WINDOW}); "
-          f"weights {weights.stat().st_size / 2**20:.2f} MiB -> {weights}")
+    print(
+        f"held-out bits per byte {scores[EVAL_WINDOW]:.4f} ({len(heldout)} bytes, windows of {EVAL_WINDOW}); "
+        f"weights {weights.stat().st_size / 2**20:.2f} MiB -> {weights}"
+    )
 
 
 def raw_deflate(data: bytes) -> int:
@@ -314,7 +386,7 @@ def compressor_bpb(text: bytes, window: int) -> dict[str, float]:
     """gzip -9 and xz -9e bits per byte of `text`, each window compressed alone (nothing
     learned beforehand), their raw streams without file headers (a model's code lengths
     have none): what the model's scores stand beside."""
-    pieces = [text[i:i + window] for i in range(0, len(text), window)]
+    pieces = [text[i : i + window] for i in range(0, len(text), window)]
     sizes = {"gzip -9": raw_deflate, "xz -9e": raw_xz}
     return {name: round(8 * sum(map(size, pieces)) / len(text), 4) for name, size in sizes.items()}
 
@@ -327,10 +399,15 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else machine_info()["processor"]
 
 
-def write_preset(path: Path, config: BSBRConfig, weights: str, seed: int, slice_bpb: float, slice_text: bytes,
-                 command: str) -> None:
-    config = "\n".join(f"{k} = {json.dumps(v)}" for k, v in config.to_dict().items() if v is not None and k in
-                       ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_size", "ff_size", "retrieval"))
+def write_preset(
+    path: Path, config: BSBRConfig, weights: str, seed: int, slice_bpb: float, slice_text: bytes, command: str
+) -> None:
+    config = "\n".join(
+        f"{k} = {json.dumps(v)}"
+        for k, v in config.to_dict().items()
+        if v is not None
+        and k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "chunk_size", "ff_size", "retrieval")
+    )
     path.write_text(
         f"# {NAME}: trained, not random. Written by `{command}` (tools/results/train_{NAME}.md).\n"
         f'description = "Byte-level BSBR LM trained on CPython\'s stdlib: 4 layers, hidden 256, 4 heads, chunk 64"\n'

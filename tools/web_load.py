@@ -61,21 +61,44 @@ def browser(web: Path, context: int, tokens: int, backend: str, isolated: bool) 
 
     server = page_server(web, 0, isolated=isolated)
     serve_in_thread(server)
-    prompt = np.random.default_rng(context).integers(0, json.loads((web / "web.json").read_text())["vocab_size"],
-                                                     context).tolist()
+    prompt = (
+        np.random.default_rng(context)
+        .integers(0, json.loads((web / "web.json").read_text())["vocab_size"], context)
+        .tolist()
+    )
     try:
-        done = subprocess.run(["node", str(DRIVER), f"http://127.0.0.1:{server.server_address[1]}/",
-                               json.dumps({"prompt": prompt, "tokens": tokens + 1, "backend": backend})],
-                              capture_output=True, text=True, timeout=1200,
-                              env={**os.environ, "BSBR_WEBGPU": "1" if backend == "webgpu" else "0"})
+        done = subprocess.run(
+            [
+                "node",
+                str(DRIVER),
+                f"http://127.0.0.1:{server.server_address[1]}/",
+                json.dumps({"prompt": prompt, "tokens": tokens + 1, "backend": backend}),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            env={**os.environ, "BSBR_WEBGPU": "1" if backend == "webgpu" else "0"},
+        )
     finally:
         server.shutdown()
         server.server_close()
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1:]}
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {key: result.get(key) for key in ("prefill_ms", "token_ms", "tokens_per_s", "backend", "threads", "note",
-                                              "load_ms", "transferred_bytes", "error")}
+    return {
+        key: result.get(key)
+        for key in (
+            "prefill_ms",
+            "token_ms",
+            "tokens_per_s",
+            "backend",
+            "threads",
+            "note",
+            "load_ms",
+            "transferred_bytes",
+            "error",
+        )
+    }
 
 
 def measure(model: str, contexts: list[int], tokens: int) -> dict:
@@ -90,9 +113,23 @@ def measure(model: str, contexts: list[int], tokens: int) -> dict:
         for context in contexts:
             row = {"context": context}
             for threads in (1, 2):
-                child = subprocess.run([sys.executable, __file__, "--native", str(web), "--contexts", str(context),
-                                        "--tokens", str(tokens), "--threads", str(threads)],
-                                       stdout=subprocess.PIPE, text=True, check=True)
+                child = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--native",
+                        str(web),
+                        "--contexts",
+                        str(context),
+                        "--tokens",
+                        str(tokens),
+                        "--threads",
+                        str(threads),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    check=True,
+                )
                 row[f"native_{threads}"] = json.loads(child.stdout.strip().splitlines()[-1])
             row["wasm_1"] = browser(web, context, tokens, "wasm", isolated=False)
             row["wasm_threads"] = browser(web, context, tokens, "wasm", isolated=True)
@@ -104,28 +141,40 @@ def measure(model: str, contexts: list[int], tokens: int) -> dict:
 
 
 def report(results: list[dict], machine: dict, tokens: int) -> str:
-    lines = ["# The web page in headless Chromium beside native onnxruntime", "",
-             f"CPU: {machine['processor']}, {machine['cores']} cores; ORT float32 MatMul {machine['matmul_gflops']:.0f} "
-             "GFLOP/s (2 threads, [4096, 256] x [256, 1024], same run). Chromium "
-             f"{machine['chromium']}, onnxruntime-web 1.31.1; native onnxruntime {machine['onnxruntime']} on the "
-             "page's own opset-18 graphs, called as the page calls them (the row step for a token that leaves its "
-             "chunk open, the decode step for the prompt and chunk-closing tokens). "
-             f"Greedy, {tokens} tokens after a random prompt of `context` tokens; "
-             "ms per token is the median call, prefill the prompt's one call. WebGPU is Chromium's SwiftShader "
-             "adapter (no GPU here: it emulates the GPU on the CPU, so its figures say the page runs there, not how "
-             "fast a GPU is); WebGPU runs the row step, the decode step stays on wasm.", ""]
+    lines = [
+        "# The web page in headless Chromium beside native onnxruntime",
+        "",
+        f"CPU: {machine['processor']}, {machine['cores']} cores; ORT float32 MatMul {machine['matmul_gflops']:.0f} "
+        "GFLOP/s (2 threads, [4096, 256] x [256, 1024], same run). Chromium "
+        f"{machine['chromium']}, onnxruntime-web 1.31.1; native onnxruntime {machine['onnxruntime']} on the "
+        "page's own opset-18 graphs, called as the page calls them (the row step for a token that leaves its "
+        "chunk open, the decode step for the prompt and chunk-closing tokens). "
+        f"Greedy, {tokens} tokens after a random prompt of `context` tokens; "
+        "ms per token is the median call, prefill the prompt's one call. WebGPU is Chromium's SwiftShader "
+        "adapter (no GPU here: it emulates the GPU on the CPU, so its figures say the page runs there, not how "
+        "fast a GPU is); WebGPU runs the row step, the decode step stays on wasm.",
+        "",
+    ]
     fallbacks: set[str] = set()
     for result in results:
-        lines += [f"## {result['model']}", "",
-                  f"web/ holds {result['web_bytes'] / 1e6:.1f} MB (graphs, page, onnxruntime-web's wasm and WebGPU "
-                  "builds).", "",
-                  "| context | engine | ms/token | tokens/s | prefill ms | vs native 1 thread | page load ms | bytes loaded |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {result['model']}",
+            "",
+            f"web/ holds {result['web_bytes'] / 1e6:.1f} MB (graphs, page, onnxruntime-web's wasm and WebGPU builds).",
+            "",
+            "| context | engine | ms/token | tokens/s | prefill ms | vs native 1 thread | page load ms "
+            "| bytes loaded |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for row in result["rows"]:
             base = row["native_1"]["token_ms"]
-            for name, label in (("native_1", "native ORT, 1 thread"), ("native_2", "native ORT, 2 threads"),
-                                ("wasm_1", "Chromium wasm, 1 thread"), ("wasm_threads", "Chromium wasm, threaded"),
-                                ("webgpu", "Chromium WebGPU")):
+            for name, label in (
+                ("native_1", "native ORT, 1 thread"),
+                ("native_2", "native ORT, 2 threads"),
+                ("wasm_1", "Chromium wasm, 1 thread"),
+                ("wasm_threads", "Chromium wasm, threaded"),
+                ("webgpu", "Chromium WebGPU"),
+            ):
                 r = row[name]
                 if r.get("error"):
                     lines.append(f"| {row['context']} | {label} | failed: {r['error']} | | | | | |")
@@ -137,8 +186,10 @@ def report(results: list[dict], machine: dict, tokens: int) -> str:
                     label = f"Chromium wasm, {r.get('threads')} threads"
                 load = f"{r['load_ms']:.0f}" if r.get("load_ms") is not None else ""
                 loaded = f"{r['transferred_bytes'] / 1e6:.1f} MB" if r.get("transferred_bytes") else ""
-                lines.append(f"| {row['context']} | {label} | {r['token_ms']:.2f} | {1e3 / r['token_ms']:.0f} | "
-                             f"{r['prefill_ms']:.1f} | {r['token_ms'] / base:.2f}x | {load} | {loaded} |")
+                lines.append(
+                    f"| {row['context']} | {label} | {r['token_ms']:.2f} | {1e3 / r['token_ms']:.0f} | "
+                    f"{r['prefill_ms']:.1f} | {r['token_ms'] / base:.2f}x | {load} | {loaded} |"
+                )
         lines.append("")
     lines += [f"WebGPU: {note}" for note in sorted(filter(None, fallbacks))]
     return "\n".join(lines) + "\n"
@@ -162,12 +213,17 @@ def main() -> None:
 
     results = [measure(m, [int(c) for c in args.contexts.split(",")], args.tokens) for m in args.models.split(",")]
     chromium = subprocess.run(["chromium", "--version"], capture_output=True, text=True).stdout.split()[1]
-    machine = {"processor": cpu_model(), "cores": os.cpu_count(), "chromium": chromium,
-               "onnxruntime": onnxruntime.__version__,
-               "matmul_gflops": matmul_rate(256, threads=2)}
+    machine = {
+        "processor": cpu_model(),
+        "cores": os.cpu_count(),
+        "chromium": chromium,
+        "onnxruntime": onnxruntime.__version__,
+        "matmul_gflops": matmul_rate(256, threads=2),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "web_load.json").write_text(json.dumps({"machine": machine, "tokens": args.tokens,
-                                                        "results": results}, indent=2))
+    (args.out / "web_load.json").write_text(
+        json.dumps({"machine": machine, "tokens": args.tokens, "results": results}, indent=2)
+    )
     text = report(results, machine, args.tokens)
     (args.out / "web_load.md").write_text(text)
     print(text)

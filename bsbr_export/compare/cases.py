@@ -94,8 +94,15 @@ def default_cases(
     return [*cases, Case(max(batches), max(lengths), masked=True)]
 
 
-def artifact_cases(chunk_size: int, kind: str, settings: dict, *, lengths: list[int] | None = None,
-                   batches: tuple[int, ...] | None = None, long_length: int = DEFAULT_LONG_LENGTH) -> list[Case]:
+def artifact_cases(
+    chunk_size: int,
+    kind: str,
+    settings: dict,
+    *,
+    lengths: list[int] | None = None,
+    batches: tuple[int, ...] | None = None,
+    long_length: int = DEFAULT_LONG_LENGTH,
+) -> list[Case]:
     """The cases of one artifact, from the settings its manifest entry records: its
     static shape alone, or the default cases (`lengths` and `batches` when asked for),
     clamped to its largest batch and length where it has them. Shapes asked for past
@@ -105,8 +112,12 @@ def artifact_cases(chunk_size: int, kind: str, settings: dict, *, lengths: list[
         cases = [Case(*static)]
     else:
         cases = default_cases(chunk_size, kind, long_length, lengths, batches or DEFAULT_BATCHES)
-    return fit_cases(cases, chunk_size, settings.get("max_batch") if batches is None else None,
-                     settings.get("max_length") if lengths is None else None)
+    return fit_cases(
+        cases,
+        chunk_size,
+        settings.get("max_batch") if batches is None else None,
+        settings.get("max_length") if lengths is None else None,
+    )
 
 
 def fit_cases(cases: list[Case], chunk_size: int, max_batch: int | None, max_length: int | None) -> list[Case]:

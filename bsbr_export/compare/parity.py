@@ -75,8 +75,12 @@ class ParityReport:
             "passed": self.passed,
             "max_abs": self.max_abs,
             "cases": [
-                {"case": r.case.label, **dataclasses.asdict(r.case), "passed": r.passed,
-                 "outputs": [dataclasses.asdict(d) for d in r.diffs]}
+                {
+                    "case": r.case.label,
+                    **dataclasses.asdict(r.case),
+                    "passed": r.passed,
+                    "outputs": [dataclasses.asdict(d) for d in r.diffs],
+                }
                 for r in self.results
             ],
         }
@@ -115,8 +119,9 @@ def output_scale(expected: np.ndarray) -> float:
     return max(1.0, float(np.abs(expected).max())) if np.size(expected) else 1.0
 
 
-def compare_outputs(spec: ModelSpec, want: dict[str, np.ndarray], got: dict[str, np.ndarray], valid: np.ndarray | None,
-                    tolerance: float) -> list[OutputDiff]:
+def compare_outputs(
+    spec: ModelSpec, want: dict[str, np.ndarray], got: dict[str, np.ndarray], valid: np.ndarray | None, tolerance: float
+) -> list[OutputDiff]:
     """Every output of the spec: per-position outputs at valid positions only (padding
     is don't-care), pooled outputs whole; top-1 only for outputs marked as logits."""
     diffs = []
@@ -174,6 +179,8 @@ def _rollout(runner: Runner, spec: ModelSpec, ids: np.ndarray, pieces: tuple[int
         outputs.append(out)
         state = advance_state(state, out)
         at += size
-    joined = {o.name: np.concatenate([step[o.name] for step in outputs], axis=1) if o.per_position
-              else outputs[-1][o.name] for o in spec.outputs}
+    joined = {
+        o.name: np.concatenate([step[o.name] for step in outputs], axis=1) if o.per_position else outputs[-1][o.name]
+        for o in spec.outputs
+    }
     return joined, {p.replace("past.", "present.", 1): v for p, v in state.items()}

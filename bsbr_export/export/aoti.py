@@ -50,12 +50,15 @@ def dynamic_program(model, spec=None, kind: str = "full", device: str = "cpu") -
         except (ExportUserError, GuardOnDataDependentSymNode) as exc:  # constraint violations among them
             lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip()]
             detail = next((line for line in lines if line.startswith("Not all values")), lines[0] if lines else "")
-            raise DoesNotGeneralize(f"torch.export of {type(model).__name__} ({kind}) cannot keep its dims dynamic: "
-                                    f"{detail}; {FREEZE_HINT}") from None
+            raise DoesNotGeneralize(
+                f"torch.export of {type(model).__name__} ({kind}) cannot keep its dims dynamic: {detail}; {FREEZE_HINT}"
+            ) from None
     asserts = [n.args[1] for n in program.graph.nodes if n.target is torch.ops.aten._assert_scalar.default]
     if asserts:
-        raise DoesNotGeneralize(f"torch.export of {type(model).__name__} ({kind}) keeps {len(asserts)} runtime "
-                                f"assert(s) on its dims, e.g. {asserts[0]!r}; {FREEZE_HINT}")
+        raise DoesNotGeneralize(
+            f"torch.export of {type(model).__name__} ({kind}) keeps {len(asserts)} runtime "
+            f"assert(s) on its dims, e.g. {asserts[0]!r}; {FREEZE_HINT}"
+        )
     return program
 
 
@@ -72,8 +75,9 @@ def export_aoti(model, path: str | os.PathLike, spec=None, kind: str = "full", d
         with quiet():
             torch._inductor.aoti_compile_and_package(program, package_path=str(staged))
         model.to("cpu")  # the eager reference below runs where every other check does
-        check_generalizes(model, lambda inputs, outputs: AotiRunner(staged, inputs, outputs), kind, spec,
-                          "AOTInductor package")
+        check_generalizes(
+            model, lambda inputs, outputs: AotiRunner(staged, inputs, outputs), kind, spec, "AOTInductor package"
+        )
         os.replace(staged, path)
     return path
 

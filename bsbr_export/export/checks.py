@@ -27,8 +27,10 @@ class DoesNotGeneralize(UserError):
 # The method a module needs for each step kind beyond the full-state streaming step.
 STEP_METHODS = {"decode": "stream_update", "rows": "step_rows"}
 
-FREEZE_HINT = ("`bsbr-export doctor` names the line that freezes it (a Python loop over chunks, math.ceil on a "
-               "size, .item(), a reshape before padding), or build on bsbr_export.nn.BSBRAttention")
+FREEZE_HINT = (
+    "`bsbr-export doctor` names the line that freezes it (a Python loop over chunks, math.ceil on a "
+    "size, .item(), a reshape before padding), or build on bsbr_export.nn.BSBRAttention"
+)
 
 
 def check_kind(model, spec: ModelSpec, kind: str) -> None:
@@ -49,8 +51,9 @@ def check_kind(model, spec: ModelSpec, kind: str) -> None:
         raise UserError("with chunk size 1 every token closes its chunk: there is no row step (it needs c >= 2)")
 
 
-def check_generalizes(model: nn.Module, make_runner: Callable[[list[str], list[str]], Runner], kind: str,
-                      spec: ModelSpec, what: str) -> None:
+def check_generalizes(
+    model: nn.Module, make_runner: Callable[[list[str], list[str]], Runner], kind: str, spec: ModelSpec, what: str
+) -> None:
     """DoesNotGeneralize unless the artifact that `make_runner(input_names, output_names)`
     runs matches eager on every output at lengths, batches and (streamed) states it was
     not exported with; `what` names it in the message ("TorchScript trace")."""
@@ -69,5 +72,6 @@ def check_generalizes(model: nn.Module, make_runner: Callable[[list[str], list[s
     if not report:
         raise DoesNotGeneralize(
             f"the {what} of {type(model).__name__} disagrees with eager: "
-            + "; ".join(report.failures[:3]) + f"; {FREEZE_HINT}"
+            + "; ".join(report.failures[:3])
+            + f"; {FREEZE_HINT}"
         )

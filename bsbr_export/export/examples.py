@@ -32,8 +32,9 @@ def example_new_tokens(chunk_size: int) -> int:
     return 3 * chunk_size + 2 - (chunk_size // 2 + 1)
 
 
-def example_args(model, spec: ModelSpec, kind: str, batch: int = EXAMPLE_BATCH,
-                 length: int | None = None) -> tuple[Tensor, ...]:
+def example_args(
+    model, spec: ModelSpec, kind: str, batch: int = EXAMPLE_BATCH, length: int | None = None
+) -> tuple[Tensor, ...]:
     """The example an artifact kind is exported with (shapes chosen so nothing specializes):
     `length` tokens (default `example_length`), or for a streaming step
     `example_new_tokens` after `example_state`."""
@@ -84,10 +85,12 @@ def dynamic_shapes(graph, axes: dict[str, dict[int, str]], bounds: dict[str, int
     bounds = bounds or {}
 
     def spec(name: str) -> dict[int, torch.export.Dim]:
-        return {axis: dims.setdefault(label, torch.export.Dim(label, max=bounds.get(label)))
-                for axis, label in axes[name].items()}
+        return {
+            axis: dims.setdefault(label, torch.export.Dim(label, max=bounds.get(label)))
+            for axis, label in axes[name].items()
+        }
 
     specs = [spec(name) for name in graph.input_names]
     # The graphs' forward(*inputs) / (tokens, *past) / (tokens, positions, *cache): the
     # varargs after the graph's `positional` arguments are one tuple argument.
-    return [*specs[:graph.positional], tuple(specs[graph.positional:])]
+    return [*specs[: graph.positional], tuple(specs[graph.positional :])]

@@ -84,8 +84,9 @@ def lower(program, limits: dict[str, int]):
     from executorch.exir import to_edge_transform_and_lower  # optional extra
 
     program = program.run_decompositions({torch.ops.aten.layer_norm.default: _layer_norm})
-    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], transform_passes=[_static_views],
-                                       constant_methods=limits)
+    return to_edge_transform_and_lower(
+        program, partitioner=[XnnpackPartitioner()], transform_passes=[_static_views], constant_methods=limits
+    )
 
 
 def bounded_program(model, spec, limits: dict[str, int]):
@@ -95,14 +96,17 @@ def bounded_program(model, spec, limits: dict[str, int]):
     graph = export_graph(model, spec, "full")
     args = example_args(model, spec, "full", min(EXAMPLE_BATCH, limits["max_batch"]), example_length(spec.chunk_size))
     bounds = {"sequence": limits["max_length"], "batch": limits["max_batch"]}
-    axes = {name: {a: label for a, label in dims.items() if bounds[label] > 1}
-            for name, dims in graph_axes(spec, "full").items()}
+    axes = {
+        name: {a: label for a, label in dims.items() if bounds[label] > 1}
+        for name, dims in graph_axes(spec, "full").items()
+    }
     with torch.no_grad():
         return torch.export.export(graph, args, dynamic_shapes=dynamic_shapes(graph, axes, bounds))
 
 
-def export_executorch(model, path: str | os.PathLike, spec=None, max_length: int | None = None,
-                      max_batch: int | None = None) -> Path:
+def export_executorch(
+    model, path: str | os.PathLike, spec=None, max_length: int | None = None, max_batch: int | None = None
+) -> Path:
     """Lower the full forward of `model` (described by `spec`) to an ExecuTorch program
     at `path`, delegated to XNNPACK, that runs every batch up to `max_batch` and every
     length from 1 to `max_length` (both stored in the program; see `runtime.executorch.program_limits`)."""
@@ -131,5 +135,7 @@ def check_limits(spec, max_length: int | None = None, max_batch: int | None = No
     if not all(isinstance(v, int) and v >= 1 for v in limits.values()):
         raise UserError(f"--max-length and --max-batch must be integers >= 1, got {limits}")
     if limits["max_length"] < length:
-        raise UserError(f"--max-length {limits['max_length']} is below the {length} tokens the export traces with "
-                        f"(2c + c/2 at chunk size {spec.chunk_size}): give at least {length}")
+        raise UserError(
+            f"--max-length {limits['max_length']} is below the {length} tokens the export traces with "
+            f"(2c + c/2 at chunk size {spec.chunk_size}): give at least {length}"
+        )

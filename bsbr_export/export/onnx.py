@@ -95,9 +95,14 @@ def export_onnx(
     batch, length = static_shape or (EXAMPLE_BATCH, None)
     args = example_args(model, spec, kind, batch, length)
     axes = graph_axes(spec, kind) if dynamic else {}
-    settings = {"kind": recorded_kind(kind), "dynamic": dynamic,
-                "static_shape": list(static_shape) if static_shape else None, "opset": opset,
-                "example_shape": list(args[0].shape[:2]), "attention_mask": spec.mask is not None and kind == "full"}
+    settings = {
+        "kind": recorded_kind(kind),
+        "dynamic": dynamic,
+        "static_shape": list(static_shape) if static_shape else None,
+        "opset": opset,
+        "example_shape": list(args[0].shape[:2]),
+        "attention_mask": spec.mask is not None and kind == "full",
+    }
     with staging(path) as tmp, quiet():
         program = _torch_onnx_export(model, graph, args, axes, opset)
         if dynamic:
@@ -108,8 +113,9 @@ def export_onnx(
         program.save(staged, external_data=weight_bytes >= TWO_GIB)
         _check_onnx(staged, axes, tmp)
         if dynamic:
-            check_generalizes(model, lambda inputs, outputs: OnnxRunner(staged, inputs, outputs), kind, spec,
-                              "ONNX graph")
+            check_generalizes(
+                model, lambda inputs, outputs: OnnxRunner(staged, inputs, outputs), kind, spec, "ONNX graph"
+            )
         written = sorted(tmp.iterdir(), key=lambda p: p.suffix != ".onnx")
         final = [path.with_name(p.name) for p in written]
         for src, dst in reversed(list(zip(written, final))):  # data first, graph last
@@ -140,9 +146,17 @@ def _torch_onnx_export(model: nn.Module, graph: nn.Module, args: tuple, axes: di
     shapes = dynamic_shapes(graph, axes) if axes else None
     try:
         with torch.no_grad():
-            return torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=shapes, input_names=graph.input_names,
-                                     output_names=graph.output_names, opset_version=opset, optimize=True,
-                                     verbose=False)
+            return torch.onnx.export(
+                graph,
+                args,
+                dynamo=True,
+                dynamic_shapes=shapes,
+                input_names=graph.input_names,
+                output_names=graph.output_names,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
     except torch.onnx.errors.OnnxExporterError as exc:
         cause = str(exc.__cause__ or exc).strip().splitlines()
         raise DoesNotGeneralize(

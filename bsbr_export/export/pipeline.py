@@ -52,9 +52,15 @@ class ArtifactResult:
 
     def to_manifest(self, static_shape: list[int] | None) -> dict:
         """The artifact's entry in manifest.json."""
-        return {"name": self.name, "format": self.format, "kind": recorded_kind(self.kind),
-                "settings": {"static_shape": static_shape, **self.settings}, "files": self.files,
-                "export_seconds": round(self.seconds, 3), "checks": self.parity.to_dict()}
+        return {
+            "name": self.name,
+            "format": self.format,
+            "kind": recorded_kind(self.kind),
+            "settings": {"static_shape": static_shape, **self.settings},
+            "files": self.files,
+            "export_seconds": round(self.seconds, 3),
+            "checks": self.parity.to_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -104,18 +110,31 @@ def export_model(
     check_streaming_formats(formats, streaming)
     check_can_create(Path(out_dir), overwrite)  # before the model is even loaded
     progress("loading model")
-    source = model_ref if isinstance(model_ref, Source) else load_source(
-        model_ref, trust_code=trust_code, weights=weights, spec=spec, chunk_size=chunk_size)
+    source = (
+        model_ref
+        if isinstance(model_ref, Source)
+        else load_source(model_ref, trust_code=trust_code, weights=weights, spec=spec, chunk_size=chunk_size)
+    )
     jobs = plan_jobs(source, formats, streaming, max_length=max_length, max_batch=max_batch, device=device)
-    options = {"static_shape": static_shape, "opset": opset, "max_length": max_length, "max_batch": max_batch,
-               "device": device,
-               "metadata": {"bsbr.model": str(source_label(source))}}
+    options = {
+        "static_shape": static_shape,
+        "opset": opset,
+        "max_length": max_length,
+        "max_batch": max_batch,
+        "device": device,
+        "metadata": {"bsbr.model": str(source_label(source))},
+    }
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         checkpoint = write_source(source, tmp)
-        artifacts = [export_artifact(source, fmt, kind, tmp, options, tolerance, long_length, progress)
-                     for fmt, kind in jobs]
-        settings = {"static_shape": list(static_shape) if static_shape else None, "opset": opset,
-                    "streaming": streaming, "tolerance": tolerance}
+        artifacts = [
+            export_artifact(source, fmt, kind, tmp, options, tolerance, long_length, progress) for fmt, kind in jobs
+        ]
+        settings = {
+            "static_shape": list(static_shape) if static_shape else None,
+            "opset": opset,
+            "streaming": streaming,
+            "tolerance": tolerance,
+        }
         if any(fmt.name == "torchscript-mobile" for fmt in formats):
             settings["optimize_for_mobile"] = _mobile_note()
         manifest = export_manifest(source, checkpoint, settings, artifacts, streaming)
@@ -153,17 +172,27 @@ def plan_jobs(source: Source, formats: list[Format], streaming: bool, **options)
     gives = {kind: callable(getattr(source.module, method, None)) for kind, method in STEP_METHODS.items()}
     for fmt in formats:
         if fmt.needs_streaming and not all(gives.get(kind, True) for kind in fmt.needed_kinds):
-            raise UserError(f"--format {fmt.name} needs the {' and '.join(fmt.needed_kinds)} step, which "
-                            f"{type(source.module).__name__} cannot give: it needs init_state, stream and "
-                            "stream_update (README, \"Your own model\")")
+            raise UserError(
+                f"--format {fmt.name} needs the {' and '.join(fmt.needed_kinds)} step, which "
+                f"{type(source.module).__name__} cannot give: it needs init_state, stream and "
+                'stream_update (README, "Your own model")'
+            )
     jobs = [(fmt, kind) for fmt, kind in export_jobs(formats, streaming) if gives.get(kind, True)]
     for _, kind in jobs:
         check_kind(source.module, source.spec, kind)
     return jobs
 
 
-def export_artifact(source: Source, fmt: Format, kind: str, directory: Path, options: dict, tolerance: float,
-                    long_length: int, progress: Callable[[str], None]) -> ArtifactResult:
+def export_artifact(
+    source: Source,
+    fmt: Format,
+    kind: str,
+    directory: Path,
+    options: dict,
+    tolerance: float,
+    long_length: int,
+    progress: Callable[[str], None],
+) -> ArtifactResult:
     """Write one artifact into `directory` and check it against eager."""
     name = artifact_name(fmt, kind)
     progress(f"exporting {name}")
@@ -175,15 +204,22 @@ def export_artifact(source: Source, fmt: Format, kind: str, directory: Path, opt
     static = options["static_shape"] if "static_shape" in fmt.options else None
     reference = EagerRunner(source.module, source.spec, kind)
     runner = open_artifact(fmt.name, directory / name, reference.input_names, reference.output_names)
-    cases = artifact_cases(source.spec.chunk_size, kind, {"static_shape": static, **settings},
-                           long_length=long_length)
+    cases = artifact_cases(source.spec.chunk_size, kind, {"static_shape": static, **settings}, long_length=long_length)
     parity = check_parity(name, reference, runner, cases, source.spec, tolerance)
-    return ArtifactResult(name, fmt.name, kind, {f.relative_to(directory).as_posix(): file_record(f) for f in files},
-                          seconds, parity, settings)
+    return ArtifactResult(
+        name,
+        fmt.name,
+        kind,
+        {f.relative_to(directory).as_posix(): file_record(f) for f in files},
+        seconds,
+        parity,
+        settings,
+    )
 
 
-def export_manifest(source: Source, checkpoint: list[Path], settings: dict, artifacts: list[ArtifactResult],
-                    streaming: bool) -> dict:
+def export_manifest(
+    source: Source, checkpoint: list[Path], settings: dict, artifacts: list[ArtifactResult], streaming: bool
+) -> dict:
     """manifest.json of an export: model, source, spec, files with their sha256, settings,
     versions, state, and every artifact with its checks."""
     spec = source.spec
@@ -201,8 +237,9 @@ def export_manifest(source: Source, checkpoint: list[Path], settings: dict, arti
         "settings": settings,
         "versions": versions(),
         "state": state_manifest(spec) if streaming else None,
-        "artifacts": [a.to_manifest(static if "static_shape" in FORMATS[a.format].options else None)
-                      for a in artifacts],
+        "artifacts": [
+            a.to_manifest(static if "static_shape" in FORMATS[a.format].options else None) for a in artifacts
+        ],
     }
 
 

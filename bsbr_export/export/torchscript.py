@@ -67,5 +67,10 @@ def export_torchscript(
 def check_trace(model: nn.Module, traced, kind: str, spec: ModelSpec) -> None:
     """Compare the trace with eager at shapes it never saw (a frozen chunk count fails),
     on every output."""
-    check_generalizes(model, lambda inputs, outputs: TorchScriptRunner.from_module(traced, inputs, outputs), kind,
-                      spec, "TorchScript trace")
+    check_generalizes(
+        model,
+        lambda inputs, outputs: TorchScriptRunner.from_module(traced, inputs, outputs),
+        kind,
+        spec,
+        "TorchScript trace",
+    )

@@ -35,8 +35,14 @@ from bsbr_export.runtime.ortweb import ort_web_dist
 # Attention is not in its WebGPU kernels); the graphs spell attention out below it.
 WEB_OPSET = 18
 # The page's two backends: each a bundle and the wasm build it loads.
-RUNTIME_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
-                 "ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
+RUNTIME_FILES = (
+    "ort.wasm.min.mjs",
+    "ort-wasm-simd-threaded.mjs",
+    "ort-wasm-simd-threaded.wasm",
+    "ort.webgpu.min.mjs",
+    "ort-wasm-simd-threaded.asyncify.mjs",
+    "ort-wasm-simd-threaded.asyncify.wasm",
+)
 PAGE = Path(__file__).with_name("webpage")
 PAGE_FILES = ("index.html", "app.js")
 
@@ -44,8 +50,9 @@ PAGE_FILES = ("index.html", "app.js")
 def check_web(spec: ModelSpec) -> None:
     """UserError, before any work, when the page could not run this model."""
     if not any(o.logits for o in spec.outputs):
-        raise UserError(f"--format web generates text: the model must output logits, it outputs "
-                        f"{', '.join(spec.output_names)}")
+        raise UserError(
+            f"--format web generates text: the model must output logits, it outputs {', '.join(spec.output_names)}"
+        )
     ort_web_dist(RUNTIME_FILES + ("ort.node.min.mjs",))
 
 

@@ -37,8 +37,11 @@ def _onnx(model, path, kind, spec, **options):
 
 def _torchscript(mobile: bool):
     def write(model, path, kind, spec):
-        return [torchscript.export_torchscript(model, path, spec=spec, streaming=kind == "streaming", decode=kind == "decode",
-                                   mobile=mobile)]
+        return [
+            torchscript.export_torchscript(
+                model, path, spec=spec, streaming=kind == "streaming", decode=kind == "decode", mobile=mobile
+            )
+        ]
 
     return write
 
@@ -47,10 +50,16 @@ WRITERS: dict[str, Writer] = {
     "onnx": Writer(_onnx),
     "torchscript": Writer(_torchscript(mobile=False)),
     "torchscript-mobile": Writer(_torchscript(mobile=True)),
-    "aoti": Writer(lambda model, path, kind, spec, device=None: [export_aoti(model, path, spec, kind, device)],
-                   check=check_device_option, describe=package_settings),
-    "executorch": Writer(lambda model, path, kind, spec, **limits: [export_executorch(model, path, spec, **limits)],
-                         check=check_limits, describe=program_settings),
+    "aoti": Writer(
+        lambda model, path, kind, spec, device=None: [export_aoti(model, path, spec, kind, device)],
+        check=check_device_option,
+        describe=package_settings,
+    ),
+    "executorch": Writer(
+        lambda model, path, kind, spec, **limits: [export_executorch(model, path, spec, **limits)],
+        check=check_limits,
+        describe=program_settings,
+    ),
     "web": Writer(write_web, check=lambda spec, **options: check_web(spec)),
 }
 
@@ -77,7 +86,11 @@ MOVED = {"export_onnx": onnx, "export_torchscript": torchscript}
 def __getattr__(name: str):
     if name in MOVED:
         module = MOVED[name]
-        warnings.warn(f"bsbr_export.export.writers.{name} moved to {module.__name__}.{name}; the old path goes in "
-                      "the next release", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"bsbr_export.export.writers.{name} moved to {module.__name__}.{name}; the old path goes in "
+            "the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -157,7 +157,9 @@ def retrieve(
     rows = torch.arange(meta_queries.shape[-2], device=meta_queries.device)
     cols = torch.arange(meta_keys.shape[-2], device=meta_queries.device)
     m_out = cols[None, :] <= rows[:, None]  # [rows, n]: this block's chunks 0..a
-    scores = (batched_matmul(meta_queries, meta_keys, transpose_b=True) / math.sqrt(e)).masked_fill(~m_out, float("-inf"))
+    scores = (batched_matmul(meta_queries, meta_keys, transpose_b=True) / math.sqrt(e)).masked_fill(
+        ~m_out, float("-inf")
+    )
     if past_meta_keys is None:
         retrieved = batched_matmul(scores.softmax(dim=-1), states)  # [B, H, n, s]
     else:
@@ -165,8 +167,9 @@ def retrieve(
         weights = torch.cat([past_scores, scores], dim=-1).softmax(dim=-1)
         # Gathered, not sliced: a slice's strides would be reshaped (see batched_matmul).
         past, joined = past_meta_keys.shape[-2], torch.arange(weights.shape[-1], device=weights.device)
-        retrieved = (batched_matmul(weights.index_select(-1, joined[:past]), past_states)
-                     + batched_matmul(weights.index_select(-1, joined[past:]), states))
+        retrieved = batched_matmul(weights.index_select(-1, joined[:past]), past_states) + batched_matmul(
+            weights.index_select(-1, joined[past:]), states
+        )
     if decompress is not None:
         retrieved = retrieved @ decompress.T
     return retrieved.unflatten(-1, (e, e))
@@ -309,8 +312,9 @@ def packed_stream_attention(
 
     new_meta_keys = finished_rows(meta_keys)
     new_states = finished_rows(chunk_states(k, v, compress))
-    following = retrieve(finished_rows(meta_queries), new_meta_keys, new_states, past_meta_keys, past_states,
-                         decompress)  # [B, H, finished, e, e]: S of chunks 1..finished
+    following = retrieve(
+        finished_rows(meta_queries), new_meta_keys, new_states, past_meta_keys, past_states, decompress
+    )  # [B, H, finished, e, e]: S of chunks 1..finished
     per_chunk = torch.cat([first_retrieved.unsqueeze(1), following.transpose(1, 2)], dim=1)  # [B, n, H, e, e]
     output = combine(local, batched_matmul(q, per_chunk.flatten(0, 1)), mix)
     return StreamOutput(output, new_meta_keys, new_states, per_chunk[:, -1])

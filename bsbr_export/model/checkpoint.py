@@ -36,8 +36,10 @@ def check_fits_in_memory(config: BSBRConfig) -> None:
     need = 4 * parameter_count(config)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > total:
-        raise UserError(f"a model with this config needs {need / 2**30:.1f} GiB for its weights, more than this "
-                        f"machine's {total / 2**30:.1f} GiB: check vocab_size, hidden_size, num_layers, ff_size")
+        raise UserError(
+            f"a model with this config needs {need / 2**30:.1f} GiB for its weights, more than this "
+            f"machine's {total / 2**30:.1f} GiB: check vocab_size, hidden_size, num_layers, ff_size"
+        )
 
 
 def build_model(config: BSBRConfig, seed: int = 0) -> BSBRModel:

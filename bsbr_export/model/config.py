@@ -44,9 +44,7 @@ class BSBRConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name} must be a positive integer (got {value!r})")
         if not problems and self.hidden_size % self.num_heads:
-            problems.append(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.compression is not None and (
             not isinstance(self.compression, int) or isinstance(self.compression, bool) or self.compression < 1
         ):
@@ -58,7 +56,9 @@ class BSBRConfig:
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             problems.append(f"layer_norm_eps must be > 0 (got {self.layer_norm_eps!r})")
         if self.retrieval not in RETRIEVAL_FORMS:
-            problems.append(f"retrieval must be one of {', '.join(map(repr, RETRIEVAL_FORMS))} (got {self.retrieval!r})")
+            problems.append(
+                f"retrieval must be one of {', '.join(map(repr, RETRIEVAL_FORMS))} (got {self.retrieval!r})"
+            )
         problems += self._flavor_problems()
         if problems:
             raise UserError("invalid BSBRConfig: " + "; ".join(problems))

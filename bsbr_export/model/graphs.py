@@ -115,13 +115,15 @@ class RowsGraph(nn.Module):
         self.input_names = spec.state.row_input_names(spec.tokens.name)
         self.output_names = [*spec.output_names, *spec.state.row_outputs()]
         cached = self.input_names[2:]
-        self.layers = [sum(1 for n in cached if n.split(".")[1] == layer)
-                       for layer in dict.fromkeys(n.split(".")[1] for n in cached)]
+        self.layers = [
+            sum(1 for n in cached if n.split(".")[1] == layer)
+            for layer in dict.fromkeys(n.split(".")[1] for n in cached)
+        ]
 
     def forward(self, tokens: Tensor, positions: Tensor, *cache: Tensor) -> tuple[Tensor, ...]:
         per_layer, at = [], 0
         for size in self.layers:
-            per_layer.append(tuple(cache[at:at + size]))
+            per_layer.append(tuple(cache[at : at + size]))
             at += size
         out, rows = self.model.step_rows(tokens, positions, per_layer)
         return (*_flat_outputs(out), *pytree.tree_leaves(rows))

@@ -217,8 +217,10 @@ class BSBRAttention(nn.Module):
         """Meta queries r [B*n, H, e] and keys h [B*n, G, e] from each chunk's last token.
         x: [B, n*c, hidden]."""
         last = pack_chunks(x, self.chunk_size)[:, -1]  # [B*n, hidden]
-        return (self.meta_query_proj(last).unflatten(-1, (-1, self.head_dim)),
-                self.meta_key_proj(last).unflatten(-1, (-1, self.head_dim)))
+        return (
+            self.meta_query_proj(last).unflatten(-1, (-1, self.head_dim)),
+            self.meta_key_proj(last).unflatten(-1, (-1, self.head_dim)),
+        )
 
     def attend(self, x: Tensor) -> Tensor:
         """x: [B, n*c, hidden] (whole chunks, starting at position 0) -> [B, n*c, hidden].
@@ -227,8 +229,15 @@ class BSBRAttention(nn.Module):
         that length through its layers calls this, so its graph has no per-layer pad or
         slice."""
         q, k, v = self._qkv(x, 0)  # [B, H|G, n*c, e]
-        o = packed_bsbr_attention(self._packed(q), self._packed(k), self._packed(v), *self._packed_meta(x),
-                                  x.shape[1] // self.chunk_size, *self._compression(), self._mix())
+        o = packed_bsbr_attention(
+            self._packed(q),
+            self._packed(k),
+            self._packed(v),
+            *self._packed_meta(x),
+            x.shape[1] // self.chunk_size,
+            *self._compression(),
+            self._mix(),
+        )
         return unpack_chunks(self.out_proj(o.transpose(1, 2).flatten(-2)), x.shape[0])
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -258,8 +267,9 @@ class BSBRAttention(nn.Module):
         def empty(heads: int, *shape: int) -> Tensor:
             return torch.zeros(batch_size, heads, *shape, device=device, dtype=dtype)
 
-        return LayerState(empty(g, 0, e), empty(g, 0, self.state_size), empty(g, 0, e), empty(g, 0, e),
-                          empty(self.num_heads, e, e))
+        return LayerState(
+            empty(g, 0, e), empty(g, 0, self.state_size), empty(g, 0, e), empty(g, 0, e), empty(self.num_heads, e, e)
+        )
 
     def stream(self, hidden_states: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """Feed the next inputs [B, T, hidden] of every sequence; returns (outputs
@@ -292,9 +302,18 @@ class BSBRAttention(nn.Module):
             return F.pad(y, (0, 0, front, padded - front - y.shape[-2]))
 
         out = packed_stream_attention(
-            self._packed(pad(q, t)), self._packed(pad(k)), self._packed(pad(v)),
-            *self._packed_meta(pad(x, t)), batch, finished,
-            state.retrieved, state.meta_keys, state.chunk_states, *self._compression(), self._mix())
+            self._packed(pad(q, t)),
+            self._packed(pad(k)),
+            self._packed(pad(v)),
+            *self._packed_meta(pad(x, t)),
+            batch,
+            finished,
+            state.retrieved,
+            state.meta_keys,
+            state.chunk_states,
+            *self._compression(),
+            self._mix(),
+        )
         # Gather rather than slice the new tokens' outputs and the unfinished chunk's keys:
         # a slice makes torch.export guard on where it starts and ends.
         o = unpack_chunks(out.output.transpose(1, 2).flatten(-2), batch)  # [B, n*c, hidden]
@@ -309,9 +328,9 @@ class BSBRAttention(nn.Module):
         )
         return self.out_proj(o), update
 
-
-    def step_rows(self, x: Tensor, positions: Tensor, keys: Tensor, values: Tensor,
-                  retrieved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def step_rows(
+        self, x: Tensor, positions: Tensor, keys: Tensor, values: Tensor, retrieved: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """One token for each of B sequences, each at its own position (in-flight batching).
 
         x [B, 1, hidden]; positions [B], the tokens' positions, none the last of its chunk
@@ -349,8 +368,12 @@ def _check_arguments(
 ) -> None:
     """Collect every problem with the layer's arguments and raise one UserError."""
     problems = []
-    for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("chunk_size", chunk_size),
-                        ("num_kv_heads", num_kv_heads)):
+    for name, value in (
+        ("hidden_size", hidden_size),
+        ("num_heads", num_heads),
+        ("chunk_size", chunk_size),
+        ("num_kv_heads", num_kv_heads),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{name} must be a positive integer (got {value!r})")
     if not problems:
@@ -360,9 +383,13 @@ def _check_arguments(
             problems.append(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}")
         if rope_theta is not None and (hidden_size // num_heads) % 2:
             problems.append(f"rope_theta needs an even head dim (hidden_size / num_heads = {hidden_size // num_heads})")
-    if compression is not None and (not isinstance(compression, int) or isinstance(compression, bool) or compression < 1):
+    if compression is not None and (
+        not isinstance(compression, int) or isinstance(compression, bool) or compression < 1
+    ):
         problems.append(f"compression must be a positive integer or None (got {compression!r})")
-    if rope_theta is not None and (isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or rope_theta <= 1):
+    if rope_theta is not None and (
+        isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or rope_theta <= 1
+    ):
         problems.append(f"rope_theta must be a number > 1 or None (got {rope_theta!r})")
     if retrieval not in RETRIEVAL_FORMS:
         problems.append(f"retrieval must be one of {', '.join(map(repr, RETRIEVAL_FORMS))} (got {retrieval!r})")

@@ -45,8 +45,7 @@ def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
         raise UserError(f"input_ids must have shape [batch, length >= 1], got {list(input_ids.shape)}")
     if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
         raise UserError(
-            f"input_ids must be in [0, {vocab_size}), got values in "
-            f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            f"input_ids must be in [0, {vocab_size}), got values in [{int(input_ids.min())}, {int(input_ids.max())}]"
         )
 
 
@@ -72,8 +71,13 @@ class NativeAttention(BSBRAttention):
     called on inputs the model has already padded to whole chunks."""
 
     def __init__(self, config: BSBRConfig) -> None:
-        super().__init__(config.hidden_size, config.num_heads, config.chunk_size, compression=config.compression,
-                         retrieval=config.retrieval)
+        super().__init__(
+            config.hidden_size,
+            config.num_heads,
+            config.chunk_size,
+            compression=config.compression,
+            retrieval=config.retrieval,
+        )
         self.config = config
 
     def forward(self, x: Tensor) -> Tensor:
@@ -197,15 +201,17 @@ class BSBRModel(nn.Module):
             updates.append(update)
         return self._head(x), updates
 
-
-    def step_rows(self, input_ids: Tensor, positions: Tensor,
-                  cache: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    def step_rows(
+        self, input_ids: Tensor, positions: Tensor, cache: list[tuple[Tensor, Tensor, Tensor]]
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """One token for each of B sequences at their own positions, none closing its chunk
         (see `BSBRAttention.step_rows`): input_ids [B, 1], positions [B], per layer the
         rows' (keys, values [B, H, c - 1, e], retrieved [B, H, e, e]). Returns the logits
         [B, 1, vocab] and per layer the tokens' (key, value) [B, H, 1, e] for the cache."""
-        x = self.dropout(self.embedding(input_ids)
-                         + sinusoidal_positions(positions, self.position_freqs, self.config.hidden_size)[:, None])
+        x = self.dropout(
+            self.embedding(input_ids)
+            + sinusoidal_positions(positions, self.position_freqs, self.config.hidden_size)[:, None]
+        )
         rows = []
         for block, layer_cache in zip(self.blocks, cache):
             x, row = block.step_rows(x, positions, layer_cache)

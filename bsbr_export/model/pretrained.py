@@ -33,13 +33,15 @@ INSTALL = 'pip install -c constraints.txt "bsbr-export[hf]" (in a checkout: ".[h
 
 
 def directory_kind(directory: str | Path) -> str:
-    """"checkpoint" (a BSBRConfig config.json) or "pretrained" (a transformers model
+    """ "checkpoint" (a BSBRConfig config.json) or "pretrained" (a transformers model
     directory), decided from the directory's config.json; a UserError when it is neither."""
     directory = Path(directory)
     path = directory / CONFIG_FILE
-    neither = (f"{directory} is neither a bsbr-export checkpoint ({CONFIG_FILE} of a BSBRConfig + model.safetensors) "
-               f"nor a Hugging Face model directory ({CONFIG_FILE} with architectures or auto_map, as save_pretrained "
-               "writes)")
+    neither = (
+        f"{directory} is neither a bsbr-export checkpoint ({CONFIG_FILE} of a BSBRConfig + model.safetensors) "
+        f"nor a Hugging Face model directory ({CONFIG_FILE} with architectures or auto_map, as save_pretrained "
+        "writes)"
+    )
     if not path.is_file():
         raise UserError(f"{neither}: it has no {CONFIG_FILE}")
     config = read_json(path)
@@ -76,15 +78,18 @@ def load_pretrained(directory: str | Path, trust_code: bool) -> nn.Module:
     directory = Path(directory)
     config = read_json(directory / CONFIG_FILE)
     if "auto_map" in config and not trust_code:
-        raise UserError(f"{directory} ships its own model code ({', '.join(config['auto_map'].values())}): loading "
-                        "it imports and runs that code; pass --trust-code if you trust it (like trust_remote_code)")
+        raise UserError(
+            f"{directory} ships its own model code ({', '.join(config['auto_map'].values())}): loading "
+            "it imports and runs that code; pass --trust-code if you trust it (like trust_remote_code)"
+        )
     transformers = _transformers()
     import torch  # float32 by name only; torch is loaded by now
 
     loader = getattr(transformers, auto_class(config))
     try:
-        model = loader.from_pretrained(directory, trust_remote_code=trust_code, local_files_only=True,
-                                       dtype=torch.float32)
+        model = loader.from_pretrained(
+            directory, trust_remote_code=trust_code, local_files_only=True, dtype=torch.float32
+        )
     except (OSError, ValueError, KeyError) as exc:  # transformers' own errors for a directory it cannot read
         raise UserError(f"transformers cannot load {directory}: {str(exc).splitlines()[0]}") from None
     return model.eval()
@@ -94,8 +99,11 @@ def pretrained_record(directory: str | Path) -> dict:
     """What the manifest keeps of a model directory beside its path: the dtype its weights
     were saved in, its end-of-text id (where generation stops), the transformers version."""
     config = read_json(Path(directory) / CONFIG_FILE)
-    return {"saved_dtype": config.get("dtype") or config.get("torch_dtype"),
-            "eos_token_id": config.get("eos_token_id"), "transformers": _transformers().__version__}
+    return {
+        "saved_dtype": config.get("dtype") or config.get("torch_dtype"),
+        "eos_token_id": config.get("eos_token_id"),
+        "transformers": _transformers().__version__,
+    }
 
 
 def tokenizer_files(directory: str | Path, trust_code: bool) -> dict[str, bytes]:
@@ -114,11 +122,14 @@ def tokenizer_files(directory: str | Path, trust_code: bool) -> dict[str, bytes]
         raise UserError(f"{directory}'s tokenizer ships its own code: pass --trust-code if you trust it")
     transformers = _transformers()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_code,
-                                                               local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            directory, trust_remote_code=trust_code, local_files_only=True
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:  # transformers' errors for files it cannot read
         raise UserError(f"transformers cannot load the tokenizer in {directory}: {str(exc).splitlines()[0]}") from None
     if not tokenizer.is_fast:
-        raise UserError(f"the tokenizer in {directory} ({type(tokenizer).__name__}) has no tokenizer.json form; "
-                        "save it with a fast tokenizer (tokenizer.save_pretrained) to carry it into the export")
+        raise UserError(
+            f"the tokenizer in {directory} ({type(tokenizer).__name__}) has no tokenizer.json form; "
+            "save it with a fast tokenizer (tokenizer.save_pretrained) to carry it into the export"
+        )
     return {TOKENIZER_FILE: tokenizer.backend_tokenizer.to_str().encode()}

@@ -106,10 +106,14 @@ def output_leaves(outputs) -> tuple[list[str], list[Tensor]]:
     elif isinstance(outputs, (tuple, list)):
         items = [(f"output_{i}", v) for i, v in enumerate(outputs)]
     else:
-        raise UserError(f"the forward returns {type(outputs).__name__}: export needs a tensor, or a tuple/dict of tensors")
+        raise UserError(
+            f"the forward returns {type(outputs).__name__}: export needs a tensor, or a tuple/dict of tensors"
+        )
     bad = [str(k) for k, v in items if not isinstance(v, Tensor)]
     if bad or not items:
-        raise UserError(f"outputs {', '.join(bad) or '(none)'} are not tensors: export needs a tensor, or a tuple/dict of tensors")
+        raise UserError(
+            f"outputs {', '.join(bad) or '(none)'} are not tensors: export needs a tensor, or a tuple/dict of tensors"
+        )
     return [str(k) for k, _ in items], [v for _, v in items]
 
 
@@ -136,7 +140,9 @@ def check_signature(module: nn.Module, spec: ModelSpec) -> None:
         )
 
 
-def infer_outputs(module: nn.Module, inputs: tuple[InputSpec, ...], chunk_size: int, names=None) -> tuple[OutputSpec, ...]:
+def infer_outputs(
+    module: nn.Module, inputs: tuple[InputSpec, ...], chunk_size: int, names=None
+) -> tuple[OutputSpec, ...]:
     """Run the module at two lengths: outputs whose axis 1 follows the length are per
     position; a per-position output as wide as the token vocabulary holds logits."""
     probe = ModelSpec(inputs, (OutputSpec("probe"),), chunk_size)
@@ -262,13 +268,20 @@ def _appended(module: nn.Module, spec: ModelSpec, tokens: InputSpec, inputs: dic
         _, updates = module.stream_update(example_inputs(spec, batch, 1)[tokens.name], state)
     leaves = pytree.tree_leaves(updates)
     if len(leaves) != len(inputs):
-        raise UserError(f"{type(module).__name__}.stream_update returns {len(leaves)} tensors for a state of "
-                        f"{len(inputs)}: it must return one per state entry")
-    appended = {name: dims.index("past_chunks") for (name, dims), leaf in zip(inputs.items(), leaves)
-                if "past_chunks" in dims and leaf.shape[dims.index("past_chunks")] == 0}
+        raise UserError(
+            f"{type(module).__name__}.stream_update returns {len(leaves)} tensors for a state of "
+            f"{len(inputs)}: it must return one per state entry"
+        )
+    appended = {
+        name: dims.index("past_chunks")
+        for (name, dims), leaf in zip(inputs.items(), leaves)
+        if "past_chunks" in dims and leaf.shape[dims.index("past_chunks")] == 0
+    }
     if len(set(appended.values())) > 1:
-        raise UserError(f"{type(module).__name__}'s appended state entries grow along different axes: "
-                        f"{appended}; the decode protocol appends along one")
+        raise UserError(
+            f"{type(module).__name__}'s appended state entries grow along different axes: "
+            f"{appended}; the decode protocol appends along one"
+        )
     return {"appended": tuple(appended), "append_axis": next(iter(appended.values()), 2)}
 
 
@@ -281,13 +294,21 @@ APPENDED_FIELDS = ("meta_keys", "chunk_states")  # finished chunks: a decode ste
 
 def config_spec(config) -> ModelSpec:
     """The spec of a model built from a `BSBRConfig` (either flavor)."""
-    inputs = (InputSpec("input_ids", "token_ids", high=config.vocab_size),
-              InputSpec("attention_mask", "padding_mask", optional=True))
+    inputs = (
+        InputSpec("input_ids", "token_ids", high=config.vocab_size),
+        InputSpec("attention_mask", "padding_mask", optional=True),
+    )
     output = OutputSpec("logits", logits=True) if config.lm_head else OutputSpec("hidden_states")
     if not config.causal:
-        return ModelSpec(inputs, (output,), config.chunk_size, causal=False, block_path="layers",
-                         num_blocks=config.num_layers,
-                         note=NOT_CAUSAL + "; the masked validation case compares artifact and eager on the same padded batch")
+        return ModelSpec(
+            inputs,
+            (output,),
+            config.chunk_size,
+            causal=False,
+            block_path="layers",
+            num_blocks=config.num_layers,
+            note=NOT_CAUSAL + "; the masked validation case compares artifact and eager on the same padded batch",
+        )
     h, e = config.num_heads, config.head_dim
     shapes = {
         "meta_keys": ["batch", h, "past_chunks", e],

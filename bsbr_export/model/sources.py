@@ -46,8 +46,9 @@ class Source:
         return getattr(self.module, "config", None) if self.record["kind"] in ("preset", "checkpoint") else None
 
 
-def from_module(module: nn.Module, spec: ModelSpec | None = None, *, ref: str | None = None,
-                chunk_size: int | None = None) -> Source:
+def from_module(
+    module: nn.Module, spec: ModelSpec | None = None, *, ref: str | None = None, chunk_size: int | None = None
+) -> Source:
     """A user's module (in memory, or built from `ref`): upstream layers swapped, spec computed."""
     if not isinstance(module, nn.Module):
         raise UserError(f"expected a torch.nn.Module, got {type(module).__name__}")
@@ -69,8 +70,10 @@ def from_module(module: nn.Module, spec: ModelSpec | None = None, *, ref: str | 
 def _blocks(module: nn.Module) -> dict:
     """The first `nn.ModuleList` of blocks holding attention: where a failure is localized."""
     for name, sub in module.named_modules():
-        if isinstance(sub, nn.ModuleList) and len(sub) and any(
-            "Attention" in type(m).__name__ for m in sub[0].modules()
+        if (
+            isinstance(sub, nn.ModuleList)
+            and len(sub)
+            and any("Attention" in type(m).__name__ for m in sub[0].modules())
         ):
             return {"block_path": name, "num_blocks": len(sub)}
     return {}
@@ -81,7 +84,9 @@ def check_weights_finite(module: nn.Module) -> None:
     would otherwise just report `nan`."""
     broken = nonfinite_tensors(dict(module.named_parameters()))
     if broken:
-        raise UserError(f"weights {few_names(broken)} hold NaN or infinite values: the model cannot be checked or exported")
+        raise UserError(
+            f"weights {few_names(broken)} hold NaN or infinite values: the model cannot be checked or exported"
+        )
 
 
 def load_source(
@@ -105,12 +110,16 @@ def load_source(
         return from_module(module, spec, ref=ref, chunk_size=chunk_size)
     if Path(model_ref).is_dir() and directory_kind(model_ref) == "pretrained":
         if weights is not None:
-            raise UserError("--weights applies to a module reference (file.py:factory): a Hugging Face model "
-                            "directory holds its own weights")
+            raise UserError(
+                "--weights applies to a module reference (file.py:factory): a Hugging Face model "
+                "directory holds its own weights"
+            )
         return from_pretrained(model_ref, trust_code, spec, chunk_size)
     if weights is not None or spec is not None:
-        raise UserError("--weights and --spec apply to a module reference (file.py:factory) or a Hugging Face "
-                        "model directory, not to a preset or checkpoint directory")
+        raise UserError(
+            "--weights and --spec apply to a module reference (file.py:factory) or a Hugging Face "
+            "model directory, not to a preset or checkpoint directory"
+        )
     model = load_model(model_ref)
     if Path(model_ref).is_dir():
         return Source(model, spec_for(model), {"kind": "checkpoint", "ref": str(model_ref)})
@@ -118,8 +127,9 @@ def load_source(
     return Source(model, spec, {"kind": "preset", "ref": str(model_ref)})
 
 
-def from_pretrained(directory: str | os.PathLike, trust_code: bool, spec: ModelSpec | None = None,
-                    chunk_size: int | None = None) -> Source:
+def from_pretrained(
+    directory: str | os.PathLike, trust_code: bool, spec: ModelSpec | None = None, chunk_size: int | None = None
+) -> Source:
     """A transformers model directory: the module transformers loads, its spec (text in
     and out through the directory's tokenizer.json when it has one), its tokenizer files."""
     directory = Path(directory).resolve()  # validate and bench may run from another directory
@@ -143,8 +153,9 @@ def load_module(model_ref: str, *, trust_code: bool = False) -> nn.Module:
 def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
     """Load a state dict file (safetensors, or a pickle with weights_only) into `module`;
     one UserError listing every key or shape that does not fit, or every NaN weight."""
-    apply_state_dict(module, load_state_dict(path), f"weights {Path(path).name}",
-                     mismatch=f"do not fit {type(module).__name__}")
+    apply_state_dict(
+        module, load_state_dict(path), f"weights {Path(path).name}", mismatch=f"do not fit {type(module).__name__}"
+    )
 
 
 def write_source(source: Source, directory: Path) -> list[Path]:
@@ -180,5 +191,7 @@ def rebuild(directory: Path, manifest: dict, *, trust_code: bool = False, module
     try:
         load_safetensors(source.module, str(directory / WEIGHTS_FILE))
     except (RuntimeError, OSError) as exc:
-        raise UserError(f"the weights in {directory} do not fit the rebuilt module: {str(exc).splitlines()[0]}") from None
+        raise UserError(
+            f"the weights in {directory} do not fit the rebuilt module: {str(exc).splitlines()[0]}"
+        ) from None
     return Source(source.module.eval(), spec or source.spec, record, source.swapped)

@@ -43,7 +43,9 @@ class InputSpec:
         if self.values == "token_ids" and not (isinstance(self.high, int) and self.high >= 1):
             raise UserError(f"input {self.name!r} holds token ids: give its vocabulary size as high >= 1")
         if tuple(self.axes[:2]) != ("batch", "sequence") or not all(isinstance(a, int) for a in self.axes[2:]):
-            raise UserError(f"input {self.name!r}: axes must start with batch, sequence and then fixed sizes, got {list(self.axes)}")
+            raise UserError(
+                f"input {self.name!r}: axes must start with batch, sequence and then fixed sizes, got {list(self.axes)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -84,26 +86,39 @@ class StateSpec:
     def cache_inputs(self, chunk_size: int) -> dict[str, list]:
         """A row step's per-row caches (`step_rows`): the entries a step does not append,
         named `cache.*`, the current chunk's rows (`past_tokens`) as `c - 1` slots."""
-        return {name.replace("past.", "cache.", 1): [chunk_size - 1 if d == "past_tokens" else d for d in shape]
-                for name, shape in self.inputs.items() if name not in self.appended}
+        return {
+            name.replace("past.", "cache.", 1): [chunk_size - 1 if d == "past_tokens" else d for d in shape]
+            for name, shape in self.inputs.items()
+            if name not in self.appended
+        }
 
     def row_outputs(self) -> dict[str, list]:
         """A row step's outputs besides the model's: each row's new entry (`row.*`, one
         slot) of the caches that hold the current chunk's rows."""
-        return {name.replace("past.", "row.", 1): [1 if d == "past_tokens" else d for d in shape]
-                for name, shape in self.inputs.items() if name not in self.appended and "past_tokens" in shape}
+        return {
+            name.replace("past.", "row.", 1): [1 if d == "past_tokens" else d for d in shape]
+            for name, shape in self.inputs.items()
+            if name not in self.appended and "past_tokens" in shape
+        }
 
     def row_input_names(self, tokens: str) -> list[str]:
         """A row step's inputs: one token per row, the rows' positions, their caches."""
-        return [tokens, ROW_POSITIONS, *(n.replace("past.", "cache.", 1) for n in self.inputs if n not in self.appended)]
+        return [
+            tokens,
+            ROW_POSITIONS,
+            *(n.replace("past.", "cache.", 1) for n in self.inputs if n not in self.appended),
+        ]
 
     def update_axes(self) -> dict[str, dict[int, str]]:
         """Dynamic axes of a decode step's state outputs."""
         axes = {}
         for name, shape in self.inputs.items():
             out = name.replace("past.", "new.", 1) if name in self.appended else present_name(name)
-            axes[out] = {i: ("new_chunks" if name in self.appended and i == self.append_axis else _present_axis(d))
-                         for i, d in enumerate(shape) if isinstance(d, str)}
+            axes[out] = {
+                i: ("new_chunks" if name in self.appended and i == self.append_axis else _present_axis(d))
+                for i, d in enumerate(shape)
+                if isinstance(d, str)
+            }
         return axes
 
 
@@ -166,13 +181,13 @@ class ModelSpec:
         try:
             state = data.get("state")
             return cls(
-                inputs=tuple(InputSpec(**{**i, "axes": tuple(i.get("axes", ("batch", "sequence")))})
-                             for i in data["inputs"]),
+                inputs=tuple(
+                    InputSpec(**{**i, "axes": tuple(i.get("axes", ("batch", "sequence")))}) for i in data["inputs"]
+                ),
                 outputs=tuple(OutputSpec(**o) for o in data["outputs"]),
                 chunk_size=data["chunk_size"],
                 state=StateSpec(**{**state, "appended": tuple(state.get("appended", ()))}) if state else None,
-                **{k: data[k] for k in ("causal", "note", "block_path", "num_blocks", "tokenizer")
-                   if k in data},
+                **{k: data[k] for k in ("causal", "note", "block_path", "num_blocks", "tokenizer") if k in data},
             )
         except (KeyError, TypeError) as exc:
             raise UserError(f"not a model spec: {exc}") from None
@@ -222,8 +237,10 @@ def row_inputs(spec: ModelSpec, positions: list[int], seed: int = 0) -> dict[str
     token per row below the vocabulary, and caches drawn at the scale of real states."""
     rng = np.random.default_rng(seed)
     batch = len(positions)
-    out = {spec.tokens.name: rng.integers(0, spec.tokens.high, (batch, 1), dtype=np.int64),
-           ROW_POSITIONS: np.asarray(positions, dtype=np.int64)}
+    out = {
+        spec.tokens.name: rng.integers(0, spec.tokens.high, (batch, 1), dtype=np.int64),
+        ROW_POSITIONS: np.asarray(positions, dtype=np.int64),
+    }
     for name, shape in spec.state.cache_inputs(spec.chunk_size).items():
         out[name] = rng.standard_normal([batch if d == "batch" else d for d in shape]).astype(np.float32)
     return out

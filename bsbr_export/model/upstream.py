@@ -213,8 +213,7 @@ class UpstreamBSBRModel(nn.Module):
             check_input_ids(input_ids, self.config.vocab_size)
             if attention_mask is not None and attention_mask.shape != input_ids.shape:
                 raise UserError(
-                    f"attention_mask shape {list(attention_mask.shape)} != input_ids shape "
-                    f"{list(input_ids.shape)}"
+                    f"attention_mask shape {list(attention_mask.shape)} != input_ids shape {list(input_ids.shape)}"
                 )
             rows = self.pos_encoding.rows
             if input_ids.shape[1] > rows:
@@ -346,9 +345,16 @@ def _attention_config(attention: nn.Module, **extra) -> BSBRConfig:
     """A bsbr-0.1.1 config for one of the package's `BSBRAttention` modules."""
     compress = getattr(attention, "compress_proj", None)
     return BSBRConfig(
-        vocab_size=1, hidden_size=attention.hidden_dim, num_layers=1, num_heads=attention.num_heads,
-        chunk_size=attention.chunk_size, compression=compress.out_features if compress is not None else None,
-        lm_head=False, dropout=0.0, flavor=FLAVOR, **extra,
+        vocab_size=1,
+        hidden_size=attention.hidden_dim,
+        num_layers=1,
+        num_heads=attention.num_heads,
+        chunk_size=attention.chunk_size,
+        compression=compress.out_features if compress is not None else None,
+        lm_head=False,
+        dropout=0.0,
+        flavor=FLAVOR,
+        **extra,
     )
 
 
@@ -361,8 +367,9 @@ def _twin(original: nn.Module) -> nn.Module | None:
         twin = UpstreamAttention(_attention_config(original))
     elif isinstance(original, bsbr.BSBRLayer):
         attention = original.attention
-        twin = UpstreamLayer(_attention_config(attention, ff_size=original.ff[0].out_features,
-                                               layer_norm_eps=original.layer_norm1.eps))
+        twin = UpstreamLayer(
+            _attention_config(attention, ff_size=original.ff[0].out_features, layer_norm_eps=original.layer_norm1.eps)
+        )
     else:
         return None
     twin.load_state_dict(original.state_dict())
@@ -383,8 +390,10 @@ def _check_twin(name: str, original: nn.Module, twin: nn.Module) -> float:
             worst = max(worst, float((want - got).abs().max()))
     scale = 1e-4 * max(1.0, float(want.abs().max()))
     if not worst <= scale:
-        raise UserError(f"the chunk-wise twin of {name} ({type(original).__name__}) differs from it by {worst:.2e}: "
-                        "not swapped; please report this")
+        raise UserError(
+            f"the chunk-wise twin of {name} ({type(original).__name__}) differs from it by {worst:.2e}: "
+            "not swapped; please report this"
+        )
     return worst
 
 
@@ -408,8 +417,14 @@ def swap_upstream_layers(module: nn.Module) -> list[dict]:
                 continue
             max_abs = _check_twin(qualified, child, twin)
             setattr(parent, child_name, twin)
-            swapped.append({"module": qualified, "from": f"bsbr.{type(child).__name__}",
-                            "to": f"bsbr_export.model.upstream.{type(twin).__name__}", "max_abs": max_abs})
+            swapped.append(
+                {
+                    "module": qualified,
+                    "from": f"bsbr.{type(child).__name__}",
+                    "to": f"bsbr_export.model.upstream.{type(twin).__name__}",
+                    "max_abs": max_abs,
+                }
+            )
 
     walk(module, "")
     return swapped

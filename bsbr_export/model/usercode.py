@@ -42,8 +42,9 @@ def load_factory(ref: str, trust_code: bool) -> Callable[[], object]:
     exist, or when the attribute is not callable.
     """
     if not trust_code:
-        raise UserError(f"loading {ref!r} imports and runs its code: pass --trust-code if you trust it "
-                        "(like trust_remote_code)")
+        raise UserError(
+            f"loading {ref!r} imports and runs its code: pass --trust-code if you trust it (like trust_remote_code)"
+        )
     target, _, name = ref.rpartition(":")  # rpartition: a Windows path keeps its drive colon
     if not target or not name.isidentifier():
         raise UserError(f"module reference {ref!r} is not {FORM}")

@@ -63,8 +63,14 @@ def state_dict_problems(state: dict[str, Tensor], expected: dict[str, tuple[int,
     listed = [
         ("missing", sorted(set(expected) - set(state), key=_natural)),
         ("unexpected", sorted(set(state) - set(expected), key=_natural)),
-        ("wrong shapes", [f"{k} {list(state[k].shape)} != {list(expected[k])}" for k in shared
-                          if tuple(state[k].shape) != tuple(expected[k])]),
+        (
+            "wrong shapes",
+            [
+                f"{k} {list(state[k].shape)} != {list(expected[k])}"
+                for k in shared
+                if tuple(state[k].shape) != tuple(expected[k])
+            ],
+        ),
         ("not floating point", [k for k in shared if not state[k].is_floating_point()]),
     ]
     return [f"{label} {few_names(items)}" for label, items in listed if items]
@@ -73,12 +79,14 @@ def state_dict_problems(state: dict[str, Tensor], expected: dict[str, tuple[int,
 def nonfinite_tensors(state: dict[str, Tensor]) -> list[str]:
     """Names of the floating-point tensors holding NaN or inf, in natural order: such
     weights make every output NaN, and every later check say "different"."""
-    return sorted((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())),
-                  key=_natural)
+    return sorted(
+        (k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), key=_natural
+    )
 
 
-def apply_state_dict(model: torch.nn.Module, state: dict[str, Tensor], source: str,
-                     mismatch: str = "does not match its config") -> None:
+def apply_state_dict(
+    model: torch.nn.Module, state: dict[str, Tensor], source: str, mismatch: str = "does not match its config"
+) -> None:
     """Copy `state` into `model`, or raise one UserError listing every mismatch
     (`{source} {mismatch}: ...`) or every non-finite weight."""
     problems = state_dict_problems(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
@@ -86,8 +94,10 @@ def apply_state_dict(model: torch.nn.Module, state: dict[str, Tensor], source: s
         raise UserError(f"{source} {mismatch}: " + "; ".join(problems))
     broken = nonfinite_tensors(state)
     if broken:
-        raise UserError(f"{source} holds NaN or infinite weights in {few_names(broken)}: the checkpoint is broken; "
-                        "re-save it from a healthy model")
+        raise UserError(
+            f"{source} holds NaN or infinite weights in {few_names(broken)}: the checkpoint is broken; "
+            "re-save it from a healthy model"
+        )
     model.load_state_dict(state)
 
 

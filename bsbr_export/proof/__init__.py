@@ -1,1 +1,2 @@
-"""Proving artifacts against the eager model: runners, parity, localization, doctor, optimization levels and reduced precision judged by loss, benchmarks and reports."""
+"""Proving artifacts against the eager model: runners, parity, localization, doctor, optimization
+levels and reduced precision judged by loss, benchmarks and reports."""

@@ -165,7 +165,12 @@ def spread(times: list[float]) -> float:
 
 
 def time_lengths(
-    call, feeds_at, lengths: list[int], batch: int = 1, warmup: int = WARMUP, min_iters: int = MIN_ITERS,
+    call,
+    feeds_at,
+    lengths: list[int],
+    batch: int = 1,
+    warmup: int = WARMUP,
+    min_iters: int = MIN_ITERS,
     budget_s: float = 1.0,
 ) -> list[Timing]:
     """Time `call(feeds_at(length))` at each length, shortest first: warm-up, then at least
@@ -204,8 +209,16 @@ def time_lengths(
 
 
 def run_engine(
-    engine: str, export_dir: Path, lengths: list[int], batch: int, warmup: int, min_iters: int,
-    budget_s: float, threads: int, trust_code: bool = False, eval_text: str | None = None,
+    engine: str,
+    export_dir: Path,
+    lengths: list[int],
+    batch: int,
+    warmup: int,
+    min_iters: int,
+    budget_s: float,
+    threads: int,
+    trust_code: bool = False,
+    eval_text: str | None = None,
 ) -> EngineResult:
     """Time one engine in this process (use `bench_engines` for isolated processes);
     a byte-level LM is also scored on `eval_text` (a path; default the held-out text)."""
@@ -221,14 +234,24 @@ def run_engine(
     bpb = None
     if scores_text(spec) and spec.outputs[0].logits:
         text = read_eval_text(eval_text)
-        bpb = {n: bits_per_byte(lambda ids: first_output(runner, text_feeds(spec, ids)), text, window=n, batch=1)
-               for n in lengths}
+        bpb = {
+            n: bits_per_byte(lambda ids: first_output(runner, text_feeds(spec, ids)), text, window=n, batch=1)
+            for n in lengths
+        }
     # Parity last, so loading the eager reference never shows in the memory figures.
     feeds = spec_feeds(spec, batch, min(lengths))
     want = first_output(open_engine("eager", export_dir, trust_code=trust_code), feeds)
     diff = compare(spec.output_names[0], want, first_output(runner, feeds), 0.0, top1=True)
-    return EngineResult(engine, True, tuple(timings), load_rss_mib=load_rss, max_abs=diff.max_abs, top1=diff.top1,
-                        logit_scale=output_scale(want), bits_per_byte=bpb)
+    return EngineResult(
+        engine,
+        True,
+        tuple(timings),
+        load_rss_mib=load_rss,
+        max_abs=diff.max_abs,
+        top1=diff.top1,
+        logit_scale=output_scale(want),
+        bits_per_byte=bpb,
+    )
 
 
 def first_output(runner: Runner, feeds: dict) -> np.ndarray:
@@ -260,7 +283,8 @@ def model_flops(config, length: int, batch: int = 1) -> float:
     per_layer = (
         2 * 2 * padded * c * e * heads  # within-chunk q k^T and a v
         + 2 * padded * e * e * heads  # chunk states K^T V
-        + 2 * n * n * e * heads + 2 * n * n * config.state_size * heads  # retrieval scores, mix
+        + 2 * n * n * e * heads
+        + 2 * n * n * config.state_size * heads  # retrieval scores, mix
         + 2 * padded * e * e * heads  # q S
     )
     if config.compression is not None:
@@ -290,9 +314,24 @@ def bench_engines(
     for engine in engines:
         progress(f"benchmarking {engine}")
         command = [
-            sys.executable, "-m", "bsbr_export.proof.bench", "--worker", engine, str(export_dir),
-            "--lengths", ",".join(map(str, lengths)), "--batch", str(batch), "--warmup", str(warmup),
-            "--min-iters", str(min_iters), "--budget", str(budget_s), "--threads", str(threads),
+            sys.executable,
+            "-m",
+            "bsbr_export.proof.bench",
+            "--worker",
+            engine,
+            str(export_dir),
+            "--lengths",
+            ",".join(map(str, lengths)),
+            "--batch",
+            str(batch),
+            "--warmup",
+            str(warmup),
+            "--min-iters",
+            str(min_iters),
+            "--budget",
+            str(budget_s),
+            "--threads",
+            str(threads),
             *(["--trust-code"] if trust_code else []),
             *(["--eval-text", str(eval_text)] if eval_text is not None else []),
         ]
@@ -313,7 +352,11 @@ def bench_engines(
 
 
 def decode_latency(
-    export_dir: str | os.PathLike, contexts: list[int], *, steps: int | None = None, threads: int = 2,
+    export_dir: str | os.PathLike,
+    contexts: list[int],
+    *,
+    steps: int | None = None,
+    threads: int = 2,
     progress=lambda step: None,
 ) -> list[DecodeResult]:
     """Per-token latency of streaming decode at each context length, against re-running
@@ -325,8 +368,9 @@ def decode_latency(
     closings (and their appends) are among the timed steps.
     """
     export_dir = Path(export_dir)
-    graph = next((export_dir / n for n in ("model.decode.onnx", "model.streaming.onnx") if (export_dir / n).is_file()),
-                 None)
+    graph = next(
+        (export_dir / n for n in ("model.decode.onnx", "model.streaming.onnx") if (export_dir / n).is_file()), None
+    )
     if graph is None:
         raise UserError(f"{export_dir} has no streaming graph: export with --streaming")
     spec = manifest_spec(export_dir)
@@ -359,8 +403,9 @@ def decode_latency(
     for context in sorted(contexts):
         times = step_times[context]
         full_ms = median_ms(full.infer, text_feeds(spec, sequences[context][:, : context + 1]))
-        results.append(DecodeResult(context, statistics.median(times), times[int(0.9 * (len(times) - 1))], full_ms,
-                                    graph.name))
+        results.append(
+            DecodeResult(context, statistics.median(times), times[int(0.9 * (len(times) - 1))], full_ms, graph.name)
+        )
     return results
 
 
@@ -389,8 +434,16 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--eval-text", default=None)
     args = parser.parse_args(argv)
     result = run_engine(
-        args.worker, args.export_dir, [int(x) for x in args.lengths.split(",")], args.batch, args.warmup,
-        args.min_iters, args.budget, args.threads, args.trust_code, args.eval_text,
+        args.worker,
+        args.export_dir,
+        [int(x) for x in args.lengths.split(",")],
+        args.batch,
+        args.warmup,
+        args.min_iters,
+        args.budget,
+        args.threads,
+        args.trust_code,
+        args.eval_text,
     )
     data = asdict(result)
     for key in ("engine", "ok", "error"):

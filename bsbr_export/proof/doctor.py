@@ -39,18 +39,34 @@ DIM_NAMES = ("batch", "sequence")  # what dims 0 and 1 of every input are export
 BATCHES = (1, 2, 3, 8)  # sizes a guard is checked at
 # Ordered: the first pattern that matches the line's code picks the advice.
 ADVICE = (
-    (r"math\.ceil|\bceil\(", "math.ceil(L / c) is float math frozen at export: use integer ceil-division "
-     "on the tensor size, (L + c - 1) // c"),
-    (r"\brange\(|^\s*for\b", "no Python loop over chunks (it is unrolled for the example's chunk count): "
-     "compute every chunk at once on a [.., n, c, e] view (bsbr_export.model.attention.to_chunks)"),
-    (r"\.item\(\)|\.tolist\(\)|\bint\(|\bbool\(", "no .item() or int()/bool() of a tensor: it reads a "
-     "value into Python at export; keep it a tensor"),
-    (r"^\s*(el)?if\b|^\s*while\b|\bif\b.*\belse\b", "a Python branch on a size is taken once, at export: make "
-     "the code the same at every length (pad unconditionally: F.pad by 0 costs nothing)"),
-    (r"\.(view|reshape|unflatten)\(", "pad to whole chunks before reshaping into chunks "
-     "(bsbr_export.model.attention.pad_to_chunks), with the chunk count from integer division on the size"),
+    (
+        r"math\.ceil|\bceil\(",
+        "math.ceil(L / c) is float math frozen at export: use integer ceil-division "
+        "on the tensor size, (L + c - 1) // c",
+    ),
+    (
+        r"\brange\(|^\s*for\b",
+        "no Python loop over chunks (it is unrolled for the example's chunk count): "
+        "compute every chunk at once on a [.., n, c, e] view (bsbr_export.model.attention.to_chunks)",
+    ),
+    (
+        r"\.item\(\)|\.tolist\(\)|\bint\(|\bbool\(",
+        "no .item() or int()/bool() of a tensor: it reads a value into Python at export; keep it a tensor",
+    ),
+    (
+        r"^\s*(el)?if\b|^\s*while\b|\bif\b.*\belse\b",
+        "a Python branch on a size is taken once, at export: make "
+        "the code the same at every length (pad unconditionally: F.pad by 0 costs nothing)",
+    ),
+    (
+        r"\.(view|reshape|unflatten)\(",
+        "pad to whole chunks before reshaping into chunks "
+        "(bsbr_export.model.attention.pad_to_chunks), with the chunk count from integer division on the size",
+    ),
 )
-DEFAULT_ADVICE = "this line's size arithmetic holds only near the example's shape: derive sizes from tensor shapes with integer ops"
+DEFAULT_ADVICE = (
+    "this line's size arithmetic holds only near the example's shape: derive sizes from tensor shapes with integer ops"
+)
 FALLBACK = "or use bsbr_export.nn.BSBRAttention, which exports cleanly with a dynamic batch and sequence"
 
 
@@ -66,7 +82,10 @@ class Finding:
     advice: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.code}\n    guard: {self.guard}  (false at {self.fails_at})\n    fix: {self.advice}"
+        return (
+            f"{self.file}:{self.line}: {self.code}\n    guard: {self.guard}  (false at {self.fails_at})\n"
+            f"    fix: {self.advice}"
+        )
 
 
 @dataclass(frozen=True)
@@ -104,8 +123,9 @@ def diagnose(module: nn.Module, inputs: tuple[Tensor, ...] | None = None) -> Doc
     module = module.eval()
     inputs = example_inputs(module) if inputs is None else inputs
     dims = tuple(dict(enumerate(Dim(name) for name in DIM_NAMES)) for _ in inputs)
-    described = tuple(f"{_input_name(i, t)} {str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
-                      for i, t in enumerate(inputs))
+    described = tuple(
+        f"{_input_name(i, t)} {str(t.dtype).removeprefix('torch.')} {list(t.shape)}" for i, t in enumerate(inputs)
+    )
     try:
         torch.export.export(module, inputs, dynamic_shapes=dims)
         return DoctorReport(type(module).__name__, described, ())
@@ -134,8 +154,10 @@ def example_inputs(module: nn.Module) -> tuple[Tensor, ...]:
             return (torch.randint(0, m.num_embeddings, (2, length), generator=generator),)
         if isinstance(m, nn.Linear):
             return (torch.randn(2, length, m.in_features, generator=generator, dtype=m.weight.dtype),)
-    raise UserError(f"{type(module).__name__} has no nn.Embedding or nn.Linear to size an example input from: "
-                    "doctor needs a module that takes input_ids or [batch, length, hidden] states")
+    raise UserError(
+        f"{type(module).__name__} has no nn.Embedding or nn.Linear to size an example input from: "
+        "doctor needs a module that takes input_ids or [batch, length, hidden] states"
+    )
 
 
 def _input_name(index: int, tensor: Tensor) -> str:
@@ -163,8 +185,9 @@ def _locate(module: nn.Module, inputs: tuple[Tensor, ...], chunk: int | None) ->
                 continue  # true at every size checked: harmless
             guard, fails_at = _rename(str(expr), names), fails
         code = (linecache.getline(frame.filename, frame.lineno) or frame.line or "").strip()
-        findings[frame.filename, frame.lineno] = Finding(frame.filename, frame.lineno, code, guard, fails_at,
-                                                         _advice(code))
+        findings[frame.filename, frame.lineno] = Finding(
+            frame.filename, frame.lineno, code, guard, fails_at, _advice(code)
+        )
     return list(findings.values())
 
 
@@ -206,7 +229,9 @@ def _lengths_to_check(chunk: int | None, example: int) -> list[int]:
     if chunk is None:
         return sorted({*range(1, 17), 31, 32, 33, 64, 100, 1000, example})
     c = chunk
-    return sorted({n for n in (1, 2, c - 1, c, c + 1, 2 * c, 2 * c + 1, 3 * c + 1, 5 * c + 3, 8 * c, example) if n >= 1})
+    return sorted(
+        {n for n in (1, 2, c - 1, c, c + 1, 2 * c, 2 * c + 1, 3 * c + 1, 5 * c + 3, 8 * c, example) if n >= 1}
+    )
 
 
 def _failing_sizes(expr: sympy.Basic, names: dict, lengths: list[int]) -> str:

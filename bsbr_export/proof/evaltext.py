@@ -102,12 +102,13 @@ def windows(text: bytes, window: int = EVAL_WINDOW) -> list[np.ndarray]:
     """The text as rows of `window` consecutive bytes (int64 token ids); a shorter tail
     is its own row, so every byte after the first of a row is scored."""
     ids = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
-    rows = [ids[i:i + window] for i in range(0, len(ids), window)]
+    rows = [ids[i : i + window] for i in range(0, len(ids), window)]
     return [r for r in rows if len(r) > 1]
 
 
-def byte_bits(logits_of: Callable[[np.ndarray], np.ndarray], text: bytes, window: int = EVAL_WINDOW,
-              batch: int = 4) -> np.ndarray:
+def byte_bits(
+    logits_of: Callable[[np.ndarray], np.ndarray], text: bytes, window: int = EVAL_WINDOW, batch: int = 4
+) -> np.ndarray:
     """-log2 p of each byte of `text` under a byte-level model (`logits_of(ids [B, L]) ->
     logits [B, L, 256]`) reading it in windows of `window`: [len(text)], NaN where a
     byte starts its window (nothing before it predicts it)."""
@@ -118,26 +119,28 @@ def byte_bits(logits_of: Callable[[np.ndarray], np.ndarray], text: bytes, window
         by_length.setdefault(len(row), []).append((index * window, row))
     for group in by_length.values():
         for i in range(0, len(group), batch):
-            offsets, rows = zip(*group[i:i + batch])
+            offsets, rows = zip(*group[i : i + batch])
             ids = np.stack(rows)
             logits = np.asarray(logits_of(ids), dtype=np.float64)[:, :-1]
             logits = logits - logits.max(-1, keepdims=True)
             log_z = np.log(np.exp(logits).sum(-1))
             target = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
             for offset, row_bits in zip(offsets, (log_z - target) / math.log(2)):
-                bits[offset + 1:offset + 1 + len(row_bits)] = row_bits
+                bits[offset + 1 : offset + 1 + len(row_bits)] = row_bits
     return bits
 
 
-def bits_per_byte(logits_of: Callable[[np.ndarray], np.ndarray], text: bytes, window: int = EVAL_WINDOW,
-                  batch: int = 4) -> float:
+def bits_per_byte(
+    logits_of: Callable[[np.ndarray], np.ndarray], text: bytes, window: int = EVAL_WINDOW, batch: int = 4
+) -> float:
     """Bits per byte of `text` under a byte-level model: the mean of `byte_bits` over the
     bytes it scores."""
     return float(np.nanmean(byte_bits(logits_of, text, window, batch)))
 
 
-def bits_per_byte_by_window(logits_of: Callable[[np.ndarray], np.ndarray], text: bytes,
-                            windows_: tuple[int, ...]) -> dict[int, float]:
+def bits_per_byte_by_window(
+    logits_of: Callable[[np.ndarray], np.ndarray], text: bytes, windows_: tuple[int, ...]
+) -> dict[int, float]:
     """`bits_per_byte` of `text` in windows of each length in `windows_`."""
     return {n: bits_per_byte(logits_of, text, window=n) for n in windows_}
 
@@ -172,8 +175,11 @@ class TextScore:
 def scores_text(spec) -> bool:
     """Whether held-out text can score a model of `spec`: byte tokens in, logits out,
     and no input but the tokens and their padding mask."""
-    return (spec.tokenizer == "bytes" and any(o.logits for o in spec.outputs)
-            and all(i.values in ("token_ids", "padding_mask") for i in spec.inputs))
+    return (
+        spec.tokenizer == "bytes"
+        and any(o.logits for o in spec.outputs)
+        and all(i.values in ("token_ids", "padding_mask") for i in spec.inputs)
+    )
 
 
 def text_feeds(spec, ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -41,7 +41,7 @@ def block_scope(node, block_path: str = "blocks") -> str | None:
     meta = {p.key: p.value for p in node.metadata_props}
     scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
     prefix = f"model.{block_path}."
-    return next((s for s in scopes if s.startswith(prefix) and s[len(prefix):].isdigit()), None)
+    return next((s for s in scopes if s.startswith(prefix) and s[len(prefix) :].isdigit()), None)
 
 
 def block_outputs(model_proto, num_layers: int, block_path: str = "blocks") -> dict[int, str]:
@@ -63,7 +63,9 @@ def block_outputs(model_proto, num_layers: int, block_path: str = "blocks") -> d
     return {i: found[i] for i in range(num_layers) if i in found}
 
 
-def localize(onnx_path: Path, model, spec: ModelSpec, feeds: dict[str, np.ndarray], tolerance: float) -> list[LayerDiff]:
+def localize(
+    onnx_path: Path, model, spec: ModelSpec, feeds: dict[str, np.ndarray], tolerance: float
+) -> list[LayerDiff]:
     """Per-block max abs error of the ONNX graph vs eager on `feeds`, then the first
     output; blocks are named as in the user's module (`spec.block_path`, e.g. `layers.2`)."""
     proto = onnx.load(str(onnx_path))

@@ -113,8 +113,9 @@ def eager_output(export_dir: Path, feeds: dict, trust_code: bool = False) -> np.
     return first_output(open_engine("eager", export_dir, trust_code=trust_code), feeds)
 
 
-def choose_level(export_dir, *, length: int = 1024, tolerance: float = DEFAULT_TOLERANCE, threads: int = 2,
-                 trust_code: bool = False) -> LevelChoice:
+def choose_level(
+    export_dir, *, length: int = 1024, tolerance: float = DEFAULT_TOLERANCE, threads: int = 2, trust_code: bool = False
+) -> LevelChoice:
     """Time model.onnx at every ORT optimization level; save the fastest passing graph
     as model.optimized.onnx (tied to this machine when the level is extended/all). The
     eager reference of a user's module is rebuilt only with `trust_code`."""
@@ -155,8 +156,13 @@ def weight_matmuls(path: Path) -> dict[str, str]:
     return found
 
 
-def _quantize(source: Path, target: Path, include: list[str] | None = None, exclude: list[str] | None = None,
-              calibration: list[dict] | None = None) -> None:
+def _quantize(
+    source: Path,
+    target: Path,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    calibration: list[dict] | None = None,
+) -> None:
     """int8 MatMul weights: dynamic (activations quantized per call) or, with
     `calibration` feeds, static QDQ (activation ranges fixed from those feeds)."""
     # onnxruntime.quantization pulls in onnx's reference ops and sympy: only when quantizing.
@@ -185,24 +191,43 @@ def _quantize(source: Path, target: Path, include: list[str] | None = None, excl
 
     # Weights per output channel (symmetric), activations per tensor: the QDQ layout
     # ORT's CPU provider fuses into its int8 MatMul kernels.
-    quantize_static(str(source), str(target), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, **nodes)
+    quantize_static(
+        str(source),
+        str(target),
+        Feeds(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+        **nodes,
+    )
 
 
 def calibration_feeds(spec, length: int, count: int = 8) -> list[dict]:
     """What static quantization calibrates on: held-out text the scores never read (the
     bytes after the default evaluation slice) for a byte-level LM, else seeded random ids."""
     if scores_text(spec):
-        rows = [r for r in windows(heldout_text(DEFAULT_EVAL_BYTES + count * length)[DEFAULT_EVAL_BYTES:], length)
-                if len(r) == length]
+        rows = [
+            r
+            for r in windows(heldout_text(DEFAULT_EVAL_BYTES + count * length)[DEFAULT_EVAL_BYTES:], length)
+            if len(r) == length
+        ]
         return [text_feeds(spec, r[None]) for r in rows[:count]]
     return [spec_feeds(spec, 1, length, seed=100 + i) for i in range(count)]
 
 
 def quantize_int8(
-    export_dir, *, target_top1: float = 0.97, length: int = 1024, batch: int = 1, threads: int = 2,
-    method: str = "dynamic", text: bytes | None = None, budget: float = DEFAULT_ACCURACY_BUDGET,
-    windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS, trust_code: bool = False,
+    export_dir,
+    *,
+    target_top1: float = 0.97,
+    length: int = 1024,
+    batch: int = 1,
+    threads: int = 2,
+    method: str = "dynamic",
+    text: bytes | None = None,
+    budget: float = DEFAULT_ACCURACY_BUDGET,
+    windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS,
+    trust_code: bool = False,
 ) -> QuantResult:
     """Write model.int8.onnx (dynamic) or model.int8-static.onnx (static QDQ, calibrated
     by `calibration_feeds`): every weight MatMul int8 except the fewest most-sensitive
@@ -222,8 +247,15 @@ def quantize_int8(
         raise UserError(f"unknown quantization {method!r}: use one of {', '.join(QUANT_FILES)}")
     spec = manifest_spec(directory)
     feeds = spec_feeds(spec, batch, length, seed=7)
-    judge = Int8Judge(spec, text if scores_text(spec) else None, windows, budget, target_top1, feeds,
-                      eager_output(directory, feeds, trust_code))
+    judge = Int8Judge(
+        spec,
+        text if scores_text(spec) else None,
+        windows,
+        budget,
+        target_top1,
+        feeds,
+        eager_output(directory, feeds, trust_code),
+    )
     fp32 = _runner(source, threads=threads)
     fp32_ms, fp32_bpb = median_ms(fp32.infer, feeds, repeats=5), judge.set_fp32(fp32)
     calibration = calibration_feeds(spec, min(length, 512)) if method == "static" else None
@@ -244,10 +276,20 @@ def quantize_int8(
                 break
         target = directory / QUANT_FILES[method]
         shutil.move(str(probe), target)
-    return QuantResult(path=target, fp32_nodes=tuple(ranked[:kept]), modules=nodes, sensitivity=sensitivity,
-                       steps=tuple(steps), fp32_p50_ms=fp32_ms, target_top1=target_top1,
-                       reached=judge.accurate(steps[-1]), shape=(batch, length), method=method,
-                       fp32_bits_per_byte=fp32_bpb, budget=budget)
+    return QuantResult(
+        path=target,
+        fp32_nodes=tuple(ranked[:kept]),
+        modules=nodes,
+        sensitivity=sensitivity,
+        steps=tuple(steps),
+        fp32_p50_ms=fp32_ms,
+        target_top1=target_top1,
+        reached=judge.accurate(steps[-1]),
+        shape=(batch, length),
+        method=method,
+        fp32_bits_per_byte=fp32_bpb,
+        budget=budget,
+    )
 
 
 @dataclass
@@ -267,8 +309,9 @@ class Int8Judge:
     def score(self, runner: Runner) -> dict[int, float] | None:
         if self.text is None:
             return None
-        return bits_per_byte_by_window(lambda ids: first_output(runner, text_feeds(self.spec, ids)), self.text,
-                                       self.windows)
+        return bits_per_byte_by_window(
+            lambda ids: first_output(runner, text_feeds(self.spec, ids)), self.text, self.windows
+        )
 
     def set_fp32(self, runner: Runner) -> dict[int, float] | None:
         self.fp32_bpb = self.score(runner)
@@ -285,8 +328,9 @@ class Int8Judge:
     def step(self, kept_fp32: int, runner: Runner) -> QuantStep:
         diff = compare("output", self.want, first_output(runner, self.feeds), 0.0, top1=True)
         bpb = self.score(runner)
-        return QuantStep(kept_fp32, diff.top1, diff.max_abs, median_ms(runner.infer, self.feeds, repeats=5), bpb,
-                         self.change(bpb))
+        return QuantStep(
+            kept_fp32, diff.top1, diff.max_abs, median_ms(runner.infer, self.feeds, repeats=5), bpb, self.change(bpb)
+        )
 
     def accurate(self, step: QuantStep) -> bool:
         return step.change <= self.budget if step.change is not None else step.top1 >= self.target_top1
@@ -330,14 +374,20 @@ def convert_fp16(export_dir) -> tuple[Path, list[str]]:
         for name in node.input:
             readers.setdefault(name, set()).add(node.name)
     fp32 = set(kept)
-    internal = {out for node in model.graph.node if node.name in fp32 for out in node.output
-                if readers.get(out) and readers[out] <= fp32}
+    internal = {
+        out
+        for node in model.graph.node
+        if node.name in fp32
+        for out in node.output
+        if readers.get(out) and readers[out] <= fp32
+    }
     types = [v for v in model.graph.value_info if v.name not in internal]
     del model.graph.value_info[:]
     model.graph.value_info.extend(types)
     logging.getLogger().setLevel(logging.ERROR)  # per-initializer "values truncated" warnings
-    converted = OnnxModel(convert_float_to_float16(model, keep_io_types=True, node_block_list=kept,
-                                                   disable_shape_infer=True))
+    converted = OnnxModel(
+        convert_float_to_float16(model, keep_io_types=True, node_block_list=kept, disable_shape_infer=True)
+    )
     converted.topological_sort()  # the converter appends the Casts it inserts at the end
     # It also leaves some intermediate types stale; they are inferred again on load.
     del converted.model.graph.value_info[:]
@@ -360,10 +410,20 @@ class Optimized:
 
 
 def optimize_export(
-    export_dir, *, length: int = 1024, int8: bool = True, target_top1: float = 0.97, threads: int = 2,
-    fp16: bool | None = None, static_int8: bool = False, bf16: bool = False,
-    eval_windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS, eval_text: bytes | None = None,
-    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET, trust_code: bool = False, progress=lambda step: None,
+    export_dir,
+    *,
+    length: int = 1024,
+    int8: bool = True,
+    target_top1: float = 0.97,
+    threads: int = 2,
+    fp16: bool | None = None,
+    static_int8: bool = False,
+    bf16: bool = False,
+    eval_windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS,
+    eval_text: bytes | None = None,
+    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET,
+    trust_code: bool = False,
+    progress=lambda step: None,
 ) -> Optimized:
     """Choose the ORT level and (optionally) quantize; record the artifacts in the manifest.
 
@@ -388,25 +448,52 @@ def optimize_export(
         if wanted:
             progress(f"int8 ({method}): measuring each MatMul's sensitivity")
             # At --length too: one sequence of it holds as many tokens as the old fixed 4 x 256.
-            quants.append(quantize_int8(export_dir, target_top1=target_top1, length=length, threads=threads,
-                                        method=method, text=text, budget=accuracy_budget, windows=eval_windows,
-                                        trust_code=trust_code))
-            entries.append(_entry(quants[-1].path, "int8", quantization=QUANT_METHODS[method],
-                                  fp32_modules=[quants[-1].modules[n] for n in quants[-1].fp32_nodes]))
+            quants.append(
+                quantize_int8(
+                    export_dir,
+                    target_top1=target_top1,
+                    length=length,
+                    threads=threads,
+                    method=method,
+                    text=text,
+                    budget=accuracy_budget,
+                    windows=eval_windows,
+                    trust_code=trust_code,
+                )
+            )
+            entries.append(
+                _entry(
+                    quants[-1].path,
+                    "int8",
+                    quantization=QUANT_METHODS[method],
+                    fp32_modules=[quants[-1].modules[n] for n in quants[-1].fp32_nodes],
+                )
+            )
     fp16_path = None
     if fp16 or (fp16 is None and "CUDAExecutionProvider" in available_providers()):
         fp16_path, kept = convert_fp16(export_dir)
         entries.append(_entry(fp16_path, "fp16", target_provider="CUDAExecutionProvider", fp32_nodes=kept))
     plans = ()
     if bf16:
-        plans = tuple(measure_bf16(export_dir, text=text, windows=eval_windows, budget=accuracy_budget,
-                                   threads=threads, trust_code=trust_code, progress=progress))
+        plans = tuple(
+            measure_bf16(
+                export_dir,
+                text=text,
+                windows=eval_windows,
+                budget=accuracy_budget,
+                threads=threads,
+                trust_code=trust_code,
+                progress=progress,
+            )
+        )
     add_artifacts(export_dir, entries)
     return Optimized(choice, tuple(quants), fp16_path, plans)
 
 
-QUANT_METHODS = {"dynamic": "dynamic, per-tensor, MatMul weights",
-                 "static": "static QDQ, calibrated, per-channel weights, MatMul"}
+QUANT_METHODS = {
+    "dynamic": "dynamic, per-tensor, MatMul weights",
+    "static": "static QDQ, calibrated, per-channel weights, MatMul",
+}
 
 
 def check_optimize_args(export_dir, length: int, target_top1: float, budget: float, windows: tuple[int, ...]) -> None:
@@ -424,5 +511,9 @@ def check_optimize_args(export_dir, length: int, target_top1: float, budget: flo
 
 def _entry(path: Path, precision: str, **settings) -> dict:
     """A full ONNX graph's manifest entry."""
-    return {"name": path.name, "format": "onnx", "kind": "full",
-            "settings": {"precision": precision, **settings, "static_shape": None}}
+    return {
+        "name": path.name,
+        "format": "onnx",
+        "kind": "full",
+        "settings": {"precision": precision, **settings, "static_shape": None},
+    }

@@ -38,8 +38,9 @@ def module_groups(model: torch.nn.Module, block_path: str | None) -> list[str]:
     if not block_path:
         return [name for name, _ in model.named_children()]
     blocks = model.get_submodule(block_path)
-    inside = [f"{block_path}.{i}.{child}" for i, block in enumerate(blocks.children())
-              for child, _ in block.named_children()]
+    inside = [
+        f"{block_path}.{i}.{child}" for i, block in enumerate(blocks.children()) for child, _ in block.named_children()
+    ]
     outside = [name for name, _ in model.named_children() if name != block_path.split(".")[0]]
     return inside + outside
 
@@ -72,8 +73,13 @@ class Bf16Plan:
         return self.change <= self.budget
 
 
-def choose_fp32(score: Callable[[tuple[str, ...]], dict[int, float]], groups: list[str], fp32_bpb: dict[int, float],
-                budget: float, engine: str) -> Bf16Plan:
+def choose_fp32(
+    score: Callable[[tuple[str, ...]], dict[int, float]],
+    groups: list[str],
+    fp32_bpb: dict[int, float],
+    budget: float,
+    engine: str,
+) -> Bf16Plan:
     """Greedy by measured sensitivity: score(keep_fp32) -> bits per byte by window. Groups
     whose return to fp32 alone lowers the loss most (relative, summed over the windows:
     one group may matter at long windows only, another at short ones) go back first,
@@ -97,8 +103,16 @@ def plan_record(plan: Bf16Plan) -> dict:
     return {**asdict(plan), "change": plan.change, "passed": plan.passed}
 
 
-def measure_bf16(export_dir: str | os.PathLike, *, text: bytes, windows: tuple[int, ...], budget: float,
-                 threads: int | None = None, trust_code: bool = False, progress=lambda step: None) -> list[Bf16Plan]:
+def measure_bf16(
+    export_dir: str | os.PathLike,
+    *,
+    text: bytes,
+    windows: tuple[int, ...],
+    budget: float,
+    threads: int | None = None,
+    trust_code: bool = False,
+    progress=lambda step: None,
+) -> list[Bf16Plan]:
     """For each bf16 engine that runs here (eager autocast, OpenVINO), measure which
     groups must stay fp32 for held-out bits per byte (`text` in windows of each length
     in `windows`) to stay within `budget` of eager fp32's at every one (OpenVINO: whether
@@ -107,14 +121,18 @@ def measure_bf16(export_dir: str | os.PathLike, *, text: bytes, windows: tuple[i
     source = rebuild(directory, read_manifest(directory), trust_code=trust_code)
     spec = source.spec
     if not scores_text(spec):
-        raise UserError("bf16 is judged by held-out bits per byte: it needs a byte-level language model "
-                        "(a spec with tokenizer \"bytes\" and logits)")
+        raise UserError(
+            "bf16 is judged by held-out bits per byte: it needs a byte-level language model "
+            '(a spec with tokenizer "bytes" and logits)'
+        )
     if threads:
         torch.set_num_threads(threads)
     fp32 = bits_per_byte_by_window(logits_of(EagerRunner(source.module, spec), spec), text, windows)
     routes = {
-        "eager-bf16": (module_groups(source.module, spec.block_path),
-                       lambda keep: AutocastRunner(source.module, spec, keep)),
+        "eager-bf16": (
+            module_groups(source.module, spec.block_path),
+            lambda keep: AutocastRunner(source.module, spec, keep),
+        ),
     }
     onnx_path = directory / "model.onnx"
     if onnx_path.is_file() and openvino_missing() is None:
@@ -127,8 +145,15 @@ def measure_bf16(export_dir: str | os.PathLike, *, text: bytes, windows: tuple[i
             progress(f"{engine} skipped: {reason}")
             continue
         progress(f"{engine}: measuring each group's effect on held-out bits per byte")
-        plans.append(choose_fp32(lambda keep: bits_per_byte_by_window(logits_of(make(keep), spec), text, windows),
-                                 candidates, fp32, budget, engine))
+        plans.append(
+            choose_fp32(
+                lambda keep, make=make: bits_per_byte_by_window(logits_of(make(keep), spec), text, windows),
+                candidates,
+                fp32,
+                budget,
+                engine,
+            )
+        )
     with atomic_write(directory / BF16_PLAN) as tmp:
         tmp.write_text(json.dumps({p.engine: plan_record(p) for p in plans}, indent=2) + "\n")
     return plans

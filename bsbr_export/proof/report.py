@@ -67,14 +67,16 @@ def text_changes(engine, eager) -> dict[int, float]:
     ({} when unscored)."""
     if not engine.bits_per_byte or eager is None or not eager.bits_per_byte:
         return {}
-    return {n: bpb / eager.bits_per_byte[n] - 1 for n, bpb in engine.bits_per_byte.items()
-            if eager.bits_per_byte.get(n)}
+    return {
+        n: bpb / eager.bits_per_byte[n] - 1 for n, bpb in engine.bits_per_byte.items() if eager.bits_per_byte.get(n)
+    }
 
 
 def recommend(rows: list[dict], accuracy_budget: float) -> dict | None:
     """The fastest engine (geometric mean of its speed-ups over the lengths) that stays
     accurate: held-out bits per byte within `accuracy_budget` of eager's for a byte-level
     LM, else passing parity (✅). None when nothing was timed against eager."""
+
     def accurate(row) -> bool:
         if row["bits_per_byte_change"] is not None:
             return row["status"] != "❌" and row["bits_per_byte_change"] <= accuracy_budget
@@ -89,15 +91,20 @@ def recommend(rows: list[dict], accuracy_budget: float) -> dict | None:
         return None
     best = max(candidates, key=speed)
     return {
-        "engine": best["engine"], "artifact": best["artifact"], "precision": best["precision"],
-        "speedup_vs_eager": best["speedup_vs_eager"], "bits_per_byte": best["bits_per_byte"],
-        "bits_per_byte_change": best["bits_per_byte_change"], "accuracy_budget": accuracy_budget,
+        "engine": best["engine"],
+        "artifact": best["artifact"],
+        "precision": best["precision"],
+        "speedup_vs_eager": best["speedup_vs_eager"],
+        "bits_per_byte": best["bits_per_byte"],
+        "bits_per_byte_change": best["bits_per_byte_change"],
+        "accuracy_budget": accuracy_budget,
         "rejected": [r["engine"] for r in rows if speed(r) > speed(best) and not accurate(r)],
     }
 
 
-def engine_rows(result, export_dir: Path, tolerance: float,
-                accuracy_budget: float = DEFAULT_ACCURACY_BUDGET) -> list[dict]:
+def engine_rows(
+    result, export_dir: Path, tolerance: float, accuracy_budget: float = DEFAULT_ACCURACY_BUDGET
+) -> list[dict]:
     """The report table as data: one dict per engine."""
     eager = result.reference()
     rows = []
@@ -124,8 +131,13 @@ def engine_rows(result, export_dir: Path, tolerance: float,
         }
         for timing in engine.timings:
             row["latency_ms"][timing.length] = {
-                "p50": timing.p50_ms, "p10": timing.p10_ms, "p90": timing.p90_ms, "p99": timing.p99_ms,
-                "spread": round_sig(timing.spread), "iters": timing.iters, "noisy": timing.noisy,
+                "p50": timing.p50_ms,
+                "p10": timing.p10_ms,
+                "p90": timing.p90_ms,
+                "p99": timing.p99_ms,
+                "spread": round_sig(timing.spread),
+                "iters": timing.iters,
+                "noisy": timing.noisy,
             }
             row["peak_rss_mib"][timing.length] = timing.peak_rss_mib
             row["tokens_per_s"][timing.length] = timing.tokens_per_s
@@ -144,15 +156,24 @@ def recommendation_text(choice: dict | None) -> str:
     artifact = f" ({choice['artifact']})" if choice["artifact"] else ""
     text = f"**Recommended here: {choice['engine']}{artifact}, {choice['precision']}**: {ups} vs eager"
     if choice["bits_per_byte_change"] is not None:
-        text += (f", held-out bits per byte at worst {choice['bits_per_byte_change']:+.2%} vs eager's over the "
-                 f"lengths (budget {choice['accuracy_budget']:+.0%})")
+        text += (
+            f", held-out bits per byte at worst {choice['bits_per_byte_change']:+.2%} vs eager's over the "
+            f"lengths (budget {choice['accuracy_budget']:+.0%})"
+        )
     if choice["rejected"]:
         text += f"; faster but outside the accuracy budget: {', '.join(choice['rejected'])}"
     return text + "."
 
 
-def markdown(result, rows: list[dict], validation: dict | None, title: str, note: str | None = None,
-             choice: dict | None = None, precisions: list[dict] | None = None) -> str:
+def markdown(
+    result,
+    rows: list[dict],
+    validation: dict | None,
+    title: str,
+    note: str | None = None,
+    choice: dict | None = None,
+    precisions: list[dict] | None = None,
+) -> str:
     """report.md: the recommendation, the precisions tried, the engine table, decode
     latency, validation, plots."""
     lines = [f"# {title}", ""]
@@ -167,8 +188,10 @@ def markdown(result, rows: list[dict], validation: dict | None, title: str, note
         f"({', '.join(result.machine.get('cpu_features') or ['no AVX2'])}), {result.machine.get('platform')}; "
         f"the ranking depends on these features."
     )
-    lines.append("Status: ✅ passed, ❎ ran but failed (parity vs eager; a reduced precision of a byte-level LM: its "
-                 "held-out bits per byte over the budget), ❌ failed to export or run.")
+    lines.append(
+        "Status: ✅ passed, ❎ ran but failed (parity vs eager; a reduced precision of a byte-level LM: its "
+        "held-out bits per byte over the budget), ❌ failed to export or run."
+    )
     lines.append("")
     lines += _engine_lines(rows, list(result.lengths)) + _memory_lines(rows, list(result.lengths))
     lines += _decode_lines(result.decode) + _validation_lines(validation)
@@ -193,8 +216,14 @@ def _engine_lines(rows: list[dict], lengths: list[int]) -> list[str]:
     """The engine table: status, size, errors, bits per byte, latency and speed-up per length."""
     scored = any(r["bits_per_byte"] is not None for r in rows)
     per_length = "/".join(map(str, lengths))
-    header = ["engine", "status", "size", "max abs err", "top-1",
-              *((f"bits/byte (L={per_length})", "vs eager") if scored else ())]
+    header = [
+        "engine",
+        "status",
+        "size",
+        "max abs err",
+        "top-1",
+        *((f"bits/byte (L={per_length})", "vs eager") if scored else ()),
+    ]
     header += [f"L={n} ms" for n in lengths] + [f"L={n} vs eager" for n in lengths]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -207,11 +236,15 @@ def _engine_lines(rows: list[dict], lengths: list[int]) -> list[str]:
         ]
         if scored:
             bpb, changes = row["bits_per_byte"] or {}, row["bits_per_byte_change_by_length"]
-            cells += [" / ".join(f"{bpb[n]:.3f}" for n in lengths if n in bpb) or "-",
-                      " / ".join(f"{changes[n]:+.2%}" for n in lengths if n in changes) or "-"]
+            cells += [
+                " / ".join(f"{bpb[n]:.3f}" for n in lengths if n in bpb) or "-",
+                " / ".join(f"{changes[n]:+.2%}" for n in lengths if n in changes) or "-",
+            ]
         for n in lengths:
             lat = row["latency_ms"].get(n)
-            cells.append(f"{ms_text(lat['p50'])} ±{50 * lat['spread']:.0f}%{' ⚠' if lat['noisy'] else ''}" if lat else "-")
+            cells.append(
+                f"{ms_text(lat['p50'])} ±{50 * lat['spread']:.0f}%{' ⚠' if lat['noisy'] else ''}" if lat else "-"
+            )
         cells += [speedup_text(row["speedup_vs_eager"].get(n)) for n in lengths]
         lines.append("| " + " | ".join(cells) + " |")
         if row["error"]:
@@ -236,16 +269,25 @@ def _decode_lines(decode) -> list[str]:
     lines.append("| context | per-token ms (p90) | full forward ms | streaming speed-up |")
     lines.append("|---|---|---|---|")
     for d in decode:
-        lines.append(f"| {d.context} | {d.step_p50_ms:.2f} ({d.step_p90_ms:.2f}) | {d.full_forward_p50_ms:.1f} | "
-                     f"{speedup_text(d.speedup)} |")
+        lines.append(
+            f"| {d.context} | {d.step_p50_ms:.2f} ({d.step_p90_ms:.2f}) | {d.full_forward_p50_ms:.1f} | "
+            f"{speedup_text(d.speedup)} |"
+        )
     return lines
 
 
 def _validation_lines(validation: dict | None) -> list[str]:
     if validation is None:
         return []
-    lines = ["", "## Validation", "", f"Tolerance {validation['tolerance']:g} x logit scale; passed: "
-             f"{validation['passed']}.", "", "| artifact | engine | cases | max abs err | status |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Validation",
+        "",
+        f"Tolerance {validation['tolerance']:g} x logit scale; passed: {validation['passed']}.",
+        "",
+        "| artifact | engine | cases | max abs err | status |",
+        "|---|---|---|---|---|",
+    ]
     for check in validation["checks"]:
         parity = check["parity"]
         verdict = "✅" if check["passed"] else "❎"
@@ -253,8 +295,10 @@ def _validation_lines(validation: dict | None) -> list[str]:
             verdict += " (by held-out bits per byte)"
         elif check["first_bad_layer"]:
             verdict += f" (diverges at {check['first_bad_layer']})"
-        lines.append(f"| {check['artifact']} | {check['engine']} | {len(parity['cases'])} | {parity['max_abs']:.1e} | "
-                     f"{verdict} |")
+        lines.append(
+            f"| {check['artifact']} | {check['engine']} | {len(parity['cases'])} | {parity['max_abs']:.1e} | "
+            f"{verdict} |"
+        )
     return lines
 
 
@@ -306,8 +350,15 @@ def _log_axes(ax, xs: list[int], xlabel: str, ylabel: str, title: str) -> None:
 
 def _lines(ax, series: dict[str, list[tuple[int, float]]]) -> None:
     for i, (label, points) in enumerate(_merged(series).items()):
-        ax.plot([x for x, _ in points], [y for _, y in points], label=label, marker=MARKERS[i % len(MARKERS)],
-                linestyle=LINE_STYLES[i % len(LINE_STYLES)], markersize=6, linewidth=1.5)
+        ax.plot(
+            [x for x, _ in points],
+            [y for _, y in points],
+            label=label,
+            marker=MARKERS[i % len(MARKERS)],
+            linestyle=LINE_STYLES[i % len(LINE_STYLES)],
+            markersize=6,
+            linewidth=1.5,
+        )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
@@ -326,16 +377,24 @@ def plot(result, directory: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         series = {e.engine: [(t.length, value(t)) for t in e.timings] for e in result.engines if e.timings}
         _lines(ax, series)
-        _log_axes(ax, list(result.lengths), "sequence length (tokens)", ylabel,
-                  f"{ylabel} vs length (batch {result.batch}, {result.threads} threads)")
+        _log_axes(
+            ax,
+            list(result.lengths),
+            "sequence length (tokens)",
+            ylabel,
+            f"{ylabel} vs length (batch {result.batch}, {result.threads} threads)",
+        )
         written.append(_save(fig, directory / f"{name}.png"))
     if result.decode:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         contexts = [d.context for d in result.decode]
-        _lines(ax, {
-            "streaming step (1 token)": [(d.context, d.step_p50_ms) for d in result.decode],
-            "full forward over context + 1": [(d.context, d.full_forward_p50_ms) for d in result.decode],
-        })
+        _lines(
+            ax,
+            {
+                "streaming step (1 token)": [(d.context, d.step_p50_ms) for d in result.decode],
+                "full forward over context + 1": [(d.context, d.full_forward_p50_ms) for d in result.decode],
+            },
+        )
         _log_axes(ax, contexts, "context length (tokens)", "ms per new token", "decode latency vs context")
         written.append(_save(fig, directory / "decode.png"))
     return written
@@ -351,8 +410,15 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_report(
-    result, export_dir: str | os.PathLike, *, tolerance: float, validation: dict | None = None, title: str = "",
-    note: str | None = None, accuracy_budget: float = DEFAULT_ACCURACY_BUDGET, precisions: list[dict] | None = None,
+    result,
+    export_dir: str | os.PathLike,
+    *,
+    tolerance: float,
+    validation: dict | None = None,
+    title: str = "",
+    note: str | None = None,
+    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET,
+    precisions: list[dict] | None = None,
 ) -> tuple[list[Path], dict | None]:
     """Write report.json, report.md and the plots into `export_dir`; returns the paths
     and the recommendation (`recommend`). `precisions`: the reduced precisions bench
@@ -360,15 +426,25 @@ def write_report(
     directory = Path(export_dir)
     rows = engine_rows(result, directory, tolerance, accuracy_budget)
     choice = recommend(rows, accuracy_budget)
-    data = {"bench": result.to_dict(), "table": rows, "recommendation": choice, "validation": validation,
-            "tolerance": tolerance, "note": note, "precisions": precisions}
+    data = {
+        "bench": result.to_dict(),
+        "table": rows,
+        "recommendation": choice,
+        "validation": validation,
+        "tolerance": tolerance,
+        "note": note,
+        "precisions": precisions,
+    }
     written = []
     with atomic_write(directory / "report.json") as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     written.append(directory / "report.json")
     written += plot(result, directory)
     with atomic_write(directory / "report.md") as tmp:
-        tmp.write_text(markdown(result, rows, validation, title or f"bsbr-export report: {directory.name}", note,
-                                choice, precisions))
+        tmp.write_text(
+            markdown(
+                result, rows, validation, title or f"bsbr-export report: {directory.name}", note, choice, precisions
+            )
+        )
     written.append(directory / "report.md")
     return written, choice

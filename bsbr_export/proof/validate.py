@@ -130,8 +130,9 @@ def validate_export(
     manifest = read_manifest(directory)
     source = rebuild(directory, manifest, trust_code=trust_code, module=module)
     check_device(device)
-    providers = check_providers(providers, device, any(FORMATS[a["format"]].per_provider
-                                                      for a in manifest["artifacts"]))
+    providers = check_providers(
+        providers, device, any(FORMATS[a["format"]].per_provider for a in manifest["artifacts"])
+    )
     scorer = TextScorer.of(source, eval_text, accuracy_budget)
     checks = []
     for artifact in manifest["artifacts"]:
@@ -140,14 +141,16 @@ def validate_export(
         allowed = PRECISION_TOLERANCES.get(precision, tolerance)
         cases = artifact_cases(source.spec.chunk_size, kind, settings, lengths=lengths, batches=batches)
         reference = EagerRunner(source.module, source.spec, kind)
-        for engine, runner in artifact_engines(directory / artifact["name"], artifact["format"], reference, providers,
-                                               device):
+        for engine, runner in artifact_engines(
+            directory / artifact["name"], artifact["format"], reference, providers, device
+        ):
             report = check_parity(artifact["name"], reference, runner, cases, source.spec, allowed, seed)
             score = scorer.score(runner) if kind == "full" and not settings.get("static_shape") else None
             check = ArtifactCheck(artifact["name"], engine, report, text=score, precision=precision)
             if not check.judged_by_text:
-                layers = localized(report, directory / artifact["name"], artifact["format"], kind, source, allowed,
-                                   seed)
+                layers = localized(
+                    report, directory / artifact["name"], artifact["format"], kind, source, allowed, seed
+                )
                 check = replace(check, layers=layers, first_bad_layer=first_divergence(list(layers)))
             checks.append(check)
     return ValidationResult(str(directory), tolerance, tuple(checks))
@@ -177,14 +180,17 @@ def check_providers(providers: list[str] | None, device: str = "cpu", onnx_graph
         if not onnx_graphs:
             return []
         if CUDA_PROVIDER not in usable:
-            raise UserError(f"--device cuda: ONNX Runtime's {CUDA_PROVIDER} is not available here: pip install "
-                            "onnxruntime-gpu, or pass --provider CPUExecutionProvider")
+            raise UserError(
+                f"--device cuda: ONNX Runtime's {CUDA_PROVIDER} is not available here: pip install "
+                "onnxruntime-gpu, or pass --provider CPUExecutionProvider"
+            )
         return [CUDA_PROVIDER]
     return providers or usable
 
 
-def artifact_engines(path: Path, fmt: str, reference: Runner, providers: list[str],
-                     device: str = "cpu") -> list[tuple[str, Runner]]:
+def artifact_engines(
+    path: Path, fmt: str, reference: Runner, providers: list[str], device: str = "cpu"
+) -> list[tuple[str, Runner]]:
     """(engine label, runner) for an artifact: one per ONNX Runtime provider for formats
     validated per provider, else the format's own runner (on the GPU for `device`
     "cuda" where its runner computes there; on the CPU otherwise)."""
@@ -196,8 +202,9 @@ def artifact_engines(path: Path, fmt: str, reference: Runner, providers: list[st
     return [(fmt, open_artifact(fmt, path, *names))]
 
 
-def localized(report: ParityReport, path: Path, fmt: str, kind: str, source: Source, tolerance: float,
-              seed: int) -> tuple:
+def localized(
+    report: ParityReport, path: Path, fmt: str, kind: str, source: Source, tolerance: float, seed: int
+) -> tuple:
     """Per-block differences of a failing full ONNX graph on its first failing case
     (empty when it passed, or cannot be localized)."""
     if report.passed or fmt != "onnx" or kind != "full" or not source.spec.block_path:

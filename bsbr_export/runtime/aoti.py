@@ -51,8 +51,10 @@ def check_isa(path: str | os.PathLike) -> str:
     """UserError unless this CPU runs the ISA the package at `path` was built for."""
     isa = package_isa(path)
     if isa and isa.upper() not in host_isas():
-        raise UserError(f"{path} was compiled for {isa}, which this CPU lacks (it has {', '.join(host_isas()) or 'none'}): "
-                        "re-export with --format aoti on a machine of the target kind")
+        raise UserError(
+            f"{path} was compiled for {isa}, which this CPU lacks (it has {', '.join(host_isas()) or 'none'}): "
+            "re-export with --format aoti on a machine of the target kind"
+        )
     return isa
 
 
@@ -68,8 +70,9 @@ class AotiRunner(ModuleRunner):
             raise UserError(f"AOTInductor package {path} does not exist")
         self.device = torch.device(package_device(path))
         if self.device.type == "cuda" and (missing := cuda_missing()):
-            raise UserError(f"{path} is compiled for a CUDA GPU, and {missing}: run it on one, or re-export without "
-                            "--device cuda")
+            raise UserError(
+                f"{path} is compiled for a CUDA GPU, and {missing}: run it on one, or re-export without --device cuda"
+            )
         if self.device.type == "cpu":
             check_isa(path)
         try:

@@ -46,5 +46,7 @@ class ModuleRunner:
             outputs = self.call(*(self.tensor(feeds[n]) for n in self.input_names))
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         # numpy has no bfloat16: reduced-precision outputs come back as fp32.
-        return {n: (o.float() if o.dtype in (torch.bfloat16, torch.float16) else o).cpu().numpy()
-                for n, o in zip(self.output_names, outputs)}
+        return {
+            n: (o.float() if o.dtype in (torch.bfloat16, torch.float16) else o).cpu().numpy()
+            for n, o in zip(self.output_names, outputs)
+        }

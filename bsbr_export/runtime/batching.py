@@ -53,8 +53,7 @@ class Held:
 class Sequences:
     """Open sequences of an export with a row step and a decode step, by key."""
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None, capacity: int = 8,
-                 graphs: str = "") -> None:
+    def __init__(self, export_dir: str | Path, threads: int | None = None, capacity: int = 8, graphs: str = "") -> None:
         """`graphs`: the export's subdirectory of the two graphs ("web" for the web page's
         opset-18 ones), none for the ONNX format's."""
         export_dir = Path(export_dir)
@@ -64,27 +63,40 @@ class Sequences:
         if manifest.get("state") is None:
             raise UserError(f"{export_dir} has no streaming graphs: export with --streaming to generate")
         if not {rows_graph, decode_graph} <= listed:
-            raise UserError(f"{export_dir} has no {rows_graph} and {decode_graph}: export a model with step_rows "
-                            "(the native presets) with --format onnx --streaming")
+            raise UserError(
+                f"{export_dir} has no {rows_graph} and {decode_graph}: export a model with step_rows "
+                "(the native presets) with --format onnx --streaming"
+            )
         self.export_dir, self.manifest = export_dir, manifest
         self.spec = spec = ModelSpec.from_dict(manifest["spec"])
         self.logits = logits_output(spec, export_dir)
         self.chunk_size = spec.chunk_size
         state = spec.state
-        self.decode_runner = OnnxRunner(export_dir / decode_graph, [spec.tokens.name, *state.inputs],
-                                        spec.output_names + state.update_names(), threads=threads)
+        self.decode_runner = OnnxRunner(
+            export_dir / decode_graph,
+            [spec.tokens.name, *state.inputs],
+            spec.output_names + state.update_names(),
+            threads=threads,
+        )
         self.rows_runner = OnnxRunner(export_dir / rows_graph, threads=threads)
         self.cache_shapes = state.cache_inputs(self.chunk_size)
         # cache.* name -> its past.* entry, and the axis of the current chunk's rows (if any)
         self.past = {name: name.replace("cache.", "past.", 1) for name in self.cache_shapes}
-        self.token_axis = {name: state.inputs[past].index("past_tokens") for name, past in self.past.items()
-                           if "past_tokens" in state.inputs[past]}
+        self.token_axis = {
+            name: state.inputs[past].index("past_tokens")
+            for name, past in self.past.items()
+            if "past_tokens" in state.inputs[past]
+        }
         self.pool = {name: np.zeros([capacity, *shape[1:]], np.float32) for name, shape in self.cache_shapes.items()}
         # A sequence's state in bytes: its pool slot, plus one row of each appended entry per finished chunk.
         self.slot_bytes = sum(pool[0].nbytes for pool in self.pool.values())
-        self.chunk_bytes = sum(4 * int(np.prod([d for i, d in enumerate(state.inputs[name])
-                                                if i != state.append_axis and isinstance(d, int)]))
-                               for name in state.appended)
+        self.chunk_bytes = sum(
+            4
+            * int(
+                np.prod([d for i, d in enumerate(state.inputs[name]) if i != state.append_axis and isinstance(d, int)])
+            )
+            for name in state.appended
+        )
         self.held: dict[Hashable, Held] = {}
         self.order: list[Hashable] = []  # slot -> key
 
@@ -102,8 +114,9 @@ class Sequences:
         slot = self._slot()
         for pool in self.pool.values():  # a closed sequence left its state there
             pool[slot] = 0
-        self.held[key] = Held(0, slot, {n: v for n, v in DecodeState(self.spec).past.items()
-                                        if n in self.spec.state.appended})
+        self.held[key] = Held(
+            0, slot, {n: v for n, v in DecodeState(self.spec).past.items() if n in self.spec.state.appended}
+        )
         self.order.append(key)
         return self._decode(key, list(ids))
 
@@ -149,8 +162,11 @@ class Sequences:
         slots = np.array([h.slot for h in held])
         positions = np.array([h.position for h in held], np.int64)
         in_order = np.array_equal(slots, np.arange(len(slots)))  # the pool's first rows: no gather
-        feeds = {self.spec.tokens.name: np.array(tokens, np.int64)[:, None], ROW_POSITIONS: positions,
-                 **{name: pool[:len(slots)] if in_order else pool[slots] for name, pool in self.pool.items()}}
+        feeds = {
+            self.spec.tokens.name: np.array(tokens, np.int64)[:, None],
+            ROW_POSITIONS: positions,
+            **{name: pool[: len(slots)] if in_order else pool[slots] for name, pool in self.pool.items()},
+        }
         outputs = self.rows_runner.infer(feeds)
         fills = positions % self.chunk_size
         for name, axis in self.token_axis.items():  # each row's new key / value into its slot of the chunk
@@ -169,9 +185,10 @@ class Sequences:
         fill = held.position % self.chunk_size
         past = dict(held.chunks)
         for name, pool in self.pool.items():
-            entry = pool[held.slot:held.slot + 1]
-            past[self.past[name]] = entry.take(range(fill), axis=self.token_axis[name]) \
-                if name in self.token_axis else entry
+            entry = pool[held.slot : held.slot + 1]
+            past[self.past[name]] = (
+                entry.take(range(fill), axis=self.token_axis[name]) if name in self.token_axis else entry
+            )
         outputs = self.decode_runner.infer({self.spec.tokens.name: np.array([ids], np.int64), **past})
         past = advance_state(past, outputs, self.spec.state.append_axis)
         held.chunks = {n: past[n] for n in held.chunks}
@@ -256,8 +273,9 @@ class Batcher:
         del self.active[key], self.next_token[key]
         self.sequences.close(key)
 
-    def generate_many(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 20,
-                      **options) -> list[Generation]:
+    def generate_many(
+        self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 20, **options
+    ) -> list[Generation]:
         """Generate from every prompt at once (options as `add`; `seed` seeds the first, the
         next ones `seed + 1`...), until all are done."""
         seed = options.pop("seed", 0)

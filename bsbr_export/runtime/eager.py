@@ -20,8 +20,9 @@ class EagerRunner(ModuleRunner):
 
     name = "eager"
 
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec | None = None, kind: str = "full",
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, model: torch.nn.Module, spec: ModelSpec | None = None, kind: str = "full", device: str = "cpu"
+    ) -> None:
         self.device = torch.device(device)
         self.module = export_graph(model.to(self.device), spec_for(model, spec), kind)
         self.input_names, self.output_names = self.module.input_names, self.module.output_names
@@ -85,8 +86,14 @@ class AutocastRunner(EagerRunner):
 
     name = "eager-bf16"
 
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec | None = None, keep_fp32: tuple[str, ...] = (),
-                 compile: bool = False, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: ModelSpec | None = None,
+        keep_fp32: tuple[str, ...] = (),
+        compile: bool = False,
+        device: str = "cpu",
+    ) -> None:
         super().__init__(model, spec, device=device)
         self.model, self.keep_fp32 = model, tuple(keep_fp32)
         kind = self.device.type

@@ -43,8 +43,10 @@ class Engine:
 
 
 def _onnx_engines() -> list[Engine]:
-    levels = [Engine(f"ort-cpu-{level}", "onnx", "model.onnx", provider=CPU, options={"optimization": level})
-              for level in OPTIMIZATION_LEVELS]
+    levels = [
+        Engine(f"ort-cpu-{level}", "onnx", "model.onnx", provider=CPU, options={"optimization": level})
+        for level in OPTIMIZATION_LEVELS
+    ]
     return [
         *levels,
         Engine("ort-cuda-all", "onnx", "model.onnx", provider=CUDA, options=BOUND, device="cuda"),
@@ -55,24 +57,32 @@ def _onnx_engines() -> list[Engine]:
     ]
 
 
-ENGINES: dict[str, Engine] = {e.name: e for e in (
-    Engine("eager", "eager"),
-    Engine("compile", "compile"),
-    # One engine per format that torch runs, named like the format (ONNX gets ORT's below).
-    *(Engine(f.name, f.name, artifact_name(f, "full")) for f in FORMATS.values() if f.engine),
-    *_onnx_engines(),
-    # Both bf16 engines run the same autocast regions: what `optimize --bf16` measured for eager-bf16.
-    Engine("eager-bf16", "autocast", precision="bf16"),
-    Engine("compile-bf16", "autocast", precision="bf16", options={"compile": True}),
-    Engine("openvino-fp32", "openvino", "model.onnx", options={"precision": "f32"}),
-    Engine("openvino-bf16", "openvino", "model.onnx", "bf16", options={"precision": "bf16"}),
-    # torch on a CUDA GPU: the same runners, the model (or file) and the feeds moved there.
-    Engine("eager-cuda", "eager", options=ON_CUDA, device="cuda"),
-    Engine("eager-cuda-bf16", "autocast", precision="bf16", options=ON_CUDA, device="cuda"),
-    Engine("compile-cuda", "compile", options=ON_CUDA, device="cuda"),
-    Engine("torchscript-cuda", "torchscript", artifact_name(FORMATS["torchscript"], "full"), options=ON_CUDA,
-           device="cuda"),
-)}
+ENGINES: dict[str, Engine] = {
+    e.name: e
+    for e in (
+        Engine("eager", "eager"),
+        Engine("compile", "compile"),
+        # One engine per format that torch runs, named like the format (ONNX gets ORT's below).
+        *(Engine(f.name, f.name, artifact_name(f, "full")) for f in FORMATS.values() if f.engine),
+        *_onnx_engines(),
+        # Both bf16 engines run the same autocast regions: what `optimize --bf16` measured for eager-bf16.
+        Engine("eager-bf16", "autocast", precision="bf16"),
+        Engine("compile-bf16", "autocast", precision="bf16", options={"compile": True}),
+        Engine("openvino-fp32", "openvino", "model.onnx", options={"precision": "f32"}),
+        Engine("openvino-bf16", "openvino", "model.onnx", "bf16", options={"precision": "bf16"}),
+        # torch on a CUDA GPU: the same runners, the model (or file) and the feeds moved there.
+        Engine("eager-cuda", "eager", options=ON_CUDA, device="cuda"),
+        Engine("eager-cuda-bf16", "autocast", precision="bf16", options=ON_CUDA, device="cuda"),
+        Engine("compile-cuda", "compile", options=ON_CUDA, device="cuda"),
+        Engine(
+            "torchscript-cuda",
+            "torchscript",
+            artifact_name(FORMATS["torchscript"], "full"),
+            options=ON_CUDA,
+            device="cuda",
+        ),
+    )
+}
 DEVICES = ("cpu", "cuda")
 BASELINES = {"cpu": "eager", "cuda": "eager-cuda"}  # what speed-ups on each device are measured against
 
@@ -82,8 +92,10 @@ def check_device(device: str) -> str:
     if device not in DEVICES:
         raise UserError(f"unknown device {device!r}: choose from {', '.join(DEVICES)}")
     if device == "cuda" and (missing := cuda_missing()):
-        raise UserError(f"--device cuda: {missing}; install a CUDA build of torch (and onnxruntime-gpu for the "
-                        "ort-cuda engines) on a machine with an NVIDIA GPU")
+        raise UserError(
+            f"--device cuda: {missing}; install a CUDA build of torch (and onnxruntime-gpu for the "
+            "ort-cuda engines) on a machine with an NVIDIA GPU"
+        )
     return device
 
 
@@ -105,8 +117,9 @@ def why_not(engine: Engine, export_dir: Path) -> str | None:
 def available_engines(export_dir: Path, device: str | None = None) -> list[str]:
     """Engines that can run from `export_dir` here (on `device` only, when given), in
     the table's order."""
-    return [e.name for e in ENGINES.values()
-            if (device is None or e.device == device) and why_not(e, export_dir) is None]
+    return [
+        e.name for e in ENGINES.values() if (device is None or e.device == device) and why_not(e, export_dir) is None
+    ]
 
 
 def _source(export_dir: Path, trust_code: bool):
@@ -130,8 +143,14 @@ def _autocast(engine: Engine, export_dir: Path, threads: int, trust_code: bool) 
     return AutocastRunner(source.module, source.spec, keep, **engine.options)
 
 
-def open_engine_file(engine: Engine, path: Path, input_names: list[str], output_names: list[str],
-                     threads: int | None, spinning: bool = False) -> Runner:
+def open_engine_file(
+    engine: Engine,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    threads: int | None,
+    spinning: bool = False,
+) -> Runner:
     """A runner of `engine`'s kind over the artifact file `path` (its own, or another graph
     of the same format, e.g. the decode step): ONNX Runtime on the engine's provider with
     `threads` (`spinning` threads only where the session is alone in its process)."""
@@ -144,8 +163,9 @@ def open_engine_file(engine: Engine, path: Path, input_names: list[str], output_
 def _artifact(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:
     spec = manifest_spec(export_dir)
     # Alone in a bench worker process: spinning threads steal from nobody (ORT's default).
-    return open_engine_file(engine, Path(export_dir) / engine.artifact, spec.input_names, spec.output_names,
-                            threads, spinning=True)
+    return open_engine_file(
+        engine, Path(export_dir) / engine.artifact, spec.input_names, spec.output_names, threads, spinning=True
+    )
 
 
 def _openvino(engine: Engine, export_dir: Path, threads: int, trust_code: bool) -> Runner:

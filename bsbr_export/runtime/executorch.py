@@ -64,8 +64,10 @@ def load_program(path: str | os.PathLike):
 
             return Runtime.get().load_program(path)
     except (RuntimeError, ValueError) as exc:
-        raise UserError(f"{path} is not a loadable ExecuTorch program (.pte): {str(exc).splitlines()[0]}; "
-                        "re-export it with --format executorch") from None
+        raise UserError(
+            f"{path} is not a loadable ExecuTorch program (.pte): {str(exc).splitlines()[0]}; "
+            "re-export it with --format executorch"
+        ) from None
 
 
 def program_limits(program) -> dict[str, int]:
@@ -110,7 +112,8 @@ class ExecuTorchRunner:
         if length > self.limits["max_length"] or batch > self.limits["max_batch"]:
             raise UserError(
                 f"{self.path.name} runs up to batch {self.limits['max_batch']} x length {self.limits['max_length']}, "
-                f"got batch {batch} x length {length}: re-export with --format executorch --max-length/--max-batch")
+                f"got batch {batch} x length {length}: re-export with --format executorch --max-length/--max-batch"
+            )
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check_feeds(feeds)

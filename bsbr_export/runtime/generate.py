@@ -55,15 +55,25 @@ class Generator:
         """The prompt's token ids: text through the export's tokenizer, or ids as given (checked)."""
         return self.prompts.encode(prompt)
 
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 20, *, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 stop: Sequence[str | int] = (), stream: bool = False) -> Generation | Iterator[Token]:
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 20,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop: Sequence[str | int] = (),
+        stream: bool = False,
+    ) -> Generation | Iterator[Token]:
         """Generate up to `max_new_tokens` after `prompt` (text, or token ids), sampled as
         `Sampling` says. Stops early at the model's end-of-text id or at any of `stop`
         (token ids, or strings the generated text ends with). `stream=True` returns an
         iterator of `Token`s as they are made; else the finished `Generation`."""
-        request = self.request(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               stop=stop)
+        request = self.request(
+            prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop
+        )
         tokens = self._tokens(request)
         if stream:
             return tokens
@@ -108,14 +118,17 @@ def _graph(engine: Engine, manifest: dict) -> str | None:
     return next((artifact_name(fmt, k) for k in GRAPH_KINDS if artifact_name(fmt, k) in listed), None)
 
 
-def _open(export_dir: Path, manifest: dict, spec: ModelSpec, engine_name: str,
-          threads: int | None) -> tuple[Engine, str, Runner]:
+def _open(
+    export_dir: Path, manifest: dict, spec: ModelSpec, engine_name: str, threads: int | None
+) -> tuple[Engine, str, Runner]:
     usable = _usable(export_dir, manifest)
     engine = ENGINES.get(engine_name)
     if engine is None or engine_name not in usable:
         reason = "unknown" if engine is None else why_not(engine, export_dir) or "has no streaming graph to run here"
-        raise UserError(f"engine {engine_name!r} cannot generate from {export_dir} ({reason}): "
-                        f"use one of {', '.join(usable) or 'none (export with --streaming)'}")
+        raise UserError(
+            f"engine {engine_name!r} cannot generate from {export_dir} ({reason}): "
+            f"use one of {', '.join(usable) or 'none (export with --streaming)'}"
+        )
     name = _graph(engine, manifest)
     kind = next(k for k in GRAPH_KINDS if name == artifact_name(FORMATS[engine.runs], k))
     state = spec.state

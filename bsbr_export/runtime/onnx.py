@@ -27,8 +27,12 @@ def optimization_level(name: str) -> ort.GraphOptimizationLevel:
     if name not in OPTIMIZATION_LEVELS:
         raise UserError(f"unknown optimization level {name!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
     level = ort.GraphOptimizationLevel
-    return dict(zip(OPTIMIZATION_LEVELS, (level.ORT_DISABLE_ALL, level.ORT_ENABLE_BASIC,
-                                          level.ORT_ENABLE_EXTENDED, level.ORT_ENABLE_ALL)))[name]
+    return dict(
+        zip(
+            OPTIMIZATION_LEVELS,
+            (level.ORT_DISABLE_ALL, level.ORT_ENABLE_BASIC, level.ORT_ENABLE_EXTENDED, level.ORT_ENABLE_ALL),
+        )
+    )[name]
 
 
 class OnnxRunner:
@@ -100,9 +104,7 @@ class OnnxRunner:
                 raise UserError(f"missing input {name!r} (the graph takes {', '.join(self.input_names)})")
             shape = feeds[name].shape
             declared = arg.shape
-            if len(shape) != len(declared) or any(
-                isinstance(d, int) and d != s for d, s in zip(declared, shape)
-            ):
+            if len(shape) != len(declared) or any(isinstance(d, int) and d != s for d, s in zip(declared, shape)):
                 raise UserError(
                     f"input {name!r} has shape {list(shape)} but this graph takes {list(declared)}: "
                     "it was exported with a static shape; re-export with dynamic axes or feed that shape"

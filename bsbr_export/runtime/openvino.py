@@ -30,8 +30,15 @@ class OpenVinoRunner:
 
     name = "openvino"
 
-    def __init__(self, path: str | os.PathLike, input_names: list[str] | None = None,
-                 output_names: list[str] | None = None, *, precision: str = "f32", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        input_names: list[str] | None = None,
+        output_names: list[str] | None = None,
+        *,
+        precision: str = "f32",
+        threads: int | None = None,
+    ) -> None:
         missing = openvino_missing()
         if missing:
             raise UserError(missing)

@@ -22,8 +22,10 @@ from bsbr_export.errors import UserError
 ENV_VAR = "BSBR_ORT_WEB"
 VERSION = "1.31.1"  # web/package.json pins it
 WORKER = Path(__file__).with_name("ortweb_worker.mjs")
-INSTALL = (f"run `npm ci --prefix web` in a bsbr-export checkout, or `npm install onnxruntime-web@{VERSION}` "
-           f"and set {ENV_VAR}=node_modules/onnxruntime-web/dist")
+INSTALL = (
+    f"run `npm ci --prefix web` in a bsbr-export checkout, or `npm install onnxruntime-web@{VERSION}` "
+    f"and set {ENV_VAR}=node_modules/onnxruntime-web/dist"
+)
 DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32}
 
 
@@ -34,8 +36,9 @@ def ort_web_dist(needs: tuple[str, ...] = ("ort.node.min.mjs",)) -> Path:
     dist = Path(os.environ.get(ENV_VAR) or default)
     missing = [f for f in needs if not (dist / f).is_file()]
     if missing:
-        raise UserError(f"onnxruntime-web's files are needed for the web format, and {dist} lacks {missing[0]}: "
-                        f"{INSTALL}")
+        raise UserError(
+            f"onnxruntime-web's files are needed for the web format, and {dist} lacks {missing[0]}: {INSTALL}"
+        )
     package = dist.parent / "package.json"
     version = json.loads(package.read_text()).get("version") if package.is_file() else None
     if version != VERSION:
@@ -48,15 +51,22 @@ class OrtWebRunner:
 
     name = "onnxruntime-web"
 
-    def __init__(self, path: str | os.PathLike, input_names: list[str] | None = None,
-                 output_names: list[str] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, input_names: list[str] | None = None, output_names: list[str] | None = None
+    ) -> None:
         node = shutil.which("node")
         if node is None:
-            raise UserError("the web format's graphs are checked in onnxruntime-web under Node.js: install node (>= 18)")
+            raise UserError(
+                "the web format's graphs are checked in onnxruntime-web under Node.js: install node (>= 18)"
+            )
         self.path = Path(path)
-        self.process = subprocess.Popen([node, str(WORKER), str(ort_web_dist()), str(self.path)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
+        self.process = subprocess.Popen(
+            [node, str(WORKER), str(ort_web_dist()), str(self.path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         first = self._read()
         if "error" in first:
             self.close()
@@ -68,16 +78,23 @@ class OrtWebRunner:
                 raise UserError(f"{self.path.name} has {', '.join(own)}, expected {', '.join(given)}: re-export it")
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        request = {name: {"dtype": str(feeds[name].dtype), "dims": list(feeds[name].shape),
-                          "data": base64.b64encode(np.ascontiguousarray(feeds[name]).tobytes()).decode()}
-                   for name in self.input_names}
+        request = {
+            name: {
+                "dtype": str(feeds[name].dtype),
+                "dims": list(feeds[name].shape),
+                "data": base64.b64encode(np.ascontiguousarray(feeds[name]).tobytes()).decode(),
+            }
+            for name in self.input_names
+        }
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         answer = self._read()
         if "error" in answer:
             raise UserError(f"onnxruntime-web failed to run {self.path.name}: {answer['error'].splitlines()[0][:400]}")
-        return {name: np.frombuffer(base64.b64decode(value["data"]), DTYPES[value["dtype"]]).reshape(value["dims"])
-                for name, value in answer["outputs"].items()}
+        return {
+            name: np.frombuffer(base64.b64decode(value["data"]), DTYPES[value["dtype"]]).reshape(value["dims"])
+            for name, value in answer["outputs"].items()
+        }
 
     def _read(self) -> dict:
         line = self.process.stdout.readline()

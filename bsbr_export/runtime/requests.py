@@ -201,8 +201,10 @@ def logits_output(spec: ModelSpec, export_dir: Path) -> str:
     """The name of the output that holds the logits, or a UserError: generation needs them."""
     name = next((o.name for o in spec.outputs if o.logits), None)
     if name is None:
-        raise UserError(f"{export_dir}'s model outputs {', '.join(spec.output_names)}, no logits: "
-                        "generation needs a model with its LM head")
+        raise UserError(
+            f"{export_dir}'s model outputs {', '.join(spec.output_names)}, no logits: "
+            "generation needs a model with its LM head"
+        )
     return name
 
 
@@ -220,8 +222,10 @@ class Prompts:
         """The prompt's token ids: text through the export's tokenizer, or ids as given (checked)."""
         if isinstance(prompt, str):
             if self.text is None:
-                raise UserError(f"{self.export_dir} has no tokenizer (neither byte-level nor a tokenizer.json): "
-                                "pass the prompt as token ids")
+                raise UserError(
+                    f"{self.export_dir} has no tokenizer (neither byte-level nor a tokenizer.json): "
+                    "pass the prompt as token ids"
+                )
             ids = self.text.encode(prompt)
         else:
             ids = list(prompt)
@@ -234,13 +238,27 @@ class Prompts:
             raise UserError(f"token id {max(ids)} is out of range: this model's vocabulary is [0, {self.vocab_size})")
         return [int(i) for i in ids]
 
-    def request(self, prompt: str | Sequence[int], max_new_tokens: int = 20, *, temperature: float = 0.0,
-                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                stop: Sequence[str | int] = ()) -> Request:
+    def request(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 20,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop: Sequence[str | int] = (),
+    ) -> Request:
         """A generation's `Request` (arguments as `Generator.generate`), every one of them checked."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         sampling = Sampling(temperature, top_k, top_p, seed)
-        return Request(Generation(self.encode(prompt)), max_new_tokens, sampling,
-                       {s for s in stop if isinstance(s, int)}, [s for s in stop if isinstance(s, str) and s],
-                       self.eos_ids, self.text)
+        return Request(
+            Generation(self.encode(prompt)),
+            max_new_tokens,
+            sampling,
+            {s for s in stop if isinstance(s, int)},
+            [s for s in stop if isinstance(s, str) and s],
+            self.eos_ids,
+            self.text,
+        )

@@ -17,8 +17,9 @@ class TorchScriptRunner(ModuleRunner):
 
     name = "torchscript"
 
-    def __init__(self, path: str | os.PathLike, input_names: list[str], output_names: list[str],
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, path: str | os.PathLike, input_names: list[str], output_names: list[str], device: str = "cpu"
+    ) -> None:
         path = Path(path)
         self.device = torch.device(device)
         if not path.is_file():

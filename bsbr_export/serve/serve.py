@@ -33,8 +33,10 @@ from bsbr_export.manifest import MANIFEST
 ENV_VAR = "BSBR_TRITON_ENV"
 # --no-deps: the wheel's dependencies serve PyTriton's Python API, which is not used here;
 # the server binary brings its own libraries.
-INSTALL = ('python3 -m venv .venv-triton && .venv-triton/bin/pip install "numpy<2" onnxruntime tokenizers && '
-           '.venv-triton/bin/pip install --no-deps "nvidia-pytriton==0.7.0"')
+INSTALL = (
+    'python3 -m venv .venv-triton && .venv-triton/bin/pip install "numpy<2" onnxruntime tokenizers && '
+    '.venv-triton/bin/pip install --no-deps "nvidia-pytriton==0.7.0"'
+)
 START_TIMEOUT_S = 60.0
 # On SIGTERM, Triton waits this long for in-flight work (open sequences count) before exiting;
 # after STOP_TIMEOUT_S we kill it.
@@ -75,8 +77,9 @@ def find_env(root: str | os.PathLike | None = None) -> TritonEnv:
     """The serving venv at `root` (default: $BSBR_TRITON_ENV), checked to be usable."""
     root = root or os.environ.get(ENV_VAR)
     if not root:
-        raise UserError(f"no Triton server: install one with `{INSTALL}` and pass --triton-env .venv-triton "
-                        f"(or set {ENV_VAR})")
+        raise UserError(
+            f"no Triton server: install one with `{INSTALL}` and pass --triton-env .venv-triton (or set {ENV_VAR})"
+        )
     root = Path(root)
     python = root / "bin" / "python"
     if not python.is_file():
@@ -87,14 +90,19 @@ def find_env(root: str | os.PathLike | None = None) -> TritonEnv:
         raise UserError(f"--triton-env {root}: its bin/python fails ({last}): recreate it with `{INSTALL}`")
     info = json.loads(done.stdout)
     if info["numpy"] is None:
-        raise UserError(f"--triton-env {root} has no numpy, which Triton's Python backend needs: "
-                        f"run `{root}/bin/pip install 'numpy<2'`")
+        raise UserError(
+            f"--triton-env {root} has no numpy, which Triton's Python backend needs: "
+            f"run `{root}/bin/pip install 'numpy<2'`"
+        )
     if int(info["numpy"].split(".")[0]) >= 2:
-        raise UserError(f"--triton-env {root} has numpy {info['numpy']}, which corrupts Triton's Python-backend "
-                        f"tensors: run `{root}/bin/pip install 'numpy<2'`")
+        raise UserError(
+            f"--triton-env {root} has numpy {info['numpy']}, which corrupts Triton's Python-backend "
+            f"tensors: run `{root}/bin/pip install 'numpy<2'`"
+        )
     if info["onnxruntime"] is None:
-        raise UserError(f"--triton-env {root} has no onnxruntime, which the models need: run "
-                        f"`{root}/bin/pip install onnxruntime`")
+        raise UserError(
+            f"--triton-env {root} has no onnxruntime, which the models need: run `{root}/bin/pip install onnxruntime`"
+        )
     site = Path(info["site"])
     server = site / "pytriton" / "tritonserver"
     env = TritonEnv(
@@ -106,8 +114,10 @@ def find_env(root: str | os.PathLike | None = None) -> TritonEnv:
     )
     for path in (env.tritonserver, env.python_backend, env.stub):
         if not path.exists():
-            raise UserError(f"--triton-env {root} lacks {path.relative_to(site)}: run "
-                            f"`{root}/bin/pip install --no-deps 'nvidia-pytriton==0.7.0'`")
+            raise UserError(
+                f"--triton-env {root} lacks {path.relative_to(site)}: run "
+                f"`{root}/bin/pip install --no-deps 'nvidia-pytriton==0.7.0'`"
+            )
     return env
 
 
@@ -123,11 +133,15 @@ def repo_models(repo: str | os.PathLike, backends: set[str]) -> RepoModels:
     """Sort `repo`'s models by whether one of `backends` runs them (from each config.pbtxt)."""
     repo = Path(repo)
     if not repo.is_dir():
-        raise UserError(f"Triton repository {repo} is not a directory: write one with "
-                        "`bsbr-export export MODEL --format onnx --streaming --triton-repo DIR`")
+        raise UserError(
+            f"Triton repository {repo} is not a directory: write one with "
+            "`bsbr-export export MODEL --format onnx --streaming --triton-repo DIR`"
+        )
     if (repo / MANIFEST).is_file():
-        raise UserError(f"{repo} is an export directory, not a Triton repository: write one with "
-                        f"`bsbr-export export MODEL --format onnx --streaming --triton-repo DIR`")
+        raise UserError(
+            f"{repo} is an export directory, not a Triton repository: write one with "
+            f"`bsbr-export export MODEL --format onnx --streaming --triton-repo DIR`"
+        )
     loaded, skipped = [], {}
     for config in sorted(repo.glob("*/config.pbtxt")):
         backend = _config_backend(config.read_text())
@@ -136,12 +150,16 @@ def repo_models(repo: str | os.PathLike, backends: set[str]) -> RepoModels:
         else:
             skipped[config.parent.name] = backend
     if not loaded and not skipped:
-        raise UserError(f"{repo} holds no models (no */config.pbtxt): write them with "
-                        "`bsbr-export export MODEL --format onnx --streaming --triton-repo DIR`")
+        raise UserError(
+            f"{repo} holds no models (no */config.pbtxt): write them with "
+            "`bsbr-export export MODEL --format onnx --streaming --triton-repo DIR`"
+        )
     if not loaded:
-        raise UserError(f"no model in {repo} runs on this server's backends ({', '.join(sorted(backends))}): "
-                        f"{', '.join(f'{m} needs {b}' for m, b in skipped.items())}; re-export with --triton-repo "
-                        "to add the Python-backend models")
+        raise UserError(
+            f"no model in {repo} runs on this server's backends ({', '.join(sorted(backends))}): "
+            f"{', '.join(f'{m} needs {b}' for m, b in skipped.items())}; re-export with --triton-repo "
+            "to add the Python-backend models"
+        )
     return RepoModels(tuple(loaded), skipped)
 
 
@@ -175,8 +193,14 @@ class TritonServer:
     backend directory it made.
     """
 
-    def __init__(self, repo: str | os.PathLike, env: TritonEnv, http_port: int = 8000, grpc_port: int = 8001,
-                 timeout_s: float = START_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        repo: str | os.PathLike,
+        env: TritonEnv,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        timeout_s: float = START_TIMEOUT_S,
+    ) -> None:
         self.repo = Path(repo).resolve()
         self.env = env
         self.models = repo_models(self.repo, {"python"})
@@ -223,16 +247,27 @@ class TritonServer:
             "VIRTUAL_ENV": str(self.env.root),
         }
         command = [
-            str(self.env.tritonserver), f"--model-repository={models}", f"--backend-directory={backends}",
-            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
-            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-            "--allow-metrics=false", f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            str(self.env.tritonserver),
+            f"--model-repository={models}",
+            f"--backend-directory={backends}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=false",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         ]
         started = time.perf_counter()
         with open(self.log_path, "wb") as log:
             # Its own process group: Ctrl-C in a terminal reaches us, and we stop it in order.
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environ,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environ,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         try:
             self._wait_ready(started)
         except BaseException:
@@ -285,11 +320,18 @@ class TritonServer:
         text = self.log_path.read_text(errors="replace")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         # Every start on a machine without a GPU logs this error, which never matters here.
-        errors = [LOG_PREFIX.sub("", line).lstrip('"') for line in lines
-                  if LOG_PREFIX.match(line) and line[0] == "E" and "CudaDriverHelper" not in line]
-        candidates = ([line for line in errors if line.startswith("failed to load '")]  # names the model
-                      + [line for line in errors if "fail" in line.lower()]
-                      + [line for line in lines if line.startswith("error:")] + errors + lines[-1:])
+        errors = [
+            LOG_PREFIX.sub("", line).lstrip('"')
+            for line in lines
+            if LOG_PREFIX.match(line) and line[0] == "E" and "CudaDriverHelper" not in line
+        ]
+        candidates = (
+            [line for line in errors if line.startswith("failed to load '")]  # names the model
+            + [line for line in errors if "fail" in line.lower()]
+            + [line for line in lines if line.startswith("error:")]
+            + errors
+            + lines[-1:]
+        )
         reason = candidates[0] if candidates else "(its log is empty)"
         # The server saw the staged links: name the user's files instead.
         reason = reason.replace(str(self._workdir / "models"), str(self.repo))
@@ -320,12 +362,20 @@ class TritonServer:
         self.stop()
 
 
-def serve(repo: str | os.PathLike, triton_env: str | os.PathLike | None = None, *, http_port: int = 8000,
-          grpc_port: int = 8001, timeout_s: float = START_TIMEOUT_S, on_ready=lambda server: None) -> int:
+def serve(
+    repo: str | os.PathLike,
+    triton_env: str | os.PathLike | None = None,
+    *,
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    timeout_s: float = START_TIMEOUT_S,
+    on_ready=lambda server: None,
+) -> int:
     """Serve `repo` until the server exits, Ctrl-C or SIGTERM (which stop it); the server's exit status.
 
     `on_ready(server)` is called once it is ready (the CLI prints the endpoints there).
     """
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 

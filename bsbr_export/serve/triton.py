@@ -117,7 +117,8 @@ def write_triton_repo(
     Python-backend model. The step and generate models each hold at most `max_sequences`
     sequences and `max_state_bytes` of their state, and take prompts of up to
     `max_prompt_tokens`; past a limit, a request gets an error response; they run ONNX
-    Runtime with `threads` intra-op threads (0: its default, one per core). Returns `repo_dir`, the path to give `tritonserver --model-repository`.
+    Runtime with `threads` intra-op threads (0: its default, one per core). Returns `repo_dir`, the
+    path to give `tritonserver --model-repository`.
     """
     export_dir, repo_dir = Path(export_dir), Path(repo_dir)
     manifest = read_manifest(export_dir)
@@ -133,15 +134,23 @@ def write_triton_repo(
     # model -> (artifact, config, Python backend?, carries the serving package?)
     models = {
         name: (artifacts["model.onnx"], logits_config(name, full), False, False),
-        f"{name}_python": (artifacts["model.onnx"], python_logits_config(f"{name}_python", full, vocab_size), True,
-                           False),
+        f"{name}_python": (
+            artifacts["model.onnx"],
+            python_logits_config(f"{name}_python", full, vocab_size),
+            True,
+            False,
+        ),
     }
     if "model.streaming.onnx" in artifacts:
         streaming = f"{name}_streaming"
         config = streaming_config(streaming, export_dir / "model.streaming.onnx", manifest["state"])
         models[streaming] = (artifacts["model.streaming.onnx"], config, False, False)
-    limits = {"max_sequences": max_sequences, "max_state_bytes": max_state_bytes,
-              "max_prompt_tokens": max_prompt_tokens, "threads": threads}
+    limits = {
+        "max_sequences": max_sequences,
+        "max_state_bytes": max_state_bytes,
+        "max_prompt_tokens": max_prompt_tokens,
+        "threads": threads,
+    }
     if ROWS_GRAPH in artifacts:
         step = f"{name}_streaming_python"
         models[step] = (None, rows_config(step, export_dir / DECODE_GRAPH, idle_seconds, limits), True, True)
@@ -149,8 +158,7 @@ def write_triton_repo(
         models[generate] = (None, generate_config(generate, limits), True, True)
     elif DECODE_GRAPH in artifacts:
         streaming = f"{name}_streaming_python"
-        config = python_decode_config(streaming, export_dir / DECODE_GRAPH, manifest["state"], vocab_size,
-                                      idle_seconds)
+        config = python_decode_config(streaming, export_dir / DECODE_GRAPH, manifest["state"], vocab_size, idle_seconds)
         models[streaming] = (artifacts[DECODE_GRAPH], config, True, True)  # its state advances as runtime.state says
     # Stage every model before publishing any: a failure leaves the repository as it was.
     with contextlib.ExitStack() as stack:
@@ -178,12 +186,15 @@ def copy_serving_package(target: Path) -> None:
     """Copy the modules of this package that `SERVING_MODULE` imports into
     `target/bsbr_export/` (found by importing it in a fresh interpreter; none of them
     imports torch, which import-linter keeps so)."""
-    code = ("import sys, importlib; importlib.import_module(sys.argv[1]); print('\\n'.join(sorted("
-            "m.__file__ for n, m in list(sys.modules.items()) if n.split('.')[0] == 'bsbr_export')))")
+    code = (
+        "import sys, importlib; importlib.import_module(sys.argv[1]); print('\\n'.join(sorted("
+        "m.__file__ for n, m in list(sys.modules.items()) if n.split('.')[0] == 'bsbr_export')))"
+    )
     root = Path(__file__).resolve().parents[1]  # the bsbr_export package
     # Run beside this package, so `-c` imports it (not one in the caller's directory).
-    done = subprocess.run([sys.executable, "-c", code, SERVING_MODULE], capture_output=True, text=True, check=True,
-                          cwd=root.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", code, SERVING_MODULE], capture_output=True, text=True, check=True, cwd=root.parent
+    )
     for file in done.stdout.split():
         path = Path(file).resolve()
         copy = target / "bsbr_export" / path.relative_to(root)
@@ -294,8 +305,15 @@ def python_decode_config(name: str, path: Path, state: dict, vocab_size: int, id
         *_io("output", [outputs[0], opened], True),
         "instance_group [ { kind: KIND_CPU, count: 1 } ]",
         *_sequence_batching(idle_seconds),
-        *_parameters({"mode": "decode", "onnx_file": path.name, "vocab_size": vocab_size,
-                      "idle_seconds": idle_seconds, "state_shapes": json.dumps(state["inputs"])}),
+        *_parameters(
+            {
+                "mode": "decode",
+                "onnx_file": path.name,
+                "vocab_size": vocab_size,
+                "idle_seconds": idle_seconds,
+                "state_shapes": json.dumps(state["inputs"]),
+            }
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -327,12 +345,19 @@ def generate_config(name: str, limits: dict) -> str:
     """config.pbtxt of the generate model (mode `generate`): decoupled, so one request gets
     a response per token; inputs and outputs named as Triton's vLLM backend's, plus
     `input_ids` (a prompt as token ids) and `output_ids` (the new tokens' ids)."""
-    optional = [("text_input", "TYPE_STRING", 1), ("input_ids", "TYPE_INT64", -1), ("max_tokens", "TYPE_INT32", 1),
-                ("sampling_parameters", "TYPE_STRING", 1), ("stream", "TYPE_BOOL", 1),
-                ("exclude_input_in_output", "TYPE_BOOL", 1)]
+    optional = [
+        ("text_input", "TYPE_STRING", 1),
+        ("input_ids", "TYPE_INT64", -1),
+        ("max_tokens", "TYPE_INT32", 1),
+        ("sampling_parameters", "TYPE_STRING", 1),
+        ("stream", "TYPE_BOOL", 1),
+        ("exclude_input_in_output", "TYPE_BOOL", 1),
+    ]
     lines = [
         f"# Written by bsbr-export: in-flight batching over {ROWS_GRAPH} and {DECODE_GRAPH} (1/export/).",
-        f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
+        f'name: "{name}"',
+        'backend: "python"',
+        "max_batch_size: 0",
         "model_transaction_policy { decoupled: true }",
         "input [",
         ",\n".join(f'  {{ name: "{n}", data_type: {t}, dims: [ {d} ], optional: true }}' for n, t, d in optional),
@@ -366,12 +391,18 @@ def _sequence_batching(idle_seconds: int) -> list[str]:
 def _header(name: str, path: Path, backend: str) -> list[str]:
     """A config's first lines: where it came from, its name, what runs it."""
     runs = 'platform: "onnxruntime_onnx"' if backend == "onnxruntime" else f'backend: "{backend}"'
-    return [f"# Written by bsbr-export from {path.name}: names, types and dims are the graph's.", f'name: "{name}"', runs]
+    return [
+        f"# Written by bsbr-export from {path.name}: names, types and dims are the graph's.",
+        f'name: "{name}"',
+        runs,
+    ]
 
 
 def _parameters(values: dict) -> list[str]:
     """A `parameters` section; json.dumps quotes and escapes as protobuf text format does."""
-    entries = [f"  {{ key: {json.dumps(k)}, value: {{ string_value: {json.dumps(str(v))} }} }}" for k, v in values.items()]
+    entries = [
+        f"  {{ key: {json.dumps(k)}, value: {{ string_value: {json.dumps(str(v))} }} }}" for k, v in values.items()
+    ]
     return ["parameters ["] + [e + ("," if i < len(entries) - 1 else "") for i, e in enumerate(entries)] + ["]"]
 
 

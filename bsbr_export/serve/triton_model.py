@@ -103,8 +103,10 @@ def control(request, name: str) -> int:
 
 
 def not_open(sequence: int, idle_seconds: float) -> RequestError:
-    return RequestError(f"sequence {sequence} is not open here (ended, idle for over {idle_seconds:g} s, never "
-                        "started, or the server restarted since): send its first request with sequence_start")
+    return RequestError(
+        f"sequence {sequence} is not open here (ended, idle for over {idle_seconds:g} s, never "
+        "started, or the server restarted since): send its first request with sequence_start"
+    )
 
 
 def import_bsbr_export():
@@ -136,7 +138,9 @@ class FullModel:
         ids = input_ids(request, self.vocab_size)
         mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()  # Triton requires it
         if mask.shape != ids.shape:
-            raise RequestError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: they must match")
+            raise RequestError(
+                f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}: they must match"
+            )
         (logits,) = self.session.run([self.logits], {"input_ids": ids, "attention_mask": mask})
         return pb_utils.InferenceResponse([pb_utils.Tensor(self.logits, logits)])
 
@@ -204,8 +208,12 @@ class DecodeModel:
         else:
             self.expiry.touch(sequence)
         held = np.array([[len(self.sequences)]], dtype=np.int64)  # [batch 1, 1]
-        return pb_utils.InferenceResponse([pb_utils.Tensor(self.output_names[0], outputs[self.output_names[0]]),
-                                           pb_utils.Tensor("open_sequences", held)])
+        return pb_utils.InferenceResponse(
+            [
+                pb_utils.Tensor(self.output_names[0], outputs[self.output_names[0]]),
+                pb_utils.Tensor("open_sequences", held),
+            ]
+        )
 
     def _empty_state(self) -> dict[str, np.ndarray]:
         """Zeros of batch 1 with no finished chunks and no cached tokens."""
@@ -224,22 +232,28 @@ class Limits:
         self.max_prompt_tokens = int(params["max_prompt_tokens"])
         self.sequences = sequences
         per = {n: sequences.state_bytes(position=n) for n in (0, 4096, 65536)}
-        log(f"state per sequence: {per[0]} bytes at 0 tokens, {per[4096]} at 4096, {per[65536]} at 65536; "
-            f"at most {self.max_sequences} sequences and {self.max_state_bytes} state bytes")
+        log(
+            f"state per sequence: {per[0]} bytes at 0 tokens, {per[4096]} at 4096, {per[65536]} at 65536; "
+            f"at most {self.max_sequences} sequences and {self.max_state_bytes} state bytes"
+        )
 
     def check_open(self, tokens: int, final_tokens: int, held_bytes: int) -> None:
         """Refuse a new sequence of `tokens` prompt tokens (`final_tokens` when it ends) when
         it would pass a limit."""
         if tokens > self.max_prompt_tokens:
-            raise RequestError(f"the prompt has {tokens} tokens, over this model's max_prompt_tokens "
-                               f"({self.max_prompt_tokens})")
+            raise RequestError(
+                f"the prompt has {tokens} tokens, over this model's max_prompt_tokens ({self.max_prompt_tokens})"
+            )
         if len(self.sequences) >= self.max_sequences:
-            raise RequestError(f"{len(self.sequences)} sequences are open, this model's max_sequences: "
-                               "retry when one ends")
+            raise RequestError(
+                f"{len(self.sequences)} sequences are open, this model's max_sequences: retry when one ends"
+            )
         needed = self.sequences.state_bytes(position=final_tokens)
         if held_bytes + needed > self.max_state_bytes:
-            raise RequestError(f"the open sequences hold {held_bytes} state bytes; this one needs {needed} more, "
-                               f"over this model's max_state_bytes ({self.max_state_bytes}): retry when one ends")
+            raise RequestError(
+                f"the open sequences hold {held_bytes} state bytes; this one needs {needed} more, "
+                f"over this model's max_state_bytes ({self.max_state_bytes}): retry when one ends"
+            )
 
 
 class RowsModel:
@@ -278,7 +292,7 @@ class RowsModel:
         if feeds:
             for sequence, logits in self.sequences.feed(feeds).items():
                 responses[ends[sequence][0]] = logits
-        for sequence, (i, end) in ends.items():
+        for sequence, (_, end) in ends.items():
             if end:
                 self.sequences.close(sequence)
                 self.expiry.forget(sequence)
@@ -286,9 +300,14 @@ class RowsModel:
                 self.expiry.touch(sequence)
         held = np.array([[len(self.sequences)]], dtype=np.int64)
         logits_name = self.sequences.logits
-        return [r if not isinstance(r, np.ndarray) else
-                pb_utils.InferenceResponse([pb_utils.Tensor(logits_name, r[None].astype(np.float32)),
-                                            pb_utils.Tensor("open_sequences", held)]) for r in responses]
+        return [
+            r
+            if not isinstance(r, np.ndarray)
+            else pb_utils.InferenceResponse(
+                [pb_utils.Tensor(logits_name, r[None].astype(np.float32)), pb_utils.Tensor("open_sequences", held)]
+            )
+            for r in responses
+        ]
 
     def finalize(self) -> None:
         pass
@@ -354,7 +373,9 @@ class GenerateModel:
             raise RequestError("sampling_parameters must be a JSON object")
         unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
         if unknown:
-            raise RequestError(f"unknown sampling parameter {unknown[0]!r}: this model reads {', '.join(SAMPLING_KEYS)}")
+            raise RequestError(
+                f"unknown sampling parameter {unknown[0]!r}: this model reads {', '.join(SAMPLING_KEYS)}"
+            )
         max_tokens = optional_input(request, "max_tokens")
         max_tokens = int(max_tokens[0]) if max_tokens is not None else sampling.get("max_tokens", DEFAULT_MAX_TOKENS)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
@@ -362,16 +383,21 @@ class GenerateModel:
         stop = sampling.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
         top_k = sampling.get("top_k")
-        options = {"temperature": sampling.get("temperature", 0.0),
-                   "top_k": None if top_k in (None, -1, 0) else top_k,  # vLLM: -1 (or 0) means all
-                   "top_p": sampling.get("top_p"), "seed": sampling.get("seed", 0),
-                   "stop": stop + list(sampling.get("stop_token_ids") or [])}
+        options = {
+            "temperature": sampling.get("temperature", 0.0),
+            "top_k": None if top_k in (None, -1, 0) else top_k,  # vLLM: -1 (or 0) means all
+            "top_p": sampling.get("top_p"),
+            "seed": sampling.get("seed", 0),
+            "stop": stop + list(sampling.get("stop_token_ids") or []),
+        }
         prompt = text_of(text[0]) if text is not None else [int(i) for i in ids]
         checked = self.batcher.prompts.request(prompt, max_tokens, **options)
         stream = optional_input(request, "stream")
         exclude = optional_input(request, "exclude_input_in_output")
         streaming = True if stream is None else bool(stream[0])
-        prefix = prompt if isinstance(prompt, str) and not streaming and not (exclude is not None and exclude[0]) else ""
+        prefix = (
+            prompt if isinstance(prompt, str) and not streaming and not (exclude is not None and exclude[0]) else ""
+        )
         return Job(checked, sender, streaming, prefix)
 
     def _run(self) -> None:
@@ -430,7 +456,9 @@ class GenerateModel:
 
     @staticmethod
     def _response(text: str, ids: list[int]):
-        return pb_utils.InferenceResponse([
-            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int64)),
-        ])
+        return pb_utils.InferenceResponse(
+            [
+                pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+                pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int64)),
+            ]
+        )

@@ -152,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("export_dir", type=Path, help="directory written by `bsbr-export export`")
     parser.add_argument("ids", nargs="*", help="token ids of one sequence")
     parser.add_argument("--ids-file", metavar="FILE", help="file with one sequence of space-separated ids per line")
-    parser.add_argument("--out", type=Path, metavar="FILE.npy",
-                        help="write the logits here as .npy (float32 [batch, sequence, vocab])")
+    parser.add_argument(
+        "--out", type=Path, metavar="FILE.npy", help="write the logits here as .npy (float32 [batch, sequence, vocab])"
+    )
     parser.add_argument("--threads", type=int, metavar="N", help="ORT intra-op threads [default: all cores]")
     try:
         args = parser.parse_args(argv)

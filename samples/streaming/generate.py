@@ -54,8 +54,15 @@ def parse_ids(words: list[str], where: str) -> list[int]:
 
 def read_prompt(args) -> str | list[int]:
     """The prompt: --text, or token ids from argv or from a file of space-separated ids."""
-    given = [name for name, value in (("token ids", args.ids), ("--prompt-file", args.prompt_file),
-                                      ("--text", args.text is not None)) if value]
+    given = [
+        name
+        for name, value in (
+            ("token ids", args.ids),
+            ("--prompt-file", args.prompt_file),
+            ("--text", args.text is not None),
+        )
+        if value
+    ]
     if len(given) > 1:
         raise UserError(f"pass one prompt: {' and '.join(given)} given")
     if args.text is not None:
@@ -75,14 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("export_dir", type=Path, help="directory written by `bsbr-export export ... --streaming`")
     parser.add_argument("ids", nargs="*", help="token ids of the prompt")
     parser.add_argument("--prompt-file", metavar="FILE", help="file with the prompt's token ids, split by spaces")
-    parser.add_argument("--text", metavar="PROMPT", help="a text prompt (byte-level models, or a tokenizer.json): "
-                        "output is text too")
+    parser.add_argument(
+        "--text", metavar="PROMPT", help="a text prompt (byte-level models, or a tokenizer.json): output is text too"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to generate [default: 20]")
     parser.add_argument("--out", type=Path, metavar="FILE.json", help="write prompt, generated ids and latencies here")
     parser.add_argument("--threads", type=int, metavar="N", help="ORT intra-op threads [default: all cores]")
     parser.add_argument("--engine", default=DEFAULT_ENGINE, help=f"engine to run [default: {DEFAULT_ENGINE}]")
-    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                        help="sample from softmax(logits / T); 0 = greedy [default: 0]")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="sample from softmax(logits / T); 0 = greedy [default: 0]",
+    )
     parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
     parser.add_argument("--top-p", type=float, metavar="P", help="sample among the most likely tokens up to mass P")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator [default: 0]")
@@ -90,8 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         prompt = read_prompt(args)
         generator = load_generator(args.export_dir, args.engine, args.threads)
-        tokens = generator.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                    top_p=args.top_p, seed=args.seed, stream=True)
+        tokens = generator.generate(
+            prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stream=True,
+        )
         text = isinstance(prompt, str)
         if text:
             print(prompt, end="", flush=True)
@@ -104,10 +124,22 @@ def main(argv: list[str] | None = None) -> int:
         prefill, latencies = seconds[0], seconds[1:]
         if args.out:
             with atomic_write(args.out) as tmp:
-                tmp.write_text(json.dumps({
-                    "prompt": generator.encode(prompt), "generated": generated, "prefill_ms": prefill * 1e3,
-                    "token_ms": [s * 1e3 for s in latencies], "engine": args.engine, "graph": generator.kind,
-                    "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}))
+                tmp.write_text(
+                    json.dumps(
+                        {
+                            "prompt": generator.encode(prompt),
+                            "generated": generated,
+                            "prefill_ms": prefill * 1e3,
+                            "token_ms": [s * 1e3 for s in latencies],
+                            "engine": args.engine,
+                            "graph": generator.kind,
+                            "temperature": args.temperature,
+                            "top_k": args.top_k,
+                            "top_p": args.top_p,
+                            "seed": args.seed,
+                        }
+                    )
+                )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -115,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     if latencies:
         ms = sorted(s * 1e3 for s in latencies)
         p90 = ms[min(len(ms) - 1, int(0.9 * len(ms)))]
-        print(f"{len(generated)} new tokens: per-token latency median {statistics.median(ms):.3f} ms, "
-              f"p90 {p90:.3f} ms ({1e3 / statistics.median(ms):.0f} tokens/s)")
+        print(
+            f"{len(generated)} new tokens: per-token latency median {statistics.median(ms):.3f} ms, "
+            f"p90 {p90:.3f} ms ({1e3 / statistics.median(ms):.0f} tokens/s)"
+        )
     return 0
 
 

@@ -60,16 +60,22 @@ class Sequence:
         except self.errors as exc:
             raise SampleError(f"cannot reach Triton at {url} ({protocol}): {_message(exc)}") from None
         if not ready:
-            raise SampleError(f"model {model} is not ready on {url}: is it a <model>_streaming_python model "
-                              "that `bsbr-export serve` loaded?")
+            raise SampleError(
+                f"model {model} is not ready on {url}: is it a <model>_streaming_python model "
+                "that `bsbr-export serve` loaded?"
+            )
 
     def step(self, ids: list[int], end: bool) -> np.ndarray:
         tensor = self.client_module.InferInput("input_ids", [1, len(ids)], "INT64")
         tensor.set_data_from_numpy(np.array([ids], dtype=np.int64))
         try:
             result = self.client.infer(
-                self.model, [tensor], outputs=[self.client_module.InferRequestedOutput("logits")],
-                sequence_id=self.sequence_id, sequence_start=not self.started, sequence_end=end,
+                self.model,
+                [tensor],
+                outputs=[self.client_module.InferRequestedOutput("logits")],
+                sequence_id=self.sequence_id,
+                sequence_start=not self.started,
+                sequence_end=end,
             )
         except self.errors as exc:
             raise SampleError(f"{self.model} refused the request: {_message(exc)}") from None
@@ -159,8 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         sequence = Sequence(args.protocol, args.url or DEFAULT_URLS[args.protocol], args.model, sequence_id)
         tokens, prefill, latencies = generate(sequence, prompt, args.max_new_tokens)
         if args.out:
-            write_json({"prompt": prompt, "generated": tokens, "prefill_ms": prefill * 1e3,
-                        "token_ms": [s * 1e3 for s in latencies]}, args.out)
+            write_json(
+                {
+                    "prompt": prompt,
+                    "generated": tokens,
+                    "prefill_ms": prefill * 1e3,
+                    "token_ms": [s * 1e3 for s in latencies],
+                },
+                args.out,
+            )
     except SampleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -168,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     if latencies:
         ms = sorted(s * 1e3 for s in latencies)
         p90 = ms[min(len(ms) - 1, int(0.9 * len(ms)))]
-        print(f"{len(tokens)} new tokens: per-token latency median {statistics.median(ms):.3f} ms, "
-              f"p90 {p90:.3f} ms ({1e3 / statistics.median(ms):.0f} tokens/s)")
+        print(
+            f"{len(tokens)} new tokens: per-token latency median {statistics.median(ms):.3f} ms, "
+            f"p90 {p90:.3f} ms ({1e3 / statistics.median(ms):.0f} tokens/s)"
+        )
     return 0
 
 

@@ -121,22 +121,25 @@ def test_package_for_a_gpu_is_refused_in_one_line_without_one(aoti_export, tmp_p
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: nothing to refuse")
 def test_export_for_a_gpu_without_one_is_one_line_and_writes_nothing(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "aoti", "--device", "cuda", "--out",
-                           tmp_path / "out")
+    code, _, err = run_cli(
+        capsys, "export", "bsbr-tiny", "--format", "aoti", "--device", "cuda", "--out", tmp_path / "out"
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "--format aoti --device cuda: torch" in err and not (tmp_path / "out").exists()
 
 
 def test_device_is_refused_for_formats_that_do_not_take_it(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "onnx", "--device", "cpu", "--out",
-                           tmp_path / "out")
+    code, _, err = run_cli(
+        capsys, "export", "bsbr-tiny", "--format", "onnx", "--device", "cpu", "--out", tmp_path / "out"
+    )
     assert code == 2 and "--device applies to --format aoti only" in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (CI has none): run on one")
 def test_a_gpu_package_matches_eager_and_is_recorded(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "aoti", "--device", "cuda", "--out",
-                           tmp_path / "out")
+    code, _, err = run_cli(
+        capsys, "export", "bsbr-tiny", "--format", "aoti", "--device", "cuda", "--out", tmp_path / "out"
+    )
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["artifacts"][0]["settings"]["device"] == "cuda" and manifest["artifacts"][0]["checks"]["passed"]
@@ -154,8 +157,9 @@ def test_corrupt_package_is_refused_in_one_line(aoti_export, tmp_path, capsys):
     assert code == 2 and "not an AOTInductor package" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("make", [lambda: load_model("bsbr-tiny"), user_models.rotary_decoder],
-                         ids=["native", "grouped-query"])
+@pytest.mark.parametrize(
+    "make", [lambda: load_model("bsbr-tiny"), user_models.rotary_decoder], ids=["native", "grouped-query"]
+)
 @pytest.mark.parametrize("kind", ["decode", "streaming"])
 def test_streaming_step_exports_without_guards(kind, make):
     """The step's ExportedProgram keeps every named axis a plain, unbounded Dim and has no

@@ -42,7 +42,7 @@ def test_program_matches_eager_up_to_its_limits(executorch_export):
         for batch in (1, EXECUTORCH_LIMITS["max_batch"]):
             ids = random_ids(model.config, batch, length, seed=11 * length + batch)
             mask = torch.ones_like(ids)
-            mask[-1, length // 2 + 1:] = 0  # the last row right-padded
+            mask[-1, length // 2 + 1 :] = 0  # the last row right-padded
             with torch.no_grad():
                 want = model(ids, mask).numpy()
             got = runner.infer({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["logits"]
@@ -104,11 +104,14 @@ def test_export_without_the_package_says_how_to_install_it(monkeypatch, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--format", "onnx", "--max-length", "100"], "--max-length applies to --format executorch"),
-    # bsbr-tiny traces with 2c + c/2 = 20 tokens (c = 8).
-    (["--format", "executorch", "--max-length", "19"], "--max-length 19 is below the 20 tokens"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "onnx", "--max-length", "100"], "--max-length applies to --format executorch"),
+        # bsbr-tiny traces with 2c + c/2 = 20 tokens (c = 8).
+        (["--format", "executorch", "--max-length", "19"], "--max-length 19 is below the 20 tokens"),
+    ],
+)
 def test_bad_limits_are_refused_in_one_line(args, message, tmp_path, capsys):
     code, _, err = run_cli(capsys, "export", "bsbr-tiny", *args, "--out", tmp_path / "out")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

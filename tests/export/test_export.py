@@ -121,7 +121,9 @@ def test_compressed_onnx_matches_eager(compressed_export):
     model = load_model(out)
     assert model.config.compression == 16
     ids = random_ids(model.config, 3, 3 * C + 5, seed=13)
-    got = ort_session(out / "model.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})[0]
+    got = ort_session(out / "model.onnx").run(
+        None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())}
+    )[0]
     assert np.abs(got - model(ids).detach().numpy()).max() <= 1e-4
     assert result.passed
 
@@ -129,14 +131,20 @@ def test_compressed_onnx_matches_eager(compressed_export):
 def test_dims_are_symbolic_and_named(tiny_export):
     out, _ = tiny_export
     graph = onnx.load(str(out / "model.onnx")).graph
-    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
+    dims = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*graph.input, *graph.output]
+    }
     assert dims == {
         "input_ids": ["batch", "sequence"],
         "attention_mask": ["batch", "sequence"],
         "logits": ["batch", "sequence", 97],
     }
     stream = onnx.load(str(out / "model.streaming.onnx")).graph
-    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*stream.input, *stream.output]}
+    shapes = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*stream.input, *stream.output]
+    }
     assert shapes["past.1.chunk_states"] == ["batch", 4, "past_chunks", 64]
     assert shapes["present.1.keys"] == ["batch", 4, "present_tokens", 8]
     assert shapes["present.0.meta_keys"] == ["batch", 4, "present_chunks", 8]
@@ -181,7 +189,9 @@ def test_manifest_hashes_files(tiny_export):
     formats = [FORMATS[a.format] for a in result.artifacts if a.kind == "full"]  # the fixture's formats
     expected = [artifact_name(f, kind) for f, kind in export_jobs(formats, streaming=True)]
     assert [a["name"] for a in manifest["artifacts"]] == expected
-    assert {"model.onnx", "model.pt", "model.streaming.onnx", "model.streaming.pt", "model.decode.onnx"} <= set(expected)
+    assert {"model.onnx", "model.pt", "model.streaming.onnx", "model.streaming.pt", "model.decode.onnx"} <= set(
+        expected
+    )
     for artifact in manifest["artifacts"]:
         for name, info in artifact["files"].items():
             assert info["sha256"] == sha256(out / name)
@@ -267,8 +277,12 @@ def test_decode_graph_returns_only_what_changed(which, request):
     state = dict(zip(names, [t.numpy() for t in flatten_state(model.init_state(2))]))
     logits, at, eager_state = [], 0, model.init_state(2)
     for size in pieces:
-        result = dict(zip([o.name for o in session.get_outputs()],
-                          session.run(None, {"input_ids": ids[:, at : at + size].numpy(), **state})))
+        result = dict(
+            zip(
+                [o.name for o in session.get_outputs()],
+                session.run(None, {"input_ids": ids[:, at : at + size].numpy(), **state}),
+            )
+        )
         finished = (at % C + size) // C
         assert result["new.0.chunk_states"].shape[2] == finished  # only the chunks this step closed
         state = advance_state(state, result)

@@ -65,7 +65,10 @@ def value_head_export(tmp_path_factory):
 def test_value_head_spec_has_both_outputs_and_native_state():
     spec = spec_for(user_models.value_head_model())
     assert spec.chunk_size == C
-    assert [(o.name, o.per_position, o.logits) for o in spec.outputs] == [("logits", True, True), ("value", True, False)]
+    assert [(o.name, o.per_position, o.logits) for o in spec.outputs] == [
+        ("logits", True, True),
+        ("value", True, False),
+    ]
     assert spec.inputs[1].name == "attention_mask" and spec.inputs[1].optional
     assert spec.state.inputs["past.0.meta_keys"] == ["batch", 2, "past_chunks", 8]
     assert spec.state.inputs["past.1.keys"] == ["batch", 2, "past_tokens", 8]
@@ -186,8 +189,9 @@ def test_upstream_model_object_reads_heads_and_chunk_size(tmp_path):
     from bsbr_export import from_upstream
 
     torch.manual_seed(12)
-    theirs = bsbr.BSBRModel(vocab_size=50, hidden_dim=16, num_layers=2, num_heads=4, chunk_size=C, ff_dim=32,
-                            dropout=0.0).eval()
+    theirs = bsbr.BSBRModel(
+        vocab_size=50, hidden_dim=16, num_layers=2, num_heads=4, chunk_size=C, ff_dim=32, dropout=0.0
+    ).eval()
     ours = from_upstream(theirs)
     assert (ours.config.num_heads, ours.config.chunk_size) == (4, C)
     ids = torch.randint(0, 50, (3, 3 * C + 2), generator=torch.Generator().manual_seed(5))
@@ -195,7 +199,9 @@ def test_upstream_model_object_reads_heads_and_chunk_size(tmp_path):
         assert (ours(ids) - theirs(ids)).abs().max() <= 1e-5
     result = export_module(theirs, tmp_path / "up", formats=("onnx",))
     assert result.passed and "NOT causal" in result.note
-    got = ort_outputs(tmp_path / "up" / "model.onnx", {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})
+    got = ort_outputs(
+        tmp_path / "up" / "model.onnx", {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())}
+    )
     with torch.no_grad():
         assert np.abs(got["hidden_states"] - theirs(ids).numpy()).max() <= 1e-5
 
@@ -229,9 +235,24 @@ def test_bench_rebuilds_a_module_ref(capsys, tmp_path):
 
     ref = f"{Path(user_models.__file__)}:pooled_model"
     out = tmp_path / "bench"
-    code, stdout, err = run_cli(capsys, "bench", ref, "--trust-code", "--out", out, "--lengths", "9",
-                                "--engines", "eager,torchscript,ort-cpu-all", "--decode", "",
-                                "--validation-lengths", "6", "--budget", "0.05")
+    code, stdout, err = run_cli(
+        capsys,
+        "bench",
+        ref,
+        "--trust-code",
+        "--out",
+        out,
+        "--lengths",
+        "9",
+        "--engines",
+        "eager,torchscript,ort-cpu-all",
+        "--decode",
+        "",
+        "--validation-lengths",
+        "6",
+        "--budget",
+        "0.05",
+    )
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     rows = {row["engine"]: row for row in report["table"]}

@@ -63,13 +63,19 @@ def test_manifest_records_mobile_optimizer(exported):
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"model.ptl", "model.streaming.ptl"} <= {a["name"] for a in manifest["artifacts"]}
     note = manifest["settings"]["optimize_for_mobile"]
-    assert note == ("not applied" if torch._C._is_xnnpack_enabled() else
-                    "skipped: this torch build has no XNNPACK, which the pass needs")
+    assert note == (
+        "not applied"
+        if torch._C._is_xnnpack_enabled()
+        else "skipped: this torch build has no XNNPACK, which the pass needs"
+    )
 
 
 def test_cli_writes_ptl(capsys, tmp_path):
     code = main(["export", "bsbr-tiny", "--out", str(tmp_path / "e"), "--format", "torchscript-mobile"])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
-        "config.json", "manifest.json", "model.ptl", "model.safetensors"
+        "config.json",
+        "manifest.json",
+        "model.ptl",
+        "model.safetensors",
     ]

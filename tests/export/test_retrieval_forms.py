@@ -23,7 +23,8 @@ def test_preset_is_bsbr_tiny_with_the_gated_form():
     gated, plain = load_model(GATED), load_model("bsbr-tiny")
     assert gated.config.retrieval == "gated" and plain.config.retrieval == "sum"
     assert {k: v for k, v in gated.config.to_dict().items() if k != "retrieval"} == {
-        k: v for k, v in plain.config.to_dict().items() if k != "retrieval"}
+        k: v for k, v in plain.config.to_dict().items() if k != "retrieval"
+    }
     extra = set(gated.state_dict()) - set(plain.state_dict())
     assert extra == {f"blocks.{i}.attn.retrieval_{p}" for i in range(2) for p in ("gate", "norm")}
 

@@ -30,9 +30,7 @@ def reference(q, k, v, meta_q, meta_k, c, compress=None, decompress=None):
                     retrieved = torch.zeros(e, e, dtype=q.dtype)
                 else:
                     r = meta_q[b, h, i * c - 1]  # last token of the previous chunk
-                    scores = torch.stack(
-                        [r @ meta_k[b, h, (j + 1) * c - 1] / math.sqrt(e) for j in range(i)]
-                    )
+                    scores = torch.stack([r @ meta_k[b, h, (j + 1) * c - 1] / math.sqrt(e) for j in range(i)])
                     weights = scores.softmax(0)
                     mixed = sum(weights[j] * states[j] for j in range(i))
                     if decompress is not None:

@@ -208,7 +208,6 @@ def test_torch_export_is_clean_at_every_length(compression):
             assert diff < 1e-5, (name, batch, diff)
 
 
-
 @pytest.mark.parametrize(
     "make_mask, message",
     [
@@ -268,8 +267,10 @@ def test_rows_in_flight_equal_each_sequence_alone(retrieval):
     c, vocab = 8, model.config.vocab_size
     # sequence -> (step it joins at, prompt length, tokens it generates)
     plan = {0: (0, 5, 40), 1: (0, 16390, 30), 2: (3, 1, 25), 3: (7, 8, 20), 4: (7, 23, 33), 5: (20, 7, 9)}
-    ids = {s: torch.randint(0, vocab, (1, p + n), generator=torch.Generator().manual_seed(s))
-           for s, (_, p, n) in plan.items()}
+    ids = {
+        s: torch.randint(0, vocab, (1, p + n), generator=torch.Generator().manual_seed(s))
+        for s, (_, p, n) in plan.items()
+    }
     rows, logits = {}, {s: [] for s in plan}  # active sequence -> [position, state]; its logits
     with torch.no_grad():
         for step in range(60):
@@ -283,7 +284,7 @@ def test_rows_in_flight_equal_each_sequence_alone(retrieval):
             closing = [s for s, (pos, _) in rows.items() if pos % c == c - 1]
             for s in closing:
                 pos, state = rows[s]
-                out, updates = model.stream_update(ids[s][:, pos:pos + 1], state)
+                out, updates = model.stream_update(ids[s][:, pos : pos + 1], state)
                 rows[s] = [pos + 1, [st.advance(u) for st, u in zip(state, updates)]]
                 logits[s].append(out[0, -1])
             batch = [s for s in rows if s not in closing]
@@ -291,17 +292,21 @@ def test_rows_in_flight_equal_each_sequence_alone(retrieval):
                 continue
             cache = [cache_rows([rows[s][1][layer] for s in batch], c) for layer in range(model.config.num_layers)]
             positions = torch.tensor([rows[s][0] for s in batch])
-            tokens = torch.cat([ids[s][:, pos:pos + 1] for s, (pos, _) in ((s, rows[s]) for s in batch)])
+            tokens = torch.cat([ids[s][:, pos : pos + 1] for s, (pos, _) in ((s, rows[s]) for s in batch)])
             out, new = model.step_rows(tokens, positions, cache)
             for row, s in enumerate(batch):
                 pos, state = rows[s]
-                state = [st._replace(keys=torch.cat([st.keys, k[row:row + 1]], -2),
-                                     values=torch.cat([st.values, v[row:row + 1]], -2))
-                         for st, (k, v) in zip(state, new)]
+                state = [
+                    st._replace(
+                        keys=torch.cat([st.keys, k[row : row + 1]], -2),
+                        values=torch.cat([st.values, v[row : row + 1]], -2),
+                    )
+                    for st, (k, v) in zip(state, new)
+                ]
                 rows[s] = [pos + 1, state]
                 logits[s].append(out[row, -1])
         assert not rows  # every sequence ran to its end
         for s, (_, prompt, n) in plan.items():
-            full = model(ids[s])[0, prompt - 1:-1]
+            full = model(ids[s])[0, prompt - 1 : -1]
             assert len(logits[s]) == n
             assert (torch.stack(logits[s]) - full).abs().max() <= 1e-10, s

@@ -39,11 +39,14 @@ def test_directory_kind_is_read_from_config_json(hf_model_dir, tmp_path):
     assert directory_kind(tmp_path / "ckpt") == "checkpoint"
 
 
-@pytest.mark.parametrize("config, message", [
-    (None, "has no config.json"),
-    ({"hidden_dim": 8, "n_layers": 2}, "keys ['hidden_dim', 'n_layers'] of neither"),
-    ([1, 2], "is not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (None, "has no config.json"),
+        ({"hidden_dim": 8, "n_layers": 2}, "keys ['hidden_dim', 'n_layers'] of neither"),
+        ([1, 2], "is not a JSON object"),
+    ],
+)
 def test_a_directory_of_neither_kind_is_one_line_and_exit_2(capsys, tmp_path, config, message):
     directory = tmp_path / "model"
     directory.mkdir()
@@ -57,8 +60,13 @@ def test_a_directory_of_neither_kind_is_one_line_and_exit_2(capsys, tmp_path, co
 
 def test_custom_code_is_never_imported_without_trust_code(hf_model_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "BSBR_LM_IMPORTED"}
-    done = subprocess.run([sys.executable, "-c", IMPORT_PROBE, "export", str(hf_model_dir), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, "export", str(hf_model_dir), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert done.stdout.strip() == "not imported"
     err = done.stderr.strip().splitlines()
@@ -111,7 +119,7 @@ def test_text_in_text_out_matches_transformers_greedy(hf_model_dir, hf_export, e
     with torch.no_grad():
         for _ in range(len(generation.ids)):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert generation.ids == ids[len(generation.prompt):]
+    assert generation.ids == ids[len(generation.prompt) :]
     assert generation.text == tokenizer.decode(generation.ids, skip_special_tokens=False)
     assert generation.stopped == ("eos" if generation.ids[-1] == 0 else "length")
 
@@ -140,7 +148,8 @@ def test_a_builtin_architecture_needs_no_trust_code_and_says_what_it_lacks(capsy
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50, n_positions=64)).save_pretrained(
-        tmp_path / "gpt2")
+        tmp_path / "gpt2"
+    )
     code, _, err = run_cli(capsys, "export", tmp_path / "gpt2", "--out", tmp_path / "out")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "no BSBR attention layer" in err, err
@@ -148,8 +157,10 @@ def test_a_builtin_architecture_needs_no_trust_code_and_says_what_it_lacks(capsy
 
 def test_the_modeling_file_travels_with_save_pretrained(hf_model_dir):
     assert (hf_model_dir / HF_MODELING.name).read_text() == HF_MODELING.read_text()
-    assert json.loads((hf_model_dir / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
-        "modeling_bsbr_lm.BSBRForCausalLM"
+    assert (
+        json.loads((hf_model_dir / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+        == "modeling_bsbr_lm.BSBRForCausalLM"
+    )
 
 
 def test_another_tokenizers_files_are_converted_to_tokenizer_json(tmp_path):

@@ -33,8 +33,19 @@ def fixture_info() -> dict:
 
 
 def import_cli(checkpoint, out, heads, chunk, *extra) -> Path:
-    code = main(["import-upstream", str(checkpoint), "--heads", str(heads), "--chunk-size", str(chunk),
-                 "--out", str(out), *extra])
+    code = main(
+        [
+            "import-upstream",
+            str(checkpoint),
+            "--heads",
+            str(heads),
+            "--chunk-size",
+            str(chunk),
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     assert code == 0
     return out
 
@@ -161,8 +172,12 @@ def test_validate_names_the_upstream_layer(fixture_export, tmp_path):
 
 def test_validate_and_no_streaming_on_export(fixture_dir, fixture_export, capsys):
     assert main(["validate", str(fixture_export), "--lengths", "1,3,4,9,300", "--batches", "1,3"]) == 0
-    one_line_error(capsys, ["export", str(fixture_dir), "--out", str(fixture_export.parent / "s"), "--streaming"],
-                   "not causal", "drop --streaming")
+    one_line_error(
+        capsys,
+        ["export", str(fixture_dir), "--out", str(fixture_export.parent / "s"), "--streaming"],
+        "not causal",
+        "drop --streaming",
+    )
     assert not (fixture_export.parent / "s").exists()
 
 
@@ -246,10 +261,13 @@ def test_missing_extra_and_wrong_keys(fixture_sd, tmp_path, capsys):
     sd["layers.0.ff.3.weight"] = torch.zeros(8, 17)
     path = tmp_path / "bad.safetensors"
     save_file(sd, path)
-    one_line_error(capsys, ["import-upstream", str(path), "--heads", "2", "--chunk-size", "4", "--out",
-                            str(tmp_path / "o")],
-                   "missing layers.1.attention.meta_h_proj.bias", "unexpected layers.0.attention.gate.weight",
-                   "layers.0.ff.3.weight [8, 17] != [8, 16]")
+    one_line_error(
+        capsys,
+        ["import-upstream", str(path), "--heads", "2", "--chunk-size", "4", "--out", str(tmp_path / "o")],
+        "missing layers.1.attention.meta_h_proj.bias",
+        "unexpected layers.0.attention.gate.weight",
+        "layers.0.ff.3.weight [8, 17] != [8, 16]",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -259,27 +277,38 @@ def test_native_checkpoint_is_refused(tmp_path, capsys):
 
     save_model(load_model("bsbr-tiny"), tmp_path / "native")
     assert get_preset("bsbr-tiny")
-    one_line_error(capsys, ["import-upstream", str(tmp_path / "native" / "model.safetensors"), "--heads", "2",
-                            "--chunk-size", "4"], "cannot import as a bsbr 0.1.1 BSBRModel", "no layers.N.* keys",
-                   "look like a bsbr-export checkpoint")
+    one_line_error(
+        capsys,
+        ["import-upstream", str(tmp_path / "native" / "model.safetensors"), "--heads", "2", "--chunk-size", "4"],
+        "cannot import as a bsbr 0.1.1 BSBRModel",
+        "no layers.N.* keys",
+        "look like a bsbr-export checkpoint",
+    )
 
 
 def test_heads_must_divide_hidden(capsys):
-    one_line_error(capsys, ["import-upstream", str(FIXTURE / "model.safetensors"), "--heads", "3",
-                            "--chunk-size", "4"], "--heads 3 does not divide hidden size 8")
+    one_line_error(
+        capsys,
+        ["import-upstream", str(FIXTURE / "model.safetensors"), "--heads", "3", "--chunk-size", "4"],
+        "--heads 3 does not divide hidden size 8",
+    )
 
 
 def test_wrong_heads_named_by_compression(capsys):
-    one_line_error(capsys, ["import-upstream", str(FIXTURE / "model.safetensors"), "--heads", "4",
-                            "--chunk-size", "4"], "pass --heads 2")
+    one_line_error(
+        capsys,
+        ["import-upstream", str(FIXTURE / "model.safetensors"), "--heads", "4", "--chunk-size", "4"],
+        "pass --heads 2",
+    )
 
 
 def test_pickle_needing_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     with path.open("wb") as f:
         pickle.dump({"embedding.weight": torch.zeros(2, 2), "x": Path("/")}, f)
-    one_line_error(capsys, ["import-upstream", str(path), "--heads", "1", "--chunk-size", "2"],
-                   "refusing to load", "weights_only")
+    one_line_error(
+        capsys, ["import-upstream", str(path), "--heads", "1", "--chunk-size", "2"], "refusing to load", "weights_only"
+    )
 
 
 def test_wrong_pe_values_are_refused(fixture_sd, tmp_path, capsys):
@@ -287,8 +316,11 @@ def test_wrong_pe_values_are_refused(fixture_sd, tmp_path, capsys):
     sd["pos_encoding.pe"] = torch.zeros_like(sd["pos_encoding.pe"])
     path = tmp_path / "pe.pt"
     torch.save(sd, path)
-    one_line_error(capsys, ["import-upstream", str(path), "--heads", "2", "--chunk-size", "4"],
-                   "pos_encoding.pe is not the package's sinusoid table")
+    one_line_error(
+        capsys,
+        ["import-upstream", str(path), "--heads", "2", "--chunk-size", "4"],
+        "pos_encoding.pe is not the package's sinusoid table",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -309,8 +341,16 @@ PACKAGE_CONFIGS = [
 def package_model(heads, chunk, cf, layers, hidden_dim, seed=0):
     bsbr = pytest.importorskip("bsbr")
     torch.manual_seed(seed)
-    model = bsbr.BSBRModel(vocab_size=97, hidden_dim=hidden_dim, num_layers=layers, num_heads=heads,
-                           chunk_size=chunk, ff_dim=2 * hidden_dim, dropout=0.1, compression_factor=cf).eval()
+    model = bsbr.BSBRModel(
+        vocab_size=97,
+        hidden_dim=hidden_dim,
+        num_layers=layers,
+        num_heads=heads,
+        chunk_size=chunk,
+        ff_dim=2 * hidden_dim,
+        dropout=0.1,
+        compression_factor=cf,
+    ).eval()
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 1:

@@ -9,7 +9,7 @@ from torch import nn
 from bsbr_export import UserError
 from bsbr_export.model.usercode import build_module, load_factory
 
-FILE = '''
+FILE = """
 from torch import nn
 
 def make():
@@ -19,7 +19,7 @@ def not_a_module():
     return "a string"
 
 NOT_CALLABLE = 3
-'''
+"""
 
 
 @pytest.fixture

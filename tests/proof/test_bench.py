@@ -12,8 +12,19 @@ from bsbr_export.proof.bench import peak_rss_mib
 
 def test_tiny_bench_writes_complete_reports(capsys, export_copy):
     code, out, err = run_cli(
-        capsys, "bench", export_copy, "--lengths", "8,19", "--engines", "eager,torchscript,ort-cpu-all,ort-cpu-disabled",
-        "--decode", "8,20", "--validation-lengths", "3", "--budget", "0.05",
+        capsys,
+        "bench",
+        export_copy,
+        "--lengths",
+        "8,19",
+        "--engines",
+        "eager,torchscript,ort-cpu-all,ort-cpu-disabled",
+        "--decode",
+        "8,20",
+        "--validation-lengths",
+        "3",
+        "--budget",
+        "0.05",
     )
     assert code == 0, err
     assert "ort-cpu-all" in out
@@ -89,7 +100,14 @@ def test_speedups_have_two_significant_digits():
     from bsbr_export.render import speedup_text
 
     assert [speedup_text(x) for x in (0.0512, 0.7, 1.0, 1.449, 9.96, 12.4, 153.0)] == [
-        "0.051x", "0.70x", "1.0x", "1.4x", "10x", "12x", "150x"]
+        "0.051x",
+        "0.70x",
+        "1.0x",
+        "1.4x",
+        "10x",
+        "12x",
+        "150x",
+    ]
     assert round_sig(0.04567) == 0.046 and round_sig(1234.0) == 1200.0
 
 
@@ -110,9 +128,25 @@ def test_int8_over_the_accuracy_budget_fails_and_is_never_recommended(stdlib_cop
     out, text = stdlib_copy
     quant = quantize_int8(out, length=64, text=read_eval_text(text), budget=1.0)
     assert quant.fp32_nodes == () and quant.steps[0].change > 0 and set(quant.steps[0].bits_per_byte) == {512, 4096}
-    code, stdout, err = run_cli(capsys, "bench", out, "--engines", "eager,ort-cpu-all,ort-cpu-int8", "--lengths",
-                                "64,130", "--decode", "", "--validation-lengths", "1,70", "--budget", "0.2",
-                                "--eval-text", text, "--accuracy-budget", "1e-5")
+    code, stdout, err = run_cli(
+        capsys,
+        "bench",
+        out,
+        "--engines",
+        "eager,ort-cpu-all,ort-cpu-int8",
+        "--lengths",
+        "64,130",
+        "--decode",
+        "",
+        "--validation-lengths",
+        "1,70",
+        "--budget",
+        "0.2",
+        "--eval-text",
+        text,
+        "--accuracy-budget",
+        "1e-5",
+    )
     assert code == 1 and "FAILED ort-cpu-int8: held-out bits per byte rose" in err
     report = json.loads((out / "report.json").read_text())
     rows = {r["engine"]: r for r in report["table"]}

@@ -10,7 +10,7 @@ from bsbr_export import build_model
 from bsbr_export.nn import BSBRAttention
 from bsbr_export.proof.doctor import diagnose
 
-BROKEN = '''
+BROKEN = """
 import math
 
 import torch
@@ -34,7 +34,8 @@ class ChunkLoop(nn.Module):
 
 def make():
     return ChunkLoop()
-'''
+"""
+
 
 def test_broken_module_is_caught_with_file_and_line(capsys, tmp_path):
     path = tmp_path / "broken.py"

@@ -56,6 +56,7 @@ def test_bits_per_byte_of_known_models():
     text = b"def f(x):\n    return x + 1\n" * 37  # 999 bytes: a ragged last window
     assert bits_per_byte(uniform, text, window=64) == pytest.approx(8.0)
     assert bits_per_byte(oracle(text, 64), text, window=64) < 1e-15 / math.log(2) + 1e-12
+
     # Logit log(255) on the right byte, 0 on the 255 others: p = 1/2, one bit per byte.
     def half(ids):
         return np.where(oracle(text, 64)(ids) > 0, math.log(255), 0.0)
@@ -78,9 +79,14 @@ def test_read_eval_text_file_and_directory(tmp_path):
     assert len(read_eval_text(None, limit=1000)) == 1000  # the held-out default
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "does not exist"), ("empty", "is empty"), ("latin1", "is not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "is empty"),
+        ("latin1", "is not UTF-8"),
+    ],
+)
 def test_bad_eval_text_is_one_line_exit_2(tiny_onnx_export, tmp_path, capsys, case, message):
     path = tmp_path / "text.txt"
     if case == "empty":
@@ -103,8 +109,10 @@ def test_accuracy_budget_must_be_positive(tiny_onnx_export, capsys, budget):
     assert code == 2 and "accuracy budget must be > 0" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("windows, message", [("1", "--eval-windows must be lengths >= 2"),
-                                               ("512,x", "--eval-windows must be comma-separated integers")])
+@pytest.mark.parametrize(
+    "windows, message",
+    [("1", "--eval-windows must be lengths >= 2"), ("512,x", "--eval-windows must be comma-separated integers")],
+)
 def test_bad_eval_windows_are_one_line_exit_2_before_any_work(tiny_onnx_export, capsys, windows, message):
     before = sorted(p.name for p in tiny_onnx_export.iterdir())
     code, _, err = run_cli(capsys, "optimize", tiny_onnx_export, "--eval-windows", windows)

@@ -52,7 +52,8 @@ def test_fp16_graph_keeps_positions_fp32_and_validates(capsys, export_copy):
     assert code == 0, err
     assert "fp16: wrote model.fp16.onnx" in out
     settings = {a["name"]: a for a in json.loads((export_copy / "manifest.json").read_text())["artifacts"]}[
-        "model.fp16.onnx"]["settings"]
+        "model.fp16.onnx"
+    ]["settings"]
     assert settings["precision"] == "fp16" and settings["target_provider"] == "CUDAExecutionProvider"
     graph = onnx.load(str(export_copy / "model.fp16.onnx")).graph
     kept = {n.name: n.op_type for n in graph.node if n.name in settings["fp32_nodes"]}

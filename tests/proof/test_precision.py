@@ -29,8 +29,10 @@ def test_groups_are_each_blocks_children_and_the_rest():
 def test_autocast_keeps_chosen_modules_fp32_and_restores_them():
     model = load_model("bsbr-tiny")
     seen = {}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda m, i, o, n=n: seen.__setitem__(n, o.dtype)) for n in ("blocks.0.attn", "blocks.1.attn")]
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.dtype))
+        for n in ("blocks.0.attn", "blocks.1.attn")
+    ]
     ids = random_ids(model.config, 1, 13)
     with torch.no_grad(), autocast_bf16(model, ("blocks.0.attn",)):
         model(ids)

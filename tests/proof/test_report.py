@@ -7,9 +7,15 @@ from bsbr_export.proof.report import precision_of, recommend, recommendation_tex
 
 
 def row(engine, speedups, status="✅", change=None, artifact="model.onnx"):
-    return {"engine": engine, "status": status, "artifact": artifact, "precision": precision_of(engine),
-            "speedup_vs_eager": speedups, "bits_per_byte": None if change is None else {256: 2.0 * (1 + change)},
-            "bits_per_byte_change": change}
+    return {
+        "engine": engine,
+        "status": status,
+        "artifact": artifact,
+        "precision": precision_of(engine),
+        "speedup_vs_eager": speedups,
+        "bits_per_byte": None if change is None else {256: 2.0 * (1 + change)},
+        "bits_per_byte_change": change,
+    }
 
 
 def test_fastest_within_budget_wins_and_faster_ones_outside_are_named():
@@ -29,8 +35,12 @@ def test_fastest_within_budget_wins_and_faster_ones_outside_are_named():
 
 
 def test_without_text_parity_decides():
-    rows = [row("eager", {256: 1.0}, artifact=None), row("ort-cpu-all", {256: 1.4}),
-            row("ort-cpu-int8", {256: 2.0}, status="❎"), row("aoti", {256: 9.0}, status="❌")]
+    rows = [
+        row("eager", {256: 1.0}, artifact=None),
+        row("ort-cpu-all", {256: 1.4}),
+        row("ort-cpu-int8", {256: 2.0}, status="❎"),
+        row("aoti", {256: 9.0}, status="❌"),
+    ]
     assert recommend(rows, 0.01)["engine"] == "ort-cpu-all"
     assert recommend([row("x", {})], 0.01) is None
     assert "nothing to recommend" in recommendation_text(None)

@@ -94,8 +94,9 @@ def test_reduced_precision_of_a_trained_lm_is_judged_by_its_loss_on_text(stdlib_
     out, text = stdlib_copy
     optimize_export(out, length=64, fp16=False, eval_text=read_eval_text(text), accuracy_budget=1.0)
     for budget, passes in ((1.0, True), (1e-5, False)):
-        result = validate_export(out, lengths=[70], batches=(1,), eval_text=read_eval_text(text),
-                                 accuracy_budget=budget)
+        result = validate_export(
+            out, lengths=[70], batches=(1,), eval_text=read_eval_text(text), accuracy_budget=budget
+        )
         checks = {c.artifact: c for c in result.checks}
         int8, fp32 = checks["model.int8.onnx"], checks["model.onnx"]
         assert int8.judged_by_text and not int8.parity.passed and int8.layers == ()

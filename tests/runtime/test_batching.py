@@ -72,12 +72,15 @@ def test_an_export_without_a_row_step_is_refused(tiny_onnx_export, hf_export):
         load_batcher(hf_export)  # a module without step_rows: decode graph only
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda b: b.add([], 5), "the prompt is empty"),
-    (lambda b: b.add([1, 97], 5), "token id 97 is out of range"),
-    (lambda b: b.add([1], 0), "max_new_tokens must be an integer >= 1"),
-    (lambda b: b.add([1], 5, temperature=-1), "temperature must be a number >= 0"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda b: b.add([], 5), "the prompt is empty"),
+        (lambda b: b.add([1, 97], 5), "token id 97 is out of range"),
+        (lambda b: b.add([1], 0), "max_new_tokens must be an integer >= 1"),
+        (lambda b: b.add([1], 5, temperature=-1), "temperature must be a number >= 0"),
+    ],
+)
 def test_a_bad_request_fails_alone(tiny_export, call, message):
     out, _ = tiny_export
     batcher = load_batcher(out)
@@ -109,7 +112,7 @@ def test_sequences_fed_in_any_mix_equal_the_full_forward(tiny_export):
         for key in rng.permutation([k for k in ids if k in sequences and fed[k] < len(ids[k])]).tolist():
             if rng.random() < 0.7:
                 n = 1 if rng.random() < 0.8 else int(rng.integers(1, len(ids[key]) - fed[key] + 1))
-                feeds[key] = ids[key][fed[key]: fed[key] + n]
+                feeds[key] = ids[key][fed[key] : fed[key] + n]
         row_calls += sum(len(v) == 1 for v in feeds.values()) > 1
         for key, out_logits in sequences.feed(feeds).items():
             logits[key].append(out_logits)
@@ -118,8 +121,9 @@ def test_sequences_fed_in_any_mix_equal_the_full_forward(tiny_export):
             sequences.close(key)
     assert row_calls > 10  # the schedule did batch rows
     for key, sequence in ids.items():
-        expected = full.infer({"input_ids": np.array([sequence]), "attention_mask": np.ones((1, len(sequence)),
-                                                                                           np.int64)})["logits"][0]
+        expected = full.infer(
+            {"input_ids": np.array([sequence]), "attention_mask": np.ones((1, len(sequence)), np.int64)}
+        )["logits"][0]
         assert np.abs(np.concatenate(logits[key]) - expected).max() <= 1e-4, key
 
 

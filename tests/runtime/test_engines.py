@@ -18,15 +18,17 @@ def test_every_engine_is_one_row():
     for name, engine in ENGINES.items():
         assert engine.name == name
         assert engine.precision in ("fp32", "bf16", "int8", "fp16") and engine.device in DEVICES
-        assert (engine.device == "cuda") == (engine.provider == "CUDAExecutionProvider"
-                                             or engine.options.get("device") == "cuda")
+        assert (engine.device == "cuda") == (
+            engine.provider == "CUDAExecutionProvider" or engine.options.get("device") == "cuda"
+        )
         assert (engine.artifact is None) == (engine.runs in ("eager", "compile", "autocast"))
     # One engine per format torch runs, named like the format, running the format's full graph.
     for fmt in FORMATS.values():
         if fmt.engine:
             assert ENGINES[fmt.name].artifact == artifact_name(fmt, "full")
-    assert [n for n in ENGINES if n.startswith("ort-cpu-")][:4] == [f"ort-cpu-{level}" for level in
-                                                                    ("disabled", "basic", "extended", "all")]
+    assert [n for n in ENGINES if n.startswith("ort-cpu-")][:4] == [
+        f"ort-cpu-{level}" for level in ("disabled", "basic", "extended", "all")
+    ]
 
 
 def test_available_engines_follow_the_files(tiny_onnx_export):
@@ -87,8 +89,10 @@ def test_a_gpu_engine_asked_for_on_the_cpu_is_refused_before_any_work(export_cop
 
 
 @ON_CUDA
-@pytest.mark.parametrize("engine, tolerance", [("eager-cuda", 1e-4), ("eager-cuda-bf16", 5e-2),
-                                               ("compile-cuda", 1e-4), ("torchscript-cuda", 1e-4)])
+@pytest.mark.parametrize(
+    "engine, tolerance",
+    [("eager-cuda", 1e-4), ("eager-cuda-bf16", 5e-2), ("compile-cuda", 1e-4), ("torchscript-cuda", 1e-4)],
+)
 def test_a_gpu_engine_matches_eager_on_the_cpu(tiny_export, engine, tolerance):
     out, _ = tiny_export
     spec = manifest_spec(out)

@@ -38,7 +38,13 @@ def test_a_user_modules_decode_graph_appends_finished_chunks(tmp_path):
     `new.*` rows, which the generator appends (a generator that replaced the state with
     them would drift after the first chunk boundary)."""
     out = tmp_path / "rotary"
-    export_model(f"{Path(__file__).parents[1] / 'user_models.py'}:rotary_decoder", out, [FORMATS["onnx"]], streaming=True, trust_code=True)
+    export_model(
+        f"{Path(__file__).parents[1] / 'user_models.py'}:rotary_decoder",
+        out,
+        [FORMATS["onnx"]],
+        streaming=True,
+        trust_code=True,
+    )
     from user_models import rotary_decoder
 
     model = rotary_decoder()
@@ -49,19 +55,32 @@ def test_a_user_modules_decode_graph_appends_finished_chunks(tmp_path):
     assert generator.generate(prompt, max_new_tokens=NEW_TOKENS).ids == eager_greedy(model, prompt, NEW_TOKENS)
 
 
-@pytest.mark.parametrize("sampling", [Sampling(0.8, seed=3), Sampling(1.5, top_k=5, seed=4),
-                                      Sampling(1.0, top_p=0.3, seed=5), Sampling(2.0, top_k=20, top_p=0.5, seed=6)])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        Sampling(0.8, seed=3),
+        Sampling(1.5, top_k=5, seed=4),
+        Sampling(1.0, top_p=0.3, seed=5),
+        Sampling(2.0, top_k=20, top_p=0.5, seed=6),
+    ],
+)
 def test_sampling_draws_what_eager_logits_draw_with_the_same_seed(tiny_export, sampling):
     out, _ = tiny_export
     model = load_model(out)
     prompt = prompt_of(13, model.config.vocab_size)
-    generation = load_generator(out).generate(prompt, NEW_TOKENS, temperature=sampling.temperature,
-                                              top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)
+    generation = load_generator(out).generate(
+        prompt,
+        NEW_TOKENS,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+    )
     rng, ids = np.random.default_rng(sampling.seed), list(prompt)
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
             ids.append(pick(model(torch.tensor([ids]))[0, -1].numpy(), sampling, rng))
-    assert generation.ids == ids[len(prompt):]
+    assert generation.ids == ids[len(prompt) :]
     assert generation.ids != eager_greedy(model, prompt, NEW_TOKENS)  # it did sample
 
 
@@ -112,16 +131,19 @@ def test_engines_that_can_generate(tiny_export, tiny_onnx_export):
         load_generator(out, "eager")
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda g: g.generate([], 5), "the prompt is empty"),
-    (lambda g: g.generate([1, 97], 5), "token id 97 is out of range"),
-    (lambda g: g.generate([1, -2], 5), "token id -2 is not a non-negative integer"),
-    (lambda g: g.generate("text", 5), "has no tokenizer"),
-    (lambda g: g.generate([1], 0), "max_new_tokens must be an integer >= 1"),
-    (lambda g: g.generate([1], 5, temperature=float("nan")), "temperature must be a number >= 0"),
-    (lambda g: g.generate([1], 5, temperature=1, top_k=0), "top_k must be an integer >= 1"),
-    (lambda g: g.generate([1], 5, temperature=1, top_p=1.5), r"top_p must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda g: g.generate([], 5), "the prompt is empty"),
+        (lambda g: g.generate([1, 97], 5), "token id 97 is out of range"),
+        (lambda g: g.generate([1, -2], 5), "token id -2 is not a non-negative integer"),
+        (lambda g: g.generate("text", 5), "has no tokenizer"),
+        (lambda g: g.generate([1], 0), "max_new_tokens must be an integer >= 1"),
+        (lambda g: g.generate([1], 5, temperature=float("nan")), "temperature must be a number >= 0"),
+        (lambda g: g.generate([1], 5, temperature=1, top_k=0), "top_k must be an integer >= 1"),
+        (lambda g: g.generate([1], 5, temperature=1, top_p=1.5), r"top_p must be in \(0, 1\]"),
+    ],
+)
 def test_bad_input_is_one_user_error(tiny_export, call, message):
     out, _ = tiny_export
     with pytest.raises(UserError, match=message):

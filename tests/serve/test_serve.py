@@ -62,8 +62,9 @@ def eager_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.n
 
 def step(client, protocol: str, sequence: int, ids: np.ndarray, start: bool = False, end: bool = False):
     """One request of a sequence on the streaming model: (logits, open_sequences)."""
-    result = client.infer(STREAMING, [tensor(protocol, "input_ids", ids)], sequence_id=sequence,
-                          sequence_start=start, sequence_end=end)
+    result = client.infer(
+        STREAMING, [tensor(protocol, "input_ids", ids)], sequence_id=sequence, sequence_start=start, sequence_end=end
+    )
     return result.as_numpy("logits"), int(result.as_numpy("open_sequences").reshape(-1)[0])
 
 
@@ -78,6 +79,7 @@ def stream_sequence(client, protocol: str, sequence: int, ids: np.ndarray, piece
 
 
 # ---- the full-sequence model --------------------------------------------------------
+
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("batch, length", [(1, 1), (3, 7), (2, 9), (1, 29), (4, 61)])  # c = 8
@@ -96,6 +98,7 @@ def test_full_sequence_matches_eager(triton_server, model, protocol, batch, leng
 
 # ---- the streaming model ------------------------------------------------------------
 
+
 def test_interleaved_sequences_each_equal_their_full_forward(triton_server, model):
     """Four sequences fed piece by piece in round robin, on one connection: every one's
     logits equal its own full eager forward (the server keeps their states apart)."""
@@ -109,8 +112,14 @@ def test_interleaved_sequences_each_equal_their_full_forward(triton_server, mode
         for s in lengths:
             if round_ < len(pieces[s]):
                 size = pieces[s][round_]
-                out, _ = step(client, "http", s, ids[s][:, offsets[s] : offsets[s] + size],
-                              start=round_ == 0, end=round_ == len(pieces[s]) - 1)
+                out, _ = step(
+                    client,
+                    "http",
+                    s,
+                    ids[s][:, offsets[s] : offsets[s] + size],
+                    start=round_ == 0,
+                    end=round_ == len(pieces[s]) - 1,
+                )
                 got[s].append(out)
                 offsets[s] += size
     for s in lengths:
@@ -125,8 +134,9 @@ def test_concurrent_sequences_each_equal_their_full_forward(triton_server, model
 
     def run(sequence: int) -> float:
         length = ids[sequence].shape[1]
-        logits = stream_sequence(connect(triton_server, protocol), protocol, sequence, ids[sequence],
-                                 [5] + [1] * (length - 5))
+        logits = stream_sequence(
+            connect(triton_server, protocol), protocol, sequence, ids[sequence], [5] + [1] * (length - 5)
+        )
         return float(np.abs(logits - eager_logits(model, ids[sequence])).max())
 
     with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
@@ -188,8 +198,13 @@ def test_a_module_without_a_row_step_streams_through_its_decode_graph(triton_env
             for s in ids:
                 if round_ < len(pieces[s]):
                     chunk = ids[s][:, at[s] : at[s] + pieces[s][round_]]
-                    result = client.infer("lm_streaming_python", [tensor("http", "input_ids", chunk)], sequence_id=s,
-                                          sequence_start=round_ == 0, sequence_end=round_ == len(pieces[s]) - 1)
+                    result = client.infer(
+                        "lm_streaming_python",
+                        [tensor("http", "input_ids", chunk)],
+                        sequence_id=s,
+                        sequence_start=round_ == 0,
+                        sequence_end=round_ == len(pieces[s]) - 1,
+                    )
                     got[s].append(result.as_numpy("logits"))
                     at[s] += chunk.shape[1]
         assert server.healthy()
@@ -220,8 +235,9 @@ def test_bounded_load(triton_server, model, request):
     assert sum(n for n, _ in results) == sequences * (tokens + 1)  # every response was checked
     assert max(err for _, err in results) <= TOLERANCE
     seconds = time.perf_counter() - start
-    print_uncaptured(request, f"load: {sequences} x {tokens} tokens in {seconds:.2f}s "
-                              f"({sequences * tokens / seconds:.0f} tokens/s)")
+    print_uncaptured(
+        request, f"load: {sequences} x {tokens} tokens in {seconds:.2f}s ({sequences * tokens / seconds:.0f} tokens/s)"
+    )
     assert triton_server.healthy()
     _, opened = step(connect(triton_server, "http"), "http", 599, np.array([[1]]), start=True, end=True)
     assert opened == 0  # every sequence ended and freed its state
@@ -236,17 +252,28 @@ def test_server_writes_nothing_into_the_repository(triton_server, triton_repo):
 
 # ---- bad requests: a clear error to the client, and the server stays up --------------
 
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-@pytest.mark.parametrize("model_name, inputs, message", [
-    (FULL, {"input_ids": np.array([[1.0, 2.0]], np.float32)}, "data-type is 'FP32', but model 'bsbr-tiny_python' expects 'INT64'"),
-    (FULL, {"input_ids": np.zeros((1, 2, 3), np.int64)}, "unexpected shape"),
-    (FULL, {"input_ids": np.array([[1, 2, 97]])}, r"token ids must be in \[0, 97\)"),
-    (FULL, {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.ones((1, 2), np.int64)},
-     "attention_mask has shape"),
-    (FULL, {"input_ids": np.array([[1, 2, 3]]), "attention_mask": None}, "missing required input"),
-    (STREAMING, {"input_ids": np.array([[1], [2]])}, "must specify batch-size 1"),
-    (STREAMING, {"input_ids": np.array([[1, -2]])}, r"token ids must be in \[0, 97\)"),
-])
+@pytest.mark.parametrize(
+    "model_name, inputs, message",
+    [
+        (
+            FULL,
+            {"input_ids": np.array([[1.0, 2.0]], np.float32)},
+            "data-type is 'FP32', but model 'bsbr-tiny_python' expects 'INT64'",
+        ),
+        (FULL, {"input_ids": np.zeros((1, 2, 3), np.int64)}, "unexpected shape"),
+        (FULL, {"input_ids": np.array([[1, 2, 97]])}, r"token ids must be in \[0, 97\)"),
+        (
+            FULL,
+            {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.ones((1, 2), np.int64)},
+            "attention_mask has shape",
+        ),
+        (FULL, {"input_ids": np.array([[1, 2, 3]]), "attention_mask": None}, "missing required input"),
+        (STREAMING, {"input_ids": np.array([[1], [2]])}, "must specify batch-size 1"),
+        (STREAMING, {"input_ids": np.array([[1, -2]])}, r"token ids must be in \[0, 97\)"),
+    ],
+)
 def test_bad_request_is_a_client_error(triton_server, model, protocol, model_name, inputs, message):
     """Wrong dtype or shape (Triton checks them against config.pbtxt), ids outside the
     vocabulary, mismatched inputs (model.py checks them)."""
@@ -259,31 +286,53 @@ def test_bad_request_is_a_client_error(triton_server, model, protocol, model_nam
         client.infer(model_name, [tensor(protocol, n, a) for n, a in inputs.items()], **sequence)
     assert triton_server.healthy()
     ids = np.array([[4, 5, 6]])
-    result = client.infer(FULL, [tensor(protocol, "input_ids", ids), tensor(protocol, "attention_mask", np.ones_like(ids))])
+    result = client.infer(
+        FULL, [tensor(protocol, "input_ids", ids), tensor(protocol, "attention_mask", np.ones_like(ids))]
+    )
     assert np.abs(result.as_numpy("logits") - eager_logits(model, ids)).max() <= TOLERANCE
 
 
 # ---- the command line ------------------------------------------------------------------
 
+
 def test_serve_names_what_it_skipped_and_stops_on_ctrl_c(triton_env, triton_repo):
     """The real command: ready with endpoints printed, serving, then SIGINT (Ctrl-C) stops
     the server by its pid and exits 130."""
     http, grpc = (_free_port() for _ in range(2))
-    command = [sys.executable, "-m", "bsbr_export.cli", "serve", str(triton_repo), "--http-port", str(http),
-               "--grpc-port", str(grpc), "--triton-env", str(triton_env.root)]
+    command = [
+        sys.executable,
+        "-m",
+        "bsbr_export.cli",
+        "serve",
+        str(triton_repo),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--triton-env",
+        str(triton_env.root),
+    ]
     # A terminal's Ctrl-C: SIGINT at its default in the child, even when this test run was
     # started in the background of a non-interactive shell (which starts it ignored, and a
     # Python started with SIGINT ignored never raises KeyboardInterrupt).
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines = []
     try:
         while not lines or lines[-1] != "Ctrl-C stops it":
             line = process.stdout.readline()
             assert line, f"serve exited early ({process.wait(10)}): {process.stderr.read()}"
             lines.append(line.strip())
-        assert re.fullmatch(rf"tritonserver ready in [\d.]+ s \(pid \d+\): HTTP 127.0.0.1:{http}, "
-                            rf"gRPC 127.0.0.1:{grpc}", lines[0])
+        assert re.fullmatch(
+            rf"tritonserver ready in [\d.]+ s \(pid \d+\): HTTP 127.0.0.1:{http}, "
+            rf"gRPC 127.0.0.1:{grpc}",
+            lines[0],
+        )
         assert lines[1] == f"models: {GENERATE}, {FULL}, {STREAMING}"
         assert sorted(lines[2:4]) == [
             "skipped bsbr-tiny: needs the onnxruntime backend, which this server lacks",
@@ -354,12 +403,15 @@ def test_port_in_use(capsys, triton_env, triton_repo):
     assert "pass another --http-port" in err
 
 
-@pytest.mark.parametrize("env, message", [
-    (None, "no Triton server: install one with"),
-    ("missing", "is not a venv (no bin/python)"),
-    ("bare", "has no numpy, which Triton's Python backend needs"),
-    (sys.prefix, "numpy 2"),  # this venv: numpy 2, which corrupts the Python backend's tensors
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (None, "no Triton server: install one with"),
+        ("missing", "is not a venv (no bin/python)"),
+        ("bare", "has no numpy, which Triton's Python backend needs"),
+        (sys.prefix, "numpy 2"),  # this venv: numpy 2, which corrupts the Python backend's tensors
+    ],
+)
 def test_unusable_server_env(capsys, monkeypatch, triton_repo, tmp_path, env, message):
     monkeypatch.delenv("BSBR_TRITON_ENV", raising=False)
     if env == "bare":

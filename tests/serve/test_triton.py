@@ -54,8 +54,10 @@ def graph_io(path) -> dict[str, tuple[int, list[int]]]:
     """name -> (ONNX elem type, dims with -1 for symbolic) of every graph input and output."""
     graph = onnx.load(str(path), load_external_data=False).graph
     return {
-        v.name: (v.type.tensor_type.elem_type,
-                 [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim])
+        v.name: (
+            v.type.tensor_type.elem_type,
+            [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim],
+        )
         for v in [*graph.input, *graph.output]
     }
 
@@ -70,7 +72,12 @@ def assert_matches_graph(entries, graph, batched: bool):
 def test_layout_and_files(repo):
     models, out = repo
     assert sorted(p.name for p in models.iterdir()) == [
-        "bsbr-tiny", "bsbr-tiny_generate", "bsbr-tiny_python", "bsbr-tiny_streaming", "bsbr-tiny_streaming_python"]
+        "bsbr-tiny",
+        "bsbr-tiny_generate",
+        "bsbr-tiny_python",
+        "bsbr-tiny_streaming",
+        "bsbr-tiny_streaming_python",
+    ]
     for name, source in (("bsbr-tiny", "model.onnx"), ("bsbr-tiny_streaming", "model.streaming.onnx")):
         assert sorted(p.name for p in (models / name).iterdir()) == ["1", "config.pbtxt"]
         assert sha256(models / name / "1" / "model.onnx") == sha256(out / source)
@@ -85,7 +92,10 @@ def test_layout_and_files(repo):
         assert sorted(a["name"] for a in served["artifacts"]) == ["model.decode.onnx", "model.rows.onnx"]
         assert served["spec"] == read_manifest(out)["spec"]
         assert sorted(p.name for p in (version / "export").iterdir()) == [
-            "manifest.json", "model.decode.onnx", "model.rows.onnx"]
+            "manifest.json",
+            "model.decode.onnx",
+            "model.rows.onnx",
+        ]
 
 
 def test_served_package_is_the_torch_free_modules_of_this_one(repo):
@@ -140,9 +150,14 @@ def test_python_streaming_config_batches_rows(repo):
     assert [o.name for o in config.output] == ["logits", "open_sequences"]
     assert_matches_graph([*config.input, config.output[0]], graph, batched=True)
     assert_sequence_batching(config)
-    assert parameters(config) == {"mode": "rows", "idle_seconds": str(IDLE_SECONDS),
-                                  "max_sequences": str(MAX_SEQUENCES), "max_state_bytes": str(MAX_STATE_BYTES),
-                                  "max_prompt_tokens": str(MAX_PROMPT_TOKENS), "threads": "0"}
+    assert parameters(config) == {
+        "mode": "rows",
+        "idle_seconds": str(IDLE_SECONDS),
+        "max_sequences": str(MAX_SEQUENCES),
+        "max_state_bytes": str(MAX_STATE_BYTES),
+        "max_prompt_tokens": str(MAX_PROMPT_TOKENS),
+        "threads": "0",
+    }
 
 
 def test_generate_config_is_decoupled_with_vllm_names(repo):
@@ -159,7 +174,9 @@ def test_generate_config_is_decoupled_with_vllm_names(repo):
         "exclude_input_in_output": (model_config_pb2.TYPE_BOOL, [1], True),
     }
     assert {o.name: (o.data_type, list(o.dims)) for o in config.output} == {
-        "text_output": (model_config_pb2.TYPE_STRING, [-1]), "output_ids": (model_config_pb2.TYPE_INT64, [-1])}
+        "text_output": (model_config_pb2.TYPE_STRING, [-1]),
+        "output_ids": (model_config_pb2.TYPE_INT64, [-1]),
+    }
     assert parameters(config)["mode"] == "generate"
 
 
@@ -179,8 +196,12 @@ def test_python_streaming_config_without_row_step_keeps_state_in_the_model(hf_ex
     params = parameters(config)
     manifest = json.loads((hf_export / "manifest.json").read_text())
     assert json.loads(params.pop("state_shapes")) == manifest["state"]["inputs"]
-    assert params == {"mode": "decode", "onnx_file": "model.decode.onnx",
-                      "vocab_size": str(manifest["spec"]["inputs"][0]["high"]), "idle_seconds": str(IDLE_SECONDS)}
+    assert params == {
+        "mode": "decode",
+        "onnx_file": "model.decode.onnx",
+        "vocab_size": str(manifest["spec"]["inputs"][0]["high"]),
+        "idle_seconds": str(IDLE_SECONDS),
+    }
 
 
 def test_logits_config_matches_graph(repo):
@@ -254,12 +275,24 @@ def test_other_models_kept_and_existing_needs_overwrite(repo, tmp_path):
     (target / "other" / "1").mkdir(parents=True)
     write_triton_repo(out, target, "tiny")
     assert sorted(p.name for p in target.iterdir()) == [
-        "other", "tiny", "tiny_generate", "tiny_python", "tiny_streaming", "tiny_streaming_python"]
+        "other",
+        "tiny",
+        "tiny_generate",
+        "tiny_python",
+        "tiny_streaming",
+        "tiny_streaming_python",
+    ]
     with pytest.raises(UserError, match="already exists and is not empty"):
         write_triton_repo(out, target, "tiny")
     write_triton_repo(out, target, "tiny", overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == [
-        "other", "tiny", "tiny_generate", "tiny_python", "tiny_streaming", "tiny_streaming_python"]
+        "other",
+        "tiny",
+        "tiny_generate",
+        "tiny_python",
+        "tiny_streaming",
+        "tiny_streaming_python",
+    ]
 
 
 def test_export_without_onnx_is_a_user_error(tmp_path):
@@ -277,14 +310,34 @@ def test_bad_model_name(repo, tmp_path, name):
 
 
 def test_cli(capsys, tmp_path):
-    code = main(["export", "bsbr-tiny", "--out", str(tmp_path / "e"), "--format", "torchscript",
-                 "--triton-repo", str(tmp_path / "models")])
+    code = main(
+        [
+            "export",
+            "bsbr-tiny",
+            "--out",
+            str(tmp_path / "e"),
+            "--format",
+            "torchscript",
+            "--triton-repo",
+            str(tmp_path / "models"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--triton-repo serves the ONNX graph: add onnx to --format" in err
     assert list(tmp_path.iterdir()) == []
 
-    code = main(["export", "bsbr-tiny", "--out", str(tmp_path / "e"), "--format", "onnx",
-                 "--triton-repo", str(tmp_path / "models")])
+    code = main(
+        [
+            "export",
+            "bsbr-tiny",
+            "--out",
+            str(tmp_path / "e"),
+            "--format",
+            "onnx",
+            "--triton-repo",
+            str(tmp_path / "models"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "Triton model repository" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["bsbr-tiny", "bsbr-tiny_python"]

@@ -38,9 +38,20 @@ def alone(tiny_export):
 
 def curl_stream(server, body: dict, endpoint: str = "generate_stream") -> list[dict]:
     """POST `body` to the model's generate extension with curl; the server-sent events."""
-    done = subprocess.run(["curl", "-sN", "--max-time", "60", "-d", json.dumps(body),
-                           f"http://{server.http_url}/v2/models/{GENERATE}/{endpoint}"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [
+            "curl",
+            "-sN",
+            "--max-time",
+            "60",
+            "-d",
+            json.dumps(body),
+            f"http://{server.http_url}/v2/models/{GENERATE}/{endpoint}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     if endpoint == "generate":
         return [json.loads(done.stdout)]
     return [json.loads(line.removeprefix("data: ")) for line in done.stdout.splitlines() if line.startswith("data: ")]
@@ -48,8 +59,9 @@ def curl_stream(server, body: dict, endpoint: str = "generate_stream") -> list[d
 
 def tensor(name: str, values, dtype) -> grpcclient.InferInput:
     array = np.array(values, dtype=dtype)
-    value = grpcclient.InferInput(name, list(array.shape), {np.int64: "INT64", np.int32: "INT32", np.bool_: "BOOL",
-                                                             np.object_: "BYTES"}[dtype])
+    value = grpcclient.InferInput(
+        name, list(array.shape), {np.int64: "INT64", np.int32: "INT32", np.bool_: "BOOL", np.object_: "BYTES"}[dtype]
+    )
     value.set_data_from_numpy(array)
     return value
 
@@ -61,8 +73,9 @@ def grpc_inputs(ids: list[int], max_tokens: int, **sampling) -> list[grpcclient.
     return inputs
 
 
-def grpc_generate(server, inputs, cancel_after: int | None = None,
-                  cancel_when: threading.Event | None = None) -> tuple[list[int], bool, list[float]]:
+def grpc_generate(
+    server, inputs, cancel_after: int | None = None, cancel_when: threading.Event | None = None
+) -> tuple[list[int], bool, list[float]]:
     """One generation over a gRPC stream: (its token ids, whether the last response was
     flagged final, the seconds at which each arrived). With `cancel_after`, the stream is
     cancelled once that many tokens came (and `cancel_when` is set)."""
@@ -90,6 +103,7 @@ def grpc_generate(server, inputs, cancel_after: int | None = None,
 
 # ---- what comes back ------------------------------------------------------------------
 
+
 def test_generate_stream_with_curl_streams_what_generation_alone_makes(triton_server, alone):
     """The issue's own command: curl -N .../generate_stream with a prompt and max_tokens:
     one event per token, the tokens greedy generation makes alone."""
@@ -112,12 +126,15 @@ def test_sampling_parameters_as_vllm_sends_them(triton_server, alone):
     options = {"temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 11}
     ids, final, _ = grpc_generate(triton_server, grpc_inputs(prompt, 30, **options))
     assert final and ids == alone.generate(prompt, 30, **options).ids
-    events = curl_stream(triton_server, {"input_ids": prompt,
-                                         "sampling_parameters": json.dumps({**options, "max_tokens": 12})})
+    events = curl_stream(
+        triton_server, {"input_ids": prompt, "sampling_parameters": json.dumps({**options, "max_tokens": 12})}
+    )
     assert [e["output_ids"] for e in events] == alone.generate(prompt, 12, **options).ids
     free = alone.generate(prompt, 30).ids
-    events = curl_stream(triton_server, {"input_ids": prompt, "max_tokens": 30,
-                                         "sampling_parameters": json.dumps({"stop_token_ids": [free[6]]})})
+    events = curl_stream(
+        triton_server,
+        {"input_ids": prompt, "max_tokens": 30, "sampling_parameters": json.dumps({"stop_token_ids": [free[6]]})},
+    )
     assert [e["output_ids"] for e in events] == free[: free.index(free[6]) + 1]
 
 
@@ -125,12 +142,15 @@ def test_concurrent_generations_each_equal_alone(triton_server, alone, request):
     """16 gRPC streams at once, prompts of 1 to 301 tokens (c = 8), 10 to 60 new tokens,
     half of them sampled: they join and leave the running batch at different steps, and
     each gets exactly what it gets alone, its last response flagged final."""
-    plans = [(prompt_of(n, VOCAB), 10 + 3 * i, {"temperature": 0.8, "seed": i} if i % 2 else {})
-             for i, n in enumerate([1, 7, 8, 9, 13, 16, 23, 30, 41, 64, 65, 99, 128, 150, 222, 301])]
+    plans = [
+        (prompt_of(n, VOCAB), 10 + 3 * i, {"temperature": 0.8, "seed": i} if i % 2 else {})
+        for i, n in enumerate([1, 7, 8, 9, 13, 16, 23, 30, 41, 64, 65, 99, 128, 150, 222, 301])
+    ]
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(plans)) as pool:
-        results = list(pool.map(lambda plan: grpc_generate(triton_server, grpc_inputs(plan[0], plan[1], **plan[2])),
-                                plans))
+        results = list(
+            pool.map(lambda plan: grpc_generate(triton_server, grpc_inputs(plan[0], plan[1], **plan[2])), plans)
+        )
     seconds = time.perf_counter() - start
     for (prompt, n, options), (ids, final, _) in zip(plans, results):
         assert final and ids == alone.generate(prompt, n, **options).ids
@@ -149,10 +169,22 @@ def test_text_in_text_out_as_vllm_clients_send_it(triton_env, stdlib_streaming_e
     expected = alone.generate(prompt, 40, **options)
     pieces = [t.text for t in alone.generate(prompt, 40, stream=True, **options)]
     with TritonServer(repo, triton_env, http_port=0, grpc_port=0) as server:
+
         def generate(body: dict, endpoint: str = "generate_stream") -> list[dict]:
-            done = subprocess.run(["curl", "-sN", "--max-time", "60", "-d", json.dumps(body),
-                                   f"http://{server.http_url}/v2/models/bsbr-stdlib_generate/{endpoint}"],
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [
+                    "curl",
+                    "-sN",
+                    "--max-time",
+                    "60",
+                    "-d",
+                    json.dumps(body),
+                    f"http://{server.http_url}/v2/models/bsbr-stdlib_generate/{endpoint}",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             lines = [line.removeprefix("data: ") for line in done.stdout.splitlines() if line.strip()]
             return [json.loads(line) for line in lines]
 
@@ -172,17 +204,21 @@ def test_text_in_text_out_as_vllm_clients_send_it(triton_env, stdlib_streaming_e
 
 # ---- bad requests ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("body, message", [
-    ({"input_ids": [1, 97, 3], "max_tokens": 4}, "token id 97 is out of range"),
-    ({"input_ids": [], "max_tokens": 4}, "the prompt is empty"),
-    ({"input_ids": [1], "max_tokens": 0}, "max_tokens must be an integer >= 1"),
-    ({"input_ids": [1], "sampling_parameters": "{temperature"}, "sampling_parameters is not JSON"),
-    ({"input_ids": [1], "sampling_parameters": '{"temprature": 1}'}, "unknown sampling parameter 'temprature'"),
-    ({"input_ids": [1], "sampling_parameters": '{"temperature": -1}'}, "temperature must be a number >= 0"),
-    ({"input_ids": [1], "text_input": "a"}, "as text_input or as input_ids"),
-    ({"max_tokens": 3}, "as text_input or as input_ids"),
-    ({"text_input": "def main("}, "this model has no tokenizer: send the prompt as input_ids"),
-])
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"input_ids": [1, 97, 3], "max_tokens": 4}, "token id 97 is out of range"),
+        ({"input_ids": [], "max_tokens": 4}, "the prompt is empty"),
+        ({"input_ids": [1], "max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"input_ids": [1], "sampling_parameters": "{temperature"}, "sampling_parameters is not JSON"),
+        ({"input_ids": [1], "sampling_parameters": '{"temprature": 1}'}, "unknown sampling parameter 'temprature'"),
+        ({"input_ids": [1], "sampling_parameters": '{"temperature": -1}'}, "temperature must be a number >= 0"),
+        ({"input_ids": [1], "text_input": "a"}, "as text_input or as input_ids"),
+        ({"max_tokens": 3}, "as text_input or as input_ids"),
+        ({"text_input": "def main("}, "this model has no tokenizer: send the prompt as input_ids"),
+    ],
+)
 def test_a_bad_request_fails_alone(triton_server, alone, body, message):
     """Each bad request gets one error event naming what is wrong, while a good generation
     running at the same time is served in full; the server stays up."""
@@ -198,12 +234,12 @@ def test_a_bad_request_fails_alone(triton_server, alone, body, message):
 
 # ---- limits, cancellation, memory, restarts ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_server(triton_env, tiny_export, tmp_path_factory):
     """A second server whose models hold at most 2 sequences and take prompts of at most 64 tokens."""
     out, _ = tiny_export
-    repo = write_triton_repo(out, tmp_path_factory.mktemp("limited") / "models", max_sequences=2,
-                             max_prompt_tokens=64)
+    repo = write_triton_repo(out, tmp_path_factory.mktemp("limited") / "models", max_sequences=2, max_prompt_tokens=64)
     with TritonServer(repo, triton_env, http_port=0, grpc_port=0) as server:
         yield server
 
@@ -243,8 +279,13 @@ def test_step_model_refuses_past_max_sequences(small_server):
     client = grpcclient.InferenceServerClient(small_server.grpc_url)
 
     def step(sequence, start=False, end=False):
-        return client.infer(STEP, [tensor("input_ids", [[1, 2]], np.int64)], sequence_id=sequence,
-                            sequence_start=start, sequence_end=end)
+        return client.infer(
+            STEP,
+            [tensor("input_ids", [[1, 2]], np.int64)],
+            sequence_id=sequence,
+            sequence_start=start,
+            sequence_end=end,
+        )
 
     step(11, start=True)
     step(12, start=True)
@@ -265,12 +306,20 @@ def test_state_memory_bound_answers_with_an_error(triton_env, tiny_export, tmp_p
         client = grpcclient.InferenceServerClient(server.grpc_url)
 
         def step(sequence, ids, start=False, end=False):
-            return client.infer(STEP, [tensor("input_ids", [ids], np.int64)], sequence_id=sequence,
-                                sequence_start=start, sequence_end=end)
+            return client.infer(
+                STEP,
+                [tensor("input_ids", [ids], np.int64)],
+                sequence_id=sequence,
+                sequence_start=start,
+                sequence_end=end,
+            )
 
         step(21, list(range(20)), start=True)  # 2 finished chunks: 10240 bytes
-        with pytest.raises(InferenceServerException, match="the open sequences hold 10240 state bytes; this one "
-                                                           "needs 5632 more, over this model's max_state_bytes"):
+        with pytest.raises(
+            InferenceServerException,
+            match="the open sequences hold 10240 state bytes; this one "
+            "needs 5632 more, over this model's max_state_bytes",
+        ):
             step(22, [1, 2, 3], start=True)
         step(21, [5], end=True)
         step(22, [1, 2, 3], start=True, end=True)
@@ -301,8 +350,13 @@ def test_memory_is_back_after_ten_thousand_sequences(triton_server, request):
         for sequence in range(first, first + count):
             prompt = rng.integers(0, VOCAB, (1, int(rng.integers(1, 21))))
             for i, ids in enumerate([prompt, [[5]], [[7]]]):
-                client.infer(STEP, [tensor("input_ids", ids, np.int64)], sequence_id=sequence,
-                             sequence_start=i == 0, sequence_end=i == 2)
+                client.infer(
+                    STEP,
+                    [tensor("input_ids", ids, np.int64)],
+                    sequence_id=sequence,
+                    sequence_start=i == 0,
+                    sequence_end=i == 2,
+                )
         client.close()
 
     def wave(first: int, total: int) -> None:
@@ -314,8 +368,11 @@ def test_memory_is_back_after_ten_thousand_sequences(triton_server, request):
     before = _stub_rss(triton_server, STEP)
     wave(20_000, 9_500)
     after = _stub_rss(triton_server, STEP)
-    print_uncaptured(request, f"10,000 sequences in {time.perf_counter() - start:.1f}s: step model "
-                              f"{before / 2**20:.1f} MiB after 500, {after / 2**20:.1f} MiB after 10,000")
+    print_uncaptured(
+        request,
+        f"10,000 sequences in {time.perf_counter() - start:.1f}s: step model "
+        f"{before / 2**20:.1f} MiB after 500, {after / 2**20:.1f} MiB after 10,000",
+    )
     assert after - before <= 8 * 2**20
     assert triton_server.healthy()
 
@@ -327,8 +384,7 @@ def test_a_killed_server_restarted_refuses_old_sequences(triton_env, triton_repo
     client_of = lambda server: grpcclient.InferenceServerClient(server.grpc_url)  # noqa: E731
     first = TritonServer(triton_repo, triton_env, http_port=0, grpc_port=0).start()
     try:
-        client_of(first).infer(STEP, [tensor("input_ids", [[1, 2, 3]], np.int64)], sequence_id=77,
-                               sequence_start=True)
+        client_of(first).infer(STEP, [tensor("input_ids", [[1, 2, 3]], np.int64)], sequence_id=77, sequence_start=True)
         os.killpg(first.pid, signal.SIGKILL)
         first.process.wait(10)
     finally:

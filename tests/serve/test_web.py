@@ -72,8 +72,13 @@ def page(request, web_export):
 
 
 def drive(url: str, options: dict, *extra: str, env: dict | None = None) -> dict:
-    done = subprocess.run(["node", str(DRIVER), url, json.dumps(options), *extra], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "CHROMIUM": CHROMIUM, **(env or {})})
+    done = subprocess.run(
+        ["node", str(DRIVER), url, json.dumps(options), *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CHROMIUM": CHROMIUM, **(env or {})},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -100,8 +105,14 @@ def test_export_writes_the_page_graphs_and_runtime(web_export):
     names = {a["name"]: a for a in manifest["artifacts"]}
     assert set(names) == {"web/model.onnx", "web/model.rows.onnx", "web/model.decode.onnx"}
     files = set().union(*(names[n]["files"] for n in names))
-    assert {"web/index.html", "web/app.js", "web/web.json", "web/ort/ort.wasm.min.mjs",
-            "web/ort/ort-wasm-simd-threaded.wasm", "web/ort/ort.webgpu.min.mjs"} <= files
+    assert {
+        "web/index.html",
+        "web/app.js",
+        "web/web.json",
+        "web/ort/ort.wasm.min.mjs",
+        "web/ort/ort-wasm-simd-threaded.wasm",
+        "web/ort/ort.webgpu.min.mjs",
+    } <= files
     import onnx
 
     for graph in ("model.onnx", "model.rows.onnx", "model.decode.onnx"):
@@ -147,8 +158,11 @@ def test_the_page_generates_what_native_onnxruntime_generates(browser, page, web
     assert result["ids"] == ids
     worst = worst_error(result["logits"], logits)
     assert len(result["logits"]) == 24 and worst <= TOLERANCE
-    print_uncaptured(request, f"browser wasm ({result['threads']} thread(s)): {result['token_ms']:.2f} ms/token, "
-                              f"max error {worst:.1e} x scale, page load {result['load_ms']:.0f} ms")
+    print_uncaptured(
+        request,
+        f"browser wasm ({result['threads']} thread(s)): {result['token_ms']:.2f} ms/token, "
+        f"max error {worst:.1e} x scale, page load {result['load_ms']:.0f} ms",
+    )
 
 
 def test_webgpu_where_the_browser_gives_an_adapter(browser, page, web_export, request):
@@ -156,8 +170,9 @@ def test_webgpu_where_the_browser_gives_an_adapter(browser, page, web_export, re
     if isolated:
         pytest.skip("WebGPU is tried once, on the page without isolation")
     prompt = prompt_of(13, VOCAB)
-    result = drive(url, {"prompt": prompt, "tokens": 24, "keepLogits": 24, "backend": "webgpu"},
-                   env={"BSBR_WEBGPU": "1"})
+    result = drive(
+        url, {"prompt": prompt, "tokens": 24, "keepLogits": 24, "backend": "webgpu"}, env={"BSBR_WEBGPU": "1"}
+    )
     assert "error" not in result, result
     if result["backend"] != "webgpu":  # only a missing adapter may skip; a failing run fails
         assert "WebGPU unavailable" in result["note"], result["note"]
@@ -168,8 +183,9 @@ def test_webgpu_where_the_browser_gives_an_adapter(browser, page, web_export, re
     assert result["ids"] == ids
     worst = worst_error(result["logits"], logits)
     assert worst <= TOLERANCE
-    print_uncaptured(request, f"browser WebGPU (row step): {result['token_ms']:.2f} ms/token, max error {worst:.1e} "
-                              "x scale")
+    print_uncaptured(
+        request, f"browser WebGPU (row step): {result['token_ms']:.2f} ms/token, max error {worst:.1e} x scale"
+    )
 
 
 def test_a_module_without_a_row_step_generates_with_the_decode_step(browser, hf_model_dir, tmp_path):
@@ -193,8 +209,10 @@ def test_a_module_without_a_row_step_generates_with_the_decode_step(browser, hf_
     ids, _ = native_greedy(out / "web", prompt, 10)
     assert wasm["ids"] == ids and wasm["graphs"] == {"rows": 0, "decode": 10}
     assert webgpu["ids"] == ids and webgpu["backend"] == "wasm"
-    assert webgpu["note"] in ("WebGPU runs the row step only, and this export has none: fell back to wasm",
-                              "WebGPU unavailable (requestAdapter() gave no adapter): fell back to wasm")
+    assert webgpu["note"] in (
+        "WebGPU runs the row step only, and this export has none: fell back to wasm",
+        "WebGPU unavailable (requestAdapter() gave no adapter): fell back to wasm",
+    )
 
 
 def test_the_page_after_generation(browser, page, tmp_path, request):
@@ -213,10 +231,13 @@ def test_the_page_after_generation(browser, page, tmp_path, request):
     print_uncaptured(request, f"web page screenshot: {target}")
 
 
-@pytest.mark.parametrize("prompt, message", [
-    ([1, 97], "token id 97 is out of range"),
-    ([], "the prompt is empty"),
-])
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ([1, 97], "token id 97 is out of range"),
+        ([], "the prompt is empty"),
+    ],
+)
 def test_a_bad_prompt_is_a_message_on_the_page(browser, page, prompt, message):
     url, _ = page
     result = drive(url, {"prompt": prompt, "tokens": 4})
@@ -244,10 +265,15 @@ def test_a_changed_or_missing_graph_is_a_message_on_the_page(browser, web_export
 
 # ---- serve-web and export, as commands -------------------------------------------------------
 
+
 def test_serve_web_sends_the_isolation_headers_and_stops_on_ctrl_c(web_export):
-    process = subprocess.Popen([sys.executable, "-m", "bsbr_export.cli", "serve-web", str(web_export), "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bsbr_export.cli", "serve-web", str(web_export), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         line = process.stdout.readline()
         url = line.split(" at ", 1)[1].split()[0]
@@ -270,8 +296,9 @@ def test_serve_web_of_a_directory_without_a_page(capsys, tmp_path):
 
 def test_format_web_without_onnxruntime_web_files_writes_nothing(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("BSBR_ORT_WEB", str(tmp_path / "nowhere"))
-    code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "web", "--streaming", "--out",
-                           str(tmp_path / "out"))
+    code, _, err = run_cli(
+        capsys, "export", "bsbr-tiny", "--format", "web", "--streaming", "--out", str(tmp_path / "out")
+    )
     assert code == 2 and err.count("\n") == 1 and "onnxruntime-web's files are needed for the web format" in err
     assert not (tmp_path / "out").exists()
 
@@ -286,10 +313,15 @@ def test_a_graph_onnxruntime_web_cannot_run_is_refused_naming_the_op(browser, tm
     from bsbr_export.runtime.ortweb import OrtWebRunner
 
     node = helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)],
-                              ir_version=10)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)], ir_version=10
+    )
     onnx.save(model, tmp_path / "odd.onnx")
     with pytest.raises(UserError, match="onnxruntime-web cannot load odd.onnx: .*Frobnicate"):
         OrtWebRunner(tmp_path / "odd.onnx")
@@ -303,7 +335,9 @@ def test_validate_runs_the_web_graphs_in_onnxruntime_web(browser, web_export, ca
 
 def test_format_web_without_streaming_is_refused_before_any_work(capsys, tmp_path):
     code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "web", "--out", str(tmp_path / "out"))
-    assert code == 2 and err.strip() == "bsbr-export: error: --format web generates with the decode step: add --streaming"
+    assert (
+        code == 2 and err.strip() == "bsbr-export: error: --format web generates with the decode step: add --streaming"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -315,12 +349,22 @@ def test_format_web_of_a_module_that_cannot_stream_is_refused(capsys, tmp_path):
         "class LM(nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"
-        "        self.embed, self.attn, self.head = nn.Embedding(50, 16), BSBRAttention(16, 2, 4), nn.Linear(16, 50)\n\n"
+        "        self.embed, self.attn, self.head = nn.Embedding(50, 16), BSBRAttention(16, 2, 4), nn.Linear(16, 50)\n\n"  # noqa: E501
         "    def forward(self, input_ids):\n"
         "        return self.head(self.attn(self.embed(input_ids)))\n\n"
         "def build():\n"
-        "    return LM().eval()\n")
-    code, _, err = run_cli(capsys, "export", f"{tmp_path / 'lm.py'}:build", "--trust-code", "--format", "web",
-                           "--streaming", "--out", str(tmp_path / "out"))
+        "    return LM().eval()\n"
+    )
+    code, _, err = run_cli(
+        capsys,
+        "export",
+        f"{tmp_path / 'lm.py'}:build",
+        "--trust-code",
+        "--format",
+        "web",
+        "--streaming",
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert code == 2 and err.count("\n") == 1 and "--format web needs the decode step, which LM cannot give" in err
     assert not (tmp_path / "out").exists()
