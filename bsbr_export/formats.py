@@ -54,7 +54,7 @@ class Format:
     install: str = ""  # how to install that package
     directory: str = ""  # the export's subdirectory its files go in (none: beside the manifest)
     benched: bool = True  # bench exports it by default (its runners time it, or ONNX Runtime's engines do)
-    needs_streaming: bool = False  # it is of no use without its streaming graphs (export with --streaming)
+    needs_streaming: bool = False  # it is of no use without its streaming graphs: they go with it, flag or not
     optional_kinds: tuple[str, ...] = ()  # kinds it holds when the module gives them, and does without
 
     @property
@@ -165,8 +165,10 @@ def artifact_name(fmt: Format, kind: str) -> str:
 def export_jobs(formats: list[Format], streaming: bool) -> list[tuple[Format, str]]:
     """(format, kind) pairs to export: full graphs, then with `streaming` the full-state
     streaming steps, the decode steps (whose caller appends finished chunks itself) and
-    the row steps (a server's batched step over sequences at different positions)."""
+    the row steps (a server's batched step over sequences at different positions). A
+    format of no use without its streaming graphs (the web page) always gets them."""
     jobs = [(fmt, "full") for fmt in formats]
-    if streaming:
-        jobs += [(fmt, kind) for kind in KINDS[1:] for fmt in formats if kind in fmt.kinds]
+    jobs += [
+        (fmt, kind) for kind in KINDS[1:] for fmt in formats if kind in fmt.kinds and (streaming or fmt.needs_streaming)
+    ]
     return jobs

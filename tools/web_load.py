@@ -4,7 +4,7 @@ same graphs: per-token latency and tokens/s at two contexts, page load time and 
     python tools/web_load.py [--models bsbr-tiny,bsbr-small,bsbr-stdlib] [--contexts 256,4096]
         [--tokens 32] [--out tools/results]
 
-Each model is exported with `--format web --streaming` into a temp dir. For each context
+Each model is exported with `--format web` into a temp dir. For each context
 a random prompt of that many tokens goes in (prefill, timed apart), then `--tokens` greedy
 tokens; the figure is the median per-token call. Engines, each in its own process:
 Chromium (Debian's, driven by puppeteer-core through web/drive.mjs) on wasm with one thread

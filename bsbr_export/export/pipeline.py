@@ -107,7 +107,6 @@ def export_model(
     check_opset(opset)
     check_static_shape(static_shape, streaming)
     check_flags_apply(formats, max_length=max_length, max_batch=max_batch, device=device)
-    check_streaming_formats(formats, streaming)
     check_can_create(Path(out_dir), overwrite)  # before the model is even loaded
     progress("loading model")
     source = (
@@ -148,13 +147,6 @@ def check_flags_apply(formats: list[Format], **flags) -> None:
         if value is not None and not any(flag in f.options for f in formats):
             takers = ", ".join(f.name for f in FORMATS.values() if flag in f.options)
             raise UserError(f"--{flag.replace('_', '-')} applies to --format {takers} only: add it, or drop the flag")
-
-
-def check_streaming_formats(formats: list[Format], streaming: bool) -> None:
-    """UserError for a format that is of no use without its streaming graphs, asked for without them."""
-    needing = [f.name for f in formats if f.needs_streaming and not streaming]
-    if needing:
-        raise UserError(f"--format {needing[0]} generates with the decode step: add --streaming")
 
 
 def source_label(source: Source) -> str:

@@ -52,7 +52,7 @@ def web_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     page = path / "web" if (path / "web" / "index.html").is_file() else path
     if not (page / "index.html").is_file():
-        raise UserError(f"{path} has no web page (index.html): export with --format web --streaming")
+        raise UserError(f"{path} has no web page (index.html): export with --format web")
     return page
 
 

@@ -333,12 +333,12 @@ def test_validate_runs_the_web_graphs_in_onnxruntime_web(browser, web_export, ca
     assert all(f"web/model.{kind}onnx" in out for kind in ("", "rows.", "decode."))
 
 
-def test_format_web_without_streaming_is_refused_before_any_work(capsys, tmp_path):
+def test_format_web_implies_the_page_graphs_without_streaming(capsys, tmp_path):
+    """`export MODEL --format web` as written: the page's row and decode steps come with it."""
     code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "web", "--out", str(tmp_path / "out"))
-    assert (
-        code == 2 and err.strip() == "bsbr-export: error: --format web generates with the decode step: add --streaming"
-    )
-    assert not (tmp_path / "out").exists()
+    assert code == 0, err
+    written = {p.name for p in (tmp_path / "out" / "web").glob("*.onnx")}
+    assert written == {"model.onnx", "model.rows.onnx", "model.decode.onnx"}
 
 
 def test_format_web_of_a_module_that_cannot_stream_is_refused(capsys, tmp_path):
