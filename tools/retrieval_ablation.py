@@ -23,13 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
-from train import FORMS, HELDOUT_BYTES, RECORD, WEIGHTS, build_model, logits_fn
+from train import FORMS, HELDOUT_BYTES, RECORD, WEIGHTS, build_model, learned_mix, logits_fn, retrieval_gain
 
 from bsbr_export.machine import machine_info
-from bsbr_export.proof.evaltext import byte_bits, heldout_text
+from bsbr_export.proof.evaltext import bits_per_byte, heldout_text
 
 HERE = Path(__file__).resolve().parent
 WINDOWS = (512, 4096, 16384)
@@ -103,13 +102,9 @@ def score(run: Path, heldout_bytes: int) -> dict:
     model.eval()
     logits_of = logits_fn(model, torch.device("cpu"))
     text = heldout_text(heldout_bytes)
-    chunk = model.config.chunk_size
-    bits = {window: byte_bits(logits_of, text, window) for window in (chunk, *WINDOWS)}
-    both = ~np.isnan(bits[chunk]) & ~np.isnan(bits[4096])
     result = {
-        "bpb": {str(w): round(float(np.nanmean(bits[w])), 4) for w in WINDOWS},
-        "chunk_alone_bpb": round(float(np.nanmean(bits[chunk])), 4),
-        "gain_from_retrieval": round(float(bits[chunk][both].mean() - bits[4096][both].mean()), 4),
+        "bpb": {str(w): round(bits_per_byte(logits_of, text, w), 4) for w in WINDOWS},
+        **retrieval_gain(logits_of, text, model.config.chunk_size),
         "steps": record["steps"],
         "bytes_seen": record["tokens_seen"],
         "train_seconds": record["seconds"],
@@ -119,18 +114,6 @@ def score(run: Path, heldout_bytes: int) -> dict:
         result["learned"] = learned_mix(model)
     print(run.name, json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
     return result
-
-
-def learned_mix(model) -> list[dict]:
-    """Per layer: each head's gate g_h = sigmoid(beta_h) and the mean of its norm scale."""
-    return [
-        {
-            "layer": i,
-            "gate": [round(g, 3) for g in torch.sigmoid(block.attn.retrieval_gate).tolist()],
-            "norm_scale_mean": [round(s, 3) for s in block.attn.retrieval_norm.mean(-1).tolist()],
-        }
-        for i, block in enumerate(model.blocks)
-    ]
 
 
 def write(results: dict, args: argparse.Namespace) -> None:

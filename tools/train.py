@@ -43,6 +43,7 @@ from bsbr_export.proof.evaltext import (
     DEFAULT_EVAL_BYTES,
     EVAL_WINDOW,
     bits_per_byte,
+    byte_bits,
     heldout_text,
     read_corpus,
     stdlib_split,
@@ -101,6 +102,31 @@ def build_model(form: str) -> BSBRModel:
         arm.load_state_dict(block.attn.state_dict())  # every arm starts from the same weights
         block.attn = arm
     return model
+
+
+def retrieval_gain(logits_of, text: bytes, chunk: int) -> dict[str, float]:
+    """Bits per byte with each chunk read alone (windows of one chunk: nothing to retrieve),
+    and the gain from retrieval: that minus the 4096-window bits per byte over exactly the
+    bytes both score (the first byte of each chunk is scored by neither)."""
+    alone, windowed = byte_bits(logits_of, text, chunk), byte_bits(logits_of, text, 4096)
+    both = ~np.isnan(alone) & ~np.isnan(windowed)
+    return {
+        "chunk_alone_bpb": round(float(np.nanmean(alone)), 4),
+        "gain_from_retrieval": round(float(alone[both].mean() - windowed[both].mean()), 4),
+    }
+
+
+def learned_mix(model: BSBRModel) -> list[dict]:
+    """What retrieval form `gated` learned, per layer: each head's gate g_h = sigmoid(beta_h)
+    (the share of the retrieved term) and the mean of its norm scale."""
+    return [
+        {
+            "layer": i,
+            "gate": [round(g, 3) for g in torch.sigmoid(block.attn.retrieval_gate).tolist()],
+            "norm_scale_mean": [round(s, 3) for s in block.attn.retrieval_norm.mean(-1).tolist()],
+        }
+        for i, block in enumerate(model.blocks)
+    ]
 
 
 def logits_fn(model, device: torch.device):
@@ -356,6 +382,8 @@ def finish(run: Path, dry: bool) -> None:
         heldout_bpb=scores[EVAL_WINDOW],
         heldout_bpb_by_window={str(k): v for k, v in scores.items()},
         compressors_by_window={str(k): v for k, v in compressors.items()},
+        **retrieval_gain(logits_of, heldout, model.config.chunk_size),
+        learned=learned_mix(model) if model.config.retrieval == "gated" else None,
         slice_bytes=DEFAULT_EVAL_BYTES,
         slice_bpb=slice_bpb,
         weights_bytes=weights.stat().st_size,
@@ -454,8 +482,30 @@ def write_report(directory: Path, record: dict) -> None:
         f"the held-out files of Python {scored['versions']['python']}'s stdlib on {scored['processor']}, fp16 "
         f"weights as shipped, run in fp32); the first {record['slice_bytes']} bytes (the default `--eval-text`) "
         f"in windows of {EVAL_WINDOW}: {record['slice_bpb']:.4f}.\n"
-        f"Weights: {record['weights_bytes'] / 2**20:.2f} MiB fp16.\n\n"
-        f"The curve's held-out column scores the training machine's own held-out slice (the same rule on "
+        f"Weights: {record['weights_bytes'] / 2**20:.2f} MiB fp16, retrieval form `{record['config']['retrieval']}`."
+        f"\n\n| | {' | '.join(f'windows of {w}' for w in record['heldout_bpb_by_window'])} |\n"
+        f"|---|{'---|' * len(record['heldout_bpb_by_window'])}\n"
+        f"| {NAME} | {' | '.join(str(v) for v in record['heldout_bpb_by_window'].values())} |\n"
+        + "".join(
+            f"| {name} (each window alone) | "
+            f"{' | '.join(str(c[name]) for c in record['compressors_by_window'].values())} |\n"
+            for name in next(iter(record["compressors_by_window"].values()))
+        )
+        + f"\nEach {record['config']['chunk_size']}-byte chunk read alone (nothing to retrieve): "
+        f"{record['chunk_alone_bpb']} bits per byte; retrieval gains {record['gain_from_retrieval']:+.4f} on the "
+        f"same bytes in 4096-byte windows.\n\n"
+        + (
+            "What the gated retrieval learned, per layer: each head's gate g_h (the retrieved term's share) and "
+            "its norm scale's mean:\n\n| layer | gate g_h | norm scale |\n|---|---|---|\n"
+            + "".join(
+                f"| {r['layer']} | {', '.join(map(str, r['gate']))} | {', '.join(map(str, r['norm_scale_mean']))} |\n"
+                for r in record["learned"]
+            )
+            + "\n"
+            if record.get("learned")
+            else ""
+        )
+        + f"The curve's held-out column scores the training machine's own held-out slice (the same rule on "
         f"its stdlib, first {DEFAULT_EVAL_BYTES} bytes, windows of {EVAL_WINDOW}).\n\n"
         f"![loss curve](train_{NAME}.png)\n\n| step | seconds | train bpb | held-out bpb |\n|---|---|---|---|\n{rows}\n"
     )

@@ -217,11 +217,10 @@ def test_a_module_without_a_row_step_generates_with_the_decode_step(browser, hf_
 
 def test_the_page_after_generation(browser, page, tmp_path, request):
     """The form, as a person uses it: ids typed in, Generate pressed, tokens shown with
-    their speed; the screenshot is kept (BSBR_TEST_ARTIFACTS, else the test's tmp dir)."""
+    their speed, on the one-thread page and the isolated (threaded) one; the screenshots
+    are kept (BSBR_TEST_ARTIFACTS, else the test's tmp dir)."""
     url, isolated = page
-    if isolated:
-        pytest.skip("one screenshot is enough")
-    target = Path(os.environ.get("BSBR_TEST_ARTIFACTS", tmp_path)) / "web_page.png"
+    target = Path(os.environ.get("BSBR_TEST_ARTIFACTS", tmp_path)) / f"web_page{'-isolated' if isolated else ''}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     result = drive(url, {"text": "5, 17, 3, 60", "tokens": 20}, "--ui", str(target))
     assert result["status"] == "Done.", result
