@@ -14,7 +14,13 @@ from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
-from bsbr_export.defaults import DEFAULT_ACCURACY_BUDGET, DEFAULT_EVAL_WINDOWS, DEFAULT_OPSET, DEFAULT_TOLERANCE
+from bsbr_export.defaults import (
+    DEFAULT_ACCURACY_BUDGET,
+    DEFAULT_EVAL_WINDOWS,
+    DEFAULT_OPSET,
+    DEFAULT_THREADS,
+    DEFAULT_TOLERANCE,
+)
 from bsbr_export.errors import UserError
 from bsbr_export.export.pipeline import export_model
 from bsbr_export.formats import FORMATS, parse_formats
@@ -47,6 +53,25 @@ from bsbr_export.serve.triton import write_triton_repo
 from bsbr_export.serve.web import page_server, web_dir
 from bsbr_export.summary import summarize
 from bsbr_export.workflows import benchmark
+
+# Options several commands share, each declared once.
+TRUST_CODE = click.option(
+    "--trust-code",
+    "trust_code",
+    is_flag=True,
+    help="Allow running a user's code: importing a module reference (file.py:factory) or a Hugging Face "
+    "directory's modeling file, or rebuilding one from what an export's manifest records.",
+)
+TOLERANCE = click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_TOLERANCE,
+    show_default=True,
+    help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).",
+)
+THREADS = click.option(
+    "--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True, help="Threads per engine."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,13 +166,7 @@ def run(model: str, length: int | None, batch: int) -> None:
     default=None,
     help="What an aoti package is compiled for [default: cpu]; cuda needs a CUDA build of torch and the GPU.",
 )
-@click.option(
-    "--tolerance",
-    type=click.FloatRange(min=0),
-    default=DEFAULT_TOLERANCE,
-    show_default=True,
-    help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).",
-)
+@TOLERANCE
 @click.option(
     "--force", is_flag=True, help="Replace a non-empty export directory (and Triton models of the same name)."
 )
@@ -158,13 +177,7 @@ def run(model: str, length: int | None, batch: int) -> None:
     default=None,
     help="Also write the ONNX graphs as a Triton Inference Server model repository here.",
 )
-@click.option(
-    "--trust-code",
-    "trust_code",
-    is_flag=True,
-    help="Allow importing MODEL's code when it is a module reference (file.py:factory) or a Hugging Face "
-    "directory with its own modeling file (auto_map): that runs it.",
-)
+@TRUST_CODE
 @click.option(
     "--weights",
     type=click.Path(),
@@ -283,13 +296,7 @@ def _eval_text(path, budget: float) -> bytes | None:
 
 @cli.command()
 @click.argument("export_dir", type=click.Path())
-@click.option(
-    "--tolerance",
-    type=click.FloatRange(min=0),
-    default=DEFAULT_TOLERANCE,
-    show_default=True,
-    help="Max abs error allowed, relative to the logit scale (max |logit|, at least 1).",
-)
+@TOLERANCE
 @click.option(
     "--lengths",
     default=None,
@@ -306,13 +313,7 @@ def _eval_text(path, budget: float) -> bytes | None:
     show_default=True,
     help="cuda: ONNX graphs on the CUDA provider, TorchScript on the GPU.",
 )
-@click.option(
-    "--trust-code",
-    "trust_code",
-    is_flag=True,
-    help="Allow rebuilding a user's module (a module reference or a Hugging Face directory's code) "
-    "from what its manifest records (runs its code).",
-)
+@TRUST_CODE
 @EVAL_TEXT
 @ACCURACY_BUDGET
 def validate(
@@ -416,8 +417,8 @@ QUICK_BENCH = {
     show_default=True,
     help="Longest length each exported artifact is checked at.",
 )
-@click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="Threads per engine.")
+@TOLERANCE
+@THREADS
 @click.option(
     "--budget",
     type=click.FloatRange(min=0, min_open=True),
@@ -426,13 +427,7 @@ QUICK_BENCH = {
     help="Most seconds of timing per engine and length (stops sooner once the spread is small).",
 )
 @click.option("--force", is_flag=True, help="Export over a non-empty --out directory (its files are replaced).")
-@click.option(
-    "--trust-code",
-    "trust_code",
-    is_flag=True,
-    help="Allow importing a module reference (file.py:factory) or a Hugging Face directory's code, or "
-    "rebuilding one from a manifest.",
-)
+@TRUST_CODE
 @click.option(
     "--device",
     type=click.Choice(DEVICES),
@@ -587,14 +582,8 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
     help="Window lengths int8 and bf16 are judged at: held-out bits per byte must stay within "
     "--accuracy-budget in each (int8 loses most in short windows, bf16 at long positions).",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option(
-    "--trust-code",
-    "trust_code",
-    is_flag=True,
-    help="Allow rebuilding a user's module (a module reference or a Hugging Face directory's code) "
-    "from what its manifest records (runs its code).",
-)
+@THREADS
+@TRUST_CODE
 @EVAL_TEXT
 @ACCURACY_BUDGET
 def optimize(
@@ -668,11 +657,7 @@ def optimize(
 
 @cli.command()
 @click.argument("model")
-@click.option(
-    "--trust-code",
-    is_flag=True,
-    help="Allow importing MODEL's code (a module reference, or a Hugging Face directory's modeling file).",
-)
+@TRUST_CODE
 def doctor(model: str, trust_code: bool) -> None:
     """Check that MODEL exports with a dynamic batch and sequence.
 

@@ -17,6 +17,10 @@ DEFAULT_ACCURACY_BUDGET = 0.01
 EVAL_WINDOW = 512
 DEFAULT_EVAL_WINDOWS = (EVAL_WINDOW, 4096)
 
+# Threads each engine computes with (bench, optimize, the tools' timings): the cores of the
+# 2-core machines this was measured on; pass --threads to use more.
+DEFAULT_THREADS = 2
+
 # ONNX Runtime's graph optimization levels, weakest first (bench times each, optimize picks one).
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 

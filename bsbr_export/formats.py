@@ -1,15 +1,16 @@
 """The one table of export formats, as data: it feeds the CLI's choices, export,
 validate and bench.
 
-A row names a format and what it takes; it knows no exporter and no runner. Export
-finds a format's writer in `export/writers.py` (`WRITERS`), the runtime its runner in
-`runtime/__init__.py` (`RUNNERS`), both keyed by the format's name: adding a format adds
-a row here and a module to each.
+A row names a format, what it takes, and its writer and runner as "module:name"
+references, imported when first used (`resolve`): this table sits below export and the
+runtime, and most rows' packages are heavy. Adding a format adds a row here, its writer
+in export/ and its runner in runtime/; nothing else keys on format names.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.util
 from dataclasses import dataclass
 
@@ -44,10 +45,11 @@ class Format:
     name: str
     suffix: str
     description: str
+    writer: str  # "module:name" of its `export.writers.Writer`
+    runner: str  # "module:name" of its `runtime.base.Runner` class
     options: frozenset[str] = frozenset()
     kinds: tuple[str, ...] = TRACED_KINDS
     per_provider: bool = False  # validated once per ONNX Runtime execution provider
-    needs_gpu: bool = False
     engine: bool = False  # bench times the artifact as an engine of its own, named like the format
     on_cuda: bool = False  # its runner also computes on a CUDA GPU (`device="cuda"`)
     requires: str | None = None  # the module of an optional package it needs
@@ -88,20 +90,36 @@ FORMATS: dict[str, Format] = {
             "onnx",
             ".onnx",
             "ONNX graph for ONNX Runtime (torch.export-based exporter)",
+            "bsbr_export.export.writers:ONNX",
+            "bsbr_export.runtime.onnx:OnnxRunner",
             frozenset({"static_shape", "opset", "metadata"}),
             kinds=KINDS,
             per_provider=True,
         ),
         Format(
-            "torchscript", ".pt", "traced TorchScript for torch.jit.load / torch::jit::load", engine=True, on_cuda=True
+            "torchscript",
+            ".pt",
+            "traced TorchScript for torch.jit.load / torch::jit::load",
+            "bsbr_export.export.writers:TORCHSCRIPT",
+            "bsbr_export.runtime.torchscript:TorchScriptRunner",
+            engine=True,
+            on_cuda=True,
         ),
-        Format("torchscript-mobile", ".ptl", "TorchScript for PyTorch Mobile's lite interpreter"),
+        Format(
+            "torchscript-mobile",
+            ".ptl",
+            "TorchScript for PyTorch Mobile's lite interpreter",
+            "bsbr_export.export.writers:TORCHSCRIPT_MOBILE",
+            "bsbr_export.runtime.torchscript:TorchScriptRunner",
+        ),
         # The decode step for C++ generation loops; no full-state step (Triton's implicit
         # state is its only user, and Triton serves ONNX).
         Format(
             "aoti",
             ".pt2",
             "AOTInductor package for aoti_load_package / torch::inductor::AOTIModelPackageLoader",
+            "bsbr_export.export.writers:AOTI",
+            "bsbr_export.runtime.aoti:AotiRunner",
             options=frozenset({"device"}),
             kinds=("full", "decode"),
             engine=True,
@@ -111,19 +129,23 @@ FORMATS: dict[str, Format] = {
             "executorch",
             ".pte",
             "ExecuTorch program lowered to XNNPACK, for executorch.runtime / the C++ Module API",
+            "bsbr_export.export.writers:EXECUTORCH",
+            "bsbr_export.runtime.executorch:ExecuTorchRunner",
             frozenset({"max_length", "max_batch"}),
             kinds=("full",),
             engine=True,
             requires="executorch",
             install='pip install -c constraints.txt "bsbr-export[executorch]" (in a checkout: ".[executorch]")',
         ),
-        # The page generates with the decode step (export with --streaming) and, where the
+        # The page generates with the decode step (exported with it) and, where the
         # module has one, the row step (the one WebGPU runs); opset 18 graphs. Timed in a
         # browser (tools/web_load.py), not by bench.
         Format(
             "web",
             ".onnx",
             "static web page generating with onnxruntime-web (wasm, WebGPU) in the browser",
+            "bsbr_export.export.writers:WEB",
+            "bsbr_export.runtime.ortweb:OrtWebRunner",  # the page's graphs, in the runtime the page runs
             kinds=("full", "rows", "decode"),
             directory="web",
             benched=False,
@@ -132,6 +154,13 @@ FORMATS: dict[str, Format] = {
         ),
     )
 }
+ONNX = FORMATS["onnx"]  # the format ONNX Runtime's engines, optimize and Triton's models read
+
+
+def resolve(reference: str):
+    """What a "package.module:name" reference (a row's writer or runner) names, imported now."""
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def parse_formats(text: str) -> list[Format]:
@@ -156,9 +185,11 @@ def kind_of(streaming: bool, decode: bool, rows: bool = False) -> str:
     return "rows" if rows else "decode" if decode else "streaming" if streaming else "full"
 
 
-def artifact_name(fmt: Format, kind: str) -> str:
-    """Path of an artifact inside an export directory: [directory/]model[.streaming|.decode].suffix."""
-    name = f"model{'' if kind == 'full' else '.' + kind}{fmt.suffix}"
+def artifact_name(fmt: Format, kind: str = "full", variant: str | None = None) -> str:
+    """Path of an artifact inside an export directory: [directory/]model[.kind][.variant].suffix,
+    `kind` one of KINDS (the full forward has none), `variant` what `optimize` makes of a
+    graph (optimized, int8, int8-static, fp16). Every file name of an export comes from here."""
+    name = ".".join(["model", *([kind] if kind != "full" else []), *([variant] if variant else [])]) + fmt.suffix
     return f"{fmt.directory}/{name}" if fmt.directory else name
 
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bsbr_export.compare.cases import DEFAULT_LONG_LENGTH
-from bsbr_export.defaults import DEFAULT_ACCURACY_BUDGET, DEFAULT_EVAL_WINDOWS, DEFAULT_TOLERANCE
+from bsbr_export.defaults import DEFAULT_ACCURACY_BUDGET, DEFAULT_EVAL_WINDOWS, DEFAULT_THREADS, DEFAULT_TOLERANCE
 from bsbr_export.errors import UserError
 from bsbr_export.export.pipeline import export_model
-from bsbr_export.formats import FORMATS
+from bsbr_export.formats import FORMATS, ONNX, artifact_name
 from bsbr_export.io import check_can_create, check_writable
 from bsbr_export.machine import cpu_features, machine_info
 from bsbr_export.manifest import MANIFEST, manifest_spec, read_manifest
@@ -55,18 +55,20 @@ class Precision:
     made_as: str  # the optimize_export flag that makes it
     artifact: str  # written into the export dir once made
     engines: tuple[str, ...]
-    source: str | None = "model.onnx"  # None: made from the eager model
+    source: str | None = artifact_name(ONNX)  # None: made from the eager model
     units: tuple[str, ...] = ()  # CPU features (as /proc/cpuinfo spells them)
     by_bench: bool = True  # False: only `optimize` makes it, on request
 
 
 PRECISIONS = (
-    Precision("int8", "int8", "model.int8.onnx", ("ort-cpu-int8",), units=("avx512_vnni", "amx_int8")),
+    Precision(
+        "int8", "int8", artifact_name(ONNX, variant="int8"), ("ort-cpu-int8",), units=("avx512_vnni", "amx_int8")
+    ),
     # Calibrated QDQ takes a calibration pass on top of the sensitivity search.
     Precision(
         "int8-static",
         "static_int8",
-        "model.int8-static.onnx",
+        artifact_name(ONNX, variant="int8-static"),
         ("ort-cpu-int8-static",),
         units=("avx512_vnni", "amx_int8"),
         by_bench=False,
@@ -79,7 +81,7 @@ PRECISIONS = (
         source=None,
         units=("avx512_bf16", "amx_bf16"),
     ),
-    Precision("fp16", "fp16", "model.fp16.onnx", ("ort-cuda-fp16",)),
+    Precision("fp16", "fp16", artifact_name(ONNX, variant="fp16"), ("ort-cuda-fp16",)),
 )
 NOT_A_BYTE_LM = (
     "reduced precision is judged by held-out bits per byte, so only for byte-level language models "
@@ -120,7 +122,7 @@ def benchmark(
     decode_contexts: list[int] | None = None,
     validation_lengths: list[int] | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     budget_s: float = 1.0,
     overwrite: bool = False,
     trust_code: bool = False,
@@ -198,7 +200,9 @@ def benchmark(
         progress=progress,
     )
     decode = ()
-    if decode_contexts and any((directory / n).is_file() for n in ("model.decode.onnx", "model.streaming.onnx")):
+    if decode_contexts and any(
+        (directory / n).is_file() for n in (artifact_name(ONNX, "decode"), artifact_name(ONNX, "streaming"))
+    ):
         decode = tuple(decode_latency(directory, decode_contexts, threads=threads, progress=progress))
     result = BenchResult(
         tuple(timings), tuple(sorted(lengths)), batch, threads, WARMUP, decode, machine_info(), BASELINES[device]

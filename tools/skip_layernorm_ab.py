@@ -21,6 +21,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from bsbr_export.defaults import DEFAULT_THREADS
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -82,7 +84,7 @@ def max_abs_difference(a: Path, b: Path, vocab: int, lengths: list[int]) -> floa
 
     from bsbr_export.runtime.onnx import OnnxRunner
 
-    first, second = OnnxRunner(a, threads=2).session, OnnxRunner(b, threads=2).session
+    first, second = OnnxRunner(a, threads=DEFAULT_THREADS).session, OnnxRunner(b, threads=DEFAULT_THREADS).session
     worst = 0.0
     for length in (n + 7 for n in lengths):
         rng = np.random.default_rng(length)

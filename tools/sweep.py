@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bsbr_export.defaults import DEFAULT_THREADS
+
 HERE = Path(__file__).resolve().parent
 LENGTHS = [256, 1024, 4096, 16384]
 DECODE = [256, 1024, 4096, 16384]
@@ -113,7 +115,9 @@ def _child_time_onnx(path: str, lengths: list[int], hidden: int | None, vocab: i
     print(json.dumps({"load_rss_mib": base, "timings": [t.__dict__ for t in timings]}))
 
 
-def time_onnx(path: Path, lengths: list[int], vocab: int, hidden: int | None = None, threads: int = 2) -> dict:
+def time_onnx(
+    path: Path, lengths: list[int], vocab: int, hidden: int | None = None, threads: int = DEFAULT_THREADS
+) -> dict:
     out = subprocess.run(
         [
             sys.executable,

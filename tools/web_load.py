@@ -34,6 +34,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # sweep.py, for ORT's MatMul rate
 from sweep import matmul_rate  # noqa: E402
 
+from bsbr_export.defaults import DEFAULT_THREADS  # noqa: E402
+
 DRIVER = HERE.parent / "web" / "drive.mjs"
 
 
@@ -44,7 +46,7 @@ def native(web: str, context: int, tokens: int, threads: int) -> dict:
     from bsbr_export.runtime.batching import Sequences
 
     web = Path(web)
-    sequences = Sequences(web.parent, threads=threads, capacity=1, graphs=web.name)
+    sequences = Sequences(web.parent, threads=threads, capacity=1, graphs="web")
     prompt = np.random.default_rng(context).integers(0, sequences.spec.tokens.high, context).tolist()
     start = time.perf_counter()
     logits = sequences.open(0, prompt)[-1]
@@ -107,7 +109,7 @@ def measure(model: str, contexts: list[int], tokens: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="web-load-") as tmp:  # the exports are large: none is left behind
         out = Path(tmp) / model
-        export_model(model, out, [FORMATS["web"]], streaming=True)
+        export_model(model, out, [FORMATS["web"]])
         web = out / "web"
         rows = []
         for context in contexts:
@@ -218,7 +220,7 @@ def main() -> None:
         "cores": os.cpu_count(),
         "chromium": chromium,
         "onnxruntime": onnxruntime.__version__,
-        "matmul_gflops": matmul_rate(256, threads=2),
+        "matmul_gflops": matmul_rate(256, threads=DEFAULT_THREADS),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "web_load.json").write_text(

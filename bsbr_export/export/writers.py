@@ -1,8 +1,8 @@
-"""The writer of each format in `formats.FORMATS`, by name: how export writes an
-artifact, refuses options it cannot honor, and describes what it wrote.
+"""The writers the rows of `formats.FORMATS` name: how export writes an artifact,
+refuses options it cannot honor, and describes what it wrote.
 
 Each writer writes one artifact atomically after checking it (`export/checks.py`);
-callers reach them through `WRITERS` with the options the format takes.
+callers reach a format's through `write_artifact` & co. with the options it takes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from bsbr_export.export import onnx, torchscript
 from bsbr_export.export.aoti import check_device_option, export_aoti, package_settings
 from bsbr_export.export.executorch import check_limits, export_executorch
 from bsbr_export.export.web import check_web, write_web
-from bsbr_export.formats import Format
+from bsbr_export.formats import Format, resolve
 from bsbr_export.runtime.executorch import program_settings
 
 
@@ -46,37 +46,35 @@ def _torchscript(mobile: bool):
     return write
 
 
-WRITERS: dict[str, Writer] = {
-    "onnx": Writer(_onnx),
-    "torchscript": Writer(_torchscript(mobile=False)),
-    "torchscript-mobile": Writer(_torchscript(mobile=True)),
-    "aoti": Writer(
-        lambda model, path, kind, spec, device=None: [export_aoti(model, path, spec, kind, device)],
-        check=check_device_option,
-        describe=package_settings,
-    ),
-    "executorch": Writer(
-        lambda model, path, kind, spec, **limits: [export_executorch(model, path, spec, **limits)],
-        check=check_limits,
-        describe=program_settings,
-    ),
-    "web": Writer(write_web, check=lambda spec, **options: check_web(spec)),
-}
+ONNX = Writer(_onnx)
+TORCHSCRIPT = Writer(_torchscript(mobile=False))
+TORCHSCRIPT_MOBILE = Writer(_torchscript(mobile=True))
+AOTI = Writer(
+    lambda model, path, kind, spec, device=None: [export_aoti(model, path, spec, kind, device)],
+    check=check_device_option,
+    describe=package_settings,
+)
+EXECUTORCH = Writer(
+    lambda model, path, kind, spec, **limits: [export_executorch(model, path, spec, **limits)],
+    check=check_limits,
+    describe=program_settings,
+)
+WEB = Writer(write_web, check=lambda spec, **options: check_web(spec))
 
 
 def write_artifact(fmt: Format, model, path: Path, kind: str, spec, **options) -> list[Path]:
     """Write one artifact of `fmt` with the options it takes (others are dropped)."""
-    return WRITERS[fmt.name].write(model, path, kind, spec, **fmt.own(options))
+    return resolve(fmt.writer).write(model, path, kind, spec, **fmt.own(options))
 
 
 def check_options(fmt: Format, spec, **options) -> None:
     """UserError, before any work, if `fmt` cannot honor its options for `spec`."""
-    WRITERS[fmt.name].check(spec, **fmt.own(options))
+    resolve(fmt.writer).check(spec, **fmt.own(options))
 
 
 def describe_artifact(fmt: Format, path: Path) -> dict:
     """The settings the manifest records for an artifact of `fmt` at `path`."""
-    return WRITERS[fmt.name].describe(path)
+    return resolve(fmt.writer).describe(path)
 
 
 # Where the README named them before the stages were layered: kept one release.

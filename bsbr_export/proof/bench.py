@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from bsbr_export.compare.parity import compare, output_scale
+from bsbr_export.defaults import DEFAULT_THREADS
 from bsbr_export.errors import UserError
+from bsbr_export.formats import ONNX, artifact_name
 from bsbr_export.manifest import manifest_spec
 from bsbr_export.proof.evaltext import bits_per_byte, read_eval_text, scores_text, text_feeds
 from bsbr_export.runtime.base import Runner
@@ -301,7 +303,7 @@ def bench_engines(
     warmup: int = WARMUP,
     min_iters: int = MIN_ITERS,
     budget_s: float = 1.0,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     trust_code: bool = False,
     eval_text: str | os.PathLike | None = None,
     progress=lambda step: None,
@@ -356,7 +358,7 @@ def decode_latency(
     contexts: list[int],
     *,
     steps: int | None = None,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     progress=lambda step: None,
 ) -> list[DecodeResult]:
     """Per-token latency of streaming decode at each context length, against re-running
@@ -369,7 +371,12 @@ def decode_latency(
     """
     export_dir = Path(export_dir)
     graph = next(
-        (export_dir / n for n in ("model.decode.onnx", "model.streaming.onnx") if (export_dir / n).is_file()), None
+        (
+            export_dir / n
+            for n in (artifact_name(ONNX, "decode"), artifact_name(ONNX, "streaming"))
+            if (export_dir / n).is_file()
+        ),
+        None,
     )
     if graph is None:
         raise UserError(f"{export_dir} has no streaming graph: export with --streaming")
@@ -398,7 +405,7 @@ def decode_latency(
             times.append((time.perf_counter() - t0) * 1e3)
         sequences[context], step_times[context] = ids, sorted(times)
     stream = None  # its threads stop before the full graph's start
-    full = OnnxRunner(export_dir / "model.onnx", threads=threads, spinning=True)
+    full = OnnxRunner(export_dir / artifact_name(ONNX), threads=threads, spinning=True)
     results = []
     for context in sorted(contexts):
         times = step_times[context]

@@ -26,10 +26,12 @@ from bsbr_export.compare.parity import compare
 from bsbr_export.defaults import (
     DEFAULT_ACCURACY_BUDGET,
     DEFAULT_EVAL_WINDOWS,
+    DEFAULT_THREADS,
     DEFAULT_TOLERANCE,
     OPTIMIZATION_LEVELS,
 )
 from bsbr_export.errors import UserError
+from bsbr_export.formats import ONNX, artifact_name
 from bsbr_export.io import atomic_write, check_writable
 from bsbr_export.manifest import add_artifacts, manifest_spec, read_manifest
 from bsbr_export.model.spec import ModelSpec
@@ -73,7 +75,7 @@ class LevelChoice:
 
 
 # The int8 graph each quantization method writes.
-QUANT_FILES = {"dynamic": "model.int8.onnx", "static": "model.int8-static.onnx"}
+QUANT_FILES = {"dynamic": artifact_name(ONNX, variant="int8"), "static": artifact_name(ONNX, variant="int8-static")}
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,9 @@ class QuantResult:
     budget: float = 0.01
 
 
-def _runner(path: Path, level: str = "all", optimized_path: Path | None = None, threads: int = 2) -> OnnxRunner:
+def _runner(
+    path: Path, level: str = "all", optimized_path: Path | None = None, threads: int = DEFAULT_THREADS
+) -> OnnxRunner:
     return OnnxRunner(path, optimization=level, threads=threads, optimized_path=optimized_path)
 
 
@@ -114,13 +118,18 @@ def eager_output(export_dir: Path, feeds: dict, trust_code: bool = False) -> np.
 
 
 def choose_level(
-    export_dir, *, length: int = 1024, tolerance: float = DEFAULT_TOLERANCE, threads: int = 2, trust_code: bool = False
+    export_dir,
+    *,
+    length: int = 1024,
+    tolerance: float = DEFAULT_TOLERANCE,
+    threads: int = DEFAULT_THREADS,
+    trust_code: bool = False,
 ) -> LevelChoice:
     """Time model.onnx at every ORT optimization level; save the fastest passing graph
     as model.optimized.onnx (tied to this machine when the level is extended/all). The
     eager reference of a user's module is rebuilt only with `trust_code`."""
     directory = Path(export_dir)
-    source = directory / "model.onnx"
+    source = directory / artifact_name(ONNX)
     if not source.is_file():
         raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
     feeds = spec_feeds(manifest_spec(directory), 1, length, seed=0)
@@ -135,7 +144,7 @@ def choose_level(
         if not passing:
             raise UserError("no ORT optimization level matches eager within tolerance: run `bsbr-export validate`")
         best = min(passing, key=lambda t: t.p50_ms)
-        target = directory / "model.optimized.onnx"
+        target = directory / artifact_name(ONNX, variant="optimized")
         shutil.copyfile(Path(tmp) / f"{best.level}.onnx", target)
     return LevelChoice(length, tuple(timings), best.level, target, best.level in HARDWARE_SPECIFIC_LEVELS)
 
@@ -222,7 +231,7 @@ def quantize_int8(
     target_top1: float = 0.97,
     length: int = 1024,
     batch: int = 1,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     method: str = "dynamic",
     text: bytes | None = None,
     budget: float = DEFAULT_ACCURACY_BUDGET,
@@ -238,7 +247,7 @@ def quantize_int8(
     Sensitivity of a node = the accuracy lost when only that node is int8.
     """
     directory = Path(export_dir)
-    source = directory / "model.onnx"
+    source = directory / artifact_name(ONNX)
     if not source.is_file():
         raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
     if not 0 < target_top1 <= 1:
@@ -361,7 +370,7 @@ def convert_fp16(export_dir) -> tuple[Path, list[str]]:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     directory = Path(export_dir)
-    source = directory / "model.onnx"
+    source = directory / artifact_name(ONNX)
     if not source.is_file():
         raise UserError(f"{directory} has no model.onnx: export with --format onnx first")
     model = onnx.shape_inference.infer_shapes(onnx.load(str(source)))
@@ -391,7 +400,7 @@ def convert_fp16(export_dir) -> tuple[Path, list[str]]:
     converted.topological_sort()  # the converter appends the Casts it inserts at the end
     # It also leaves some intermediate types stale; they are inferred again on load.
     del converted.model.graph.value_info[:]
-    target = directory / "model.fp16.onnx"
+    target = directory / artifact_name(ONNX, variant="fp16")
     with atomic_write(target) as staged:
         onnx.save(converted.model, str(staged))
         onnx.checker.check_model(str(staged), full_check=True)
@@ -415,7 +424,7 @@ def optimize_export(
     length: int = 1024,
     int8: bool = True,
     target_top1: float = 0.97,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     fp16: bool | None = None,
     static_int8: bool = False,
     bf16: bool = False,

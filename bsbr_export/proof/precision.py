@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bsbr_export.errors import UserError
+from bsbr_export.formats import ONNX, artifact_name
 from bsbr_export.io import atomic_write
 from bsbr_export.manifest import read_manifest
 from bsbr_export.model.sources import rebuild
@@ -134,7 +135,7 @@ def measure_bf16(
             lambda keep: AutocastRunner(source.module, spec, keep),
         ),
     }
-    onnx_path = directory / "model.onnx"
+    onnx_path = directory / artifact_name(ONNX)
     if onnx_path.is_file() and openvino_missing() is None:
         # Nothing to keep fp32 (see OpenVinoRunner): the plan is whether all-bf16 is within budget.
         routes["openvino-bf16"] = ([], lambda keep: OpenVinoRunner(onnx_path, precision="bf16", threads=threads))

@@ -30,14 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from bsbr_export.errors import UserError
+from bsbr_export.formats import FORMATS, artifact_name
 from bsbr_export.manifest import read_manifest
 from bsbr_export.model.spec import ROW_POSITIONS, ModelSpec
 from bsbr_export.runtime.onnx import OnnxRunner
 from bsbr_export.runtime.requests import DecodeState, Generation, Prompts, Request, Token, logits_output
 from bsbr_export.runtime.state import advance_state
-
-ROWS_GRAPH = "model.rows.onnx"
-DECODE_GRAPH = "model.decode.onnx"
 
 
 @dataclass
@@ -53,13 +51,15 @@ class Held:
 class Sequences:
     """Open sequences of an export with a row step and a decode step, by key."""
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None, capacity: int = 8, graphs: str = "") -> None:
-        """`graphs`: the export's subdirectory of the two graphs ("web" for the web page's
-        opset-18 ones), none for the ONNX format's."""
+    def __init__(
+        self, export_dir: str | Path, threads: int | None = None, capacity: int = 8, graphs: str = "onnx"
+    ) -> None:
+        """`graphs`: the format whose row and decode steps run ("web" for the web page's
+        opset-18 ones)."""
         export_dir = Path(export_dir)
         manifest = read_manifest(export_dir)  # every file checked against its sha256
         listed = {a["name"] for a in manifest["artifacts"]}
-        rows_graph, decode_graph = (f"{graphs}/{name}" if graphs else name for name in (ROWS_GRAPH, DECODE_GRAPH))
+        rows_graph, decode_graph = (artifact_name(FORMATS[graphs], kind) for kind in ("rows", "decode"))
         if manifest.get("state") is None:
             raise UserError(f"{export_dir} has no streaming graphs: export with --streaming to generate")
         if not {rows_graph, decode_graph} <= listed:

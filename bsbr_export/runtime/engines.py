@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bsbr_export.defaults import OPTIMIZATION_LEVELS
 from bsbr_export.errors import UserError
-from bsbr_export.formats import FORMATS, artifact_name
+from bsbr_export.formats import FORMATS, ONNX, artifact_name
 from bsbr_export.machine import bf16_missing
 from bsbr_export.manifest import manifest_spec, read_manifest
 from bsbr_export.model.sources import rebuild
@@ -44,16 +44,18 @@ class Engine:
 
 def _onnx_engines() -> list[Engine]:
     levels = [
-        Engine(f"ort-cpu-{level}", "onnx", "model.onnx", provider=CPU, options={"optimization": level})
+        Engine(f"ort-cpu-{level}", "onnx", artifact_name(ONNX), provider=CPU, options={"optimization": level})
         for level in OPTIMIZATION_LEVELS
     ]
     return [
         *levels,
-        Engine("ort-cuda-all", "onnx", "model.onnx", provider=CUDA, options=BOUND, device="cuda"),
-        Engine("ort-cpu-optimized", "onnx", "model.optimized.onnx", provider=CPU),
-        Engine("ort-cpu-int8", "onnx", "model.int8.onnx", "int8", CPU),
-        Engine("ort-cpu-int8-static", "onnx", "model.int8-static.onnx", "int8", CPU),
-        Engine("ort-cuda-fp16", "onnx", "model.fp16.onnx", "fp16", CUDA, options=BOUND, device="cuda"),
+        Engine("ort-cuda-all", "onnx", artifact_name(ONNX), provider=CUDA, options=BOUND, device="cuda"),
+        Engine("ort-cpu-optimized", "onnx", artifact_name(ONNX, variant="optimized"), provider=CPU),
+        Engine("ort-cpu-int8", "onnx", artifact_name(ONNX, variant="int8"), "int8", CPU),
+        Engine("ort-cpu-int8-static", "onnx", artifact_name(ONNX, variant="int8-static"), "int8", CPU),
+        Engine(
+            "ort-cuda-fp16", "onnx", artifact_name(ONNX, variant="fp16"), "fp16", CUDA, options=BOUND, device="cuda"
+        ),
     ]
 
 
@@ -68,8 +70,8 @@ ENGINES: dict[str, Engine] = {
         # Both bf16 engines run the same autocast regions: what `optimize --bf16` measured for eager-bf16.
         Engine("eager-bf16", "autocast", precision="bf16"),
         Engine("compile-bf16", "autocast", precision="bf16", options={"compile": True}),
-        Engine("openvino-fp32", "openvino", "model.onnx", options={"precision": "f32"}),
-        Engine("openvino-bf16", "openvino", "model.onnx", "bf16", options={"precision": "bf16"}),
+        Engine("openvino-fp32", "openvino", artifact_name(ONNX), options={"precision": "f32"}),
+        Engine("openvino-bf16", "openvino", artifact_name(ONNX), "bf16", options={"precision": "bf16"}),
         # torch on a CUDA GPU: the same runners, the model (or file) and the feeds moved there.
         Engine("eager-cuda", "eager", options=ON_CUDA, device="cuda"),
         Engine("eager-cuda-bf16", "autocast", precision="bf16", options=ON_CUDA, device="cuda"),

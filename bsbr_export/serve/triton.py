@@ -37,6 +37,7 @@ from pathlib import Path
 import onnx
 
 from bsbr_export.errors import UserError
+from bsbr_export.formats import FORMATS, ONNX, artifact_name
 from bsbr_export.io import atomic_dir
 from bsbr_export.manifest import MANIFEST, read_manifest
 from bsbr_export.model.spec import ModelSpec
@@ -56,7 +57,7 @@ MAX_STATE_BYTES = 4 << 30
 MAX_PROMPT_TOKENS = 65536
 # What the rows / generate models run: this module and the package modules it imports.
 SERVING_MODULE = "bsbr_export.runtime.batching"
-ROWS_GRAPH, DECODE_GRAPH = "model.rows.onnx", "model.decode.onnx"
+ROWS_GRAPH, DECODE_GRAPH = (artifact_name(FORMATS["onnx"], kind) for kind in ("rows", "decode"))
 TOKENIZER_FILE = "tokenizer.json"
 # ONNX element type name -> Triton data type (the ones an export can hold).
 TRITON_TYPES = {
@@ -123,28 +124,28 @@ def write_triton_repo(
     export_dir, repo_dir = Path(export_dir), Path(repo_dir)
     manifest = read_manifest(export_dir)
     artifacts = {a["name"]: a for a in manifest["artifacts"]}
-    if "model.onnx" not in artifacts:
+    if artifact_name(ONNX) not in artifacts:
         raise UserError(f"{export_dir} has no model.onnx: export with --format onnx to write a Triton repository")
     name = model_name or export_name(manifest["model"]) or export_dir.resolve().name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise UserError(f"Triton model name {name!r} must be letters, digits, '_', '.' or '-': pass another name")
 
     vocab_size = ModelSpec.from_dict(manifest["spec"]).tokens.high
-    full = export_dir / "model.onnx"
+    full = export_dir / artifact_name(ONNX)
     # model -> (artifact, config, Python backend?, carries the serving package?)
     models = {
-        name: (artifacts["model.onnx"], logits_config(name, full), False, False),
+        name: (artifacts[artifact_name(ONNX)], logits_config(name, full), False, False),
         f"{name}_python": (
-            artifacts["model.onnx"],
+            artifacts[artifact_name(ONNX)],
             python_logits_config(f"{name}_python", full, vocab_size),
             True,
             False,
         ),
     }
-    if "model.streaming.onnx" in artifacts:
+    if artifact_name(ONNX, "streaming") in artifacts:
         streaming = f"{name}_streaming"
-        config = streaming_config(streaming, export_dir / "model.streaming.onnx", manifest["state"])
-        models[streaming] = (artifacts["model.streaming.onnx"], config, False, False)
+        config = streaming_config(streaming, export_dir / artifact_name(ONNX, "streaming"), manifest["state"])
+        models[streaming] = (artifacts[artifact_name(ONNX, "streaming")], config, False, False)
     limits = {
         "max_sequences": max_sequences,
         "max_state_bytes": max_state_bytes,
