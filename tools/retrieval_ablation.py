@@ -116,6 +116,23 @@ def score(run: Path, heldout_bytes: int) -> dict:
     return result
 
 
+def verdict(results: dict) -> str:
+    """The question the study answers, answered from its own figures."""
+    if "none" not in results:
+        return ""
+    none = results["none"]["bpb"]
+    best = min((arm for arm in results if arm != "none"), key=lambda arm: results[arm]["bpb"]["4096"])
+    lines = [
+        f"Does block retrieval beat no retrieval? The best retrieving arm at 4096, `{best}`, against `none`: "
+        + "; ".join(
+            f"{w}-byte windows {results[best]['bpb'][w]} vs {none[w]} ({results[best]['bpb'][w] - none[w]:+.4f})"
+            for w in ("4096", "16384")
+        )
+        + ("." if any(results[best]["bpb"][w] < none[w] for w in ("4096", "16384")) else ": no, at this budget.")
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def write(results: dict, args: argparse.Namespace) -> None:
     machine = machine_info()
     first = next(iter(results.values()))
@@ -144,14 +161,16 @@ def write(results: dict, args: argparse.Namespace) -> None:
         f"`bsbr-stdlib`'s shape (4 layers, hidden 256, 4 heads, chunk 64), seed 0, the same initial weights and "
         f"batches for every arm: {args.steps} steps of {args.batch} x {args.length} bytes "
         f"({first['bytes_seen'] / 1e6:.1f} M bytes seen), lr {args.lr}, bf16 autocast, one thread per arm, "
-        f"{args.jobs} arms at a time on {machine['processor']} ({machine['cpu_count']} cores). Scored on the "
+        f"{args.jobs} at a time on {machine['processor']} ({machine['cpu_count']} cores). Scored on the "
         f"first {args.heldout_bytes} held-out bytes of Python {machine['versions']['python']}'s stdlib, fp16 "
         f"weights run in fp32. Produced by `python tools/retrieval_ablation.py --steps {args.steps} --batch "
         f"{args.batch} --length {args.length} --jobs {args.jobs}`.\n\n"
         "| arm | bpb, windows of 512 | 4096 | 16384 | each chunk alone | gain from retrieval | train minutes |\n"
         "|---|---|---|---|---|---|---|\n" + rows + "\n\n"
         "Gain from retrieval: chunk-alone minus 4096-window bits per byte on the same bytes (positive: what a "
-        "token reads from earlier chunks helps).\n"
+        "token reads from earlier chunks helps). `none` reads nothing from earlier chunks: its figure is what "
+        "moving every chunk to positions 0..63 costs, the baseline the others' gains stand on.\n\n"
+        + verdict(results)
         + (
             "\n## What the gated arm learned\n\n| layer | gate g_h per head | norm scale (mean) per head |\n"
             "|---|---|---|" + learned + "\n"
