@@ -58,7 +58,7 @@ $(WEB_MODULES): web/package-lock.json
 	touch $@
 
 # The Triton tests start a real tritonserver from the nvidia-pytriton wheel, in a venv of its
-# own (README "Serving with Triton"): it needs numpy<2, the project's venv has numpy 2; its
+# own (docs/serving.md): it needs numpy<2, the project's venv has numpy 2; its
 # own dependencies serve PyTriton's Python API, unused here (--no-deps). tokenizers: the
 # generate model's text for exports with a tokenizer.json.
 $(TRITON_STAMP):

@@ -124,7 +124,7 @@ FORMATS: dict[str, Format] = {
             kinds=("full", "decode"),
             engine=True,
         ),
-        # Full graph only: see README "Deploy" for what the streaming step needs.
+        # Full graph only: see docs/formats.md "Deploy" for what the streaming step needs.
         Format(
             "executorch",
             ".pte",

@@ -347,7 +347,7 @@ SLOW_TESTS = (
     "test_export_module.py::test_a_broken_block_is_named_with_the_users_module_names",  # decoder_export
     "test_precision.py::test_compiled_autocast_runner_keeps_its_fp32_groups_at_unseen_lengths",  # torch.compile: 42 s
     "test_readme.py::test_readme_own_model_example_runs",  # 39 s
-    "test_readme.py::test_readme_deploy_blocks_run_in_order",  # every README Deploy block: minutes
+    "test_readme.py::test_readme_deploy_blocks_run_in_order",  # the marked blocks of README.md and docs/: minutes
     "compressed_export]",  # tests parametrized over compressed_export (its export: 20 s)
     "test_export.py::test_compressed_onnx_matches_eager",  # compressed_export
     "test_bench.py::test_int8_over_the_accuracy_budget_fails_and_is_never_recommended",  # 17 s + stdlib_export 10 s
