@@ -167,7 +167,7 @@ def plan_jobs(source: Source, formats: list[Format], streaming: bool, **options)
             raise UserError(
                 f"--format {fmt.name} needs the {' and '.join(fmt.needed_kinds)} step, which "
                 f"{type(source.module).__name__} cannot give: it needs init_state, stream and "
-                'stream_update (docs/your-model.md)'
+                "stream_update (docs/your-model.md)"
             )
     jobs = [(fmt, kind) for fmt, kind in export_jobs(formats, streaming) if gives.get(kind, True)]
     for _, kind in jobs:
