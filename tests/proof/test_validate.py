@@ -85,9 +85,9 @@ def test_bad_options(capsys, export_copy, args, message):
 
 
 def test_reduced_precision_of_a_trained_lm_is_judged_by_its_loss_on_text(stdlib_copy):
-    """All-int8 bsbr-stdlib: far off eager on random ids (its parity fails and is reported),
-    yet within a loose budget on held-out text, which is what it passes on; a tight
-    budget fails it. The fp32 graph is still held to parity."""
+    """All-int8 bsbr-stdlib is judged by held-out text alone, whatever its parity on random
+    ids says (reported beside it): within a loose budget it passes, a tight one fails it.
+    The fp32 graph is still held to parity."""
     from bsbr_export.proof.evaltext import read_eval_text
     from bsbr_export.proof.optimize import optimize_export
 
@@ -99,7 +99,7 @@ def test_reduced_precision_of_a_trained_lm_is_judged_by_its_loss_on_text(stdlib_
         )
         checks = {c.artifact: c for c in result.checks}
         int8, fp32 = checks["model.int8.onnx"], checks["model.onnx"]
-        assert int8.judged_by_text and not int8.parity.passed and int8.layers == ()
+        assert int8.judged_by_text and int8.parity.results and int8.layers == ()
         assert int8.passed is passes and int8.to_dict()["judged_by"] == "held-out text"
         assert not fp32.judged_by_text and fp32.parity.passed and fp32.passed
 
