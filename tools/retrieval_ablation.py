@@ -23,12 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from train import FORMS, HELDOUT_BYTES, RECORD, WEIGHTS, build_model, learned_mix, logits_fn, retrieval_gain
 
 from bsbr_export.machine import machine_info
-from bsbr_export.proof.evaltext import bits_per_byte, heldout_text
+from bsbr_export.proof.evaltext import byte_bits, heldout_text
 
 HERE = Path(__file__).resolve().parent
 WINDOWS = (512, 4096, 16384)
@@ -102,9 +103,10 @@ def score(run: Path, heldout_bytes: int) -> dict:
     model.eval()
     logits_of = logits_fn(model, torch.device("cpu"))
     text = heldout_text(heldout_bytes)
+    bits = {w: byte_bits(logits_of, text, w) for w in WINDOWS}
     result = {
-        "bpb": {str(w): round(bits_per_byte(logits_of, text, w), 4) for w in WINDOWS},
-        **retrieval_gain(logits_of, text, model.config.chunk_size),
+        "bpb": {str(w): round(float(np.nanmean(bits[w])), 4) for w in WINDOWS},
+        **retrieval_gain(logits_of, text, model.config.chunk_size, bits[4096]),
         "steps": record["steps"],
         "bytes_seen": record["tokens_seen"],
         "train_seconds": record["seconds"],

@@ -104,11 +104,12 @@ def build_model(form: str) -> BSBRModel:
     return model
 
 
-def retrieval_gain(logits_of, text: bytes, chunk: int) -> dict[str, float]:
+def retrieval_gain(logits_of, text: bytes, chunk: int, windowed: np.ndarray) -> dict[str, float]:
     """Bits per byte with each chunk read alone (windows of one chunk: nothing to retrieve),
-    and the gain from retrieval: that minus the 4096-window bits per byte over exactly the
-    bytes both score (the first byte of each chunk is scored by neither)."""
-    alone, windowed = byte_bits(logits_of, text, chunk), byte_bits(logits_of, text, 4096)
+    and the gain from retrieval: that minus `windowed` (`byte_bits` of `text` in 4096-byte
+    windows, computed once by the caller) over exactly the bytes both score (the first byte
+    of each chunk is scored by neither)."""
+    alone = byte_bits(logits_of, text, chunk)
     both = ~np.isnan(alone) & ~np.isnan(windowed)
     return {
         "chunk_alone_bpb": round(float(np.nanmean(alone)), 4),
@@ -356,10 +357,11 @@ def finish(run: Path, dry: bool) -> None:
     logits_of = logits_fn(model, torch.device("cpu"))
     heldout = heldout_text(HELDOUT_BYTES)
     slice_bpb = bits_per_byte(logits_of, heldout[:DEFAULT_EVAL_BYTES])
+    bits = {window: byte_bits(logits_of, heldout, window) for window in SCORED_WINDOWS}
     scores = {}
     compressors = {}
     for window in SCORED_WINDOWS:
-        scores[window] = round(bits_per_byte(logits_of, heldout, window=window), 4)
+        scores[window] = round(float(np.nanmean(bits[window])), 4)
         compressors[window] = compressor_bpb(heldout, window)
         print(f"held-out bits per byte in windows of {window}: {scores[window]} ({compressors[window]})", flush=True)
     out_models = Path("/tmp/train-dry") if dry else ROOT / "models"
@@ -382,7 +384,7 @@ def finish(run: Path, dry: bool) -> None:
         heldout_bpb=scores[EVAL_WINDOW],
         heldout_bpb_by_window={str(k): v for k, v in scores.items()},
         compressors_by_window={str(k): v for k, v in compressors.items()},
-        **retrieval_gain(logits_of, heldout, model.config.chunk_size),
+        **retrieval_gain(logits_of, heldout, model.config.chunk_size, bits[4096]),
         learned=learned_mix(model) if model.config.retrieval == "gated" else None,
         slice_bytes=DEFAULT_EVAL_BYTES,
         slice_bpb=slice_bpb,
