@@ -3,6 +3,8 @@
     python tools/train.py --steps 20 --dry              # a CPU smoke run that writes nothing to models/
     python tools/train.py --device cuda --minutes 8 --out RUN --no-finish
                                                          # train on a GPU, checkpointing into RUN
+    python tools/train.py --resume RUN --length 16384 --out RUN2
+                                                         # a further phase from RUN's weights
     python tools/train.py --finish RUN                   # score RUN's weights on this machine, ship them
 
 The data split is `bsbr_export.proof.evaltext.stdlib_split` of the interpreter running the
@@ -210,6 +212,13 @@ def parse_args() -> argparse.Namespace:
         help="score RUN's weights on this machine and write the preset and results",
     )
     parser.add_argument("--dry", action="store_true", help="write nothing to models/ (results go to /tmp)")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN",
+        help="a further phase from RUN's weights (e.g. on longer windows): its steps, time and curve carry on",
+    )
     return parser.parse_args()
 
 
@@ -238,12 +247,17 @@ def train(args: argparse.Namespace, run: Path) -> None:
         flush=True,
     )
 
-    model = build_model(args.retrieval).to(device)
+    model = build_model(args.retrieval)
+    earlier = json.loads((args.resume / RECORD).read_text()) if args.resume else None
+    if earlier is not None:
+        model.load_state_dict({k: v.float() for k, v in load_file(args.resume / WEIGHTS).items()})
+    model.to(device)
     # The sinusoid added to the embedding has norm sqrt(hidden / 2) = 11.3, while a GPT-2
     # style 0.02 init gives a token row norm of 0.3: token identity is 3% of the input and
     # the first runs sat at the unigram loss (4.5 bits per byte after 200 steps). 0.2
     # makes it 28% (the original Transformer balances them by scaling the embedding).
-    torch.nn.init.normal_(model.embedding.weight, std=args.embedding_std)
+    if earlier is None:
+        torch.nn.init.normal_(model.embedding.weight, std=args.embedding_std)
     # Matrices decay; biases, norms and the gated form's scales do not. The gates get their
     # own, higher rate: Hugging Face's Infini-attention reproduction found a gate trained at
     # the model's rate barely moves.
@@ -293,8 +307,15 @@ def train(args: argparse.Namespace, run: Path) -> None:
         "heldout_files": len(heldout_files),
         "torch": torch.__version__,
         "machine": machine_info(),
-        "curve": [],
+        "curve": earlier["curve"] if earlier else [],
     }
+    # A resumed run counts on from where RUN stopped (its steps, seconds, bytes seen and phases).
+    before = (
+        {"steps": earlier["steps"], "seconds": earlier["seconds"], "tokens_seen": earlier["tokens_seen"]}
+        | {"phases": phases_of(earlier)}
+        if earlier
+        else {"steps": 0, "seconds": 0.0, "tokens_seen": 0, "phases": []}
+    )
     start = last_checkpoint = time.perf_counter()
     step = 0
     while step < args.steps and (budget is None or time.perf_counter() - start < budget):
@@ -318,17 +339,17 @@ def train(args: argparse.Namespace, run: Path) -> None:
         if step % args.eval_every == 0:
             model.eval()
             point = {
-                "step": step,
-                "seconds": round(time.perf_counter() - start, 1),
+                "step": before["steps"] + step,
+                "seconds": round(before["seconds"] + time.perf_counter() - start, 1),
                 "train_bpb": round(loss.item() / math.log(2), 4),
                 "heldout_bpb": round(bits_per_byte(logits_fn(model, device), curve_text), 4),
             }
             record["curve"].append(point)
             print(json.dumps(point), flush=True)
         if time.perf_counter() - last_checkpoint > args.checkpoint_every:
-            checkpoint(model, record, run, step, time.perf_counter() - start)
+            checkpoint(model, record, run, step, time.perf_counter() - start, before)
             last_checkpoint = time.perf_counter()
-    checkpoint(model, record, run, step, time.perf_counter() - start)
+    checkpoint(model, record, run, step, time.perf_counter() - start, before)
     print(
         f"{step} steps, {step * args.batch * args.length / 1e6:.1f} M bytes in "
         f"{(time.perf_counter() - start) / 60:.1f} min -> {run}",
@@ -336,10 +357,25 @@ def train(args: argparse.Namespace, run: Path) -> None:
     )
 
 
-def checkpoint(model: BSBRModel, record: dict, run: Path, step: int, seconds: float) -> None:
-    """The fp16 weights as they ship and the record so far, each replaced whole."""
+def phases_of(record: dict) -> list[dict]:
+    """The training phases a run's record describes, oldest first (a run before `--resume`
+    has one)."""
+    keys = ("command", "steps", "seconds", "batch", "length", "lr")
+    return record.get("phases") or [{k: record[k] for k in keys}]
+
+
+def checkpoint(model: BSBRModel, record: dict, run: Path, step: int, seconds: float, before: dict) -> None:
+    """The fp16 weights as they ship and the record so far, each replaced whole. `before` is
+    what the run resumed from (zeros and no phases for a fresh run)."""
     run.mkdir(parents=True, exist_ok=True)
-    record.update(steps=step, seconds=round(seconds, 1), tokens_seen=step * record["batch"] * record["length"])
+    phase = {"command": record["command"], "steps": step, "seconds": round(seconds, 1)}
+    phase.update(batch=record["batch"], length=record["length"], lr=record["lr"])
+    record.update(
+        steps=before["steps"] + step,
+        seconds=round(before["seconds"] + seconds, 1),
+        tokens_seen=before["tokens_seen"] + step * record["batch"] * record["length"],
+        phases=[*before["phases"], phase],
+    )
     shipped = {k: v.detach().half().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(shipped, run / f"{WEIGHTS}.tmp", metadata={"format": "pt"})
     os.replace(run / f"{WEIGHTS}.tmp", run / WEIGHTS)
@@ -377,7 +413,7 @@ def finish(run: Path, dry: bool) -> None:
         record["seed"],
         slice_bpb,
         heldout[:DEFAULT_EVAL_BYTES],
-        record["command"],
+        ", then ".join(p["command"] for p in phases_of(record)),
     )
     record.update(
         heldout_bytes=len(heldout),
@@ -475,10 +511,15 @@ def write_report(directory: Path, record: dict) -> None:
     scored = record["scored_on"]
     (directory / f"train_{NAME}.md").write_text(
         f"# Training `{NAME}`\n\n"
-        f"`{record['command']}`, then `{record['finish_command']}` — seed {record['seed']}, {record['steps']} steps "
-        f"of {record['batch']} x {record['length']} bytes ({record['tokens_seen'] / 1e6:.1f} M bytes seen of "
+        + "".join(
+            f"- `{p['command']}`: {p['steps']} steps of {p['batch']} x {p['length']} bytes, "
+            f"{p['seconds'] / 60:.1f} min\n"
+            for p in phases_of(record)
+        )
+        + f"- `{record['finish_command']}`: scored and shipped\n\n"
+        f"Seed {record['seed']}, {record['steps']} steps, {record['tokens_seen'] / 1e6:.1f} M bytes seen of "
         f"{record['train_bytes'] / 1e6:.1f} M in {record['train_files']} files of Python "
-        f"{trained['versions']['python']}'s stdlib), {record['seconds'] / 60:.1f} min on {record['device']}"
+        f"{trained['versions']['python']}'s stdlib, {record['seconds'] / 60:.1f} min on {record['device']}"
         f"{' (bf16 autocast)' if record['bf16'] else ''}, torch {record['torch']}.\n\n"
         f"**Held-out bits per byte in windows of {windows_}: {by_window}** ({record['heldout_bytes']} bytes of "
         f"the held-out files of Python {scored['versions']['python']}'s stdlib on {scored['processor']}, fp16 "
