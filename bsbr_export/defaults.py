@@ -28,3 +28,8 @@ OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 # within-chunk SDPA exports to (below 23 the exporter spells it out as MatMul, Where and
 # Softmax, ~1.8x slower on ONNX Runtime's CPU provider).
 DEFAULT_OPSET = 23
+
+# Tokens per serving iteration while generations run (`runtime.batching.Batcher`, as vLLM's
+# max_num_batched_tokens): each generating sequence takes one, joining prompts share the
+# rest in whole chunks; measured in tools/results/scheduler_load.md.
+DEFAULT_TOKEN_BUDGET = 128

@@ -11,11 +11,15 @@ them tokens: every sequence fed one token that does not close its chunk goes int
 of the export's row step (`model.rows.onnx`: each row at its own position, reading only
 its current chunk and `S_i`, so the call costs the same at any context); a token that
 closes its chunk needs the finished chunks for the next `S_i` and goes through the decode
-step alone, once per `c` tokens, as does a prompt (prefilled in one call, never token by
-token). The rows' caches sit in one pool whose first slots are the open sequences (a
-closed one's slot takes the last one's), so a step over all of them reads the pool without
-a copy. `Batcher` samples on top: a new generation joins at the next step, a finished one
-leaves at once, and every one generates what `runtime.generate` generates for it alone.
+step, once per `c` tokens (one batched call for the sequences that close a chunk at the
+same position), as do prompt pieces (chunk-parallel, never token by token). The rows'
+caches sit in one pool whose first slots are the open sequences (a closed one's slot takes
+the last one's), so a step over all of them reads the pool without a copy. `Batcher`
+schedules and samples on top: each `step` gives every generating sequence its next token
+first, then spends what is left of a token budget on joining prompts, in pieces ending on
+chunk boundaries, so a long prompt joining never stalls the running generations; a
+finished generation leaves at once, and every one generates what `runtime.generate`
+generates for it alone.
 
 Numpy and onnxruntime only (no torch): Triton's Python-backend models run this module.
 """
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET
 from bsbr_export.errors import UserError
 from bsbr_export.formats import FORMATS, artifact_name
 from bsbr_export.manifest import read_manifest
@@ -106,9 +111,9 @@ class Sequences:
     def __len__(self) -> int:
         return len(self.held)
 
-    def open(self, key: Hashable, ids: Sequence[int]) -> np.ndarray:
-        """Open a sequence under `key` with its prompt `ids` (one decode call); their logits,
-        [tokens, vocab]."""
+    def open(self, key: Hashable, ids: Sequence[int] = ()) -> np.ndarray | None:
+        """Open a sequence under `key`, empty or with its prompt `ids` (one decode call):
+        their logits, [tokens, vocab] (None when opened empty; `feed` it the prompt)."""
         if key in self.held:
             raise UserError(f"sequence {key!r} is already open")
         slot = self._slot()
@@ -118,20 +123,25 @@ class Sequences:
             0, slot, {n: v for n, v in DecodeState(self.spec).past.items() if n in self.spec.state.appended}
         )
         self.order.append(key)
-        return self._decode(key, list(ids))
+        return self._decode([key], [list(ids)])[key] if len(ids) else None
 
     def feed(self, tokens: dict[Hashable, Sequence[int]]) -> dict[Hashable, np.ndarray]:
         """Feed open sequences their next tokens; each one's logits, [tokens, vocab]. The
-        sequences fed one token that leaves its chunk open go through one row-step call."""
+        sequences fed one token that leaves its chunk open go through one row-step call;
+        the others through the decode step, one call for those at the same position fed as
+        many tokens (streams that close their chunks together)."""
         missing = [key for key in tokens if key not in self.held]
         if missing:
             raise UserError(f"sequence {missing[0]!r} is not open")
         c = self.chunk_size
         rows = [key for key, ids in tokens.items() if len(ids) == 1 and self.held[key].position % c != c - 1]
         logits = self._rows(rows, [tokens[key][0] for key in rows]) if rows else {}
+        groups: dict[tuple[int, int], list[Hashable]] = {}
         for key, ids in tokens.items():
             if key not in logits:
-                logits[key] = self._decode(key, list(ids))
+                groups.setdefault((self.held[key].position, len(ids)), []).append(key)
+        for keys in groups.values():
+            logits.update(self._decode(keys, [list(tokens[key]) for key in keys]))
         return logits
 
     def close(self, key: Hashable) -> None:
@@ -178,24 +188,28 @@ class Sequences:
         logits = outputs[self.logits]
         return {key: logits[row] for row, key in enumerate(keys)}
 
-    def _decode(self, key: Hashable, ids: list[int]) -> np.ndarray:
-        """Feed a sequence `ids` through the decode step with its whole state (its finished
-        chunks and its pool slot's current chunk); its logits, [tokens, vocab]."""
-        held = self.held[key]
-        fill = held.position % self.chunk_size
-        past = dict(held.chunks)
+    def _decode(self, keys: list[Hashable], ids: list[list[int]]) -> dict[Hashable, np.ndarray]:
+        """Feed sequences at the same position as many tokens each through one decode-step
+        call, batched, with their whole state (their finished chunks and their pool slots'
+        current chunk); each one's logits, [tokens, vocab]."""
+        held = [self.held[key] for key in keys]
+        fill = held[0].position % self.chunk_size
+        slots = np.array([h.slot for h in held])
+        past = {name: np.concatenate([h.chunks[name] for h in held]) for name in held[0].chunks}
         for name, pool in self.pool.items():
-            entry = pool[held.slot : held.slot + 1]
+            entry = pool[slots]
             past[self.past[name]] = (
                 entry.take(range(fill), axis=self.token_axis[name]) if name in self.token_axis else entry
             )
-        outputs = self.decode_runner.infer({self.spec.tokens.name: np.array([ids], np.int64), **past})
+        outputs = self.decode_runner.infer({self.spec.tokens.name: np.array(ids, np.int64), **past})
         past = advance_state(past, outputs, self.spec.state.append_axis)
-        held.chunks = {n: past[n] for n in held.chunks}
-        held.position += len(ids)
-        for name, past_name in self.past.items():
-            self._write(name, held.slot, past[past_name][0])
-        return outputs[self.logits][0]
+        for row, h in enumerate(held):
+            h.chunks = {n: past[n][row : row + 1] for n in h.chunks}
+            h.position += len(ids[row])
+            for name, past_name in self.past.items():
+                self._write(name, h.slot, past[past_name][row])
+        logits = outputs[self.logits]
+        return {key: logits[row] for row, key in enumerate(keys)}
 
     def _write(self, name: str, slot: int, value: np.ndarray) -> None:
         """A sequence's cache entry into its pool slot (the current chunk's rows first)."""
@@ -217,60 +231,70 @@ class Sequences:
 
 
 class Batcher:
-    """Generations over `Sequences`: each step advances every active one by one token."""
+    """Generations over `Sequences`, scheduled one iteration per `step` (as vLLM's chunked
+    prefill): every generation past its prompt gets its next token first (the row step);
+    what is left of `token_budget` goes to prompts still being prefilled, oldest first, in
+    pieces that end on a chunk boundary (the decode step, chunk-parallel), so a long prompt
+    spans iterations while the running generations keep producing tokens. While nothing is
+    generating, nobody waits on a prompt: it is prefilled whole. A finished generation
+    leaves at once; each one generates what `runtime.generate` generates for it alone."""
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None, capacity: int = 8) -> None:
+    def __init__(
+        self,
+        export_dir: str | Path,
+        threads: int | None = None,
+        capacity: int = 8,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+    ) -> None:
+        if not isinstance(token_budget, int) or token_budget < 1:
+            raise UserError(f"token_budget must be an integer >= 1, got {token_budget!r}")
         self.sequences = Sequences(export_dir, threads, capacity)
         self.prompts = Prompts(export_dir, self.sequences.spec, self.sequences.manifest)
-        self.active: dict[int, Request] = {}  # key in `sequences` -> its request
-        self.next_token: dict[int, int] = {}
+        self.token_budget = token_budget
+        self.active: dict[int, Request] = {}  # key in `sequences` -> its request, prefilling or generating
+        self.prefilling: dict[int, float] = {}  # key -> seconds its prompt's calls took so far, oldest first
+        self.next_token: dict[int, int] = {}  # key -> the token it is fed next (generating ones)
         self._keys = iter(range(2**62))
 
     def add(self, prompt: str | Sequence[int], max_new_tokens: int = 20, **options) -> Generation:
-        """Start a generation (options as `Generator.generate`: temperature, top_k, top_p,
-        seed, stop): its prompt is prefilled now and its first token picked; it goes on with
-        every `step` until it stops. Returns its `Generation`, which fills as it goes."""
+        """Queue a generation (options as `Generator.generate`: temperature, top_k, top_p,
+        seed, stop): its prompt is prefilled over the next `step`s, then it gets a token every
+        step until it stops. Returns its `Generation`, which fills as it goes."""
         request = self.prompts.request(prompt, max_new_tokens, **options)
         self.start(request)
         return request.result
 
-    def start(self, request: Request) -> tuple[int, Token]:
-        """Start a checked `Request` (see `Prompts.request`): its key while it runs (in
-        `active`, and in what `step` returns), and its first token."""
+    def start(self, request: Request) -> int:
+        """Queue a checked `Request` (see `Prompts.request`); its key while it runs (in
+        `active`, and in what `step` returns)."""
         key = next(self._keys)
-        begin = time.perf_counter()
-        logits = self.sequences.open(key, request.result.prompt)
-        token = request.take(logits[-1], time.perf_counter() - begin)
-        if request.done:
-            self.sequences.close(key)
-        else:
-            self.active[key], self.next_token[key] = request, token.id
-        return key, token
+        self.sequences.open(key)
+        self.active[key], self.prefilling[key] = request, 0.0
+        return key
 
     def step(self) -> list[tuple[int, Token]]:
-        """Advance every active generation by one token; the tokens made, by key (a
+        """One iteration: a token for every generating sequence, then prompt pieces within
+        the budget; the tokens made, by key (a prompt's first token once it is all in; a
         generation whose token was its last has left `active`)."""
-        if not self.active:
-            return []
-        begin = time.perf_counter()
-        # In slot order, so the row step reads the pool's first rows as they are.
-        keys = list(self.sequences.order)
-        logits = self.sequences.feed({key: [self.next_token[key]] for key in keys})
-        seconds = time.perf_counter() - begin
-        made = []
-        for key in keys:
-            request = self.active[key]
-            token = request.take(logits[key][-1], seconds)
-            made.append((key, token))
-            if request.done:
-                self.cancel(key)
-            else:
-                self.next_token[key] = token.id
+        made = self._generate()
+        budget = self.token_budget - len(made) if made else None  # None: nobody generating, no limit
+        for n, key in enumerate(list(self.prefilling)):
+            piece = self._piece(key, budget, first=n == 0)
+            if not piece:
+                break
+            begin = time.perf_counter()
+            logits = self.sequences.feed({key: piece})[key]
+            self.prefilling[key] += time.perf_counter() - begin
+            budget = None if budget is None else budget - len(piece)
+            if self.sequences.position(key) == len(self.active[key].result.prompt):
+                made.append((key, self._take(key, logits[-1], self.prefilling.pop(key))))
         return made
 
     def cancel(self, key: int) -> None:
         """Stop a generation now (finished, or its client went away) and free its state."""
-        del self.active[key], self.next_token[key]
+        del self.active[key]
+        self.prefilling.pop(key, None)
+        self.next_token.pop(key, None)
         self.sequences.close(key)
 
     def generate_many(
@@ -284,8 +308,46 @@ class Batcher:
             self.step()
         return results
 
+    def _generate(self) -> list[tuple[int, Token]]:
+        """The generating sequences' next tokens, one row-step call for all of them (a call
+        per position for those that close their chunk)."""
+        if not self.next_token:
+            return []
+        begin = time.perf_counter()
+        # In slot order, so the row step reads the pool's first rows as they are.
+        keys = [key for key in self.sequences.order if key in self.next_token]
+        logits = self.sequences.feed({key: [self.next_token[key]] for key in keys})
+        seconds = time.perf_counter() - begin
+        return [(key, self._take(key, logits[key][-1], seconds)) for key in keys]
 
-def load_batcher(export_dir: str | Path, threads: int | None = None) -> Batcher:
+    def _piece(self, key: int, budget: int | None, first: bool) -> list[int]:
+        """The next piece of `key`'s prompt within `budget` tokens (None: no limit): the rest,
+        or up to the last chunk boundary it reaches; at least up to the next boundary when it
+        is the iteration's `first` piece, so every prompt gets on."""
+        prompt, position = self.active[key].result.prompt, self.sequences.position(key)
+        rest = len(prompt) - position
+        if budget is None or rest <= budget:
+            return prompt[position:]
+        c = self.sequences.chunk_size
+        size = (position + budget) // c * c - position
+        if size <= 0:
+            size = c - position % c if first else 0
+        return prompt[position : position + size]
+
+    def _take(self, key: int, logits: np.ndarray, seconds: float) -> Token:
+        request = self.active[key]
+        token = request.take(logits, seconds)
+        if request.done:
+            self.cancel(key)
+        else:
+            self.next_token[key] = token.id
+        return token
+
+
+def load_batcher(
+    export_dir: str | Path, threads: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET
+) -> Batcher:
     """A `Batcher` over `export_dir` (written by `bsbr-export export MODEL --format onnx
-    --streaming` for a model with `step_rows`, e.g. the native presets)."""
-    return Batcher(export_dir, threads)
+    --streaming` for a model with `step_rows`, e.g. the native presets), its iterations
+    taking `token_budget` tokens."""
+    return Batcher(export_dir, threads, token_budget=token_budget)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import onnx
 
+from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET
 from bsbr_export.errors import UserError
 from bsbr_export.formats import FORMATS, ONNX, artifact_name
 from bsbr_export.io import atomic_dir
@@ -108,6 +109,7 @@ def write_triton_repo(
     max_state_bytes: int = MAX_STATE_BYTES,
     max_prompt_tokens: int = MAX_PROMPT_TOKENS,
     threads: int = 0,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
 ) -> Path:
     """Write Triton models for the ONNX graphs in `export_dir` into `repo_dir`.
 
@@ -118,7 +120,8 @@ def write_triton_repo(
     Python-backend model. The step and generate models each hold at most `max_sequences`
     sequences and `max_state_bytes` of their state, and take prompts of up to
     `max_prompt_tokens`; past a limit, a request gets an error response; they run ONNX
-    Runtime with `threads` intra-op threads (0: its default, one per core). Returns `repo_dir`, the
+    Runtime with `threads` intra-op threads (0: its default, one per core); the generate
+    model's iterations take `token_budget` tokens (`runtime.batching.Batcher`). Returns `repo_dir`, the
     path to give `tritonserver --model-repository`.
     """
     export_dir, repo_dir = Path(export_dir), Path(repo_dir)
@@ -156,7 +159,8 @@ def write_triton_repo(
         step = f"{name}_streaming_python"
         models[step] = (None, rows_config(step, export_dir / DECODE_GRAPH, idle_seconds, limits), True, True)
         generate = f"{name}_generate"
-        models[generate] = (None, generate_config(generate, limits), True, True)
+        config = generate_config(generate, {**limits, "token_budget": token_budget})
+        models[generate] = (None, config, True, True)
     elif DECODE_GRAPH in artifacts:
         streaming = f"{name}_streaming_python"
         config = python_decode_config(streaming, export_dir / DECODE_GRAPH, manifest["state"], vocab_size, idle_seconds)

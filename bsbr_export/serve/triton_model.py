@@ -331,12 +331,17 @@ class Job:
 
 class GenerateModel:
     """In-flight batching behind Triton's decoupled mode: `execute` checks each request and
-    queues it; a loop thread starts queued generations and advances all running ones by one
-    `Batcher.step` per iteration, sending each token as a response as it is made."""
+    queues it; a loop thread hands queued generations to the `Batcher` and runs one
+    `Batcher.step` per iteration (every running generation's next token, then joining
+    prompts in pieces within the token budget), sending each token as it is made."""
 
     def __init__(self, version_dir: str, params: dict) -> None:
         batching, self.UserError = import_bsbr_export()
-        self.batcher = batching.Batcher(os.path.join(version_dir, "export"), int(params["threads"]) or None)
+        self.batcher = batching.Batcher(
+            os.path.join(version_dir, "export"),
+            int(params["threads"]) or None,
+            token_budget=int(params["token_budget"]),
+        )
         self.limits = Limits(params, self.batcher.sequences)
         self.queued: queue.SimpleQueue = queue.SimpleQueue()
         self.jobs: dict[int, Job] = {}  # batcher key -> its job
@@ -423,12 +428,11 @@ class GenerateModel:
         try:
             held = sum(self.batcher.sequences.state_bytes(k) for k in self.batcher.sequences.held)
             self.limits.check_open(len(prompt), len(prompt) + job.request.max_new_tokens, held)
-            key, token = self.batcher.start(job.request)
+            key = self.batcher.start(job.request)
         except (RequestError, self.UserError) as exc:
             job.sender.send(error_response(str(exc)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
         self.jobs[key] = job
-        self._send(key, token)
 
     def _send(self, key: int, token) -> None:
         job = self.jobs[key]

@@ -48,12 +48,84 @@ def test_sequences_join_and_leave_between_steps(tiny_export):
     results += [batcher.add(p, n) for p, n in later]
     sizes = []
     while batcher.active:
-        sizes.append(len(batcher.active))
+        generating = len(batcher.next_token)
         made = batcher.step()
-        assert len(made) == sizes[-1]  # one token for every active sequence, per step
-    assert max(sizes) == 3 and sizes[-1] == 1  # the 5-token one left before the others joined
+        sizes.append(len(batcher.active))
+        assert len(made) >= generating  # every generating sequence got its token
+    assert max(sizes) == 3 and sizes[-1] == 0  # the 5-token one left before the others joined
     for (prompt, n), generation in zip(plan + later, results):
         assert generation.ids == alone.generate(prompt, n).ids
+
+
+def test_a_long_prompt_joins_in_chunk_pieces_without_stalling_the_running(tiny_export):
+    """A 3001-token prompt joins three running generations with a budget of 40 tokens: it
+    is fed in pieces ending on chunk boundaries, within what the running ones leave of the
+    budget, while each of them gets a token every step; all generate what they do alone."""
+    out, _ = tiny_export
+    batcher, alone = load_batcher(out, token_budget=40), load_generator(out)
+    c = batcher.sequences.chunk_size
+    running = [batcher.add(p, 200) for p in PROMPTS[1:4]]
+    batcher.step()  # nothing was generating: the three prompts went in whole
+    assert all(len(g.ids) == 1 for g in running)
+    long_prompt = prompt_of(3001, 97)
+    joining = batcher.add(long_prompt, 10)
+    key = next(k for k, r in batcher.active.items() if r.result is joining)
+    positions = [0]
+    while key in batcher.prefilling:
+        before = [len(g.ids) for g in running]
+        batcher.step()
+        assert [len(g.ids) for g in running] == [n + 1 for n in before]
+        position = batcher.sequences.position(key) if key in batcher.prefilling else len(long_prompt)
+        positions.append(position)
+    pieces = np.diff(positions)
+    assert len(pieces) > 50 and (pieces <= 40 - 3).all()  # the three running took 3 of the 40
+    assert all(p % c == 0 for p in positions[1:-1])  # every piece but the last ends on a boundary
+    while batcher.active:
+        batcher.step()
+    assert joining.ids == alone.generate(long_prompt, 10).ids
+    for prompt, generation in zip(PROMPTS[1:4], running):
+        assert generation.ids == alone.generate(prompt, 200).ids
+
+
+def test_a_generation_cancelled_mid_prefill_leaves_the_others_as_alone(tiny_export):
+    out, _ = tiny_export
+    batcher, alone = load_batcher(out, token_budget=16), load_generator(out)
+    running = batcher.add(PROMPTS[4], 60)
+    batcher.step()
+    batcher.add(prompt_of(500, 97), 10)
+    gone = next(k for k in batcher.prefilling)
+    for _ in range(3):
+        batcher.step()
+    assert gone in batcher.prefilling
+    batcher.cancel(gone)
+    assert gone not in batcher.sequences
+    later = batcher.add(PROMPTS[2], 20)
+    while batcher.active:
+        batcher.step()
+    assert running.ids == alone.generate(PROMPTS[4], 60).ids
+    assert later.ids == alone.generate(PROMPTS[2], 20).ids
+
+
+def test_streams_closing_their_chunks_together_share_one_decode_call(tiny_export):
+    """Eight generations started together close their chunks on the same steps: one
+    decode-step call each time, not eight."""
+    out, _ = tiny_export
+    batcher = load_batcher(out)
+    decode, calls = batcher.sequences.decode_runner.infer, []
+    batcher.sequences.decode_runner.infer = lambda feeds: calls.append(len(feeds["input_ids"])) or decode(feeds)
+    generations = [batcher.add(PROMPTS[3], 30, temperature=0.8, seed=i) for i in range(8)]
+    while batcher.active:
+        batcher.step()
+    assert calls[:8] == [1] * 8  # the prompts, each in its own call (nothing was generating)
+    assert calls[8:] == [8] * ((13 + 29) // 8 - 13 // 8)  # then one call of 8 per chunk closed
+    alone = load_generator(out)
+    for i, generation in enumerate(generations):
+        assert generation.ids == alone.generate(PROMPTS[3], 30, temperature=0.8, seed=i).ids
+
+
+def test_a_bad_token_budget_is_refused(tiny_export):
+    with pytest.raises(UserError, match="token_budget must be an integer >= 1"):
+        load_batcher(tiny_export[0], token_budget=0)
 
 
 def test_stop_ids_end_one_sequence_only(tiny_export):
