@@ -19,7 +19,10 @@ from bsbr_export.defaults import (
     DEFAULT_EVAL_WINDOWS,
     DEFAULT_OPSET,
     DEFAULT_THREADS,
+    DEFAULT_TOKEN_BUDGET,
     DEFAULT_TOLERANCE,
+    MAX_PROMPT_TOKENS,
+    MAX_SEQUENCES,
 )
 from bsbr_export.errors import UserError
 from bsbr_export.export.pipeline import export_model
@@ -47,7 +50,11 @@ from bsbr_export.render import (
     stdout_console,
     validation_table,
 )
+from bsbr_export.runtime.batching import Limits
 from bsbr_export.runtime.engines import DEVICES
+from bsbr_export.serve.openai import create_app
+from bsbr_export.serve.openai import serve_openai as serve_openai_app
+from bsbr_export.serve.serve import check_port
 from bsbr_export.serve.serve import serve as run_server
 from bsbr_export.serve.triton import write_triton_repo
 from bsbr_export.serve.web import page_server, web_dir
@@ -724,6 +731,46 @@ def serve(repo, http_port, grpc_port, triton_env, timeout) -> None:
         click.echo("Ctrl-C stops it")
 
     run_server(repo, triton_env, http_port=http_port, grpc_port=grpc_port, timeout_s=timeout, on_ready=ready)
+
+
+@cli.command("serve-openai")
+@click.argument("export_dir", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (only 127.0.0.1 is tested).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free one).")
+@click.option("--model-name", default=None, help="The model's name in the API [default: the export's model name].")
+@click.option(
+    "--token-budget",
+    type=click.IntRange(min=1),
+    default=DEFAULT_TOKEN_BUDGET,
+    show_default=True,
+    help="Tokens per iteration while generations run: one each, joining prompts share the rest.",
+)
+@click.option(
+    "--max-sequences",
+    type=click.IntRange(min=1),
+    default=MAX_SEQUENCES,
+    show_default=True,
+    help="Generations held at once; past it a request gets 429.",
+)
+@click.option(
+    "--max-prompt-tokens",
+    type=click.IntRange(min=1),
+    default=MAX_PROMPT_TOKENS,
+    show_default=True,
+    help="Longest prompt taken.",
+)
+@THREADS
+def serve_openai(export_dir, host, port, model_name, token_budget, max_sequences, max_prompt_tokens, threads) -> None:
+    """Serve EXPORT_DIR with an OpenAI-compatible API until Ctrl-C.
+
+    /v1/completions, /v1/chat/completions (where the export carries a chat template),
+    /v1/models; streamed as server-sent events with "stream": true. EXPORT_DIR is an
+    ONNX export with --streaming of a model with a row step (the native presets, a
+    model on bsbr_export.nn); generations are batched in flight.
+    """
+    limits = Limits(max_sequences=max_sequences, max_prompt_tokens=max_prompt_tokens)
+    app = create_app(export_dir, model_name, threads=threads, token_budget=token_budget, limits=limits)
+    serve_openai_app(app, host, check_port(port, "--port"))
 
 
 @cli.command("serve-web")

@@ -33,3 +33,10 @@ DEFAULT_OPSET = 23
 # max_num_batched_tokens): each generating sequence takes one, joining prompts share the
 # rest in whole chunks; measured in tools/results/scheduler_load.md.
 DEFAULT_TOKEN_BUDGET = 128
+
+# What one serving process (a Triton step or generate model, the OpenAI server) holds at
+# once: open sequences, the bytes of their state, and the longest prompt it takes; past a
+# limit a request is refused with a message, never queued without bound.
+MAX_SEQUENCES = 1024
+MAX_STATE_BYTES = 4 << 30
+MAX_PROMPT_TOKENS = 65536

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET
+from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET, MAX_PROMPT_TOKENS, MAX_SEQUENCES, MAX_STATE_BYTES
 from bsbr_export.errors import UserError
 from bsbr_export.formats import FORMATS, artifact_name
 from bsbr_export.manifest import read_manifest
@@ -228,6 +228,41 @@ class Sequences:
             if slot == pool.shape[0]:
                 self.pool[name] = np.concatenate([pool, np.zeros_like(pool)])
         return slot
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How many sequences, and how many bytes of their state, a serving process holds at
+    once, and the longest prompt it takes (`defaults.py`)."""
+
+    max_sequences: int = MAX_SEQUENCES
+    max_state_bytes: int = MAX_STATE_BYTES
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
+
+    def check_open(self, sequences: Sequences, tokens: int, final_tokens: int) -> None:
+        """Refuse (UserError) a new sequence of `tokens` prompt tokens (`final_tokens` when
+        it ends) beside the open `sequences` when it would pass a limit."""
+        if tokens > self.max_prompt_tokens:
+            raise UserError(
+                f"the prompt has {tokens} tokens, over this model's max_prompt_tokens ({self.max_prompt_tokens})"
+            )
+        if len(sequences) >= self.max_sequences:
+            raise UserError(f"{len(sequences)} sequences are open, this model's max_sequences: retry when one ends")
+        held = sum(sequences.state_bytes(key) for key in sequences.held)
+        needed = sequences.state_bytes(position=final_tokens)
+        if held + needed > self.max_state_bytes:
+            raise UserError(
+                f"the open sequences hold {held} state bytes; this one needs {needed} more, "
+                f"over this model's max_state_bytes ({self.max_state_bytes}): retry when one ends"
+            )
+
+    def describe(self, sequences: Sequences) -> str:
+        """One line for a server's log: the state one sequence holds, and the limits."""
+        per = {n: sequences.state_bytes(position=n) for n in (0, 4096, 65536)}
+        return (
+            f"state per sequence: {per[0]} bytes at 0 tokens, {per[4096]} at 4096, {per[65536]} at 65536; "
+            f"at most {self.max_sequences} sequences and {self.max_state_bytes} state bytes"
+        )
 
 
 class Batcher:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import onnx
 
-from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET
+from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET, MAX_PROMPT_TOKENS, MAX_SEQUENCES, MAX_STATE_BYTES
 from bsbr_export.errors import UserError
 from bsbr_export.formats import FORMATS, ONNX, artifact_name
 from bsbr_export.io import atomic_dir
@@ -50,12 +50,6 @@ MAX_BATCH_SIZE = 8
 IDLE_SECONDS = 60
 # The Python-backend model.py: this package's triton_model.py, copied.
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
-# Streaming sequences (or generations) one Python-backend instance keeps open at once;
-# past it, a new one gets an error response.
-MAX_SEQUENCES = 1024
-# The state those sequences may hold together, and the longest prompt a generation takes.
-MAX_STATE_BYTES = 4 << 30
-MAX_PROMPT_TOKENS = 65536
 # What the rows / generate models run: this module and the package modules it imports.
 SERVING_MODULE = "bsbr_export.runtime.batching"
 ROWS_GRAPH, DECODE_GRAPH = (artifact_name(FORMATS["onnx"], kind) for kind in ("rows", "decode"))

@@ -223,37 +223,12 @@ class DecodeModel:
         self.sequences.clear()
 
 
-class Limits:
-    """How many sequences, and how many bytes of their state, a model holds at once."""
-
-    def __init__(self, params: dict, sequences) -> None:
-        self.max_sequences = int(params["max_sequences"])
-        self.max_state_bytes = int(params["max_state_bytes"])
-        self.max_prompt_tokens = int(params["max_prompt_tokens"])
-        self.sequences = sequences
-        per = {n: sequences.state_bytes(position=n) for n in (0, 4096, 65536)}
-        log(
-            f"state per sequence: {per[0]} bytes at 0 tokens, {per[4096]} at 4096, {per[65536]} at 65536; "
-            f"at most {self.max_sequences} sequences and {self.max_state_bytes} state bytes"
-        )
-
-    def check_open(self, tokens: int, final_tokens: int, held_bytes: int) -> None:
-        """Refuse a new sequence of `tokens` prompt tokens (`final_tokens` when it ends) when
-        it would pass a limit."""
-        if tokens > self.max_prompt_tokens:
-            raise RequestError(
-                f"the prompt has {tokens} tokens, over this model's max_prompt_tokens ({self.max_prompt_tokens})"
-            )
-        if len(self.sequences) >= self.max_sequences:
-            raise RequestError(
-                f"{len(self.sequences)} sequences are open, this model's max_sequences: retry when one ends"
-            )
-        needed = self.sequences.state_bytes(position=final_tokens)
-        if held_bytes + needed > self.max_state_bytes:
-            raise RequestError(
-                f"the open sequences hold {held_bytes} state bytes; this one needs {needed} more, "
-                f"over this model's max_state_bytes ({self.max_state_bytes}): retry when one ends"
-            )
+def limits(batching, params: dict, sequences):
+    """The model's `runtime.batching.Limits` from its config's parameters, logged once."""
+    keys = ("max_sequences", "max_state_bytes", "max_prompt_tokens")
+    limits = batching.Limits(**{key: int(params[key]) for key in keys})
+    log(limits.describe(sequences))
+    return limits
 
 
 class RowsModel:
@@ -263,7 +238,7 @@ class RowsModel:
         batching, self.UserError = import_bsbr_export()
         self.sequences = batching.Sequences(os.path.join(version_dir, "export"), int(params["threads"]) or None)
         self.vocab_size = self.sequences.spec.tokens.high
-        self.limits = Limits(params, self.sequences)
+        self.limits = limits(batching, params, self.sequences)
         self.expiry = Expiry(float(params.get("idle_seconds", "0")))
 
     def execute(self, requests: list) -> list:
@@ -279,8 +254,7 @@ class RowsModel:
                 if start:
                     if sequence in self.sequences:  # a new sequence reusing an id starts afresh
                         self.sequences.close(sequence)
-                    held = sum(self.sequences.state_bytes(s) for s in self.sequences.held)
-                    self.limits.check_open(len(ids), len(ids), held)
+                    self.limits.check_open(self.sequences, len(ids), len(ids))
                     responses[i] = self.sequences.open(sequence, ids.tolist())
                 elif sequence not in self.sequences:
                     raise not_open(sequence, self.expiry.seconds)
@@ -342,7 +316,7 @@ class GenerateModel:
             int(params["threads"]) or None,
             token_budget=int(params["token_budget"]),
         )
-        self.limits = Limits(params, self.batcher.sequences)
+        self.limits = limits(batching, params, self.batcher.sequences)
         self.queued: queue.SimpleQueue = queue.SimpleQueue()
         self.jobs: dict[int, Job] = {}  # batcher key -> its job
         self.stopping = threading.Event()
@@ -426,8 +400,7 @@ class GenerateModel:
     def _start(self, job: Job) -> None:
         prompt = job.request.result.prompt
         try:
-            held = sum(self.batcher.sequences.state_bytes(k) for k in self.batcher.sequences.held)
-            self.limits.check_open(len(prompt), len(prompt) + job.request.max_new_tokens, held)
+            self.limits.check_open(self.batcher.sequences, len(prompt), len(prompt) + job.request.max_new_tokens)
             key = self.batcher.start(job.request)
         except (RequestError, self.UserError) as exc:
             job.sender.send(error_response(str(exc)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -17,6 +17,7 @@ from tritonclient.grpc import model_config_pb2
 import bsbr_export
 from bsbr_export.cli import main
 from bsbr_export.compare.cases import stream_pieces
+from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET, MAX_PROMPT_TOKENS, MAX_SEQUENCES, MAX_STATE_BYTES
 from bsbr_export.errors import UserError
 from bsbr_export.export.pipeline import export_model
 from bsbr_export.formats import FORMATS
@@ -24,15 +25,7 @@ from bsbr_export.manifest import read_manifest, sha256
 from bsbr_export.model.checkpoint import load_model
 from bsbr_export.runtime.eager import EagerRunner
 from bsbr_export.runtime.onnx import OnnxRunner
-from bsbr_export.serve.triton import (
-    IDLE_SECONDS,
-    MAX_BATCH_SIZE,
-    MAX_PROMPT_TOKENS,
-    MAX_SEQUENCES,
-    MAX_STATE_BYTES,
-    PYTHON_MODEL,
-    write_triton_repo,
-)
+from bsbr_export.serve.triton import IDLE_SECONDS, MAX_BATCH_SIZE, PYTHON_MODEL, write_triton_repo
 
 TRITON_DTYPES = {
     onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32,
@@ -178,6 +171,7 @@ def test_generate_config_is_decoupled_with_vllm_names(repo):
         "output_ids": (model_config_pb2.TYPE_INT64, [-1]),
     }
     assert parameters(config)["mode"] == "generate"
+    assert parameters(config)["token_budget"] == str(DEFAULT_TOKEN_BUDGET)
 
 
 def test_python_streaming_config_without_row_step_keeps_state_in_the_model(hf_export, tmp_path):
