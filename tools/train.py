@@ -413,7 +413,7 @@ def finish(run: Path, dry: bool) -> None:
         record["seed"],
         slice_bpb,
         heldout[:DEFAULT_EVAL_BYTES],
-        ", then ".join(p["command"] for p in phases_of(record)),
+        "`, then `".join(p["command"] for p in phases_of(record)),
     )
     record.update(
         heldout_bytes=len(heldout),
