@@ -43,9 +43,10 @@ setup: toolchain $(NODE_MODULES) $(WEB_MODULES) $(TRITON_STAMP) $(VENV_STAMP)
 
 # The C++ sample test builds against the torch wheel's libtorch: it needs cmake and a compiler.
 # The generate model's tests call Triton's generate extension with curl, as its users do;
-# the web page's tests run it in Debian's Chromium, headless.
+# the web page's tests run it in Debian's Chromium, headless; the proxy's tests put two
+# OpenAI-compatible servers behind Debian's nginx (in /usr/sbin, off some users' PATH).
 toolchain:
-	command -v cmake >/dev/null && command -v c++ >/dev/null && command -v curl >/dev/null && command -v chromium >/dev/null || { apt-get update && apt-get install -y --no-install-recommends cmake g++ curl chromium; }
+	command -v cmake >/dev/null && command -v c++ >/dev/null && command -v curl >/dev/null && command -v chromium >/dev/null && { command -v nginx >/dev/null || test -x /usr/sbin/nginx; } || { apt-get update && apt-get install -y --no-install-recommends cmake g++ curl chromium nginx; }
 
 # The Node.js sample: onnxruntime-node's CPU binaries ship in the npm package; its
 # postinstall would fetch from outside the registry, so it is skipped.

@@ -338,6 +338,7 @@ SLOW_FILES = (
     "test_pretrained.py",  # transformers model directories exported (hf_export 41 s, three more): 94 s
     "test_web.py",  # bsbr-tiny exported for the web (checked in onnxruntime-web) and driven in Chromium: 90 s
     "test_openai.py",  # serve-openai processes over stdlib_streaming_export, driven by the openai client: 4 min
+    "test_proxy.py",  # two serve-openai processes behind nginx, one killed: 23 s + stdlib_streaming_export
 )
 # Single tests: "file.py::test_name" matches that test (all its parameters), anything else
 # is a substring of the node id. A fixture's setup is paid by its first user, so every user
