@@ -30,8 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # sweep.py, for ORT's MatMul rate
-from sweep import matmul_rate, percentile  # noqa: E402
+from sweep import matmul_rate, percentile
 
 
 def measure_model(model: str, concurrency: list[int], contexts: list[int], tokens: int, threads: int) -> dict:

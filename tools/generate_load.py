@@ -53,10 +53,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sweep import matmul_rate, percentile
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # sweep.py, for ORT's MatMul rate
-from sweep import matmul_rate, percentile  # noqa: E402
 
 SERVER_CORE, CLIENT_CORE = 0, 1
 

@@ -18,13 +18,11 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 from bsbr_export.defaults import DEFAULT_THREADS
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 
 def fuse_skip_layer_norm(model, fold_bias: bool) -> int:

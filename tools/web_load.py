@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sweep import matmul_rate
+
+from bsbr_export.defaults import DEFAULT_THREADS
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # sweep.py, for ORT's MatMul rate
-from sweep import matmul_rate  # noqa: E402
-
-from bsbr_export.defaults import DEFAULT_THREADS  # noqa: E402
 
 DRIVER = HERE.parent / "web" / "drive.mjs"
 
