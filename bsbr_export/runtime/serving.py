@@ -30,12 +30,16 @@ Listener = Callable[[Token | None, str | None], None]
 
 @dataclass(eq=False)
 class Ticket:
-    """One submitted generation: its checked request, who hears its tokens, and whether its
-    client has gone."""
+    """One submitted generation: its checked request, who hears its tokens, and how the
+    loop learns that its client has gone (`cancel`, or a server's own `client_gone` check)."""
 
     request: Request
     listener: Listener
+    client_gone: Callable[[], bool] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def gone(self) -> bool:
+        return self.cancelled.is_set() or (self.client_gone is not None and self.client_gone())
 
 
 class ServingLoop:
@@ -58,9 +62,11 @@ class ServingLoop:
         self.stopping.set()
         self.thread.join(timeout)
 
-    def submit(self, request: Request, listener: Listener) -> Ticket:
-        """Queue a checked request; it joins at the loop's next iteration."""
-        ticket = Ticket(request, listener)
+    def submit(self, request: Request, listener: Listener, client_gone: Callable[[], bool] | None = None) -> Ticket:
+        """Queue a checked request; it joins at the loop's next iteration. `client_gone`,
+        asked every iteration, says when its client went away (a Triton sender's
+        `is_cancelled`)."""
+        ticket = Ticket(request, listener, client_gone)
         self.inbox.put(ticket)
         return ticket
 
@@ -81,14 +87,13 @@ class ServingLoop:
                     ticket = self.inbox.get_nowait()
                 except queue.Empty:
                     ticket = None
-            for key in [k for k, t in self.tickets.items() if t.cancelled.is_set()]:
-                self.batcher.cancel(key)
-                del self.tickets[key]
+            for key in [k for k, t in self.tickets.items() if t.gone()]:
+                self._drop(key)
             if self.tickets:
                 self._step()
 
     def _open(self, ticket: Ticket) -> None:
-        if ticket.cancelled.is_set():
+        if ticket.gone():
             return
         request = ticket.request
         prompt = len(request.result.prompt)
@@ -113,4 +118,12 @@ class ServingLoop:
             ticket = self.tickets[key]
             if ticket.request.done:
                 del self.tickets[key]
-            ticket.listener(token, None)
+            try:
+                ticket.listener(token, None)
+            except Exception:  # the listener could not reach its client: free the sequence
+                if key in self.tickets:
+                    self._drop(key)
+
+    def _drop(self, key: int) -> None:
+        self.batcher.cancel(key)
+        del self.tickets[key]

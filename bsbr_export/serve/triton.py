@@ -51,7 +51,7 @@ IDLE_SECONDS = 60
 # The Python-backend model.py: this package's triton_model.py, copied.
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
 # What the rows / generate models run: this module and the package modules it imports.
-SERVING_MODULE = "bsbr_export.runtime.batching"
+SERVING_MODULE = "bsbr_export.runtime.serving"  # and runtime.batching, which it imports
 ROWS_GRAPH, DECODE_GRAPH = (artifact_name(FORMATS["onnx"], kind) for kind in ("rows", "decode"))
 TOKENIZER_FILE = "tokenizer.json"
 # ONNX element type name -> Triton data type (the ones an export can hold).

@@ -3,7 +3,8 @@
 It runs inside Triton's Python backend stub, in the serving venv (numpy < 2, onnxruntime
 and tokenizers; no torch). The bsbr-export package never imports it:
 `triton.write_triton_repo` copies it as `1/model.py`, and for the `rows` and `generate`
-models also the torch-free modules it runs (`runtime.batching` and what that imports) as
+models also the torch-free modules it runs (`runtime.serving`, `runtime.batching` and what
+they import) as
 `1/bsbr_export/`, with the export's graphs and manifest in `1/export/`, so the model runs
 the code of the bsbr-export that wrote it.
 
@@ -19,17 +20,17 @@ The config picks the mode (`parameters { key: "mode" }`):
 - `decode`: the same protocol for exports without a row step: each request one decode
   call, on a state kept as the decode step returns it (finished chunks appended).
 - `generate` (decoupled): a prompt in, tokens streamed out as they are made, every running
-  generation advanced by one row-step call per iteration of a loop thread (in-flight
-  batching, `runtime.batching.Batcher`); tensor names as Triton's vLLM backend.
+  generation advanced by one row-step call per iteration of a loop thread, joining prompts
+  prefilled in pieces within a token budget (in-flight batching and its scheduler,
+  `runtime.serving.ServingLoop` over `runtime.batching.Batcher`, as the OpenAI server);
+  tensor names as Triton's vLLM backend.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import sys
-import threading
 import time
 
 import numpy as np
@@ -114,9 +115,9 @@ def import_bsbr_export():
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
     from bsbr_export.errors import UserError
-    from bsbr_export.runtime import batching
+    from bsbr_export.runtime import batching, serving
 
-    return batching, UserError
+    return batching, serving, UserError
 
 
 def log(message: str) -> None:
@@ -235,7 +236,7 @@ class RowsModel:
     """The step model over `Sequences`: one row-step call for a batch's one-token requests."""
 
     def __init__(self, version_dir: str, params: dict) -> None:
-        batching, self.UserError = import_bsbr_export()
+        batching, _, self.UserError = import_bsbr_export()
         self.sequences = batching.Sequences(os.path.join(version_dir, "export"), int(params["threads"]) or None)
         self.vocab_size = self.sequences.spec.tokens.high
         self.limits = limits(batching, params, self.sequences)
@@ -297,43 +298,66 @@ def text_of(value) -> str:
 
 
 class Job:
-    """A generation request on its way: its checked request, how to answer, its sender."""
+    """A generation request on its way: its checked request, and how its tokens are sent
+    (each as made when it streams, else the whole text at the end)."""
 
     def __init__(self, request, sender, stream: bool, prefix: str) -> None:
         self.request, self.sender, self.stream, self.prefix = request, sender, stream, prefix
 
+    def __call__(self, token, error: str | None) -> None:
+        """The serving loop's listener: raises when the client is gone (the loop then
+        frees the sequence)."""
+        if error is not None:
+            self.sender.send(error_response(error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        done = self.request.done
+        if self.stream:
+            response = text_response(token.text, [token.id])
+        elif done:
+            result = self.request.result
+            response = text_response(self.prefix + result.text, result.ids)
+        else:
+            return
+        self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if done else 0)
+
+
+def text_response(text: str, ids: list[int]):
+    return pb_utils.InferenceResponse(
+        [
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int64)),
+        ]
+    )
+
 
 class GenerateModel:
     """In-flight batching behind Triton's decoupled mode: `execute` checks each request and
-    queues it; a loop thread hands queued generations to the `Batcher` and runs one
-    `Batcher.step` per iteration (every running generation's next token, then joining
-    prompts in pieces within the token budget), sending each token as it is made."""
+    submits it to a `runtime.serving.ServingLoop` (the OpenAI server's too), whose thread
+    runs one `Batcher.step` per iteration (every running generation's next token, then
+    joining prompts in pieces within the token budget); each token goes out as made."""
 
     def __init__(self, version_dir: str, params: dict) -> None:
-        batching, self.UserError = import_bsbr_export()
-        self.batcher = batching.Batcher(
+        batching, serving, self.UserError = import_bsbr_export()
+        batcher = batching.Batcher(
             os.path.join(version_dir, "export"),
             int(params["threads"]) or None,
             token_budget=int(params["token_budget"]),
         )
-        self.limits = limits(batching, params, self.batcher.sequences)
-        self.queued: queue.SimpleQueue = queue.SimpleQueue()
-        self.jobs: dict[int, Job] = {}  # batcher key -> its job
-        self.stopping = threading.Event()
-        self.loop = threading.Thread(target=self._run, name="bsbr-generate", daemon=True)
-        self.loop.start()
+        self.prompts = batcher.prompts
+        self.loop = serving.ServingLoop(batcher, limits(batching, params, batcher.sequences)).start()
 
     def execute(self, requests: list) -> None:  # decoupled: responses go through each request's sender
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self.queued.put(self._job(request, sender))
+                job = self._job(request, sender)
             except (RequestError, self.UserError) as exc:
                 sender.send(error_response(str(exc)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            self.loop.submit(job.request, job, sender.is_cancelled)
 
     def finalize(self) -> None:
-        self.stopping.set()
-        self.loop.join(timeout=10)
+        self.loop.stop()
 
     def _job(self, request, sender) -> Job:
         """A request's checked `Job` (vLLM's tensor names), or a RequestError saying what is wrong."""
@@ -341,7 +365,7 @@ class GenerateModel:
         ids = optional_input(request, "input_ids")
         if (text is None) == (ids is None):
             raise RequestError("send the prompt as text_input or as input_ids (one of them)")
-        if text is not None and self.batcher.prompts.text is None:
+        if text is not None and self.prompts.text is None:
             raise RequestError("this model has no tokenizer: send the prompt as input_ids")
         raw = optional_input(request, "sampling_parameters")
         try:
@@ -370,7 +394,7 @@ class GenerateModel:
             "stop": stop + list(sampling.get("stop_token_ids") or []),
         }
         prompt = text_of(text[0]) if text is not None else [int(i) for i in ids]
-        checked = self.batcher.prompts.request(prompt, max_tokens, **options)
+        checked = self.prompts.request(prompt, max_tokens, **options)
         stream = optional_input(request, "stream")
         exclude = optional_input(request, "exclude_input_in_output")
         streaming = True if stream is None else bool(stream[0])
@@ -378,64 +402,3 @@ class GenerateModel:
             prompt if isinstance(prompt, str) and not streaming and not (exclude is not None and exclude[0]) else ""
         )
         return Job(checked, sender, streaming, prefix)
-
-    def _run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                # Block while nothing runs; else take what queued since the last step.
-                job = self.queued.get(timeout=0.1) if not self.batcher.active else self.queued.get_nowait()
-            except queue.Empty:
-                job = None
-            while job is not None:
-                self._start(job)
-                try:
-                    job = self.queued.get_nowait()
-                except queue.Empty:
-                    job = None
-            for key in [k for k, j in self.jobs.items() if j.sender.is_cancelled()]:
-                self._drop(key)  # the client went away: free its slot now
-            for key, token in self.batcher.step():
-                self._send(key, token)
-
-    def _start(self, job: Job) -> None:
-        prompt = job.request.result.prompt
-        try:
-            self.limits.check_open(self.batcher.sequences, len(prompt), len(prompt) + job.request.max_new_tokens)
-            key = self.batcher.start(job.request)
-        except (RequestError, self.UserError) as exc:
-            job.sender.send(error_response(str(exc)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return
-        self.jobs[key] = job
-
-    def _send(self, key: int, token) -> None:
-        job = self.jobs[key]
-        done = job.request.done
-        if job.stream:
-            response = self._response(token.text, [token.id])
-        elif done:
-            result = job.request.result
-            response = self._response(job.prefix + result.text, result.ids)
-        else:
-            response = None
-        try:
-            if response is not None:
-                job.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if done else 0)
-        except Exception:  # the client is gone (Triton raises its own error types)
-            done = True
-            if key in self.batcher.active:
-                self.batcher.cancel(key)
-        if done:
-            del self.jobs[key]
-
-    def _drop(self, key: int) -> None:
-        self.batcher.cancel(key)
-        del self.jobs[key]
-
-    @staticmethod
-    def _response(text: str, ids: list[int]):
-        return pb_utils.InferenceResponse(
-            [
-                pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-                pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int64)),
-            ]
-        )
