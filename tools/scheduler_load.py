@@ -1,0 +1,226 @@
+"""The scheduler's figures: what a joining prompt costs the running generations, and what
+the token budget buys, measured on `runtime.batching.Batcher` in one process.
+
+    python tools/scheduler_load.py [--export DIR | --model bsbr-stdlib] [--running 16]
+        [--join 16384] [--budgets whole,80,128,256,512] [--out tools/results]
+
+One process, one ORT thread (a server's core), pinned to one core with `taskset` when
+there is one to spare. Per budget: `--running` generations (random 256-token prompts)
+run 40 steps alone (their inter-token gaps, p50 / p99), then a `--join`-token prompt
+joins and the gaps are taken again while it is prefilled (until its first token), with
+its time to first token. `whole` is the budget that feeds a prompt in one call (how the
+batcher worked before it scheduled: the joining prompt's prefill is one iteration).
+Then: a lone 4096-token prompt's time to first token against the full graph over the
+same 4096 tokens; the tokens/s of 32 generations against 1 (context 256, in-process);
+and one generation's cost per token at context 256 and 16000, through the batcher (row
+step) and through `runtime.generate` (the decode step per token). ORT's own MatMul rate
+is measured in the same run. Writes scheduler_load.{json,md} to --out; nothing asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sweep import matmul_rate, percentile
+
+from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET
+from bsbr_export.export.pipeline import export_model
+from bsbr_export.formats import FORMATS
+from bsbr_export.machine import machine_info
+from bsbr_export.runtime.batching import Batcher
+from bsbr_export.runtime.generate import load_generator
+from bsbr_export.runtime.onnx import OnnxRunner
+
+HERE = Path(__file__).resolve().parent
+WHOLE = 1 << 30  # a budget no prompt reaches: each prompt in one call
+
+
+def step_gaps(batcher: Batcher, steps: int) -> list[float]:
+    """Seconds of each of `steps` iterations (a running generation's inter-token gap)."""
+    gaps = []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        batcher.step()
+        gaps.append(time.perf_counter() - begin)
+    return gaps
+
+
+def stall(export_dir: Path, budget: int, running: int, join: int, rng: np.random.Generator) -> dict:
+    """`running` generations alone, then while a `join`-token prompt is prefilled."""
+    batcher = Batcher(export_dir, threads=1, token_budget=budget)
+    vocab = batcher.sequences.spec.tokens.high
+    for _ in range(running):
+        batcher.add(rng.integers(0, vocab, 256).tolist(), 100_000)
+    batcher.step()  # their prompts (nothing was generating: each whole)
+    alone = step_gaps(batcher, 40)
+    joining = batcher.add(rng.integers(0, vocab, join).tolist(), 2)
+    during, begin = [], time.perf_counter()
+    while not joining.ids:
+        during += step_gaps(batcher, 1)
+    ttft = time.perf_counter() - begin
+    return {
+        "budget": "whole" if budget == WHOLE else budget,
+        "alone_p50_ms": 1e3 * statistics.median(alone),
+        "alone_p99_ms": 1e3 * percentile(alone, 0.99),
+        "join_p50_ms": 1e3 * statistics.median(during),
+        "join_p99_ms": 1e3 * percentile(during, 0.99),
+        "join_max_ms": 1e3 * max(during),
+        "join_iterations": len(during),
+        "join_ttft_s": ttft,
+    }
+
+
+def lone_prompt(export_dir: Path, rng: np.random.Generator, length: int = 4096) -> dict:
+    """A lone prompt's time to first token (median of 5) beside the full graph's forward."""
+    batcher = Batcher(export_dir, threads=1)
+    vocab = batcher.sequences.spec.tokens.high
+    prompt = rng.integers(0, vocab, length)
+    full = OnnxRunner(export_dir / "model.onnx", threads=1)
+    feeds = {"input_ids": prompt[None], "attention_mask": np.ones((1, length), np.int64)}
+    full.infer(feeds)
+    forward = statistics.median(timed(lambda: full.infer(feeds)) for _ in range(5))
+    ttfts = []
+    for _ in range(5):
+        generation = batcher.add(prompt.tolist(), 1)
+        ttfts.append(timed(lambda g=generation: [batcher.step() for _ in range(3) if not g.ids]))
+    return {"length": length, "ttft_s": statistics.median(ttfts), "forward_s": forward}
+
+
+def many_vs_one(export_dir: Path, rng: np.random.Generator, many: int = 32) -> dict:
+    """Tokens/s of `many` generations stepping together against one (context 256)."""
+    rates = {}
+    for n in (1, many):
+        batcher = Batcher(export_dir, threads=1)
+        vocab = batcher.sequences.spec.tokens.high
+        for _ in range(n):
+            batcher.add(rng.integers(0, vocab, 256).tolist(), 100_000)
+        batcher.step()
+        gaps = step_gaps(batcher, 128)  # two chunks of 64: the closing tokens included
+        rates[n] = n * len(gaps) / sum(gaps)
+    return {"one_tokens_s": rates[1], "many": many, "many_tokens_s": rates[many], "ratio": rates[many] / rates[1]}
+
+
+def per_token(export_dir: Path, rng: np.random.Generator, contexts=(256, 16000)) -> dict:
+    """One generation's mean seconds per token over 128 tokens at each context: through
+    the batcher (row step, decode step at chunk ends) and through `runtime.generate`."""
+    generator = load_generator(export_dir, threads=1)
+    vocab = generator.vocab_size
+    result = {}
+    for context in contexts:
+        prompt = rng.integers(0, vocab, context).tolist()
+        batcher = Batcher(export_dir, threads=1)
+        batcher.add(prompt, 100_000)
+        batcher.step()
+        row_path = statistics.mean(step_gaps(batcher, 128))
+        tokens = generator.generate(prompt, 129, stream=True)
+        next(tokens)  # the prompt's call
+        begin = time.perf_counter()
+        for _ in tokens:
+            pass
+        result[context] = {"batcher_ms": 1e3 * row_path, "generate_ms": 1e3 * (time.perf_counter() - begin) / 128}
+    return result
+
+
+def timed(call) -> float:
+    begin = time.perf_counter()
+    call()
+    return time.perf_counter() - begin
+
+
+def report(result: dict) -> str:
+    machine = result["machine"]
+    lines = [
+        f"# Scheduler: {result['model']}, one process, one ORT thread",
+        "",
+        f"Machine: **{machine['processor']}** ({machine.get('cpu_count', '?')} cores), "
+        f"ORT's own fp32 MatMul here: {result['matmul_gflops']:.0f} GFLOP/s (same run). One run; each figure is "
+        "a median or a percentile of the iterations named.",
+        "",
+        f"## A {result['join']}-token prompt joining {result['running']} running generations",
+        "",
+        "Inter-token gap of the running generations (one iteration of `Batcher.step`), alone and while the "
+        "prompt is prefilled, and the prompt's time to first token. `whole`: the prompt fed in one call (the "
+        "batcher before it scheduled).",
+        "",
+        "| token budget | alone p50 ms | alone p99 ms | joining p50 ms | joining p99 ms | joining max ms "
+        "| p99 joining / alone | iterations | TTFT s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["stall"]:
+        lines.append(
+            f"| {row['budget']} | {row['alone_p50_ms']:.2f} | {row['alone_p99_ms']:.2f} | {row['join_p50_ms']:.2f} "
+            f"| {row['join_p99_ms']:.2f} | {row['join_max_ms']:.1f} | {row['join_p99_ms'] / row['alone_p99_ms']:.1f}x "
+            f"| {row['join_iterations']} | {row['join_ttft_s']:.2f} |"
+        )
+    lone, many, per = result["lone"], result["many_vs_one"], result["per_token"]
+    first, last = (per[k] for k in sorted(per, key=int))
+    lines += [
+        "",
+        "## Alone, and many at once",
+        "",
+        f"- A lone {lone['length']}-token prompt: time to first token {lone['ttft_s'] * 1e3:.0f} ms against "
+        f"{lone['forward_s'] * 1e3:.0f} ms for the full graph over the same tokens: "
+        f"**{lone['ttft_s'] / lone['forward_s']:.2f}x** (target <= 1.1x).",
+        f"- {many['many']} generations: {many['many_tokens_s']:.0f} tokens/s against "
+        f"{many['one_tokens_s']:.0f} for one: "
+        f"**{many['ratio']:.1f}x** (context 256, in-process; target through a server >= 8x).",
+        "- One generation's cost per token (mean of 128 tokens, closing tokens included): "
+        + "; ".join(
+            f"context {k}: batcher {v['batcher_ms']:.2f} ms, runtime.generate {v['generate_ms']:.2f} ms"
+            for k, v in sorted(per.items(), key=lambda kv: int(kv[0]))
+        )
+        + f"; 16000 / 256: batcher **{last['batcher_ms'] / first['batcher_ms']:.2f}x**, runtime.generate "
+        f"**{last['generate_ms'] / first['generate_ms']:.2f}x** (target <= 1.05x).",
+        "",
+        f"`{result['command']}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bsbr-stdlib", help="a preset exported here (unless --export)")
+    parser.add_argument("--export", type=Path, default=None, help="an export with --streaming to measure instead")
+    parser.add_argument("--running", type=int, default=16)
+    parser.add_argument("--join", type=int, default=16384)
+    parser.add_argument("--budgets", default=f"whole,80,{DEFAULT_TOKEN_BUDGET},256,512")
+    parser.add_argument("--contexts", default="256,16000", help="one generation's contexts for its cost per token")
+    parser.add_argument("--lone", type=int, default=4096, help="the lone prompt's length")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if len(os.sched_getaffinity(0)) > 1:
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # a server's core of its own
+    export_dir = args.export
+    if export_dir is None:
+        export_dir = Path("/tmp/bsbr_scheduler_load") / args.model
+        if not (export_dir / "model.rows.onnx").is_file():
+            export_model(args.model, export_dir, [FORMATS["onnx"]], streaming=True, overwrite=True)
+    rng = np.random.default_rng(0)
+    budgets = [WHOLE if b == "whole" else int(b) for b in args.budgets.split(",")]
+    result = {
+        "model": json.loads((export_dir / "manifest.json").read_text())["model"],
+        "running": args.running,
+        "join": args.join,
+        "machine": machine_info(),
+        "matmul_gflops": matmul_rate(256, 1),
+        "stall": [stall(export_dir, b, args.running, args.join, rng) for b in budgets],
+        "lone": lone_prompt(export_dir, rng, args.lone),
+        "many_vs_one": many_vs_one(export_dir, rng),
+        "per_token": per_token(export_dir, rng, [int(c) for c in args.contexts.split(",")]),
+        "command": "python tools/scheduler_load.py " + " ".join(sys.argv[1:]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scheduler_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "scheduler_load.md").write_text(report(result))
+    print(report(result))
+
+
+if __name__ == "__main__":
+    main()
