@@ -12,8 +12,8 @@ its time to first token. `whole` is the budget that feeds a prompt in one call (
 batcher worked before it scheduled: the joining prompt's prefill is one iteration).
 Then: a lone 4096-token prompt's time to first token against the full graph over the
 same 4096 tokens; the tokens/s of 32 generations against 1 (context 256, in-process);
-and one generation's cost per token at context 256 and 16000, through the batcher (row
-step) and through `runtime.generate` (the decode step per token). ORT's own MatMul rate
+and one generation's cost per token at context 256 and 16000 through `runtime.generate`
+(the row step, as the servers) and through the decode step for every token (as before). ORT's own MatMul rate
 is measured in the same run. Writes scheduler_load.{json,md} to --out; nothing asserted.
 """
 
@@ -37,6 +37,7 @@ from bsbr_export.machine import machine_info
 from bsbr_export.runtime.batching import Batcher
 from bsbr_export.runtime.generate import load_generator
 from bsbr_export.runtime.onnx import OnnxRunner
+from bsbr_export.runtime.requests import DecodeState
 
 HERE = Path(__file__).resolve().parent
 WHOLE = 1 << 30  # a budget no prompt reaches: each prompt in one call
@@ -107,24 +108,38 @@ def many_vs_one(export_dir: Path, rng: np.random.Generator, many: int = 32) -> d
     return {"one_tokens_s": rates[1], "many": many, "many_tokens_s": rates[many], "ratio": rates[many] / rates[1]}
 
 
-def per_token(export_dir: Path, rng: np.random.Generator, contexts=(256, 16000)) -> dict:
-    """One generation's mean seconds per token over 128 tokens at each context: through
-    the batcher (row step, decode step at chunk ends) and through `runtime.generate`."""
+def per_token(export_dir: Path, rng: np.random.Generator, contexts=(256, 16000), tokens: int = 256) -> dict:
+    """One generation's mean seconds per token over `tokens` tokens (four chunks, their
+    closing tokens included) at each context, after one chunk's warm-up (ORT sizes its
+    buffers at the first call of a shape): through `runtime.generate` (the batcher's path:
+    the row step, the decode step at chunk ends) and through the decode step for every
+    token (how it generated before)."""
     generator = load_generator(export_dir, threads=1)
-    vocab = generator.vocab_size
+    decode = generator.batcher.sequences.decode_runner
+    c = generator.spec.chunk_size
     result = {}
     for context in contexts:
-        prompt = rng.integers(0, vocab, context).tolist()
-        batcher = Batcher(export_dir, threads=1)
-        batcher.add(prompt, 100_000)
-        batcher.step()
-        row_path = statistics.mean(step_gaps(batcher, 128))
-        tokens = generator.generate(prompt, 129, stream=True)
-        next(tokens)  # the prompt's call
-        begin = time.perf_counter()
-        for _ in tokens:
-            pass
-        result[context] = {"batcher_ms": 1e3 * row_path, "generate_ms": 1e3 * (time.perf_counter() - begin) / 128}
+        prompt = rng.integers(0, generator.vocab_size, context).tolist()
+        made = generator.generate(prompt, 1 + c + tokens, stream=True)
+        for _ in range(1 + c):  # the prompt's call, then a chunk of warm-up
+            next(made)
+        rows = timed(lambda t=made: [None for _ in t]) / tokens
+        state = DecodeState(generator.spec)
+        state.update(decode.infer({"input_ids": np.array([prompt]), **state.past}))
+        for i, token in enumerate(rng.integers(0, generator.vocab_size, c + tokens)):
+            if i == c:
+                begin = time.perf_counter()
+            state.update(decode.infer({"input_ids": np.array([[token]]), **state.past}))
+        per_decode = (time.perf_counter() - begin) / tokens
+        result[context] = {"generate_ms": 1e3 * rows, "decode_ms": 1e3 * per_decode}
+    return result
+
+
+def progress(what: str, measure, *args):
+    """`measure(*args)`, saying on stderr what is measured and how long it took."""
+    begin = time.perf_counter()
+    result = measure(*args)
+    print(f"{what}: {time.perf_counter() - begin:.1f} s", file=sys.stderr, flush=True)
     return result
 
 
@@ -171,13 +186,13 @@ def report(result: dict) -> str:
         f"- {many['many']} generations: {many['many_tokens_s']:.0f} tokens/s against "
         f"{many['one_tokens_s']:.0f} for one: "
         f"**{many['ratio']:.1f}x** (context 256, in-process; target through a server >= 8x).",
-        "- One generation's cost per token (mean of 128 tokens, closing tokens included): "
+        "- One generation's cost per token (mean of 256 tokens after a chunk's warm-up, closing tokens included): "
         + "; ".join(
-            f"context {k}: batcher {v['batcher_ms']:.2f} ms, runtime.generate {v['generate_ms']:.2f} ms"
+            f"context {k}: runtime.generate {v['generate_ms']:.2f} ms, the decode step alone {v['decode_ms']:.2f} ms"
             for k, v in sorted(per.items(), key=lambda kv: int(kv[0]))
         )
-        + f"; 16000 / 256: batcher **{last['batcher_ms'] / first['batcher_ms']:.2f}x**, runtime.generate "
-        f"**{last['generate_ms'] / first['generate_ms']:.2f}x** (target <= 1.05x).",
+        + f"; 16000 / 256: runtime.generate **{last['generate_ms'] / first['generate_ms']:.2f}x** (target <= "
+        f"1.05x), the decode step alone **{last['decode_ms'] / first['decode_ms']:.2f}x**.",
         "",
         f"`{result['command']}`",
     ]
@@ -210,10 +225,10 @@ def main() -> None:
         "join": args.join,
         "machine": machine_info(),
         "matmul_gflops": matmul_rate(256, 1),
-        "stall": [stall(export_dir, b, args.running, args.join, rng) for b in budgets],
-        "lone": lone_prompt(export_dir, rng, args.lone),
-        "many_vs_one": many_vs_one(export_dir, rng),
-        "per_token": per_token(export_dir, rng, [int(c) for c in args.contexts.split(",")]),
+        "stall": [progress(f"budget {b}", stall, export_dir, b, args.running, args.join, rng) for b in budgets],
+        "lone": progress("lone prompt", lone_prompt, export_dir, rng, args.lone),
+        "many_vs_one": progress("32 against 1", many_vs_one, export_dir, rng),
+        "per_token": progress("per token", per_token, export_dir, rng, [int(c) for c in args.contexts.split(",")]),
         "command": "python tools/scheduler_load.py " + " ".join(sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)

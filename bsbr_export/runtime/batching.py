@@ -57,10 +57,16 @@ class Sequences:
     """Open sequences of an export with a row step and a decode step, by key."""
 
     def __init__(
-        self, export_dir: str | Path, threads: int | None = None, capacity: int = 8, graphs: str = "onnx"
+        self,
+        export_dir: str | Path,
+        threads: int | None = None,
+        capacity: int = 8,
+        graphs: str = "onnx",
+        runner_options: dict | None = None,
     ) -> None:
         """`graphs`: the format whose row and decode steps run ("web" for the web page's
-        opset-18 ones)."""
+        opset-18 ones); `runner_options`: how ONNX Runtime runs them (`OnnxRunner`'s
+        provider, optimization level...; an engine's)."""
         export_dir = Path(export_dir)
         manifest = read_manifest(export_dir)  # every file checked against its sha256
         listed = {a["name"] for a in manifest["artifacts"]}
@@ -77,13 +83,15 @@ class Sequences:
         self.logits = logits_output(spec, export_dir)
         self.chunk_size = spec.chunk_size
         state = spec.state
+        options = runner_options or {}
         self.decode_runner = OnnxRunner(
             export_dir / decode_graph,
             [spec.tokens.name, *state.inputs],
             spec.output_names + state.update_names(),
             threads=threads,
+            **options,
         )
-        self.rows_runner = OnnxRunner(export_dir / rows_graph, threads=threads)
+        self.rows_runner = OnnxRunner(export_dir / rows_graph, threads=threads, **options)
         self.cache_shapes = state.cache_inputs(self.chunk_size)
         # cache.* name -> its past.* entry, and the axis of the current chunk's rows (if any)
         self.past = {name: name.replace("cache.", "past.", 1) for name in self.cache_shapes}
@@ -195,7 +203,12 @@ class Sequences:
         held = [self.held[key] for key in keys]
         fill = held[0].position % self.chunk_size
         slots = np.array([h.slot for h in held])
-        past = {name: np.concatenate([h.chunks[name] for h in held]) for name in held[0].chunks}
+        # One sequence's finished chunks go in as they are: at 16k tokens they are 67 MB, a copy
+        # per chunk-closing token would cost more than the call.
+        past = {
+            name: held[0].chunks[name] if len(held) == 1 else np.concatenate([h.chunks[name] for h in held])
+            for name in held[0].chunks
+        }
         for name, pool in self.pool.items():
             entry = pool[slots]
             past[self.past[name]] = (
@@ -280,10 +293,11 @@ class Batcher:
         threads: int | None = None,
         capacity: int = 8,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
+        runner_options: dict | None = None,
     ) -> None:
         if not isinstance(token_budget, int) or token_budget < 1:
             raise UserError(f"token_budget must be an integer >= 1, got {token_budget!r}")
-        self.sequences = Sequences(export_dir, threads, capacity)
+        self.sequences = Sequences(export_dir, threads, capacity, runner_options=runner_options)
         self.prompts = Prompts(export_dir, self.sequences.spec, self.sequences.manifest)
         self.token_budget = token_budget
         self.active: dict[int, Request] = {}  # key in `sequences` -> its request, prefilling or generating

@@ -7,14 +7,18 @@
     for token in generator.generate("import ", max_new_tokens=60, temperature=0.8, top_k=40, seed=1, stream=True):
         print(token.text, end="", flush=True)
 
-The prompt goes in with one call of the export's decode graph (`model.decode.*`, else the
-full-state `model.streaming.*`); then each call feeds one token and the state the last one
-returned. A decode step returns the current chunk's `present.*` state and the `new.*` rows
-of the chunks it finished (usually none), which are appended here, so a token costs the
-same at any context. Text goes in and out through the export's tokenizer: UTF-8 bytes for
-byte-level models, the `tokenizers` library over the export's `tokenizer.json` otherwise.
-Any engine of `runtime.engines.ENGINES` that runs an exported format can generate, where
-the directory holds that format's decode (or streaming) graph.
+ONNX Runtime engines generate as the servers do, through `runtime.batching.Batcher` where
+the export has a row step (`model.rows.onnx`): the prompt in chunk-parallel pieces, then
+each token through the row step, which reads only the current chunk and `S_i`, and a
+chunk's last token through the decode step. Other engines (and exports without a row step)
+feed the prompt with one call of the export's decode graph (`model.decode.*`, else the
+full-state `model.streaming.*`), then each call one token and the state the last one
+returned: a decode step returns the current chunk's `present.*` state and the `new.*` rows
+of the chunks it finished (usually none), which are appended here. Text goes in and out
+through the export's tokenizer: UTF-8 bytes for byte-level models, the `tokenizers`
+library over the export's `tokenizer.json` otherwise. Any engine of
+`runtime.engines.ENGINES` that runs an exported format can generate, where the directory
+holds that format's decode (or streaming) graph.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from bsbr_export.errors import UserError
-from bsbr_export.formats import FORMATS, artifact_name
+from bsbr_export.formats import FORMATS, ONNX, artifact_name
 from bsbr_export.manifest import read_manifest
 from bsbr_export.model.spec import ModelSpec
 from bsbr_export.runtime.base import Runner
+from bsbr_export.runtime.batching import Batcher
 from bsbr_export.runtime.engines import ENGINES, Engine, open_engine_file, why_not
 from bsbr_export.runtime.requests import DecodeState, Generation, Prompts, Request, Token, logits_output
 
@@ -48,6 +53,9 @@ class Generator:
             raise UserError(f"{self.export_dir} has no streaming graphs: export with --streaming to generate")
         self.logits = logits_output(self.spec, self.export_dir)
         self.engine, self.kind, self.runner = _open(self.export_dir, manifest, self.spec, engine, threads)
+        self.batcher = _row_batcher(self.export_dir, manifest, self.engine, threads)
+        if self.batcher is not None:
+            self.kind = "rows"
         self.prompts = Prompts(self.export_dir, self.spec, manifest)
         self.vocab_size = self.spec.tokens.high
 
@@ -86,6 +94,9 @@ class Generator:
         return self.prompts.request(prompt, max_new_tokens, **options)
 
     def _tokens(self, request: Request) -> Iterator[Token]:
+        if self.batcher is not None:
+            yield from self._batched_tokens(request)
+            return
         state = DecodeState(self.spec)
         feed = request.result.prompt
         while not request.done:
@@ -96,6 +107,25 @@ class Generator:
             token = request.take(outputs[self.logits][0, -1], seconds)
             yield token
             feed = [token.id]
+
+    def _batched_tokens(self, request: Request) -> Iterator[Token]:
+        key = self.batcher.start(request)
+        try:
+            while not request.done:
+                for _, token in self.batcher.step():
+                    yield token
+        finally:
+            if key in self.batcher.active:  # the caller stopped reading: free the sequence
+                self.batcher.cancel(key)
+
+
+def _row_batcher(export_dir: Path, manifest: dict, engine: Engine, threads: int | None) -> Batcher | None:
+    """A one-sequence `Batcher` on `engine`'s ONNX Runtime settings when it runs the ONNX
+    graphs and the export has a row step; else None (the decode loop)."""
+    listed = {a["name"] for a in manifest["artifacts"]}
+    if engine.runs != ONNX.name or engine.artifact != artifact_name(ONNX) or artifact_name(ONNX, "rows") not in listed:
+        return None
+    return Batcher(export_dir, threads, capacity=1, runner_options={"provider": engine.provider, **engine.options})
 
 
 def generation_engines(export_dir: str | Path) -> list[str]:

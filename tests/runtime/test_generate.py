@@ -1,4 +1,4 @@
-"""runtime.generate: the Python generation API over an export's decode graph generates
+"""runtime.generate: the Python generation API over an export's graphs generates
 what the eager model generates (greedy, and the same draws from the same seed), streams
 tokens and text as they come, stops where told, and refuses bad input in one line."""
 
@@ -31,6 +31,19 @@ def test_greedy_matches_eager(tiny_export, engine, length):
     assert generation.prompt == prompt and generation.stopped == "length"
     assert generation.ids == eager_greedy(model, prompt, NEW_TOKENS)
     assert len(generation.token_seconds) == NEW_TOKENS - 1 and generation.prefill_seconds > 0
+
+
+def test_onnx_runtime_generates_through_the_row_step_and_frees_an_abandoned_stream(tiny_export):
+    """ORT engines take the servers' path (the row step; torchscript the decode loop), and a
+    stream the caller stops reading leaves no sequence open."""
+    out, _ = tiny_export
+    generator = load_generator(out)
+    assert generator.kind == "rows" and load_generator(out, "torchscript").kind == "decode"
+    tokens = generator.generate(prompt_of(5, 97), 50, stream=True)
+    first = [next(tokens).id for _ in range(3)]
+    tokens.close()
+    assert len(generator.batcher.sequences) == 0 and not generator.batcher.active
+    assert generator.generate(prompt_of(5, 97), 3).ids == first
 
 
 def test_a_user_modules_decode_graph_appends_finished_chunks(tmp_path):
