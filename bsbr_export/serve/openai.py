@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from bsbr_export.runtime.batching import Batcher, Limits
 from bsbr_export.runtime.requests import Request as Generation
 from bsbr_export.runtime.requests import Token
 from bsbr_export.runtime.serving import ServingLoop, Ticket
-from bsbr_export.serve.serve import check_port
+from bsbr_export.serve.serve import ServerProcess, check_port
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions
 MAX_TOKENS = 4096  # the most one request may ask for (and a chat request's default)
@@ -431,7 +430,7 @@ def serve_openai(app: FastAPI, host: str, port: int) -> None:
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-class OpenAIServerProcess:
+class OpenAIServerProcess(ServerProcess):
     """`bsbr-export serve-openai EXPORT_DIR` in a process of its own on 127.0.0.1 (a context
     manager), for load tools, tests and a proxy's upstreams: `start()` returns once /health
     answers (or raises UserError with the end of its log); `stop()` ends it by its pid."""
@@ -446,14 +445,12 @@ class OpenAIServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
     def start(self) -> OpenAIServerProcess:
         command = [sys.executable, "-c", "from bsbr_export.cli import main; raise SystemExit(main())"]
         command += ["serve-openai", str(self.export_dir), "--port", str(self.port), *self.options]
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -463,28 +460,13 @@ class OpenAIServerProcess:
                     if response.status == 200:
                         return self
             time.sleep(0.2)
+        reason = self.log_tail()
         self.stop()
-        raise UserError(f"serve-openai was not ready within {self.timeout_s:g} s: {self.log_tail()}")
+        raise UserError(f"serve-openai was not ready within {self.timeout_s:g} s: {reason}")
 
     def log_tail(self, lines: int = 5) -> str:
         self.log.seek(0)
         return " | ".join(self.log.read().decode(errors="replace").strip().splitlines()[-lines:])
 
-    def stop(self, signal_: int = signal.SIGTERM) -> int | None:
-        """End the server (SIGTERM, then SIGKILL after 10 s; `signal.SIGKILL` at once
-        to kill it as a crash would); its exit status."""
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal_)
-        try:
-            return self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def __enter__(self) -> OpenAIServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def cleanup(self) -> None:
         self.log.close()

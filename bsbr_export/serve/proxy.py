@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -22,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bsbr_export.errors import UserError
-from bsbr_export.serve.serve import check_port
+from bsbr_export.serve.serve import ServerProcess, check_port
 
 STOP_TIMEOUT_S = 10
 NGINX_FALLBACK = Path("/usr/sbin/nginx")  # Debian's, off PATH for users without sbin
@@ -87,7 +86,7 @@ def find_nginx() -> str:
     return found
 
 
-class NginxProxy:
+class NginxProxy(ServerProcess):
     """nginx on 127.0.0.1:`port` (0: a free one) over `upstreams` (a context manager):
     `start()` returns once it accepts connections (or raises UserError with the end of
     its log); `stop()` ends it by its pid and removes its prefix directory."""
@@ -102,10 +101,6 @@ class NginxProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
 
     def start(self) -> NginxProxy:
         """Write the config into a fresh prefix directory, start nginx and wait until its port accepts."""
@@ -151,24 +146,6 @@ class NginxProxy:
                 text += (self.prefix / name).read_text(errors="replace")
         return " | ".join(text.strip().splitlines()[-lines:]) or "(its log is empty)"
 
-    def stop(self) -> int | None:
-        """End nginx by its pid (SIGTERM, SIGKILL after a timeout) and remove its prefix; its exit status."""
-        code = None
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait()
-            code = self.process.returncode
+    def cleanup(self) -> None:
         if self.prefix is not None:
             shutil.rmtree(self.prefix, ignore_errors=True)
-        return code
-
-    def __enter__(self) -> NginxProxy:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

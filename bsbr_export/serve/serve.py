@@ -185,7 +185,48 @@ def check_port(port: int, flag: str) -> int:
         return sock.getsockname()[1]
 
 
-class TritonServer:
+class ServerProcess:
+    """A server this project runs as a child process in a session of its own, on 127.0.0.1
+    (a context manager): subclasses `start()` it; `stop()` ends it by its pid and removes
+    what `cleanup()` names."""
+
+    process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def stop(self, signal_: int = signal.SIGTERM) -> int | None:
+        """Send `signal_` (SIGKILL: end it as a crash would), then SIGKILL its whole process
+        group after STOP_TIMEOUT_S: a server's helpers (Triton's backend stubs, nginx's
+        worker) would outlive a SIGKILL to it alone. Its exit status."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal_)
+                try:
+                    self.process.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+            code = self.process.returncode
+        self.cleanup()
+        return code
+
+    def cleanup(self) -> None:
+        """Remove what the server's run left (nothing, unless a subclass says)."""
+
+    def start(self) -> ServerProcess:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class TritonServer(ServerProcess):
     """A tritonserver process over a repository, bound to 127.0.0.1 (a context manager).
 
     `start()` returns once the server reports ready (or raises UserError with the reason
@@ -220,10 +261,6 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
 
     @property
     def log_path(self) -> Path:
@@ -337,29 +374,9 @@ class TritonServer:
         reason = reason.replace(str(self._workdir / "models"), str(self.repo))
         return reason.split("\\n")[0].strip('"; ')[:400]
 
-    def stop(self) -> int | None:
-        """End the server by its pid (SIGTERM, SIGKILL after a timeout); its exit status."""
-        code = None
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    # Its process group (its pid: it leads a session of its own) holds the
-                    # Python-backend stubs too, which a SIGKILL to the server alone would orphan.
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait()
-            code = self.process.returncode
+    def cleanup(self) -> None:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
-        return code
-
-    def __enter__(self) -> TritonServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def serve(
