@@ -121,9 +121,10 @@ class Generator:
 
 def _row_batcher(export_dir: Path, manifest: dict, engine: Engine, threads: int | None) -> Batcher | None:
     """A one-sequence `Batcher` on `engine`'s ONNX Runtime settings when it runs the ONNX
-    graphs and the export has a row step; else None (the decode loop)."""
+    graphs and the export has a row step and a decode step; else None (the decode loop)."""
     listed = {a["name"] for a in manifest["artifacts"]}
-    if engine.runs != ONNX.name or engine.artifact != artifact_name(ONNX) or artifact_name(ONNX, "rows") not in listed:
+    steps = {artifact_name(ONNX, kind) for kind in ("rows", "decode")}
+    if engine.runs != ONNX.name or engine.artifact != artifact_name(ONNX) or not steps <= listed:
         return None
     return Batcher(export_dir, threads, capacity=1, runner_options={"provider": engine.provider, **engine.options})
 
