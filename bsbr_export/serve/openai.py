@@ -230,7 +230,7 @@ def checked(served: Served, body: Sampled, prompt: str | list[int], max_tokens: 
     extra = body.model_extra or {}
     for name, default in UNSUPPORTED.items():
         value = getattr(body, name, extra.get(name, default))
-        if value not in (default, None) and not (name == "n" and value == 1):
+        if value not in (default, None):
             raise OpenAIError(f"{name} is not supported by this server (only {default!r})", param=name)
     if max_tokens > MAX_TOKENS:
         raise OpenAIError(f"max_tokens must be at most {MAX_TOKENS}, got {max_tokens}", param="max_tokens")
