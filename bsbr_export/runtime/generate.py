@@ -52,10 +52,7 @@ class Generator:
         if manifest.get("state") is None:
             raise UserError(f"{self.export_dir} has no streaming graphs: export with --streaming to generate")
         self.logits = logits_output(self.spec, self.export_dir)
-        self.engine, self.kind, self.runner = _open(self.export_dir, manifest, self.spec, engine, threads)
-        self.batcher = _row_batcher(self.export_dir, manifest, self.engine, threads)
-        if self.batcher is not None:
-            self.kind = "rows"
+        self.engine, self.kind, self.runner, self.batcher = _open(self.export_dir, manifest, self.spec, engine, threads)
         self.prompts = Prompts(self.export_dir, self.spec, manifest)
         self.vocab_size = self.spec.tokens.high
 
@@ -151,7 +148,9 @@ def _graph(engine: Engine, manifest: dict) -> str | None:
 
 def _open(
     export_dir: Path, manifest: dict, spec: ModelSpec, engine_name: str, threads: int | None
-) -> tuple[Engine, str, Runner]:
+) -> tuple[Engine, str, Runner, Batcher | None]:
+    """The engine, the kind of graph it runs, its runner, and the `Batcher` when it takes the
+    row path (whose decode runner it then is: the graph is loaded once)."""
     usable = _usable(export_dir, manifest)
     engine = ENGINES.get(engine_name)
     if engine is None or engine_name not in usable:
@@ -160,12 +159,15 @@ def _open(
             f"engine {engine_name!r} cannot generate from {export_dir} ({reason}): "
             f"use one of {', '.join(usable) or 'none (export with --streaming)'}"
         )
+    batcher = _row_batcher(export_dir, manifest, engine, threads)
+    if batcher is not None:
+        return engine, "rows", batcher.sequences.decode_runner, batcher
     name = _graph(engine, manifest)
     kind = next(k for k in GRAPH_KINDS if name == artifact_name(FORMATS[engine.runs], k))
     state = spec.state
     outputs = spec.output_names + (state.update_names() if kind == "decode" else list(state.outputs))
     runner = open_engine_file(engine, export_dir / name, [spec.tokens.name, *state.inputs], outputs, threads)
-    return engine, kind, runner
+    return engine, kind, runner, None
 
 
 def load_generator(export_dir: str | Path, engine: str = DEFAULT_ENGINE, threads: int | None = None) -> Generator:
