@@ -1,6 +1,7 @@
 # The test commands (README "Quick start", development paragraph); .ci/run runs `make test`.
 #   make test    set up whatever is missing, then `make lint` and the whole suite (what CI runs)
-#   make quick   set up the project venv if needed, then the tests not marked slow (a few minutes)
+#   make quick   set up whatever is missing, then the tests not marked slow (a few minutes), the
+#                smoke runs of every study in tools/ included
 #   make lint    lint-imports (the package's layer contracts, pyproject.toml [tool.importlinter]),
 #                ruff check and ruff format --check on the whole tree (pyproject.toml [tool.ruff])
 #   make setup   only the setup that `make test` does
@@ -19,6 +20,8 @@ VENV := .venv
 VENV_STAMP := $(VENV)/.bsbr-export-installed
 PYTRITON_VERSION := 0.7.0
 TRITON_STAMP := .venv-triton/.nvidia-pytriton-$(PYTRITON_VERSION)-tokenizers-installed
+AIPERF_VERSION := 0.13.0
+AIPERF_STAMP := .venv-aiperf/.aiperf-$(AIPERF_VERSION)-installed
 # npm writes node_modules/.package-lock.json once an install has finished (npm ci starts by
 # removing node_modules, so a failed one leaves none).
 NODE_MODULES := samples/node/node_modules/.package-lock.json
@@ -31,7 +34,7 @@ WEB_MODULES := web/node_modules/.package-lock.json
 test: setup lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-quick: $(VENV_STAMP)
+quick: setup
 	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV_STAMP)
@@ -39,7 +42,7 @@ lint: $(VENV_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-setup: toolchain $(NODE_MODULES) $(WEB_MODULES) $(TRITON_STAMP) $(VENV_STAMP)
+setup: toolchain $(NODE_MODULES) $(WEB_MODULES) $(TRITON_STAMP) $(AIPERF_STAMP) $(VENV_STAMP)
 
 # The C++ sample test builds against the torch wheel's libtorch: it needs cmake and a compiler.
 # The generate model's tests call Triton's generate extension with curl, as its users do;
@@ -64,6 +67,12 @@ $(WEB_MODULES): web/package-lock.json
 # generate model's text for exports with a tokenizer.json.
 $(TRITON_STAMP):
 	$(PYTHON) -m venv .venv-triton && .venv-triton/bin/pip install "numpy<2" onnxruntime tokenizers && .venv-triton/bin/pip install --no-deps "nvidia-pytriton==$(PYTRITON_VERSION)"
+	touch $@
+
+# NVIDIA's LLM benchmark, the client tools/openai_load.py drives the OpenAI-compatible server
+# with: a venv of its own (its pins are not the project's; no torch).
+$(AIPERF_STAMP):
+	$(PYTHON) -m venv .venv-aiperf && .venv-aiperf/bin/pip install "aiperf==$(AIPERF_VERSION)"
 	touch $@
 
 $(VENV)/bin/python:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,6 +140,24 @@ def stdlib_streaming_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("stdlib-streaming") / "bsbr-stdlib"
     export_model("bsbr-stdlib", out, [FORMATS["onnx"]], streaming=True)
     return out
+
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+@pytest.fixture
+def run_study(tmp_path):
+    """A study's smoke run: `python tools/STUDY.py --smoke --out TMP ARGS...`, as a user
+    runs it; its result (`NAME.json`, NAME the study's unless given) and report (`NAME.md`)."""
+
+    def run(study: str, *args, name: str | None = None, timeout: float = 600) -> tuple[dict, str]:
+        command = [sys.executable, str(TOOLS / f"{study}.py"), "--smoke", "--out", str(tmp_path), *map(str, args)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{study} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        name = name or study
+        return json.loads((tmp_path / f"{name}.json").read_text()), (tmp_path / f"{name}.md").read_text()
+
+    return run
 
 
 @pytest.fixture

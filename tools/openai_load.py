@@ -3,7 +3,7 @@ here wrote): time to first token, inter-token latency and tokens/s at each concu
 
     python3 -m venv .venv-aiperf && .venv-aiperf/bin/pip install aiperf==0.13.0   # once
     python tools/openai_load.py [--model bsbr-stdlib | --export DIR] [--concurrency 1,4,16,32,64]
-        [--input-tokens 256] [--output-tokens 64] [--aiperf .venv-aiperf/bin/aiperf] [--out tools/results]
+        [--input-tokens 256] [--output-tokens 64] [--aiperf .venv-aiperf/bin/aiperf] [--out tools/results] [--smoke]
 
 `bsbr-export serve-openai` runs on core 0 (one ORT thread) and aiperf on core 1, pinned
 with `taskset`. For every concurrency aiperf keeps that many streamed `/v1/completions`
@@ -11,12 +11,11 @@ in flight (synthetic prompts of `--input-tokens`, `--output-tokens` new tokens e
 `ignore_eos`), for max(16, 4 x concurrency) requests. aiperf counts tokens with a
 tokenizer: this tool writes a byte-level one (a token is a UTF-8 byte, as bsbr-stdlib's)
 into a temporary directory, so nothing is downloaded. Writes openai_load.{json,md} to
---out; nothing asserted.
+--out; nothing asserted. `--smoke`: concurrency 1 and 2, 8-token prompts, 4 new tokens.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -24,14 +23,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import lab
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from bsbr_export.export.pipeline import export_model
-from bsbr_export.formats import FORMATS
-from bsbr_export.machine import machine_info
 from bsbr_export.serve.openai import OpenAIServerProcess
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 SERVER_CORE, CLIENT_CORE = "0", "1"
 SETUP = "python3 -m venv .venv-aiperf && .venv-aiperf/bin/pip install aiperf==0.13.0"
 
@@ -57,11 +54,11 @@ def byte_tokenizer(directory: Path) -> Path:
 
 
 def profile(aiperf: str, url: str, model: str, tokenizer: Path, concurrency: int, args, work: Path) -> dict:
-    """One aiperf run at `concurrency`; its figures."""
+    """One aiperf run at `concurrency` (max(`args.requests`, 4 x concurrency) requests); its figures."""
     artifacts = work / f"c{concurrency}"
     command = ["taskset", "-c", CLIENT_CORE, aiperf, "profile", "--model", model, "--url", url]
     command += ["--endpoint-type", "completions", "--streaming", "--tokenizer", str(tokenizer), "--ui-type", "none"]
-    command += ["--concurrency", str(concurrency), "--request-count", str(max(16, 4 * concurrency))]
+    command += ["--concurrency", str(concurrency), "--request-count", str(max(args.requests, 4 * concurrency))]
     command += ["--synthetic-input-tokens-mean", str(args.input_tokens), "--synthetic-input-tokens-stddev", "0"]
     command += ["--output-tokens-mean", str(args.output_tokens), "--output-tokens-stddev", "0"]
     command += ["--extra-inputs", "ignore_eos:true", "--use-server-token-count", "--artifact-dir", str(artifacts)]
@@ -107,33 +104,26 @@ def report(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = lab.parser(__doc__)
     parser.add_argument("--model", default="bsbr-stdlib", help="a preset exported here (unless --export)")
     parser.add_argument("--export", type=Path, default=None, help="an export with --streaming to serve instead")
     parser.add_argument("--concurrency", default="1,4,16,32,64")
     parser.add_argument("--input-tokens", type=int, default=256)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--aiperf", default=None, help="the aiperf command [default: .venv-aiperf/bin/aiperf, PATH]")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
+    args.requests = 16
+    if args.smoke:
+        args.concurrency, args.input_tokens, args.output_tokens, args.requests = "1,2", 8, 4, 4
     aiperf = args.aiperf or next(
-        (
-            p
-            for p in (str(HERE.parent / ".venv-aiperf" / "bin" / "aiperf"), shutil.which("aiperf"))
-            if p and Path(p).exists()
-        ),
+        (p for p in (str(ROOT / ".venv-aiperf" / "bin" / "aiperf"), shutil.which("aiperf")) if p and Path(p).exists()),
         None,
     )
     if aiperf is None:
-        raise SystemExit(
-            "aiperf not found: python3 -m venv .venv-aiperf && .venv-aiperf/bin/pip install aiperf==0.13.0"
-        )
-    export_dir = args.export
-    if export_dir is None:
-        export_dir = Path("/tmp/bsbr_openai_load") / args.model
-        if not (export_dir / "model.rows.onnx").is_file():
-            export_model(args.model, export_dir, [FORMATS["onnx"]], streaming=True, overwrite=True)
+        raise SystemExit(f"aiperf not found: {SETUP}")
+    export_dir = lab.streaming_export(args.model, args.export, "openai_load")
     version = subprocess.run([aiperf, "--version"], capture_output=True, text=True).stdout.strip()
+    machine = lab.machine(threads=1)
     with tempfile.TemporaryDirectory() as tmp, OpenAIServerProcess(export_dir, options=["--threads", "1"]) as server:
         subprocess.run(["taskset", "-a", "-cp", SERVER_CORE, str(server.pid)], capture_output=True, check=True)
         tokenizer = byte_tokenizer(Path(tmp) / "tokenizer")
@@ -147,14 +137,11 @@ def main() -> None:
         "input_tokens": args.input_tokens,
         "output_tokens": args.output_tokens,
         "aiperf_version": version,
-        "machine": machine_info(),
+        "machine": machine,
         "levels": levels,
-        "command": "python tools/openai_load.py " + " ".join(sys.argv[1:]),
+        "command": lab.command(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "openai_load.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "openai_load.md").write_text(report(result))
-    print(report(result))
+    lab.write(args.out, "openai_load", result, report)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 the token budget buys, measured on `runtime.batching.Batcher` in one process.
 
     python tools/scheduler_load.py [--export DIR | --model bsbr-stdlib] [--running 16]
-        [--join 16384] [--budgets whole,80,128,256,512] [--out tools/results]
+        [--join 16384] [--budgets whole,80,128,256,512] [--out tools/results] [--smoke]
 
 One process, one ORT thread (a server's core), pinned to one core with `taskset` when
 there is one to spare. Per budget: `--running` generations (random 256-token prompts)
@@ -15,42 +15,32 @@ same 4096 tokens; the tokens/s of 32 generations against 1 (context 256, in-proc
 and one generation's cost per token at context 256 and 16000 through `runtime.generate`
 (the row step, as the servers) and through the decode step for every token (as before). ORT's own MatMul rate
 is measured in the same run. Writes scheduler_load.{json,md} to --out; nothing asserted.
+`--smoke`: bsbr-tiny, 2 running, a 300-token join, budgets whole and 80, short contexts.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import lab
 import numpy as np
-from sweep import matmul_rate, percentile
 
 from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET
-from bsbr_export.export.pipeline import export_model
-from bsbr_export.formats import FORMATS
-from bsbr_export.machine import machine_info
 from bsbr_export.runtime.batching import Batcher
 from bsbr_export.runtime.generate import load_generator
 from bsbr_export.runtime.onnx import OnnxRunner
 from bsbr_export.runtime.requests import DecodeState
 
-HERE = Path(__file__).resolve().parent
 WHOLE = 1 << 30  # a budget no prompt reaches: each prompt in one call
 
 
 def step_gaps(batcher: Batcher, steps: int) -> list[float]:
     """Seconds of each of `steps` iterations (a running generation's inter-token gap)."""
-    gaps = []
-    for _ in range(steps):
-        begin = time.perf_counter()
-        batcher.step()
-        gaps.append(time.perf_counter() - begin)
-    return gaps
+    return [lab.timed(batcher.step) for _ in range(steps)]
 
 
 def stall(export_dir: Path, budget: int, running: int, join: int, rng: np.random.Generator) -> dict:
@@ -69,9 +59,9 @@ def stall(export_dir: Path, budget: int, running: int, join: int, rng: np.random
     return {
         "budget": "whole" if budget == WHOLE else budget,
         "alone_p50_ms": 1e3 * statistics.median(alone),
-        "alone_p99_ms": 1e3 * percentile(alone, 0.99),
+        "alone_p99_ms": 1e3 * lab.percentile(alone, 0.99),
         "join_p50_ms": 1e3 * statistics.median(during),
-        "join_p99_ms": 1e3 * percentile(during, 0.99),
+        "join_p99_ms": 1e3 * lab.percentile(during, 0.99),
         "join_max_ms": 1e3 * max(during),
         "join_iterations": len(during),
         "join_ttft_s": ttft,
@@ -86,16 +76,17 @@ def lone_prompt(export_dir: Path, rng: np.random.Generator, length: int = 4096) 
     full = OnnxRunner(export_dir / "model.onnx", threads=1)
     feeds = {"input_ids": prompt[None], "attention_mask": np.ones((1, length), np.int64)}
     full.infer(feeds)
-    forward = statistics.median(timed(lambda: full.infer(feeds)) for _ in range(5))
+    forward = statistics.median(lab.timed(lambda: full.infer(feeds)) for _ in range(5))
     ttfts = []
     for _ in range(5):
         generation = batcher.add(prompt.tolist(), 1)
-        ttfts.append(timed(lambda g=generation: [batcher.step() for _ in range(3) if not g.ids]))
+        ttfts.append(lab.timed(lambda g=generation: [batcher.step() for _ in range(3) if not g.ids]))
     return {"length": length, "ttft_s": statistics.median(ttfts), "forward_s": forward}
 
 
-def many_vs_one(export_dir: Path, rng: np.random.Generator, many: int = 32) -> dict:
-    """Tokens/s of `many` generations stepping together against one (context 256)."""
+def many_vs_one(export_dir: Path, rng: np.random.Generator, many: int = 32, steps: int = 128) -> dict:
+    """Tokens/s of `many` generations stepping together against one (context 256), over
+    `steps` iterations (128: two chunks of 64, the closing tokens included)."""
     rates = {}
     for n in (1, many):
         batcher = Batcher(export_dir, threads=1)
@@ -103,7 +94,7 @@ def many_vs_one(export_dir: Path, rng: np.random.Generator, many: int = 32) -> d
         for _ in range(n):
             batcher.add(rng.integers(0, vocab, 256).tolist(), 100_000)
         batcher.step()
-        gaps = step_gaps(batcher, 128)  # two chunks of 64: the closing tokens included
+        gaps = step_gaps(batcher, steps)
         rates[n] = n * len(gaps) / sum(gaps)
     return {"one_tokens_s": rates[1], "many": many, "many_tokens_s": rates[many], "ratio": rates[many] / rates[1]}
 
@@ -123,7 +114,7 @@ def per_token(export_dir: Path, rng: np.random.Generator, contexts=(256, 16000),
         made = generator.generate(prompt, 1 + c + tokens, stream=True)
         for _ in range(1 + c):  # the prompt's call, then a chunk of warm-up
             next(made)
-        rows = timed(lambda t=made: [None for _ in t]) / tokens
+        rows = lab.timed(lambda t=made: [None for _ in t]) / tokens
         state = DecodeState(generator.spec)
         state.update(decode.infer({"input_ids": np.array([prompt]), **state.past}))
         for i, token in enumerate(rng.integers(0, generator.vocab_size, c + tokens)):
@@ -135,27 +126,13 @@ def per_token(export_dir: Path, rng: np.random.Generator, contexts=(256, 16000),
     return result
 
 
-def progress(what: str, measure, *args):
-    """`measure(*args)`, saying on stderr what is measured and how long it took."""
-    begin = time.perf_counter()
-    result = measure(*args)
-    print(f"{what}: {time.perf_counter() - begin:.1f} s", file=sys.stderr, flush=True)
-    return result
-
-
-def timed(call) -> float:
-    begin = time.perf_counter()
-    call()
-    return time.perf_counter() - begin
-
-
 def report(result: dict) -> str:
     machine = result["machine"]
     lines = [
         f"# Scheduler: {result['model']}, one process, one ORT thread",
         "",
         f"Machine: **{machine['processor']}** ({machine.get('cpu_count', '?')} cores), "
-        f"ORT's own fp32 MatMul here: {result['matmul_gflops']:.0f} GFLOP/s (same run). One run; each figure is "
+        f"ORT's own fp32 MatMul here: {machine['matmul_gflops']:.0f} GFLOP/s (same run). One run; each figure is "
         "a median or a percentile of the iterations named.",
         "",
         f"## A {result['join']}-token prompt joining {result['running']} running generations",
@@ -175,7 +152,8 @@ def report(result: dict) -> str:
             f"| {row['join_iterations']} | {row['join_ttft_s']:.2f} |"
         )
     lone, many, per = result["lone"], result["many_vs_one"], result["per_token"]
-    first, last = (per[k] for k in sorted(per, key=int))
+    low, high = sorted(per, key=int)[0], sorted(per, key=int)[-1]
+    first, last = per[low], per[high]
     lines += [
         "",
         "## Alone, and many at once",
@@ -191,7 +169,7 @@ def report(result: dict) -> str:
             f"context {k}: runtime.generate {v['generate_ms']:.2f} ms, the decode step alone {v['decode_ms']:.2f} ms"
             for k, v in sorted(per.items(), key=lambda kv: int(kv[0]))
         )
-        + f"; 16000 / 256: runtime.generate **{last['generate_ms'] / first['generate_ms']:.2f}x** (target <= "
+        + f"; {high} / {low}: runtime.generate **{last['generate_ms'] / first['generate_ms']:.2f}x** (target <= "
         f"1.05x), the decode step alone **{last['decode_ms'] / first['decode_ms']:.2f}x**.",
         "",
         f"`{result['command']}`",
@@ -200,7 +178,7 @@ def report(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = lab.parser(__doc__)
     parser.add_argument("--model", default="bsbr-stdlib", help="a preset exported here (unless --export)")
     parser.add_argument("--export", type=Path, default=None, help="an export with --streaming to measure instead")
     parser.add_argument("--running", type=int, default=16)
@@ -208,33 +186,30 @@ def main() -> None:
     parser.add_argument("--budgets", default=f"whole,80,{DEFAULT_TOKEN_BUDGET},256,512")
     parser.add_argument("--contexts", default="256,16000", help="one generation's contexts for its cost per token")
     parser.add_argument("--lone", type=int, default=4096, help="the lone prompt's length")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    if len(os.sched_getaffinity(0)) > 1:
+    many, steps, tokens = 32, 128, 256
+    if args.smoke:
+        args.model, args.running, args.join, args.lone = "bsbr-tiny", 2, 300, 100
+        args.budgets, args.contexts = "whole,80", "70,200"
+        many, steps, tokens = 3, 8, 40
+    export_dir = lab.streaming_export(args.model, args.export, "scheduler_load")
+    if len(os.sched_getaffinity(0)) > 1:  # after the export: torch's threads on one core spin for minutes
         os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # a server's core of its own
-    export_dir = args.export
-    if export_dir is None:
-        export_dir = Path("/tmp/bsbr_scheduler_load") / args.model
-        if not (export_dir / "model.rows.onnx").is_file():
-            export_model(args.model, export_dir, [FORMATS["onnx"]], streaming=True, overwrite=True)
     rng = np.random.default_rng(0)
     budgets = [WHOLE if b == "whole" else int(b) for b in args.budgets.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
     result = {
         "model": json.loads((export_dir / "manifest.json").read_text())["model"],
         "running": args.running,
         "join": args.join,
-        "machine": machine_info(),
-        "matmul_gflops": matmul_rate(256, 1),
-        "stall": [progress(f"budget {b}", stall, export_dir, b, args.running, args.join, rng) for b in budgets],
-        "lone": progress("lone prompt", lone_prompt, export_dir, rng, args.lone),
-        "many_vs_one": progress("32 against 1", many_vs_one, export_dir, rng),
-        "per_token": progress("per token", per_token, export_dir, rng, [int(c) for c in args.contexts.split(",")]),
-        "command": "python tools/scheduler_load.py " + " ".join(sys.argv[1:]),
+        "machine": lab.machine(threads=1),
+        "stall": [lab.progress(f"budget {b}", stall, export_dir, b, args.running, args.join, rng) for b in budgets],
+        "lone": lab.progress("lone prompt", lone_prompt, export_dir, rng, args.lone),
+        "many_vs_one": lab.progress(f"{many} against 1", many_vs_one, export_dir, rng, many, steps),
+        "per_token": lab.progress("per token", per_token, export_dir, rng, contexts, tokens),
+        "command": lab.command(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scheduler_load.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "scheduler_load.md").write_text(report(result))
-    print(report(result))
+    lab.write(args.out, "scheduler_load", result, report)
 
 
 if __name__ == "__main__":
