@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET, MAX_PROMPT_TOKENS, MAX_SEQUENCES, MAX_STATE_BYTES
-from bsbr_export.errors import UserError
+from bsbr_export.errors import Busy, UserError
 from bsbr_export.formats import FORMATS, artifact_name
 from bsbr_export.manifest import read_manifest
 from bsbr_export.model.spec import ROW_POSITIONS, ModelSpec
@@ -63,12 +63,14 @@ class Sequences:
         capacity: int = 8,
         graphs: str = "onnx",
         runner_options: dict | None = None,
+        manifest: dict | None = None,
     ) -> None:
         """`graphs`: the format whose row and decode steps run ("web" for the web page's
         opset-18 ones); `runner_options`: how ONNX Runtime runs them (`OnnxRunner`'s
-        provider, optimization level...; an engine's)."""
+        provider, optimization level...; an engine's); `manifest`: the export's, when the
+        caller has read and verified it already."""
         export_dir = Path(export_dir)
-        manifest = read_manifest(export_dir)  # every file checked against its sha256
+        manifest = manifest or read_manifest(export_dir)  # every file checked against its sha256
         listed = {a["name"] for a in manifest["artifacts"]}
         rows_graph, decode_graph = (artifact_name(FORMATS[graphs], kind) for kind in ("rows", "decode"))
         if manifest.get("state") is None:
@@ -253,18 +255,19 @@ class Limits:
     max_prompt_tokens: int = MAX_PROMPT_TOKENS
 
     def check_open(self, sequences: Sequences, tokens: int, final_tokens: int) -> None:
-        """Refuse (UserError) a new sequence of `tokens` prompt tokens (`final_tokens` when
-        it ends) beside the open `sequences` when it would pass a limit."""
+        """Refuse a new sequence of `tokens` prompt tokens (`final_tokens` when it ends)
+        beside the open `sequences` when it would pass a limit: UserError for a prompt over
+        `max_prompt_tokens`, Busy (retry later) when the sequences or their state are full."""
         if tokens > self.max_prompt_tokens:
             raise UserError(
                 f"the prompt has {tokens} tokens, over this model's max_prompt_tokens ({self.max_prompt_tokens})"
             )
         if len(sequences) >= self.max_sequences:
-            raise UserError(f"{len(sequences)} sequences are open, this model's max_sequences: retry when one ends")
+            raise Busy(f"{len(sequences)} sequences are open, this model's max_sequences: retry when one ends")
         held = sum(sequences.state_bytes(key) for key in sequences.held)
         needed = sequences.state_bytes(position=final_tokens)
         if held + needed > self.max_state_bytes:
-            raise UserError(
+            raise Busy(
                 f"the open sequences hold {held} state bytes; this one needs {needed} more, "
                 f"over this model's max_state_bytes ({self.max_state_bytes}): retry when one ends"
             )
@@ -294,10 +297,13 @@ class Batcher:
         capacity: int = 8,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
         runner_options: dict | None = None,
+        manifest: dict | None = None,
     ) -> None:
+        """Arguments as `Sequences`'; `token_budget`: the tokens one `step` feeds at most
+        (beyond every generating sequence's one)."""
         if not isinstance(token_budget, int) or token_budget < 1:
             raise UserError(f"token_budget must be an integer >= 1, got {token_budget!r}")
-        self.sequences = Sequences(export_dir, threads, capacity, runner_options=runner_options)
+        self.sequences = Sequences(export_dir, threads, capacity, runner_options=runner_options, manifest=manifest)
         self.prompts = Prompts(export_dir, self.sequences.spec, self.sequences.manifest)
         self.token_budget = token_budget
         self.active: dict[int, Request] = {}  # key in `sequences` -> its request, prefilling or generating

@@ -123,7 +123,8 @@ def _row_batcher(export_dir: Path, manifest: dict, engine: Engine, threads: int 
     steps = {artifact_name(ONNX, kind) for kind in ("rows", "decode")}
     if engine.runs != ONNX.name or engine.artifact != artifact_name(ONNX) or not steps <= listed:
         return None
-    return Batcher(export_dir, threads, capacity=1, runner_options={"provider": engine.provider, **engine.options})
+    options = {"provider": engine.provider, **engine.options}
+    return Batcher(export_dir, threads, capacity=1, runner_options=options, manifest=manifest)
 
 
 def generation_engines(export_dir: str | Path) -> list[str]:

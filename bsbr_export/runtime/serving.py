@@ -24,8 +24,13 @@ from bsbr_export.runtime.batching import Batcher, Limits
 from bsbr_export.runtime.requests import Request, Token
 
 # on_event(token, error): a token as it is made (the request says when it was the last),
-# or the one error that ends the request (a limit, or a failure of the step).
-Listener = Callable[[Token | None, str | None], None]
+# or the one error that ends the request: a UserError (Busy for a full server: retry) that
+# refused it, or the GenerationFailed of a step that failed.
+Listener = Callable[[Token | None, Exception | None], None]
+
+
+class GenerationFailed(RuntimeError):
+    """A batcher step failed: every request it carried ends with this error."""
 
 
 @dataclass(eq=False)
@@ -100,7 +105,7 @@ class ServingLoop:
         try:
             self.limits.check_open(self.batcher.sequences, prompt, prompt + request.max_new_tokens)
         except UserError as exc:
-            ticket.listener(None, str(exc))
+            ticket.listener(None, exc)
             return
         self.tickets[self.batcher.start(request)] = ticket
 
@@ -111,7 +116,7 @@ class ServingLoop:
             for key, ticket in list(self.tickets.items()):
                 if key in self.batcher.active:
                     self.batcher.cancel(key)
-                ticket.listener(None, f"generation failed: {type(exc).__name__}: {exc}")
+                ticket.listener(None, GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
             self.tickets.clear()
             return
         for key, token in made:

@@ -32,14 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import Template
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field
 
 from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET
-from bsbr_export.errors import UserError
-from bsbr_export.manifest import read_manifest
+from bsbr_export.errors import Busy, UserError
 from bsbr_export.model.usercode import export_name
 from bsbr_export.runtime.batching import Batcher, Limits
 from bsbr_export.runtime.requests import Request as Generation
@@ -128,7 +131,7 @@ class Served:
 
     name: str
     loop: ServingLoop
-    chat_template: Any = None  # a jinja2 template, or None
+    chat_template: Template | None = None
     special_tokens: dict[str, str] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -146,7 +149,7 @@ def create_app(
     (a UserError if it cannot be served); the loop thread runs while the app does."""
     export_dir = Path(export_dir)
     batcher = Batcher(export_dir, threads, token_budget=token_budget)
-    manifest = read_manifest(export_dir, verify=False)
+    manifest = batcher.sequences.manifest
     name = model_name or export_name(manifest["model"]) or export_dir.resolve().name
     template, special = chat_template(export_dir)
     served = Served(name, ServingLoop(batcher, limits), template, special)
@@ -259,9 +262,9 @@ class Events:
     def __init__(self, generation: Generation) -> None:
         self.generation = generation
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[Token | None, bool, str | None]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Token | None, bool, Exception | None]] = asyncio.Queue()
 
-    def __call__(self, token: Token | None, error: str | None) -> None:
+    def __call__(self, token: Token | None, error: Exception | None) -> None:
         event = (token, self.generation.done, error)
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
@@ -269,7 +272,7 @@ class Events:
         """The next token and whether it was the last; an OpenAIError if the request failed."""
         token, last, error = await self.queue.get()
         if error is not None:
-            raise limit_error(error)
+            raise refused(error)
         return token, last
 
 
@@ -390,14 +393,17 @@ def usage(generation: Generation) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def limit_error(message: str) -> OpenAIError:
-    """A request the loop refused (a limit: retry later) or failed."""
-    if message.startswith("generation failed"):
-        return OpenAIError(message, status=500, kind="server_error")
-    return OpenAIError(message, status=429 if "retry" in message else 400)
+def refused(error: Exception) -> OpenAIError:
+    """The OpenAI error of a request the loop refused or failed: 429 when the server is
+    full (retry later), 400 when the request passes a limit, 500 when a step failed."""
+    if isinstance(error, Busy):
+        return OpenAIError(str(error), status=429, kind="rate_limit_error")
+    if isinstance(error, UserError):
+        return OpenAIError(str(error))
+    return OpenAIError(str(error), status=500, kind="server_error")
 
 
-def chat_template(export_dir: Path) -> tuple[Any, dict[str, str]]:
+def chat_template(export_dir: Path) -> tuple[Template | None, dict[str, str]]:
     """The export's chat template as a sandboxed jinja2 template (as transformers renders
     it), and the special tokens it may name; (None, {}) when the export carries none."""
     settings_path = export_dir / "tokenizer_config.json"
@@ -409,8 +415,6 @@ def chat_template(export_dir: Path) -> tuple[Any, dict[str, str]]:
         source = (export_dir / CHAT_TEMPLATE_FILE).read_text()
     if not source:
         return None, {}
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def token(value) -> str:
         return value.get("content", "") if isinstance(value, dict) else value or ""
@@ -425,8 +429,6 @@ def chat_template(export_dir: Path) -> tuple[Any, dict[str, str]]:
 
 def serve_openai(app: FastAPI, host: str, port: int) -> None:
     """Run `app` under uvicorn until interrupted."""
-    import uvicorn
-
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 

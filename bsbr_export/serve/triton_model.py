@@ -304,11 +304,11 @@ class Job:
     def __init__(self, request, sender, stream: bool, prefix: str) -> None:
         self.request, self.sender, self.stream, self.prefix = request, sender, stream, prefix
 
-    def __call__(self, token, error: str | None) -> None:
+    def __call__(self, token, error: Exception | None) -> None:
         """The serving loop's listener: raises when the client is gone (the loop then
         frees the sequence)."""
         if error is not None:
-            self.sender.send(error_response(error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self.sender.send(error_response(str(error)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
         done = self.request.done
         if self.stream:
