@@ -35,6 +35,7 @@ from bsbr_export.model.upstream import NOT_CAUSAL
 from bsbr_export.model.upstream import import_upstream as load_upstream
 from bsbr_export.model.usercode import export_name
 from bsbr_export.model.zoo import get_preset, list_presets, presets_dir
+from bsbr_export.precisions import PRECISIONS
 from bsbr_export.proof.doctor import diagnose
 from bsbr_export.proof.evaltext import check_budget, read_eval_text
 from bsbr_export.proof.optimize import optimize_export
@@ -59,7 +60,7 @@ from bsbr_export.serve.serve import serve as run_server
 from bsbr_export.serve.triton import write_triton_repo
 from bsbr_export.serve.web import page_server, web_dir
 from bsbr_export.summary import summarize
-from bsbr_export.workflows import benchmark
+from bsbr_export.workflows import BenchExport, BenchOptions, benchmark
 
 # Options several commands share, each declared once.
 TRUST_CODE = click.option(
@@ -79,6 +80,29 @@ TOLERANCE = click.option(
 THREADS = click.option(
     "--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True, help="Threads per engine."
 )
+
+
+def precision_options(command):
+    """optimize's option per reduced precision (`precisions.PRECISIONS`): --NAME/--no-NAME,
+    unset meaning the precision's default."""
+    for precision in reversed(PRECISIONS):
+        default = (
+            f"when ONNX Runtime's {precision.provider} is available"
+            if precision.provider
+            else ("on" if precision.by_default else "off")
+        )
+        flag = precision.flag.removeprefix("--")
+        command = click.option(
+            f"--{flag}/--no-{flag}", precision.option, default=None, help=f"{precision.help} [default: {default}]"
+        )(command)
+    return command
+
+
+def port_option(flag: str, default: int, what: str):
+    """A server's port option (`what` says which port, and where): 0 asks for any free one."""
+    return click.option(
+        flag, type=click.IntRange(0, 65535), default=default, show_default=True, help=f"{what} (0: any free one)."
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -464,32 +488,32 @@ def bench(ctx, target, quick, **options) -> None:
     if quick:
         options.update({k: v for k, v in QUICK_BENCH.items() if ctx.get_parameter_source(k) is ParameterSource.DEFAULT})
     o = options
-    _eval_text(o["eval_text"], o["accuracy_budget"])
+    bench_options = BenchOptions(
+        lengths=tuple(_int_list(o["lengths"], "--lengths")),
+        batch=o["batch"],
+        engines=tuple(e.strip() for e in o["engines"].split(",")) if o["engines"] else None,
+        decode_contexts=tuple(_int_list(o["decode"], "--decode")) if o["decode"] else (),
+        validation_lengths=(
+            tuple(_int_list(o["validation_lengths"], "--validation-lengths")) if o["validation_lengths"] else None
+        ),
+        tolerance=o["tolerance"],
+        threads=o["threads"],
+        budget_s=o["budget"],
+        trust_code=o["trust_code"],
+        eval_text=_eval_text(o["eval_text"], o["accuracy_budget"]),
+        accuracy_budget=o["accuracy_budget"],
+        reduced_precision=o["reduced_precision"],
+        device=o["device"],
+    )
+    export = BenchExport(
+        out_dir=o["out_dir"],
+        formats=tuple(f.name for f in parse_formats(o["formats"])) if o["formats"] else None,
+        streaming=o["streaming"],
+        long_length=o["check_length"],
+        overwrite=o["force"],
+    )
     with progress_steps(Console(stderr=True)) as progress:
-        run = benchmark(
-            target,
-            out_dir=o["out_dir"],
-            lengths=_int_list(o["lengths"], "--lengths"),
-            batch=o["batch"],
-            engines=[e.strip() for e in o["engines"].split(",")] if o["engines"] else None,
-            decode_contexts=_int_list(o["decode"], "--decode") if o["decode"] else None,
-            validation_lengths=(
-                _int_list(o["validation_lengths"], "--validation-lengths") if o["validation_lengths"] else None
-            ),
-            tolerance=o["tolerance"],
-            threads=o["threads"],
-            budget_s=o["budget"],
-            overwrite=o["force"],
-            formats=[f.name for f in parse_formats(o["formats"])] if o["formats"] else None,
-            streaming=o["streaming"],
-            long_length=o["check_length"],
-            trust_code=o["trust_code"],
-            eval_text=o["eval_text"],
-            accuracy_budget=o["accuracy_budget"],
-            reduced_precision=o["reduced_precision"],
-            device=o["device"],
-            progress=progress,
-        )
+        run = benchmark(target, bench_options, export, progress)
     stdout_console().print(bench_table(run.bench, o["tolerance"], run.accuracy_budget))
     click.echo(f"reports: {', '.join(str(p) for p in run.reports)}")
     stdout_console().print(recommendation_text(run.recommendation))
@@ -556,13 +580,7 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
     show_default=True,
     help="Sequence length to time levels and measure int8 at.",
 )
-@click.option("--int8/--no-int8", default=True, show_default=True, help="Also write an int8 dynamic-quantized graph.")
-@click.option(
-    "--static-int8",
-    "static_int8",
-    is_flag=True,
-    help="Also write a static (QDQ) int8 graph, calibrated on held-out text (model.int8-static.onnx).",
-)
+@precision_options
 @click.option(
     "--target-top1",
     type=click.FloatRange(min=0, max=1, min_open=True),
@@ -570,17 +588,6 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
     show_default=True,
     help="int8 of models without text: keep the most sensitive MatMuls in fp32 until top-1 agreement "
     "reaches this (byte-level LMs are held to --accuracy-budget instead).",
-)
-@click.option(
-    "--fp16/--no-fp16",
-    default=None,
-    help="Also write an fp16 graph for ONNX Runtime's CUDA provider [default: when it is available].",
-)
-@click.option(
-    "--bf16",
-    is_flag=True,
-    help="Measure which parts eager-bf16 and compile-bf16 keep in fp32, and whether all-bf16 "
-    "openvino-bf16 fits the budget (bf16.json).",
 )
 @click.option(
     "--eval-windows",
@@ -594,18 +601,7 @@ def import_upstream(checkpoint, heads, chunk_size, out_dir, max_positions, force
 @EVAL_TEXT
 @ACCURACY_BUDGET
 def optimize(
-    export_dir,
-    length,
-    int8,
-    static_int8,
-    target_top1,
-    fp16,
-    bf16,
-    eval_windows,
-    threads,
-    trust_code,
-    eval_text,
-    accuracy_budget,
+    export_dir, length, target_top1, eval_windows, threads, trust_code, eval_text, accuracy_budget, **asked
 ) -> None:
     """Measure ONNX Runtime's optimization levels here and save the fastest that still
     matches eager (model.optimized.onnx); quantize to int8 keeping sensitive nodes fp32;
@@ -616,23 +612,20 @@ def optimize(
         done = optimize_export(
             export_dir,
             length=length,
-            int8=int8,
             target_top1=target_top1,
             threads=threads,
-            fp16=fp16,
-            static_int8=static_int8,
-            bf16=bf16,
             eval_windows=tuple(_int_list(eval_windows, "--eval-windows")),
             eval_text=text,
             accuracy_budget=accuracy_budget,
             trust_code=trust_code,
             progress=progress,
+            **asked,
         )
     console = stdout_console()
     console.print(levels_table(done.level))
     if done.fp16_path is not None:
         click.echo(f"fp16: wrote {done.fp16_path.name} for the CUDA provider; `bsbr-export validate` checks it")
-    elif fp16 is None:
+    elif asked["fp16"] is None:
         click.echo("fp16: skipped, ONNX Runtime's CUDA provider is not available here (--fp16 forces it)")
     failed = False
     for quant in done.int8:
@@ -684,20 +677,8 @@ def doctor(model: str, trust_code: bool) -> None:
 
 @cli.command()
 @click.argument("repo", type=click.Path())
-@click.option(
-    "--http-port",
-    type=click.IntRange(0, 65535),
-    default=8000,
-    show_default=True,
-    help="HTTP port on 127.0.0.1 (0: any free one).",
-)
-@click.option(
-    "--grpc-port",
-    type=click.IntRange(0, 65535),
-    default=8001,
-    show_default=True,
-    help="gRPC port on 127.0.0.1 (0: any free one).",
-)
+@port_option("--http-port", 8000, "HTTP port on 127.0.0.1")
+@port_option("--grpc-port", 8001, "gRPC port on 127.0.0.1")
 @click.option(
     "--triton-env",
     type=click.Path(),
@@ -736,7 +717,7 @@ def serve(repo, http_port, grpc_port, triton_env, timeout) -> None:
 @cli.command("serve-openai")
 @click.argument("export_dir", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (only 127.0.0.1 is tested).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free one).")
+@port_option("--port", 8000, "Port")
 @click.option("--model-name", default=None, help="The model's name in the API [default: the export's model name].")
 @click.option(
     "--token-budget",
@@ -775,13 +756,7 @@ def serve_openai(export_dir, host, port, model_name, token_budget, max_sequences
 
 @cli.command("serve-web")
 @click.argument("export_dir", type=click.Path())
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=8080,
-    show_default=True,
-    help="Port on 127.0.0.1 (0: any free one).",
-)
+@port_option("--port", 8080, "Port on 127.0.0.1")
 @click.option(
     "--no-isolation", is_flag=True, help="Leave out the cross-origin isolation headers (wasm then runs on one thread)."
 )

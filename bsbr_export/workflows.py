@@ -19,12 +19,13 @@ from bsbr_export.machine import cpu_features, machine_info
 from bsbr_export.manifest import MANIFEST, manifest_spec, read_manifest
 from bsbr_export.model.sources import load_source
 from bsbr_export.model.usercode import export_name
+from bsbr_export.precisions import PRECISIONS, Precision
 from bsbr_export.proof.bench import WARMUP, BenchResult, bench_engines, decode_latency
-from bsbr_export.proof.evaltext import read_eval_text, scores_text
+from bsbr_export.proof.evaltext import scores_text
 from bsbr_export.proof.optimize import optimize_export
 from bsbr_export.proof.report import text_changes, write_report
 from bsbr_export.proof.validate import ValidationResult, validate_export
-from bsbr_export.runtime.engines import BASELINES, BF16_PLAN, ENGINES, available_engines, check_device, why_not
+from bsbr_export.runtime.engines import BASELINES, ENGINES, available_engines, check_device, why_not
 
 
 @dataclass(frozen=True)
@@ -46,43 +47,6 @@ class PrecisionTrial:
         }
 
 
-@dataclass(frozen=True)
-class Precision:
-    """A reduced precision `optimize` makes: the file that holds it, what it is made from,
-    its engines and the CPU's matrix units that make it pay."""
-
-    name: str
-    made_as: str  # the optimize_export flag that makes it
-    artifact: str  # written into the export dir once made
-    engines: tuple[str, ...]
-    source: str | None = artifact_name(ONNX)  # None: made from the eager model
-    units: tuple[str, ...] = ()  # CPU features (as /proc/cpuinfo spells them)
-    by_bench: bool = True  # False: only `optimize` makes it, on request
-
-
-PRECISIONS = (
-    Precision(
-        "int8", "int8", artifact_name(ONNX, variant="int8"), ("ort-cpu-int8",), units=("avx512_vnni", "amx_int8")
-    ),
-    # Calibrated QDQ takes a calibration pass on top of the sensitivity search.
-    Precision(
-        "int8-static",
-        "static_int8",
-        artifact_name(ONNX, variant="int8-static"),
-        ("ort-cpu-int8-static",),
-        units=("avx512_vnni", "amx_int8"),
-        by_bench=False,
-    ),
-    Precision(
-        "bf16",
-        "bf16",
-        BF16_PLAN,
-        ("eager-bf16", "compile-bf16", "openvino-bf16"),
-        source=None,
-        units=("avx512_bf16", "amx_bf16"),
-    ),
-    Precision("fp16", "fp16", artifact_name(ONNX, variant="fp16"), ("ort-cuda-fp16",)),
-)
 NOT_A_BYTE_LM = (
     "reduced precision is judged by held-out bits per byte, so only for byte-level language models "
     '(tokenizer "bytes", logits)'
@@ -112,113 +76,125 @@ class BenchRun:
         ]
 
 
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `benchmark` measures and how, from the command line down unchanged. The
+    evaluation text is read once (`read_eval_text`): every stage and engine process
+    scores the same bytes."""
+
+    lengths: tuple[int, ...]
+    batch: int = 1
+    engines: tuple[str, ...] | None = None  # None: every engine that runs here on `device`
+    decode_contexts: tuple[int, ...] = ()
+    validation_lengths: tuple[int, ...] | None = None  # None: validate's defaults
+    tolerance: float = DEFAULT_TOLERANCE
+    threads: int = DEFAULT_THREADS
+    budget_s: float = 1.0
+    trust_code: bool = False
+    eval_text: bytes | None = None  # None: the held-out stdlib text
+    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET
+    reduced_precision: bool = True
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class BenchExport:
+    """How `benchmark` exports a model it is given (not an export directory)."""
+
+    out_dir: Path | None = None  # None: ./export/<model>
+    formats: tuple[str, ...] | None = None  # None: every format bench times that is installed here
+    streaming: bool = True
+    long_length: int = DEFAULT_LONG_LENGTH
+    overwrite: bool = False
+
+
 def benchmark(
     model_ref: str | os.PathLike,
-    *,
-    out_dir: str | os.PathLike | None = None,
-    lengths: list[int],
-    batch: int = 1,
-    engines: list[str] | None = None,
-    decode_contexts: list[int] | None = None,
-    validation_lengths: list[int] | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
-    threads: int = DEFAULT_THREADS,
-    budget_s: float = 1.0,
-    overwrite: bool = False,
-    trust_code: bool = False,
-    formats: list[str] | None = None,
-    streaming: bool = True,
-    long_length: int = DEFAULT_LONG_LENGTH,
-    eval_text: str | os.PathLike | None = None,
-    accuracy_budget: float = DEFAULT_ACCURACY_BUDGET,
-    reduced_precision: bool = True,
-    device: str = "cpu",
+    options: BenchOptions,
+    export: BenchExport = BenchExport(),
     progress: Callable[[str], None] = lambda step: None,
 ) -> BenchRun:
     """Export (when `model_ref` is not an export dir yet), validate, benchmark, report.
 
     Every engine runs in its own process on the same inputs; reports go into the
     export dir: report.json, report.md, latency.png, memory.png, decode.png. A model is
-    exported into `out_dir`, which must be new or empty unless `overwrite` is set, in
-    `formats` (default: every format whose package is installed), with streaming graphs
-    when `streaming` and the model can stream, each artifact checked up to `long_length`.
-    Byte-level LMs are scored on `eval_text` (default: held-out stdlib text); the report
-    recommends the fastest engine within `accuracy_budget` of eager's bits per byte. On
-    `device` "cuda", the engines that compute on the GPU are timed, against eager there. With
-    `reduced_precision`, the int8 graph and bf16 plans this machine can run are made
-    first (`make_reduced_precision`, judged in windows of the timed lengths), so the
+    exported as `export` says into a new or empty directory (streaming graphs when the
+    model can stream), each artifact checked up to `export.long_length`. Byte-level LMs
+    are scored on `options.eval_text`; the report recommends the fastest engine within
+    the accuracy budget of eager's bits per byte. On `options.device` "cuda", the engines
+    that compute on the GPU are timed, against eager there. With `reduced_precision`, the
+    int8 graph and bf16 plans this machine can run are made first
+    (`make_reduced_precision`, judged in windows of the timed lengths), so the
     recommendation weighs them; the report lists what was tried and skipped.
     """
-    if any(n < 1 for n in lengths) or batch < 1:
-        raise UserError(f"lengths and batch must be >= 1, got lengths {lengths}, batch {batch}")
-    check_device(device)
+    o = options
+    if any(n < 1 for n in o.lengths) or o.batch < 1:
+        raise UserError(f"lengths and batch must be >= 1, got lengths {list(o.lengths)}, batch {o.batch}")
+    check_device(o.device)
+    engines = list(o.engines) if o.engines else None
     directory = Path(model_ref)
     if (directory / MANIFEST).is_file():
         check_writable(directory)  # the reports go in there: refuse before the work, not after
     else:
-        directory = Path(out_dir) if out_dir else Path("export") / export_name(model_ref)
+        directory = Path(export.out_dir) if export.out_dir else Path("export") / export_name(model_ref)
         # Formats with a planned maximum length are exported for every length timed or checked here.
-        longest = max(*lengths, long_length, *(validation_lengths or [long_length]))
-        export_for_bench(
-            model_ref, directory, formats, streaming, overwrite, trust_code, tolerance, long_length, longest, progress
-        )
-    precisions = plan_reduced_precision(directory, engines, device) if reduced_precision else ()
+        longest = max(*o.lengths, export.long_length, *(o.validation_lengths or [export.long_length]))
+        export_for_bench(model_ref, directory, export, o, longest, progress)
+    precisions = plan_reduced_precision(directory, engines, o.device) if o.reduced_precision else ()
     # Every engine asked for must run once the planned artifacts exist: refuse before making them.
-    check_engines(directory, engines, device, coming={e for t in precisions if t.outcome == "made" for e in t.engines})
-    text = read_eval_text(eval_text) if eval_text is not None else None
-    windows = tuple(n for n in sorted(set(lengths)) if n >= 2) or DEFAULT_EVAL_WINDOWS  # a window scores n-1 bytes
-    make_reduced_precision(
-        directory,
-        precisions,
-        windows=windows,
-        eval_text=text,
-        accuracy_budget=accuracy_budget,
-        threads=threads,
-        trust_code=trust_code,
-        progress=progress,
-    )
-    engines = check_engines(directory, engines, device)
+    coming = {e for t in precisions if t.outcome == "made" for e in t.engines}
+    check_engines(directory, engines, o.device, coming=coming)
+    windows = tuple(n for n in sorted(set(o.lengths)) if n >= 2) or DEFAULT_EVAL_WINDOWS  # a window scores n-1 bytes
+    make_reduced_precision(directory, precisions, o, windows, progress)
+    engines = check_engines(directory, engines, o.device)
     progress("validating")
     validation = validate_export(
         directory,
-        tolerance=tolerance,
-        lengths=validation_lengths,
-        trust_code=trust_code,
-        eval_text=text,
-        accuracy_budget=accuracy_budget,
-        device=device,
+        tolerance=o.tolerance,
+        lengths=list(o.validation_lengths) if o.validation_lengths else None,
+        trust_code=o.trust_code,
+        eval_text=o.eval_text,
+        accuracy_budget=o.accuracy_budget,
+        device=o.device,
     )
     timings = bench_engines(
         directory,
         engines,
-        lengths,
-        batch=batch,
-        threads=threads,
-        budget_s=budget_s,
-        trust_code=trust_code,
-        eval_text=eval_text,
+        list(o.lengths),
+        batch=o.batch,
+        threads=o.threads,
+        budget_s=o.budget_s,
+        trust_code=o.trust_code,
+        eval_text=o.eval_text,
         progress=progress,
     )
     decode = ()
-    if decode_contexts and any(
+    if o.decode_contexts and any(
         (directory / n).is_file() for n in (artifact_name(ONNX, "decode"), artifact_name(ONNX, "streaming"))
     ):
-        decode = tuple(decode_latency(directory, decode_contexts, threads=threads, progress=progress))
+        decode = tuple(decode_latency(directory, list(o.decode_contexts), threads=o.threads, progress=progress))
     result = BenchResult(
-        tuple(timings), tuple(sorted(lengths)), batch, threads, WARMUP, decode, machine_info(), BASELINES[device]
+        tuple(timings),
+        tuple(sorted(o.lengths)),
+        o.batch,
+        o.threads,
+        WARMUP,
+        decode,
+        machine_info(),
+        BASELINES[o.device],
     )
     progress("writing report")
     note = read_manifest(directory, verify=False).get("note")
     reports, choice = write_report(
         result,
         directory,
-        tolerance=tolerance,
+        tolerance=o.tolerance,
         validation=validation.to_dict(),
         note=note,
-        accuracy_budget=accuracy_budget,
+        accuracy_budget=o.accuracy_budget,
         precisions=[p.to_dict() for p in precisions],
     )
-    return BenchRun(directory, validation, result, tuple(reports), choice, accuracy_budget, precisions)
+    return BenchRun(directory, validation, result, tuple(reports), choice, o.accuracy_budget, precisions)
 
 
 def plan_reduced_precision(
@@ -239,17 +215,12 @@ def plan_reduced_precision(
 def make_reduced_precision(
     directory: Path,
     trials: tuple[PrecisionTrial, ...],
-    *,
+    options: BenchOptions,
     windows: tuple[int, ...],
-    eval_text: bytes | None,
-    accuracy_budget: float,
-    threads: int,
-    trust_code: bool,
     progress: Callable[[str], None],
 ) -> None:
     """Make, through `optimize`, the precisions `trials` plan to make, each judged by
-    held-out bits per byte (`eval_text`, default the held-out stdlib) in windows of each
-    length in `windows`."""
+    held-out bits per byte (`options.eval_text`) in windows of each length in `windows`."""
     made = [p for p in PRECISIONS if any(t.precision == p.name and t.outcome == "made" for t in trials)]
     if not made:
         return
@@ -257,14 +228,14 @@ def make_reduced_precision(
         f"making {', '.join(p.name for p in made)} (judged by held-out bits per byte; --no-reduced-precision "
         "skips this)"
     )
-    flags = {p.made_as: p in made for p in PRECISIONS}  # fp16 too: optimize defaults it to "if CUDA is here"
+    flags = {p.option: p in made for p in PRECISIONS}  # every one: optimize's defaults do not apply here
     optimize_export(
         directory,
         eval_windows=windows,
-        eval_text=eval_text,
-        accuracy_budget=accuracy_budget,
-        threads=threads,
-        trust_code=trust_code,
+        eval_text=options.eval_text,
+        accuracy_budget=options.accuracy_budget,
+        threads=options.threads,
+        trust_code=options.trust_code,
         progress=progress,
         **flags,
     )
@@ -281,7 +252,7 @@ def precision_trial(precision: Precision, directory: Path) -> PrecisionTrial:
     if precision.source and not (directory / precision.source).is_file():
         return skipped(f"no {precision.source} to make it from (export with --format onnx)")
     if not precision.by_bench:
-        return skipped(f"made on request only: bsbr-export optimize --{precision.made_as.replace('_', '-')}")
+        return skipped(f"made on request only: bsbr-export optimize {precision.flag}")
     # The machine's reasons only: the artifact itself is what would be made.
     reasons = {e: why_not(replace(ENGINES[e], artifact=None), directory) for e in precision.engines}
     runnable = tuple(e for e, reason in reasons.items() if reason is None)
@@ -302,32 +273,33 @@ def precision_trial(precision: Precision, directory: Path) -> PrecisionTrial:
 def export_for_bench(
     model_ref,
     directory: Path,
-    formats: list[str] | None,
-    streaming: bool,
-    overwrite: bool,
-    trust_code: bool,
-    tolerance: float,
-    long_length: int,
+    export: BenchExport,
+    options: BenchOptions,
     max_length: int,
     progress: Callable[[str], None],
 ) -> None:
-    """Export a model for bench into a new or empty `directory`: in `formats` (default:
-    every format bench times that is installed here), with streaming graphs when the model can stream."""
-    check_bench_out(directory, overwrite)
+    """Export a model for bench into a new or empty `directory`, as `export` says, each
+    artifact checked at `options.tolerance`; formats that plan memory for a longest input
+    plan it for `max_length`."""
+    check_bench_out(directory, export.overwrite)
     progress(f"exporting {model_ref} to {directory}")
-    source = load_source(model_ref, trust_code=trust_code)
+    source = load_source(model_ref, trust_code=options.trust_code)
     # Non-causal models and modules without the streaming protocol have no streaming graphs.
-    streams = streaming and source.spec.causal and source.spec.state is not None
-    chosen = [FORMATS[f] for f in formats] if formats else [f for f in FORMATS.values() if f.installed and f.benched]
+    streams = export.streaming and source.spec.causal and source.spec.state is not None
+    chosen = (
+        [FORMATS[f] for f in export.formats]
+        if export.formats
+        else [f for f in FORMATS.values() if f.installed and f.benched]
+    )
     planned = any("max_length" in f.options for f in chosen)  # formats that plan memory for a longest input
     export_model(
         source,
         directory,
         chosen,
         streaming=streams,
-        overwrite=overwrite,
-        tolerance=tolerance,
-        long_length=long_length,
+        overwrite=export.overwrite,
+        tolerance=options.tolerance,
+        long_length=export.long_length,
         max_length=max_length if planned else None,
         progress=progress,
     )

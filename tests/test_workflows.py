@@ -9,10 +9,9 @@ from conftest import run_cli
 
 from bsbr_export import workflows
 from bsbr_export.manifest import read_manifest
+from bsbr_export.precisions import PRECISION as BY_NAME
 from bsbr_export.runtime.onnx import available_providers
-from bsbr_export.workflows import NOT_A_BYTE_LM, PRECISIONS, plan_reduced_precision, precision_trial
-
-BY_NAME = {p.name: p for p in PRECISIONS}
+from bsbr_export.workflows import NOT_A_BYTE_LM, plan_reduced_precision, precision_trial
 
 
 def test_bench_makes_int8_judged_at_its_lengths_and_weighs_it(stdlib_copy, capsys, monkeypatch):

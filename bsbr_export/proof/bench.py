@@ -28,7 +28,7 @@ from bsbr_export.defaults import DEFAULT_THREADS
 from bsbr_export.errors import UserError
 from bsbr_export.formats import ONNX, artifact_name
 from bsbr_export.manifest import manifest_spec
-from bsbr_export.proof.evaltext import bits_per_byte, read_eval_text, scores_text, text_feeds
+from bsbr_export.proof.evaltext import bits_per_byte, heldout_text, scores_text, text_feeds
 from bsbr_export.runtime.base import Runner
 from bsbr_export.runtime.engines import open_engine
 from bsbr_export.runtime.onnx import OnnxRunner
@@ -220,10 +220,10 @@ def run_engine(
     budget_s: float,
     threads: int,
     trust_code: bool = False,
-    eval_text: str | None = None,
+    eval_text: bytes | None = None,
 ) -> EngineResult:
     """Time one engine in this process (use `bench_engines` for isolated processes);
-    a byte-level LM is also scored on `eval_text` (a path; default the held-out text)."""
+    a byte-level LM is also scored on `eval_text` (default the held-out text)."""
     spec = manifest_spec(export_dir)
     torch.set_num_threads(threads)
     runner = open_engine(engine, export_dir, threads=threads, trust_code=trust_code)
@@ -235,7 +235,7 @@ def run_engine(
     timings = time_lengths(call, feeds_at, lengths, batch, warmup, min_iters, budget_s)
     bpb = None
     if scores_text(spec) and spec.outputs[0].logits:
-        text = read_eval_text(eval_text)
+        text = eval_text if eval_text is not None else heldout_text()
         bpb = {
             n: bits_per_byte(lambda ids: first_output(runner, text_feeds(spec, ids)), text, window=n, batch=1)
             for n in lengths
@@ -305,12 +305,13 @@ def bench_engines(
     budget_s: float = 1.0,
     threads: int = DEFAULT_THREADS,
     trust_code: bool = False,
-    eval_text: str | os.PathLike | None = None,
+    eval_text: bytes | None = None,
     progress=lambda step: None,
 ) -> list[EngineResult]:
     """Run each engine in a fresh subprocess; an engine that crashes is reported, not fatal.
     `trust_code` lets the eager engines rebuild a user's module from its reference;
-    byte-level LMs are scored on `eval_text` (a file or directory; default held-out text)."""
+    byte-level LMs are scored on `eval_text` (default held-out text), which each process
+    gets on its stdin (the caller read the file once)."""
     export_dir = Path(export_dir)
     results = []
     for engine in engines:
@@ -335,14 +336,14 @@ def bench_engines(
             "--threads",
             str(threads),
             *(["--trust-code"] if trust_code else []),
-            *(["--eval-text", str(eval_text)] if eval_text is not None else []),
+            *(["--eval-text-stdin"] if eval_text is not None else []),
         ]
         # Threads are set inside the worker; OMP_NUM_THREADS in the environment made
         # torch's OpenMP pool crawl (50x) whenever another process held a core.
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = done.stdout.strip().splitlines()
+        done = subprocess.run(command, capture_output=True, input=eval_text or b"")
+        lines = done.stdout.decode().strip().splitlines()
         if done.returncode != 0 or not lines:
-            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            error = (done.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
             results.append(EngineResult(engine, False, error=error[:300]))
             continue
         data = json.loads(lines[-1])
@@ -438,7 +439,7 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--budget", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--trust-code", action="store_true")
-    parser.add_argument("--eval-text", default=None)
+    parser.add_argument("--eval-text-stdin", action="store_true", help="score on the bytes read from stdin")
     args = parser.parse_args(argv)
     result = run_engine(
         args.worker,
@@ -450,7 +451,7 @@ def _worker(argv: list[str]) -> None:
         args.budget,
         args.threads,
         args.trust_code,
-        args.eval_text,
+        sys.stdin.buffer.read() if args.eval_text_stdin else None,
     )
     data = asdict(result)
     for key in ("engine", "ok", "error"):

@@ -35,6 +35,7 @@ from bsbr_export.formats import ONNX, artifact_name
 from bsbr_export.io import atomic_write, check_writable
 from bsbr_export.manifest import add_artifacts, manifest_spec, read_manifest
 from bsbr_export.model.spec import ModelSpec
+from bsbr_export.precisions import PRECISION, PRECISIONS, wanted
 from bsbr_export.proof.bench import first_output, median_ms, spec_feeds
 from bsbr_export.proof.evaltext import (
     DEFAULT_EVAL_BYTES,
@@ -75,7 +76,7 @@ class LevelChoice:
 
 
 # The int8 graph each quantization method writes.
-QUANT_FILES = {"dynamic": artifact_name(ONNX, variant="int8"), "static": artifact_name(ONNX, variant="int8-static")}
+QUANT_FILES = {"dynamic": PRECISION["int8"].artifact, "static": PRECISION["int8-static"].artifact}
 
 
 @dataclass(frozen=True)
@@ -400,7 +401,7 @@ def convert_fp16(export_dir) -> tuple[Path, list[str]]:
     converted.topological_sort()  # the converter appends the Casts it inserts at the end
     # It also leaves some intermediate types stale; they are inferred again on load.
     del converted.model.graph.value_info[:]
-    target = directory / artifact_name(ONNX, variant="fp16")
+    target = directory / PRECISION["fp16"].artifact
     with atomic_write(target) as staged:
         onnx.save(converted.model, str(staged))
         onnx.checker.check_model(str(staged), full_check=True)
@@ -422,28 +423,31 @@ def optimize_export(
     export_dir,
     *,
     length: int = 1024,
-    int8: bool = True,
     target_top1: float = 0.97,
     threads: int = DEFAULT_THREADS,
-    fp16: bool | None = None,
-    static_int8: bool = False,
-    bf16: bool = False,
     eval_windows: tuple[int, ...] = DEFAULT_EVAL_WINDOWS,
     eval_text: bytes | None = None,
     accuracy_budget: float = DEFAULT_ACCURACY_BUDGET,
     trust_code: bool = False,
     progress=lambda step: None,
+    **asked: bool | None,
 ) -> Optimized:
-    """Choose the ORT level and (optionally) quantize; record the artifacts in the manifest.
+    """Choose the ORT level and make the reduced precisions `asked` for (by their
+    `precisions.PRECISIONS` option: int8=True...; one not named, or None, as its row's
+    default); record the artifacts in the manifest.
 
     int8 / static_int8: dynamic and static-QDQ int8 graphs, the most sensitive MatMuls
     kept fp32 (judged by held-out bits per byte for byte-level LMs, `eval_text` or the
     held-out default, within `accuracy_budget` in windows of each of `eval_windows`). fp16:
-    also write model.fp16.onnx, meant for the CUDA provider; None means "when that provider
-    is installed here". bf16: measure which parts stay fp32 for the bf16 engines (judged
-    in the same windows). A user's module is rebuilt for the eager reference only with
-    `trust_code`. `validate` checks every graph written, `bench` times them.
+    model.fp16.onnx, meant for the CUDA provider. bf16: measure which parts stay fp32 for
+    the bf16 engines (judged in the same windows). A user's module is rebuilt for the eager
+    reference only with `trust_code`. `validate` checks every graph written, `bench` times them.
     """
+    unknown = sorted(set(asked) - {p.option for p in PRECISIONS})
+    if unknown:
+        raise TypeError(f"optimize_export() got unknown precision options {unknown}")
+    providers = available_providers()
+    make = {p.name for p in PRECISIONS if wanted(p, asked.get(p.option), providers)}
     # ORT's C++ logger prints warnings about the probe graphs (unused initializers after
     # quantization) raw, ANSI colour codes and all; errors still raise.
     onnxruntime.set_default_logger_severity(3)
@@ -453,8 +457,8 @@ def optimize_export(
     choice = choose_level(export_dir, length=length, threads=threads, trust_code=trust_code)
     entries = [_entry(choice.path, "fp32", ort_level=choice.chosen, hardware_specific=choice.hardware_specific)]
     quants = []
-    for method, wanted in (("dynamic", int8), ("static", static_int8)):
-        if wanted:
+    for method, precision in (("dynamic", "int8"), ("static", "int8-static")):
+        if precision in make:
             progress(f"int8 ({method}): measuring each MatMul's sensitivity")
             # At --length too: one sequence of it holds as many tokens as the old fixed 4 x 256.
             quants.append(
@@ -479,11 +483,11 @@ def optimize_export(
                 )
             )
     fp16_path = None
-    if fp16 or (fp16 is None and "CUDAExecutionProvider" in available_providers()):
+    if "fp16" in make:
         fp16_path, kept = convert_fp16(export_dir)
         entries.append(_entry(fp16_path, "fp16", target_provider="CUDAExecutionProvider", fp32_nodes=kept))
     plans = ()
-    if bf16:
+    if "bf16" in make:
         plans = tuple(
             measure_bf16(
                 export_dir,

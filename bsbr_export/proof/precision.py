@@ -24,9 +24,10 @@ from bsbr_export.formats import ONNX, artifact_name
 from bsbr_export.io import atomic_write
 from bsbr_export.manifest import read_manifest
 from bsbr_export.model.sources import rebuild
+from bsbr_export.precisions import BF16_PLAN
 from bsbr_export.proof.evaltext import bits_per_byte_by_window, logits_of, scores_text, worst_change
 from bsbr_export.runtime.eager import AutocastRunner, EagerRunner
-from bsbr_export.runtime.engines import BF16_PLAN, ENGINES, why_not
+from bsbr_export.runtime.engines import ENGINES, why_not
 from bsbr_export.runtime.openvino import OpenVinoRunner, openvino_missing
 
 # ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from bsbr_export.formats import FORMATS, ONNX, artifact_name
 from bsbr_export.machine import bf16_missing
 from bsbr_export.manifest import manifest_spec, read_manifest
 from bsbr_export.model.sources import rebuild
+from bsbr_export.precisions import BF16_PLAN, PRECISION
 from bsbr_export.runtime.artifacts import open_artifact
 from bsbr_export.runtime.base import Runner, cuda_missing
 from bsbr_export.runtime.eager import AutocastRunner, CompiledRunner, EagerRunner
@@ -25,7 +26,6 @@ from bsbr_export.runtime.openvino import OpenVinoRunner, openvino_missing
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 ON_CUDA = {"device": "cuda"}  # the options of a torch runner that computes on the GPU
 BOUND = {"io_binding": True}  # ORT on a GPU: feeds bound on the device, so timing leaves out host copies
-BF16_PLAN = "bf16.json"  # in an export dir: the fp32 groups `optimize --bf16` measured, per engine
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,9 @@ def _onnx_engines() -> list[Engine]:
         *levels,
         Engine("ort-cuda-all", "onnx", artifact_name(ONNX), provider=CUDA, options=BOUND, device="cuda"),
         Engine("ort-cpu-optimized", "onnx", artifact_name(ONNX, variant="optimized"), provider=CPU),
-        Engine("ort-cpu-int8", "onnx", artifact_name(ONNX, variant="int8"), "int8", CPU),
-        Engine("ort-cpu-int8-static", "onnx", artifact_name(ONNX, variant="int8-static"), "int8", CPU),
-        Engine(
-            "ort-cuda-fp16", "onnx", artifact_name(ONNX, variant="fp16"), "fp16", CUDA, options=BOUND, device="cuda"
-        ),
+        Engine("ort-cpu-int8", "onnx", PRECISION["int8"].artifact, "int8", CPU),
+        Engine("ort-cpu-int8-static", "onnx", PRECISION["int8-static"].artifact, "int8", CPU),
+        Engine("ort-cuda-fp16", "onnx", PRECISION["fp16"].artifact, "fp16", CUDA, options=BOUND, device="cuda"),
     ]
 
 
