@@ -136,7 +136,9 @@ def export_model(
         }
         if any(fmt.name == "torchscript-mobile" for fmt in formats):
             settings["optimize_for_mobile"] = _mobile_note()
-        manifest = export_manifest(source, checkpoint, settings, artifacts, streaming)
+        # A format that implies its streaming graphs (the web page) wrote them: their state is recorded too.
+        streamed = any(kind != "full" for _, kind in jobs)
+        manifest = export_manifest(source, checkpoint, settings, artifacts, streamed)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return ExportResult(Path(out_dir), tuple(artifacts), source.spec.note)
 

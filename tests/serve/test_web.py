@@ -333,11 +333,14 @@ def test_validate_runs_the_web_graphs_in_onnxruntime_web(browser, web_export, ca
 
 
 def test_format_web_implies_the_page_graphs_without_streaming(capsys, tmp_path):
-    """`export MODEL --format web` as written: the page's row and decode steps come with it."""
+    """`export MODEL --format web` as written: the page's row and decode steps come with it,
+    their state in the manifest, so the page's graphs generate natively too."""
     code, _, err = run_cli(capsys, "export", "bsbr-tiny", "--format", "web", "--out", str(tmp_path / "out"))
     assert code == 0, err
     written = {p.name for p in (tmp_path / "out" / "web").glob("*.onnx")}
     assert written == {"model.onnx", "model.rows.onnx", "model.decode.onnx"}
+    sequences = Sequences(tmp_path / "out", capacity=1, graphs="web")
+    assert sequences.open(0, prompt_of(9, VOCAB)).shape == (9, VOCAB)
 
 
 def test_format_web_of_a_module_that_cannot_stream_is_refused(capsys, tmp_path):
