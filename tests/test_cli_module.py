@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import user_models
 from conftest import run_cli
 
-MODELS = Path(__file__).parent / "user_models.py"
+MODELS = Path(user_models.__file__)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,11 @@
-"""Models of the kinds users write, for the bring-your-own-model tests.
+"""Models of the kinds users write on `bsbr_export.nn`, each from a factory: a value head,
+a pooled classifier, a rotary grouped-query decoder, upstream `bsbr`'s classifier, and a
+layer that loops over chunks in Python (what `bsbr-export doctor` flags).
 
-Each factory returns a small module with fixed random weights; the CLI tests import
-them by reference (`tests/user_models.py:value_head_model`) as a user's file would be.
+Each factory returns a small module with fixed random weights. The tests and
+`tools/byo_parity.py` load them as a user's file is, by reference:
+
+    bsbr-export export samples/your_model/user_models.py:value_head_model --trust-code
 """
 
 from __future__ import annotations

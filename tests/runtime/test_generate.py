@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import user_models
 from conftest import eager_greedy, prompt_of
 
 from bsbr_export.errors import UserError
@@ -52,15 +53,13 @@ def test_a_user_modules_decode_graph_appends_finished_chunks(tmp_path):
     them would drift after the first chunk boundary)."""
     out = tmp_path / "rotary"
     export_model(
-        f"{Path(__file__).parents[1] / 'user_models.py'}:rotary_decoder",
+        f"{Path(user_models.__file__)}:rotary_decoder",
         out,
         [FORMATS["onnx"]],
         streaming=True,
         trust_code=True,
     )
-    from user_models import rotary_decoder
-
-    model = rotary_decoder()
+    model = user_models.rotary_decoder()
     prompt = prompt_of(6, 67)
     generator = load_generator(out)
     assert generator.kind == "decode"
