@@ -2,65 +2,53 @@
 lengths that are not multiples of c and batches 1 and 3, for ONNX, TorchScript and
 (where the model streams) the streaming graph rolled out in uneven pieces.
 
-    python tools/byo_parity.py            # writes tools/results/byo_parity.{json,md}
+    python tools/byo_parity.py [--out tools/results] [--smoke]   # writes byo_parity.{json,md}
 
-The models are the test suite's (`tests/user_models.py`); inputs are fresh (seeded
-apart from the export's example and the export-time checks).
+The models are the sample of users' kinds (`samples/your_model/user_models.py`), loaded as a user's file is: by
+module reference (`path/to/file.py:factory`), trusted; inputs are fresh (seeded apart
+from the export's example and the export-time checks).
+`--smoke`: lengths 1 and c + 1 only, and the export's own checks up to length 19, not 2048.
 """
 
 from __future__ import annotations
 
 import json
-import platform
-import sys
 import tempfile
 from pathlib import Path
 
-import torch
+import lab
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from bsbr_export import export_module
+from bsbr_export.compare.cases import DEFAULT_LONG_LENGTH, Case, stream_pieces
+from bsbr_export.compare.parity import check_parity
+from bsbr_export.model.spec import ModelSpec
+from bsbr_export.model.usercode import build_module
+from bsbr_export.runtime.eager import EagerRunner
+from bsbr_export.runtime.onnx import OnnxRunner
+from bsbr_export.runtime.torchscript import TorchScriptRunner
 
-import user_models  # noqa: E402
-
-from bsbr_export import export_module  # noqa: E402
-from bsbr_export.compare.cases import Case, stream_pieces  # noqa: E402
-from bsbr_export.compare.parity import check_parity  # noqa: E402
-from bsbr_export.runtime.eager import EagerRunner  # noqa: E402
-from bsbr_export.runtime.onnx import OnnxRunner  # noqa: E402
-from bsbr_export.runtime.torchscript import TorchScriptRunner  # noqa: E402
-
+MODELS = Path(__file__).resolve().parents[1] / "samples" / "your_model" / "user_models.py"
 KINDS = {
-    "upstream-layer classifier (pooled)": user_models.upstream_classifier,
-    "rotary GQA decoder on bsbr_export.nn": user_models.rotary_decoder,
-    "native model + value head": user_models.value_head_model,
-    "native mean-pooled classifier": user_models.pooled_model,
+    "upstream-layer classifier (pooled)": "upstream_classifier",
+    "rotary GQA decoder on bsbr_export.nn": "rotary_decoder",
+    "native model + value head": "value_head_model",
+    "native mean-pooled classifier": "pooled_model",
 }
 BATCHES = (1, 3)
+SMOKE_LONG_LENGTH = 19  # the export's long check under --smoke: 4c + 3 for these models' c = 4
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def table_for(name: str, factory) -> dict:
-    module = factory()
+def table_for(name: str, ref: str, smoke: bool) -> dict:
+    """Every output's max abs error against eager, per artifact and batch x length."""
+    module = build_module(ref, trust_code=True)  # this checkout's own file
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "export"
         streams = hasattr(module, "stream")
-        result = export_module(module, out, streaming=streams)
-        spec = json.loads((out / "manifest.json").read_text())["spec"]
-        from bsbr_export.model.spec import ModelSpec
-
-        spec = ModelSpec.from_dict(spec)
+        long_length = SMOKE_LONG_LENGTH if smoke else DEFAULT_LONG_LENGTH
+        result = export_module(module, out, streaming=streams, long_length=long_length)
+        spec = ModelSpec.from_dict(json.loads((out / "manifest.json").read_text())["spec"])
         c = spec.chunk_size
-        lengths = [1, c - 1, c + 1, 3 * c + 2, 37 * c + 3]
+        lengths = [1, c + 1] if smoke else [1, c - 1, c + 1, 3 * c + 2, 37 * c + 3]
         rows = {}
         artifacts = {"onnx": ("model.onnx", "full"), "torchscript": ("model.pt", "full")}
         if streams and spec.state is not None:
@@ -92,14 +80,14 @@ def table_for(name: str, factory) -> dict:
         }
 
 
-def main() -> None:
-    results = [table_for(name, factory) for name, factory in KINDS.items()]
-    info = {"cpu": cpu_model(), "torch": torch.__version__, "results": results}
-    out = ROOT / "tools" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "byo_parity.json").write_text(json.dumps(info, indent=2) + "\n")
-    lines = ["# Bring-your-own-model parity (max abs error vs eager)\n", f"CPU: {info['cpu']}; torch {info['torch']}\n"]
-    for r in results:
+def report(info: dict) -> str:
+    """One table per model kind and artifact: outputs x (batch x length)."""
+    machine = info["machine"]
+    lines = [
+        "# Bring-your-own-model parity (max abs error vs eager)\n",
+        f"CPU: {machine['processor']}; torch {info['torch']}\n",
+    ]
+    for r in info["results"]:
         lines.append(
             f"## {r['model']} (c = {r['chunk_size']}, outputs {', '.join(r['outputs'])}"
             f"{', swapped ' + ', '.join(r['swapped']) if r['swapped'] else ''})\n"
@@ -111,8 +99,22 @@ def main() -> None:
             for output, cells in outputs.items():
                 lines.append(f"| {output} | " + " | ".join(f"{cells[s]:.1e}" for s in shapes) + " |")
             lines.append("")
-    (out / "byo_parity.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = lab.parser(__doc__).parse_args()
+    results = [
+        lab.progress(name, table_for, name, f"{MODELS}:{factory}", args.smoke) for name, factory in KINDS.items()
+    ]
+    machine = lab.machine()
+    info = {
+        "machine": machine,
+        "torch": machine["versions"]["torch"],
+        "results": results,
+        "command": lab.command(),
+    }
+    lab.write(args.out, "byo_parity", info, report)
 
 
 if __name__ == "__main__":

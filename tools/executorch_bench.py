@@ -1,6 +1,6 @@
 """ExecuTorch (`--format executorch`, XNNPACK) on bsbr-small: what issue #14 asks to measure.
 
-    python tools/executorch_bench.py [--model bsbr-small] [--out tools/results]
+    python tools/executorch_bench.py [--model bsbr-small] [--out tools/results] [--smoke]
     python tools/executorch_bench.py --flops-only --label main > main.json   # FLOP shares only, any checkout
     python tools/executorch_bench.py --baseline main.json   # ... reported before this checkout's
 
@@ -11,6 +11,7 @@ the model's FLOPs that runs inside XNNPACK delegates, for the standard lowering
 (`to_edge_transform_and_lower` + `XnnpackPartitioner`, nothing else) and for the lowering
 shipped (`bsbr_export.export.executorch.lower`), at L = 256 and 1000; the load average next to
 each figure. Writes executorch_<model>.json / .md to --out. No number here is asserted.
+`--smoke`: bsbr-tiny, L = 16 and 40, limits 77 x 2, a 0.3 s timing budget per engine.
 
 FLOPs per node: matmul-like ops from torch's flop counter (`linear` as 2 * rows * weight
 size), 1 per output element for elementwise math (4 for softmax and GELU, 5 for a layer
@@ -19,18 +20,19 @@ norm), 0 for data movement (views, copies, gathers, masks' index math).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+import lab
+
 LENGTHS = [256, 1000]
 LIMITS = {"max_length": 1024, "max_batch": 4}
+THREADS = (1, 2)  # the latency table's
+BUDGET_S = 3.0  # each engine's timing budget per length
 MOVES = {
     "view_copy",
     "permute_copy",
@@ -73,26 +75,20 @@ def load() -> str:
     return f"{one:.2f}{' (loaded)' if one > 0.5 * (os.cpu_count() or 1) else ''}"
 
 
-def cpu() -> str:
-    from bsbr_export.machine import machine_info
-
-    info = machine_info()
-    return f"{info['processor']}, {info['cpu_count']} cores"
-
-
-def lowered(model, spec, stage: str):
-    """(edge program, seconds) for one lowering stage: 'standard' or 'shipped'."""
+def lowered(model, spec, stage: str, limits: dict):
+    """(edge program, seconds) for one lowering stage: 'standard' or 'shipped', memory
+    planned for `limits`."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from bsbr_export.export.executorch import export_program, lower
+    from bsbr_export.export.executorch import bounded_program, lower
 
-    program = export_program(model, spec, LIMITS)
+    program = bounded_program(model, spec, limits)
     start = time.perf_counter()
     if stage == "standard":
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     else:
-        edge = lower(program, LIMITS)
+        edge = lower(program, limits)
     return edge, time.perf_counter() - start
 
 
@@ -149,9 +145,10 @@ def flops_by_place(edge, batch: int, length: int) -> Counter:
     return totals
 
 
-def delegation(model, spec, stage: str) -> dict:
-    """Share of FLOPs in XNNPACK, delegate calls and node counts for one lowering stage."""
-    edge, seconds = lowered(model, spec, stage)
+def delegation(model, spec, stage: str, lengths: list[int], limits: dict) -> dict:
+    """Share of FLOPs in XNNPACK at each of `lengths`, delegate calls and node counts for
+    one lowering stage."""
+    edge, seconds = lowered(model, spec, stage, limits)
     gm = edge.exported_program().graph_module
     nodes = Counter()
     for node in gm.graph.nodes:
@@ -161,7 +158,7 @@ def delegation(model, spec, stage: str) -> dict:
         if hasattr(module, "original_module"):
             nodes["xnnpack nodes"] += sum(1 for n in module.original_module.graph.nodes if n.op == "call_function")
     shares = {}
-    for length in LENGTHS:
+    for length in lengths:
         flops = flops_by_place(edge, 1, length)
         total = sum(flops.values())
         outside = Counter({op: f for (where, op), f in flops.items() if where == "portable" and f})
@@ -173,16 +170,17 @@ def delegation(model, spec, stage: str) -> dict:
     return {"stage": stage, "lowering_s": round(seconds, 1), "load": load(), **dict(nodes), "flops": shares}
 
 
-def parity(out: Path, model) -> list[dict]:
-    """Max abs error against eager over lengths and batches up to the limits."""
+def parity(out: Path, model, lengths: list[int], limits: dict) -> list[dict]:
+    """Max abs error against eager over lengths (around a chunk, the longest of `lengths`,
+    the limit) and batches up to the limits."""
     import torch
 
     from bsbr_export.runtime.executorch import ExecuTorchRunner
 
     runner = ExecuTorchRunner(out / "model.pte", ["input_ids", "attention_mask"], ["logits"])
     c, rows = model.config.chunk_size, []
-    for length in (1, c - 1, c, c + 1, 3 * c + 5, 1000, LIMITS["max_length"]):
-        for batch in (1, LIMITS["max_batch"]):
+    for length in (1, c - 1, c, c + 1, 3 * c + 5, lengths[-1], limits["max_length"]):
+        for batch in (1, limits["max_batch"]):
             ids = torch.randint(
                 0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length)
             )
@@ -201,17 +199,18 @@ def parity(out: Path, model) -> list[dict]:
     return rows
 
 
-def latency(out: Path) -> list[dict]:
-    """ExecuTorch and eager side by side, each in its own process, at 1 and 2 threads."""
+def latency(out: Path, lengths: list[int], budget_s: float) -> list[dict]:
+    """ExecuTorch and eager side by side, each in its own process, at each of THREADS."""
     from bsbr_export.proof.bench import bench_engines
 
     rows = []
-    for threads in (1, 2):
+    for threads in THREADS:
         before = load()
         results = {
-            r.engine: r for r in bench_engines(out, ["eager", "executorch"], LENGTHS, threads=threads, budget_s=3.0)
+            r.engine: r
+            for r in bench_engines(out, ["eager", "executorch"], lengths, threads=threads, budget_s=budget_s)
         }
-        for i, length in enumerate(LENGTHS):
+        for i, length in enumerate(lengths):
             eager, et = results["eager"].timings[i], results["executorch"].timings[i]
             rows.append(
                 {
@@ -228,10 +227,13 @@ def latency(out: Path) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
+    """The result as markdown: export, FLOPs delegated, parity and latency tables."""
+    lengths, limits, machine = result["lengths"], result["limits"], result["machine"]
     lines = [
         f"# ExecuTorch (XNNPACK) on {result['model']}",
         "",
-        f"Measured {result['date']} on {result['cpu']} (AVX-512 incl. AVX512_BF16/VNNI, no AMX), "
+        f"Measured {result['date']} on {machine['processor']}, {machine['cpu_count']} cores "
+        f"({', '.join(machine['cpu_features']) or 'none of AVX2, AVX-512, AMX'}), "
         f"torch {result['versions'].get('torch')}, executorch {result['versions'].get('executorch')}. "
         "Load average (1 min) is given next to each figure; above half the core count it is marked "
         "'(loaded)': other jobs shared the cores, so times are noisy and ratios (measured side by side) "
@@ -244,7 +246,7 @@ def markdown(result: dict) -> str:
             "## Export",
             "",
             f"`bsbr-export export {result['model']} --format executorch --max-length "
-            f"{LIMITS['max_length']} --max-batch {LIMITS['max_batch']}`: {e['seconds']:.1f} s in all (torch.export, "
+            f"{limits['max_length']} --max-batch {limits['max_batch']}`: {e['seconds']:.1f} s in all (torch.export, "
             f"lowering, serialization and the parity checks), `.pte` {e['bytes'] / 1e6:.1f} MB; load {e['load']}.",
             "",
         ]
@@ -252,16 +254,16 @@ def markdown(result: dict) -> str:
         "## FLOPs delegated to XNNPACK",
         "",
         "| stage | lowering s | delegate calls | portable nodes | xnnpack nodes | "
-        + " | ".join(f"delegated at L={n}" for n in LENGTHS)
+        + " | ".join(f"delegated at L={n}" for n in lengths)
         + " | largest FLOPs outside | load |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(LENGTHS) + "---|---|",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(lengths) + "---|---|",
     ]
     for d in result["delegation"]:
-        outside = {op: f for op, f in d["flops"][str(LENGTHS[-1])]["outside_xnnpack"].items() if op}
+        outside = {op: f for op, f in d["flops"][str(lengths[-1])]["outside_xnnpack"].items() if op}
         lines.append(
             f"| {d.get('label', d['stage'])} | {d['lowering_s']} | {d.get('delegate calls', 0)} | "
             f"{d.get('portable nodes', 0)} | {d.get('xnnpack nodes', 0)} | "
-            + " | ".join(f"{100 * d['flops'][str(n)]['delegated']:.2f}%" for n in LENGTHS)
+            + " | ".join(f"{100 * d['flops'][str(n)]['delegated']:.2f}%" for n in lengths)
             + f" | {', '.join(f'{k} {v / 1e6:.1f}M' for k, v in outside.items()) or '-'} | {d['load']} |"
         )
     if "parity" in result:
@@ -297,9 +299,8 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = lab.parser(__doc__)
     parser.add_argument("--model", default="bsbr-small")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--stages", default="standard,shipped", help="lowering stages to count FLOPs for")
     parser.add_argument("--label", default="", help="prefix for the stage names (e.g. 'main')")
     parser.add_argument("--flops-only", action="store_true", help="only the FLOP shares (printed as JSON)")
@@ -310,6 +311,9 @@ def main() -> None:
         help="a --flops-only JSON from another checkout (e.g. main) to report first",
     )
     args = parser.parse_args()
+    lengths, limits, budget_s = LENGTHS, LIMITS, BUDGET_S
+    if args.smoke:
+        args.model, lengths, limits, budget_s = "bsbr-tiny", [16, 40], {"max_length": 77, "max_batch": 2}, 0.3
 
     from bsbr_export import load_model
     from bsbr_export.model.probe import spec_for
@@ -318,18 +322,22 @@ def main() -> None:
     model = load_model(args.model).eval()
     spec = spec_for(model)
     shares = json.loads(args.baseline.read_text()) if args.baseline else []
-    shares += [dict(delegation(model, spec, s), label=f"{args.label} {s}".strip()) for s in args.stages.split(",")]
+    shares += [
+        dict(delegation(model, spec, s, lengths, limits), label=f"{args.label} {s}".strip())
+        for s in args.stages.split(",")
+    ]
     if args.flops_only:
         print(json.dumps(shares, indent=2))
         return
     result = {
         "model": args.model,
         "date": time.strftime("%Y-%m-%d"),
-        "cpu": cpu(),
-        "platform": platform.platform(),
+        "machine": lab.machine(threads=max(THREADS)),
         "versions": {**versions(), "executorch": _version("executorch")},
-        "limits": LIMITS,
+        "lengths": lengths,
+        "limits": limits,
         "delegation": shares,
+        "command": lab.command(),
     }
     from bsbr_export.export.pipeline import export_model
     from bsbr_export.formats import FORMATS
@@ -337,18 +345,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / args.model
         start, before = time.perf_counter(), load()
-        export_model(args.model, out, [FORMATS["executorch"]], **LIMITS)
+        export_model(args.model, out, [FORMATS["executorch"]], **limits)
         result["export"] = {
             "seconds": time.perf_counter() - start,
             "bytes": (out / "model.pte").stat().st_size,
             "load": f"{before} -> {load()}",
         }
-        result["parity"] = parity(out, model)
-        result["latency"] = latency(out)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"executorch_{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"executorch_{args.model}.md").write_text(markdown(result))
-    print(markdown(result))
+        result["parity"] = parity(out, model, lengths, limits)
+        result["latency"] = latency(out, lengths, budget_s)
+    lab.write(args.out, f"executorch_{args.model}", result, markdown)
 
 
 def _version(package: str) -> str | None:

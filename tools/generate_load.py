@@ -2,13 +2,14 @@
 (in-flight batching) under concurrent gRPC streams, NVIDIA's perf_analyzer against the
 step model, and the same graphs called directly, several models side by side in one run.
 
-    python tools/generate_load.py [--models bsbr-small,bsbr-stdlib] [--concurrency 1,4,16,32,64]
-        [--contexts 256,4096,16384] [--tokens 64] [--perf-analyzer DIR] [--out tools/results]
+    python tools/generate_load.py [--models bsbr-small,bsbr-stdlib | --export DIR] [--concurrency 1,4,16,32,64]
+        [--contexts 256,4096,16384] [--tokens 64] [--perf-analyzer DIR] [--out tools/results] [--smoke]
 
 Cores: the server (tritonserver, its Python-backend stubs, their ORT threads) is pinned to
 core 0 and every client (this process's gRPC streams, perf_analyzer) to core 1, with
 `taskset`; the direct references run alone on core 0 in a process of their own, one ORT
-thread, as the server's model has one core. Per model:
+thread, as the server's model has one core. Each model is exported (ONNX, streaming) into a
+work folder kept between runs (/tmp/bsbr_generate_load/MODEL). Per model:
 
 - direct: the decode graph called once per token (`runtime.generate`, median ms/token at
   each context), the full graph over a 4096-token prompt (median of 5), and one in-process
@@ -23,9 +24,9 @@ thread, as the server's model has one core. Per model:
 - perf_analyzer (the tritonclient 2.41.0 wheel's binary, see `--perf-analyzer`) drives the
   step model with sequences of 64 one-token requests at concurrency 1, 4, 16 and 64.
 
-ORT's own float32 MatMul rate is measured on core 0 in the same run (tools/sweep.py's
-one-node graph). Writes generate_load.json and .md to --out. No number is asserted; the
-issue's targets are checked in the report.
+ORT's own float32 MatMul rate is measured on core 0 in the same run. Writes
+generate_load.json and .md to --out. No number is asserted; the issue's targets are
+checked in the report. `--smoke`: bsbr-tiny, 1 and 2 streams, contexts 20 and 40, 8 tokens.
 
 perf_analyzer: `--perf-analyzer DIR` is a directory with `perf_analyzer` and
 `libcudart.so.12` (it links against it, without a GPU). Make one with:
@@ -38,7 +39,6 @@ perf_analyzer: `--perf-analyzer DIR` is a directory with `perf_analyzer` and
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import csv
 import json
@@ -52,10 +52,10 @@ import threading
 import time
 from pathlib import Path
 
+import lab
 import numpy as np
-from sweep import matmul_rate, percentile
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 
 SERVER_CORE, CLIENT_CORE = 0, 1
 
@@ -91,7 +91,7 @@ def direct(export_dir: str, contexts: list[int], concurrency: list[int], tokens:
     ids = rng.integers(0, vocab, (1, 4096))
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     full.infer(feeds)
-    full_ms = statistics.median(_seconds(lambda: full.infer(feeds)) for _ in range(5)) * 1e3
+    full_ms = statistics.median(lab.timed(lambda: full.infer(feeds)) for _ in range(5)) * 1e3
     parts = []
     for n in concurrency:
         batcher = Batcher(export_dir, threads=1)
@@ -108,10 +108,10 @@ def direct(export_dir: str, contexts: list[int], concurrency: list[int], tokens:
                     "input_ids": np.zeros((n, 1), np.int64),
                     "positions": np.array([sequences.position(k) for k in keys], np.int64),
                 }
-                graph.append(_seconds(lambda rows=rows, probe=probe: rows.infer(probe)))
+                graph.append(lab.timed(lambda rows=rows, probe=probe: rows.infer(probe)))
             original = sequences.feed
             sequences.feed = lambda tokens_, original=original, feed=feed: _timed(feed, original, tokens_)
-            step.append(_seconds(batcher.step))
+            step.append(lab.timed(batcher.step))
             sequences.feed = original
         parts.append(
             {
@@ -124,13 +124,8 @@ def direct(export_dir: str, contexts: list[int], concurrency: list[int], tokens:
     return {"decode_ms": decode_ms, "full_4096_ms": full_ms, "step_parts": parts}
 
 
-def _seconds(call) -> float:
-    begin = time.perf_counter()
-    call()
-    return time.perf_counter() - begin
-
-
 def _timed(into: list, call, *args):
+    """`call(*args)`, its seconds appended to `into` (for a call made inside another one)."""
     begin = time.perf_counter()
     result = call(*args)
     into.append(time.perf_counter() - begin)
@@ -181,8 +176,8 @@ def generate_cell(url: str, model: str, vocab: int, context: int, n: int, tokens
         "context": context,
         "concurrency": n,
         "ttft_p50_ms": statistics.median(r[1] - r[0] for r in runs) * 1e3,
-        "itl_p50_ms": percentile(gaps, 0.5) * 1e3,
-        "itl_p99_ms": percentile(gaps, 0.99) * 1e3,
+        "itl_p50_ms": lab.percentile(gaps, 0.5) * 1e3,
+        "itl_p99_ms": lab.percentile(gaps, 0.99) * 1e3,
         "tokens_per_s": made / (end - begin) if end > begin else float("nan"),
         "window_tokens": made,
     }
@@ -250,59 +245,42 @@ def perf_analyzer(tool: Path, url: str, model: str, vocab: int, concurrency: lis
 # ---- one model, then the report ----------------------------------------------------------
 
 
-def measure(model: str, args, triton_env) -> dict:
-    from bsbr_export.export.pipeline import export_model
-    from bsbr_export.formats import FORMATS
+def measure(export_dir: Path, args, triton_env) -> dict:
+    """One model: the direct references in a child process alone on core 0, then the
+    generate model (and perf_analyzer) through a tritonserver on core 0."""
     from bsbr_export.serve.serve import TritonServer
     from bsbr_export.serve.triton import write_triton_repo
 
-    work = Path(tempfile.mkdtemp(prefix="generate-load-"))
-    out = work / model
-    export_model(model, out, [FORMATS["onnx"]], streaming=True)
-    vocab = json.loads((out / "manifest.json").read_text())["spec"]["inputs"][0]["high"]
-    child = subprocess.run(
-        [
-            "taskset",
-            "-c",
-            str(SERVER_CORE),
-            sys.executable,
-            __file__,
-            "--direct",
-            str(out),
-            "--contexts",
-            args.contexts,
-            "--concurrency",
-            args.concurrency,
-            "--tokens",
-            str(args.tokens),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        check=True,
-    )
-    reference = json.loads(child.stdout.strip().splitlines()[-1])
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    model, vocab = manifest["model"], manifest["spec"]["inputs"][0]["high"]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    os.sched_setaffinity(0, {SERVER_CORE})  # the child inherits core 0
+    reference = lab.in_child(direct, str(export_dir), contexts, concurrency, args.tokens)
     print(f"{model}: direct {reference}", file=sys.stderr)
-    # One core for the server; state for 64 generations at 16384 tokens (4.4 GB) allowed.
-    repo = write_triton_repo(out, work / "models", model, threads=1, max_state_bytes=16 << 30)
     result = {"model": model, "direct": reference, "generate": [], "perf_analyzer": []}
-    with TritonServer(repo, triton_env, http_port=0, grpc_port=0) as server:
-        pin_group(server.pid, SERVER_CORE)
-        os.sched_setaffinity(0, {CLIENT_CORE})
-        for context in [int(c) for c in args.contexts.split(",")]:
-            for n in [int(c) for c in args.concurrency.split(",")]:
-                cell = generate_cell(server.grpc_url, f"{model}_generate", vocab, context, n, args.tokens)
-                result["generate"].append(cell)
-                print(
-                    f"  generate {context} x {n}: {cell['tokens_per_s']:.0f} tokens/s, itl p50 "
-                    f"{cell['itl_p50_ms']:.2f} p99 {cell['itl_p99_ms']:.2f} ms, ttft {cell['ttft_p50_ms']:.1f} ms",
-                    file=sys.stderr,
+    with tempfile.TemporaryDirectory(prefix="generate-load-") as tmp:
+        work = Path(tmp)
+        # One core for the server; state for 64 generations at 16384 tokens (4.4 GB) allowed.
+        repo = write_triton_repo(export_dir, work / "models", model, threads=1, max_state_bytes=16 << 30)
+        with TritonServer(repo, triton_env, http_port=0, grpc_port=0) as server:
+            pin_group(server.pid, SERVER_CORE)
+            os.sched_setaffinity(0, {CLIENT_CORE})
+            for context in contexts:
+                for n in concurrency:
+                    cell = generate_cell(server.grpc_url, f"{model}_generate", vocab, context, n, args.tokens)
+                    result["generate"].append(cell)
+                    print(
+                        f"  generate {context} x {n}: {cell['tokens_per_s']:.0f} tokens/s, itl p50 "
+                        f"{cell['itl_p50_ms']:.2f} p99 {cell['itl_p99_ms']:.2f} ms, ttft {cell['ttft_p50_ms']:.1f} ms",
+                        file=sys.stderr,
+                    )
+            if args.perf_analyzer:
+                result["perf_analyzer"] = perf_analyzer(
+                    args.perf_analyzer, server.grpc_url, f"{model}_streaming_python", vocab, [1, 4, 16, 64], work
                 )
-        if args.perf_analyzer:
-            result["perf_analyzer"] = perf_analyzer(
-                args.perf_analyzer, server.grpc_url, f"{model}_streaming_python", vocab, [1, 4, 16, 64], work
-            )
-        result["healthy_after"] = server.healthy()
-        os.sched_setaffinity(0, set(range(os.cpu_count())))
+            result["healthy_after"] = server.healthy()
+    os.sched_setaffinity(0, set(range(os.cpu_count())))
     return result
 
 
@@ -337,28 +315,29 @@ def targets(result: dict) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def report(results: list[dict], machine: dict, args) -> str:
+def report(result: dict) -> str:
+    machine = result["machine"]
     lines = [
         "# Serving many users at once: the generate model through tritonserver",
         "",
-        f"CPU: {machine['processor']}, {machine['cores']} cores; ORT float32 MatMul on core 0: "
+        f"CPU: {machine['processor']}, {machine['cpu_count']} cores; ORT float32 MatMul on core 0: "
         f"{machine['matmul_gflops']:.0f} GFLOP/s (1 thread, [4096, 256] x [256, 1024], same run). "
         f"Server (tritonserver + stubs + ORT, 1 thread per session) pinned to core {SERVER_CORE}, clients "
         f"(gRPC streams, perf_analyzer) to core {CLIENT_CORE}; direct references alone on core {SERVER_CORE}, "
-        f"1 ORT thread. Greedy, {args.tokens} new tokens per generation; latency and tokens/s taken while "
+        f"1 ORT thread. Greedy, {result['tokens']} new tokens per generation; latency and tokens/s taken while "
         "all streams of a cell run together.",
         "",
     ]
-    for result in results:
-        d = result["direct"]
+    for model in result["results"]:
+        d = model["direct"]
         lines += [
-            f"## {result['model']}",
+            f"## {model['model']}",
             "",
             "| context | streams | tokens/s | vs one | TTFT p50 ms | ITL p50 ms | ITL p99 ms | decode direct ms |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        one = {c["context"]: c["tokens_per_s"] for c in result["generate"] if c["concurrency"] == 1}
-        for c in result["generate"]:
+        one = {c["context"]: c["tokens_per_s"] for c in model["generate"] if c["concurrency"] == 1}
+        for c in model["generate"]:
             lines.append(
                 f"| {c['context']} | {c['concurrency']} | {c['tokens_per_s']:.0f} | "
                 f"{c['tokens_per_s'] / one[c['context']]:.1f}x | {c['ttft_p50_ms']:.1f} | "
@@ -376,13 +355,13 @@ def report(results: list[dict], machine: dict, args) -> str:
             "| streams | graph ms | feed ms | step ms | served ITL p50 ms |",
             "|---|---|---|---|---|",
         ]
-        served = {c["concurrency"]: c["itl_p50_ms"] for c in result["generate"] if c["context"] == 256}
+        served = {c["concurrency"]: c["itl_p50_ms"] for c in model["generate"] if c["context"] == 256}
         for p in d["step_parts"]:
             lines.append(
                 f"| {p['concurrency']} | {p['graph_ms']:.2f} | {p['feed_ms']:.2f} | {p['step_ms']:.2f} | "
                 f"{served.get(p['concurrency'], float('nan')):.2f} |"
             )
-        if result["perf_analyzer"]:
+        if model["perf_analyzer"]:
             lines += [
                 "",
                 "perf_analyzer (tritonclient 2.41.0) on the step model `_streaming_python`, gRPC, "
@@ -391,55 +370,43 @@ def report(results: list[dict], machine: dict, args) -> str:
                 "| concurrency | tokens/s | p50 ms | p99 ms |",
                 "|---|---|---|---|",
             ]
-            for r in result["perf_analyzer"]:
+            for r in model["perf_analyzer"]:
                 lines.append(
                     f"| {r['concurrency']} | {r['tokens_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
                     if "error" not in r
                     else f"| {r['concurrency']} | failed: {r['error']} | | |"
                 )
         lines += ["", "| target | measured | met |", "|---|---|---|"]
-        lines += [f"| {what} | {value} | {'yes' if met else 'no'} |" for what, value, met in targets(result)]
-        lines += ["", f"Server healthy after the run: {result['healthy_after']}.", ""]
-    return "\n".join(lines) + "\n"
+        lines += [f"| {what} | {value} | {'yes' if met else 'no'} |" for what, value, met in targets(model)]
+        lines += ["", f"Server healthy after the run: {model['healthy_after']}.", ""]
+    lines += [f"`{result['command']}`", ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="bsbr-small,bsbr-stdlib")
+    parser = lab.parser(__doc__)
+    parser.add_argument("--models", default="bsbr-small,bsbr-stdlib", help="presets exported here (unless --export)")
+    parser.add_argument("--export", type=Path, default=None, help="an export with --streaming to measure instead")
     parser.add_argument("--concurrency", default="1,4,16,32,64")
     parser.add_argument("--contexts", default="256,4096,16384")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--triton-env", default=str(HERE.parent / ".venv-triton"))
+    parser.add_argument("--triton-env", default=str(ROOT / ".venv-triton"))
     parser.add_argument("--perf-analyzer", type=Path, help="directory with perf_analyzer and libcudart.so.12")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--direct", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.direct:
-        print(
-            json.dumps(
-                direct(
-                    args.direct,
-                    [int(c) for c in args.contexts.split(",")],
-                    [int(c) for c in args.concurrency.split(",")],
-                    args.tokens,
-                )
-            )
-        )
-        return
-    from bsbr_export.machine import cpu_model
+    if args.smoke:
+        args.models, args.concurrency, args.contexts, args.tokens = "bsbr-tiny", "1,2", "20,40", 8
     from bsbr_export.serve.serve import find_env
 
     triton_env = find_env(args.triton_env)
-    results = [measure(model, args, triton_env) for model in args.models.split(",")]
-    os.sched_setaffinity(0, {SERVER_CORE})  # the sweep child inherits core 0
-    machine = {"processor": cpu_model(), "cores": os.cpu_count(), "matmul_gflops": matmul_rate(256, threads=1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "generate_load.json").write_text(
-        json.dumps({"machine": machine, "tokens": args.tokens, "results": results}, indent=2)
+    exports = (
+        [args.export]
+        if args.export
+        else [lab.streaming_export(m, None, "generate_load") for m in args.models.split(",")]
     )
-    text = report(results, machine, args)
-    (args.out / "generate_load.md").write_text(text)
-    print(text)
+    results = [measure(export, args, triton_env) for export in exports]
+    os.sched_setaffinity(0, {SERVER_CORE})  # the MatMul rate's child inherits core 0
+    result = {"machine": lab.machine(threads=1), "tokens": args.tokens, "results": results, "command": lab.command()}
+    lab.write(args.out, "generate_load", result, report)
 
 
 if __name__ == "__main__":

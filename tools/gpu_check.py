@@ -1,6 +1,6 @@
 """The prepared GPU run: torch's CUDA paths for BSBR models, measured in one go.
 
-    python tools/gpu_check.py --dry-run            # here, on the CPU, tiny sizes: proves the script
+    python tools/gpu_check.py --smoke              # here, on the CPU, tiny sizes: proves the script
     python tools/gpu_check.py --out DIR            # on the GPU machine, within --minutes
 
 For each model (default bsbr-small and the trained bsbr-stdlib): parity of every torch engine
@@ -11,17 +11,17 @@ for bsbr-stdlib); forward latency and tokens/s at each batch and length (CUDA ev
 after warm-up; compile time reported apart); decode per token at each context (the
 stream state carried, one token per call); peak GPU memory. Then BSBR attention against
 `scaled_dot_product_attention` (flash, causal) at the same sizes, attention alone, and the
-torch engines once more through the product (`benchmark(..., device="cuda")`).
+torch engines once more through the product (`benchmark` with `BenchOptions(device="cuda")`).
 
 Each figure is written to DIR/gpu_check.json as soon as it is measured, so a run cut off
 by its deadline still returns what it measured; sections past the deadline are skipped
-and listed. ONNX Runtime's CUDA provider is not measured here (its wheel is not on that
-machine). A tool, never part of the tests.
+and listed; DIR/gpu_check.md tables them at the end. ONNX Runtime's CUDA provider is not
+measured here (its wheel is not on that machine). DIR is /tmp/gpu_check by default.
+`--smoke`: on the CPU, bsbr-tiny and bsbr-stdlib at lengths 70 and 130, every section run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -29,6 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
+import lab
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,7 @@ FULL = {
     "contexts": "256,1024,4096,16384,65536",
     "attention_lengths": "1024,8192,32768,65536",
 }
-DRY = {
+SMOKE = {
     "models": "bsbr-tiny,bsbr-stdlib",
     "lengths": "70,130",
     "batches": "1,2",
@@ -83,7 +84,7 @@ class Results:
         self.path.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
 
 
-def timed(fn, device: torch.device, repeats: int = 10, warmup: int = 2) -> float:
+def median_ms(fn, device: torch.device, repeats: int = 10, warmup: int = 2) -> float:
     """Median milliseconds of `fn()` (CUDA events on a GPU, the wall clock elsewhere)."""
     for _ in range(warmup):
         fn()
@@ -97,9 +98,7 @@ def timed(fn, device: torch.device, repeats: int = 10, warmup: int = 2) -> float
             torch.cuda.synchronize()
             times.append(start.elapsed_time(stop))
         else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append(lab.timed(fn) * 1e3)
     return statistics.median(times)
 
 
@@ -193,7 +192,7 @@ def check_model(
                 ids = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
                 reset_peak(device)
                 try:
-                    ms = timed(lambda run=run, ids=ids: run(ids), device, repeats=args.repeats)
+                    ms = median_ms(lambda run=run, ids=ids: run(ids), device, repeats=args.repeats)
                 except torch.OutOfMemoryError:
                     results.add(model=name, engine=engine, what="latency", batch=batch, length=length, error="OOM")
                     continue
@@ -231,13 +230,13 @@ def decode(name: str, model, vocab: int, args, device: torch.device, results: Re
             for _ in range(3):
                 step()
             for _ in range(args.decode_tokens):
-                steps.append(timed(step, device, repeats=1, warmup=0))
+                steps.append(median_ms(step, device, repeats=1, warmup=0))
         results.add(
             model=name,
             what="decode",
             context=context,
             ms_per_token=round(statistics.median(steps), 4),
-            p90_ms=round(sorted(steps)[int(0.9 * (len(steps) - 1))], 4),
+            p90_ms=round(lab.percentile(steps, 0.9), 4),
             peak_mib=peak_mib(device),
         )
 
@@ -260,7 +259,7 @@ def attention_race(args, device: torch.device, results: Results, deadline: Deadl
             reset_peak(device)
             try:
                 with torch.inference_mode():
-                    row[f"{label}_ms"] = round(timed(fn, device, repeats=args.repeats), 4)
+                    row[f"{label}_ms"] = round(median_ms(fn, device, repeats=args.repeats), 4)
                 row[f"{label}_peak_mib"] = peak_mib(device)
             except torch.OutOfMemoryError:
                 row[f"{label}_ms"] = "OOM"
@@ -272,28 +271,26 @@ def attention_race(args, device: torch.device, results: Results, deadline: Deadl
 def product_bench(args, device: torch.device, results: Results, deadline: Deadline) -> None:
     """The same engines through the product: `bsbr-export bench MODEL --device cuda` (the
     python call under it), so the figures above are not only a script's."""
-    from bsbr_export.workflows import benchmark
+    from bsbr_export.workflows import BenchExport, BenchOptions, benchmark
 
     if not deadline.allows("product bench", 60):
         return
     engines = (
-        ["eager", "torchscript"]
+        ("eager", "torchscript")
         if device.type == "cpu"
-        else ["eager-cuda", "eager-cuda-bf16", "compile-cuda", "torchscript-cuda"]
+        else ("eager-cuda", "eager-cuda-bf16", "compile-cuda", "torchscript-cuda")
     )
-    run = benchmark(
-        args.models[0],
+    options = BenchOptions(
+        lengths=tuple(args.lengths[:2]), engines=engines, budget_s=0.5, reduced_precision=False, device=device.type
+    )
+    export = BenchExport(
         out_dir=args.out / "product_bench",
-        lengths=args.lengths[:2],
-        engines=engines,
-        formats=["torchscript"],
+        formats=("torchscript",),
         streaming=False,
         long_length=args.lengths[-1],
-        budget_s=0.5,
-        reduced_precision=False,
-        device=device.type,
         overwrite=True,
     )
+    run = benchmark(args.models[0], options, export)
     results.add(
         what="product bench",
         device=device.type,
@@ -302,10 +299,58 @@ def product_bench(args, device: torch.device, results: Results, deadline: Deadli
     )
 
 
+def report(data: dict) -> str:
+    """The run's rows as markdown tables: parity, latency, decode, attention, the product's bench."""
+    rows = {}
+    for row in data["rows"]:
+        rows.setdefault(row["what"], []).append(row)
+    lines = [
+        f"# GPU check on {data['device']}",
+        "",
+        f"torch {data['torch']}, CUDA {data['cuda']}, TF32 {'on' if data['tf32'] else 'off'}; medians of "
+        f"{'the wall clock' if data['smoke'] else 'CUDA events'}. Skipped at the deadline: "
+        f"{', '.join(data.get('skipped', [])) or 'nothing'}.",
+        "",
+        "## Parity (max abs, top-1) at the shortest length",
+        "",
+        "| model | engine | L | first call s | vs GPU fp32 | vs CPU fp64 | bits per byte |",
+        "|---|---|---:|---:|---|---|---|",
+    ]
+    for r in rows.get("parity", []):
+        bpb = ", ".join(f"{w}: {v:.4f}" for w, v in r.get("bits_per_byte", {}).items()) or "-"
+        gpu, cpu = r["vs_gpu_fp32"], r["vs_cpu_fp64"]
+        lines.append(
+            f"| {r['model']} | {r['engine']} | {r['length']} | {r['first_call_s']} | {gpu['max_abs']:.2e}, "
+            f"{gpu['top1']:.3f} | {cpu['max_abs']:.2e}, {cpu['top1']:.3f} | {bpb} |"
+        )
+    lines += ["", "## Forward latency", "", "| model | engine | batch | L | ms | tokens/s | peak MiB |"]
+    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows.get("latency", []):
+        lines.append(
+            f"| {r['model']} | {r['engine']} | {r['batch']} | {r['length']} | {r.get('ms', r.get('error'))} | "
+            f"{r.get('tokens_per_s', '-')} | {r.get('peak_mib') or '-'} |"
+        )
+    lines += ["", "## Decode, one token per call", "", "| model | context | ms per token | p90 ms | peak MiB |"]
+    lines.append("|---|---:|---:|---:|---:|")
+    for r in rows.get("decode", []):
+        lines.append(
+            f"| {r['model']} | {r['context']} | {r['ms_per_token']} | {r['p90_ms']} | {r['peak_mib'] or '-'} |"
+        )
+    lines += ["", "## Attention alone, batch 1", "", "| L | dtype | BSBR ms | SDPA ms | SDPA / BSBR |"]
+    lines.append("|---:|---|---:|---:|---:|")
+    for r in rows.get("attention", []):
+        lines.append(
+            f"| {r['length']} | {r['dtype']} | {r['bsbr_ms']} | {r['sdpa_ms']} | {r.get('sdpa_over_bsbr', '-')} |"
+        )
+    for r in rows.get("product bench", []):
+        lines += ["", f"The product's bench on {r['device']}: validation {'passed' if r['validated'] else 'FAILED'}."]
+    return "\n".join([*lines, "", f"`{data['command']}`", ""])
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="on the CPU, tiny sizes (tests the script)")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/gpu_check"))
+    parser = lab.parser(__doc__)
+    # Not tools/results: the product's bench writes an export beside the figures.
+    parser.set_defaults(out=Path("/tmp/gpu_check"))
     parser.add_argument("--minutes", type=float, default=3.5, help="no section starts after this")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--decode-tokens", type=int, default=50)
@@ -313,27 +358,30 @@ def main() -> None:
     for key in FULL:
         parser.add_argument(f"--{key.replace('_', '-')}", default=None)
     args = parser.parse_args()
-    sizes = DRY if args.dry_run else FULL
+    sizes = SMOKE if args.smoke else FULL
     for key, default in sizes.items():
         value = getattr(args, key) or default
         setattr(args, key, value.split(",") if key == "models" else [int(n) for n in value.split(",")])
     args.windows = [min(4096, max(args.lengths))]
-    if args.dry_run:
-        args.text_bytes, args.decode_tokens, args.repeats = 2048, 5, 2
-    device = torch.device("cpu" if args.dry_run else "cuda")
+    if args.smoke:  # every section runs, however slow the CPU: the deadline is the GPU run's
+        args.text_bytes, args.decode_tokens, args.repeats, args.minutes = 2048, 5, 2, 60
+    device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda":
         # Like with like: torch's fp32 matmul is IEEE fp32 only with TF32 off.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     args.out.mkdir(parents=True, exist_ok=True)
+    machine = lab.machine()
     header = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else machine["processor"],
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "tf32": False,
-        "dry_run": args.dry_run,
+        "smoke": args.smoke,
+        "machine": machine,
+        "command": lab.command(),
     }
     results = Results(args.out / "gpu_check.json", header)
     deadline = Deadline(args.minutes * 60)
@@ -344,8 +392,7 @@ def main() -> None:
     # Last: a compile can take a minute; what the deadline leaves goes to the first model.
     check_model(args.models[0], args, device, results, deadline, compiled=True)
     results.data["skipped"] = deadline.skipped
-    results.flush()
-    print(f"done; skipped: {deadline.skipped or 'nothing'}", flush=True)
+    lab.write(args.out, "gpu_check", results.data, report)
 
 
 if __name__ == "__main__":

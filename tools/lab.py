@@ -23,18 +23,29 @@ from pathlib import Path
 from typing import Any
 
 from bsbr_export.defaults import DEFAULT_THREADS
-from bsbr_export.export.pipeline import export_model
-from bsbr_export.formats import FORMATS
 from bsbr_export.machine import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def parser(doc: str | None) -> argparse.ArgumentParser:
-    """A study's argument parser, with the options every study takes: `--out` (a folder)
-    and `--smoke` (a tiny size)."""
-    parsed = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parsed.add_argument("--out", type=Path, default=RESULTS, help="folder the results go to (default tools/results)")
+class StudyParser(argparse.ArgumentParser):
+    """An argument parser whose `--smoke` runs never write into the real results: without
+    `--out`, they go to a temporary folder."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if parsed.smoke and parsed.out == self.get_default("out"):
+            parsed.out = Path(tempfile.gettempdir()) / f"bsbr-smoke-{Path(sys.argv[0]).stem}"
+        return parsed
+
+
+def parser(doc: str | None, out: Path = RESULTS) -> argparse.ArgumentParser:
+    """A study's argument parser, with the options every study takes: `--out` (a folder,
+    `out` unless given) and `--smoke` (a tiny size; its results go to a temporary folder
+    unless `--out` says where)."""
+    parsed = StudyParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shown = out.relative_to(RESULTS.parents[1])
+    parsed.add_argument("--out", type=Path, default=out, help=f"folder the results go to (default {shown})")
     parsed.add_argument("--smoke", action="store_true", help="a tiny size that only proves the study runs")
     return parsed
 
@@ -60,6 +71,11 @@ def streaming_export(model: str, export: Path | None, study: str) -> Path:
         return export
     export = Path(tempfile.gettempdir()) / f"bsbr_{study}" / model
     if not (export / "manifest.json").is_file():
+        # Imported here: torch's exporter takes seconds to import, and every child of
+        # `in_child` imports this module.
+        from bsbr_export.export.pipeline import export_model
+        from bsbr_export.formats import FORMATS
+
         export_model(model, export, [FORMATS["onnx"]], streaming=True, overwrite=True)
     return export
 
@@ -112,6 +128,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def target_lines(rows: list[tuple[str, float | None, str]]) -> list[str]:
+    """A markdown table of (what, measured, target like '>= 1.5') rows, each marked met or
+    not (a figure that could not be measured, None, is not met)."""
+    lines = ["| ratio | measured | target | met |", "|---|---|---|---|"]
+    for what, measured, target in rows:
+        op, bound = target.split()
+        met = measured is not None and (measured <= float(bound) if op == "<=" else measured >= float(bound))
+        shown = "-" if measured is None else f"{measured:.2f}"
+        lines.append(f"| {what} | {shown} | {target} | {'yes' if met else 'NO'} |")
+    return lines
+
+
 def machine(threads: int = DEFAULT_THREADS, hidden: int = 256) -> dict:
     """What the figures were measured on (`bsbr_export.machine.machine_info`), and ONNX
     Runtime's own fp32 MatMul rate there at `threads`, measured now in a child process."""
@@ -148,6 +176,26 @@ def matmul_rate(hidden: int, threads: int) -> float:
             min_iters=5,
         )
     return 2 * rows * hidden * 4 * hidden / (timing.p50_ms / 1e3) / 1e9
+
+
+def onnx_timings(path: str, lengths: list[int], vocab: int, threads: int = DEFAULT_THREADS) -> dict:
+    """An ONNX graph over ids and a mask, timed in this process at each length (random
+    ids, batch 1, `time_lengths`): {"load_rss_mib", "timings": [Timing fields]}. Run it
+    with `in_child`, so each graph has its own memory peak and spinning threads."""
+    from bsbr_export.proof.bench import peak_rss_mib, random_feeds, time_lengths
+    from bsbr_export.runtime.onnx import OnnxRunner
+
+    runner = OnnxRunner(path, threads=threads, spinning=True)  # alone in its process
+    base = peak_rss_mib()
+    timings = time_lengths(
+        lambda feeds: runner.session.run(None, {n: feeds[n] for n in runner.input_names}),
+        lambda n: random_feeds(vocab, 1, n),
+        lengths,
+        warmup=1,
+        min_iters=3,
+        budget_s=1.0,
+    )
+    return {"load_rss_mib": base, "timings": [t.__dict__ for t in timings]}
 
 
 if __name__ == "__main__":

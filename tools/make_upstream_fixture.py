@@ -1,26 +1,29 @@
 """Write tests/fixtures/upstream/: a tiny bsbr 0.1.1 checkpoint and the package's outputs.
 
 Runs the real PyPI package (`pip install --no-deps --ignore-requires-python bsbr==0.1.1`),
-so that tests/test_upstream.py still checks parity where the package is not installed:
+so that tests/model/test_upstream.py still checks parity where the package is not installed:
 
 - `model.safetensors`: `bsbr.BSBRModel(...).state_dict()` as-is (random weights, every
   bias and LayerNorm parameter made nonzero so each one matters);
 - `expected.safetensors`: `ids.{L}` [2, L] int64 and `hidden.{L}` [2, L, hidden], the
   package's eval-mode outputs, at lengths around the chunk size;
-- `fixture.json`: the constructor arguments, lengths and versions.
+- `fixture.json` (and `fixture.md`, the same for a reader): the constructor arguments,
+  lengths and versions.
 
-    python tools/make_upstream_fixture.py [--out tests/fixtures/upstream]
+    python tools/make_upstream_fixture.py [--out tests/fixtures/upstream] [--smoke]
+
+`--smoke`: the same fixture (it is tiny already), which its test compares with the committed one.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
+import lab
 import torch
 from safetensors.torch import save_file
 
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "upstream"
 # Small on purpose: the committed files stay ~170 KB (mostly the 5000-row `pos_encoding.pe`).
 ARGS = dict(
     vocab_size=40, hidden_dim=8, num_layers=2, num_heads=2, chunk_size=4, ff_dim=16, dropout=0.1, compression_factor=2
@@ -30,9 +33,7 @@ SEED = 5
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/upstream")
-    out = parser.parse_args().out
+    out = lab.parser(__doc__, out=FIXTURE).parse_args().out
 
     from importlib.metadata import version
 
@@ -62,8 +63,26 @@ def main() -> None:
         "seed": SEED,
         "import": ["--heads", str(ARGS["num_heads"]), "--chunk-size", str(ARGS["chunk_size"])],
     }
-    (out / "fixture.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    lab.write(out, "fixture", info, report)
+
+
+def report(info: dict) -> str:
+    """What the fixture holds and how it was made, for a reader of the folder."""
+    lines = [
+        f"# bsbr {info['bsbr']} fixture (torch {info['torch']})",
+        "",
+        "Written by `python tools/make_upstream_fixture.py`; tests/model/test_upstream.py imports "
+        f"`model.safetensors` with `bsbr-export import-upstream {' '.join(info['import'])}` and compares "
+        "its outputs with `expected.safetensors`.",
+        "",
+        "| constructor argument | value |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in info["constructor"].items()),
+        "",
+        f"Lengths: {', '.join(map(str, info['lengths']))} (batch 2); seed {info['seed']}.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where ONNX Runtime's time goes in a BSBR forward: ORT's own profiler, by category.
 
-    python tools/profile_ort.py [--model bsbr-small] [--lengths 4096] [--out tools/results]
+    python tools/profile_ort.py [--model bsbr-small | --export DIR] [--lengths 4096] [--out tools/results] [--smoke]
 
 Exports the model's full-sequence graph, runs it on the CPU provider (2 threads, ORT_ENABLE_ALL,
 threads spinning: alone in this process) with `enable_profiling`, drops the warm-up runs and
@@ -11,20 +11,20 @@ achieved GFLOP/s inside the graph, and, for the costliest node of each op type o
 them, its time alone: the same node, inputs and weights as a one-node graph run back to
 back, its data hot in cache (what the op costs when its inputs do not come from memory).
 Writes profile_<model>.json and .md to --out.
+`--smoke`: bsbr-tiny at lengths 64 and 128.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+import lab
+
 WARMUP, RUNS = 3, 5
 ALONE_OPS = ("Attention", "BiasGelu", "LayerNormalization", "Transpose", "Add", "FusedMatMul")
 RANDOM_TYPES = {"float": "float32", "bool": "bool"}  # input types a one-node graph is fed random values of
@@ -56,12 +56,7 @@ def run_times(run, count: int) -> list[float]:
     """ms of each of `count` calls of `run()`, after WARMUP untimed ones."""
     for _ in range(WARMUP):
         run()
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+    return [1e3 * lab.timed(run) for _ in range(count)]
 
 
 def profile(path: Path, config, length: int, threads: int) -> dict:
@@ -179,16 +174,18 @@ def time_alone(optimized: Path, nodes: dict[str, dict], threads: int, runs: int 
     return sorted(rows, key=lambda r: -r["in_graph_ms"])
 
 
-def markdown(model: str, machine: dict, results: list[dict]) -> str:
+def report(result: dict) -> str:
+    """Per length: kernel time by category, the dense GEMMs' rate, the costliest nodes alone."""
+    machine = result["machine"]
     lines = [
-        f"# Where ONNX Runtime's time goes: {model}, batch 1, 2 threads, ORT_ENABLE_ALL",
+        f"# Where ONNX Runtime's time goes: {result['model']}, batch 1, {machine['threads']} threads, ORT_ENABLE_ALL",
         "",
         f"Machine: {machine['processor']} x{machine['cpu_count']}, {machine['platform']}; onnxruntime "
         f"{machine['versions'].get('onnxruntime')}."
         f" Kernel time from ORT's profiler over {RUNS} runs after {WARMUP} warm-ups.",
         "",
     ]
-    for r in results:
+    for r in result["results"]:
         lines += [
             f"## L = {r['length']}: median {r['p50_ms']:.1f} ms (profiler on)",
             "",
@@ -218,34 +215,41 @@ def markdown(model: str, machine: dict, results: list[dict]) -> str:
                 for a in r["alone"]
             ]
             lines.append("")
+    lines.append(f"`{result['command']}`")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = lab.parser(__doc__)
     parser.add_argument("--model", default="bsbr-small")
+    parser.add_argument(
+        "--export", type=Path, default=None, help="an ONNX export to profile instead of exporting --model"
+    )
     parser.add_argument("--lengths", default="4096")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_profile"))
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.lengths = "bsbr-tiny", "64,128"
 
     from bsbr_export.export.pipeline import export_model
     from bsbr_export.formats import FORMATS
-    from bsbr_export.machine import machine_info
-    from bsbr_export.model.zoo import get_preset
+    from bsbr_export.manifest import read_manifest
+    from bsbr_export.model.config import BSBRConfig
 
-    config = get_preset(args.model).config
-    shutil.rmtree(args.work, ignore_errors=True)
-    export_model(args.model, args.work, [FORMATS["onnx"]])
-    results = [profile(args.work / "model.onnx", config, int(n), args.threads) for n in args.lengths.split(",")]
-    machine = machine_info()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"profile_{args.model}.json").write_text(
-        json.dumps({"model": args.model, "machine": machine, "results": results}, indent=2) + "\n"
-    )
-    (args.out / f"profile_{args.model}.md").write_text(markdown(args.model, machine, results))
-    print(markdown(args.model, machine, results))
+    export_dir = args.export or args.work
+    if args.export is None:
+        shutil.rmtree(args.work, ignore_errors=True)
+        export_model(args.model, args.work, [FORMATS["onnx"]])
+    manifest = read_manifest(export_dir)
+    config = BSBRConfig.from_dict(manifest["config"])
+    machine = lab.machine(threads=args.threads)  # before the profiles: their threads spin alone
+    results = [
+        lab.progress(f"L={n}", profile, export_dir / "model.onnx", config, int(n), args.threads)
+        for n in args.lengths.split(",")
+    ]
+    result = {"model": manifest["model"], "machine": machine, "results": results, "command": lab.command()}
+    lab.write(args.out, f"profile_{manifest['model']}", result, report)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ bytes in windows of 512, 4096 and 16384, and on each chunk alone (windows of one
 nothing to retrieve). "Gain from retrieval" is the chunk-alone bits per byte minus the
 4096-window bits per byte over exactly the bytes both score. Writes
 retrieval_ablation.{json,md} to --out. Nothing here is asserted.
+`--smoke`: every arm for 2 steps of 1 x 128 bytes, scored on 4 KiB.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import lab
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from train import FORMS, HELDOUT_BYTES, RECORD, WEIGHTS, build_model, learned_mix, logits_fn, retrieval_gain
 
-from bsbr_export.machine import machine_info
 from bsbr_export.proof.evaltext import byte_bits, heldout_text
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +38,7 @@ WINDOWS = (512, 4096, 16384)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = lab.parser(__doc__)
     parser.add_argument("--arms", default=",".join(FORMS), help=f"comma-separated, of {', '.join(FORMS)}")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=2)
@@ -44,20 +46,38 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once, one thread each")
     parser.add_argument("--heldout-bytes", type=int, default=HELDOUT_BYTES)
-    parser.add_argument("--runs", type=Path, default=Path("/tmp/retrieval_ablation"))
+    parser.add_argument(
+        "--runs", type=Path, default=None, help="the arms' runs (default /tmp/retrieval_ablation, -smoke with --smoke)"
+    )
     parser.add_argument("--score-only", action="store_true", help="score the runs already in --runs")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.batch, args.length, args.heldout_bytes = 2, 1, 128, 4096
+    # A smoke run's arms never replace a real run's.
+    args.runs = args.runs or Path(tempfile.gettempdir()) / f"retrieval_ablation{'-smoke' if args.smoke else ''}"
     arms = args.arms.split(",")
     if not args.score_only:
         train_arms(arms, args)
     torch.set_num_threads(args.jobs)
     results = {arm: score(args.runs / arm, args.heldout_bytes) for arm in arms}
-    write(results, args)
+    record = {
+        "arms": results,
+        "steps": args.steps,
+        "batch": args.batch,
+        "length": args.length,
+        "lr": args.lr,
+        "jobs": args.jobs,
+        "heldout_bytes": args.heldout_bytes,
+        "machine": lab.machine(threads=1),
+        "command": lab.command(),
+    }
+    lab.write(args.out, "retrieval_ablation", record, report)
 
 
 def train_arms(arms: list[str], args: argparse.Namespace) -> None:
-    """tools/train.py for each arm, `--jobs` at a time, each on one thread."""
+    """tools/train.py for each arm, `--jobs` at a time, each on one thread. Popen rather than
+    `lab.in_child`: each arm is a real train.py command (its record's command runs it again
+    alone) and hours long, so its output goes to a log followed while it runs."""
     pending, running = list(arms), []
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -80,7 +100,7 @@ def train_arms(arms: list[str], args: argparse.Namespace) -> None:
                 "1",
                 "--eval-every",
                 "250",
-                "--out",
+                "--run",
                 str(args.runs / arm),
                 "--no-finish",
             ]
@@ -135,20 +155,10 @@ def verdict(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(results: dict, args: argparse.Namespace) -> None:
-    machine = machine_info()
+def report(record: dict) -> str:
+    """The study's record as markdown: each arm's scores, the verdict, what `gated` learned."""
+    results, machine = record["arms"], record["machine"]
     first = next(iter(results.values()))
-    record = {
-        "arms": results,
-        "steps": args.steps,
-        "batch": args.batch,
-        "length": args.length,
-        "lr": args.lr,
-        "heldout_bytes": args.heldout_bytes,
-        "machine": machine,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "retrieval_ablation.json").write_text(json.dumps(record, indent=2) + "\n")
     rows = "\n".join(
         f"| `{arm}` | {' | '.join(str(r['bpb'][str(w)]) for w in WINDOWS)} | {r['chunk_alone_bpb']} | "
         f"{r['gain_from_retrieval']:+.4f} | {r['train_seconds'] / 60:.0f} |"
@@ -158,15 +168,14 @@ def write(results: dict, args: argparse.Namespace) -> None:
         f"\n| {row['layer']} | {', '.join(map(str, row['gate']))} | {', '.join(map(str, row['norm_scale_mean']))} |"
         for row in results.get("gated", {}).get("learned", [])
     )
-    (args.out / "retrieval_ablation.md").write_text(
+    return (
         "# Retrieval ablation\n\n"
         f"`bsbr-stdlib`'s shape (4 layers, hidden 256, 4 heads, chunk 64), seed 0, the same initial weights and "
-        f"batches for every arm: {args.steps} steps of {args.batch} x {args.length} bytes "
-        f"({first['bytes_seen'] / 1e6:.1f} M bytes seen), lr {args.lr}, bf16 autocast, one thread per arm, "
-        f"{args.jobs} at a time on {machine['processor']} ({machine['cpu_count']} cores). Scored on the "
-        f"first {args.heldout_bytes} held-out bytes of Python {machine['versions']['python']}'s stdlib, fp16 "
-        f"weights run in fp32. Produced by `python tools/retrieval_ablation.py --steps {args.steps} --batch "
-        f"{args.batch} --length {args.length} --jobs {args.jobs}`.\n\n"
+        f"batches for every arm: {record['steps']} steps of {record['batch']} x {record['length']} bytes "
+        f"({first['bytes_seen'] / 1e6:.1f} M bytes seen), lr {record['lr']}, bf16 autocast, one thread per arm, "
+        f"{record['jobs']} at a time on {machine['processor']} ({machine['cpu_count']} cores). Scored on the "
+        f"first {record['heldout_bytes']} held-out bytes of Python {machine['versions']['python']}'s stdlib, fp16 "
+        f"weights run in fp32. Produced by `{record['command']}`.\n\n"
         "| arm | bpb, windows of 512 | 4096 | 16384 | each chunk alone | gain from retrieval | train minutes |\n"
         "|---|---|---|---|---|---|---|\n" + rows + "\n\n"
         "Gain from retrieval: chunk-alone minus 4096-window bits per byte on the same bytes (positive: what a "

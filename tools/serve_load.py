@@ -3,51 +3,33 @@ concurrent sequences and context length.
 
     python tools/serve_load.py [--model bsbr-small] [--triton-env .venv-triton]
         [--concurrency 1,2,4,8,16] [--contexts 256,512,1024,2048,4096,8192] [--tokens 32]
-        [--protocol grpc] [--export DIR] [--out tools/results]
+        [--protocol grpc] [--export DIR] [--out tools/results] [--smoke]
 
-Exports MODEL (ONNX, streaming) with --triton-repo into a temp dir, serves it with
+Exports MODEL (ONNX, streaming) into a work folder kept between runs
+(/tmp/bsbr_serve_load/MODEL), writes its --triton-repo into a temp dir, serves it with
 `bsbr_export.serve.serve.TritonServer` (the nvidia-pytriton wheel, 127.0.0.1 only) and, for
 every (context, concurrency): opens that many sequences at once, each with a random
 prompt of `context` tokens (prefill, not counted), then every sequence sends `tokens`
 one-token requests as fast as its answers come. Throughput is all those tokens over the
 wall time of that phase; latency is each request's round trip (client to model.py and
 back, queueing behind the other sequences included) as p50 and p99. Every sequence ends
-with sequence_end. Writes serve_load_<model>.json and .md to --out. No number is asserted.
+with sequence_end. ORT's own float32 MatMul rate is measured in the same run, before the
+server starts. Writes serve_load_<model>.json and .md to --out. No number is asserted.
+`--smoke`: bsbr-tiny, 1 and 2 sequences, contexts 20 and 40, 4 tokens.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import os
-import platform
-import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import lab
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
-
-
-def cpu_name() -> str:
-    """lscpu's model name (the figures mean little without it)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return platform.processor() or platform.machine()
-    fields = {
-        k.strip(): " ".join(v.split()) for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)
-    }
-    name, family, model = (
-        fields.get("Model name", platform.machine()),
-        fields.get("CPU family", "?"),
-        fields.get("Model", "?"),
-    )
-    return f"{name} (family {family} model {model})"
 
 
 def run_cell(
@@ -98,51 +80,66 @@ def run_cell(
         start = time.perf_counter()
         latencies = [s for f in futures for s in f.result()]
         wall = time.perf_counter() - start
-    ms = np.array(latencies) * 1e3
     return {
         "context": context,
         "concurrency": concurrency,
         "tokens_per_sequence": tokens,
         "tokens_per_s": concurrency * tokens / wall,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
+        "p50_ms": lab.percentile(latencies, 0.5) * 1e3,
+        "p99_ms": lab.percentile(latencies, 0.99) * 1e3,
         "wall_s": wall,
     }
 
 
+def report(result: dict) -> str:
+    machine, cells = result["machine"], result["cells"]
+    lines = [
+        f"# Triton serving load: {result['model']}_streaming_python ({result['protocol']}, one model instance)",
+        "",
+        f"CPU: {machine['processor']} x{machine['cpu_count']}; {machine['platform']}; ORT float32 MatMul "
+        f"{machine['matmul_gflops']:.0f} GFLOP/s ({machine['threads']} threads, [4096, 256] x [256, 1024], same run). "
+        f"Server ready in {result['server_start_s']:.2f} s; healthy after the run: {result['healthy_after']}. "
+        f"{result['tokens']} timed one-token requests per sequence after a prefill of `context` tokens.",
+        *(["", f"Note: {result['note']}"] if result["note"] else []),
+        "",
+        "| context | sequences | tokens/s | p50 ms/token | p99 ms/token |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {c['context']} | {c['concurrency']} | {c['tokens_per_s']:.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} |"
+            for c in cells
+        ),
+        "",
+        f"`{result['command']}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = lab.parser(__doc__)
     parser.add_argument("--model", default="bsbr-small")
-    parser.add_argument(
-        "--export", type=Path, help="an existing `--streaming` export of MODEL [default: export it now]"
-    )
+    parser.add_argument("--export", type=Path, help="an existing `--streaming` export of MODEL [default: export it]")
     parser.add_argument("--triton-env", default=os.environ.get("BSBR_TRITON_ENV", ".venv-triton"))
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--contexts", default="256,512,1024,2048,4096,8192")
     parser.add_argument("--tokens", type=int, default=32, help="timed one-token requests per sequence")
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     parser.add_argument("--note", default="", help="a line for the report (e.g. that the machine was loaded)")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.concurrency, args.contexts, args.tokens = "bsbr-tiny", "1,2", "20,40", 4
     concurrency = [int(v) for v in args.concurrency.split(",")]
     contexts = [int(v) for v in args.contexts.split(",")]
 
-    from bsbr_export.export.pipeline import export_model
-    from bsbr_export.formats import FORMATS
-    from bsbr_export.io import atomic_write
     from bsbr_export.serve.serve import TritonServer, find_env
     from bsbr_export.serve.triton import write_triton_repo
-    from bsbr_export.versions import versions
 
     env = find_env(args.triton_env)
+    export = lab.streaming_export(args.model, args.export, "serve_load")
+    vocab = json.loads((export / "manifest.json").read_text())["config"]["vocab_size"]
+    # The server's ORT sessions take ORT's default, a thread per core (write_triton_repo's threads=0).
+    machine = lab.machine(threads=os.cpu_count())
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
-        export = args.export
-        if export is None:
-            print(f"exporting {args.model}", flush=True)
-            export = Path(tmp) / "export"
-            export_model(args.model, export, [FORMATS["onnx"]], streaming=True)
         repo = write_triton_repo(export, Path(tmp) / "models", args.model)
-        vocab = json.loads((export / "manifest.json").read_text())["config"]["vocab_size"]
         with TritonServer(repo, env, http_port=0, grpc_port=0) as server:
             print(f"tritonserver ready in {server.start_seconds:.2f}s", flush=True)
             # Warm-up (not recorded): the first requests pay for ORT's and Triton's lazy setup.
@@ -173,36 +170,15 @@ def main() -> None:
     result = {
         "model": args.model,
         "protocol": args.protocol,
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "versions": versions(),
+        "machine": machine,
         "note": args.note,
+        "tokens": args.tokens,
         "server_start_s": start_seconds,
         "healthy_after": healthy,
         "cells": cells,
+        "command": lab.command(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out / f"serve_load_{args.model}.json") as path:
-        path.write_text(json.dumps(result, indent=2) + "\n")
-    lines = [
-        f"# Triton serving load: {args.model}_streaming_python ({args.protocol}, one model instance)",
-        "",
-        f"CPU: {result['cpu']} x{result['cpu_count']}; {result['platform']}. Server ready in {start_seconds:.2f} s; "
-        f"healthy after the run: {healthy}. {args.tokens} timed one-token requests per sequence after a "
-        "prefill of `context` tokens.",
-        *(["", f"Note: {args.note}"] if args.note else []),
-        "",
-        "| context | sequences | tokens/s | p50 ms/token | p99 ms/token |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {c['context']} | {c['concurrency']} | {c['tokens_per_s']:.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} |"
-            for c in cells
-        ),
-    ]
-    with atomic_write(args.out / f"serve_load_{args.model}.md") as path:
-        path.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / f'serve_load_{args.model}.md'}")
+    lab.write(args.out, f"serve_load_{args.model}", result, report)
 
 
 if __name__ == "__main__":

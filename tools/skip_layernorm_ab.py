@@ -1,6 +1,7 @@
 """A/B: our own SkipLayerNormalization rewrite against the exported graph, on ORT's CPU provider.
 
-    python tools/skip_layernorm_ab.py [--model bsbr-small] [--lengths 1024,4096] [--rounds 3]
+    python tools/skip_layernorm_ab.py [--model bsbr-small | --export DIR] [--lengths 1024,4096] [--rounds 3]
+        [--out tools/results] [--smoke]
 
 ONNX Runtime's SkipLayerNormalization fusion declines our graph (its dynamic shapes), so
 every residual `Add` feeding a `LayerNormalization` stays two kernels. This tool writes
@@ -10,19 +11,18 @@ rewritten graph against the original on unseen inputs, and times both side by si
 each file in its own process, alternating, `rounds` times, 2 threads, ORT_ENABLE_ALL.
 Writes skip_layernorm_ab_<model>.{json,md} to --out. An experiment: the package ships
 the rewrite only if it wins here.
+`--smoke`: bsbr-tiny at lengths 32 and 64, 2 rounds.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import statistics
 from pathlib import Path
 
-from bsbr_export.defaults import DEFAULT_THREADS
+import lab
 
-HERE = Path(__file__).resolve().parent
+from bsbr_export.defaults import DEFAULT_THREADS
 
 
 def fuse_skip_layer_norm(model, fold_bias: bool) -> int:
@@ -94,28 +94,63 @@ def max_abs_difference(a: Path, b: Path, vocab: int, lengths: list[int]) -> floa
     return worst
 
 
+def report(record: dict) -> str:
+    """Each graph's fused nodes, parity and median p50 (the rounds' p50s, the speed-up)."""
+    machine, lengths, median = record["machine"], record["lengths"], record["median_of_rounds_ms"]
+    head = " | ".join(f"L={n} ms (rounds)" for n in lengths)
+    rows = [
+        f"| {name} | {record['fused_nodes'].get(name, 0)} | {record['max_abs_vs_exported'][name]:.1e} | "
+        + " | ".join(
+            f"{median[name][str(n)]:.1f} ({', '.join(f'{t:.1f}' for t in record['p50_ms_per_round'][name][str(n)])}) "
+            f"x{median['exported'][str(n)] / median[name][str(n)]:.2f}"
+            for n in lengths
+        )
+        + " |"
+        for name in median
+    ]
+    lines = [
+        f"# SkipLayerNormalization rewrite vs the exported graph: {record['model']}",
+        "",
+        f"Machine: **{machine['processor']}** x{machine['cpu_count']} ({', '.join(machine['cpu_features'])}), "
+        f"{machine['platform']}; onnxruntime {machine['versions'].get('onnxruntime', '?')}. Batch 1, "
+        f"{machine['threads']} threads, ORT_ENABLE_ALL; each file in its own process, alternating, "
+        f"{record['rounds']} rounds; median of the rounds' p50 and, after x, speed-up vs the exported graph.",
+        "",
+        f"| graph | fused | max abs vs exported | {head} |",
+        "|---|---|---|" + "---|" * len(lengths),
+        *rows,
+        "",
+        f"`{record['command']}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = lab.parser(__doc__)
     parser.add_argument("--model", default="bsbr-small")
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--export", type=Path, default=None, help="an ONNX export to rewrite instead of exporting --model"
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_skip_layernorm_ab"))
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.lengths, args.rounds = "bsbr-tiny", "32,64", 2
     lengths = [int(n) for n in args.lengths.split(",")]
 
     import onnx
-    from sweep import time_onnx
 
     from bsbr_export.export.pipeline import export_model
     from bsbr_export.formats import FORMATS
-    from bsbr_export.machine import machine_info
-    from bsbr_export.model.zoo import get_preset
+    from bsbr_export.manifest import manifest_spec, read_manifest
 
-    vocab = get_preset(args.model).config.vocab_size
     shutil.rmtree(args.work, ignore_errors=True)
-    export_dir = args.work / args.model
-    export_model(args.model, export_dir, [FORMATS["onnx"]])
+    export_dir = args.export or args.work / args.model
+    if args.export is None:
+        export_model(args.model, export_dir, [FORMATS["onnx"]])
+    args.work.mkdir(parents=True, exist_ok=True)
+    model_name, vocab = read_manifest(export_dir)["model"], manifest_spec(export_dir).tokens.high
     files = {"exported": export_dir / "model.onnx"}
     fused = {}
     for name, fold in (("skip-layernorm", False), ("skip-layernorm+bias", True)):
@@ -124,50 +159,25 @@ def main() -> None:
         files[name] = args.work / f"{name}.onnx"
         onnx.save(model, str(files[name]))
     parity = {name: max_abs_difference(files["exported"], path, vocab, lengths) for name, path in files.items()}
-    times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in lengths} for name in files}
+    # Lengths as strings: the keys JSON keeps, which the report reads.
+    times: dict[str, dict[str, list[float]]] = {name: {str(n): [] for n in lengths} for name in files}
     for _ in range(args.rounds):
         for name, path in files.items():
-            result = time_onnx(path, lengths, vocab)
+            result = lab.in_child(lab.onnx_timings, path, lengths, vocab, DEFAULT_THREADS)
             for timing in result["timings"]:
-                times[name][timing["length"]].append(timing["p50_ms"])
-    machine = machine_info()
-    median = {name: {n: statistics.median(ts) for n, ts in by.items()} for name, by in times.items()}
+                times[name][str(timing["length"])].append(timing["p50_ms"])
     record = {
-        "model": args.model,
-        "machine": machine,
+        "model": model_name,
+        "machine": lab.machine(threads=DEFAULT_THREADS),
+        "lengths": lengths,
         "rounds": args.rounds,
         "fused_nodes": fused,
         "max_abs_vs_exported": parity,
         "p50_ms_per_round": times,
-        "median_of_rounds_ms": median,
+        "median_of_rounds_ms": {name: {n: statistics.median(ts) for n, ts in by.items()} for name, by in times.items()},
+        "command": lab.command(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"skip_layernorm_ab_{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
-    head = " | ".join(f"L={n} ms (rounds)" for n in lengths)
-    rows = [
-        f"| {name} | {fused.get(name, 0)} | {parity[name]:.1e} | "
-        + " | ".join(
-            f"{median[name][n]:.1f} ({', '.join(f'{t:.1f}' for t in times[name][n])}) "
-            f"x{median['exported'][n] / median[name][n]:.2f}"
-            for n in lengths
-        )
-        + " |"
-        for name in files
-    ]
-    lines = [
-        f"# SkipLayerNormalization rewrite vs the exported graph: {args.model}",
-        "",
-        f"Machine: **{machine['processor']}** x{machine['cpu_count']} ({', '.join(machine['cpu_features'])}), "
-        f"{machine['platform']}; onnxruntime {machine['versions'].get('onnxruntime', '?')}. Batch 1, 2 threads, "
-        f"ORT_ENABLE_ALL; each file in its own process, alternating, {args.rounds} rounds; median of the rounds' "
-        "p50 and, after x, speed-up vs the exported graph.",
-        "",
-        f"| graph | fused | max abs vs exported | {head} |",
-        "|---|---|---|" + "---|" * len(lengths),
-        *rows,
-    ]
-    (args.out / f"skip_layernorm_ab_{args.model}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lab.write(args.out, f"skip_layernorm_ab_{model_name}", record, report)
 
 
 if __name__ == "__main__":

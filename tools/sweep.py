@@ -1,47 +1,30 @@
 """The issue-6 benchmark sweep: bsbr-small, batch 1, 2 threads, one run, against targets.
 
-    python tools/sweep.py [--model bsbr-small] [--out tools/results]
+    python tools/sweep.py [--model bsbr-small | --export DIR] [--out tools/results] [--smoke]
 
 Measures, each engine in its own process: eager vs ONNX Runtime latency; BSBR vs the same
 model family with standard causal attention (SDPA) exported the same way, up to L=16384
 (latency and peak memory); streaming decode latency vs context against re-running the
 full forward; achieved model FLOP/s against ONNX Runtime's own float32 MatMul on a
-[L, hidden] x [hidden, 4*hidden] product timed in the same run; int8 vs fp32.
+[4096, hidden] x [hidden, 4*hidden] product timed in the same run; int8 vs fp32.
 Writes sweep_<model>.json and sweep_<model>.md to --out. No number here is asserted.
+`--smoke`: bsbr-tiny at lengths and decode contexts 32, 64, 128, 256, short timing budgets.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+
+import lab
 
 from bsbr_export.defaults import DEFAULT_THREADS
 
-HERE = Path(__file__).resolve().parent
+# Each list is (short, mid, long, longest): the targets name them by position.
 LENGTHS = [256, 1024, 4096, 16384]
 DECODE = [256, 1024, 4096, 16384]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile of `values` (nearest rank; nan when there are none)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-def matmul_rate(hidden: int, threads: int) -> float:
-    """ORT's own float32 MatMul GFLOP/s here: [4096, hidden] x [hidden, 4 hidden], timed in a
-    child process (which inherits this process's CPU affinity)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "matmul.onnx"
-        matmul_graph(path, hidden)
-        timing = time_onnx(path, [4096], vocab=2, hidden=hidden, threads=threads)["timings"][0]
-    return 2 * 4096 * hidden * 4 * hidden / (timing["p50_ms"] / 1e3) / 1e9
+SMOKE = [32, 64, 128, 256]  # bsbr-tiny's chunk is 8: every list spans chunks
+ENGINES = ["eager", "ort-cpu-all", "ort-cpu-disabled", "ort-cpu-int8"]
 
 
 def sdpa_model(config, seed: int = 0):
@@ -73,224 +56,158 @@ def sdpa_model(config, seed: int = 0):
     return model.eval()
 
 
-def matmul_graph(path: Path, hidden: int) -> None:
-    """A one-node ONNX graph: [L, hidden] x [hidden, 4*hidden], L dynamic."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    weight = numpy_helper.from_array(
-        np.random.default_rng(0).standard_normal((hidden, 4 * hidden), dtype=np.float32), "w"
-    )
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "matmul",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["L", hidden])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["L", 4 * hidden])],
-        [weight],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10), str(path))
+def at(result: dict, engine: str, length: int, field: str = "p50_ms") -> float | None:
+    """An engine's timing `field` at `length` (None where it did not run)."""
+    return next((t[field] for t in result["engines"][engine]["timings"] if t["length"] == length), None)
 
 
-def _child_time_onnx(path: str, lengths: list[int], hidden: int | None, vocab: int, threads: int) -> None:
-    """Child process: time an ONNX file at each length (ids input, or an [L, hidden] input)."""
-    import numpy as np
-
-    from bsbr_export.proof.bench import peak_rss_mib, random_feeds, time_lengths
-    from bsbr_export.runtime.onnx import OnnxRunner
-
-    runner = OnnxRunner(path, threads=threads, spinning=True)  # alone in this child process
-    if hidden:
-
-        def call(feeds):
-            x = np.ones((feeds["input_ids"].shape[1], hidden), dtype=np.float32)
-            return runner.session.run(None, {"x": x})
-    else:
-
-        def call(feeds):
-            return runner.session.run(None, {n: feeds[n] for n in runner.input_names})
-
-    base = peak_rss_mib()
-    timings = time_lengths(call, lambda n: random_feeds(vocab, 1, n), lengths, warmup=1, min_iters=3, budget_s=1.0)
-    print(json.dumps({"load_rss_mib": base, "timings": [t.__dict__ for t in timings]}))
+def best_ort(result: dict, length: int) -> float:
+    """The faster fp32 ORT p50 at `length`: all graph optimizations or none."""
+    return min(x for x in (at(result, "ort-cpu-all", length), at(result, "ort-cpu-disabled", length)) if x)
 
 
-def time_onnx(
-    path: Path, lengths: list[int], vocab: int, hidden: int | None = None, threads: int = DEFAULT_THREADS
-) -> dict:
-    out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--child",
-            str(path),
-            "--lengths",
-            ",".join(map(str, lengths)),
-            "--vocab",
-            str(vocab),
-            "--hidden",
-            str(hidden or 0),
-            "--threads",
-            str(threads),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def target_lines(rows) -> list[str]:
-    """A markdown table of (what, measured, target like '>= 1.5') rows, each marked met or
-    not (a figure that could not be measured, None, is not met)."""
-    lines = ["| ratio | measured | target | met |", "|---|---|---|---|"]
-    for what, measured, target in rows:
-        op, bound = target.split()
-        met = measured is not None and (measured <= float(bound) if op == "<=" else measured >= float(bound))
-        shown = "-" if measured is None else f"{measured:.2f}"
-        lines.append(f"| {what} | {shown} | {target} | {'yes' if met else 'NO'} |")
-    return lines
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="bsbr-small")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_sweep"))
-    parser.add_argument("--child")
-    parser.add_argument("--lengths")
-    parser.add_argument("--vocab", type=int)
-    parser.add_argument("--hidden", type=int)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    if args.child:
-        _child_time_onnx(args.child, [int(x) for x in args.lengths.split(",")], args.hidden, args.vocab, args.threads)
-        return
-
-    from bsbr_export.export.onnx import export_onnx
-    from bsbr_export.export.pipeline import export_model
-    from bsbr_export.formats import FORMATS
-    from bsbr_export.machine import machine_info
-    from bsbr_export.model.zoo import get_preset
-    from bsbr_export.proof.bench import bench_engines, decode_latency, model_flops
-    from bsbr_export.proof.optimize import quantize_int8
-
-    config = get_preset(args.model).config
-    shutil.rmtree(args.work, ignore_errors=True)
-    export_dir = args.work / args.model
-    print("exporting", flush=True)
-    export_model(args.model, export_dir, [FORMATS["onnx"]], streaming=True)
-    sdpa_path = args.work / "sdpa" / "model.onnx"
-    export_onnx(sdpa_model(config), sdpa_path)
-    matmul_path = args.work / "matmul.onnx"
-    matmul_graph(matmul_path, config.hidden_size)
-    print("quantizing", flush=True)
-    quant = quantize_int8(export_dir)
-
-    print("timing engines", flush=True)
-    engines = {
-        e.engine: e
-        for e in bench_engines(
-            export_dir, ["eager", "ort-cpu-all", "ort-cpu-disabled", "ort-cpu-int8"], LENGTHS, budget_s=2.0
-        )
-    }
-    print("timing sdpa and matmul", flush=True)
-    sdpa = time_onnx(sdpa_path, LENGTHS, config.vocab_size)
-    matmul = time_onnx(matmul_path, [4096], config.vocab_size, hidden=config.hidden_size)
-    print("decode", flush=True)
-    decode = decode_latency(export_dir, DECODE)
-
-    def p50(engine, length):
-        timing = engines[engine].at(length)
-        return timing.p50_ms if timing else None
-
-    def peak(engine, length):
-        timing = engines[engine].at(length)
-        return timing.peak_rss_mib if timing else None
-
-    sdpa_at = {t["length"]: t for t in sdpa.get("timings", [])}
-    best_ort = {n: min(x for x in (p50("ort-cpu-all", n), p50("ort-cpu-disabled", n)) if x) for n in LENGTHS}
-    flops_4096 = model_flops(config, 4096)
-    achieved = flops_4096 / (best_ort[4096] / 1e3) / 1e9
-    matmul_gflops = (
-        2 * 4096 * config.hidden_size * 4 * config.hidden_size / (matmul["timings"][0]["p50_ms"] / 1e3) / 1e9
-    )
-    by_context = {d.context: d for d in decode}
-    rows = [
-        ("ORT / eager latency, L=256", best_ort[256] / p50("eager", 256), "<= 0.50"),
-        ("ORT / eager latency, L=4096", best_ort[4096] / p50("eager", 4096), "<= 0.40"),
+def targets(result: dict) -> list[tuple[str, float | None, str]]:
+    """The issue's targets as (what, measured, target) rows, from the figures in `result`."""
+    short, mid, long, longest = result["lengths"]
+    sdpa_at = {t["length"]: t for t in result["sdpa_ort"].get("timings", [])}
+    decode = {d["context"]: d for d in result["decode"]}
+    first, _, third, last = sorted(decode)
+    return [
+        (f"ORT / eager latency, L={short}", best_ort(result, short) / at(result, "eager", short), "<= 0.50"),
+        (f"ORT / eager latency, L={long}", best_ort(result, long) / at(result, "eager", long), "<= 0.40"),
         (
-            "SDPA-ORT / BSBR-ORT latency, L=16384",
-            sdpa_at[16384]["p50_ms"] / best_ort[16384] if 16384 in sdpa_at else float("nan"),
+            f"SDPA-ORT / BSBR-ORT latency, L={longest}",
+            sdpa_at[longest]["p50_ms"] / best_ort(result, longest) if longest in sdpa_at else float("nan"),
             ">= 15",
         ),
         (
-            "SDPA-ORT / BSBR-ORT peak RSS, L=16384",
-            sdpa_at[16384]["peak_rss_mib"] / peak("ort-cpu-all", 16384) if 16384 in sdpa_at else float("nan"),
+            f"SDPA-ORT / BSBR-ORT peak RSS, L={longest}",
+            sdpa_at[longest]["peak_rss_mib"] / at(result, "ort-cpu-all", longest, "peak_rss_mib")
+            if longest in sdpa_at
+            else float("nan"),
             ">= 10",
         ),
-        ("decode per-token 16384 / 256", by_context[16384].step_p50_ms / by_context[256].step_p50_ms, "<= 1.2"),
-        ("decode speed-up vs full forward, 4096", by_context[4096].speedup, ">= 50"),
-        ("model GFLOP/s / ORT MatMul GFLOP/s, L=4096", achieved / matmul_gflops, ">= 0.85"),
-        ("int8 speed-up vs fp32 ORT, L=1024", p50("ort-cpu-all", 1024) / p50("ort-cpu-int8", 1024), ">= 1.5"),
+        (f"decode per-token {last} / {first}", decode[last]["step_p50_ms"] / decode[first]["step_p50_ms"], "<= 1.2"),
+        (f"decode speed-up vs full forward, {third}", decode[third]["speedup"], ">= 50"),
+        (
+            f"model GFLOP/s / ORT MatMul GFLOP/s, L={result['flops_length']}",
+            result["model_gflops"] / result["machine"]["matmul_gflops"],
+            ">= 0.85",
+        ),
+        (
+            f"int8 speed-up vs fp32 ORT, L={mid}",
+            at(result, "ort-cpu-all", mid) / at(result, "ort-cpu-int8", mid),
+            ">= 1.5",
+        ),
     ]
-    result = {
-        "model": args.model,
-        "machine": machine_info(),
-        "batch": 1,
-        "threads": 2,
-        "lengths": LENGTHS,
-        "engines": {
-            k: {"ok": v.ok, "error": v.error, "timings": [t.__dict__ for t in v.timings]} for k, v in engines.items()
-        },
-        "sdpa_ort": sdpa,
-        "ort_matmul_gflops": matmul_gflops,
-        "model_gflops_4096": achieved,
-        "mflop_per_token": model_flops(config, 4096) / 4096 / 1e6,
-        "decode": [d.__dict__ | {"speedup": d.speedup} for d in decode],
-        "int8": {"top1": quant.steps[-1].top1, "fp32_modules": [quant.modules[n] for n in quant.fp32_nodes]},
-        "targets": [{"what": w, "measured": m, "target": t} for w, m, t in rows],
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"sweep_{args.model}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def report(result: dict) -> str:
+    """Latency and memory per length, decode per context, the FLOP rate, int8, the targets."""
+    machine, hidden = result["machine"], result["hidden_size"]
+    sdpa_at = {t["length"]: t for t in result["sdpa_ort"].get("timings", [])}
     lines = [
-        f"# Sweep: {args.model}, batch 1, 2 threads",
+        f"# Sweep: {result['model']}, batch 1, {result['threads']} threads",
         "",
-        f"Machine: {result['machine']['processor']} x{result['machine']['cpu_count']}, "
-        f"{result['machine']['platform']}; versions {result['machine']['versions']}.",
+        f"Machine: {machine['processor']} x{machine['cpu_count']}, {machine['platform']}; versions "
+        f"{machine['versions']}.",
         "",
         "| length | eager ms | ORT all ms | ORT disabled ms | int8 ms | SDPA-ORT ms | eager MiB | ORT MiB "
         "| SDPA-ORT MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for n in LENGTHS:
+    for n in result["lengths"]:
         s = sdpa_at.get(n, {})
         cells = [
-            p50("eager", n),
-            p50("ort-cpu-all", n),
-            p50("ort-cpu-disabled", n),
-            p50("ort-cpu-int8", n),
+            at(result, "eager", n),
+            at(result, "ort-cpu-all", n),
+            at(result, "ort-cpu-disabled", n),
+            at(result, "ort-cpu-int8", n),
             s.get("p50_ms"),
-            peak("eager", n),
-            peak("ort-cpu-all", n),
+            at(result, "eager", n, "peak_rss_mib"),
+            at(result, "ort-cpu-all", n, "peak_rss_mib"),
             s.get("peak_rss_mib"),
         ]
         lines.append(f"| {n} | " + " | ".join(f"{c:.1f}" if c else "-" for c in cells) + " |")
     lines += ["", "| context | decode ms/token | full forward ms | speed-up |", "|---|---|---|---|"]
-    lines += [f"| {d.context} | {d.step_p50_ms:.2f} | {d.full_forward_p50_ms:.1f} | {d.speedup:.0f}x |" for d in decode]
+    lines += [
+        f"| {d['context']} | {d['step_p50_ms']:.2f} | {d['full_forward_p50_ms']:.1f} | {d['speedup']:.0f}x |"
+        for d in result["decode"]
+    ]
     lines += [
         "",
-        f"Model: {result['mflop_per_token']:.2f} MFLOP/token; at L=4096 ORT runs it at {achieved:.0f} GFLOP/s; "
-        f"ORT's own MatMul [4096,{config.hidden_size}]x[{config.hidden_size},{4 * config.hidden_size}]: "
-        f"{matmul_gflops:.0f} GFLOP/s (same run).",
+        f"Model: {result['mflop_per_token']:.2f} MFLOP/token; at L={result['flops_length']} ORT runs it at "
+        f"{result['model_gflops']:.0f} GFLOP/s; ORT's own MatMul [4096,{hidden}]x[{hidden},{4 * hidden}]: "
+        f"{machine['matmul_gflops']:.0f} GFLOP/s (same run).",
         f"int8 top-1 agreement {result['int8']['top1']:.3f} with fp32 kept for: "
         f"{', '.join(result['int8']['fp32_modules']) or 'none'}.",
         "",
-        *target_lines(rows),
+        *lab.target_lines([(t["what"], t["measured"], t["target"]) for t in result["targets"]]),
+        "",
+        f"`{result['command']}`",
     ]
-    (args.out / f"sweep_{args.model}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = lab.parser(__doc__)
+    parser.add_argument("--model", default="bsbr-small")
+    parser.add_argument(
+        "--export", type=Path, default=None, help="an export with --streaming to copy into --work instead of exporting"
+    )
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_sweep"))
+    args = parser.parse_args()
+    lengths, contexts, budget = LENGTHS, DECODE, 2.0
+    if args.smoke:
+        args.model, lengths, contexts, budget = "bsbr-tiny", SMOKE, SMOKE, 0.2
+
+    from bsbr_export.export.onnx import export_onnx
+    from bsbr_export.export.pipeline import export_model
+    from bsbr_export.formats import FORMATS
+    from bsbr_export.manifest import read_manifest
+    from bsbr_export.model.config import BSBRConfig
+    from bsbr_export.proof.bench import bench_engines, decode_latency, model_flops
+    from bsbr_export.proof.optimize import quantize_int8
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    if args.export is None:
+        export_dir = args.work / args.model
+        lab.progress("exporting", lambda: export_model(args.model, export_dir, [FORMATS["onnx"]], streaming=True))
+    else:  # a copy: the int8 graph is written into the export
+        export_dir = args.work / args.export.name
+        shutil.copytree(args.export, export_dir)
+    manifest = read_manifest(export_dir)
+    config = BSBRConfig.from_dict(manifest["config"])
+    sdpa_path = args.work / "sdpa" / "model.onnx"
+    lab.progress("exporting SDPA", export_onnx, sdpa_model(config), sdpa_path)
+    quant = lab.progress("quantizing", quantize_int8, export_dir)
+    engines = lab.progress("timing engines", lambda: bench_engines(export_dir, ENGINES, lengths, budget_s=budget))
+    try:
+        sdpa = lab.progress("timing SDPA", lab.in_child, lab.onnx_timings, sdpa_path, lengths, config.vocab_size)
+    except RuntimeError as exc:  # its L x L scores can run out of memory: the report shows "-"
+        sdpa = {"error": str(exc).splitlines()[-1]}
+    decode = lab.progress("decode", decode_latency, export_dir, contexts)
+    flops_length = lengths[2]
+    result = {
+        "model": manifest["model"],
+        "machine": lab.machine(threads=DEFAULT_THREADS, hidden=config.hidden_size),
+        "batch": 1,
+        "threads": DEFAULT_THREADS,
+        "hidden_size": config.hidden_size,
+        "lengths": lengths,
+        "flops_length": flops_length,
+        "engines": {
+            e.engine: {"ok": e.ok, "error": e.error, "timings": [t.__dict__ for t in e.timings]} for e in engines
+        },
+        "sdpa_ort": sdpa,
+        "mflop_per_token": model_flops(config, flops_length) / flops_length / 1e6,
+        "decode": [d.__dict__ | {"speedup": d.speedup} for d in decode],
+        "int8": {"top1": quant.steps[-1].top1, "fp32_modules": [quant.modules[n] for n in quant.fp32_nodes]},
+        "command": lab.command(),
+    }
+    result["model_gflops"] = model_flops(config, flops_length) / (best_ort(result, flops_length) / 1e3) / 1e9
+    result["targets"] = [{"what": w, "measured": m, "target": t} for w, m, t in targets(result)]
+    lab.write(args.out, f"sweep_{result['model']}", result, report)
 
 
 if __name__ == "__main__":

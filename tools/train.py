@@ -1,18 +1,19 @@
 """Train the `bsbr-stdlib` preset: a byte-level BSBR LM on CPython's standard library.
 
-    python tools/train.py --steps 20 --dry              # a CPU smoke run that writes nothing to models/
-    python tools/train.py --device cuda --minutes 8 --out RUN --no-finish
+    python tools/train.py --device cuda --minutes 8 --run RUN --no-finish
                                                          # train on a GPU, checkpointing into RUN
-    python tools/train.py --resume RUN --length 16384 --out RUN2
+    python tools/train.py --resume RUN --length 16384 --run RUN2
                                                          # a further phase from RUN's weights
     python tools/train.py --finish RUN                   # score RUN's weights on this machine, ship them
 
 The data split is `bsbr_export.proof.evaltext.stdlib_split` of the interpreter running the
 training (held-out files are never read for training; the curve scores its held-out slice).
-A run writes its fp16 weights and record into `--out` every `--checkpoint-every` seconds, so
+A run writes its fp16 weights and record into `--run` every `--checkpoint-every` seconds, so
 a run cut off still yields weights. `--finish` scores them on *this* machine's held-out files
 at several window lengths and writes the preset TOML into models/, the loss curve and the
-scores to tools/results/. A tool, never part of the tests.
+scores (train_bsbr-stdlib.{json,md,png}) to --out (tools/results by default).
+`--smoke`: 4 steps of 2 x 256 bytes, scored on 4 KiB; run, preset and results all written
+into --out (/tmp/train-smoke by default), nothing into models/ or tools/results.
 """
 
 from __future__ import annotations
@@ -24,19 +25,18 @@ import json
 import lzma
 import math
 import os
-import shlex
-import sys
+import tempfile
 import time
 import zlib
 from contextlib import nullcontext
 from pathlib import Path
 
+import lab
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from bsbr_export.machine import machine_info
 from bsbr_export.model.attention import packed_retrieval_weights, unpack_chunks
 from bsbr_export.model.config import BSBRConfig
 from bsbr_export.model.native import BSBRModel, NativeAttention
@@ -58,7 +58,7 @@ CONFIG = BSBRConfig(
 )
 HELDOUT_BYTES = 256 * 1024  # the final held-out score (the presets' recorded slice is the first DEFAULT_EVAL_BYTES)
 SCORED_WINDOWS = (EVAL_WINDOW, 4096, 16384)  # --finish scores the held-out bytes in windows of each
-WEIGHTS, RECORD = "weights.safetensors", "train.json"  # what a run writes into --out
+WEIGHTS, RECORD = "weights.safetensors", "train.json"  # what a run writes into --run
 
 
 class LocalOnly(NativeAttention):
@@ -161,7 +161,8 @@ def window_start(max_position: int, length: int, generator: torch.Generator, fro
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line, with --smoke's sizes and folders filled in."""
+    parser = lab.parser(__doc__)
     parser.add_argument("--steps", type=int, default=400, help="steps to train (a ceiling when --minutes is set)")
     parser.add_argument(
         "--minutes",
@@ -199,9 +200,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights and optimizer)")
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints in --out")
+    parser.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints in --run")
     parser.add_argument(
-        "--out", type=Path, default=None, help="where the run's weights and record go (default: a folder in /tmp)"
+        "--run", type=Path, default=None, help="where the run's weights and record go (default: a folder in /tmp)"
     )
     parser.add_argument("--no-finish", action="store_true", help="train only; score and ship later with --finish")
     parser.add_argument(
@@ -211,7 +212,6 @@ def parse_args() -> argparse.Namespace:
         metavar="RUN",
         help="score RUN's weights on this machine and write the preset and results",
     )
-    parser.add_argument("--dry", action="store_true", help="write nothing to models/ (results go to /tmp)")
     parser.add_argument(
         "--resume",
         type=Path,
@@ -219,19 +219,27 @@ def parse_args() -> argparse.Namespace:
         metavar="RUN",
         help="a further phase from RUN's weights (e.g. on longer windows): its steps, time and curve carry on",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.models, args.heldout_bytes, args.curve_bytes = ROOT / "models", HELDOUT_BYTES, DEFAULT_EVAL_BYTES
+    if args.smoke:
+        if args.out == lab.RESULTS:  # a smoke run never replaces the shipped figures
+            args.out = Path(tempfile.gettempdir()) / "train-smoke"
+        args.steps, args.batch, args.length, args.max_position = 4, 2, 256, 1024
+        args.eval_every, args.warmup, args.minutes = 2, 2, None
+        args.models, args.heldout_bytes, args.curve_bytes = args.out, 4096, 2048
+    args.run = args.run or (args.out / "run" if args.smoke else Path(tempfile.gettempdir()) / "train-run")
+    return args
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     if args.finish is not None:
-        finish(args.finish, args.dry)
+        finish(args.finish, args.out, args.models, args.heldout_bytes)
         return
-    run = args.out or Path("/tmp/train-dry" if args.dry else "/tmp/train-run")
-    train(args, run)
+    train(args, args.run)
     if not args.no_finish:
-        finish(run, args.dry)
+        finish(args.run, args.out, args.models, args.heldout_bytes)
 
 
 def train(args: argparse.Namespace, run: Path) -> None:
@@ -241,7 +249,7 @@ def train(args: argparse.Namespace, run: Path) -> None:
     device = torch.device(args.device)
     train_files, heldout_files = stdlib_split()
     corpus = torch.from_numpy(np.frombuffer(read_corpus(train_files), dtype=np.uint8).copy()).to(device)
-    curve_text = read_corpus(heldout_files, DEFAULT_EVAL_BYTES)
+    curve_text = read_corpus(heldout_files, args.curve_bytes)
     print(
         f"train {len(train_files)} files {len(corpus) / 1e6:.1f} MB; held out {len(heldout_files)} files; {device}",
         flush=True,
@@ -285,11 +293,12 @@ def train(args: argparse.Namespace, run: Path) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     span = torch.arange(args.length + 1, device=device)
     budget = args.minutes * 60 if args.minutes else None
+    machine = lab.machine(threads=args.threads)
     record = {
         "model": NAME,
         "config": model.config.to_dict(),
         "retrieval": args.retrieval,
-        "command": command_line(),
+        "command": lab.command(),
         "seed": args.seed,
         "gate_lr": args.gate_lr,
         "batch": args.batch,
@@ -300,13 +309,14 @@ def train(args: argparse.Namespace, run: Path) -> None:
         "warmup": args.warmup,
         "threads": args.threads,
         "embedding_std": args.embedding_std,
-        "device": device_name(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else machine["processor"],
         "bf16": args.bf16,
         "train_bytes": len(corpus),
         "train_files": len(train_files),
         "heldout_files": len(heldout_files),
         "torch": torch.__version__,
-        "machine": machine_info(),
+        "curve_bytes": args.curve_bytes,
+        "machine": machine,
         "curve": earlier["curve"] if earlier else [],
     }
     # A resumed run counts on from where RUN stopped (its steps, seconds, bytes seen and phases).
@@ -383,15 +393,16 @@ def checkpoint(model: BSBRModel, record: dict, run: Path, step: int, seconds: fl
     os.replace(run / f"{RECORD}.tmp", run / RECORD)
 
 
-def finish(run: Path, dry: bool) -> None:
-    """Score the run's fp16 weights (loaded as fp32, as the preset loads them) on this
-    machine's held-out text, and write the preset and the results."""
+def finish(run: Path, out: Path, models: Path, heldout_bytes: int = HELDOUT_BYTES) -> None:
+    """Score the run's fp16 weights (loaded as fp32, as the preset loads them) on the first
+    `heldout_bytes` of this machine's held-out text, and write the preset (TOML and
+    weights) into `models` and the results into `out`."""
     record = json.loads((run / RECORD).read_text())
     model = build_model(record.get("retrieval", "sum"))
     model.load_state_dict({k: v.float() for k, v in load_file(run / WEIGHTS).items()})
     model.eval()
     logits_of = logits_fn(model, torch.device("cpu"))
-    heldout = heldout_text(HELDOUT_BYTES)
+    heldout = heldout_text(heldout_bytes)
     slice_bpb = bits_per_byte(logits_of, heldout[:DEFAULT_EVAL_BYTES])
     bits = {window: byte_bits(logits_of, heldout, window) for window in SCORED_WINDOWS}
     scores = {}
@@ -400,14 +411,11 @@ def finish(run: Path, dry: bool) -> None:
         scores[window] = round(float(np.nanmean(bits[window])), 4)
         compressors[window] = compressor_bpb(heldout, window)
         print(f"held-out bits per byte in windows of {window}: {scores[window]} ({compressors[window]})", flush=True)
-    out_models = Path("/tmp/train-dry") if dry else ROOT / "models"
-    out_results = Path("/tmp/train-dry") if dry else ROOT / "tools" / "results"
-    out_models.mkdir(parents=True, exist_ok=True)
-    out_results.mkdir(parents=True, exist_ok=True)
-    weights = out_models / f"{NAME}.safetensors"
+    models.mkdir(parents=True, exist_ok=True)
+    weights = models / f"{NAME}.safetensors"
     weights.write_bytes((run / WEIGHTS).read_bytes())
     write_preset(
-        out_models / f"{NAME}.toml",
+        models / f"{NAME}.toml",
         model.config,
         weights.name,
         record["seed"],
@@ -422,14 +430,14 @@ def finish(run: Path, dry: bool) -> None:
         compressors_by_window={str(k): v for k, v in compressors.items()},
         **retrieval_gain(logits_of, heldout, model.config.chunk_size, bits[4096]),
         learned=learned_mix(model) if model.config.retrieval == "gated" else None,
-        slice_bytes=DEFAULT_EVAL_BYTES,
+        slice_bytes=len(heldout[:DEFAULT_EVAL_BYTES]),
         slice_bpb=slice_bpb,
         weights_bytes=weights.stat().st_size,
-        scored_on=machine_info(),
-        finish_command=command_line(),
+        scored_on=lab.machine(threads=torch.get_num_threads()),
+        finish_command=lab.command(),
     )
-    (out_results / f"train_{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
-    write_report(out_results, record)
+    lab.write(out, f"train_{NAME}", record, report)
+    plot(out, record)
     print(
         f"held-out bits per byte {scores[EVAL_WINDOW]:.4f} ({len(heldout)} bytes, windows of {EVAL_WINDOW}); "
         f"weights {weights.stat().st_size / 2**20:.2f} MiB -> {weights}"
@@ -457,14 +465,6 @@ def compressor_bpb(text: bytes, window: int) -> dict[str, float]:
     return {name: round(8 * sum(map(size, pieces)) / len(text), 4) for name, size in sizes.items()}
 
 
-def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in ["tools/train.py", *sys.argv[1:]])
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else machine_info()["processor"]
-
-
 def write_preset(
     path: Path, config: BSBRConfig, weights: str, seed: int, slice_bpb: float, slice_text: bytes, command: str
 ) -> None:
@@ -480,7 +480,7 @@ def write_preset(
         f"seed = {seed}\n"
         f'weights = "{weights}"  # fp16 safetensors beside this file, loaded as fp32\n'
         f'tokenizer = "bytes"  # token ids are UTF-8 bytes\n'
-        f"# Held-out bits per byte of the first {DEFAULT_EVAL_BYTES} held-out bytes (windows of {EVAL_WINDOW}),\n"
+        f"# Held-out bits per byte of the first {len(slice_text)} held-out bytes (windows of {EVAL_WINDOW}),\n"
         f"# as shipped; tests check the preset still scores this.\n"
         f"heldout_bpb = {slice_bpb!r}\n"
         f'heldout_sha256 = "{hashlib.sha256(slice_text).hexdigest()}"  # of that text, as this machine read it\n'
@@ -488,7 +488,8 @@ def write_preset(
     )
 
 
-def write_report(directory: Path, record: dict) -> None:
+def plot(directory: Path, record: dict) -> None:
+    """The loss curve as `directory/train_bsbr-stdlib.png` (the report shows it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -504,12 +505,17 @@ def write_report(directory: Path, record: dict) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(directory / f"train_{NAME}.png", dpi=100)
+
+
+def report(record: dict) -> str:
+    """The finished run's record as markdown: its phases, scores, compressors and curve."""
+    curve = record["curve"]
     rows = "\n".join(f"| {p['step']} | {p['seconds']} | {p['train_bpb']} | {p['heldout_bpb']} |" for p in curve)
     by_window = " / ".join(f"{v}" for v in record["heldout_bpb_by_window"].values())
     windows_ = " / ".join(record["heldout_bpb_by_window"])
     trained = record["machine"]
     scored = record["scored_on"]
-    (directory / f"train_{NAME}.md").write_text(
+    return (
         f"# Training `{NAME}`\n\n"
         + "".join(
             f"- `{p['command']}`: {p['steps']} steps of {p['batch']} x {p['length']} bytes, "
@@ -549,7 +555,7 @@ def write_report(directory: Path, record: dict) -> None:
             else ""
         )
         + f"The curve's held-out column scores the training machine's own held-out slice (the same rule on "
-        f"its stdlib, first {DEFAULT_EVAL_BYTES} bytes, windows of {EVAL_WINDOW}).\n\n"
+        f"its stdlib, first {record.get('curve_bytes', DEFAULT_EVAL_BYTES)} bytes, windows of {EVAL_WINDOW}).\n\n"
         f"![loss curve](train_{NAME}.png)\n\n| step | seconds | train bpb | held-out bpb |\n|---|---|---|---|\n{rows}\n"
     )
 

@@ -2,7 +2,7 @@
 same graphs: per-token latency and tokens/s at two contexts, page load time and bytes.
 
     python tools/web_load.py [--models bsbr-tiny,bsbr-small,bsbr-stdlib] [--contexts 256,4096]
-        [--tokens 32] [--out tools/results]
+        [--tokens 32] [--out tools/results] [--smoke]
 
 Each model is exported with `--format web` into a temp dir. For each context
 a random prompt of that many tokens goes in (prefill, timed apart), then `--tokens` greedy
@@ -12,13 +12,12 @@ Chromium (Debian's, driven by puppeteer-core through web/drive.mjs) on wasm with
 WebGPU (Chromium's SwiftShader adapter: the CPU; the row step there, the decode step on
 wasm; the page falls back to wasm when WebGPU cannot run the row step, and the reason is
 recorded); native onnxruntime on the page's own
-graphs with 1 and 2 threads, called as the page calls them. ORT's float32 MatMul rate is measured in the same run
-(tools/sweep.py). Writes web_load.json and .md to --out. No number is asserted.
+graphs with 1 and 2 threads, called as the page calls them. ORT's float32 MatMul rate is measured in the same run.
+Writes web_load.json and .md to --out. No number is asserted. `--smoke`: bsbr-tiny, context 20, 4 tokens.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -28,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import lab
 import numpy as np
-from sweep import matmul_rate
 
 from bsbr_export.defaults import DEFAULT_THREADS
 
@@ -39,7 +38,7 @@ DRIVER = HERE.parent / "web" / "drive.mjs"
 
 
 def native(web: str, context: int, tokens: int, threads: int) -> dict:
-    """Child: greedy generation on native onnxruntime over the page's own graphs, the way
+    """In a child process: greedy generation on native onnxruntime over the page's own graphs, the way
     the page runs them (runtime.batching.Sequences: the row step for a token that leaves
     its chunk open, the decode step for the prompt and chunk-closing tokens)."""
     from bsbr_export.runtime.batching import Sequences
@@ -108,30 +107,14 @@ def measure(model: str, contexts: list[int], tokens: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="web-load-") as tmp:  # the exports are large: none is left behind
         out = Path(tmp) / model
-        export_model(model, out, [FORMATS["web"]])
+        # streaming: the manifest then records the decode state, which native's Sequences reads.
+        export_model(model, out, [FORMATS["web"]], streaming=True)
         web = out / "web"
         rows = []
         for context in contexts:
             row = {"context": context}
             for threads in (1, 2):
-                child = subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--native",
-                        str(web),
-                        "--contexts",
-                        str(context),
-                        "--tokens",
-                        str(tokens),
-                        "--threads",
-                        str(threads),
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    check=True,
-                )
-                row[f"native_{threads}"] = json.loads(child.stdout.strip().splitlines()[-1])
+                row[f"native_{threads}"] = lab.in_child(native, str(web), context, tokens, threads)
             row["wasm_1"] = browser(web, context, tokens, "wasm", isolated=False)
             row["wasm_threads"] = browser(web, context, tokens, "wasm", isolated=True)
             row["webgpu"] = browser(web, context, tokens, "webgpu", isolated=False)
@@ -141,33 +124,34 @@ def measure(model: str, contexts: list[int], tokens: int) -> dict:
     return {"model": model, "rows": rows, "web_bytes": size}
 
 
-def report(results: list[dict], machine: dict, tokens: int) -> str:
+def report(result: dict) -> str:
+    machine = result["machine"]
     lines = [
         "# The web page in headless Chromium beside native onnxruntime",
         "",
-        f"CPU: {machine['processor']}, {machine['cores']} cores; ORT float32 MatMul {machine['matmul_gflops']:.0f} "
-        "GFLOP/s (2 threads, [4096, 256] x [256, 1024], same run). Chromium "
+        f"CPU: {machine['processor']}, {machine['cpu_count']} cores; ORT float32 MatMul {machine['matmul_gflops']:.0f} "
+        f"GFLOP/s ({machine['threads']} threads, [4096, 256] x [256, 1024], same run). Chromium "
         f"{machine['chromium']}, onnxruntime-web 1.31.1; native onnxruntime {machine['onnxruntime']} on the "
         "page's own opset-18 graphs, called as the page calls them (the row step for a token that leaves its "
         "chunk open, the decode step for the prompt and chunk-closing tokens). "
-        f"Greedy, {tokens} tokens after a random prompt of `context` tokens; "
+        f"Greedy, {result['tokens']} tokens after a random prompt of `context` tokens; "
         "ms per token is the median call, prefill the prompt's one call. WebGPU is Chromium's SwiftShader "
         "adapter (no GPU here: it emulates the GPU on the CPU, so its figures say the page runs there, not how "
         "fast a GPU is); WebGPU runs the row step, the decode step stays on wasm.",
         "",
     ]
     fallbacks: set[str] = set()
-    for result in results:
+    for model in result["results"]:
         lines += [
-            f"## {result['model']}",
+            f"## {model['model']}",
             "",
-            f"web/ holds {result['web_bytes'] / 1e6:.1f} MB (graphs, page, onnxruntime-web's wasm and WebGPU builds).",
+            f"web/ holds {model['web_bytes'] / 1e6:.1f} MB (graphs, page, onnxruntime-web's wasm and WebGPU builds).",
             "",
             "| context | engine | ms/token | tokens/s | prefill ms | vs native 1 thread | page load ms "
             "| bytes loaded |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for row in result["rows"]:
+        for row in model["rows"]:
             base = row["native_1"]["token_ms"]
             for name, label in (
                 ("native_1", "native ORT, 1 thread"),
@@ -192,42 +176,26 @@ def report(results: list[dict], machine: dict, tokens: int) -> str:
                     f"{r['prefill_ms']:.1f} | {r['token_ms'] / base:.2f}x | {load} | {loaded} |"
                 )
         lines.append("")
-    lines += [f"WebGPU: {note}" for note in sorted(filter(None, fallbacks))]
-    return "\n".join(lines) + "\n"
+    lines += [line for note in sorted(filter(None, fallbacks)) for line in (f"WebGPU: {note}", "")]
+    lines += [f"`{result['command']}`", ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = lab.parser(__doc__)
     parser.add_argument("--models", default="bsbr-tiny,bsbr-small,bsbr-stdlib")
     parser.add_argument("--contexts", default="256,4096")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--native", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.native:
-        print(json.dumps(native(args.native, int(args.contexts), args.tokens, args.threads)))
-        return
+    if args.smoke:
+        args.models, args.contexts, args.tokens = "bsbr-tiny", "20", 4
     import onnxruntime
-
-    from bsbr_export.machine import cpu_model
 
     results = [measure(m, [int(c) for c in args.contexts.split(",")], args.tokens) for m in args.models.split(",")]
     chromium = subprocess.run(["chromium", "--version"], capture_output=True, text=True).stdout.split()[1]
-    machine = {
-        "processor": cpu_model(),
-        "cores": os.cpu_count(),
-        "chromium": chromium,
-        "onnxruntime": onnxruntime.__version__,
-        "matmul_gflops": matmul_rate(256, threads=DEFAULT_THREADS),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "web_load.json").write_text(
-        json.dumps({"machine": machine, "tokens": args.tokens, "results": results}, indent=2)
-    )
-    text = report(results, machine, args.tokens)
-    (args.out / "web_load.md").write_text(text)
-    print(text)
+    machine = {**lab.machine(threads=DEFAULT_THREADS), "chromium": chromium, "onnxruntime": onnxruntime.__version__}
+    result = {"machine": machine, "tokens": args.tokens, "results": results, "command": lab.command()}
+    lab.write(args.out, "web_load", result, report)
 
 
 if __name__ == "__main__":
