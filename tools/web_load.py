@@ -107,8 +107,7 @@ def measure(model: str, contexts: list[int], tokens: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="web-load-") as tmp:  # the exports are large: none is left behind
         out = Path(tmp) / model
-        # streaming: the manifest then records the decode state, which native's Sequences reads.
-        export_model(model, out, [FORMATS["web"]], streaming=True)
+        export_model(model, out, [FORMATS["web"]])  # the page's streaming graphs come with the format
         web = out / "web"
         rows = []
         for context in contexts:
