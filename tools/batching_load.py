@@ -93,14 +93,11 @@ def report(result: dict) -> str:
                 f"{r['single_decode_ms']:.2f} | {r['p50_ms'] / r['single_decode_ms']:.2f} |"
             )
         lines.append("")
-    lines += [f"`{result['command']}`", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = lab.parser(__doc__)
-    parser.add_argument("--models", default="bsbr-small,bsbr-stdlib", help="presets exported here (unless --export)")
-    parser.add_argument("--export", type=Path, default=None, help="an export with --streaming to measure instead")
+    parser = lab.parser(__doc__, models="bsbr-small,bsbr-stdlib", export="measure (with --streaming)")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--contexts", default="256,4096,16384")
     parser.add_argument("--tokens", type=int, default=32)
@@ -126,7 +123,6 @@ def main() -> None:
         "tokens": args.tokens,
         "threads": args.threads,
         "results": results,
-        "command": lab.command(),
     }
     lab.write(args.out, "batching_load", result, report)
 

@@ -149,7 +149,6 @@ def main() -> None:
         "note": "each engine and length in its own process; forward_peak_mib = peak RSS - RSS before the "
         "first forward; lengths > 5000 run with the positional table extended on both sides",
         "results": results,
-        "command": lab.command(),
     }
     lab.write(args.out, "upstream_bench", result, report)
 
@@ -191,7 +190,7 @@ def report(result: dict) -> str:
             f"| {r['length']} | {r['engine']} | {r['p50_ms']:.1f} | {r['p10_ms']:.1f} | {r['forward_peak_mib']:.0f} "
             f"| {r['peak_rss_mib']:.0f} | {'-' if err is None else f'{err:.1e}'} |"
         )
-    lines += ["", result["note"] + ".", "", f"`{result['command']}`", ""]
+    lines += ["", result["note"] + "."]
     return "\n".join(lines)
 
 

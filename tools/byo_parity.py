@@ -112,7 +112,6 @@ def main() -> None:
         "machine": machine,
         "torch": machine["versions"]["torch"],
         "results": results,
-        "command": lab.command(),
     }
     lab.write(args.out, "byo_parity", info, report)
 

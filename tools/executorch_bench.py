@@ -299,8 +299,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = lab.parser(__doc__)
-    parser.add_argument("--model", default="bsbr-small")
+    parser = lab.parser(__doc__, model="bsbr-small")
     parser.add_argument("--stages", default="standard,shipped", help="lowering stages to count FLOPs for")
     parser.add_argument("--label", default="", help="prefix for the stage names (e.g. 'main')")
     parser.add_argument("--flops-only", action="store_true", help="only the FLOP shares (printed as JSON)")
@@ -337,7 +336,6 @@ def main() -> None:
         "lengths": lengths,
         "limits": limits,
         "delegation": shares,
-        "command": lab.command(),
     }
     from bsbr_export.export.pipeline import export_model
     from bsbr_export.formats import FORMATS

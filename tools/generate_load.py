@@ -379,14 +379,11 @@ def report(result: dict) -> str:
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {what} | {value} | {'yes' if met else 'no'} |" for what, value, met in targets(model)]
         lines += ["", f"Server healthy after the run: {model['healthy_after']}.", ""]
-    lines += [f"`{result['command']}`", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = lab.parser(__doc__)
-    parser.add_argument("--models", default="bsbr-small,bsbr-stdlib", help="presets exported here (unless --export)")
-    parser.add_argument("--export", type=Path, default=None, help="an export with --streaming to measure instead")
+    parser = lab.parser(__doc__, models="bsbr-small,bsbr-stdlib", export="measure (with --streaming)")
     parser.add_argument("--concurrency", default="1,4,16,32,64")
     parser.add_argument("--contexts", default="256,4096,16384")
     parser.add_argument("--tokens", type=int, default=64)
@@ -405,7 +402,7 @@ def main() -> None:
     )
     results = [measure(export, args, triton_env) for export in exports]
     os.sched_setaffinity(0, {SERVER_CORE})  # the MatMul rate's child inherits core 0
-    result = {"machine": lab.machine(threads=1), "tokens": args.tokens, "results": results, "command": lab.command()}
+    result = {"machine": lab.machine(threads=1), "tokens": args.tokens, "results": results}
     lab.write(args.out, "generate_load", result, report)
 
 

@@ -344,7 +344,7 @@ def report(data: dict) -> str:
         )
     for r in rows.get("product bench", []):
         lines += ["", f"The product's bench on {r['device']}: validation {'passed' if r['validated'] else 'FAILED'}."]
-    return "\n".join([*lines, "", f"`{data['command']}`", ""])
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -381,7 +381,6 @@ def main() -> None:
         "tf32": False,
         "smoke": args.smoke,
         "machine": machine,
-        "command": lab.command(),
     }
     results = Results(args.out / "gpu_check.json", header)
     deadline = Deadline(args.minutes * 60)

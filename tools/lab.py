@@ -39,14 +39,29 @@ class StudyParser(argparse.ArgumentParser):
         return parsed
 
 
-def parser(doc: str | None, out: Path = RESULTS) -> argparse.ArgumentParser:
+def parser(
+    doc: str | None,
+    out: Path = RESULTS,
+    *,
+    model: str | None = None,
+    models: str | None = None,
+    export: str | None = None,
+) -> argparse.ArgumentParser:
     """A study's argument parser, with the options every study takes: `--out` (a folder,
     `out` unless given) and `--smoke` (a tiny size; its results go to a temporary folder
-    unless `--out` says where)."""
+    unless `--out` says where). What it measures, where given: `--model` (one preset,
+    `model` by default) or `--models` (comma-separated), and `--export`, an existing
+    export to use instead, with `export` saying what the study does with it."""
     parsed = StudyParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     shown = out.relative_to(RESULTS.parents[1])
     parsed.add_argument("--out", type=Path, default=out, help=f"folder the results go to (default {shown})")
     parsed.add_argument("--smoke", action="store_true", help="a tiny size that only proves the study runs")
+    if model:
+        parsed.add_argument("--model", default=model, help=f"the preset measured (default {model})")
+    if models:
+        parsed.add_argument("--models", default=models, help=f"presets measured, comma-separated ({models})")
+    if export:
+        parsed.add_argument("--export", type=Path, default=None, help=f"an existing export to {export}, not exporting")
     return parsed
 
 
@@ -56,9 +71,12 @@ def command() -> str:
 
 
 def write(out: Path, name: str, result: dict, report: Callable[[dict], str]) -> None:
-    """`result` as `out/name.json` and `report(result)` as `out/name.md` (printed too)."""
+    """`result` as `out/name.json` and `report(result)` as `out/name.md` (printed too),
+    the command that made them recorded in both (in the result as "command", unless it
+    names one of its own, as a training record does)."""
     out.mkdir(parents=True, exist_ok=True)
-    text = report(result)
+    result.setdefault("command", command())
+    text = f"{report(result).rstrip()}\n\n`{command()}`\n"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(text)
     print(text)

@@ -99,14 +99,11 @@ def report(result: dict) -> str:
             f"| {r['concurrency']} | {r['requests']:.0f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
             f"{r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | {r['tokens_s']:.0f} | {ratio} |"
         )
-    lines += ["", f"`{result['command']}`"]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = lab.parser(__doc__)
-    parser.add_argument("--model", default="bsbr-stdlib", help="a preset exported here (unless --export)")
-    parser.add_argument("--export", type=Path, default=None, help="an export with --streaming to serve instead")
+    parser = lab.parser(__doc__, model="bsbr-stdlib", export="serve (with --streaming)")
     parser.add_argument("--concurrency", default="1,4,16,32,64")
     parser.add_argument("--input-tokens", type=int, default=256)
     parser.add_argument("--output-tokens", type=int, default=64)
@@ -139,7 +136,6 @@ def main() -> None:
         "aiperf_version": version,
         "machine": machine,
         "levels": levels,
-        "command": lab.command(),
     }
     lab.write(args.out, "openai_load", result, report)
 

@@ -64,13 +64,11 @@ def report(result: dict) -> str:
         lines.append(
             f"| {a['length']} -> {b['length']} | x{b['peak_rss_mib'] / a['peak_rss_mib']:.2f} | x{extra:.2f} |"
         )
-    lines += ["", f"`{result['command']}`"]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = lab.parser(__doc__)
-    parser.add_argument("--model", default="bsbr-small")
+    parser = lab.parser(__doc__, model="bsbr-small")
     parser.add_argument("--lengths", default="1024,4096,16384")
     args = parser.parse_args()
     if args.smoke:
@@ -81,7 +79,6 @@ def main() -> None:
         "threads": THREADS,
         "machine": lab.machine(threads=THREADS),
         "rows": [lab.progress(f"L={n}", measure, args.model, int(n)) for n in args.lengths.split(",")],
-        "command": lab.command(),
     }
     lab.write(args.out, f"peak_memory_{args.model}", result, report)
 

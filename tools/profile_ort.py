@@ -215,16 +215,11 @@ def report(result: dict) -> str:
                 for a in r["alone"]
             ]
             lines.append("")
-    lines.append(f"`{result['command']}`")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = lab.parser(__doc__)
-    parser.add_argument("--model", default="bsbr-small")
-    parser.add_argument(
-        "--export", type=Path, default=None, help="an ONNX export to profile instead of exporting --model"
-    )
+    parser = lab.parser(__doc__, model="bsbr-small", export="profile (ONNX)")
     parser.add_argument("--lengths", default="4096")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_profile"))
@@ -248,7 +243,7 @@ def main() -> None:
         lab.progress(f"L={n}", profile, export_dir / "model.onnx", config, int(n), args.threads)
         for n in args.lengths.split(",")
     ]
-    result = {"model": manifest["model"], "machine": machine, "results": results, "command": lab.command()}
+    result = {"model": manifest["model"], "machine": machine, "results": results}
     lab.write(args.out, f"profile_{manifest['model']}", result, report)
 
 

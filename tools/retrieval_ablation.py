@@ -69,7 +69,6 @@ def main() -> None:
         "jobs": args.jobs,
         "heldout_bytes": args.heldout_bytes,
         "machine": lab.machine(threads=1),
-        "command": lab.command(),
     }
     lab.write(args.out, "retrieval_ablation", record, report)
 
@@ -175,7 +174,7 @@ def report(record: dict) -> str:
         f"({first['bytes_seen'] / 1e6:.1f} M bytes seen), lr {record['lr']}, bf16 autocast, one thread per arm, "
         f"{record['jobs']} at a time on {machine['processor']} ({machine['cpu_count']} cores). Scored on the "
         f"first {record['heldout_bytes']} held-out bytes of Python {machine['versions']['python']}'s stdlib, fp16 "
-        f"weights run in fp32. Produced by `{record['command']}`.\n\n"
+        f"weights run in fp32.\n\n"
         "| arm | bpb, windows of 512 | 4096 | 16384 | each chunk alone | gain from retrieval | train minutes |\n"
         "|---|---|---|---|---|---|---|\n" + rows + "\n\n"
         "Gain from retrieval: chunk-alone minus 4096-window bits per byte on the same bytes (positive: what a "

@@ -172,15 +172,12 @@ def report(result: dict) -> str:
         + f"; {high} / {low}: runtime.generate **{last['generate_ms'] / first['generate_ms']:.2f}x** (target <= "
         f"1.05x), the decode step alone **{last['decode_ms'] / first['decode_ms']:.2f}x**.",
         "",
-        f"`{result['command']}`",
     ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = lab.parser(__doc__)
-    parser.add_argument("--model", default="bsbr-stdlib", help="a preset exported here (unless --export)")
-    parser.add_argument("--export", type=Path, default=None, help="an export with --streaming to measure instead")
+    parser = lab.parser(__doc__, model="bsbr-stdlib", export="measure (with --streaming)")
     parser.add_argument("--running", type=int, default=16)
     parser.add_argument("--join", type=int, default=16384)
     parser.add_argument("--budgets", default=f"whole,80,{DEFAULT_TOKEN_BUDGET},256,512")
@@ -207,7 +204,6 @@ def main() -> None:
         "lone": lab.progress("lone prompt", lone_prompt, export_dir, rng, args.lone),
         "many_vs_one": lab.progress(f"{many} against 1", many_vs_one, export_dir, rng, many, steps),
         "per_token": lab.progress("per token", per_token, export_dir, rng, contexts, tokens),
-        "command": lab.command(),
     }
     lab.write(args.out, "scheduler_load", result, report)
 

@@ -109,15 +109,12 @@ def report(result: dict) -> str:
             for c in cells
         ),
         "",
-        f"`{result['command']}`",
     ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = lab.parser(__doc__)
-    parser.add_argument("--model", default="bsbr-small")
-    parser.add_argument("--export", type=Path, help="an existing `--streaming` export of MODEL [default: export it]")
+    parser = lab.parser(__doc__, model="bsbr-small", export="serve (with --streaming)")
     parser.add_argument("--triton-env", default=os.environ.get("BSBR_TRITON_ENV", ".venv-triton"))
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--contexts", default="256,512,1024,2048,4096,8192")
@@ -176,7 +173,6 @@ def main() -> None:
         "server_start_s": start_seconds,
         "healthy_after": healthy,
         "cells": cells,
-        "command": lab.command(),
     }
     lab.write(args.out, f"serve_load_{args.model}", result, report)
 

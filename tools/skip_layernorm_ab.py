@@ -120,19 +120,14 @@ def report(record: dict) -> str:
         "|---|---|---|" + "---|" * len(lengths),
         *rows,
         "",
-        f"`{record['command']}`",
     ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = lab.parser(__doc__)
-    parser.add_argument("--model", default="bsbr-small")
+    parser = lab.parser(__doc__, model="bsbr-small", export="rewrite (ONNX)")
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--export", type=Path, default=None, help="an ONNX export to rewrite instead of exporting --model"
-    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_skip_layernorm_ab"))
     args = parser.parse_args()
     if args.smoke:
@@ -175,7 +170,6 @@ def main() -> None:
         "max_abs_vs_exported": parity,
         "p50_ms_per_round": times,
         "median_of_rounds_ms": {name: {n: statistics.median(ts) for n, ts in by.items()} for name, by in times.items()},
-        "command": lab.command(),
     }
     lab.write(args.out, f"skip_layernorm_ab_{model_name}", record, report)
 

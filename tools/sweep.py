@@ -144,17 +144,12 @@ def report(result: dict) -> str:
         "",
         *lab.target_lines([(t["what"], t["measured"], t["target"]) for t in result["targets"]]),
         "",
-        f"`{result['command']}`",
     ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = lab.parser(__doc__)
-    parser.add_argument("--model", default="bsbr-small")
-    parser.add_argument(
-        "--export", type=Path, default=None, help="an export with --streaming to copy into --work instead of exporting"
-    )
+    parser = lab.parser(__doc__, model="bsbr-small", export="copy into --work (with --streaming)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_sweep"))
     args = parser.parse_args()
     lengths, contexts, budget = LENGTHS, DECODE, 2.0
@@ -203,7 +198,6 @@ def main() -> None:
         "mflop_per_token": model_flops(config, flops_length) / flops_length / 1e6,
         "decode": [d.__dict__ | {"speedup": d.speedup} for d in decode],
         "int8": {"top1": quant.steps[-1].top1, "fp32_modules": [quant.modules[n] for n in quant.fp32_nodes]},
-        "command": lab.command(),
     }
     result["model_gflops"] = model_flops(config, flops_length) / (best_ort(result, flops_length) / 1e3) / 1e9
     result["targets"] = [{"what": w, "measured": m, "target": t} for w, m, t in targets(result)]

@@ -131,16 +131,11 @@ def report(result: dict, bench_table: str, previous: dict | None) -> str:
         ]
     if previous:
         lines += ["", *changes_lines(previous, result)]
-    lines += ["", f"`{result['command']}`"]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = lab.parser(__doc__)
-    parser.add_argument("--model", default="bsbr-stdlib")
-    parser.add_argument(
-        "--export", type=Path, default=None, help="an ONNX export to copy into --work instead of exporting --model"
-    )
+    parser = lab.parser(__doc__, model="bsbr-stdlib", export="copy into --work (ONNX)")
     parser.add_argument("--lengths", default="256,512,4096,16384")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bsbr_sweep_precision"))
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timing per engine and length")
@@ -233,7 +228,6 @@ def main() -> None:
         if done
         else previous["int8"],
         "table": bench["table"],
-        "command": lab.command(),
     }
     result["targets"] = [{"what": w, "measured": m, "target": t} for w, m, t in targets(result)]
     # bench's own markdown table, without its title and from the memory figures on

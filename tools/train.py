@@ -522,7 +522,7 @@ def report(record: dict) -> str:
             f"{p['seconds'] / 60:.1f} min\n"
             for p in phases_of(record)
         )
-        + f"- `{record['finish_command']}`: scored and shipped\n\n"
+        + "\nScored and shipped by the command at the end.\n\n"
         f"Seed {record['seed']}, {record['steps']} steps, {record['tokens_seen'] / 1e6:.1f} M bytes seen of "
         f"{record['train_bytes'] / 1e6:.1f} M in {record['train_files']} files of Python "
         f"{trained['versions']['python']}'s stdlib, {record['seconds'] / 60:.1f} min on {record['device']}"

@@ -176,13 +176,11 @@ def report(result: dict) -> str:
                 )
         lines.append("")
     lines += [line for note in sorted(filter(None, fallbacks)) for line in (f"WebGPU: {note}", "")]
-    lines += [f"`{result['command']}`", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = lab.parser(__doc__)
-    parser.add_argument("--models", default="bsbr-tiny,bsbr-small,bsbr-stdlib")
+    parser = lab.parser(__doc__, models="bsbr-tiny,bsbr-small,bsbr-stdlib")
     parser.add_argument("--contexts", default="256,4096")
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
@@ -193,7 +191,7 @@ def main() -> None:
     results = [measure(m, [int(c) for c in args.contexts.split(",")], args.tokens) for m in args.models.split(",")]
     chromium = subprocess.run(["chromium", "--version"], capture_output=True, text=True).stdout.split()[1]
     machine = {**lab.machine(threads=DEFAULT_THREADS), "chromium": chromium, "onnxruntime": onnxruntime.__version__}
-    result = {"machine": machine, "tokens": args.tokens, "results": results, "command": lab.command()}
+    result = {"machine": machine, "tokens": args.tokens, "results": results}
     lab.write(args.out, "web_load", result, report)
 
 
