@@ -69,29 +69,32 @@ def measure_model(export_dir: str, concurrency: list[int], contexts: list[int], 
 def report(result: dict) -> str:
     machine, tokens, threads = result["machine"], result["tokens"], result["threads"]
     lines = [
-        "# In-flight batching: tokens/s and inter-token latency vs concurrent generations",
-        "",
-        f"CPU: {machine['processor']}, {machine['cpu_count']} cores; {threads} ORT threads; "
-        f"ORT float32 MatMul {machine['matmul_gflops']:.0f} GFLOP/s ([4096, 256] x [256, 1024], same run). "
-        f"Greedy, {tokens} timed tokens per generation after a prefill of `context` random tokens; client "
+        *lab.heading("In-flight batching: tokens/s and inter-token latency vs concurrent generations", machine),
+        f"{threads} ORT threads. Greedy, {tokens} timed tokens per generation after a prefill of `context` "
+        "random tokens; client "
         "and model in one process (runtime.batching.Batcher), each model in a process of its own.",
         "",
     ]
     for model in result["results"]:
-        lines += [
-            f"## {model['model']}",
-            "",
-            "| context | generations | tokens/s | vs one | p50 ms/token | p99 ms/token | decode alone ms | "
-            "p50 / decode alone |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
         one = {r["context"]: r["tokens_per_s"] for r in model["rows"] if r["concurrency"] == 1}
-        for r in model["rows"]:
-            lines.append(
-                f"| {r['context']} | {r['concurrency']} | {r['tokens_per_s']:.0f} | "
-                f"{r['tokens_per_s'] / one[r['context']]:.1f}x | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                f"{r['single_decode_ms']:.2f} | {r['p50_ms'] / r['single_decode_ms']:.2f} |"
-            )
+        head = ["context", "generations", "tokens/s", "vs one", "p50 ms/token", "p99 ms/token", "decode alone ms"]
+        lines += [f"## {model['model']}", ""]
+        lines += lab.table(
+            [*head, "p50 / decode alone"],
+            (
+                [
+                    r["context"],
+                    r["concurrency"],
+                    f"{r['tokens_per_s']:.0f}",
+                    f"{r['tokens_per_s'] / one[r['context']]:.1f}x",
+                    f"{r['p50_ms']:.2f}",
+                    f"{r['p99_ms']:.2f}",
+                    f"{r['single_decode_ms']:.2f}",
+                    f"{r['p50_ms'] / r['single_decode_ms']:.2f}",
+                ]
+                for r in model["rows"]
+            ),
+        )
         lines.append("")
     return "\n".join(lines)
 

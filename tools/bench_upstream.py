@@ -175,8 +175,9 @@ def report(result: dict) -> str:
         f"hidden {m['hidden_dim']}, {m['num_layers']} layers, {m['num_heads']} heads, chunk {m['chunk_size']}, "
         f"ff {m['ff_dim']}, batch 1, {result['threads']} threads, torch {result['torch']}; "
         f"load average {machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f} "
-        f"on {machine['cpu_count']} CPUs ({machine['processor']}, ORT's own fp32 MatMul "
-        f"{machine['matmul_gflops']:.0f} GFLOP/s, same run).",
+        f"on {machine['cpu_count']} cores.",
+        "",
+        lab.describe(machine),
         "",
         "| length | engine | p50 ms | p10 ms | forward peak MiB | peak RSS MiB | max abs vs package |",
         "|---:|---|---:|---:|---:|---:|---:|",

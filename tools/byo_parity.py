@@ -85,7 +85,7 @@ def report(info: dict) -> str:
     machine = info["machine"]
     lines = [
         "# Bring-your-own-model parity (max abs error vs eager)\n",
-        f"CPU: {machine['processor']}; torch {info['torch']}\n",
+        lab.describe(machine) + "\n",
     ]
     for r in info["results"]:
         lines.append(

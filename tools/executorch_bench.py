@@ -230,11 +230,8 @@ def markdown(result: dict) -> str:
     """The result as markdown: export, FLOPs delegated, parity and latency tables."""
     lengths, limits, machine = result["lengths"], result["limits"], result["machine"]
     lines = [
-        f"# ExecuTorch (XNNPACK) on {result['model']}",
-        "",
-        f"Measured {result['date']} on {machine['processor']}, {machine['cpu_count']} cores "
-        f"({', '.join(machine['cpu_features']) or 'none of AVX2, AVX-512, AMX'}), "
-        f"torch {result['versions'].get('torch')}, executorch {result['versions'].get('executorch')}. "
+        *lab.heading(f"ExecuTorch (XNNPACK) on {result['model']}", machine),
+        f"Measured {result['date']}, executorch {result['versions'].get('executorch')}. "
         "Load average (1 min) is given next to each figure; above half the core count it is marked "
         "'(loaded)': other jobs shared the cores, so times are noisy and ratios (measured side by side) "
         "are the figures to read.",

@@ -318,10 +318,7 @@ def targets(result: dict) -> list[tuple[str, str, bool]]:
 def report(result: dict) -> str:
     machine = result["machine"]
     lines = [
-        "# Serving many users at once: the generate model through tritonserver",
-        "",
-        f"CPU: {machine['processor']}, {machine['cpu_count']} cores; ORT float32 MatMul on core 0: "
-        f"{machine['matmul_gflops']:.0f} GFLOP/s (1 thread, [4096, 256] x [256, 1024], same run). "
+        *lab.heading("Serving many users at once: the generate model through tritonserver", machine),
         f"Server (tritonserver + stubs + ORT, 1 thread per session) pinned to core {SERVER_CORE}, clients "
         f"(gRPC streams, perf_analyzer) to core {CLIENT_CORE}; direct references alone on core {SERVER_CORE}, "
         f"1 ORT thread. Greedy, {result['tokens']} new tokens per generation; latency and tokens/s taken while "
@@ -330,19 +327,24 @@ def report(result: dict) -> str:
     ]
     for model in result["results"]:
         d = model["direct"]
-        lines += [
-            f"## {model['model']}",
-            "",
-            "| context | streams | tokens/s | vs one | TTFT p50 ms | ITL p50 ms | ITL p99 ms | decode direct ms |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
         one = {c["context"]: c["tokens_per_s"] for c in model["generate"] if c["concurrency"] == 1}
-        for c in model["generate"]:
-            lines.append(
-                f"| {c['context']} | {c['concurrency']} | {c['tokens_per_s']:.0f} | "
-                f"{c['tokens_per_s'] / one[c['context']]:.1f}x | {c['ttft_p50_ms']:.1f} | "
-                f"{c['itl_p50_ms']:.2f} | {c['itl_p99_ms']:.2f} | {d['decode_ms'][str(c['context'])]:.2f} |"
-            )
+        lines += [f"## {model['model']}", ""]
+        lines += lab.table(
+            ["context", "streams", "tokens/s", "vs one", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms", "decode direct ms"],
+            (
+                [
+                    c["context"],
+                    c["concurrency"],
+                    f"{c['tokens_per_s']:.0f}",
+                    f"{c['tokens_per_s'] / one[c['context']]:.1f}x",
+                    f"{c['ttft_p50_ms']:.1f}",
+                    f"{c['itl_p50_ms']:.2f}",
+                    f"{c['itl_p99_ms']:.2f}",
+                    f"{d['decode_ms'][str(c['context'])]:.2f}",
+                ]
+                for c in model["generate"]
+            ),
+        )
         lines += [
             "",
             f"Full graph over a 4096-token prompt, direct: {d['full_4096_ms']:.1f} ms.",
@@ -352,15 +354,16 @@ def report(result: dict) -> str:
             "the rest of the step (sampling, bookkeeping); the served ITL adds Triton, responses and the "
             "client.",
             "",
-            "| streams | graph ms | feed ms | step ms | served ITL p50 ms |",
-            "|---|---|---|---|---|",
         ]
         served = {c["concurrency"]: c["itl_p50_ms"] for c in model["generate"] if c["context"] == 256}
-        for p in d["step_parts"]:
-            lines.append(
-                f"| {p['concurrency']} | {p['graph_ms']:.2f} | {p['feed_ms']:.2f} | {p['step_ms']:.2f} | "
-                f"{served.get(p['concurrency'], float('nan')):.2f} |"
-            )
+        lines += lab.table(
+            ["streams", "graph ms", "feed ms", "step ms", "served ITL p50 ms"],
+            (
+                [p["concurrency"], *(f"{p[k]:.2f}" for k in ("graph_ms", "feed_ms", "step_ms"))]
+                + [f"{served.get(p['concurrency'], float('nan')):.2f}"]
+                for p in d["step_parts"]
+            ),
+        )
         if model["perf_analyzer"]:
             lines += [
                 "",

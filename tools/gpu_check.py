@@ -313,35 +313,41 @@ def report(data: dict) -> str:
         "",
         "## Parity (max abs, top-1) at the shortest length",
         "",
-        "| model | engine | L | first call s | vs GPU fp32 | vs CPU fp64 | bits per byte |",
-        "|---|---|---:|---:|---|---|---|",
     ]
-    for r in rows.get("parity", []):
-        bpb = ", ".join(f"{w}: {v:.4f}" for w, v in r.get("bits_per_byte", {}).items()) or "-"
-        gpu, cpu = r["vs_gpu_fp32"], r["vs_cpu_fp64"]
-        lines.append(
-            f"| {r['model']} | {r['engine']} | {r['length']} | {r['first_call_s']} | {gpu['max_abs']:.2e}, "
-            f"{gpu['top1']:.3f} | {cpu['max_abs']:.2e}, {cpu['top1']:.3f} | {bpb} |"
-        )
-    lines += ["", "## Forward latency", "", "| model | engine | batch | L | ms | tokens/s | peak MiB |"]
-    lines.append("|---|---|---:|---:|---:|---:|---:|")
-    for r in rows.get("latency", []):
-        lines.append(
-            f"| {r['model']} | {r['engine']} | {r['batch']} | {r['length']} | {r.get('ms', r.get('error'))} | "
-            f"{r.get('tokens_per_s', '-')} | {r.get('peak_mib') or '-'} |"
-        )
-    lines += ["", "## Decode, one token per call", "", "| model | context | ms per token | p90 ms | peak MiB |"]
-    lines.append("|---|---:|---:|---:|---:|")
-    for r in rows.get("decode", []):
-        lines.append(
-            f"| {r['model']} | {r['context']} | {r['ms_per_token']} | {r['p90_ms']} | {r['peak_mib'] or '-'} |"
-        )
-    lines += ["", "## Attention alone, batch 1", "", "| L | dtype | BSBR ms | SDPA ms | SDPA / BSBR |"]
-    lines.append("|---:|---|---:|---:|---:|")
-    for r in rows.get("attention", []):
-        lines.append(
-            f"| {r['length']} | {r['dtype']} | {r['bsbr_ms']} | {r['sdpa_ms']} | {r.get('sdpa_over_bsbr', '-')} |"
-        )
+    lines += lab.table(
+        ["model", "engine", "L", "first call s", "vs GPU fp32", "vs CPU fp64", "bits per byte"],
+        (
+            [r["model"], r["engine"], r["length"], r["first_call_s"]]
+            + [f"{r[k]['max_abs']:.2e}, {r[k]['top1']:.3f}" for k in ("vs_gpu_fp32", "vs_cpu_fp64")]
+            + [", ".join(f"{w}: {v:.4f}" for w, v in r.get("bits_per_byte", {}).items()) or "-"]
+            for r in rows.get("parity", [])
+        ),
+    )
+    lines += ["", "## Forward latency", ""]
+    lines += lab.table(
+        ["model", "engine", "batch", "L", "ms", "tokens/s", "peak MiB"],
+        (
+            [r["model"], r["engine"], r["batch"], r["length"], r.get("ms", r.get("error"))]
+            + [r.get("tokens_per_s", "-"), r.get("peak_mib") or "-"]
+            for r in rows.get("latency", [])
+        ),
+    )
+    lines += ["", "## Decode, one token per call", ""]
+    lines += lab.table(
+        ["model", "context", "ms per token", "p90 ms", "peak MiB"],
+        (
+            [r["model"], r["context"], r["ms_per_token"], r["p90_ms"], r["peak_mib"] or "-"]
+            for r in rows.get("decode", [])
+        ),
+    )
+    lines += ["", "## Attention alone, batch 1", ""]
+    lines += lab.table(
+        ["L", "dtype", "BSBR ms", "SDPA ms", "SDPA / BSBR"],
+        (
+            [r["length"], r["dtype"], r["bsbr_ms"], r["sdpa_ms"], r.get("sdpa_over_bsbr", "-")]
+            for r in rows.get("attention", [])
+        ),
+    )
     for r in rows.get("product bench", []):
         lines += ["", f"The product's bench on {r['device']}: validation {'passed' if r['validated'] else 'FAILED'}."]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def table(head: list[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A markdown table's lines: `head`, its rule, and one line per row (cells as `str`)."""
+    return [f"| {' | '.join(head)} |", "|" + "---|" * len(head), *(f"| {' | '.join(map(str, r))} |" for r in rows)]
+
+
 def target_lines(rows: list[tuple[str, float | None, str]]) -> list[str]:
     """A markdown table of (what, measured, target like '>= 1.5') rows, each marked met or
     not (a figure that could not be measured, None, is not met)."""
@@ -161,7 +166,32 @@ def target_lines(rows: list[tuple[str, float | None, str]]) -> list[str]:
 def machine(threads: int = DEFAULT_THREADS, hidden: int = 256) -> dict:
     """What the figures were measured on (`bsbr_export.machine.machine_info`), and ONNX
     Runtime's own fp32 MatMul rate there at `threads`, measured now in a child process."""
-    return {**machine_info(), "threads": threads, "matmul_gflops": in_child(matmul_rate, hidden, threads)}
+    rate = in_child(matmul_rate, hidden, threads)
+    return {**machine_info(), "threads": threads, "matmul_hidden": hidden, "matmul_gflops": rate}
+
+
+def heading(title: str, machine: dict) -> list[str]:
+    """A report's first lines: its title, then the machine it ran on (`describe`)."""
+    return [f"# {title}", "", describe(machine), ""]
+
+
+def describe(machine: dict) -> str:
+    """The sentence every report opens with: the CPU, its vector units, the versions, and
+    ORT's own MatMul rate where `machine` measured it (`machine()`)."""
+    features = ", ".join(machine.get("cpu_features") or []) or "no AVX2, AVX-512 or AMX"
+    versions = machine.get("versions", {})
+    text = (
+        f"Machine: **{machine['processor']}**, {machine['cpu_count']} cores ({features}), {machine['platform']}; "
+        + ", ".join(f"{name} {versions[name]}" for name in ("python", "torch", "onnxruntime") if name in versions)
+        + "."
+    )
+    if "matmul_gflops" in machine:
+        hidden = machine.get("matmul_hidden", 256)
+        text += (
+            f" ORT's own fp32 MatMul [4096, {hidden}] x [{hidden}, {4 * hidden}] at {machine['threads']} threads: "
+            f"{machine['matmul_gflops']:.0f} GFLOP/s (same run)."
+        )
+    return text
 
 
 def matmul_rate(hidden: int, threads: int) -> float:

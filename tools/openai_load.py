@@ -83,9 +83,8 @@ def report(result: dict) -> str:
     rows = result["levels"]
     one = next((r for r in rows if r["concurrency"] == 1), None)
     lines = [
-        f"# `serve-openai` under aiperf: {result['model']}",
-        "",
-        f"Machine: **{machine['processor']}** ({machine.get('cpu_count', '?')} cores); the server on core "
+        *lab.heading(f"`serve-openai` under aiperf: {result['model']}", machine),
+        "The server on core "
         f"{SERVER_CORE} with one ORT thread, aiperf {result['aiperf_version']} on core {CLIENT_CORE}. Streamed "
         f"`/v1/completions`, prompts of {result['input_tokens']} tokens, {result['output_tokens']} new tokens each "
         "(`ignore_eos`), token counts from the server's `usage`. One run per concurrency.",

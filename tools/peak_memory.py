@@ -44,10 +44,10 @@ def report(result: dict) -> str:
     rows = result["rows"]
     machine = result["machine"]
     lines = [
-        f"# Peak memory of one eager forward: {result['model']}, batch 1, {result['threads']} threads",
-        "",
-        f"Machine: **{machine['processor']}** x{machine['cpu_count']}, {machine['platform']}; "
-        f"torch {machine['versions'].get('torch', '?')}. Each length in a fresh process.",
+        *lab.heading(
+            f"Peak memory of one eager forward: {result['model']}, batch 1, {result['threads']} threads", machine
+        ),
+        "Each length in a fresh process.",
         "",
         "| length | RSS before MiB | peak RSS MiB | forward adds MiB |",
         "|---|---|---|---|",

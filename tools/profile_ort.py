@@ -178,22 +178,19 @@ def report(result: dict) -> str:
     """Per length: kernel time by category, the dense GEMMs' rate, the costliest nodes alone."""
     machine = result["machine"]
     lines = [
-        f"# Where ONNX Runtime's time goes: {result['model']}, batch 1, {machine['threads']} threads, ORT_ENABLE_ALL",
-        "",
-        f"Machine: {machine['processor']} x{machine['cpu_count']}, {machine['platform']}; onnxruntime "
-        f"{machine['versions'].get('onnxruntime')}."
-        f" Kernel time from ORT's profiler over {RUNS} runs after {WARMUP} warm-ups.",
+        *lab.heading(
+            f"Where ONNX Runtime's time goes: {result['model']}, batch 1, {machine['threads']} threads, ORT_ENABLE_ALL",
+            machine,
+        ),
+        f"Kernel time from ORT's profiler over {RUNS} runs after {WARMUP} warm-ups.",
         "",
     ]
     for r in result["results"]:
-        lines += [
-            f"## L = {r['length']}: median {r['p50_ms']:.1f} ms (profiler on)",
-            "",
-            "| category | ms per run | share of kernel time |",
-            "|---|---|---|",
-        ]
-        for name, ms in r["categories"].items():
-            lines.append(f"| {name} | {ms:.2f} | {100 * ms / r['kernel_ms']:.1f}% |")
+        lines += [f"## L = {r['length']}: median {r['p50_ms']:.1f} ms (profiler on)", ""]
+        lines += lab.table(
+            ["category", "ms per run", "share of kernel time"],
+            ([name, f"{ms:.2f}", f"{100 * ms / r['kernel_ms']:.1f}%"] for name, ms in r["categories"].items()),
+        )
         if r["dense_gemm_gflops"]:
             lines += [
                 "",
@@ -206,14 +203,15 @@ def report(result: dict) -> str:
                 "The costliest node of each op type, in the graph and alone (one-node graph, same weights, "
                 "inputs hot in cache, median of 20):",
                 "",
-                "| op | node | first input | in graph ms | alone ms | in graph / alone |",
-                "|---|---|---|---|---|---|",
             ]
-            lines += [
-                f"| {a['op']} | {a['node']} | {a['shape']} | {a['in_graph_ms']:.2f} | {a['alone_ms']:.2f} | "
-                f"{a['in_graph_ms'] / a['alone_ms']:.1f} |"
-                for a in r["alone"]
-            ]
+            lines += lab.table(
+                ["op", "node", "first input", "in graph ms", "alone ms", "in graph / alone"],
+                (
+                    [a["op"], a["node"], a["shape"], f"{a['in_graph_ms']:.2f}", f"{a['alone_ms']:.2f}"]
+                    + [f"{a['in_graph_ms'] / a['alone_ms']:.1f}"]
+                    for a in r["alone"]
+                ),
+            )
             lines.append("")
     return "\n".join(lines) + "\n"
 

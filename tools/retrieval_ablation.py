@@ -172,7 +172,7 @@ def report(record: dict) -> str:
         f"`bsbr-stdlib`'s shape (4 layers, hidden 256, 4 heads, chunk 64), seed 0, the same initial weights and "
         f"batches for every arm: {record['steps']} steps of {record['batch']} x {record['length']} bytes "
         f"({first['bytes_seen'] / 1e6:.1f} M bytes seen), lr {record['lr']}, bf16 autocast, one thread per arm, "
-        f"{record['jobs']} at a time on {machine['processor']} ({machine['cpu_count']} cores). Scored on the "
+        f"{record['jobs']} at a time. {lab.describe(machine)} Scored on the "
         f"first {record['heldout_bytes']} held-out bytes of Python {machine['versions']['python']}'s stdlib, fp16 "
         f"weights run in fp32.\n\n"
         "| arm | bpb, windows of 512 | 4096 | 16384 | each chunk alone | gain from retrieval | train minutes |\n"

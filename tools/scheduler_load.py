@@ -129,11 +129,8 @@ def per_token(export_dir: Path, rng: np.random.Generator, contexts=(256, 16000),
 def report(result: dict) -> str:
     machine = result["machine"]
     lines = [
-        f"# Scheduler: {result['model']}, one process, one ORT thread",
-        "",
-        f"Machine: **{machine['processor']}** ({machine.get('cpu_count', '?')} cores), "
-        f"ORT's own fp32 MatMul here: {machine['matmul_gflops']:.0f} GFLOP/s (same run). One run; each figure is "
-        "a median or a percentile of the iterations named.",
+        *lab.heading(f"Scheduler: {result['model']}, one process, one ORT thread", machine),
+        "One run; each figure is a median or a percentile of the iterations named.",
         "",
         f"## A {result['join']}-token prompt joining {result['running']} running generations",
         "",
@@ -141,16 +138,17 @@ def report(result: dict) -> str:
         "prompt is prefilled, and the prompt's time to first token. `whole`: the prompt fed in one call (the "
         "batcher before it scheduled).",
         "",
-        "| token budget | alone p50 ms | alone p99 ms | joining p50 ms | joining p99 ms | joining max ms "
-        "| p99 joining / alone | iterations | TTFT s |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in result["stall"]:
-        lines.append(
-            f"| {row['budget']} | {row['alone_p50_ms']:.2f} | {row['alone_p99_ms']:.2f} | {row['join_p50_ms']:.2f} "
-            f"| {row['join_p99_ms']:.2f} | {row['join_max_ms']:.1f} | {row['join_p99_ms'] / row['alone_p99_ms']:.1f}x "
-            f"| {row['join_iterations']} | {row['join_ttft_s']:.2f} |"
-        )
+    head = ["token budget", "alone p50 ms", "alone p99 ms", "joining p50 ms", "joining p99 ms", "joining max ms"]
+    lines += lab.table(
+        [*head, "p99 joining / alone", "iterations", "TTFT s"],
+        (
+            [row["budget"], *(f"{row[k]:.2f}" for k in ("alone_p50_ms", "alone_p99_ms", "join_p50_ms", "join_p99_ms"))]
+            + [f"{row['join_max_ms']:.1f}", f"{row['join_p99_ms'] / row['alone_p99_ms']:.1f}x"]
+            + [row["join_iterations"], f"{row['join_ttft_s']:.2f}"]
+            for row in result["stall"]
+        ),
+    )
     lone, many, per = result["lone"], result["many_vs_one"], result["per_token"]
     low, high = sorted(per, key=int)[0], sorted(per, key=int)[-1]
     first, last = per[low], per[high]

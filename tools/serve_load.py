@@ -94,10 +94,10 @@ def run_cell(
 def report(result: dict) -> str:
     machine, cells = result["machine"], result["cells"]
     lines = [
-        f"# Triton serving load: {result['model']}_streaming_python ({result['protocol']}, one model instance)",
-        "",
-        f"CPU: {machine['processor']} x{machine['cpu_count']}; {machine['platform']}; ORT float32 MatMul "
-        f"{machine['matmul_gflops']:.0f} GFLOP/s ({machine['threads']} threads, [4096, 256] x [256, 1024], same run). "
+        *lab.heading(
+            f"Triton serving load: {result['model']}_streaming_python ({result['protocol']}, one model instance)",
+            machine,
+        ),
         f"Server ready in {result['server_start_s']:.2f} s; healthy after the run: {result['healthy_after']}. "
         f"{result['tokens']} timed one-token requests per sequence after a prefill of `context` tokens.",
         *(["", f"Note: {result['note']}"] if result["note"] else []),

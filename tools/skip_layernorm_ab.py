@@ -109,10 +109,8 @@ def report(record: dict) -> str:
         for name in median
     ]
     lines = [
-        f"# SkipLayerNormalization rewrite vs the exported graph: {record['model']}",
-        "",
-        f"Machine: **{machine['processor']}** x{machine['cpu_count']} ({', '.join(machine['cpu_features'])}), "
-        f"{machine['platform']}; onnxruntime {machine['versions'].get('onnxruntime', '?')}. Batch 1, "
+        *lab.heading(f"SkipLayerNormalization rewrite vs the exported graph: {record['model']}", machine),
+        "Batch 1, "
         f"{machine['threads']} threads, ORT_ENABLE_ALL; each file in its own process, alternating, "
         f"{record['rounds']} rounds; median of the rounds' p50 and, after x, speed-up vs the exported graph.",
         "",

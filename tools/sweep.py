@@ -107,11 +107,7 @@ def report(result: dict) -> str:
     machine, hidden = result["machine"], result["hidden_size"]
     sdpa_at = {t["length"]: t for t in result["sdpa_ort"].get("timings", [])}
     lines = [
-        f"# Sweep: {result['model']}, batch 1, {result['threads']} threads",
-        "",
-        f"Machine: {machine['processor']} x{machine['cpu_count']}, {machine['platform']}; versions "
-        f"{machine['versions']}.",
-        "",
+        *lab.heading(f"Sweep: {result['model']}, batch 1, {result['threads']} threads", machine),
         "| length | eager ms | ORT all ms | ORT disabled ms | int8 ms | SDPA-ORT ms | eager MiB | ORT MiB "
         "| SDPA-ORT MiB |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -106,11 +106,7 @@ def report(result: dict, bench_table: str, previous: dict | None) -> str:
     fails, and what moved since `previous` (the sweep this one replaces)."""
     machine, hidden = result["machine"], result["hidden_size"]
     lines = [
-        f"# Precision sweep: {result['model']}, batch 1, {machine['threads']} threads",
-        "",
-        f"Machine: **{machine['processor']}** x{machine['cpu_count']} ({', '.join(machine['cpu_features'])}), "
-        f"{machine['platform']}.",
-        "",
+        *lab.heading(f"Precision sweep: {result['model']}, batch 1, {machine['threads']} threads", machine),
         "Each engine in its own process, one run; bits per byte on the held-out slice in windows of each length.",
         "",
         bench_table,

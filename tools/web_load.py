@@ -126,10 +126,8 @@ def measure(model: str, contexts: list[int], tokens: int) -> dict:
 def report(result: dict) -> str:
     machine = result["machine"]
     lines = [
-        "# The web page in headless Chromium beside native onnxruntime",
-        "",
-        f"CPU: {machine['processor']}, {machine['cpu_count']} cores; ORT float32 MatMul {machine['matmul_gflops']:.0f} "
-        f"GFLOP/s ({machine['threads']} threads, [4096, 256] x [256, 1024], same run). Chromium "
+        *lab.heading("The web page in headless Chromium beside native onnxruntime", machine),
+        "Chromium "
         f"{machine['chromium']}, onnxruntime-web 1.31.1; native onnxruntime {machine['onnxruntime']} on the "
         "page's own opset-18 graphs, called as the page calls them (the row step for a token that leaves its "
         "chunk open, the decode step for the prompt and chunk-closing tokens). "
