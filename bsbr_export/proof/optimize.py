@@ -245,7 +245,8 @@ def quantize_int8(
     length in `windows`) within `budget` of fp32's at every window for a byte-level LM,
     else top-1 agreement with eager >= `target_top1`.
 
-    Sensitivity of a node = the accuracy lost when only that node is int8.
+    Sensitivity of a node = the accuracy lost when only that node is int8, measured only
+    when the all-int8 graph misses (one run per MatMul); none is kept fp32 otherwise.
     """
     directory = Path(export_dir)
     source = directory / artifact_name(ONNX)
@@ -272,18 +273,21 @@ def quantize_int8(
     nodes = weight_matmuls(source)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         probe = Path(tmp) / "probe.onnx"
-        sensitivity = {}
-        for node in nodes:  # dict: node name -> module
-            _quantize(source, probe, include=[node], calibration=calibration)
-            sensitivity[node] = judge.loss(_runner(probe, threads=threads))
-        ranked = sorted(nodes, key=sensitivity.get, reverse=True)
-        steps, kept = [], len(ranked)
-        for count in range(len(ranked) + 1):
-            _quantize(source, probe, exclude=ranked[:count], calibration=calibration)
-            steps.append(judge.step(count, _runner(probe, threads=threads)))
-            if judge.accurate(steps[-1]):
-                kept = count
-                break
+        _quantize(source, probe, calibration=calibration)
+        steps, sensitivity, ranked, kept = [judge.step(0, _runner(probe, threads=threads))], {}, list(nodes), 0
+        # Sensitivities only when all-int8 is not accurate already: one run per MatMul.
+        if not judge.accurate(steps[0]):
+            for node in nodes:  # dict: node name -> module
+                _quantize(source, probe, include=[node], calibration=calibration)
+                sensitivity[node] = judge.loss(_runner(probe, threads=threads))
+            ranked = sorted(nodes, key=sensitivity.get, reverse=True)
+            kept = len(ranked)
+            for count in range(1, len(ranked) + 1):
+                _quantize(source, probe, exclude=ranked[:count], calibration=calibration)
+                steps.append(judge.step(count, _runner(probe, threads=threads)))
+                if judge.accurate(steps[-1]):
+                    kept = count
+                    break
         target = directory / QUANT_FILES[method]
         shutil.move(str(probe), target)
     return QuantResult(

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from conftest import run_cli
 
-from bsbr_export.proof.optimize import weight_matmuls
+from bsbr_export.proof.optimize import quantize_int8, weight_matmuls
 from bsbr_export.proof.validate import validate_export
 from bsbr_export.runtime.onnx import available_providers
 
@@ -81,3 +81,16 @@ def test_fp16_on_cuda(capsys, export_copy):
     assert code == 0 and "fp16: wrote" in out, err
     result = validate_export(export_copy, lengths=[5, 17, 2048], batches=(1, 2), providers=["CUDAExecutionProvider"])
     assert result.passed, [c.parity.failures for c in result.checks if not c.passed]
+
+
+def test_int8_measures_sensitivities_only_when_all_int8_misses(export_copy):
+    """All-int8 within the target: one step, no per-MatMul runs. Out of it: every MatMul's
+    sensitivity measured, and the ones kept in fp32 are the most sensitive, in order."""
+    loose = quantize_int8(export_copy, length=40, target_top1=0.5)
+    assert loose.reached and len(loose.steps) == 1 and loose.fp32_nodes == () and loose.sensitivity == {}
+    # 1024 positions of random weights' near-tied logits: int8 flips a few of their argmaxes.
+    tight = quantize_int8(export_copy, length=512, batch=2, target_top1=1.0)
+    assert set(tight.sensitivity) == set(tight.modules) and tight.steps[0].top1 < 1.0
+    ranked = sorted(tight.sensitivity, key=tight.sensitivity.get, reverse=True)
+    assert tight.fp32_nodes and list(tight.fp32_nodes) == ranked[: len(tight.fp32_nodes)]
+    assert tight.reached and [s.kept_fp32 for s in tight.steps] == list(range(len(tight.fp32_nodes) + 1))
