@@ -186,9 +186,10 @@ def describe(machine: dict) -> str:
         + "."
     )
     if "matmul_gflops" in machine:
-        hidden = machine.get("matmul_hidden", 256)
+        hidden, threads = machine.get("matmul_hidden", 256), machine["threads"]
         text += (
-            f" ORT's own fp32 MatMul [4096, {hidden}] x [{hidden}, {4 * hidden}] at {machine['threads']} threads: "
+            f" ORT's own fp32 MatMul [4096, {hidden}] x [{hidden}, {4 * hidden}] at {threads} "
+            f"thread{'s' if threads != 1 else ''}: "
             f"{machine['matmul_gflops']:.0f} GFLOP/s (same run)."
         )
     return text
