@@ -71,16 +71,16 @@ def report(result: dict) -> str:
     lines = [
         *lab.heading("In-flight batching: tokens/s and inter-token latency vs concurrent generations", machine),
         f"{threads} ORT threads. Greedy, {tokens} timed tokens per generation after a prefill of `context` "
-        "random tokens; client "
-        "and model in one process (runtime.batching.Batcher), each model in a process of its own.",
+        "random tokens; client and model in one process (runtime.batching.Batcher), each model in a process "
+        "of its own.",
         "",
     ]
     for model in result["results"]:
         one = {r["context"]: r["tokens_per_s"] for r in model["rows"] if r["concurrency"] == 1}
-        head = ["context", "generations", "tokens/s", "vs one", "p50 ms/token", "p99 ms/token", "decode alone ms"]
         lines += [f"## {model['model']}", ""]
         lines += lab.table(
-            [*head, "p50 / decode alone"],
+            ["context", "generations", "tokens/s", "vs one", "p50 ms/token", "p99 ms/token"]
+            + ["decode alone ms", "p50 / decode alone"],
             (
                 [
                     r["context"],

@@ -174,8 +174,7 @@ def report(result: dict) -> str:
         "",
         f"hidden {m['hidden_dim']}, {m['num_layers']} layers, {m['num_heads']} heads, chunk {m['chunk_size']}, "
         f"ff {m['ff_dim']}, batch 1, {result['threads']} threads, torch {result['torch']}; "
-        f"load average {machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f} "
-        f"on {machine['cpu_count']} cores.",
+        f"load average {machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f}.",
         "",
         lab.describe(machine),
         "",

@@ -139,9 +139,9 @@ def report(result: dict) -> str:
         "batcher before it scheduled).",
         "",
     ]
-    head = ["token budget", "alone p50 ms", "alone p99 ms", "joining p50 ms", "joining p99 ms", "joining max ms"]
     lines += lab.table(
-        [*head, "p99 joining / alone", "iterations", "TTFT s"],
+        ["token budget", "alone p50 ms", "alone p99 ms", "joining p50 ms", "joining p99 ms", "joining max ms"]
+        + ["p99 joining / alone", "iterations", "TTFT s"],
         (
             [row["budget"], *(f"{row[k]:.2f}" for k in ("alone_p50_ms", "alone_p99_ms", "join_p50_ms", "join_p99_ms"))]
             + [f"{row['join_max_ms']:.1f}", f"{row['join_p99_ms'] / row['alone_p99_ms']:.1f}x"]
