@@ -34,6 +34,7 @@ from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from bsbr_export.errors import UserError
+from bsbr_export.model.probe import default_inputs
 
 DIM_NAMES = ("batch", "sequence")  # what dims 0 and 1 of every input are exported as
 BATCHES = (1, 2, 3, 8)  # sizes a guard is checked at
@@ -144,14 +145,16 @@ def chunk_size_of(module: nn.Module) -> int | None:
 def example_inputs(module: nn.Module) -> tuple[Tensor, ...]:
     """One input of batch 2 and length 3c + 1 (37 when no chunk size is found), shapes
     that specialize nothing by accident: `input_ids` below the vocab of the first
-    `nn.Embedding` when there is one, else float hidden states as wide as the first
-    `nn.Linear`'s input."""
+    `nn.Embedding` when there is one (and an all-ones mask when the forward requires
+    one, as `export` finds it: `default_inputs`), else float hidden states as wide as the
+    first `nn.Linear`'s input."""
     c = chunk_size_of(module)
     length = 3 * c + 1 if c else 37
     generator = torch.Generator().manual_seed(0)
     for m in module.modules():
         if isinstance(m, nn.Embedding):
-            return (torch.randint(0, m.num_embeddings, (2, length), generator=generator),)
+            ids = torch.randint(0, m.num_embeddings, (2, length), generator=generator)
+            return (ids, *(torch.ones_like(ids) for i in default_inputs(module)[1:] if not i.optional))
         if isinstance(m, nn.Linear):
             return (torch.randn(2, length, m.in_features, generator=generator, dtype=m.weight.dtype),)
     raise UserError(

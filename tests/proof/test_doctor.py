@@ -76,5 +76,21 @@ def test_public_layer_is_clean():
     assert diagnose(BSBRAttention(hidden_size=16, num_heads=4, chunk_size=4, num_kv_heads=2, rope_theta=1e4))
 
 
+def test_a_module_that_requires_its_mask_is_clean():
+    """The mask goes in as export passes it, not missing (a TypeError reported as a line)."""
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.attn = BSBRAttention(hidden_size=16, num_heads=2, chunk_size=8, retrieval="gated")
+
+        def forward(self, input_ids, attention_mask):
+            return self.attn(self.embed(input_ids), attention_mask)
+
+    report = diagnose(Tagger())
+    assert report and len(report.inputs) == 2 and report.inputs[1].endswith("int64 [2, 25]")
+
+
 def test_native_model_is_clean():
     assert diagnose(build_model(tiny_config()))
