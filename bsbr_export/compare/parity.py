@@ -7,6 +7,8 @@ Functions return measurements (`ParityReport`); callers decide what a failure me
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +32,20 @@ class OutputDiff:
     top1: float | None  # share of positions whose argmax agrees (logits only)
     tolerance: float  # the max abs error allowed for this output
     passed: bool
+    # Only where max_abs missed the tolerance and a float64 model was run on the same inputs:
+    fp64_max_abs: float | None = None  # the artifact's max abs error from the float64 model
+    reference_error: float | None = None  # the (fp32) reference's own max abs error from it
+
+    @property
+    def failure(self) -> str:
+        """Why this output failed, in one clause."""
+        text = f"{self.name} max abs {self.max_abs:.2e} > {self.tolerance:.2e}"
+        if self.fp64_max_abs is not None:
+            text += (
+                f" (from the float64 model {self.fp64_max_abs:.2e}, more than twice"
+                f" eager fp32's own {self.reference_error:.2e})"
+            )
+        return text
 
 
 @dataclass(frozen=True)
@@ -62,12 +78,7 @@ class ParityReport:
 
     @property
     def failures(self) -> list[str]:
-        return [
-            f"{r.case.label}: {d.name} max abs {d.max_abs:.2e} > {d.tolerance:.2e}"
-            for r in self.results
-            for d in r.diffs
-            if not d.passed
-        ]
+        return [f"{r.case.label}: {d.failure}" for r in self.results for d in r.diffs if not d.passed]
 
     def to_dict(self) -> dict:
         return {
@@ -119,20 +130,6 @@ def output_scale(expected: np.ndarray) -> float:
     return max(1.0, float(np.abs(expected).max())) if np.size(expected) else 1.0
 
 
-def compare_outputs(
-    spec: ModelSpec, want: dict[str, np.ndarray], got: dict[str, np.ndarray], valid: np.ndarray | None, tolerance: float
-) -> list[OutputDiff]:
-    """Every output of the spec: per-position outputs at valid positions only (padding
-    is don't-care), pooled outputs whole; top-1 only for outputs marked as logits."""
-    diffs = []
-    for out in spec.outputs:
-        w, g = want[out.name], got[out.name]
-        if out.per_position and valid is not None and w.shape[:2] == valid.shape == g.shape[:2]:
-            w, g = w[valid], g[valid]
-        diffs.append(compare(out.name, w, g, tolerance, top1=out.logits))
-    return diffs
-
-
 def check_parity(
     artifact: str,
     reference: Runner,
@@ -141,32 +138,69 @@ def check_parity(
     spec: ModelSpec,
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 1234,
+    precise: Callable[[], Runner | None] | None = None,
 ) -> ParityReport:
     """Run `runner` and `reference` (runners over the same graph kind) on every case and
-    compare every output of `spec` (a `ModelSpec`).
+    compare every output of `spec` (a `ModelSpec`): per-position outputs at valid positions
+    only (padding is don't-care), top-1 for outputs marked as logits.
 
     Streaming cases (with `pieces`) start from the empty state of `spec.state` and
     compare the final state too.
+
+    fp32 rounding alone can reach the tolerance on long inputs (the reference is fp32 too).
+    So where an output misses it and `precise()` gives the same graph in float64, that
+    output still passes when the artifact is as close to the float64 model as twice the
+    reference's own error there (plus a tenth of the tolerance): the rule torch's own
+    accuracy checks judge a compiled model by (`torch._dynamo.utils.same`, `fp64_ref`).
     """
+    exact = functools.cache(precise) if precise is not None else None
     results = []
     for i, case in enumerate(cases):
         inputs = make_inputs(case, spec, seed + i)
-        if case.pieces:
-            tokens = inputs[spec.tokens.name]
-            want, want_state = _rollout(reference, spec, tokens, case.pieces)
-            got, got_state = _rollout(runner, spec, tokens, case.pieces)
-            diffs = compare_outputs(spec, want, got, None, tolerance)
-            diffs += [compare(n, want_state[n], got_state[n], tolerance) for n in want_state]
-        else:
-            want = reference.infer({n: inputs[n] for n in reference.input_names})
-            got = runner.infer({n: inputs[n] for n in runner.input_names})
-            mask = spec.mask
-            valid = inputs[mask.name].astype(bool) if mask is not None and mask.name in inputs else None
-            diffs = compare_outputs(spec, want, got, valid, tolerance)
-            # A row step's `row.*` outputs (each row's new key and value) besides the model's.
-            diffs += [compare(n, want[n], got[n], tolerance) for n in want if n not in spec.output_names]
+        want, got = _observe(reference, case, spec, inputs), _observe(runner, case, spec, inputs)
+        logits = {o.name for o in spec.outputs if o.logits}
+        diffs = [compare(n, want[n], got[n], tolerance, top1=n in logits) for n in want]
+        truth = exact() if exact is not None and not all(d.passed for d in diffs) else None
+        best = _observe_exact(truth, case, spec, inputs) if truth is not None else None
+        if best is not None:
+            diffs = [d if d.passed else within_own_error(d, best[d.name], want[d.name], got[d.name]) for d in diffs]
         results.append(CaseResult(case, tuple(diffs)))
     return ParityReport(artifact, tuple(results))
+
+
+def within_own_error(diff: OutputDiff, exact: np.ndarray, expected: np.ndarray, actual: np.ndarray) -> OutputDiff:
+    """`diff` judged against the float64 model's `exact` output: passed when `actual` is
+    within twice `expected`'s own distance from it, plus a tenth of the tolerance."""
+    if np.shape(exact) != np.shape(actual) or np.shape(exact) != np.shape(expected):
+        return diff
+    exact = np.asarray(exact, dtype=np.float64)
+    off = float(np.abs(exact - actual).max()) if np.isfinite(actual).all() else float("inf")
+    own = float(np.abs(exact - expected).max())
+    return dataclasses.replace(diff, fp64_max_abs=off, reference_error=own, passed=off <= 2 * own + diff.tolerance / 10)
+
+
+def _observe(runner: Runner, case: Case, spec: ModelSpec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a case compares of one runner: its outputs (a streamed case's joined, and its
+    final state), per-position outputs at the valid positions of a masked batch."""
+    if case.pieces:
+        outputs, state = _rollout(runner, spec, inputs[spec.tokens.name], case.pieces)
+        return {**outputs, **state}
+    outputs = runner.infer({n: inputs[n] for n in runner.input_names})
+    mask = spec.mask
+    if mask is None or mask.name not in inputs:
+        return outputs
+    valid = inputs[mask.name].astype(bool)
+    per_position = {o.name for o in spec.outputs if o.per_position}
+    return {n: v[valid] if n in per_position and np.shape(v)[:2] == valid.shape else v for n, v in outputs.items()}
+
+
+def _observe_exact(truth: Runner, case: Case, spec: ModelSpec, inputs: dict[str, np.ndarray]):
+    """`_observe` of the float64 model; None where its forward cannot run in float64
+    (a user's module that builds fp32 tensors of its own): the plain tolerance stands."""
+    try:
+        return _observe(truth, case, spec, inputs)
+    except RuntimeError:
+        return None
 
 
 def _rollout(runner: Runner, spec: ModelSpec, ids: np.ndarray, pieces: tuple[int, ...]):

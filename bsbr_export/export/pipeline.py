@@ -199,7 +199,7 @@ def export_artifact(
     reference = EagerRunner(source.module, source.spec, kind)
     runner = open_artifact(fmt.name, directory / name, reference.input_names, reference.output_names)
     cases = artifact_cases(source.spec.chunk_size, kind, {"static_shape": static, **settings}, long_length=long_length)
-    parity = check_parity(name, reference, runner, cases, source.spec, tolerance)
+    parity = check_parity(name, reference, runner, cases, source.spec, tolerance, precise=reference.in_float64)
     return ArtifactResult(
         name,
         fmt.name,

@@ -144,7 +144,9 @@ def validate_export(
         for engine, runner in artifact_engines(
             directory / artifact["name"], artifact["format"], reference, providers, device
         ):
-            report = check_parity(artifact["name"], reference, runner, cases, source.spec, allowed, seed)
+            report = check_parity(
+                artifact["name"], reference, runner, cases, source.spec, allowed, seed, precise=reference.in_float64
+            )
             score = scorer.score(runner) if kind == "full" and not settings.get("static_shape") else None
             check = ArtifactCheck(artifact["name"], engine, report, text=score, precision=precision)
             if not check.judged_by_text:

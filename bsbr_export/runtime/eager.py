@@ -4,8 +4,10 @@ is, through `torch.compile`, or under bf16 autocast with chosen parts kept in fp
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 
+import numpy as np
 import torch
 
 from bsbr_export.model.graphs import export_graph
@@ -24,8 +26,31 @@ class EagerRunner(ModuleRunner):
         self, model: torch.nn.Module, spec: ModelSpec | None = None, kind: str = "full", device: str = "cpu"
     ) -> None:
         self.device = torch.device(device)
-        self.module = export_graph(model.to(self.device), spec_for(model, spec), kind)
+        self.model, self.spec, self.kind = model, spec_for(model, spec), kind
+        self.module = export_graph(model.to(self.device), self.spec, kind)
         self.input_names, self.output_names = self.module.input_names, self.module.output_names
+
+    def in_float64(self) -> Float64Runner | None:
+        """The same graph of a copy of the model in float64 on the CPU, the reference's
+        own reference; None for a model that cannot be copied or cast."""
+        try:
+            return Float64Runner(self.model, self.spec, self.kind)
+        except (RuntimeError, TypeError):
+            return None
+
+
+class Float64Runner(EagerRunner):
+    """The graph of a copy of `model` in float64 on the CPU, fed float inputs cast up:
+    what fp32 rounding is measured against."""
+
+    name = "eager-fp64"
+
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec | None = None, kind: str = "full") -> None:
+        super().__init__(copy.deepcopy(model).to("cpu", torch.float64), spec, kind)
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        return tensor.double() if tensor.is_floating_point() else tensor
 
 
 class CompiledRunner(EagerRunner):
@@ -95,7 +120,7 @@ class AutocastRunner(EagerRunner):
         device: str = "cpu",
     ) -> None:
         super().__init__(model, spec, device=device)
-        self.model, self.keep_fp32 = model, tuple(keep_fp32)
+        self.keep_fp32 = tuple(keep_fp32)
         kind = self.device.type
         self.autocast = functools.partial(autocast_bf16, model, self.keep_fp32, kind)
         if compile:
