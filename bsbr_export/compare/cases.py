@@ -56,9 +56,12 @@ def self_check_length(chunk_size: int) -> int:
 
 
 def stream_pieces(length: int, chunk_size: int) -> list[int]:
-    """Split `length` into pieces that never line up with chunk boundaries:
-    1, c+2, c-1, 1, c+2, ... (the splits that catch state bugs)."""
-    sizes, out = (1, chunk_size + 2, max(chunk_size - 1, 1)), []
+    """Split `length` into pieces that never line up with chunk boundaries: 1, c+2, c-1
+    (the splits that catch state bugs), then k*c + 1 tokens across many chunks at once
+    (about an eighth of `length`), and again. A rollout costs one call per piece: the long
+    piece keeps a 2048-token check of a small-chunk model to tens of calls, not hundreds."""
+    c = chunk_size
+    sizes, out = (1, c + 2, max(c - 1, 1), c * max(1, length // (8 * c)) + 1), []
     while length > 0:
         out.append(min(sizes[len(out) % len(sizes)], length))
         length -= out[-1]

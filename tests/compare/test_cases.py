@@ -26,6 +26,13 @@ def test_stream_pieces_sum_to_the_length_and_straddle_chunks(length, c):
     pieces = stream_pieces(length, c)
     assert sum(pieces) == length and all(p >= 1 for p in pieces)
     assert pieces[0] == 1  # the first piece leaves a chunk half full
+    assert len(pieces) <= 4 * 9  # a long rollout stays a few dozen calls
+
+
+def test_a_long_stream_mixes_small_uneven_pieces_with_long_ones():
+    pieces = stream_pieces(2048, 8)
+    assert pieces[:4] == [1, 10, 7, 8 * 32 + 1] and len(pieces) < 40
+    assert all(p % 8 for p in pieces if p > 1)  # no piece spans whole chunks exactly
 
 
 def test_full_graphs_get_a_masked_case_and_streaming_graphs_splits():
