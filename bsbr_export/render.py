@@ -120,9 +120,15 @@ def export_table(result) -> Table:
             f"{a.seconds:.1f} s",
             str(len(a.parity.results)),
             f"{a.parity.max_abs:.2e}",
-            "[green]passed[/]" if a.parity.passed else "[red]FAILED[/]",
+            passed_text(a.parity) if a.parity.passed else "[red]FAILED[/]",
         )
     return table
+
+
+def passed_text(parity) -> str:
+    """'passed', saying how many cases passed only against the float64 model."""
+    judged = parity.judged_by_float64
+    return "[green]passed[/]" + (f" ({judged} within fp32's own error)" if judged else "")
 
 
 def validation_table(result) -> Table:
@@ -148,7 +154,7 @@ def validation_table(result) -> Table:
         diffs = [d for r in check.parity.results for d in r.diffs]
         top1 = [d.top1 for d in diffs if d.top1 is not None]
         failed = sum(not r.passed for r in check.parity.results)
-        status = "[green]passed[/]" if check.passed else f"[red]FAILED {failed}[/]"
+        status = passed_text(check.parity) if check.passed else f"[red]FAILED {failed}[/]"
         if check.first_bad_layer:
             status += f" (diverges at {check.first_bad_layer})"
         table.add_row(

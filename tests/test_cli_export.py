@@ -69,6 +69,16 @@ def test_ctrl_c_leaves_nothing(capsys, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+def test_an_export_within_fp32s_own_error_passes_and_says_so(capsys, tmp_path):
+    # A 1e-12 tolerance is below fp32 rounding: ORT passes only as close to the float64
+    # model as eager is, and the table says how many cases passed that way.
+    code, out, err = run_cli(
+        capsys, "export", "bsbr-tiny", "--out", tmp_path / "e", "--format", "onnx", "--tolerance", "1e-12"
+    )
+    assert code == 0, err
+    assert "within fp32's own error" in " ".join(out.split())
+
+
 def test_failed_parity_exits_1(capsys, tmp_path, monkeypatch):
     # ONNX Runtime's float32 results differ from eager by ~1e-6: a 1e-12 tolerance must fail
     # once the float64 judge is away (with it, ORT is as close to float64 as eager is, and

@@ -77,6 +77,12 @@ class ParityReport:
         return max((d.max_abs for r in self.results for d in r.diffs), default=float("nan"))
 
     @property
+    def judged_by_float64(self) -> int:
+        """How many cases passed only against the float64 model (fp32 rounding alone
+        missed the tolerance)."""
+        return sum(r.passed and any(d.fp64_max_abs is not None for d in r.diffs) for r in self.results)
+
+    @property
     def failures(self) -> list[str]:
         return [f"{r.case.label}: {d.failure}" for r in self.results for d in r.diffs if not d.passed]
 

@@ -55,6 +55,7 @@ def test_an_artifact_as_close_to_float64_as_eager_passes_where_the_plain_toleran
     assert not plain and all(d.fp64_max_abs is None for r in plain.results for d in r.diffs)
     judged = check_parity("exact", reference, exact, cases, spec, TINY_TOLERANCE, precise=reference.in_float64)
     assert judged, judged.failures
+    assert plain.judged_by_float64 == 0 < judged.judged_by_float64 <= len(cases)
     widened = [d for r in judged.results for d in r.diffs if d.fp64_max_abs is not None]
     assert widened and all(0 < d.reference_error and d.fp64_max_abs <= 2 * d.reference_error for d in widened)
 
