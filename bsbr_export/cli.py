@@ -27,14 +27,13 @@ from bsbr_export.defaults import (
 from bsbr_export.errors import UserError
 from bsbr_export.export.pipeline import export_model
 from bsbr_export.formats import FORMATS, parse_formats
-from bsbr_export.io import check_can_create
 from bsbr_export.model.checkpoint import parameter_count, save_model
 from bsbr_export.model.sources import load_module
 from bsbr_export.model.spec import read_spec
 from bsbr_export.model.upstream import NOT_CAUSAL
 from bsbr_export.model.upstream import import_upstream as load_upstream
 from bsbr_export.model.usercode import export_name
-from bsbr_export.model.zoo import get_preset, list_presets, presets_dir
+from bsbr_export.model.zoo import get_preset, list_presets
 from bsbr_export.precisions import PRECISIONS
 from bsbr_export.proof.doctor import diagnose
 from bsbr_export.proof.evaltext import check_budget, read_eval_text
@@ -57,7 +56,7 @@ from bsbr_export.serve.openai import create_app
 from bsbr_export.serve.openai import serve_openai as serve_openai_app
 from bsbr_export.serve.serve import check_port
 from bsbr_export.serve.serve import serve as run_server
-from bsbr_export.serve.triton import write_triton_repo
+from bsbr_export.serve.triton import check_triton_repo, write_triton_repo
 from bsbr_export.serve.web import page_server, web_dir
 from bsbr_export.summary import summarize
 from bsbr_export.workflows import BenchExport, BenchOptions, benchmark
@@ -266,7 +265,7 @@ def export(
     if triton_repo:
         if "onnx" not in [f.name for f in chosen]:
             raise UserError("--triton-repo serves the ONNX graph: add onnx to --format")
-        _check_triton_repo(Path(triton_repo), export_name(model), streaming, force)
+        check_triton_repo(Path(triton_repo), export_name(model), streaming, force)
     out = Path(out_dir) if out_dir else Path("export") / export_name(model)
     with progress_steps(Console(stderr=True)) as progress:
         result = export_model(
@@ -296,8 +295,21 @@ def export(
                 click.echo(f"FAILED {artifact.name}: {failure}", err=True)
         raise SystemExit(1)
     if triton_repo:
-        repo = write_triton_repo(out, triton_repo, overwrite=force)
-        click.echo(f"Triton model repository: {repo} (tritonserver --model-repository {repo})")
+        _echo_repo(write_triton_repo(out, triton_repo, overwrite=force))
+
+
+def _echo_repo(repo: Path) -> None:
+    click.echo(f"Triton model repository: {repo} (tritonserver --model-repository {repo})")
+
+
+@cli.command("triton-repo")
+@click.argument("export_dir", type=click.Path())
+@click.argument("repo", type=click.Path())
+@click.option("--force", is_flag=True, help="Replace Triton models of the same name in REPO.")
+def triton_repo_command(export_dir, repo, force) -> None:
+    """Lay out EXPORT_DIR's ONNX graphs (an export with --format onnx) as Triton models in
+    REPO, as `export --triton-repo` does, without exporting again."""
+    _echo_repo(write_triton_repo(export_dir, repo, overwrite=force))
 
 
 # Byte-level language models are also judged by held-out text (validate, optimize, bench).
@@ -771,23 +783,6 @@ def serve_web(export_dir, port, no_isolation) -> None:
     )
     with server:
         server.serve_forever()
-
-
-def _check_triton_repo(repo, name: str, streaming: bool, force: bool) -> None:
-    """Refuse a --triton-repo that cannot take the model before the export starts."""
-
-    if repo.exists() and not repo.is_dir():
-        raise UserError(f"--triton-repo {repo} is a file: pass a directory")
-    check_can_create(repo / name, overwrite=True)  # a writable place; an existing model is checked below
-    if repo.resolve() == presets_dir().resolve():
-        raise UserError(
-            f"--triton-repo {repo} is bsbr-export's preset folder: pass another directory (e.g. export/triton)"
-        )
-    if not force:
-        names = [name, f"{name}_python"] + ([f"{name}_streaming", f"{name}_streaming_python"] if streaming else [])
-        for model in names:
-            if (repo / model).is_dir() and any((repo / model).iterdir()):
-                raise UserError(f"{repo / model} already exists: pass --force to replace it, or another --triton-repo")
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -363,9 +363,6 @@ SLOW_FILES = (
     "test_executorch_bench.py",  # bsbr-tiny lowered three ways: about 2 min of CPU
     "test_byo_parity.py",  # four users' models exported with their streaming graphs: about 3 min
     "test_web_load.py",  # bsbr-tiny exported for the web and driven in Chromium, as test_web.py: about 2 min
-    "test_sweep_precision.py",  # optimize's int8 searches and bf16 plans on bsbr-stdlib: 90 s
-    "test_retrieval_ablation.py",  # four training runs, each a process importing torch: 90 s
-    "test_gpu_check.py",  # torch.compile of each model on the CPU: 80 s
 )
 # Single tests: "file.py::test_name" matches that test (all its parameters), anything else
 # is a substring of the node id. A fixture's setup is paid by its first user, so every user

@@ -127,6 +127,16 @@ CASES = {
         ],
         "already exists: pass --force",
     ),
+    "triton-repo onto a file": (
+        IN_PROCESS,
+        lambda t, e: ["triton-repo", e, (t / "file", (t / "file").write_text("mine"))[0]],
+        "is a file",
+    ),
+    "triton-repo of a directory that is no export": (
+        IN_PROCESS,
+        lambda t, e: ["triton-repo", t, t / "repo"],
+        "manifest.json",
+    ),
     "NaN weights": (IN_PROCESS, lambda t, e: ["run", _checkpoint(t, nan=True)], "NaN or infinite weights"),
     "raw pickle .bin": (
         SUBPROCESS,

@@ -39,10 +39,11 @@ import onnx
 from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET, MAX_PROMPT_TOKENS, MAX_SEQUENCES, MAX_STATE_BYTES
 from bsbr_export.errors import UserError
 from bsbr_export.formats import FORMATS, ONNX, artifact_name
-from bsbr_export.io import atomic_dir
+from bsbr_export.io import atomic_dir, check_can_create
 from bsbr_export.manifest import MANIFEST, read_manifest
 from bsbr_export.model.spec import ModelSpec
 from bsbr_export.model.usercode import export_name
+from bsbr_export.model.zoo import presets_dir
 
 # Requests of up to this many sequences per call to the full-sequence model.
 MAX_BATCH_SIZE = 8
@@ -126,6 +127,7 @@ def write_triton_repo(
     name = model_name or export_name(manifest["model"]) or export_dir.resolve().name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise UserError(f"Triton model name {name!r} must be letters, digits, '_', '.' or '-': pass another name")
+    check_triton_repo(repo_dir, name, artifact_name(ONNX, "streaming") in artifacts, overwrite)
 
     vocab_size = ModelSpec.from_dict(manifest["spec"]).tokens.high
     full = export_dir / artifact_name(ONNX)
@@ -179,6 +181,26 @@ def write_triton_repo(
                 shutil.copyfile(PYTHON_MODEL, version / "model.py")
             (tmp / "config.pbtxt").write_text(config)
     return repo_dir
+
+
+def check_triton_repo(repo: Path, name: str, streaming: bool, overwrite: bool = False) -> None:
+    """Refuse a Triton repository that cannot take model `name` (a file, the preset
+    folder, or, without `overwrite`, one holding its models already): the export command
+    calls it before exporting, `write_triton_repo` before writing."""
+    if repo.exists() and not repo.is_dir():
+        raise UserError(f"Triton repository {repo} is a file: pass a directory")
+    check_can_create(repo / name, overwrite=True)  # a writable place; an existing model is checked below
+    if repo.resolve() == presets_dir().resolve():
+        raise UserError(
+            f"Triton repository {repo} is bsbr-export's preset folder: pass another directory (e.g. export/triton)"
+        )
+    if not overwrite:
+        names = [name, f"{name}_python"] + (
+            [f"{name}_streaming", f"{name}_streaming_python", f"{name}_generate"] if streaming else []
+        )
+        for model in names:
+            if (repo / model).is_dir() and any((repo / model).iterdir()):
+                raise UserError(f"{repo / model} already exists: pass --force to replace it, or another repository")
 
 
 def copy_serving_package(target: Path) -> None:

@@ -276,7 +276,7 @@ def test_other_models_kept_and_existing_needs_overwrite(repo, tmp_path):
         "tiny_streaming",
         "tiny_streaming_python",
     ]
-    with pytest.raises(UserError, match="already exists and is not empty"):
+    with pytest.raises(UserError, match="tiny already exists"):
         write_triton_repo(out, target, "tiny")
     write_triton_repo(out, target, "tiny", overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == [
@@ -335,3 +335,19 @@ def test_cli(capsys, tmp_path):
     assert code == 0, capsys.readouterr().err
     assert "Triton model repository" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["bsbr-tiny", "bsbr-tiny_python"]
+
+
+def test_triton_repo_command_lays_out_an_existing_export(capsys, tiny_export, tmp_path):
+    out, _ = tiny_export
+    models = tmp_path / "models"
+    assert main(["triton-repo", str(out), str(models)]) == 0
+    assert f"Triton model repository: {models}" in capsys.readouterr().out
+    names = ["bsbr-tiny", "bsbr-tiny_python", "bsbr-tiny_streaming", "bsbr-tiny_streaming_python", "bsbr-tiny_generate"]
+    assert sorted(p.name for p in models.iterdir()) == sorted(names)
+    assert all((models / name / "config.pbtxt").is_file() for name in names)
+    assert read_manifest(out)  # the export itself is untouched (its hashes still hold)
+
+    assert main(["triton-repo", str(out), str(models)]) == 2  # not replaced without --force
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists: pass --force" in err
+    assert main(["triton-repo", str(out), str(models), "--force"]) == 0
