@@ -160,11 +160,11 @@ def check_parity(
     accuracy checks judge a compiled model by (`torch._dynamo.utils.same`, `fp64_ref`).
     """
     exact = functools.cache(precise) if precise is not None else None
+    logits = {o.name for o in spec.outputs if o.logits}
     results = []
     for i, case in enumerate(cases):
         inputs = make_inputs(case, spec, seed + i)
         want, got = _observe(reference, case, spec, inputs), _observe(runner, case, spec, inputs)
-        logits = {o.name for o in spec.outputs if o.logits}
         diffs = [compare(n, want[n], got[n], tolerance, top1=n in logits) for n in want]
         truth = exact() if exact is not None and not all(d.passed for d in diffs) else None
         best = _observe_exact(truth, case, spec, inputs) if truth is not None else None
