@@ -13,6 +13,14 @@ import torch
 
 from bsbr_export import BSBRConfig, build_model
 
+# Two pytest-xdist workers share the machine's cores (`make test`): eager torch in each
+# computes on one thread, so the two never wait on each other's spinning thread pools. A
+# worker starts with COLUMNS=80 in its environment, which would cut the CLI's tables as a
+# terminal that narrow does; the tests read them as printed off a terminal.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ.pop("COLUMNS", None)
+
 # The lengths where chunked code breaks: one token, around one chunk, a ragged tail.
 EDGE_LENGTHS = {
     "1": lambda c: 1,
@@ -34,6 +42,16 @@ def random_ids(config: BSBRConfig, batch: int, length: int, seed: int = 0) -> to
     """Token ids drawn from their own generator, so tests never share RNG state."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, config.vocab_size, (batch, length), generator=generator)
+
+
+@pytest.fixture(autouse=True)
+def patient_first_step(monkeypatch):
+    """Off a terminal the CLI prints its first step's line after a 1 s grace, so an error
+    found while loading stays the only line; on a machine loaded by the other test worker
+    loading may take longer, and the tests that read stderr as one line would see two."""
+    from bsbr_export import render
+
+    monkeypatch.setattr(render, "FIRST_STEP_GRACE_S", 60.0)
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
@@ -347,9 +365,10 @@ def triton_server(triton_env, triton_repo, request):
 
 
 # The `slow` marker (pyproject.toml): `make quick` runs `pytest -m "not slow"`, `make test`
-# and CI everything. Chosen from measured durations (the full suite with --durations=0 on
-# 2026-12-04, Intel(R) Xeon(R) Processor, 2 cores: 632 s of tests) so that the rest runs in
-# about 4 minutes, and every test file outside SLOW_FILES keeps quick tests.
+# and CI everything. Chosen from measured durations (`--durations=0`) so that every test file
+# outside SLOW_FILES keeps quick tests; the figures beside the entries are single-worker
+# durations on 2-core machines. The whole suite took 39.7 min in one process and 26.0 min in
+# two workers (2026-12-07, AMD EPYC, 2 cores).
 # Whole files (by basename): each compiles, lowers or builds before its first test.
 SLOW_FILES = (
     "test_aoti.py",  # AOTInductor compiles bsbr-tiny (aoti_export): 80 s
@@ -409,8 +428,21 @@ def _stale_slow_names() -> list[str]:
     return stale
 
 
+# `make test` runs the suite in two pytest-xdist workers (`--dist loadgroup`): the tests that
+# share one of these fixtures, each a minute or more of exporting or lowering, go to one
+# worker, so it is built once; cheaper session fixtures are built by each worker that needs them.
+SHARED_IN_ONE_WORKER = (
+    "stdlib_streaming_export",
+    "aoti_export",
+    "decoder_export",
+    "executorch_export",
+    "hf_export",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Mark SLOW_FILES' and SLOW_TESTS' tests `slow`."""
+    """Mark SLOW_FILES' and SLOW_TESTS' tests `slow`; group the users of SHARED_IN_ONE_WORKER."""
     stale = _stale_slow_names()
     if stale:
         raise pytest.UsageError(f"tests/conftest.py SLOW_FILES/SLOW_TESTS name tests that do not exist: {stale}")
@@ -420,3 +452,6 @@ def pytest_collection_modifyitems(config, items):
             ("/" + entry if "::" in entry else entry) in nodeid for entry in SLOW_TESTS
         ):
             item.add_marker(pytest.mark.slow)
+        shared = next((name for name in SHARED_IN_ONE_WORKER if name in item.fixturenames), None)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared))

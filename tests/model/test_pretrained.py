@@ -147,9 +147,9 @@ def test_a_builtin_architecture_needs_no_trust_code_and_says_what_it_lacks(capsy
     layer it is refused in one line."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50, n_positions=64)).save_pretrained(
-        tmp_path / "gpt2"
-    )
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50, n_positions=64, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()  # what saving printed (transformers' progress bar) is not the CLI's
     code, _, err = run_cli(capsys, "export", tmp_path / "gpt2", "--out", tmp_path / "out")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "no BSBR attention layer" in err, err
