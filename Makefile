@@ -14,11 +14,12 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 PYTEST_ARGS ?=
+VENV := .venv
 # pytest-xdist workers: the suite is mostly single-threaded tracing and exporting, so two
 # workers on the 2-core CI machine take about two thirds of the time one takes
 # (tests/conftest.py keeps each costly fixture in one worker).
 WORKERS ?= 2
-VENV := .venv
+PYTEST := $(VENV)/bin/pytest -q -n $(WORKERS) --dist loadgroup
 # Touched after the editable install: a pyproject.toml (or constraints.txt) newer than it
 # means a changed dependency list, so the install runs again.
 VENV_STAMP := $(VENV)/.bsbr-export-installed
@@ -36,10 +37,10 @@ WEB_MODULES := web/node_modules/.package-lock.json
 .PHONY: test quick lint setup toolchain
 
 test: setup lint
-	$(VENV)/bin/pytest -q -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 quick: setup
-	$(VENV)/bin/pytest -q -n $(WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV_STAMP)
 	$(VENV)/bin/lint-imports
