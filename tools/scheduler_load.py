@@ -116,11 +116,11 @@ def per_token(export_dir: Path, rng: np.random.Generator, contexts=(256, 16000),
             next(made)
         rows = lab.timed(lambda t=made: [None for _ in t]) / tokens
         state = DecodeState(generator.spec)
-        state.update(decode.infer({"input_ids": np.array([prompt]), **state.past}))
+        state.advance(decode.infer({"input_ids": np.array([prompt]), **state.past}))
         for i, token in enumerate(rng.integers(0, generator.vocab_size, c + tokens)):
             if i == c:
                 begin = time.perf_counter()
-            state.update(decode.infer({"input_ids": np.array([[token]]), **state.past}))
+            state.advance(decode.infer({"input_ids": np.array([[token]]), **state.past}))
         per_decode = (time.perf_counter() - begin) / tokens
         result[context] = {"generate_ms": 1e3 * rows, "decode_ms": 1e3 * per_decode}
     return result

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,20 +37,21 @@ from bsbr_export.defaults import DEFAULT_TOKEN_BUDGET, MAX_PROMPT_TOKENS, MAX_SE
 from bsbr_export.errors import Busy, UserError
 from bsbr_export.formats import FORMATS, artifact_name
 from bsbr_export.manifest import read_manifest
-from bsbr_export.model.spec import ROW_POSITIONS, ModelSpec
+from bsbr_export.model.spec import ROW_POSITIONS, ModelSpec, present_name
 from bsbr_export.runtime.onnx import OnnxRunner
 from bsbr_export.runtime.requests import DecodeState, Generation, Prompts, Request, Token, logits_output
-from bsbr_export.runtime.state import advance_state
+from bsbr_export.runtime.state import StreamState
 
 
 @dataclass
 class Held:
     """One open sequence: its tokens so far, its pool slot, and its finished chunks (the
-    `past.*` entries a decode step appends, which only a chunk-closing token reads)."""
+    `past.*` entries a decode step appends, which only a chunk-closing token reads,
+    appended in place)."""
 
     position: int
     slot: int
-    chunks: dict[str, np.ndarray] = field(default_factory=dict)
+    chunks: StreamState
 
 
 class Sequences:
@@ -129,8 +130,9 @@ class Sequences:
         slot = self._slot()
         for pool in self.pool.values():  # a closed sequence left its state there
             pool[slot] = 0
+        empty = DecodeState(self.spec).past
         self.held[key] = Held(
-            0, slot, {n: v for n, v in DecodeState(self.spec).past.items() if n in self.spec.state.appended}
+            0, slot, StreamState({n: empty[n] for n in self.spec.state.appended}, self.spec.state.append_axis)
         )
         self.order.append(key)
         return self._decode([key], [list(ids)])[key] if len(ids) else None
@@ -207,9 +209,9 @@ class Sequences:
         slots = np.array([h.slot for h in held])
         # One sequence's finished chunks go in as they are: at 16k tokens they are 67 MB, a copy
         # per chunk-closing token would cost more than the call.
+        chunks = [h.chunks.past for h in held]
         past = {
-            name: held[0].chunks[name] if len(held) == 1 else np.concatenate([h.chunks[name] for h in held])
-            for name in held[0].chunks
+            name: chunks[0][name] if len(held) == 1 else np.concatenate([c[name] for c in chunks]) for name in chunks[0]
         }
         for name, pool in self.pool.items():
             entry = pool[slots]
@@ -217,12 +219,11 @@ class Sequences:
                 entry.take(range(fill), axis=self.token_axis[name]) if name in self.token_axis else entry
             )
         outputs = self.decode_runner.infer({self.spec.tokens.name: np.array(ids, np.int64), **past})
-        past = advance_state(past, outputs, self.spec.state.append_axis)
         for row, h in enumerate(held):
-            h.chunks = {n: past[n][row : row + 1] for n in h.chunks}
+            h.chunks.advance({name: value[row : row + 1] for name, value in outputs.items()})
             h.position += len(ids[row])
             for name, past_name in self.past.items():
-                self._write(name, h.slot, past[past_name][row])
+                self._write(name, h.slot, outputs[present_name(past_name)][row])
         logits = outputs[self.logits]
         return {key: logits[row] for row, key in enumerate(keys)}
 

@@ -100,7 +100,7 @@ class Generator:
             start = time.perf_counter()
             outputs = self.runner.infer({self.spec.tokens.name: np.array([feed], np.int64), **state.past})
             seconds = time.perf_counter() - start
-            state.update(outputs)
+            state.advance(outputs)
             token = request.take(outputs[self.logits][0, -1], seconds)
             yield token
             feed = [token.id]

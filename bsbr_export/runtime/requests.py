@@ -15,7 +15,7 @@ import numpy as np
 
 from bsbr_export.errors import UserError
 from bsbr_export.model.spec import ModelSpec
-from bsbr_export.runtime.state import advance_state, empty_state_tensor
+from bsbr_export.runtime.state import StreamState, empty_state_tensor
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -141,16 +141,13 @@ class Generation:
     token_seconds: list[float] = field(default_factory=list)
 
 
-class DecodeState:
+class DecodeState(StreamState):
     """One sequence's state for a streaming or decode graph, as numpy arrays (see
-    `runtime.state`): empty to start, advanced by each step's outputs."""
+    `runtime.state`): empty to start, advanced in place by each step's outputs."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        self.append_axis = spec.state.append_axis
-        self.past = {name: empty_state_tensor(shape, 1) for name, shape in spec.state.inputs.items()}
-
-    def update(self, outputs: dict[str, np.ndarray]) -> None:
-        self.past = advance_state(self.past, outputs, self.append_axis)
+        empty = {name: empty_state_tensor(shape, 1) for name, shape in spec.state.inputs.items()}
+        super().__init__(empty, spec.state.append_axis)
 
 
 @dataclass
