@@ -1,6 +1,6 @@
 # The test commands (README "Quick start", development paragraph); .ci/run runs `make test`.
 #   make test    set up whatever is missing, then `make lint` and the whole suite (what CI runs)
-#   make quick   set up whatever is missing, then the tests not marked slow (a few minutes), the
+#   make quick   set up whatever is missing, then the tests not marked slow (about 15 min on 2 cores), the
 #                smoke runs of every study in tools/ included
 #   make lint    lint-imports (the package's layer contracts, pyproject.toml [tool.importlinter]),
 #                ruff check and ruff format --check on the whole tree (pyproject.toml [tool.ruff])
