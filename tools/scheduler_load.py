@@ -103,31 +103,39 @@ def many_vs_one(export_dir: Path, rng: np.random.Generator, many: int = 32, step
     return {"one_tokens_s": rates[1], "many": many, "many_tokens_s": rates[many], "ratio": rates[many] / rates[1]}
 
 
-def per_token(export_dir: Path, rng: np.random.Generator, contexts=(256, 16000), tokens: int = 256) -> dict:
+def per_token(
+    export_dir: Path, rng: np.random.Generator, contexts=(256, 16000), tokens: int = 256, rounds: int = 5
+) -> dict:
     """One generation's mean seconds per token over `tokens` tokens (four chunks, their
     closing tokens included) at each context, after one chunk's warm-up (ORT sizes its
     buffers at the first call of a shape): through `runtime.generate` (the batcher's path:
     the row step, the decode step at chunk ends) and through the decode step for every
-    token (how it generated before)."""
+    token (how it generated before). The median of `rounds` rounds, each taking the
+    contexts in turn, so a machine whose speed drifts moves every context alike."""
     generator = load_generator(export_dir, threads=1)
+    taken = {context: {"generate_ms": [], "decode_ms": []} for context in contexts}
+    for _ in range(rounds):
+        for context in contexts:
+            for path, ms in _per_token_once(generator, context, tokens, rng).items():
+                taken[context][path].append(ms)
+    return {context: {path: statistics.median(ms) for path, ms in paths.items()} for context, paths in taken.items()}
+
+
+def _per_token_once(generator, context: int, tokens: int, rng: np.random.Generator) -> dict:
     decode = generator.batcher.sequences.decode_runner
     c = generator.spec.chunk_size
-    result = {}
-    for context in contexts:
-        prompt = rng.integers(0, generator.vocab_size, context).tolist()
-        made = generator.generate(prompt, 1 + c + tokens, stream=True)
-        for _ in range(1 + c):  # the prompt's call, then a chunk of warm-up
-            next(made)
-        rows = lab.timed(lambda t=made: [None for _ in t]) / tokens
-        state = DecodeState(generator.spec)
-        state.advance(decode.infer({"input_ids": np.array([prompt]), **state.past}))
-        for i, token in enumerate(rng.integers(0, generator.vocab_size, c + tokens)):
-            if i == c:
-                begin = time.perf_counter()
-            state.advance(decode.infer({"input_ids": np.array([[token]]), **state.past}))
-        per_decode = (time.perf_counter() - begin) / tokens
-        result[context] = {"generate_ms": 1e3 * rows, "decode_ms": 1e3 * per_decode}
-    return result
+    prompt = rng.integers(0, generator.vocab_size, context).tolist()
+    made = generator.generate(prompt, 1 + c + tokens, stream=True)
+    for _ in range(1 + c):  # the prompt's call, then a chunk of warm-up
+        next(made)
+    rows = lab.timed(lambda t=made: [None for _ in t]) / tokens
+    state = DecodeState(generator.spec)
+    state.advance(decode.infer({"input_ids": np.array([prompt]), **state.past}))
+    for i, token in enumerate(rng.integers(0, generator.vocab_size, c + tokens)):
+        if i == c:
+            begin = time.perf_counter()
+        state.advance(decode.infer({"input_ids": np.array([[token]]), **state.past}))
+    return {"generate_ms": 1e3 * rows, "decode_ms": 1e3 * (time.perf_counter() - begin) / tokens}
 
 
 def report(result: dict) -> str:
@@ -167,7 +175,8 @@ def report(result: dict) -> str:
         f"- {many['many']} generations: {many['many_tokens_s']:.0f} tokens/s against "
         f"{many['one_tokens_s']:.0f} for one: "
         f"**{many['ratio']:.1f}x** (context 256, in-process; target through a server >= 8x).",
-        "- One generation's cost per token (mean of 256 tokens after a chunk's warm-up, closing tokens included): "
+        "- One generation's cost per token (mean of 256 tokens after a chunk's warm-up, closing tokens "
+        "included; median of 5 rounds, the contexts in turn): "
         + "; ".join(
             f"context {k}: runtime.generate {v['generate_ms']:.2f} ms, the decode step alone {v['decode_ms']:.2f} ms"
             for k, v in sorted(per.items(), key=lambda kv: int(kv[0]))
