@@ -38,6 +38,7 @@ from bsbr_export.runtime.onnx import OnnxRunner
 from bsbr_export.runtime.requests import DecodeState
 
 WHOLE = 1 << 30  # a budget no prompt reaches: each prompt in one call
+ROUNDS = 5  # of one generation's cost per token at each context
 
 
 def step_gaps(batcher: Batcher, steps: int) -> list[float]:
@@ -104,7 +105,7 @@ def many_vs_one(export_dir: Path, rng: np.random.Generator, many: int = 32, step
 
 
 def per_token(
-    export_dir: Path, rng: np.random.Generator, contexts=(256, 16000), tokens: int = 256, rounds: int = 5
+    export_dir: Path, rng: np.random.Generator, contexts=(256, 16000), tokens: int = 256, rounds: int = ROUNDS
 ) -> dict:
     """One generation's mean seconds per token over `tokens` tokens (four chunks, their
     closing tokens included) at each context, after one chunk's warm-up (ORT sizes its
@@ -176,7 +177,7 @@ def report(result: dict) -> str:
         f"{many['one_tokens_s']:.0f} for one: "
         f"**{many['ratio']:.1f}x** (context 256, in-process; target through a server >= 8x).",
         "- One generation's cost per token (mean of 256 tokens after a chunk's warm-up, closing tokens "
-        "included; median of 5 rounds, the contexts in turn): "
+        f"included; median of {ROUNDS} rounds, the contexts in turn): "
         + "; ".join(
             f"context {k}: runtime.generate {v['generate_ms']:.2f} ms, the decode step alone {v['decode_ms']:.2f} ms"
             for k, v in sorted(per.items(), key=lambda kv: int(kv[0]))
