@@ -287,6 +287,7 @@ def packed_stream_attention(
     meta_keys: Tensor,
     batch: int,
     finished: int,
+    chunks: int,
     first_retrieved: Tensor,
     past_meta_keys: Tensor,
     past_states: Tensor,
@@ -294,9 +295,10 @@ def packed_stream_attention(
     decompress: Tensor | None = None,
     mix: RetrievalMix | None = None,
 ) -> StreamOutput:
-    """One streaming block in the `pack_chunks` layout: `finished` complete chunks, then
-    one more (partial, maybe empty) that the next step continues, so `n = finished + 1`
-    and `B*n` is never 1 for a symbolic batch.
+    """One streaming block in the `pack_chunks` layout: its `n = chunks` chunks are the
+    `finished` complete ones and, when the block ends inside a chunk, that partial chunk
+    (a block ending on a boundary computes no empty chunk for the next step: a chunk's
+    last token or a prompt piece costs its own chunks only).
 
     q: [B*n, H, c, e]; k, v: [B*n, G, c, e]; meta_queries [B*n, H, e] and meta_keys
     [B*n, G, e] from each chunk's last token; first_retrieved [B, H, e, e] is `S` of the
@@ -315,8 +317,10 @@ def packed_stream_attention(
     following = retrieve(
         finished_rows(meta_queries), new_meta_keys, new_states, past_meta_keys, past_states, decompress
     )  # [B, H, finished, e, e]: S of chunks 1..finished
-    per_chunk = torch.cat([first_retrieved.unsqueeze(1), following.transpose(1, 2)], dim=1)  # [B, n, H, e, e]
-    output = combine(local, batched_matmul(q, per_chunk.flatten(0, 1)), mix)
+    # S of chunks 0..finished: the block's own, then the one the next step continues.
+    per_chunk = torch.cat([first_retrieved.unsqueeze(1), following.transpose(1, 2)], dim=1)
+    own = per_chunk.index_select(1, torch.arange(chunks, device=q.device))  # [B, n, H, e, e]
+    output = combine(local, batched_matmul(q, own.flatten(0, 1)), mix)
     return StreamOutput(output, new_meta_keys, new_states, per_chunk[:, -1])
 
 

@@ -283,9 +283,9 @@ class BSBRAttention(nn.Module):
         The current chunk's `t` cached tokens and the `T` new ones form a block that
         starts on a chunk boundary; cached positions get zero queries and their outputs
         are dropped. Chunks the block finishes are returned for the state to append.
-        The block is padded to the chunks it finishes plus the one the next step goes on
-        with (never whole), and runs in the packed layout: no chunk count is a dim on
-        its own, so torch.export raises no guard on it (see `pack_chunks`).
+        The block is padded to whole chunks (the last, when the block ends inside it, is
+        the one the next step goes on with), and runs in the packed layout: no chunk
+        count is a dim on its own, so torch.export raises no guard on it (see `pack_chunks`).
         """
         c, batch = self.chunk_size, x.shape[0]
         t = state.keys.shape[-2]
@@ -294,7 +294,8 @@ class BSBRAttention(nn.Module):
         v = torch.cat([state.values, new_v], dim=-2)
         total = k.shape[-2]
         finished = total // c
-        padded = (finished + 1) * c
+        chunks = (total + c - 1) // c  # the last one partial when the block ends inside it
+        padded = chunks * c
 
         def pad(y: Tensor, front: int = 0) -> Tensor:  # to `padded` rows, each size from y's own shape:
             # torch.export sees the keys' and values' lengths as two symbols, so a pad from
@@ -308,6 +309,7 @@ class BSBRAttention(nn.Module):
             *self._packed_meta(pad(x, t)),
             batch,
             finished,
+            chunks,
             state.retrieved,
             state.meta_keys,
             state.chunk_states,
