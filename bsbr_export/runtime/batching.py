@@ -122,18 +122,21 @@ class Sequences:
     def __len__(self) -> int:
         return len(self.held)
 
-    def open(self, key: Hashable, ids: Sequence[int] = ()) -> np.ndarray | None:
+    def open(self, key: Hashable, ids: Sequence[int] = (), tokens: int = 0) -> np.ndarray | None:
         """Open a sequence under `key`, empty or with its prompt `ids` (one decode call):
-        their logits, [tokens, vocab] (None when opened empty; `feed` it the prompt)."""
+        their logits, [tokens, vocab] (None when opened empty; `feed` it the prompt).
+        `tokens`: how many it is expected to reach, when known (room for its finished
+        chunks is reserved at once, and memory only taken as they come)."""
         if key in self.held:
             raise UserError(f"sequence {key!r} is already open")
         slot = self._slot()
         for pool in self.pool.values():  # a closed sequence left its state there
             pool[slot] = 0
         empty = DecodeState(self.spec).past
-        self.held[key] = Held(
-            0, slot, StreamState({n: empty[n] for n in self.spec.state.appended}, self.spec.state.append_axis)
+        chunks = StreamState(
+            {n: empty[n] for n in self.spec.state.appended}, self.spec.state.append_axis, tokens // self.chunk_size
         )
+        self.held[key] = Held(0, slot, chunks)
         self.order.append(key)
         return self._decode([key], [list(ids)])[key] if len(ids) else None
 
@@ -324,7 +327,7 @@ class Batcher:
         """Queue a checked `Request` (see `Prompts.request`); its key while it runs (in
         `active`, and in what `step` returns)."""
         key = next(self._keys)
-        self.sequences.open(key)
+        self.sequences.open(key, tokens=len(request.result.prompt) + request.max_new_tokens)
         self.active[key], self.prefilling[key] = request, 0.0
         return key
 

@@ -94,8 +94,8 @@ class Generator:
         if self.batcher is not None:
             yield from self._batched_tokens(request)
             return
-        state = DecodeState(self.spec)
         feed = request.result.prompt
+        state = DecodeState(self.spec, len(feed) + request.max_new_tokens)
         while not request.done:
             start = time.perf_counter()
             outputs = self.runner.infer({self.spec.tokens.name: np.array([feed], np.int64), **state.past})

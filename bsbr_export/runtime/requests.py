@@ -143,11 +143,12 @@ class Generation:
 
 class DecodeState(StreamState):
     """One sequence's state for a streaming or decode graph, as numpy arrays (see
-    `runtime.state`): empty to start, advanced in place by each step's outputs."""
+    `runtime.state`): empty to start, advanced in place by each step's outputs, with room
+    for the finished chunks of `tokens` tokens when the caller knows how far it goes."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tokens: int = 0) -> None:
         empty = {name: empty_state_tensor(shape, 1) for name, shape in spec.state.inputs.items()}
-        super().__init__(empty, spec.state.append_axis)
+        super().__init__(empty, spec.state.append_axis, reserve=tokens // spec.chunk_size)
 
 
 @dataclass

@@ -43,15 +43,22 @@ class FinishedChunks:
     held in a buffer with room to spare. Appending moves what is there to its new place in
     that buffer (each block before `axis` shifts up by the rows added to the blocks before
     it, last block first), not into a new array: at 16k tokens of bsbr-stdlib a
-    concatenate of the 65 MB took 11-12 ms, most of it faulting in fresh pages, the shift
-    about 4 ms. `value` is a contiguous view, valid until the next `append`."""
+    concatenate of the 65 MB took 11-12 ms, the shift about 4 ms. Room for `reserve` rows
+    is taken at once (the rows a sequence will reach, when known): memory is only faulted
+    in as rows fill it, and a first touch is the dearest part on some machines (64 MB: 156
+    ms, against 3 ms written again, on a 2-core VM), so a buffer that grows by copying
+    touches its bytes again at every growth. `value` is a contiguous view, valid until the
+    next `append`."""
 
     GROWTH = 1.5  # the buffer's growth when full: amortized copies, at most 1.5x the bytes held
 
-    def __init__(self, value: np.ndarray, axis: int) -> None:
+    def __init__(self, value: np.ndarray, axis: int, reserve: int = 0) -> None:
         self.axis = axis
         self.shape = list(value.shape)
-        self.buffer = np.ascontiguousarray(value).reshape(-1).copy()
+        room = list(value.shape)
+        room[axis] = max(room[axis], reserve)
+        self.buffer = np.empty(math.prod(room), value.dtype)
+        self.buffer[: value.size] = value.reshape(-1)
 
     @property
     def value(self) -> np.ndarray:
@@ -90,12 +97,14 @@ class FinishedChunks:
 
 class StreamState:
     """One sequence's `past.*` state, advanced in place by each step's outputs (the rule of
-    `advance_state`): the entries a decode step appends to are `FinishedChunks`, the others
+    `advance_state`): the entries a decode step appends to are `FinishedChunks` (with room
+    for `reserve` rows: the chunks the sequence will finish, when known), the others
     replaced by the step's `present.*` outputs."""
 
-    def __init__(self, past: dict[str, np.ndarray], axis: int) -> None:
+    def __init__(self, past: dict[str, np.ndarray], axis: int, reserve: int = 0) -> None:
         self.entries: dict[str, np.ndarray | FinishedChunks] = dict(past)
         self.axis = axis
+        self.reserve = reserve
 
     @property
     def past(self) -> dict[str, np.ndarray]:
@@ -110,7 +119,7 @@ class StreamState:
                 self.entries[name] = outputs[present_name(name)]
             elif appended.shape[self.axis]:
                 if not isinstance(entry, FinishedChunks):
-                    entry = self.entries[name] = FinishedChunks(entry, self.axis)
+                    entry = self.entries[name] = FinishedChunks(entry, self.axis, self.reserve)
                 entry.append(appended)
 
     @property

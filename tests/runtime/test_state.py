@@ -50,3 +50,21 @@ def test_stream_state_advances_as_advance_state():
         for name, value in expected.items():
             assert np.array_equal(state.past[name], value), name
     assert state.past["past.0.chunk_states"].shape == (1, 2, 5, 3)
+
+
+def test_reserved_room_takes_every_append_without_a_new_buffer():
+    """Room reserved for the rows a sequence will reach: appends up to it shift in place
+    (one buffer all along), past it the buffer grows, and the rows are right throughout."""
+    rng = np.random.default_rng(1)
+    state = StreamState({"past.0.chunk_states": np.zeros([1, 4, 0, 6], np.float32)}, axis=2, reserve=10)
+    expected, buffers = np.zeros([1, 4, 0, 6], np.float32), set()
+    for added in [3, 1, 1, 4, 1, 2]:  # 10 rows, then 12
+        rows = rng.standard_normal([1, 4, added, 6]).astype(np.float32)
+        state.advance({"new.0.chunk_states": rows})
+        expected = np.concatenate([expected, rows], axis=2)
+        chunks = state.entries["past.0.chunk_states"]
+        buffers.add(id(chunks.buffer))
+        assert np.array_equal(state.past["past.0.chunk_states"], expected)
+        if expected.shape[2] <= 10:
+            assert len(buffers) == 1 and chunks.nbytes == 4 * 10 * 6 * 4
+    assert len(buffers) == 2
