@@ -40,3 +40,8 @@ DEFAULT_TOKEN_BUDGET = 128
 MAX_SEQUENCES = 1024
 MAX_STATE_BYTES = 4 << 30
 MAX_PROMPT_TOKENS = 65536
+
+# The most tokens whose finished chunks a sequence gets room for when it opens
+# (`runtime.state.reserved_chunks`): a generation asked for "forever" takes no more address
+# space up front than the longest prompt's state; past it the buffer grows.
+MAX_RESERVED_TOKENS = MAX_PROMPT_TOKENS

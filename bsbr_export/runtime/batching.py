@@ -40,7 +40,7 @@ from bsbr_export.manifest import read_manifest
 from bsbr_export.model.spec import ROW_POSITIONS, ModelSpec, present_name
 from bsbr_export.runtime.onnx import OnnxRunner
 from bsbr_export.runtime.requests import DecodeState, Generation, Prompts, Request, Token, logits_output
-from bsbr_export.runtime.state import StreamState
+from bsbr_export.runtime.state import StreamState, reserved_chunks
 
 
 @dataclass
@@ -134,7 +134,9 @@ class Sequences:
             pool[slot] = 0
         empty = DecodeState(self.spec).past
         chunks = StreamState(
-            {n: empty[n] for n in self.spec.state.appended}, self.spec.state.append_axis, tokens // self.chunk_size
+            {n: empty[n] for n in self.spec.state.appended},
+            self.spec.state.append_axis,
+            reserved_chunks(tokens, self.chunk_size),
         )
         self.held[key] = Held(0, slot, chunks)
         self.order.append(key)

@@ -15,7 +15,7 @@ import numpy as np
 
 from bsbr_export.errors import UserError
 from bsbr_export.model.spec import ModelSpec
-from bsbr_export.runtime.state import StreamState, empty_state_tensor
+from bsbr_export.runtime.state import StreamState, empty_state_tensor, reserved_chunks
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -148,7 +148,7 @@ class DecodeState(StreamState):
 
     def __init__(self, spec: ModelSpec, tokens: int = 0) -> None:
         empty = {name: empty_state_tensor(shape, 1) for name, shape in spec.state.inputs.items()}
-        super().__init__(empty, spec.state.append_axis, reserve=tokens // spec.chunk_size)
+        super().__init__(empty, spec.state.append_axis, reserved_chunks(tokens, spec.chunk_size))
 
 
 @dataclass

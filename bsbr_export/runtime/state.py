@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from bsbr_export.defaults import MAX_RESERVED_TOKENS
 from bsbr_export.model.spec import present_name
 
 
@@ -15,6 +16,12 @@ def empty_state_tensor(shape: list, batch: int) -> np.ndarray:
     """One tensor of the initial (empty) state: its named dims are 0 except `batch`."""
     dims = [batch if d == "batch" else (d if isinstance(d, int) else 0) for d in shape]
     return np.zeros(dims, dtype=np.float32)
+
+
+def reserved_chunks(tokens: int, chunk_size: int) -> int:
+    """The finished chunks a sequence expected to reach `tokens` tokens gets room for when it
+    opens: those of at most `MAX_RESERVED_TOKENS` tokens."""
+    return min(tokens, MAX_RESERVED_TOKENS) // chunk_size
 
 
 def appended_rows(name: str, outputs: dict[str, np.ndarray]) -> np.ndarray | None:

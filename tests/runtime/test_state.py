@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bsbr_export.runtime.state import FinishedChunks, StreamState, advance_state
+from bsbr_export.defaults import MAX_RESERVED_TOKENS
+from bsbr_export.runtime.state import FinishedChunks, StreamState, advance_state, reserved_chunks
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2, 3])
@@ -68,3 +69,9 @@ def test_reserved_room_takes_every_append_without_a_new_buffer():
         if expected.shape[2] <= 10:
             assert len(buffers) == 1 and chunks.nbytes == 4 * 10 * 6 * 4
     assert len(buffers) == 2
+
+
+def test_a_generation_asked_for_forever_reserves_no_more_than_the_cap():
+    """Room up front is for the tokens a sequence will reach, up to MAX_RESERVED_TOKENS."""
+    assert reserved_chunks(100, 8) == 12
+    assert reserved_chunks(10**12, 64) == MAX_RESERVED_TOKENS // 64
