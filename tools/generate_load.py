@@ -325,6 +325,12 @@ def report(result: dict) -> str:
         "all streams of a cell run together.",
         "",
     ]
+    empty = sorted(
+        {(c["context"], c["concurrency"]) for m in result["results"] for c in m["generate"] if not c["window_tokens"]}
+    )
+    if empty:  # their figures are nan: the first streams ended before the last one's first token
+        cells = ", ".join(f"context {context} x {n}" for context, n in empty)
+        lines += [f"⚠ no moment when all streams ran together in {cells}: `nan` there; rerun with more --tokens.", ""]
     for model in result["results"]:
         d = model["direct"]
         one = {c["context"]: c["tokens_per_s"] for c in model["generate"] if c["concurrency"] == 1}
