@@ -71,11 +71,6 @@ class FinishedChunks:
     def value(self) -> np.ndarray:
         return self.buffer[: math.prod(self.shape)].reshape(self.shape)
 
-    @property
-    def nbytes(self) -> int:
-        """The bytes the buffer holds, spare room included."""
-        return self.buffer.nbytes
-
     def append(self, rows: np.ndarray) -> None:
         """Add `rows` (the same shape but along `axis`) after the rows held."""
         added = rows.shape[self.axis]
@@ -128,8 +123,3 @@ class StreamState:
                 if not isinstance(entry, FinishedChunks):
                     entry = self.entries[name] = FinishedChunks(entry, self.axis, self.reserve)
                 entry.append(appended)
-
-    @property
-    def nbytes(self) -> int:
-        """The bytes it holds, the finished chunks' spare room included."""
-        return sum(e.nbytes for e in self.entries.values())

@@ -31,7 +31,7 @@ def test_finished_chunks_equal_concatenation_through_growth_and_shifts(axis):
         assert np.array_equal(chunks.value, expected)
         assert chunks.value.flags.c_contiguous and chunks.value.base is not None  # a view, no copy
     assert grown >= 2 and shifted >= 5  # both paths taken
-    assert chunks.nbytes >= expected.nbytes
+    assert chunks.buffer.nbytes >= expected.nbytes
 
 
 def test_stream_state_advances_as_advance_state():
@@ -67,7 +67,7 @@ def test_reserved_room_takes_every_append_without_a_new_buffer():
         buffers.add(id(chunks.buffer))
         assert np.array_equal(state.past["past.0.chunk_states"], expected)
         if expected.shape[2] <= 10:
-            assert len(buffers) == 1 and chunks.nbytes == 4 * 10 * 6 * 4
+            assert len(buffers) == 1 and chunks.buffer.nbytes == 4 * 10 * 6 * 4
     assert len(buffers) == 2
 
 
